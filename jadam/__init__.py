@@ -1,0 +1,57 @@
+"""jadam: Adam, and the optimizers around it, as small pure Optax gradient transformations.
+
+Each line of Adam's Algorithm 1 is one transformation, and each optimizer a
+chain of them::
+
+    add_l2 -> scale_by_moments -> [max_nu] -> bias_correct -> normalize -> scale_by_lr
+"""
+
+from jadam._alias import adagrad as adagrad
+from jadam._alias import adam as adam
+from jadam._alias import adamw as adamw
+from jadam._alias import rmsprop as rmsprop
+from jadam._alias import sgd as sgd
+from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
+from jadam._moments import MaxNuState as MaxNuState
+from jadam._moments import Moments as Moments
+from jadam._moments import ScaleByMomentsState as ScaleByMomentsState
+from jadam._moments import accumulate_squares as accumulate_squares
+from jadam._moments import bias_correct as bias_correct
+from jadam._moments import center as center
+from jadam._moments import max_nu as max_nu
+from jadam._moments import scale_by_moments as scale_by_moments
+from jadam._penalty import AddL2State as AddL2State
+from jadam._penalty import add_l2 as add_l2
+from jadam._scale import MomentumState as MomentumState
+from jadam._scale import ScaleByLrState as ScaleByLrState
+from jadam._scale import flip_sign as flip_sign
+from jadam._scale import momentum as momentum
+from jadam._scale import normalize as normalize
+from jadam._scale import scale_by_lr as scale_by_lr
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AccumulateSquaresState",
+    "AddL2State",
+    "MaxNuState",
+    "Moments",
+    "MomentumState",
+    "ScaleByLrState",
+    "ScaleByMomentsState",
+    "accumulate_squares",
+    "adagrad",
+    "adam",
+    "adamw",
+    "add_l2",
+    "bias_correct",
+    "center",
+    "flip_sign",
+    "max_nu",
+    "momentum",
+    "normalize",
+    "rmsprop",
+    "scale_by_lr",
+    "scale_by_moments",
+    "sgd",
+)

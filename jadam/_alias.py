@@ -1,0 +1,349 @@
+"""The optimizers: recipes of jadam's stages and Optax's, with PyTorch's semantics."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import optax
+
+from jadam import _common
+from jadam._moments import accumulate_squares, bias_correct, center, max_nu, scale_by_moments
+from jadam._penalty import add_l2
+from jadam import _scale
+from jadam._scale import flip_sign, normalize, scale_by_lr
+
+Dtype = Any
+Mask = Any | Callable[[optax.Params], Any] | None
+
+
+def _is_zero(value: Any) -> bool:
+  """True only for a Python number equal to 0: a stage that would add nothing is left out.
+
+  Arrays and schedules are never zero here (they may change under
+  `optax.inject_hyperparams`), so no Python branch ever reads a traced value.
+  """
+  return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
+
+
+def _check_flag(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}.")
+
+
+def _front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:
+  """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term."""
+  _check_flag("maximize", maximize)
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  stages = [flip_sign()] if maximize else []
+  if not _is_zero(weight_decay):
+    stages.append(add_l2(weight_decay))
+  return stages
+
+
+def adam(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: optax.ScalarOrSchedule = 0.9,
+    b2: optax.ScalarOrSchedule = 0.999,
+    eps: optax.ScalarOrSchedule = 1e-8,
+    *,
+    eps_root: optax.ScalarOrSchedule = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    mu_dtype: Dtype | None = None,
+    nu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""Adam, with the semantics of `torch.optim.Adam`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1}
+            && \text{(maximize; coupled L2: \texttt{add\_l2})}\\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+            && \text{(\texttt{scale\_by\_moments})}\\
+        v_t &\leftarrow \max(v_{t-1}^{\max}, v_t)
+            && \text{(amsgrad only: \texttt{max\_nu})}\\
+        \hat m_t &= m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t)
+            && \text{(\texttt{bias\_correct})}\\
+        u_t &= \hat m_t / (\sqrt{\hat v_t + \epsilon_{\text{root}}} + \epsilon)
+            && \text{(\texttt{normalize})}\\
+        \theta_t &= \theta_{t-1} - \alpha_t u_t
+            && \text{(\texttt{scale\_by\_lr})}
+      \end{align*}
+
+  It departs from Algorithm 1 only where PyTorch does: `weight_decay` adds an
+  L2 gradient (for decoupled decay use :func:`adamw`), and `amsgrad` keeps the
+  maximum of the raw :math:`v_t` and corrects it with the current step. For
+  Optax's AMSGrad (maximum of :math:`\hat v_t`) chain :func:`max_nu` after
+  :func:`bias_correct` yourself. With `eps_root=0` and `weight_decay=0` it is
+  `optax.adam`.
+
+  Args:
+    learning_rate: :math:`\alpha`: a float, a scalar array or a schedule.
+    b1: :math:`\beta_1 \in [0, 1)`.
+    b2: :math:`\beta_2 \in [0, 1)`.
+    eps: :math:`\epsilon \ge 0`, added outside the root.
+    eps_root: :math:`\epsilon_{\text{root}} \ge 0`, added inside the root.
+    weight_decay: :math:`\lambda \ge 0`, PyTorch's coupled L2.
+    amsgrad: PyTorch's AMSGrad.
+    maximize: Ascend the objective instead.
+    mu_dtype: Storage dtype of :math:`m` (default: the parameter's).
+    nu_dtype: Storage dtype of :math:`v` (default: the parameter's, widened to
+      float32 at least).
+
+  Every numeric argument may be a float, a scalar array or an Optax schedule,
+  and `optax.inject_hyperparams(jadam.adam)` works (name `mu_dtype` and
+  `nu_dtype` in its `static_args` if you set them).
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jadam
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-3))
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.full(3, 0.5)}, state, params)
+    >>> updates["w"]  # the first step is -lr * sign(g), whatever |g|
+    Array([-0.001, -0.001, -0.001], dtype=float32)
+
+  References:
+    Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014;
+    `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
+  """
+  _check_flag("amsgrad", amsgrad)
+  return optax.chain(
+      *_front(maximize, weight_decay),
+      scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+      *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
+      bias_correct(),
+      normalize(eps, eps_root=eps_root),
+      scale_by_lr(learning_rate),
+  )
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: optax.ScalarOrSchedule = 0.9,
+    b2: optax.ScalarOrSchedule = 0.999,
+    eps: optax.ScalarOrSchedule = 1e-8,
+    *,
+    eps_root: optax.ScalarOrSchedule = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    mask: Mask = None,
+    mu_dtype: Dtype | None = None,
+    nu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""AdamW: Adam with decoupled weight decay, as `torch.optim.AdamW` and `optax.adamw`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t && \text{(maximize)}\\
+        m_t, v_t, \hat m_t, \hat v_t &\text{ as in } \texttt{adam}
+            && \text{(amsgrad: max over raw } v_t\text{, as PyTorch)}\\
+        \theta_t &= \theta_{t-1} - \alpha_t \left(
+            \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{\text{root}}} + \epsilon}
+            + \lambda \theta_{t-1}\right)
+            && \text{(\texttt{normalize}, \texttt{add\_l2}, \texttt{scale\_by\_lr})}
+      \end{align*}
+
+  The decay is :func:`add_l2` placed after :func:`normalize`, so it is scaled
+  by the learning rate but not by the moments, which is PyTorch's
+  :math:`\theta \leftarrow \theta (1 - \alpha\lambda)` followed by the Adam
+  step. Its default :math:`\lambda = 10^{-2}` is PyTorch's (Optax's is
+  :math:`10^{-4}`).
+
+  Args:
+    learning_rate: :math:`\alpha`.
+    b1: :math:`\beta_1 \in [0, 1)`.
+    b2: :math:`\beta_2 \in [0, 1)`.
+    eps: :math:`\epsilon \ge 0`, outside the root.
+    eps_root: :math:`\epsilon_{\text{root}} \ge 0`, inside the root.
+    weight_decay: :math:`\lambda \ge 0`.
+    amsgrad: PyTorch's AMSGrad.
+    maximize: Ascend the objective instead.
+    mask: Where the decay applies: a tree of booleans shaped like (a prefix of)
+      the params, or a callable returning one (e.g. skip biases and norms).
+    mu_dtype: Storage dtype of :math:`m`.
+    nu_dtype: Storage dtype of :math:`v`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  _check_flag("amsgrad", amsgrad)
+  return optax.chain(
+      *_front(maximize, 0.0),
+      scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+      *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
+      bias_correct(),
+      normalize(eps, eps_root=eps_root),
+      add_l2(weight_decay, mask=mask),
+      scale_by_lr(learning_rate),
+  )
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    alpha: optax.ScalarOrSchedule = 0.99,
+    eps: optax.ScalarOrSchedule = 1e-8,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    momentum: optax.ScalarOrSchedule = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""RMSProp, with the semantics and defaults of `torch.optim.RMSprop`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1}
+            && \text{(\texttt{add\_l2})}\\
+        v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2, \quad
+        \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t
+            && \text{(\texttt{scale\_by\_moments}; } \bar g \text{ if centered)}\\
+        u_t &= g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon)
+            && \text{(\texttt{center}, \texttt{normalize}; no } \bar g_t^2 \text{ if not centered)}\\
+        b_t &= \mu b_{t-1} + u_t, \quad u_t \leftarrow b_t
+            && \text{(\texttt{momentum}, if } \mu \ne 0)\\
+        \theta_t &= \theta_{t-1} - \alpha_t u_t && \text{(\texttt{scale\_by\_lr})}
+      \end{align*}
+
+  This is Adam without bias correction and with :math:`\beta_1 = 0`: momentum
+  is applied after the division, as PyTorch does, and :math:`\epsilon` outside
+  the root (Optax's `rmsprop` puts it inside). Defaults are PyTorch's: lr
+  :math:`10^{-2}`, :math:`\alpha = 0.99`, :math:`\epsilon = 10^{-8}`.
+
+  Args:
+    learning_rate: the step size :math:`\alpha_t`.
+    alpha: the smoothing constant, in [0, 1).
+    eps: :math:`\epsilon \ge 0`.
+    weight_decay: coupled L2 :math:`\lambda \ge 0`.
+    momentum: :math:`\mu \in [0, 1]`.
+    centered: divide by the estimated standard deviation instead of the root
+      mean square.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Tieleman & Hinton, Lecture 6.5, COURSERA: Neural Networks for Machine
+    Learning, 2012; Graves, 2013 (centred).
+  """
+  _check_flag("centered", centered)
+  return optax.chain(
+      *_front(maximize, weight_decay),
+      scale_by_moments(alpha if centered else None, alpha),
+      *([center()] if centered else []),
+      normalize(eps),
+      *([] if _is_zero(momentum) else [_scale.momentum(momentum)]),
+      scale_by_lr(learning_rate),
+  )
+
+
+def sgd(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    momentum: optax.ScalarOrSchedule = 0.0,
+    dampening: optax.ScalarOrSchedule = 0.0,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Stochastic gradient descent with momentum, as `torch.optim.SGD`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        b_1 &= g_1, \quad b_t = \mu b_{t-1} + (1-\tau) g_t && \text{(\texttt{momentum})}\\
+        u_t &= g_t + \mu b_t \text{ (nesterov)}, \quad u_t = b_t \text{ (otherwise)}\\
+        \theta_t &= \theta_{t-1} - \alpha_t u_t && \text{(\texttt{scale\_by\_lr})}
+      \end{align*}
+
+  Defaults are PyTorch's (lr :math:`10^{-3}`, no momentum). Nesterov needs a
+  momentum and zero dampening, as in PyTorch.
+
+  Args:
+    learning_rate: :math:`\alpha_t`.
+    momentum: :math:`\mu \in [0, 1]`.
+    dampening: :math:`\tau \in [0, 1]`.
+    weight_decay: coupled L2 :math:`\lambda \ge 0`.
+    nesterov: Nesterov momentum.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  _check_flag("nesterov", nesterov)
+  if nesterov and _is_zero(momentum):
+    raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
+  stages = _front(maximize, weight_decay)
+  if not (_is_zero(momentum) and _is_zero(dampening)):
+    stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
+  return optax.chain(*stages, scale_by_lr(learning_rate))
+
+
+def adagrad(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    lr_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: optax.ScalarOrSchedule = 1e-10,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Adagrad, with the semantics and defaults of `torch.optim.Adagrad`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        v_t &= v_{t-1} + g_t^2, \quad v_0 = \text{initial\_accumulator\_value}
+            && \text{(\texttt{accumulate\_squares})}\\
+        \theta_t &= \theta_{t-1} - \frac{\alpha}{1 + (t-1)\,\eta}\;
+            \frac{g_t}{\sqrt{v_t} + \epsilon}
+            && \text{(\texttt{normalize}, \texttt{scale\_by\_lr})}
+      \end{align*}
+
+  where :math:`\eta` is `lr_decay`. Defaults are PyTorch's (lr
+  :math:`10^{-2}`, :math:`\epsilon = 10^{-10}`); Optax's `adagrad` starts its
+  accumulator at 0.1 and puts :math:`\epsilon` inside the root.
+
+  Args:
+    learning_rate: :math:`\alpha`: a float, a scalar array or a schedule.
+    lr_decay: :math:`\eta \ge 0`.
+    weight_decay: coupled L2 :math:`\lambda \ge 0`.
+    initial_accumulator_value: :math:`v_0 \ge 0`.
+    eps: :math:`\epsilon \ge 0`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Duchi, Hazan & Singer, JMLR 2011.
+  """
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  _common.check_hyperparameter("lr_decay", lr_decay, low=0.0)
+  lr = learning_rate
+  if not _is_zero(lr_decay):
+    lr_fn, decay_fn = _common.as_schedule(learning_rate), _common.as_schedule(lr_decay)
+
+    def lr(count):
+      t = count.astype(_common.float_dtype())
+      return lr_fn(count) / (1 + t * decay_fn(count))
+
+  return optax.chain(
+      *_front(maximize, weight_decay),
+      accumulate_squares(initial_accumulator_value),
+      normalize(eps),
+      scale_by_lr(lr),
+  )

@@ -1,0 +1,176 @@
+"""Helpers shared by jadam's stages: hyperparameters, validation, dtypes."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
+
+
+def _concrete_value(value: Any) -> float | None:
+  """`value` as a Python float if it is known now (not traced), else None."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    try:
+      return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      return None
+  return None
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+    wide_dtype: bool = False,
+) -> None:
+  """Raises a clear error for a hyperparameter that cannot be right.
+
+  Only what is known at construction is checked: a Python number or a concrete
+  scalar array. Tracers (under `optax.inject_hyperparams` inside `jit`) and
+  schedules are accepted as they are; branching on them would fail to trace.
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    value: its value.
+    low, high: the allowed interval; `low_open`/`high_open` exclude the ends.
+    allow_none: whether `None` is a valid value.
+    wide_dtype: if set, an array of a float dtype narrower than float32 is
+      refused: bfloat16 rounds 0.999 to 1.0 and float16 rounds 1e-8 to 0.
+  """
+  if value is None and allow_none:
+    return
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+    return  # a schedule: checked by what it returns, not here
+  if isinstance(value, bool) or not isinstance(
+      value, (numbers.Real, jax.Array, np.ndarray, np.generic)
+  ):
+    raise TypeError(
+        f"{name} must be a float, a scalar array or a schedule (a callable of"
+        f" the step count); got {type(value).__name__} {value!r}."
+    )
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    if np.ndim(value) != 0:
+      raise ValueError(
+          f"{name} must be a scalar; got an array of shape {np.shape(value)}."
+      )
+    dtype = jnp.dtype(value.dtype)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"{name} must be a real number; got dtype {dtype}.")
+    if wide_dtype and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+      raise TypeError(
+          f"{name} arrived as {dtype}, which cannot hold it (bfloat16 rounds"
+          " 0.999 to 1.0, float16 rounds 1e-8 to 0). Keep hyperparameters in"
+          " float32 or wider: with optax.inject_hyperparams pass"
+          " hyperparam_dtype=jnp.float32."
+      )
+  x = _concrete_value(value)
+  if x is None:
+    return
+  too_low = x <= low if low_open else x < low
+  too_high = x >= high if high_open else x > high
+  if math.isnan(x) or too_low or too_high:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    raise ValueError(f"Invalid {name}: {x!r}; it must lie in {lo}{low}, {high}{hi}.")
+
+
+def as_schedule(value: optax.ScalarOrSchedule) -> Schedule:
+  """A hyperparameter as a function of the step count (jax's `make_schedule`).
+
+  A Python float stays a Python float, so that `1 - b` is formed in double
+  precision on the host, as PyTorch does, before it meets the parameters.
+  """
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+    return value
+  return lambda count: value
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype an update is computed in: the leaf's, but never below float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.typing.ArrayLike:
+  """`value` ready to meet an array of `dtype` under strict dtype promotion.
+
+  Python numbers stay weakly typed (and exact in double until they meet the
+  array); arrays are cast, since float32 * float64 is an error under strict
+  promotion.
+  """
+  if isinstance(value, numbers.Number):
+    return value
+  return jnp.asarray(value).astype(dtype)
+
+
+def is_float_leaf(x: Any) -> bool:
+  """Whether jadam optimizes this leaf: an inexact array (not int, bool, None)."""
+  return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def float_dtype() -> jnp.dtype:
+  """The widest float in use: float64 under `jax.enable_x64`, else float32."""
+  return jnp.dtype(jnp.result_type(float))
+
+
+def one_minus_power(b: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
+  r"""The bias correction factor :math:`1 - \beta^t`, computed as :math:`-\mathrm{expm1}(t \log \beta)`.
+
+  Forming `b ** t` in float32 and subtracting from one loses the low bits of a
+  number close to one (10 ulps after 200 steps against PyTorch, which works in
+  double). `expm1` of `t log(b)` keeps them, with `log(b)` taken in double on
+  the host when `b` is a Python float.
+
+  Args:
+    b: the decay, a Python float or a scalar array, in [0, 1].
+    count: the step t (an integer array, t >= 1).
+
+  Returns:
+    A scalar of the default float dtype (float32, float64 under x64).
+  """
+  dtype = float_dtype()
+  t = jnp.asarray(count).astype(dtype)
+  if isinstance(b, numbers.Number):
+    if b == 0:
+      return jnp.ones([], dtype)
+    log_b = math.log(b)
+  else:
+    log_b = jnp.log(jnp.asarray(b).astype(dtype))
+  # b == 0 gives log_b = -inf and -expm1(-inf) = 1, the right limit for t >= 1.
+  return -jnp.expm1(t * log_b)
+
+
+def tree_map_float(fn: Callable[..., Any], tree: Any, *rest: Any, keep: int = 0) -> Any:
+  """Maps `fn` over the leaves where `tree` holds an inexact array.
+
+  Elsewhere (integer, boolean and float0 leaves, and `None` gradients) the
+  result is the corresponding leaf of the `keep`-th tree, unchanged: pass
+  `keep=0` for updates (they go through as they came) and the index of a state
+  tree to leave that state as it was. Either way the state's dtypes never change
+  between steps, as `jax.lax.scan` and `jit` need.
+  """
+  trees = (tree, *rest)
+
+  def apply(*leaves):
+    if not is_float_leaf(leaves[0]):
+      return leaves[keep]
+    return fn(*leaves)
+
+  return jax.tree.map(apply, *trees, is_leaf=lambda x: x is None)

@@ -1,0 +1,350 @@
+"""The moment estimates of Adam's Algorithm 1 and the stages that act on them.
+
+`scale_by_moments` turns gradients into :class:`Moments`; every stage in this
+module takes :class:`Moments` in and gives :class:`Moments` out, until a stage
+of `jadam._scale` (:func:`jadam.normalize`) turns them back into updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jadam import _common
+
+Dtype = Any
+
+
+class Moments(NamedTuple):
+  """What :func:`scale_by_moments` passes to the stages after it.
+
+  A pytree, not a parameter-shaped tree: the stages between
+  :func:`scale_by_moments` and :func:`normalize` read and rewrite it.
+  """
+
+  mu: optax.Updates  # m_t (or the gradient itself, for optimizers without one)
+  nu: optax.Updates  # v_t
+  count: jax.Array  # t, after the increment
+  b1: jax.typing.ArrayLike  # decays used at step t: bias_correct reads them here
+  b2: jax.typing.ArrayLike
+  grad: optax.Updates  # g_t as it arrived: its dtypes are the updates' dtypes
+  bias_corrected: bool = False  # static: set by bias_correct
+  step_scale: jax.typing.ArrayLike | None = None  # bias_correct(into_step=True)
+
+
+def expect_moments(updates: Any, stage: str) -> Moments:
+  """Raises a `TypeError` unless `updates` are :class:`Moments`."""
+  if not isinstance(updates, Moments):
+    raise TypeError(
+        f"{stage} expects the Moments that jadam.scale_by_moments (or"
+        " jadam.accumulate_squares) produces, but received"
+        f" {type(updates).__name__}. Put jadam.scale_by_moments(...) before"
+        f" {stage} in the chain."
+    )
+  return updates
+
+
+def expect_updates(updates: Any, stage: str) -> None:
+  """Raises a `TypeError` if `updates` are :class:`Moments`, not a parameter-shaped tree."""
+  if isinstance(updates, Moments):
+    raise TypeError(
+        f"{stage} expects parameter-shaped updates but received jadam.Moments."
+        f" Put jadam.normalize(...) between jadam.scale_by_moments and {stage}."
+    )
+
+
+def _state_dtype(leaf: jax.Array, dtype: Dtype | None, *, widen: bool) -> Dtype:
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  return _common.compute_dtype(leaf.dtype) if widen else leaf.dtype
+
+
+def _zeros(params: optax.Params, dtype: Dtype | None, *, widen: bool) -> optax.Params:
+  """Zeros shaped like the float leaves of `params`; other leaves kept as they are."""
+  return jax.tree.map(
+      lambda p: jnp.zeros(jnp.shape(p), _state_dtype(p, dtype, widen=widen))
+      if _common.is_float_leaf(p)
+      else jnp.zeros_like(p),
+      params,
+  )
+
+
+def _check_dtype(name: str, dtype: Dtype | None) -> None:
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise TypeError(f"{name} must be a floating dtype or None; got {dtype!r}.")
+
+
+class ScaleByMomentsState(NamedTuple):
+  """State for :func:`scale_by_moments`."""
+
+  count: jax.Array  # shape=(), int32: steps taken so far
+  mu: optax.Updates  # None when b1 is None
+  nu: optax.Updates
+
+
+def scale_by_moments(
+    b1: optax.ScalarOrSchedule | None = 0.9,
+    b2: optax.ScalarOrSchedule = 0.999,
+    *,
+    mu_dtype: Dtype | None = None,
+    nu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""Track moving averages of the gradient and of its square.
+
+  .. math::
+      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+      v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad m_0 = v_0 = 0.
+
+  The averages are computed in the leaf's dtype widened to at least float32,
+  with :math:`1 - \beta` formed in double when :math:`\beta` is a Python float
+  (as PyTorch does), and stored in `mu_dtype` / `nu_dtype`.
+
+  Args:
+    b1: Decay of the first moment: a float in [0, 1), a scalar array or a
+      schedule. ``None`` keeps no first moment: :math:`m_t = g_t` and no state
+      (RMSProp).
+    b2: Decay of the second moment, of the same kinds.
+    mu_dtype: Storage dtype of :math:`m`; by default the parameter's dtype.
+    nu_dtype: Storage dtype of :math:`v`; by default the parameter's dtype
+      widened to at least float32, because bfloat16 rounds :math:`0.999 v` back
+      to :math:`v` (its spacing below 1 is 1/256), so a bfloat16 :math:`v`
+      never decays.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose updates are :class:`Moments`
+    (not parameter-shaped): follow it with :func:`bias_correct`,
+    :func:`max_nu`, :func:`center` or :func:`normalize`. See
+    :func:`jadam.adam` for the whole algorithm.
+
+  References:
+    Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 1.
+  """
+  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
+  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _check_dtype("mu_dtype", mu_dtype)
+  _check_dtype("nu_dtype", nu_dtype)
+  b1_fn = None if b1 is None else _common.as_schedule(b1)
+  b2_fn = _common.as_schedule(b2)
+
+  def init_fn(params):
+    mu = None if b1 is None else _zeros(params, mu_dtype, widen=False)
+    return ScaleByMomentsState(
+        count=jnp.zeros([], jnp.int32), mu=mu, nu=_zeros(params, nu_dtype, widen=True)
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    expect_updates(updates, "jadam.scale_by_moments")
+    beta2 = b2_fn(state.count)  # step t reads the schedule at t - 1, as optax does
+    nu = _ema(updates, state.nu, beta2, square=True)
+    if b1_fn is None:
+      beta1, mu, mu_state = 0.0, updates, None
+    else:
+      beta1 = b1_fn(state.count)
+      mu = _ema(updates, state.mu, beta1, square=False)
+      mu_state = _common.tree_map_float(lambda g, m, s: m.astype(s.dtype), updates, mu, state.mu, keep=2)
+    count = optax.safe_increment(state.count)
+    moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
+    nu_state = _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, nu, state.nu, keep=2)
+    return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayLike, *, square: bool) -> optax.Updates:
+  """:math:`(1 - d) g^k + d\\,m` in the widened dtype, `None` where the gradient is `None`."""
+
+  def one(g, m):
+    dtype = _common.compute_dtype(g.dtype)
+    g = g.astype(dtype)
+    d = _common.cast_hyperparameter(decay, dtype)
+    x = g * g if square else g
+    return (1 - d) * x + d * m.astype(dtype)
+
+  return _common.tree_map_float(one, updates, moment)
+
+
+class MaxNuState(NamedTuple):
+  """State for :func:`max_nu`."""
+
+  nu_max: optax.Updates
+
+
+def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
+  r"""AMSGrad: replace the second moment by its running maximum.
+
+  .. math::
+      \hat v^{\max}_t = \max(\hat v^{\max}_{t-1}, v_t).
+
+  Its place in the chain decides which AMSGrad it is: before
+  :func:`bias_correct` it keeps the maximum of the raw :math:`v_t` and the
+  maximum is corrected with the current step (PyTorch's `amsgrad=True`); after
+  it, the maximum of the corrected :math:`\hat v_t` (`optax.amsgrad`).
+
+  Args:
+    nu_dtype: Storage dtype of the maximum; by default the parameter's dtype
+      widened to at least float32.
+
+  Returns:
+    An :class:`optax.GradientTransformation` from :class:`Moments` to
+    :class:`Moments`.
+
+  References:
+    Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
+    <https://openreview.net/forum?id=ryQu7f-RZ>`_, 2018.
+  """
+  _check_dtype("nu_dtype", nu_dtype)
+
+  def init_fn(params):
+    return MaxNuState(nu_max=_zeros(params, nu_dtype, widen=True))
+
+  def update_fn(updates, state, params=None):
+    del params
+    moments = expect_moments(updates, "jadam.max_nu")
+    nu = _common.tree_map_float(lambda v, s: jnp.maximum(v, s.astype(v.dtype)), moments.nu, state.nu_max)
+    nu_max = _common.tree_map_float(lambda v, s: v.astype(s.dtype), nu, state.nu_max, keep=1)
+    return moments._replace(nu=nu), MaxNuState(nu_max=nu_max)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
+  r"""Correct the moments for their zero initialisation.
+
+  .. math::
+      \hat m_t = \frac{m_t}{1 - \beta_1^t}, \qquad
+      \hat v_t = \frac{v_t}{1 - \beta_2^t}.
+
+  The decays and :math:`t` are read from the :class:`Moments` it receives, so
+  they cannot disagree with those :func:`scale_by_moments` used (schedules
+  included). :math:`1 - \beta^t` is computed as
+  :math:`-\operatorname{expm1}(t \log\beta)`, which keeps float32 within an ulp
+  or two of PyTorch's double-precision factor.
+
+  Args:
+    into_step: Fold the correction into the step size instead, as Keras and
+      the paper's "more efficient" ordering do:
+      :math:`u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t} + \hat\epsilon}`.
+      The moments go on uncorrected, so :func:`normalize`'s eps is Keras's
+      eps-hat: it acts as :math:`\hat\epsilon / \sqrt{1-\beta_2^t}` on the
+      corrected scale.
+
+  Returns:
+    An :class:`optax.GradientTransformation` from :class:`Moments` to
+    :class:`Moments`; stateless.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    moments = expect_moments(updates, "jadam.bias_correct")
+    if moments.bias_corrected:
+      raise TypeError("jadam.bias_correct received moments that are already bias-corrected; use it once.")
+    c1 = _common.one_minus_power(moments.b1, moments.count)
+    c2 = _common.one_minus_power(moments.b2, moments.count)
+    if into_step:
+      return moments._replace(bias_corrected=True, step_scale=jnp.sqrt(c2) / c1), state
+    mu = _common.tree_map_float(lambda m: m / c1.astype(m.dtype), moments.mu)
+    nu = _common.tree_map_float(lambda v: v / c2.astype(v.dtype), moments.nu)
+    return moments._replace(mu=mu, nu=nu, bias_corrected=True), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def center() -> optax.GradientTransformation:
+  r"""Centre the second moment on the first, as centred RMSProp does.
+
+  .. math::
+      (m_t, v_t) \;\to\; (g_t,\; v_t - m_t^2),
+
+  so that the stage that divides gives :math:`g_t / (\sqrt{v_t - m_t^2} + \epsilon)`:
+  the gradient over an estimate of its standard deviation.
+
+  Returns:
+    An :class:`optax.GradientTransformation` from :class:`Moments` to
+    :class:`Moments`; stateless.
+
+  References:
+    Graves, `Generating Sequences With Recurrent Neural Networks
+    <https://arxiv.org/abs/1308.0850>`_, 2013, eq. (38)-(40).
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    moments = expect_moments(updates, "jadam.center")
+    nu = _common.tree_map_float(lambda v, m: v - m * m, moments.nu, moments.mu)
+    mu = _common.tree_map_float(lambda g, v: g.astype(v.dtype), moments.grad, nu)
+    return moments._replace(mu=mu, nu=nu), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class AccumulateSquaresState(NamedTuple):
+  """State for :func:`accumulate_squares`."""
+
+  count: jax.Array  # shape=(), int32
+  sum_of_squares: optax.Updates
+
+
+def accumulate_squares(
+    initial_accumulator_value: jax.typing.ArrayLike = 0.0, *, nu_dtype: Dtype | None = None
+) -> optax.GradientTransformation:
+  r"""Adagrad's second moment: the running sum of squared gradients.
+
+  .. math::
+      v_t = v_{t-1} + g_t^2, \qquad v_0 = \text{initial\_accumulator\_value},
+
+  passed on as :class:`Moments` with :math:`m_t = g_t` and decays of zero, so
+  that :func:`bias_correct` would be the identity after it.
+
+  Args:
+    initial_accumulator_value: :math:`v_0` (PyTorch's name), >= 0.
+    nu_dtype: Storage dtype of the sum; by default the parameter's dtype
+      widened to at least float32.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose updates are :class:`Moments`.
+
+  References:
+    Duchi, Hazan & Singer, `Adaptive Subgradient Methods
+    <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
+  """
+  _common.check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
+  if callable(initial_accumulator_value):
+    raise TypeError("initial_accumulator_value must be a number, not a schedule.")
+  _check_dtype("nu_dtype", nu_dtype)
+
+  def init_fn(params):
+    def start(p):
+      if not _common.is_float_leaf(p):
+        return p
+      dtype = _state_dtype(p, nu_dtype, widen=True)
+      return jnp.full(jnp.shape(p), _common.cast_hyperparameter(initial_accumulator_value, dtype), dtype)
+
+    return AccumulateSquaresState(count=jnp.zeros([], jnp.int32), sum_of_squares=jax.tree.map(start, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    expect_updates(updates, "jadam.accumulate_squares")
+
+    def add(g, s):
+      g = g.astype(_common.compute_dtype(g.dtype))
+      return s.astype(g.dtype) + g * g
+
+    nu = _common.tree_map_float(add, updates, state.sum_of_squares)
+    stored = _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, nu, state.sum_of_squares, keep=2)
+    count = optax.safe_increment(state.count)
+    moments = Moments(mu=updates, nu=nu, count=count, b1=0.0, b2=0.0, grad=updates)
+    return moments, AccumulateSquaresState(count=count, sum_of_squares=stored)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,21 @@
+# The two set-up commands of README.md. Each creates .venv from pyproject.toml on
+# first use (plain venv + pip, nothing installed by hand) and then runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,examples]"
+	touch $@
+
+.PHONY: test mnist bench
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+mnist: $(VENV)/.installed
+	$(PY) -m examples.mnist $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.step_time $(ARGS)

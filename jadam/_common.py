@@ -105,9 +105,11 @@ def as_schedule(value: optax.ScalarOrSchedule) -> Schedule:
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   """The dtype an update is computed in: the leaf's, but never below float32."""
+  # Not jnp.promote_types(dtype, float32): under strict promotion it raises for
+  # float64 (and for any two distinct float types).
   dtype = jnp.dtype(dtype)
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-    return jnp.dtype(jnp.float32)  # (jnp.promote_types refuses under strict promotion)
+    return jnp.dtype(jnp.float32)
   return dtype
 
 

@@ -65,7 +65,7 @@ def _state_dtype(leaf: jax.Array, dtype: Dtype | None, *, widen: bool) -> Dtype:
 def _zeros(params: optax.Params, dtype: Dtype | None, *, widen: bool) -> optax.Params:
   """Zeros shaped like the float leaves of `params`; other leaves kept as they are."""
   return jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), _state_dtype(p, dtype, widen=widen))
+      lambda p: jnp.zeros_like(p, _state_dtype(p, dtype, widen=widen))
       if _common.is_float_leaf(p)
       else jnp.zeros_like(p),
       params,
@@ -329,7 +329,7 @@ def accumulate_squares(
       if not _common.is_float_leaf(p):
         return p
       dtype = _state_dtype(p, nu_dtype, widen=True)
-      return jnp.full(jnp.shape(p), _common.cast_hyperparameter(initial_accumulator_value, dtype), dtype)
+      return jnp.full_like(p, _common.cast_hyperparameter(initial_accumulator_value, dtype), dtype)
 
     return AccumulateSquaresState(count=jnp.zeros([], jnp.int32), sum_of_squares=jax.tree.map(start, params))
 

@@ -148,7 +148,7 @@ def momentum(
 
   def init_fn(params):
     zeros = jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), accumulator_dtype or jnp.result_type(p)), params
+        lambda p: jnp.zeros_like(p, accumulator_dtype or jnp.result_type(p)), params
     )
     return MomentumState(count=jnp.zeros([], jnp.int32), trace=zeros)
 

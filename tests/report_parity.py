@@ -1,0 +1,66 @@
+"""Prints how close jadam comes to torch, optax and the NumPy reference, per optimizer.
+
+    PYTHONPATH=. python tests/report_parity.py
+
+Float64: max relative difference of the parameters over 500 steps of the noisy
+quadratic (gradients fed back from the parameters), against the NumPy reference
+(fed jadam's gradients), live torch and optax. Float32: max distance in ulps of
+the parameters, per step (each step started from jadam's parameters and
+gradient) and free-running, against torch float32 and optax float32. Not a
+test; tests/test_torch_parity.py asserts the bounds.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _parity  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+def main():
+  try:
+    import torch  # noqa: F401
+
+    have_torch = True
+  except ImportError:
+    have_torch = False
+  rows = []
+  for name, c in _parity.CONFIGS.items():
+    prob = c.problem(500)
+    with jax.enable_x64(True):
+      got64, grads = _parity.run_jax(c.jadam(), prob, np.float64, with_grads=True)
+      ref = _parity.max_rel(got64, _parity.run_reference(c.reference, prob, grads))
+      t64 = _parity.max_rel(got64, _parity.run_torch(c.torch, prob, np.float64)) if have_torch else None
+      o64 = _parity.max_rel(got64, _parity.run_optax(c.optax(), prob, np.float64)) if c.optax else None
+    got32, g32 = _parity.run_jax(c.jadam(), prob, np.float32, with_grads=True)
+    teach = (got32, g32)
+    t32 = o32 = t32_free = o32_free = None
+    if have_torch:
+      t32 = _parity.max_ulps(got32, _parity.run_torch(c.torch, prob, np.float32, teacher=teach))
+      t32_free = _parity.max_ulps(got32, _parity.run_torch(c.torch, prob, np.float32))
+    if c.optax:
+      o32 = _parity.max_ulps(got32, _parity.run_optax(c.optax(), prob, np.float32, teacher=teach))
+      o32_free = _parity.max_ulps(got32, _parity.run_optax(c.optax(), prob, np.float32))
+    rows.append((name, ref, t64, o64, t32, o32, t32_free, o32_free))
+  f = lambda x, fmt: "-" if x is None else format(x, fmt)
+  print("float64: max relative difference of the parameters over 500 steps.")
+  print("float32: max ulps of the parameters; 'per step' starts every step from jadam's parameters and")
+  print("gradient (the optimizer states run on their own), 'free' lets each run follow its own trajectory.")
+  print()
+  print("| optimizer | f64 vs reference | f64 vs torch | f64 vs optax "
+        "| f32 ulps/step vs torch | f32 ulps/step vs optax | f32 ulps free vs torch | f32 ulps free vs optax |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  for name, ref, t64, o64, t32, o32, t32f, o32f in rows:
+    print(f"| {name} | {f(ref, '.1e')} | {f(t64, '.1e')} | {f(o64, '.1e')} "
+          f"| {f(t32, 'd')} | {f(o32, 'd')} | {f(t32f, 'd')} | {f(o32f, 'd')} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -214,7 +214,7 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jadam" / "mnist"
 
 
-def fetch(url: str, timeout: float = 30.0) -> bytes:
+def fetch(url: str, timeout: float = 20.0) -> bytes:
     """The bytes at ``url`` (tests replace this function)."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
@@ -227,6 +227,7 @@ def download(
     md5: str,
     mirrors: Sequence[str] = MIRRORS,
     fetch_fn: Callable[[str], bytes] | None = None,
+    unreachable: set[str] | None = None,
 ) -> pathlib.Path:
     """Download ``stem.gz`` into ``folder``, verified, written atomically.
 
@@ -235,15 +236,29 @@ def download(
     ``folder`` and renamed into place, so an interrupted or rejected download
     leaves nothing under the final name and no temporary file behind.
 
+    Args:
+      unreachable: Mirrors to skip; a mirror that cannot be reached (a network
+        error, not a bad file) is added to it, so that offline the next files
+        do not wait for it again.
+
     Raises:
       OSError: When no mirror gave a verified file (the message lists why).
     """
     fetch_fn = fetch_fn or fetch
+    unreachable = set() if unreachable is None else unreachable
     errors = []
     for mirror in mirrors:
         url = f"{mirror}{stem}.gz"
+        if mirror in unreachable:
+            errors.append(f"{url}: skipped, unreachable")
+            continue
         try:
             raw = fetch_fn(url)
+        except OSError as e:  # URLError, timeouts, refused connections
+            unreachable.add(mirror)
+            errors.append(f"{url}: {type(e).__name__}: {e}")
+            continue
+        try:
             data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
             _check_md5(data, md5, url)
         except Exception as e:  # noqa: BLE001 - try the next mirror, report all
@@ -294,9 +309,10 @@ def load(
     origin = "cache"
     if missing and allow_download:
         _announce(f"downloading MNIST into {folder}")
+        unreachable: set[str] = set()
         try:
             for stem in missing:
-                download(stem, folder, md5=MNIST_MD5[stem], fetch_fn=fetch_fn)
+                download(stem, folder, md5=MNIST_MD5[stem], fetch_fn=fetch_fn, unreachable=unreachable)
             missing, origin = [], "download"
         except OSError as e:
             _announce(f"download failed: {e}")

@@ -208,11 +208,15 @@ def test_load_downloads_into_the_cache_then_reads_it(tmp_path, fake_mnist, monke
 def test_load_offline_falls_back_to_the_sample(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JADAM_DATA", str(tmp_path / "empty"))
 
+    calls = []
+
     def offline(url):
+        calls.append(url)
         raise OSError("no network")
 
     source = ip.load(fetch_fn=offline)
     assert source.origin == "sample"
+    assert len(calls) == len(ip.MIRRORS)  # an unreachable mirror is not asked again
     assert (len(source.train), len(source.test)) == (10_000, 2_000)
     assert "SAMPLE" in capsys.readouterr().err
     assert not list((tmp_path / "empty").glob("*"))  # nothing half-written

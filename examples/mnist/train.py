@@ -46,19 +46,23 @@ def _optimizer_namespaces() -> list[Any]:
 
 
 def optimizer_names() -> list[str]:
-    """The names ``--optimizer`` accepts."""
+    """The names ``--optimizer`` accepts: jadam's aliases and jadam.torch's front doors.
+
+    An alias is a public function of ``jadam`` that takes a learning rate and
+    is not a single stage (``scale_by_*``); everything callable that
+    ``jadam.torch`` exports is a front door.
+    """
     names = []
-    for space in _optimizer_namespaces():
-        for name in getattr(space, "__all__", dir(space)):
+    for i, space in enumerate(_optimizer_namespaces()):
+        for name in getattr(space, "__all__", [n for n in dir(space) if not n.startswith("_")]):
             obj = getattr(space, name, None)
-            if inspect.isfunction(obj) and _returns_transformation(obj):
+            if i > 0 and callable(obj):
                 names.append(name)
+            elif inspect.isfunction(obj) and not name.startswith("scale_by"):
+                params = inspect.signature(obj).parameters
+                if "learning_rate" in params or "lr" in params:
+                    names.append(name)
     return names
-
-
-def _returns_transformation(fn: Callable[..., Any]) -> bool:
-    ret = inspect.signature(fn).return_annotation
-    return "GradientTransformation" in str(ret)
 
 
 def make_optimizer(
@@ -73,15 +77,11 @@ def make_optimizer(
     Raises:
       ValueError: For an unknown name or a hyperparameter the optimizer lacks.
     """
-    fn = None
-    for space in _optimizer_namespaces():
-        fn = getattr(space, name, None)
-        if callable(fn):
-            break
-    if fn is None or not callable(fn):
+    if name not in optimizer_names():
         raise ValueError(
             f"unknown optimizer {name!r}; choose one of {', '.join(optimizer_names())}"
         )
+    fn = next(getattr(s, name) for s in _optimizer_namespaces() if hasattr(s, name))
     params = inspect.signature(fn).parameters
     accepted = [p for p in params if p not in ("self", "params")]
     kwargs: dict[str, Any] = {}
@@ -90,6 +90,8 @@ def make_optimizer(
         if lr_name is None:
             raise ValueError(f"{name} takes no learning rate (it takes {accepted})")
         kwargs[lr_name] = learning_rate
+    elif lr_name is not None and params[lr_name].default is inspect.Parameter.empty:
+        raise ValueError(f"{name} needs a learning rate (--lr)")
     hyper = dict(hyperparameters or {})
     if ("b1" in hyper or "b2" in hyper) and "betas" in params and "b1" not in params:
         default = params["betas"].default

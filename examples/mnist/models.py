@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import linen as nn
 from flax import nnx
 
 
-def _pool(x: jax.Array) -> jax.Array:
-    return nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+def avg_pool(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2: ``nn.avg_pool``'s result, bit for bit.
+
+    ``nn.avg_pool`` divides by ``np.prod(window_shape)``, an int64 scalar that
+    strict dtype promotion refuses; dividing by the Python float 4.0 is the same
+    operation on float32 and promotes nowhere.
+    """
+    return nn.pool(x, 0.0, lax.add, (2, 2), (2, 2), "VALID") / 4.0
 
 
 class CNN(nnx.Module):
@@ -22,8 +29,8 @@ class CNN(nnx.Module):
         self.linear2 = nnx.Linear(256, 10, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _pool(nnx.relu(self.conv1(x)))
-        x = _pool(nnx.relu(self.conv2(x)))
+        x = avg_pool(nnx.relu(self.conv1(x)))
+        x = avg_pool(nnx.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)
         x = nnx.relu(self.linear1(x))
         return self.linear2(x)
@@ -35,9 +42,9 @@ class LinenCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-        x = nn.avg_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+        x = avg_pool(nn.relu(x))
         x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-        x = nn.avg_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+        x = avg_pool(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(features=256)(x))
         return nn.Dense(features=10)(x)

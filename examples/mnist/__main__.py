@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
     )
     p.add_argument("--lr", "--learning-rate", type=float, default=None,
                    help="learning rate (default: 1e-3 for adam; else the optimizer's own)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=base.lr_schedule,
+                   help="constant (default), or cosine decay to 0 over --epochs")
     hp = p.add_argument_group("optimizer hyperparameters (only those given are passed)")
     hp.add_argument("--b1", type=float)
     hp.add_argument("--b2", type=float)
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
         api=a.api,
         optimizer=a.optimizer,
         learning_rate=learning_rate,
+        lr_schedule=a.lr_schedule,
         hyperparameters=hyper,
         epochs=a.epochs,
         batch_size=a.batch_size,

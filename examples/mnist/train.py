@@ -107,6 +107,20 @@ def make_optimizer(
     return tx
 
 
+def cosine_schedule(peak: float, steps: int) -> optax.Schedule:
+    """``peak`` at step 0 down to 0 at ``steps``, as ``optax.cosine_decay_schedule``.
+
+    Written out so the step count is cast to float32 first: optax's schedule mixes
+    the int32 count with floats, which strict dtype promotion refuses.
+    """
+
+    def schedule(count):
+        t = jnp.minimum(jnp.asarray(count).astype(jnp.float32), float(steps)) / float(max(steps, 1))
+        return peak * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+    return schedule
+
+
 # --------------------------------------------------------------------- tasks
 
 
@@ -305,6 +319,8 @@ def _plot(history: list[dict[str, Any]], path: pathlib.Path, title: str) -> None
 def _describe(config: Config) -> str:
     hyper = "".join(f", {k}={v!r}" for k, v in config.hyperparameters.items())
     lr = "" if config.learning_rate is None else f"{config.learning_rate:g}"
+    if config.lr_schedule != "constant":
+        lr = f"{config.lr_schedule}({lr})"
     return f"{config.api}, jadam.{config.optimizer}({lr}{hyper}), batch {config.batch_size}, seed {config.seed}"
 
 
@@ -325,7 +341,14 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     train_data = source.train.take(config.train_limit)
     test_data = source.test.take(config.test_limit)
 
-    tx = make_optimizer(config.optimizer, config.learning_rate, config.hyperparameters)
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        if learning_rate is None:
+            raise ValueError("--lr-schedule cosine needs --lr")
+        learning_rate = cosine_schedule(learning_rate, config.epochs * (len(train_data) // config.batch_size))
+    elif config.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {config.lr_schedule!r}")
+    tx = make_optimizer(config.optimizer, learning_rate, config.hyperparameters)
     task = make_task(config.api, tx, config.seed)
     state, history, start = task.state, [], 0
 

@@ -1,6 +1,8 @@
 """Tests of the MNIST example: smoke runs, resume, and jadam against optax.adam."""
 
+import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,25 @@ def test_resume_reaches_the_same_parameters(tmp_path, api):
     history = json.loads((tmp_path / "split" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["test_accuracy"] == straight["history"][1]["test_accuracy"]
+
+
+def test_resume_after_an_interruption_with_a_cosine_schedule(tmp_path):
+    """A 2-epoch cosine run that lost its last checkpoint, resumed, ends where it ended."""
+    config = _config(epochs=2, lr_schedule="cosine", plot=False)
+    straight = train.train_and_evaluate(config, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "2")  # as if killed during epoch 2
+    resumed = train.train_and_evaluate(dataclasses.replace(config, resume=True), tmp_path)
+    for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["history"] == straight["history"][:1] + resumed["history"][1:]
+    assert resumed["history"][1]["test_accuracy"] == straight["history"][1]["test_accuracy"]
+
+
+def test_cosine_schedule():
+    schedule = train.cosine_schedule(1e-3, 100)
+    np.testing.assert_allclose(float(schedule(0)), 1e-3)
+    np.testing.assert_allclose(float(schedule(50)), 5e-4, rtol=1e-6)
+    assert float(schedule(100)) == float(schedule(200)) < 1e-12
 
 
 def test_existing_checkpoints_need_resume(tmp_path):

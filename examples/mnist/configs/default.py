@@ -13,6 +13,9 @@ class Config:
     api: str = "nnx"  # "nnx" or "linen"
     optimizer: str = "adam"  # a jadam alias, or a jadam.torch front door
     learning_rate: float | None = 1e-3  # None: the optimizer's own default
+    # "constant", or "cosine": from learning_rate down to 0 over all the epochs'
+    # steps (change --epochs and a resumed run follows another curve).
+    lr_schedule: str = "constant"
     # Other hyperparameters by the optimizer's own argument names, e.g.
     # {"weight_decay": 1e-2} or, for a torch front door, {"betas": (0.9, 0.99)}.
     # b1 and b2 are also accepted where the optimizer takes betas.

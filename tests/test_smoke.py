@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jadam
-from tests import reference
+import reference
 
 
 def test_adam_one_run_matches_reference_float64():

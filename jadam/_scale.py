@@ -179,9 +179,16 @@ def momentum(
 
 
 def flip_sign() -> optax.GradientTransformation:
-  r"""Negate the updates: :math:`g_t \leftarrow -g_t`, PyTorch's `maximize=True`.
+  r"""Negate the updates, PyTorch's `maximize=True`.
+
+  .. math::
+      g_t \leftarrow -g_t.
 
   Unlike `optax.scale(-1)`, integer and `None` leaves pass through untouched.
+
+  Returns:
+    An :class:`optax.GradientTransformation` on parameter-shaped updates;
+    stateless.
   """
 
   def update_fn(updates, state, params=None):

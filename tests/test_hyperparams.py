@@ -228,3 +228,39 @@ def test_schedule_and_traced_values_are_not_checked_at_construction():
 
   u = build_and_step(jnp.float32(1e-2), jnp.float32(0.9))
   assert math.isclose(float(u[0]), -1e-2, rel_tol=1e-5)
+
+
+KINDS_CASES = {
+    "adam": (jadam.adam, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-3, eps_root=1e-4, weight_decay=0.1)),
+    "adamw": (jadam.adamw, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-3, weight_decay=0.1)),
+    "sgd": (jadam.sgd, dict(learning_rate=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.1)),
+    "rmsprop": (jadam.rmsprop, dict(learning_rate=1e-2, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5)),
+    "adagrad": (jadam.adagrad, dict(learning_rate=1e-2, lr_decay=0.1, weight_decay=0.1, eps=1e-3)),
+}
+KINDS = {
+    "float": lambda v: v,
+    "jax_scalar": lambda v: jnp.asarray(v, jnp.float32),
+    "schedule": lambda v: (lambda count: jnp.asarray(v, jnp.float32)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("alias", sorted(KINDS_CASES))
+def test_every_hyperparameter_takes_a_float_a_jax_scalar_or_a_schedule(alias, kind):
+  """Each numeric argument given as `kind` (one at a time) gives the same steps as all floats."""
+  factory, kwargs = KINDS_CASES[alias]
+  params = jnp.asarray([1.0, 1.5, 2.0], jnp.float32)
+  grads = [jnp.asarray([0.5, -1.0, 2.0], jnp.float32), jnp.asarray([-0.3, 0.2, 1.0], jnp.float32)]
+
+  def run(tx):
+    state, p, out = tx.init(params), params, []
+    for g in grads:
+      u, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, u)
+      out.append(u)
+    return out
+
+  want = run(factory(**kwargs))
+  for name, value in kwargs.items():
+    got = run(factory(**{**kwargs, name: KINDS[kind](value)}))
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0, custom_message=f"{alias}({name}={kind})")

@@ -287,7 +287,7 @@ def sgd(
   if nesterov and _is_zero(momentum):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = _front(maximize, weight_decay)
-  if not (_is_zero(momentum) and _is_zero(dampening)):
+  if not _is_zero(momentum):  # as torch, which ignores dampening without momentum
     stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
   return optax.chain(*stages, scale_by_lr(learning_rate))
 

@@ -240,6 +240,7 @@ KINDS_CASES = {
 KINDS = {
     "float": lambda v: v,
     "jax_scalar": lambda v: jnp.asarray(v, jnp.float32),
+    "numpy_scalar": lambda v: np.float32(v),
     "schedule": lambda v: (lambda count: jnp.asarray(v, jnp.float32)),
 }
 
@@ -264,3 +265,30 @@ def test_every_hyperparameter_takes_a_float_a_jax_scalar_or_a_schedule(alias, ki
   for name, value in kwargs.items():
     got = run(factory(**{**kwargs, name: KINDS[kind](value)}))
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0, custom_message=f"{alias}({name}={kind})")
+
+
+@pytest.mark.parametrize("kind", ["numpy_float32", "jax_float32"])
+def test_float32_scalar_hyperparameters_with_float64_params(kind):
+  """A float32 scalar hyperparameter meets float64 params under strict promotion: it must be cast, not promoted."""
+  make = {"numpy_float32": np.float32, "jax_float32": jnp.float32}[kind]
+  with jax.enable_x64(True):
+    params = jnp.asarray([1.0, 1.5, 2.0], jnp.float64)
+    for factory, kwargs in KINDS_CASES.values():
+      tx = factory(**{k: make(v) for k, v in kwargs.items()})
+      u, _ = tx.update(params - 1.2, tx.init(params), params)
+      assert u.dtype == jnp.float64
+      chex.assert_tree_all_finite(u)
+
+
+def test_injected_zero_momentum_ignores_dampening_as_torch():
+  """Under inject_hyperparams momentum=0 is an array, so the stage (not the alias) must drop the dampening."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    grads, p0 = rng.normal(size=(20, 3)), rng.uniform(1, 2, 3)
+    tx = optax.inject_hyperparams(jadam.sgd)(learning_rate=1e-2, momentum=0.0, dampening=0.5)
+    theta = jnp.asarray(p0)
+    state, step = tx.init(theta), jax.jit(tx.update)
+    for g, want in zip(grads, reference.sgd(grads, p0, lr=1e-2, momentum=0.0, dampening=0.5)):
+      u, state = step(jnp.asarray(g), state, theta)
+      theta = optax.apply_updates(theta, u)
+      chex.assert_trees_all_close(theta, want, rtol=1e-12, atol=0)

@@ -201,3 +201,18 @@ def test_center_then_normalize_is_centered_rmsprop_step():
     u, _ = tx.update(g, tx.init(g), g)
     v, m = 0.1 * g * g, 0.1 * g
     chex.assert_trees_all_close(u, g / jnp.sqrt(v - m * m), rtol=1e-14)
+
+
+def test_max_nu_with_into_step_is_keras_amsgrad():
+  """max_nu before bias_correct(into_step=True): Keras's amsgrad, max over raw v with eps-hat outside the root."""
+  prob = _parity.problem(STEPS, scale=1e-3)
+  tx = optax.chain(
+      jadam.scale_by_moments(B1, B2), jadam.max_nu(), jadam.bias_correct(into_step=True), jadam.normalize(EPS),
+      jadam.scale_by_lr(LR),
+  )
+  with jax.enable_x64(True):
+    got, grads = _parity.run_jax(tx, prob, np.float64, with_grads=True)
+  want = reference.adam(grads, prob.params, lr=LR, b1=B1, b2=B2, eps=EPS, keras=True, amsgrad=True)
+  assert _parity.max_rel(got, want) <= 1e-12
+  plain = reference.adam(grads, prob.params, lr=LR, b1=B1, b2=B2, eps=EPS, keras=True)
+  assert _parity.max_rel(got, plain) > 1e-9

@@ -84,8 +84,6 @@ def bias_correction_ulps():
 
 def stage_recipes():
   """The recipes of tests/test_stages.py: optax's AMSGrad and the Keras form, 500 steps."""
-  import functools
-
   import optax
 
   import jadam

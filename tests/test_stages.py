@@ -1,6 +1,5 @@
 """The named stages: chained by hand they are jadam.adam; rearranged they are torch's, optax's and Keras's variants."""
 
-import functools
 
 import chex
 import jax

@@ -287,7 +287,7 @@ def sgd(
   if nesterov and _is_zero(momentum):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = _front(maximize, weight_decay)
-  if not (_is_zero(momentum) and _is_zero(dampening)):
+  if not _is_zero(momentum):  # as torch, which ignores dampening without momentum
     stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
   return optax.chain(*stages, scale_by_lr(learning_rate))
 
@@ -338,8 +338,12 @@ def adagrad(
     lr_fn, decay_fn = _common.as_schedule(learning_rate), _common.as_schedule(lr_decay)
 
     def lr(count):
-      t = count.astype(_common.float_dtype())
-      return lr_fn(count) / (1 + t * decay_fn(count))
+      # Cast both: a float32 array (as optax.inject_hyperparams makes) times a
+      # float64 t under jax.enable_x64 is refused by strict promotion.
+      dtype = _common.float_dtype()
+      t = count.astype(dtype)
+      base = _common.cast_hyperparameter(lr_fn(count), dtype)
+      return base / (1 + t * _common.cast_hyperparameter(decay_fn(count), dtype))
 
   return optax.chain(
       *_front(maximize, weight_decay),

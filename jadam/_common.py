@@ -120,7 +120,9 @@ def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.ty
   array); arrays are cast, since float32 * float64 is an error under strict
   promotion.
   """
-  if isinstance(value, numbers.Number):
+  # NumPy scalars register as numbers.Number but are strongly typed:
+  # np.float32 meeting a float64 array is refused, so they are cast too.
+  if isinstance(value, numbers.Number) and not isinstance(value, np.generic):
     return value
   return jnp.asarray(value).astype(dtype)
 

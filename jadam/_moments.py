@@ -161,7 +161,10 @@ def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayL
     dtype = _common.compute_dtype(g.dtype)
     g = g.astype(dtype)
     d = _common.cast_hyperparameter(decay, dtype)
-    x = g * g if square else g
+    x = g
+    if square:
+      # |g|^2 for complex leaves (as optax.adam), not g^2, which is not a magnitude.
+      x = jnp.real(g * jnp.conj(g)).astype(dtype) if jnp.iscomplexobj(g) else g * g
     return (1 - d) * x + d * m.astype(dtype)
 
   return _common.tree_map_float(one, updates, moment)
@@ -282,7 +285,7 @@ def center() -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     moments = expect_moments(updates, "jadam.center")
-    nu = _common.tree_map_float(lambda v, m: v - m * m, moments.nu, moments.mu)
+    nu = _common.tree_map_float(lambda v, m: v - (m * jnp.conj(m) if jnp.iscomplexobj(m) else m * m), moments.nu, moments.mu)
     mu = _common.tree_map_float(lambda g, v: g.astype(v.dtype), moments.grad, nu)
     return moments._replace(mu=mu, nu=nu), state
 

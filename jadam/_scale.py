@@ -121,7 +121,8 @@ def momentum(
       b_1 = u_1, \qquad b_t = \mu\, b_{t-1} + (1 - \tau)\, u_t, \qquad
       u_t \leftarrow \begin{cases} u_t + \mu\, b_t & \text{nesterov} \\ b_t & \text{otherwise.}\end{cases}
 
-  With :math:`\tau = 0` this is `optax.trace` (:math:`b_0 = 0`), which jadam
+  :math:`\mu = 0` passes the updates through, dampening or not, as PyTorch
+  does. With :math:`\tau = 0` this is `optax.trace` (:math:`b_0 = 0`), which jadam
   would reuse, but `optax.trace` takes neither a dampening :math:`\tau` (whose
   first step PyTorch leaves undamped) nor a scheduled :math:`\mu`.
 
@@ -163,7 +164,9 @@ def momentum(
       g = g.astype(dtype)
       m = _common.cast_hyperparameter(mu, dtype)
       new = m * b.astype(dtype) + (1 - _common.cast_hyperparameter(tau, dtype)) * g
-      return jnp.where(first, g, new)
+      # mu = 0 is no momentum at all in PyTorch: dampening does not apply
+      # (a traced mu, under optax.inject_hyperparams, cannot be tested in Python).
+      return jnp.where(first | (m == 0), g, new)
 
     trace = _common.tree_map_float(accumulate, updates, state.trace)
     out = trace
@@ -179,9 +182,16 @@ def momentum(
 
 
 def flip_sign() -> optax.GradientTransformation:
-  r"""Negate the updates: :math:`g_t \leftarrow -g_t`, PyTorch's `maximize=True`.
+  r"""Negate the updates, PyTorch's `maximize=True`.
+
+  .. math::
+      g_t \leftarrow -g_t.
 
   Unlike `optax.scale(-1)`, integer and `None` leaves pass through untouched.
+
+  Returns:
+    An :class:`optax.GradientTransformation` on parameter-shaped updates;
+    stateless.
   """
 
   def update_fn(updates, state, params=None):

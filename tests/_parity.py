@@ -214,6 +214,12 @@ CONFIGS: dict[str, Config] = {
         functools.partial(reference.adam, lr=LR, decoupled_weight_decay=0.1),
         lambda: optax.adamw(LR, weight_decay=0.1),
     ),
+    "adamw_amsgrad_maximize": Config(
+        lambda: jadam.adamw(LR, b1=0.8, weight_decay=0.05, amsgrad=True, maximize=True),
+        _t("AdamW", lr=LR, betas=(0.8, 0.999), weight_decay=0.05, amsgrad=True, maximize=True),
+        functools.partial(reference.adam, lr=LR, b1=0.8, decoupled_weight_decay=0.05, amsgrad="torch", maximize=True),
+        sign=-1.0,
+    ),
     "sgd": Config(
         lambda: jadam.sgd(LR),
         _t("SGD", lr=LR),
@@ -223,6 +229,17 @@ CONFIGS: dict[str, Config] = {
         lambda: jadam.sgd(LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
         _t("SGD", lr=LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
         functools.partial(reference.sgd, lr=LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    ),
+    "sgd_dampening_without_momentum": Config(  # torch ignores dampening when momentum is 0
+        lambda: jadam.sgd(LR, momentum=0.0, dampening=0.5),
+        _t("SGD", lr=LR, momentum=0.0, dampening=0.5),
+        functools.partial(reference.sgd, lr=LR, momentum=0.0, dampening=0.5),
+    ),
+    "sgd_maximize": Config(
+        lambda: jadam.sgd(LR, momentum=0.5, weight_decay=0.01, maximize=True),
+        _t("SGD", lr=LR, momentum=0.5, weight_decay=0.01, maximize=True),
+        functools.partial(reference.sgd, lr=LR, momentum=0.5, weight_decay=0.01, maximize=True),
+        sign=-1.0,
     ),
     "sgd_nesterov": Config(
         lambda: jadam.sgd(LR, momentum=0.9, nesterov=True),
@@ -248,6 +265,18 @@ CONFIGS: dict[str, Config] = {
         lambda: jadam.rmsprop(1e-3, alpha=0.9, centered=True, momentum=0.5),
         _t("RMSprop", lr=1e-3, alpha=0.9, centered=True, momentum=0.5),
         functools.partial(reference.rmsprop, lr=1e-3, alpha=0.9, centered=True, momentum=0.5),
+    ),
+    "rmsprop_maximize": Config(
+        lambda: jadam.rmsprop(LR, centered=True, maximize=True),
+        _t("RMSprop", lr=LR, centered=True, maximize=True),
+        functools.partial(reference.rmsprop, lr=LR, centered=True, maximize=True),
+        sign=-1.0,
+    ),
+    "adagrad_maximize": Config(
+        lambda: jadam.adagrad(LR, weight_decay=0.01, maximize=True),
+        _t("Adagrad", lr=LR, weight_decay=0.01, maximize=True),
+        functools.partial(reference.adagrad, lr=LR, weight_decay=0.01, maximize=True),
+        sign=-1.0,
     ),
     "adagrad": Config(
         lambda: jadam.adagrad(LR),

@@ -25,7 +25,8 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   weight_decay: coupled L2 (torch.optim.Adam).
   decoupled_weight_decay: AdamW's lambda, applied as theta -= lr * lambda * theta.
   keras: the correction folded into the step size, eps-hat outside sqrt(v).
-  lr, b1, b2 may be callables of the step t (1-based) to model schedules read at t - 1.
+  lr, b1, b2, eps, eps_root, weight_decay and decoupled_weight_decay may be
+  callables of the step t (1-based) to model schedules read at t - 1.
   """
   grads, theta = _as64(grads, params)
   f = lambda x, t: x(t - 1) if callable(x) else x
@@ -33,7 +34,8 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   out = []
   for t, g in enumerate(grads, start=1):
     g = -g if maximize else g
-    g = g + weight_decay * theta
+    eps_t, eps_root_t = f(eps, t), f(eps_root, t)
+    g = g + f(weight_decay, t) * theta
     beta1, beta2, alpha = f(b1, t), f(b2, t), f(lr, t)
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
@@ -42,7 +44,7 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
       vv = v
       if amsgrad:
         vmax = np.maximum(vmax, v); vv = vmax
-      u = (np.sqrt(c2) / c1) * m / (np.sqrt(vv) + eps)
+      u = (np.sqrt(c2) / c1) * m / (np.sqrt(vv) + eps_t)
     else:
       if amsgrad == "torch":
         vmax = np.maximum(vmax, v); v_hat = vmax / c2
@@ -50,8 +52,8 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
         vmax = np.maximum(vmax, v / c2); v_hat = vmax
       else:
         v_hat = v / c2
-      u = (m / c1) / (np.sqrt(v_hat + eps_root) + eps)
-    theta = theta - alpha * (u + decoupled_weight_decay * theta)
+      u = (m / c1) / (np.sqrt(v_hat + eps_root_t) + eps_t)
+    theta = theta - alpha * (u + f(decoupled_weight_decay, t) * theta)
     out.append(theta.copy())
   return np.stack(out)
 

@@ -248,3 +248,60 @@ class PmapTest(chex.TestCase):
         plain_theta = optax.apply_updates(plain_theta, u)
         chex.assert_trees_all_close(theta, plain_theta, rtol=1e-14, atol=0)
         chex.assert_trees_all_close(theta, want, rtol=1e-12, atol=0)
+
+
+WRAPPERS = {
+    "multi_steps": lambda adam: optax.MultiSteps(adam, every_k_schedule=3),
+    "apply_if_finite": lambda adam: optax.apply_if_finite(adam, max_consecutive_errors=2),
+    "masked": lambda adam: optax.masked(adam, {"w": True, "b": False}),
+    "multi_transform": lambda adam: optax.multi_transform({"a": adam, "z": optax.set_to_zero()}, {"w": "a", "b": "z"}),
+    "clip_chain": lambda adam: optax.chain(optax.clip_by_global_norm(1.0), adam),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_composes_with_optax_wrappers_like_optax_adam(wrapper):
+  """jadam.adam inside optax's wrappers gives what optax.adam gives inside them (float64)."""
+  wrap = WRAPPERS[wrapper]
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(8)
+    params = {"w": jnp.asarray(rng.uniform(1, 2, (2, 3))), "b": jnp.asarray(rng.uniform(1, 2, 3))}
+    grads = [jax.tree.map(lambda p, i=i: jnp.asarray(np.random.default_rng(i).normal(size=p.shape)), params) for i in range(9)]
+    grads[4] = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[4])  # apply_if_finite skips it
+    results = []
+    # optax.MultiSteps itself divides a float by its int32 counter: it needs standard promotion.
+    jadam_promotion = "standard" if wrapper == "multi_steps" else "strict"
+    for tx, promotion in ((wrap(jadam.adam(1e-2)), jadam_promotion), (wrap(optax.adam(1e-2)), "standard")):
+      with jax.numpy_dtype_promotion(promotion):
+        p, state = params, tx.init(params)
+        step = jax.jit(tx.update)
+        for g in (grads if wrapper in ("apply_if_finite",) else grads[:4] + grads[5:]):
+          u, state = step(g, state, p)
+          p = optax.apply_updates(p, u)
+        results.append(p)
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-12, atol=0)
+    assert not np.allclose(np.asarray(results[0]["w"]), np.asarray(params["w"]))
+    chex.assert_tree_all_finite(results[0])
+
+
+def test_vmap_over_learning_rates_is_a_sweep():
+  """Hyperparameters as traced values: a vmap over learning rates equals separate runs."""
+  rng = np.random.default_rng(9)
+  grads = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
+  p0 = jnp.asarray(rng.uniform(1, 2, 3), jnp.float32)
+
+  def run(lr):
+    tx = jadam.adam(lr, weight_decay=0.1)
+
+    def body(carry, g):
+      theta, state = carry
+      u, state = tx.update(g, state, theta)
+      return (optax.apply_updates(theta, u), state), None
+
+    return jax.lax.scan(body, (p0, tx.init(p0)), grads)[0][0]
+
+  lrs = jnp.asarray([1e-3, 1e-2, 3e-2], jnp.float32)
+  swept = jax.jit(jax.vmap(run))(lrs)
+  for i, lr in enumerate(lrs):
+    chex.assert_trees_all_close(swept[i], jax.jit(run)(lr), rtol=1e-6)
+  assert not np.allclose(np.asarray(swept[0]), np.asarray(swept[2]))

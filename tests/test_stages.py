@@ -1,6 +1,5 @@
 """The named stages: chained by hand they are jadam.adam; rearranged they are torch's, optax's and Keras's variants."""
 
-import functools
 
 import chex
 import jax
@@ -201,3 +200,55 @@ def test_center_then_normalize_is_centered_rmsprop_step():
     u, _ = tx.update(g, tx.init(g), g)
     v, m = 0.1 * g * g, 0.1 * g
     chex.assert_trees_all_close(u, g / jnp.sqrt(v - m * m), rtol=1e-14)
+
+
+def test_max_nu_with_into_step_is_keras_amsgrad():
+  """max_nu before bias_correct(into_step=True): Keras's amsgrad, max over raw v with eps-hat outside the root."""
+  prob = _parity.problem(STEPS, scale=1e-3)
+  tx = optax.chain(
+      jadam.scale_by_moments(B1, B2), jadam.max_nu(), jadam.bias_correct(into_step=True), jadam.normalize(EPS),
+      jadam.scale_by_lr(LR),
+  )
+  with jax.enable_x64(True):
+    got, grads = _parity.run_jax(tx, prob, np.float64, with_grads=True)
+  want = reference.adam(grads, prob.params, lr=LR, b1=B1, b2=B2, eps=EPS, keras=True, amsgrad=True)
+  assert _parity.max_rel(got, want) <= 1e-12
+  plain = reference.adam(grads, prob.params, lr=LR, b1=B1, b2=B2, eps=EPS, keras=True)
+  assert _parity.max_rel(got, plain) > 1e-9
+
+
+def _run_keras(prob, steps, teacher=None):
+  keras = pytest.importorskip("keras")
+  if keras.backend.backend() != "jax":
+    pytest.skip("keras is not on its JAX backend")
+  a, b, noise = (np.asarray(x, np.float32) for x in (prob.a, prob.b, prob.noise))
+  with jax.numpy_dtype_promotion("standard"):
+    var = keras.Variable(np.asarray(prob.params, np.float32), dtype="float32")
+    opt = keras.optimizers.Adam(LR, beta_1=B1, beta_2=B2, epsilon=EPS)
+    opt.build([var])
+    out = []
+    for t in range(steps):
+      if teacher is None:
+        g = a * np.asarray(var.value) - b + noise[t]
+      else:
+        var.assign(teacher[0][t - 1] if t else np.asarray(prob.params, np.float32))
+        g = teacher[1][t]
+      opt.apply([jnp.asarray(g)], [var])
+      out.append(np.asarray(var.value))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5], ids=["unit", "eps_dominated"])
+def test_into_step_matches_live_keras_float32(scale):
+  """keras.optimizers.Adam (JAX backend) against bias_correct(into_step=True), in float32 ulps."""
+  prob = _parity.problem(200, scale=scale)
+  chain = lambda into_step: optax.chain(
+      jadam.scale_by_moments(B1, B2), jadam.bias_correct(into_step=into_step), jadam.normalize(EPS), jadam.scale_by_lr(LR)
+  )
+  got, grads = _parity.run_jax(chain(True), prob, np.float32, with_grads=True)
+  assert _parity.max_ulps(got, _run_keras(prob, 200, teacher=(got, grads))) <= 2
+  if scale == 1.0:
+    assert _parity.max_ulps(got, _run_keras(prob, 200)) <= 64
+  else:  # where eps matters, the standard form is far from Keras
+    std, std_grads = _parity.run_jax(chain(False), prob, np.float32, with_grads=True)
+    assert _parity.max_ulps(std, _run_keras(prob, 200, teacher=(std, std_grads))) > 1000

@@ -105,7 +105,11 @@ def as_schedule(value: optax.ScalarOrSchedule) -> Schedule:
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   """The dtype an update is computed in: the leaf's, but never below float32."""
-  return jnp.promote_types(dtype, jnp.float32)
+  dtype = jnp.dtype(dtype)
+  # Not jnp.promote_types: under strict dtype promotion it refuses float64 with float32.
+  if jnp.issubdtype(dtype, jnp.inexact) and dtype.itemsize >= 4:
+    return dtype
+  return jnp.dtype(jnp.float32)
 
 
 def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.typing.ArrayLike:

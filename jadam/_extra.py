@@ -269,15 +269,77 @@ def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+class DecoupledDecayState(NamedTuple):
+  """State for :func:`decoupled_decay`."""
+
+  count: jax.Array  # shape=(), int32: for scheduled rates
+
+
+def decoupled_decay(
+    weight_decay: optax.ScalarOrSchedule, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+  r"""PyTorch's decoupled weight decay, :math:`\theta \leftarrow \theta(1 - \alpha_t\lambda)` before the step.
+
+  .. math::
+      \Delta \leftarrow \bigl(\theta \cdot (1 - \alpha_t\lambda) + \Delta\bigr) - \theta,
+
+  where :math:`\Delta = -\alpha_t u_t` is the step that arrives. It is
+  algebraically :func:`jadam.add_l2` between :func:`jadam.normalize` and
+  :func:`jadam.scale_by_lr` (as in :func:`jadam.adamw`), but rounds as
+  `torch.optim.AdamW` does: the factor :math:`1 - \alpha\lambda` is formed in
+  double on the host (for Python floats) and rounded once to the parameter's
+  dtype, and the last subtraction is exact (the two are within a factor two).
+  In float32 the additive form drifts from PyTorch by about 0.3 ulp a step,
+  because PyTorch's rounded factor is off from :math:`1 - \alpha\lambda` in
+  the same direction every step; this form does not.
+
+  Args:
+    weight_decay: :math:`\lambda \ge 0`: a float, a scalar array or a schedule.
+    learning_rate: :math:`\alpha`, the step's learning rate (the same value or
+      schedule given to :func:`jadam.scale_by_lr`).
+
+  Returns:
+    An :class:`optax.GradientTransformation` on parameter-shaped updates; it
+    needs `params`. Put it after :func:`jadam.scale_by_lr`.
+  """
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  wd_fn, lr_fn = _common.as_schedule(weight_decay), _common.as_schedule(learning_rate)
+
+  def init_fn(params):
+    del params
+    return DecoupledDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    _moments.expect_updates(updates, "jadam.decoupled_decay")
+    if params is None:
+      raise ValueError("jadam.decoupled_decay needs the parameters: call update(grads, state, params).")
+    lr, wd = lr_fn(state.count), wd_fn(state.count)
+    if isinstance(lr, numbers.Number) and isinstance(wd, numbers.Number):
+      factor = 1.0 - lr * wd  # in double, as PyTorch
+    else:
+      dtype = _common.float_dtype()
+      factor = 1.0 - _common.cast_hyperparameter(lr, dtype) * _common.cast_hyperparameter(wd, dtype)
+
+    def decay(u, p):
+      dtype = p.dtype
+      shrunk = p * jnp.asarray(factor).astype(dtype)
+      return ((shrunk + u.astype(dtype)) - p).astype(u.dtype)
+
+    return _common.tree_map_float(decay, updates, params), DecoupledDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _tail(
     direction: list[optax.GradientTransformation],
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: optax.ScalarOrSchedule,
     decoupled_weight_decay: bool,
 ) -> list[optax.GradientTransformation]:
-  """Decoupled decay (after the direction, scaled by the learning rate), then the step."""
-  decay = [add_l2(weight_decay)] if decoupled_weight_decay and not _is_zero(weight_decay) else []
-  return [*direction, *decay, scale_by_lr(learning_rate)]
+  """The step, then PyTorch's decoupled decay if asked for."""
+  decay = [decoupled_decay(weight_decay, learning_rate)] if decoupled_weight_decay and not _is_zero(weight_decay) else []
+  return [*direction, scale_by_lr(learning_rate), *decay]
 
 
 def adamax(
@@ -352,9 +414,8 @@ def nadam(
         \hat m_t &= \frac{1-\mu_t}{1-\Pi_t} g_t + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}} m_t,
         \quad \hat v_t = \frac{v_t}{1-\beta_2^t}
             && \text{(\texttt{nesterov\_correct})}\\
-        \theta_t &= \theta_{t-1} - \alpha_t\left(\frac{\hat m_t}{\sqrt{\hat v_t}+\epsilon}
-            + [\lambda\theta_{t-1}]\right)
-            && \text{(\texttt{normalize}, decoupled decay, \texttt{scale\_by\_lr})}
+        \theta_t &= [(1 - \alpha_t\lambda)]\,\theta_{t-1} - \alpha_t\frac{\hat m_t}{\sqrt{\hat v_t}+\epsilon}
+            && \text{(\texttt{normalize}, \texttt{scale\_by\_lr}, [\texttt{decoupled\_decay}])}
       \end{align*}
 
   with :math:`\mu_t = \beta_1(1 - \frac12 0.96^{t\psi})` (see
@@ -409,8 +470,8 @@ def radam(
         u_t &= \hat m_t\, r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}
             \text{ if } \rho_t > 5 \text{ else } \hat m_t
             && \text{(\texttt{rectify})}\\
-        \theta_t &= \theta_{t-1} - \alpha_t (u_t + [\lambda\theta_{t-1}])
-            && \text{(decoupled decay, \texttt{scale\_by\_lr})}
+        \theta_t &= [(1 - \alpha_t\lambda)]\,\theta_{t-1} - \alpha_t u_t
+            && \text{(\texttt{scale\_by\_lr}, [\texttt{decoupled\_decay}])}
       \end{align*}
 
   See :func:`rectify` for :math:`\rho_t` and :math:`r_t`. :math:`\epsilon` is

@@ -68,6 +68,20 @@ def _with_lr(make: Callable[[Any], optax.GradientTransformation], lr: Any) -> op
   return make(lr)
 
 
+def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **unused):
+  """NAdam/RAdam with decoupled decay under ReduceLROnPlateau: the decay in additive form,
+  :math:`-\\eta(u + \\lambda\\theta)`, since the rate lives in the plateau's state."""
+  del unused
+  return optax.chain(
+      *_alias._front(maximize, 0.0),
+      _extra.scale_by_moments(b1, b2),
+      *direction,
+      _extra.add_l2(weight_decay),
+      _extra.scale_by_lr(1.0),
+      plateau.transform(),
+  )
+
+
 def _rebase(default_lr: Any, group_lr: Any) -> Any:
   """A group's own number for lr rescales a scheduler given as the default, as PyTorch's schedulers do."""
   if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)) and isinstance(group_lr, numbers.Real):
@@ -138,8 +152,12 @@ def Adam(
     decoupled = _flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
     kw = dict(b1=b1, b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
               amsgrad=_flag("amsgrad", hp["amsgrad"]), maximize=_flag("maximize", hp["maximize"]))
-    factory = _alias.adamw if decoupled else _alias.adam
-    return _with_lr(lambda a: factory(a, **kw), hp["lr"])
+    if not decoupled:
+      return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
+    if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
+      return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
+    return optax.chain(_alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}),
+                       _extra.decoupled_decay(hp["weight_decay"], hp["lr"]))
 
   return _build("Adam", params, defaults, build)
 
@@ -337,6 +355,9 @@ def NAdam(
               momentum_decay=hp["momentum_decay"],
               decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
               maximize=_flag("maximize", hp["maximize"]))
+    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+      return _plateau_decoupled(_extra.nesterov_correct(hp["momentum_decay"]), _extra.normalize(hp["eps"]), **kw,
+                                plateau=hp["lr"])
     return _with_lr(lambda a: _extra.nadam(a, **kw), hp["lr"])
 
   return _build("NAdam", params, defaults, build)
@@ -371,6 +392,8 @@ def RAdam(
     kw = dict(b1=_cycled_momentum(hp["lr"], b1, "RAdam"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
               decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
               maximize=_flag("maximize", hp["maximize"]))
+    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+      return _plateau_decoupled(_extra.rectify(hp["eps"]), **kw, plateau=hp["lr"])
     return _with_lr(lambda a: _extra.radam(a, **kw), hp["lr"])
 
   return _build("RAdam", params, defaults, build)

@@ -96,23 +96,23 @@ def run_jax(tx, steps, dtype, *, metrics=None, seed=0):
   cs = nest({k: jnp.asarray(v.astype(dtype)) for k, v in curv.items()})
   ns = nest({k: jnp.asarray(v.astype(dtype)) for k, v in noise.items()})
 
-  @jax.jit
-  def step(params, state, t, value):
-    grads = jax.tree.map(lambda c, p, n: c * p + n[t], cs, params, ns)
-    extra = {} if metrics is None else {"value": value}
-    updates, state = tx.update(grads, state, params, **extra)
-    params = jax.tree.map(lambda p, u: p + u, params, updates)
-    return params, state
+  values = jnp.asarray(np.zeros(steps) if metrics is None else np.asarray(metrics), dtype)
 
-  state = tx.init(params)
-  out = {k: [] for k in PATHS}
-  for t in range(steps):
-    value = jnp.asarray(0.0 if metrics is None else metrics[t], dtype)
-    params, state = step(params, state, jnp.asarray(t, jnp.int32), value)
-    for k in PATHS:
-      a, b = k.split("/")
-      out[k].append(np.asarray(params[a][b]))
-  return {k: np.stack(v) for k, v in out.items()}
+  @jax.jit
+  def run(params, state):
+    def step(carry, xs):
+      params, state = carry
+      n_t, value = xs
+      grads = jax.tree.map(lambda c, p, n: c * p + n, cs, params, n_t)
+      extra = {} if metrics is None else {"value": value}
+      updates, state = tx.update(grads, state, params, **extra)
+      params = jax.tree.map(lambda p, u: p + u, params, updates)
+      return (params, state), params
+
+    return jax.lax.scan(step, (params, state), (ns, values))[1]
+
+  trajectory = run(params, tx.init(params))
+  return {k: np.asarray(trajectory[k.split("/")[0]][k.split("/")[1]]) for k in PATHS}
 
 
 def max_rel_diff(got, want):

@@ -105,11 +105,12 @@ def as_schedule(value: optax.ScalarOrSchedule) -> Schedule:
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   """The dtype an update is computed in: the leaf's, but never below float32."""
+  # Not jnp.promote_types(dtype, float32): under strict promotion it raises for
+  # float64 (and for any two distinct float types).
   dtype = jnp.dtype(dtype)
-  # Not jnp.promote_types: under strict dtype promotion it refuses float64 with float32.
-  if jnp.issubdtype(dtype, jnp.inexact) and dtype.itemsize >= 4:
-    return dtype
-  return jnp.dtype(jnp.float32)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return jnp.dtype(jnp.float32)
+  return dtype
 
 
 def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.typing.ArrayLike:

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import jadam
-from tests import reference
-from tests import torch_harness as H
+import reference
+import _torch_front_harness as H
 
 keras = pytest.importorskip("keras")
 STEPS = 500

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jadam
-from tests import torch_harness as H
+import _torch_front_harness as H
 
 torch = pytest.importorskip("torch")
 

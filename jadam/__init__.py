@@ -11,9 +11,11 @@ from jadam._alias import adam as adam
 from jadam._alias import adamw as adamw
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
+from jadam._extra import DecoupledDecayState as DecoupledDecayState
 from jadam._extra import NesterovCorrectState as NesterovCorrectState
 from jadam._extra import ScaleByInfMomentsState as ScaleByInfMomentsState
 from jadam._extra import adamax as adamax
+from jadam._extra import decoupled_decay as decoupled_decay
 from jadam._extra import nadam as nadam
 from jadam._extra import nesterov_correct as nesterov_correct
 from jadam._extra import normalize_inf as normalize_inf
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AccumulateSquaresState",
     "AddL2State",
+    "DecoupledDecayState",
     "MaxNuState",
     "Moments",
     "MomentumState",
@@ -60,6 +63,7 @@ __all__ = (
     "add_l2",
     "bias_correct",
     "center",
+    "decoupled_decay",
     "flip_sign",
     "keras",
     "max_nu",

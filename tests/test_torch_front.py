@@ -193,6 +193,20 @@ def test_reduce_on_plateau_in_optimizer_matches_torch(name, kw):
   assert H.max_rel_diff(got, want) <= 1e-12
 
 
+def test_reduce_on_plateau_with_param_groups_matches_torch():
+  """One rule, every group's rate reduced from its own lr down to the shared min_lr, as torch's scheduler does."""
+  metrics = _plateau_metrics()
+  rule = dict(patience=3, cooldown=2, factor=0.5, min_lr=2e-4)
+  torch_groups = [(ENC_KERNEL, dict(lr=1e-3)), (BIASES, dict(weight_decay=0.1))]
+  want = H.run_torch(_torch_opt("RAdam", dict(lr=1e-2)), STEPS, np.float64, torch_groups,
+                     scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **rule), metrics=metrics)
+  tx = jadam.torch.RAdam([{"params": "encoder/kernel", "lr": 1e-3}, {"params": lambda p, x: x.ndim == 1, "weight_decay": 0.1}],
+                         lr=jadam.torch.ReduceLROnPlateau(1e-2, **rule))
+  with jax.enable_x64(True):
+    got = H.run_jax(tx, STEPS, np.float64, metrics=metrics)
+  assert H.max_rel_diff(got, want) <= 1e-12
+
+
 # Errors: the same exception type and message as torch's.
 BAD = [
     ("Adam", dict(lr=-0.001)),

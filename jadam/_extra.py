@@ -21,7 +21,6 @@ import optax
 from jadam import _common, _moments
 from jadam._alias import _check_flag, _front, _is_zero
 from jadam._moments import Moments, bias_correct, scale_by_moments
-from jadam._penalty import add_l2
 from jadam._scale import normalize, scale_by_lr
 
 Dtype = Any

@@ -240,7 +240,7 @@ def test_errors_match_torch(case):
 
 
 def test_group_errors():
-  params = H.nest({k: np.zeros(2) for k in H.PATHS})
+  params = H.nest({k: np.zeros(2, np.float32) for k in H.PATHS})
   overlap = jadam.torch.Adam([{"params": "encoder/.*"}, {"params": lambda p, x: p.endswith("bias")}])
   with pytest.raises(ValueError, match="more than one parameter group: 'encoder/bias'"):
     overlap.init(params)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Callable
 
@@ -11,6 +10,9 @@ import numpy as np
 import optax
 
 from jadam import _alias, _common, _extra
+from jadam._moments import scale_by_moments
+from jadam._penalty import add_l2
+from jadam._scale import normalize, scale_by_lr
 from jadam.torch import _groups
 from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
@@ -74,19 +76,19 @@ def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **un
   del unused
   return optax.chain(
       *_alias._front(maximize, 0.0),
-      _extra.scale_by_moments(b1, b2),
+      scale_by_moments(b1, b2),
       *direction,
-      _extra.add_l2(weight_decay),
-      _extra.scale_by_lr(1.0),
+      add_l2(weight_decay),
+      scale_by_lr(1.0),
       plateau.transform(),
   )
 
 
 def _rebase(default_lr: Any, group_lr: Any) -> Any:
   """A group's own number for lr rescales a scheduler given as the default, as PyTorch's schedulers do."""
-  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)) and isinstance(group_lr, numbers.Real):
+  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)) and _value(group_lr) is not None:
     _check_lr(group_lr)
-    return default_lr.rebase(group_lr)
+    return default_lr.rebase(_value(group_lr))
   return group_lr
 
 
@@ -356,7 +358,7 @@ def NAdam(
               decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
               maximize=_flag("maximize", hp["maximize"]))
     if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(_extra.nesterov_correct(hp["momentum_decay"]), _extra.normalize(hp["eps"]), **kw,
+      return _plateau_decoupled(_extra.nesterov_correct(hp["momentum_decay"]), normalize(hp["eps"]), **kw,
                                 plateau=hp["lr"])
     return _with_lr(lambda a: _extra.nadam(a, **kw), hp["lr"])
 

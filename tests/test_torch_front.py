@@ -275,3 +275,27 @@ def test_jadam_torch_never_imports_torch():
   code = ("import sys, jadam; jadam.torch.Adam(); jadam.keras.Adam();"
           " assert 'torch' not in sys.modules and 'keras' not in sys.modules, sorted(sys.modules)")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_groups_on_a_flax_nnx_model():
+  """NNX's Variable boxes are not part of the path: 'head/bias', not 'head/bias/value'."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.encoder = nnx.Linear(3, 4, rngs=rngs)
+      self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  model = Model(nnx.Rngs(0))
+  paths = [jadam.torch.path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
+  assert paths == ["encoder/bias", "encoder/kernel", "head/bias", "head/kernel"]
+  tx = jadam.torch.Adam([{"params": "encoder/.*", "lr": 1e-4}, {"params": "head/bias", "lr": 0.0}], lr=1e-3)
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = nnx.grad(lambda m: (m.head(m.encoder(np.ones((1, 3), np.float32))) ** 2).sum())(model)
+  opt.update(model, grads)
+  step = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), nnx.state(model, nnx.Param), before)
+  # Adam's first step is lr * sign(g): each group moved by its own lr.
+  np.testing.assert_allclose(float(step["encoder"]["kernel"]), 1e-4, rtol=1e-3)  # float32 params of order 1
+  np.testing.assert_allclose(float(step["head"]["kernel"]), 1e-3, rtol=1e-3)
+  assert float(step["head"]["bias"]) == 0.0

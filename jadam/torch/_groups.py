@@ -15,7 +15,14 @@ Matcher = Callable[[str, Any], bool]
 
 
 def path_string(path: Sequence[Any]) -> str:
-  """A key path as the `/`-joined string that group patterns match: ``"encoder/layers/0/kernel"``."""
+  """A key path as the `/`-joined string that group patterns match: ``"encoder/layers/0/kernel"``.
+
+  Flax NNX's boxes (a trailing ``.value`` attribute of an `nnx.Variable`) are
+  left out, so an NNX model's `nnx.state(model, nnx.Param)` gives the same
+  paths as its Linen or plain-dict twin.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   parts = []
   for key in path:
     if isinstance(key, jax.tree_util.DictKey):

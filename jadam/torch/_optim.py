@@ -144,6 +144,11 @@ def Adam(
   del foreach, capturable, differentiable, fused
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                   decoupled_weight_decay=decoupled_weight_decay)
+  return _adam("Adam", params, defaults)
+
+
+def _adam(name: str, params: Params, defaults: dict) -> optax.GradientTransformation:
+  """Adam and AdamW: one recipe, two names (for messages)."""
 
   def build(hp):
     _check_lr(hp["lr"])
@@ -161,7 +166,7 @@ def Adam(
     return optax.chain(_alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}),
                        _extra.decoupled_decay(hp["weight_decay"], hp["lr"]))
 
-  return _build("Adam", params, defaults, build)
+  return _build(name, params, defaults, build)
 
 
 def AdamW(
@@ -182,8 +187,9 @@ def AdamW(
 
   Arguments and defaults are PyTorch's (weight_decay :math:`10^{-2}`); see :func:`Adam`.
   """
-  return Adam(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
-              capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+  del foreach, capturable, differentiable, fused
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+  return _adam("AdamW", params, {**defaults, "decoupled_weight_decay": True})
 
 
 def SGD(

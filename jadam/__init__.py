@@ -11,6 +11,17 @@ from jadam._alias import adam as adam
 from jadam._alias import adamw as adamw
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
+from jadam._extra import DecoupledDecayState as DecoupledDecayState
+from jadam._extra import NesterovCorrectState as NesterovCorrectState
+from jadam._extra import ScaleByInfMomentsState as ScaleByInfMomentsState
+from jadam._extra import adamax as adamax
+from jadam._extra import decoupled_decay as decoupled_decay
+from jadam._extra import nadam as nadam
+from jadam._extra import nesterov_correct as nesterov_correct
+from jadam._extra import normalize_inf as normalize_inf
+from jadam._extra import radam as radam
+from jadam._extra import rectify as rectify
+from jadam._extra import scale_by_inf_moments as scale_by_inf_moments
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
 from jadam._moments import Moments as Moments
@@ -28,30 +39,45 @@ from jadam._scale import flip_sign as flip_sign
 from jadam._scale import momentum as momentum
 from jadam._scale import normalize as normalize
 from jadam._scale import scale_by_lr as scale_by_lr
+from jadam import keras as keras  # public submodules: jadam.keras.Adam, jadam.torch.Adam
+from jadam import torch as torch
 
 __version__ = "0.1.0"
 
 __all__ = (
     "AccumulateSquaresState",
     "AddL2State",
+    "DecoupledDecayState",
     "MaxNuState",
     "Moments",
     "MomentumState",
+    "NesterovCorrectState",
+    "ScaleByInfMomentsState",
     "ScaleByLrState",
     "ScaleByMomentsState",
     "accumulate_squares",
     "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "add_l2",
     "bias_correct",
     "center",
+    "decoupled_decay",
     "flip_sign",
+    "keras",
     "max_nu",
     "momentum",
+    "nadam",
+    "nesterov_correct",
     "normalize",
+    "normalize_inf",
+    "radam",
+    "rectify",
     "rmsprop",
+    "scale_by_inf_moments",
     "scale_by_lr",
     "scale_by_moments",
     "sgd",
+    "torch",
 )

@@ -1,0 +1,57 @@
+"""PyTorch's front door: `torch.optim` optimizers and schedulers with PyTorch's names and semantics.
+
+Each optimizer takes PyTorch's arguments and defaults and returns an
+:class:`optax.GradientTransformation` made of jadam's stages; each scheduler is
+an Optax schedule (a function of the optimizer step count)::
+
+    # torch                                          # jadam
+    opt = torch.optim.AdamW(model.parameters(),      tx = jadam.torch.AdamW(lr=3e-4,
+        lr=3e-4, weight_decay=0.05)                      weight_decay=0.05)
+
+Parameter groups are a list of dicts whose ``"params"`` selects leaves of the
+parameter pytree by a regular expression on the ``/``-joined key path or by a
+predicate ``(path, leaf) -> bool``; see :func:`Adam`. They are
+`optax.partition` underneath.
+
+This module never imports PyTorch.
+"""
+
+from jadam.torch._groups import path_string as path_string
+from jadam.torch._optim import SGD as SGD
+from jadam.torch._optim import Adagrad as Adagrad
+from jadam.torch._optim import Adam as Adam
+from jadam.torch._optim import Adamax as Adamax
+from jadam.torch._optim import AdamW as AdamW
+from jadam.torch._optim import NAdam as NAdam
+from jadam.torch._optim import RAdam as RAdam
+from jadam.torch._optim import RMSprop as RMSprop
+from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
+from jadam.torch._schedulers import ExponentialLR as ExponentialLR
+from jadam.torch._schedulers import LinearLR as LinearLR
+from jadam.torch._schedulers import LRScheduler as LRScheduler
+from jadam.torch._schedulers import MultiStepLR as MultiStepLR
+from jadam.torch._schedulers import OneCycleLR as OneCycleLR
+from jadam.torch._schedulers import ReduceLROnPlateau as ReduceLROnPlateau
+from jadam.torch._schedulers import ReduceLROnPlateauState as ReduceLROnPlateauState
+from jadam.torch._schedulers import StepLR as StepLR
+
+__all__ = (
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "CosineAnnealingLR",
+    "ExponentialLR",
+    "LRScheduler",
+    "LinearLR",
+    "MultiStepLR",
+    "NAdam",
+    "OneCycleLR",
+    "RAdam",
+    "RMSprop",
+    "ReduceLROnPlateau",
+    "ReduceLROnPlateauState",
+    "StepLR",
+    "path_string",
+)

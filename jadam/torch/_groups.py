@@ -1,0 +1,131 @@
+"""PyTorch's parameter groups on a parameter pytree, built on `optax.partition`."""
+
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+
+Build = Callable[[dict], optax.GradientTransformation]
+Matcher = Callable[[str, Any], bool]
+
+
+def path_string(path: Sequence[Any]) -> str:
+  """A key path as the `/`-joined string that group patterns match: ``"encoder/layers/0/kernel"``.
+
+  Flax NNX's boxes (a trailing ``.value`` attribute of an `nnx.Variable`) are
+  left out, so an NNX model's `nnx.state(model, nnx.Param)` gives the same
+  paths as its Linen or plain-dict twin.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _matcher(spec: Any, index: int) -> Matcher:
+  """A group's `"params"` entry as a predicate of (path string, leaf)."""
+  if isinstance(spec, str):
+    try:
+      pattern = re.compile(spec)
+    except re.error as e:
+      raise ValueError(f"param group {index}: 'params' {spec!r} is not a valid regular expression: {e}.") from None
+    return lambda path, leaf: pattern.fullmatch(path) is not None
+  if callable(spec):
+    return lambda path, leaf: bool(spec(path, leaf))
+  if isinstance(spec, (list, tuple)) and spec:
+    parts = [_matcher(s, index) for s in spec]
+    return lambda path, leaf: any(p(path, leaf) for p in parts)
+  raise TypeError(
+      f"param group {index}: 'params' must be a regular expression matched against the"
+      " '/'-joined key path (e.g. 'encoder/.*'), a predicate (path, leaf) -> bool, or a"
+      f" non-empty list of these; got {type(spec).__name__} {spec!r}."
+  )
+
+
+def _is_group_list(params: Any) -> bool:
+  return isinstance(params, (list, tuple)) and len(params) > 0 and all(isinstance(g, Mapping) for g in params)
+
+
+def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any], Any]) -> optax.GradientTransformation:
+  """The optimizer `name` over parameter groups, as `optax.partition` of one `build(hp)` per group.
+
+  Args:
+    name: the optimizer's name, for messages.
+    params: torch's first argument: None or a parameter pytree (one group: every
+      leaf uses `defaults`), or a list of group dicts, each with a ``"params"``
+      selector and overrides of any key of `defaults`.
+    defaults: the hyperparameters given as keyword arguments.
+    build: makes the transformation of one group from its hyperparameters.
+    rebase: `rebase(default_lr, group_lr)` gives a group's learning rate when
+      it overrides the default's (a scheduler default follows the group's lr).
+  """
+  if params is None or (not _is_group_list(params) and not _looks_like_hyperparameter(params)):
+    return build(dict(defaults))
+  if _looks_like_hyperparameter(params):
+    raise TypeError(
+        f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
+        " (every leaf in one group) or a list of parameter groups (dicts); got"
+        f" {params!r}. Pass hyperparameters by name, e.g. {name}(lr={params!r})."
+    )
+  matchers, transforms = [], {}
+  for i, group in enumerate(params):
+    if "params" not in group:
+      raise ValueError(f"param group {i} of {name} has no 'params' entry: it must select its leaves.")
+    unknown = sorted(set(group) - set(defaults) - {"params"})
+    if unknown:
+      raise ValueError(
+          f"param group {i} of {name} sets {', '.join(map(repr, unknown))}, which {name} does not"
+          f" take; its hyperparameters are {', '.join(sorted(defaults))}."
+      )
+    matchers.append(_matcher(group["params"], i))
+    hp = {**defaults, **{k: v for k, v in group.items() if k != "params"}}
+    if "lr" in group and "lr" in defaults:
+      hp["lr"] = rebase(defaults["lr"], group["lr"])
+    transforms[f"group{i}"] = build(hp)
+  transforms["default"] = build(dict(defaults))
+  specs = [g["params"] for g in params]
+
+  def labels(tree):
+    def label(path, leaf):
+      where = path_string(path)
+      hits = [i for i, match in enumerate(matchers) if match(where, leaf)]
+      if len(hits) > 1:
+        raise ValueError(
+            f"some parameters appear in more than one parameter group: {where!r} is selected by"
+            f" group {hits[0]} ({specs[hits[0]]!r}) and group {hits[1]} ({specs[hits[1]]!r})."
+        )
+      return f"group{hits[0]}" if hits else "default"
+
+    out = jax.tree_util.tree_map_with_path(label, tree)
+    used = set(jax.tree.leaves(out))
+    for i, spec in enumerate(specs):
+      if f"group{i}" not in used:
+        paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)][:4]
+        raise ValueError(
+            f"param group {i} of {name} ({spec!r}) selects no parameter; patterns are matched in"
+            f" full against '/'-joined key paths such as {paths}."
+        )
+    return out
+
+  return optax.partition(transforms, labels)
+
+
+def _looks_like_hyperparameter(x: Any) -> bool:
+  """A number passed where the params belong: `Adam(1e-3)` meant `Adam(lr=1e-3)`."""
+  return isinstance(x, numbers.Number) or (isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 0)

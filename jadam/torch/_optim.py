@@ -1,0 +1,407 @@
+"""`torch.optim`'s optimizers, with PyTorch's arguments, as chains of jadam's stages."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+from jadam import _alias, _common, _extra
+from jadam._moments import scale_by_moments
+from jadam._penalty import add_l2
+from jadam._scale import normalize, scale_by_lr
+from jadam.torch import _groups
+from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+Params = Any
+
+
+def _value(x: Any) -> float | None:
+  """A hyperparameter's value if it is a concrete number now (not a schedule or tracer)."""
+  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or (callable(x) and not isinstance(x, (jax.Array, np.ndarray))):
+    return None
+  return _common._concrete_value(x)
+
+
+def _at_least_zero(what: str, x: Any) -> None:
+  """PyTorch's `if not 0.0 <= x: raise ValueError(f"Invalid {what}: {x}")`."""
+  v = _value(x)
+  if v is not None and not 0.0 <= v:
+    raise ValueError(f"Invalid {what}: {x}")
+
+
+def _check_lr(lr: Any) -> None:
+  if isinstance(lr, bool) or not (
+      isinstance(lr, (numbers.Real, jax.Array, np.ndarray, np.generic, LRScheduler, ReduceLROnPlateau)) or callable(lr)
+  ):
+    raise TypeError(f"lr must be a float, a scalar array, a schedule or a jadam.torch scheduler; got {lr!r}.")
+  _at_least_zero("learning rate", lr)
+
+
+def _check_betas(betas: Any) -> tuple[Any, Any]:
+  if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    raise TypeError(f"betas must be a pair (beta1, beta2); got {betas!r}.")
+  for i, b in enumerate(betas):
+    v = _value(b)
+    if v is not None and not 0.0 <= v < 1.0:
+      raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+  return betas[0], betas[1]
+
+
+def _cycled_momentum(lr: Any, momentum: Any, optimizer: str) -> Any:
+  """OneCycleLR with cycle_momentum drives the momentum (or beta1), as in PyTorch."""
+  if isinstance(lr, OneCycleLR) and lr.cycle_momentum:
+    if momentum is None:
+      raise ValueError(
+          f"optimizer must support momentum or beta1 with `cycle_momentum` option enabled ({optimizer} has"
+          " neither); pass OneCycleLR(..., cycle_momentum=False)."
+      )
+    return lr.momentum
+  return momentum
+
+
+def _with_lr(make: Callable[[Any], optax.GradientTransformation], lr: Any) -> optax.GradientTransformation:
+  """`make(lr)`, or, for ReduceLROnPlateau, `make(1.0)` followed by the plateau's scaling."""
+  if isinstance(lr, ReduceLROnPlateau):
+    return optax.chain(make(1.0), lr.transform())
+  return make(lr)
+
+
+def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **unused):
+  """NAdam/RAdam with decoupled decay under ReduceLROnPlateau: the decay in additive form,
+  :math:`-\\eta(u + \\lambda\\theta)`, since the rate lives in the plateau's state."""
+  del unused
+  return optax.chain(
+      *_alias._front(maximize, 0.0),
+      scale_by_moments(b1, b2),
+      *direction,
+      add_l2(weight_decay),
+      scale_by_lr(1.0),
+      plateau.transform(),
+  )
+
+
+def _rebase(default_lr: Any, group_lr: Any) -> Any:
+  """A group's own number for lr rescales a scheduler given as the default, as PyTorch's schedulers do."""
+  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)) and _value(group_lr) is not None:
+    _check_lr(group_lr)
+    return default_lr.rebase(_value(group_lr))
+  return group_lr
+
+
+def _flag(name: str, x: Any) -> bool:
+  if not isinstance(x, bool):
+    raise TypeError(f"{name} must be a bool; got {x!r}.")
+  return x
+
+
+def _build(name: str, params: Params, defaults: dict, build: Callable[[dict], optax.GradientTransformation]):
+  return _groups.grouped(name, params, defaults, build, rebase=_rebase)
+
+
+def Adam(
+    params: Params = None,
+    lr: Any = 1e-3,
+    betas: tuple[Any, Any] = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    amsgrad: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    decoupled_weight_decay: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Adam`: :func:`jadam.adam` (or :func:`jadam.adamw` if `decoupled_weight_decay`).
+
+  Args:
+    params: PyTorch's first argument. None or the parameter pytree: one group,
+      every leaf uses the keyword arguments. Or a list of parameter groups: dicts
+      whose ``"params"`` selects leaves (a regular expression matched in full
+      against the ``/``-joined key path, e.g. ``"encoder/.*"``; a predicate
+      ``(path, leaf) -> bool``; or a list of these) and whose other keys override
+      any keyword argument for those leaves. Unselected leaves use the keyword
+      arguments; a leaf selected by two groups is an error, as in PyTorch.
+    lr: a float, a scalar array, an Optax schedule or a `jadam.torch` scheduler.
+    betas: :math:`(\beta_1, \beta_2)`.
+    eps: added to :math:`\sqrt{\hat v_t}`.
+    weight_decay: coupled L2 (decoupled if `decoupled_weight_decay`).
+    amsgrad: PyTorch's AMSGrad (maximum of the raw :math:`v_t`).
+    foreach, capturable, differentiable, fused: accepted and ignored: they
+      choose PyTorch kernels, not the arithmetic.
+    maximize: ascend instead.
+    decoupled_weight_decay: AdamW's decay.
+
+  Returns:
+    An :class:`optax.GradientTransformation` (with extra args if `lr` is a
+    :class:`ReduceLROnPlateau`).
+  """
+  del foreach, capturable, differentiable, fused
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                  decoupled_weight_decay=decoupled_weight_decay)
+  return _adam("Adam", params, defaults)
+
+
+def _adam(name: str, params: Params, defaults: dict) -> optax.GradientTransformation:
+  """Adam and AdamW: one recipe, two names (for messages)."""
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("epsilon value", hp["eps"])
+    b1, b2 = _check_betas(hp["betas"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    b1 = _cycled_momentum(hp["lr"], b1, "Adam")
+    decoupled = _flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
+    kw = dict(b1=b1, b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+              amsgrad=_flag("amsgrad", hp["amsgrad"]), maximize=_flag("maximize", hp["maximize"]))
+    if not decoupled:
+      return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
+    if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
+      return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
+    return optax.chain(_alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}),
+                       _extra.decoupled_decay(hp["weight_decay"], hp["lr"]))
+
+  return _build(name, params, defaults, build)
+
+
+def AdamW(
+    params: Params = None,
+    lr: Any = 1e-3,
+    betas: tuple[Any, Any] = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.AdamW`: :func:`jadam.adamw`, decay :math:`\theta \leftarrow \theta(1 - \alpha\lambda)`.
+
+  Arguments and defaults are PyTorch's (weight_decay :math:`10^{-2}`); see :func:`Adam`.
+  """
+  del foreach, capturable, differentiable, fused
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+  return _adam("AdamW", params, {**defaults, "decoupled_weight_decay": True})
+
+
+def SGD(
+    params: Params = None,
+    lr: Any = 1e-3,
+    momentum: Any = 0.0,
+    dampening: Any = 0.0,
+    weight_decay: Any = 0.0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    fused: bool | None = None,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.SGD`: :func:`jadam.sgd` (:math:`b_1 = g_1`, dampening, Nesterov).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, differentiable, fused
+  defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                  maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("momentum value", hp["momentum"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    momentum = _cycled_momentum(hp["lr"], hp["momentum"], "SGD")
+    nesterov = _flag("nesterov", hp["nesterov"])
+    m, d = _value(momentum), _value(hp["dampening"])
+    if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
+      raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    kw = dict(momentum=momentum, dampening=hp["dampening"], weight_decay=hp["weight_decay"], nesterov=nesterov,
+              maximize=_flag("maximize", hp["maximize"]))
+    return _with_lr(lambda a: _alias.sgd(a, **kw), hp["lr"])
+
+  return _build("SGD", params, defaults, build)
+
+
+def RMSprop(
+    params: Params = None,
+    lr: Any = 1e-2,
+    alpha: Any = 0.99,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    momentum: Any = 0.0,
+    centered: bool = False,
+    capturable: bool = False,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.RMSprop`: :func:`jadam.rmsprop` (eps outside the root, momentum after the division).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del capturable, foreach, differentiable
+  defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                  maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("epsilon value", hp["eps"])
+    _at_least_zero("momentum value", hp["momentum"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    _at_least_zero("alpha value", hp["alpha"])
+    kw = dict(alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+              momentum=_cycled_momentum(hp["lr"], hp["momentum"], "RMSprop"),
+              centered=_flag("centered", hp["centered"]), maximize=_flag("maximize", hp["maximize"]))
+    return _with_lr(lambda a: _alias.rmsprop(a, **kw), hp["lr"])
+
+  return _build("RMSprop", params, defaults, build)
+
+
+def Adagrad(
+    params: Params = None,
+    lr: Any = 1e-2,
+    lr_decay: Any = 0.0,
+    weight_decay: Any = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: Any = 1e-10,
+    foreach: bool | None = None,
+    *,
+    maximize: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Adagrad`: :func:`jadam.adagrad` (rate :math:`\alpha / (1 + (t-1)\eta)`).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, differentiable, fused
+  defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                  initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("lr_decay value", hp["lr_decay"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    _at_least_zero("initial_accumulator_value value", hp["initial_accumulator_value"])
+    _at_least_zero("epsilon value", hp["eps"])
+    _cycled_momentum(hp["lr"], None, "Adagrad")
+    kw = dict(lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"],
+              initial_accumulator_value=hp["initial_accumulator_value"], eps=hp["eps"],
+              maximize=_flag("maximize", hp["maximize"]))
+    return _with_lr(lambda a: _alias.adagrad(a, **kw), hp["lr"])
+
+  return _build("Adagrad", params, defaults, build)
+
+
+def Adamax(
+    params: Params = None,
+    lr: Any = 2e-3,
+    betas: tuple[Any, Any] = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    foreach: bool | None = None,
+    *,
+    maximize: bool = False,
+    differentiable: bool = False,
+    capturable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Adamax`: :func:`jadam.adamax` (eps inside the maximum).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, differentiable, capturable
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("epsilon value", hp["eps"])
+    b1, b2 = _check_betas(hp["betas"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    kw = dict(b1=_cycled_momentum(hp["lr"], b1, "Adamax"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+              maximize=_flag("maximize", hp["maximize"]))
+    return _with_lr(lambda a: _extra.adamax(a, **kw), hp["lr"])
+
+  return _build("Adamax", params, defaults, build)
+
+
+def NAdam(
+    params: Params = None,
+    lr: Any = 2e-3,
+    betas: tuple[Any, Any] = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    momentum_decay: Any = 4e-3,
+    decoupled_weight_decay: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.NAdam`: :func:`jadam.nadam` (Dozat's momentum schedule).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, capturable, differentiable
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("epsilon value", hp["eps"])
+    b1, b2 = _check_betas(hp["betas"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    _at_least_zero("momentum_decay value", hp["momentum_decay"])
+    kw = dict(b1=_cycled_momentum(hp["lr"], b1, "NAdam"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+              momentum_decay=hp["momentum_decay"],
+              decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
+              maximize=_flag("maximize", hp["maximize"]))
+    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+      return _plateau_decoupled(_extra.nesterov_correct(hp["momentum_decay"]), normalize(hp["eps"]), **kw,
+                                plateau=hp["lr"])
+    return _with_lr(lambda a: _extra.nadam(a, **kw), hp["lr"])
+
+  return _build("NAdam", params, defaults, build)
+
+
+def RAdam(
+    params: Params = None,
+    lr: Any = 1e-3,
+    betas: tuple[Any, Any] = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    decoupled_weight_decay: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.RAdam`: :func:`jadam.radam` (rectified once :math:`\rho_t > 5`).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, capturable, differentiable
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("epsilon value", hp["eps"])
+    b1, b2 = _check_betas(hp["betas"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    kw = dict(b1=_cycled_momentum(hp["lr"], b1, "RAdam"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+              decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
+              maximize=_flag("maximize", hp["maximize"]))
+    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+      return _plateau_decoupled(_extra.rectify(hp["eps"]), **kw, plateau=hp["lr"])
+    return _with_lr(lambda a: _extra.radam(a, **kw), hp["lr"])
+
+  return _build("RAdam", params, defaults, build)

@@ -1,0 +1,457 @@
+"""`torch.optim.lr_scheduler` as functions of the step count (Optax schedules).
+
+A PyTorch scheduler mutates the optimizer's learning rate each time
+`scheduler.step()` is called. Here a scheduler is a pure function of the number
+of optimizer steps taken, `schedule(count) -> lr`, which any jadam or Optax
+`learning_rate` accepts. By default one scheduler step is one optimizer step
+(PyTorch code that calls `scheduler.step()` after every `optimizer.step()`);
+`.per_epoch(steps_per_epoch)` maps PyTorch's usual once-per-epoch call: the
+learning rate of optimizer step `count` is then PyTorch's at epoch
+`count // steps_per_epoch`.
+
+Where PyTorch's formula is recursive (chainable), the closed form is used; the
+two agree to rounding (checked to 1e-12 against PyTorch in the tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import numbers
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jadam import _common
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_lr(name: str, lr: Any) -> None:
+  if not _is_number(lr):
+    raise TypeError(f"{name} must be a number (PyTorch reads it from the optimizer's param group); got {lr!r}.")
+  if not 0.0 <= lr:
+    raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_steps(steps_per_epoch: Any) -> None:
+  if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch <= 0:
+    raise ValueError(f"steps_per_epoch must be a positive integer; got {steps_per_epoch!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRScheduler:
+  """Base class: a learning rate as a function of the optimizer step count.
+
+  Subclasses define `_at(epoch)`, PyTorch's learning rate after `epoch` calls
+  of `scheduler.step()`. Calling the scheduler on an optimizer step count gives
+  the learning rate used by the update that step count reads (the first update
+  reads count 0, as every Optax schedule).
+  """
+
+  def __post_init__(self):
+    object.__setattr__(self, "_steps_per_epoch", 1)
+
+  def __call__(self, count: jax.typing.ArrayLike) -> jax.Array:
+    count = jnp.asarray(count)
+    epoch = count // self._steps_per_epoch
+    return jnp.asarray(self._at(epoch.astype(_common.float_dtype())), _common.float_dtype())
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Optimizer steps per scheduler step: 1 unless set with :meth:`per_epoch`."""
+    return self._steps_per_epoch
+
+  def per_epoch(self, steps_per_epoch: int) -> "LRScheduler":
+    """The same scheduler, stepped once every `steps_per_epoch` optimizer steps.
+
+    PyTorch code that calls `scheduler.step()` once per epoch of N batches maps
+    to `scheduler.per_epoch(N)`.
+    """
+    _check_steps(steps_per_epoch)
+    out = copy.copy(self)
+    object.__setattr__(out, "_steps_per_epoch", steps_per_epoch)
+    return out
+
+  def rebase(self, lr: float) -> "LRScheduler":
+    """The same scheduler for a param group whose initial learning rate is `lr`."""
+    out = dataclasses.replace(self, lr=lr)
+    object.__setattr__(out, "_steps_per_epoch", self._steps_per_epoch)
+    return out
+
+  def _at(self, epoch: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.StepLR`: :math:`\eta_e = \eta_0\,\gamma^{\lfloor e / s\rfloor}`.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0` (PyTorch reads it from the
+      optimizer; with parameter groups, each group's own lr replaces it).
+    step_size: :math:`s`, scheduler steps between decays.
+    gamma: the decay :math:`\gamma`.
+  """
+
+  lr: float
+  step_size: int
+  gamma: float = 0.1
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+
+  def _at(self, epoch):
+    return self.lr * jnp.power(self.gamma, jnp.floor(epoch / self.step_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiStepLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.MultiStepLR`: :math:`\eta_e = \eta_0\,\gamma^{\#\{m_i \le e\}}`.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    milestones: scheduler steps at which the rate is multiplied by
+      :math:`\gamma` (a milestone listed twice counts twice, as in PyTorch).
+    gamma: the decay :math:`\gamma`.
+  """
+
+  lr: float
+  milestones: Sequence[int]
+  gamma: float = 0.1
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    object.__setattr__(self, "milestones", tuple(sorted(int(m) for m in self.milestones)))
+
+  def _at(self, epoch):
+    if not self.milestones:
+      return self.lr + 0.0 * epoch
+    passed = jnp.sum(jnp.asarray(self.milestones, epoch.dtype) <= epoch)
+    return self.lr * jnp.power(self.gamma, passed.astype(epoch.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExponentialLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.ExponentialLR`: :math:`\eta_e = \eta_0\,\gamma^e`."""
+
+  lr: float
+  gamma: float
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+
+  def _at(self, epoch):
+    return self.lr * jnp.power(self.gamma, epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineAnnealingLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.CosineAnnealingLR`.
+
+  .. math::
+      \eta_e = \eta_{\min} + \tfrac12(\eta_0 - \eta_{\min})\left(1 + \cos\frac{\pi e}{T_{\max}}\right),
+
+  which is PyTorch's recursive form in closed form, past :math:`T_{\max}` too:
+  the rate climbs back to :math:`\eta_0` at :math:`2T_{\max}` and so on (it
+  does not restart abruptly; that is `CosineAnnealingWarmRestarts`).
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    T_max: half the period, in scheduler steps.
+    eta_min: the minimum :math:`\eta_{\min}`.
+  """
+
+  lr: float
+  T_max: int
+  eta_min: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+
+  def _at(self, epoch):
+    cos = jnp.cos(math.pi * epoch / self.T_max)
+    return self.eta_min + (self.lr - self.eta_min) * (1 + cos) / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.LinearLR`.
+
+  .. math::
+      \eta_e = \eta_0 \left(f_s + (f_e - f_s)\frac{\min(e, T)}{T}\right).
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    start_factor: :math:`f_s \in (0, 1]`.
+    end_factor: :math:`f_e \in [0, 1]`.
+    total_iters: :math:`T`, scheduler steps to go from one to the other.
+  """
+
+  lr: float
+  start_factor: float = 1.0 / 3
+  end_factor: float = 1.0
+  total_iters: int = 5
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    if self.start_factor > 1.0 or self.start_factor <= 0:
+      raise ValueError("Starting multiplicative factor expected to be greater than 0 and less or equal to 1.")
+    if self.end_factor > 1.0 or self.end_factor < 0:
+      raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
+
+  def _at(self, epoch):
+    progress = jnp.minimum(epoch, self.total_iters) / self.total_iters
+    return self.lr * (self.start_factor + (self.end_factor - self.start_factor) * progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneCycleLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.OneCycleLR`: warm up to `max_lr`, then anneal far below the start.
+
+  With :math:`\eta_{\text{init}} = \eta_{\max}/d` and :math:`\eta_{\min} =
+  \eta_{\text{init}}/d_f`, the rate goes from :math:`\eta_{\text{init}}` to
+  :math:`\eta_{\max}` over the first `pct_start` of the steps, then to
+  :math:`\eta_{\min}` (three phases if `three_phase`), by cosine or linear
+  annealing. It is meant to be stepped every batch, so it counts optimizer
+  steps. Past `total_steps` (where PyTorch raises) it holds its last value.
+
+  With `cycle_momentum` (the default), PyTorch also cycles the momentum (or
+  :math:`\beta_1`) between `max_momentum` and `base_momentum`; :meth:`momentum`
+  is that schedule, and `jadam.torch` optimizers given a `OneCycleLR` as `lr`
+  use it for their momentum or :math:`\beta_1`, as PyTorch does.
+
+  The arguments are PyTorch's (`epochs` and `steps_per_epoch` only serve to
+  give `total_steps`). Its learning rate does not depend on the param group's
+  own lr, as in PyTorch.
+  """
+
+  max_lr: float
+  total_steps: int | None = None
+  epochs: int | None = None
+  steps_per_epoch_: int | None = None
+  pct_start: float = 0.3
+  anneal_strategy: str = "cos"
+  cycle_momentum: bool = True
+  base_momentum: float = 0.85
+  max_momentum: float = 0.95
+  div_factor: float = 25.0
+  final_div_factor: float = 1e4
+  three_phase: bool = False
+
+  def __init__(self, max_lr, total_steps=None, epochs=None, steps_per_epoch=None, pct_start=0.3,
+               anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85, max_momentum=0.95,
+               div_factor=25.0, final_div_factor=1e4, three_phase=False):
+    if total_steps is not None:
+      if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+    elif epochs is not None and steps_per_epoch is not None:
+      if not isinstance(epochs, int) or epochs <= 0:
+        raise ValueError(f"Expected positive integer epochs, but got {epochs}")
+      if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+        raise ValueError(f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}")
+      total_steps = epochs * steps_per_epoch
+    else:
+      raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+    if not isinstance(pct_start, float) or pct_start < 0 or pct_start > 1:
+      raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+    if anneal_strategy not in ("cos", "linear"):
+      raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
+    _check_lr("max_lr", max_lr)
+    values = dict(max_lr=max_lr, total_steps=total_steps, epochs=epochs, steps_per_epoch_=steps_per_epoch,
+                  pct_start=pct_start, anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum,
+                  base_momentum=base_momentum, max_momentum=max_momentum, div_factor=div_factor,
+                  final_div_factor=final_div_factor, three_phase=three_phase)
+    for k, v in values.items():
+      object.__setattr__(self, k, v)
+    super().__post_init__()
+
+  def rebase(self, lr: float) -> "OneCycleLR":
+    del lr  # PyTorch's OneCycleLR sets every group's rate from max_lr
+    return self
+
+  def _phases(self, start_value, peak_value, end_value):
+    """PyTorch's phases: (end_step, start, end) for each."""
+    n, pct = self.total_steps, self.pct_start
+    if self.three_phase:
+      return [(float(pct * n) - 1, start_value, peak_value),
+              (float(2 * pct * n) - 2, peak_value, start_value),
+              (n - 1, start_value, end_value)]
+    return [(float(pct * n) - 1, start_value, peak_value), (n - 1, peak_value, end_value)]
+
+  def _anneal(self, start, end, pct):
+    if self.anneal_strategy == "cos":
+      return end + (start - end) / 2.0 * (jnp.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
+
+  def _follow(self, step, phases):
+    step = jnp.minimum(step, self.total_steps)
+    out, start_step, chosen = None, 0.0, None
+    for i, (end_step, a, b) in enumerate(phases):
+      value = self._anneal(a, b, (step - start_step) / (end_step - start_step))
+      if out is None:
+        out, chosen = value, step <= end_step
+      else:
+        take = jnp.logical_not(chosen) if i == len(phases) - 1 else jnp.logical_and(jnp.logical_not(chosen), step <= end_step)
+        out = jnp.where(take, value, out)
+        chosen = jnp.logical_or(chosen, take)
+      start_step = end_step
+    return out
+
+  def _at(self, step):
+    initial = self.max_lr / self.div_factor
+    return self._follow(step, self._phases(initial, self.max_lr, initial / self.final_div_factor))
+
+  def momentum(self, count: jax.typing.ArrayLike) -> jax.Array:
+    """The momentum (or :math:`\\beta_1`) PyTorch uses at optimizer step `count` when `cycle_momentum`."""
+    step = jnp.asarray(count).astype(_common.float_dtype())
+    hi, lo = self.max_momentum, self.base_momentum
+    phases = self._phases(hi, lo, hi)
+    if self.three_phase:
+      phases[-1] = (phases[-1][0], hi, hi)
+    return jnp.asarray(self._follow(step, phases), _common.float_dtype())
+
+
+class ReduceLROnPlateauState(NamedTuple):
+  """State of :meth:`ReduceLROnPlateau.transform`."""
+
+  count: jax.Array  # shape=(), int32: optimizer steps taken
+  lr: jax.Array  # the current learning rate
+  best: jax.Array
+  num_bad_epochs: jax.Array  # int32
+  cooldown_counter: jax.Array  # int32
+
+
+@dataclasses.dataclass(frozen=True)
+class ReduceLROnPlateau:
+  r"""`torch.optim.lr_scheduler.ReduceLROnPlateau`, fed the metric through `update(..., value=metric)`.
+
+  Unlike the other schedulers it depends on a metric, so it is a state, not a
+  function of the step: :meth:`transform` is an
+  `optax.GradientTransformationExtraArgs` that multiplies the updates by the
+  current learning rate :math:`\eta` and then feeds `value` to PyTorch's rule:
+
+  - `value` is *better* than the best so far if it is below
+    :math:`\text{best}(1 - \tau)` (mode ``"min"``, threshold_mode ``"rel"``),
+    below :math:`\text{best} - \tau` (``"abs"``), or above
+    :math:`\text{best}(1 + \tau)` / :math:`\text{best} + \tau` in mode ``"max"``;
+  - otherwise the count of bad epochs grows; during a cooldown it is held at 0;
+  - once it exceeds `patience`, :math:`\eta \leftarrow \max(f\eta, \eta_{\min})`
+    if that lowers :math:`\eta` by more than `eps`, and a cooldown of
+    `cooldown` epochs starts.
+
+  The metric passed with update `t` is the one PyTorch code passes to
+  `scheduler.step(metric)` after `optimizer.step()` number `t`; it sets the rate
+  of the next update. With :meth:`per_epoch` it is read only on the last update
+  of each epoch (the others may pass any value).
+
+  A `jadam.torch` optimizer given a `ReduceLROnPlateau` as `lr` builds this in
+  place of its learning-rate stage; with any other Optax optimizer, chain it
+  after a unit learning rate: ``optax.chain(optax.sgd(1.0), plateau.transform())``.
+
+  Args:
+    lr: the initial learning rate (PyTorch reads it from the optimizer).
+    mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps:
+      PyTorch's, with its defaults.
+  """
+
+  lr: float
+  mode: str = "min"
+  factor: float = 0.1
+  patience: int = 10
+  threshold: float = 1e-4
+  threshold_mode: str = "rel"
+  cooldown: int = 0
+  min_lr: float = 0.0
+  eps: float = 1e-8
+  steps_per_epoch: int = 1
+
+  def __post_init__(self):
+    _check_lr("lr", self.lr)
+    if self.factor >= 1.0:
+      raise ValueError("Factor should be < 1.0.")
+    if self.mode not in ("min", "max"):
+      raise ValueError("mode " + str(self.mode) + " is unknown!")
+    if self.threshold_mode not in ("rel", "abs"):
+      raise ValueError("threshold mode " + str(self.threshold_mode) + " is unknown!")
+    _check_steps(self.steps_per_epoch)
+
+  def per_epoch(self, steps_per_epoch: int) -> "ReduceLROnPlateau":
+    """Read the metric once every `steps_per_epoch` updates (at the end of each epoch)."""
+    return dataclasses.replace(self, steps_per_epoch=steps_per_epoch)
+
+  def rebase(self, lr: float) -> "ReduceLROnPlateau":
+    """The same rule for a param group whose initial learning rate is `lr`."""
+    return dataclasses.replace(self, lr=lr)
+
+  def __call__(self, count):
+    raise TypeError(
+        "ReduceLROnPlateau depends on a metric, not only on the step: pass it as a"
+        " jadam.torch optimizer's lr, or chain its .transform() and call"
+        " update(grads, state, params, value=metric)."
+    )
+
+  def _is_better(self, a, best):
+    if self.mode == "min" and self.threshold_mode == "rel":
+      return a < best * (1.0 - self.threshold)
+    if self.mode == "min":
+      return a < best - self.threshold
+    if self.threshold_mode == "rel":
+      return a > best * (self.threshold + 1.0)
+    return a > best + self.threshold
+
+  def transform(self) -> optax.GradientTransformationExtraArgs:
+    """Scale updates by the current learning rate, then update it from `value`."""
+
+    def init_fn(params):
+      del params
+      dtype = _common.float_dtype()
+      worse = math.inf if self.mode == "min" else -math.inf
+      zero = jnp.zeros([], jnp.int32)
+      return ReduceLROnPlateauState(
+          count=zero, lr=jnp.asarray(self.lr, dtype), best=jnp.asarray(worse, dtype),
+          num_bad_epochs=zero, cooldown_counter=zero,
+      )
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+      del params, extra_args
+      if value is None:
+        raise TypeError(
+            "ReduceLROnPlateau needs the metric: call update(grads, state, params, value=metric)."
+        )
+
+      def scale(u):
+        dtype = _common.compute_dtype(u.dtype)
+        return (state.lr.astype(dtype) * u.astype(dtype)).astype(u.dtype)
+
+      updates = _common.tree_map_float(scale, updates)
+      current = jnp.asarray(value).astype(state.best.dtype)
+      better = self._is_better(current, state.best)
+      best = jnp.where(better, current, state.best)
+      bad = jnp.where(better, 0, state.num_bad_epochs + 1)
+      in_cooldown = state.cooldown_counter > 0
+      cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
+      bad = jnp.where(in_cooldown, 0, bad)
+      reduce = bad > self.patience
+      new_lr = jnp.maximum(state.lr * self.factor, jnp.asarray(self.min_lr, state.lr.dtype))
+      lr = jnp.where(jnp.logical_and(reduce, state.lr - new_lr > self.eps), new_lr, state.lr)
+      cooldown_counter = jnp.where(reduce, self.cooldown, cooldown_counter)
+      bad = jnp.where(reduce, 0, bad)
+      count = optax.safe_increment(state.count)
+      fed = ReduceLROnPlateauState(count, lr, best, bad.astype(jnp.int32), cooldown_counter.astype(jnp.int32))
+      held = state._replace(count=count)
+      epoch_end = count % self.steps_per_epoch == 0
+      new_state = jax.tree.map(lambda a, b: jnp.where(epoch_end, a, b), fed, held)
+      return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,6 +11,8 @@ from jadam._alias import adam as adam
 from jadam._alias import adamw as adamw
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
+from jadam._fast import make_train_step as make_train_step
+from jadam._fast import update_and_apply as update_and_apply
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
 from jadam._moments import Moments as Moments
@@ -47,6 +49,7 @@ __all__ = (
     "bias_correct",
     "center",
     "flip_sign",
+    "make_train_step",
     "max_nu",
     "momentum",
     "normalize",
@@ -54,4 +57,5 @@ __all__ = (
     "scale_by_lr",
     "scale_by_moments",
     "sgd",
+    "update_and_apply",
 )

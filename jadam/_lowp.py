@@ -41,7 +41,8 @@ def hash_bits(shape: tuple[int, ...], count: jax.Array, stream: int) -> jax.Arra
   size = int(np.prod(shape, dtype=np.int64))
   i = jax.lax.iota(jnp.uint32, size).reshape(shape)
   t = jnp.asarray(count).astype(jnp.uint32)
-  h = i * _M1 + (t * _M2 + np.uint32(stream) * _M3)
+  offset = np.uint32((int(stream) * int(_M3)) % 2**32)
+  h = i * _M1 + (t * _M2 + offset)
   h = h ^ (h >> 16)
   h = h * _F1
   h = h ^ (h >> 13)

@@ -12,6 +12,7 @@ from jadam._alias import adamw as adamw
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
 from jadam._fast import make_train_step as make_train_step
+from jadam._fast import make_update_step as make_update_step
 from jadam._fast import update_and_apply as update_and_apply
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
@@ -50,6 +51,7 @@ __all__ = (
     "center",
     "flip_sign",
     "make_train_step",
+    "make_update_step",
     "max_nu",
     "momentum",
     "normalize",

@@ -149,10 +149,10 @@ def scale_by_moments(
     else:
       beta1 = b1_fn(state.count)
       mu = _ema(updates, state.mu, beta1, square=False)
-      mu_state = _store(updates, mu, state.mu, state.count, 0, mu_dtype)
+      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype)
+    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
-    nu_state = _store(updates, nu, state.nu, state.count, 1, nu_dtype)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -160,15 +160,19 @@ def scale_by_moments(
 
 # --- Low-precision storage (issue 5) -------------------------------------------
 def _store(updates, values, state, count, stream, dtype):
-  """`values` cast to the state's dtypes; an explicit bfloat16 `dtype` rounds stochastically.
+  """`(stored, passed_on)`: `values` cast to the state's dtypes, and what the next stages read.
 
-  Round-to-nearest would freeze a bfloat16 second moment (0.999 v rounds to v);
-  unbiased rounding (:func:`jadam._lowp.round_to_bfloat16`) decays it as
-  0.999^t on average. Default dtypes (None) keep plain casts.
+  An explicit bfloat16 `dtype` rounds stochastically: round-to-nearest would
+  freeze a bfloat16 second moment (0.999 v rounds to v), unbiased rounding
+  (:func:`jadam._lowp.round_to_bfloat16`) decays it as 0.999^t on average.
+  The next stages then read the stored value, widened back, so the step sees
+  what the state holds and XLA keeps no float32 copy of the moment in memory.
+  Default dtypes (None) keep plain casts and pass `values` on unchanged.
   """
   if _lowp.stochastic_store(dtype):
-    return _lowp.store(updates, values, state, count, stream)
-  return _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, values, state, keep=2)
+    stored = _lowp.store(updates, values, state, count, stream)
+    return stored, _common.tree_map_float(lambda v, s: s.astype(v.dtype), values, stored)
+  return _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, values, state, keep=2), values
 # --- end low-precision storage -------------------------------------------------
 
 

@@ -76,7 +76,7 @@ def test_data_parallel_matches_one_device(name):
     assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
   # the mean over the batch is reduced in another order across 8 devices
   if name == "adam_bf16_moments":  # the same random bits, but a 1-ulp change may round to the other side
-    chex.assert_trees_all_close(got, want, rtol=1e-3, atol=1e-5)
+    chex.assert_trees_all_close(got, want, rtol=1e-2, atol=1e-3)  # bf16 m: 2^-8 relative a step
   else:
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-6)
     chex.assert_trees_all_close(got_state, want_state, rtol=1e-4, atol=1e-6)
@@ -114,8 +114,8 @@ def test_fsdp_state_follows_params_and_update_has_no_collectives(name):
       assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), (leaf.sharding, param.sharding)
 
   grads = jax.device_put(jax.tree.map(jnp.ones_like, _params()), shardings)
-  step = jax.jit(functools.partial(jadam.update_and_apply, tx), donate_argnums=(1, 2))
-  hlo = step.lower(grads, state, params).compile().as_text()
+  step = jadam.make_update_step(tx)
+  hlo = step.lower(params, state, grads).compile().as_text()
   if name == "adamw_clip":
     # the global norm is a sum over every shard: one all-reduce of a scalar, no more
     found = [line for line in hlo.splitlines() if _COLLECTIVES.search(line) and "=" in line]
@@ -124,7 +124,7 @@ def test_fsdp_state_follows_params_and_update_has_no_collectives(name):
   else:
     assert not _COLLECTIVES.search(hlo), [line for line in hlo.splitlines() if _COLLECTIVES.search(line)]
 
-  new_params, new_state = step(grads, state, params)
+  new_params, new_state = step(params, state, grads)
   for new, sharding in zip(jax.tree.leaves(new_params), jax.tree.leaves(shardings)):
     assert new.sharding.is_equivalent_to(sharding, new.ndim)
   for tree in (moments_of(new_state).mu, moments_of(new_state).nu):

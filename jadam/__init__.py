@@ -22,6 +22,9 @@ from jadam._extra import normalize_inf as normalize_inf
 from jadam._extra import radam as radam
 from jadam._extra import rectify as rectify
 from jadam._extra import scale_by_inf_moments as scale_by_inf_moments
+from jadam._fast import make_train_step as make_train_step
+from jadam._fast import make_update_step as make_update_step
+from jadam._fast import update_and_apply as update_and_apply
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
 from jadam._moments import Moments as Moments
@@ -66,6 +69,8 @@ __all__ = (
     "decoupled_decay",
     "flip_sign",
     "keras",
+    "make_train_step",
+    "make_update_step",
     "max_nu",
     "momentum",
     "nadam",
@@ -80,4 +85,5 @@ __all__ = (
     "scale_by_moments",
     "sgd",
     "torch",
+    "update_and_apply",
 )

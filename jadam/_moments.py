@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common
+from jadam import _common, _lowp
 
 Dtype = Any
 
@@ -111,7 +111,11 @@ def scale_by_moments(
     nu_dtype: Storage dtype of :math:`v`; by default the parameter's dtype
       widened to at least float32, because bfloat16 rounds :math:`0.999 v` back
       to :math:`v` (its spacing below 1 is 1/256), so a bfloat16 :math:`v`
-      never decays.
+      never decays under round-to-nearest. An explicit ``jnp.bfloat16`` for
+      either moment is stored with unbiased stochastic rounding (deterministic
+      bits from the element index and the step; see
+      :func:`jadam._lowp.round_to_bfloat16`), so it decays as
+      :math:`\beta^t` on average at 2 bytes a value.
 
   Returns:
     An :class:`optax.GradientTransformation` whose updates are :class:`Moments`
@@ -145,13 +149,31 @@ def scale_by_moments(
     else:
       beta1 = b1_fn(state.count)
       mu = _ema(updates, state.mu, beta1, square=False)
-      mu_state = _common.tree_map_float(lambda g, m, s: m.astype(s.dtype), updates, mu, state.mu, keep=2)
+      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype)
+    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
-    nu_state = _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, nu, state.nu, keep=2)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- Low-precision storage (issue 5) -------------------------------------------
+def _store(updates, values, state, count, stream, dtype):
+  """`(stored, passed_on)`: `values` cast to the state's dtypes, and what the next stages read.
+
+  An explicit bfloat16 `dtype` rounds stochastically: round-to-nearest would
+  freeze a bfloat16 second moment (0.999 v rounds to v), unbiased rounding
+  (:func:`jadam._lowp.round_to_bfloat16`) decays it as 0.999^t on average.
+  The next stages then read the stored value, widened back, so the step sees
+  what the state holds and XLA keeps no float32 copy of the moment in memory.
+  Default dtypes (None) keep plain casts and pass `values` on unchanged.
+  """
+  if _lowp.stochastic_store(dtype):
+    stored = _lowp.store(updates, values, state, count, stream)
+    return stored, _common.tree_map_float(lambda v, s: s.astype(v.dtype), values, stored)
+  return _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, values, state, keep=2), values
+# --- end low-precision storage -------------------------------------------------
 
 
 def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayLike, *, square: bool) -> optax.Updates:

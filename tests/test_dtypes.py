@@ -39,11 +39,15 @@ def test_bf16_second_moment_decays_as_0999_to_the_1000():
 
 def test_bf16_second_moment_stored_in_bf16_would_not_decay():
   """The contrast that motivates the default: in bf16, 0.999 v rounds back to v."""
+  v = jnp.bfloat16(0.001)
+  assert (jnp.float32(0.999) * v.astype(jnp.float32)).astype(jnp.bfloat16) == v  # round-to-nearest
+  # An explicit nu_dtype=bfloat16 is therefore stored with stochastic rounding
+  # (issue 5; tests/test_lowp.py), and decays on average.
   params = jnp.linspace(1.0, 2.0, 8, dtype=jnp.bfloat16)
   _, state, _ = _run_zero_gradient_steps(jadam.adam(1e-3, nu_dtype=jnp.bfloat16), params, 1000)
   nu = state[0].nu
   assert nu.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(nu, np.float32), np.float32(jnp.bfloat16(0.001)))
+  np.testing.assert_allclose(np.asarray(nu, np.float32).mean(), 0.001 * 0.999**1000, rtol=0.1)
 
 
 @pytest.mark.parametrize(

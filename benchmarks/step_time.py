@@ -1,0 +1,329 @@
+r"""Optimizer step time: jadam vs optax vs torch.optim.Adam, against the memory bandwidth.
+
+    python -m benchmarks.step_time            # 1M, 10M, 50M vectors, 2,000-leaf tree, MNIST CNN
+    python -m benchmarks.step_time --quick    # tiny sizes, a smoke run
+
+A step is update + apply, float32, with the parameters and the state donated
+(the fast path: `jadam.update_and_apply` in one `jax.jit`). Every contender of
+a workload is timed in the same process, interleaved in rounds (the order
+rotates each round) so that a noisy neighbour hits them alike. Each row gives
+the median step time and its spread (min-max and IQR), the effective GB/s at
+28 bytes per parameter (read g, p, m, v; write p, m, v) and its fraction of the
+bandwidth of an in-place triad, `a += s * b` on float32 arrays (12 bytes per
+element: read a, b; write a) on the device JAX uses, measured in the same
+rounds. It also prints the optimizer-state bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import time
+from typing import Any, Callable
+
+# torch's OpenMP threads spin after each op by default and would steal the
+# cores from XLA's threads in the next contender's step: make them sleep.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jadam  # noqa: E402
+
+try:  # torch is optional: its rows are skipped where it is absent
+  import torch
+except ImportError:  # pragma: no cover
+  torch = None
+
+BYTES_PER_PARAM = 28  # read g, p, m, v (16) + write p, m, v (12), float32
+TRIAD_BYTES = 12  # read a, b (8) + write a (4), float32
+
+
+class Contender:
+  """A thing to time: `run()` does one step and blocks until it is done."""
+
+  def __init__(self, name: str, run: Callable[[], None], state_bytes: float | None, n_params: int):
+    self.name, self.run, self.state_bytes, self.n_params = name, run, state_bytes, n_params
+    self.times: list[float] = []
+
+
+# ---------------------------------------------------------------- JAX contenders
+
+
+def _jax_opt_contender(name, tx, params, grads, *, check=None):
+  """Time `tx` in the recommended form: update + apply in one jit, params and state donated."""
+  step = jadam.make_update_step(tx)  # params and state donated, in the outputs' order
+  box = [jax.tree.map(jnp.array, params), None]  # own copies: they are donated
+  box[1] = tx.init(box[0])
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(box[1]) if jnp.ndim(x) > 0)
+
+  def run():
+    box[0], box[1] = step(box[0], box[1], grads)
+    jax.block_until_ready(box[0])
+
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return Contender(name, run, state_bytes / n, n)
+
+
+def _triad(n: int) -> Contender:
+  a, b = jnp.zeros(n, jnp.float32), jnp.ones(n, jnp.float32)
+  triad = jax.jit(lambda a, b: a + jnp.float32(1e-3) * b, donate_argnums=0)
+  box = [a]
+
+  def run():
+    box[0] = triad(box[0], b)
+    box[0].block_until_ready()
+
+  c = Contender("triad (a += s*b)", run, None, n)
+  c.bytes_per_elem = TRIAD_BYTES
+  return c
+
+
+# -------------------------------------------------------------- torch contenders
+
+
+def _torch_device():
+  if torch is None:
+    return None
+  if jax.default_backend() == "cpu":
+    return "cpu"
+  return "cuda" if torch.cuda.is_available() else None  # never compare a GPU with torch on CPU
+
+
+def _torch_sync(device):
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def _torch_opt_contenders(shapes, seed=0):
+  device = _torch_device()
+  if device is None:
+    return []
+  gen = torch.Generator().manual_seed(seed)
+  params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float32, device=device)) for s in shapes]
+  for p in params:
+    p.grad = torch.randn(p.shape, generator=gen).to(device)
+  n = sum(p.numel() for p in params)
+  out = []
+  for label, kwargs in (("foreach=False", {"foreach": False}), ("foreach=True", {"foreach": True}),
+                        ("fused=True", {"fused": True})):
+    try:
+      opt = torch.optim.Adam(params, lr=1e-3, **kwargs)
+      opt.step()
+    except (RuntimeError, ValueError) as e:  # fused unsupported on this device/build
+      print(f"  (torch Adam {label} skipped: {e})")
+      continue
+    state_bytes = sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
+
+    def run(opt=opt):
+      opt.step()
+      _torch_sync(device)
+
+    out.append(Contender(f"torch Adam {label}", run, state_bytes / n, n))
+  return out
+
+
+# ------------------------------------------------------------------- workloads
+
+
+def tree_shapes(blocks: int) -> list[tuple[int, ...]]:
+  """Ten leaves a block, shaped like a small MLP/attention block: about 99K parameters a block."""
+  block = [(128, 256), (256,), (256, 128), (128,), (96, 128), (128,), (128,), (128,), (128, 160), (160,)]
+  return [s for _ in range(blocks) for s in block]
+
+
+def _optimizer_workload(shapes, with_torch=True, bf16=True):
+  key = jax.random.key(0)
+  keys = jax.random.split(key, len(shapes))
+  grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+  params = [jnp.zeros(s, jnp.float32) for s in shapes]
+  if len(shapes) == 1:
+    grads, params = grads[0], params[0]
+  contenders = [
+      _jax_opt_contender("jadam.adam", jadam.adam(1e-3), params, grads),
+      _jax_opt_contender("optax.adam", optax.adam(1e-3), params, grads),
+  ]
+  if bf16:
+    contenders.append(_jax_opt_contender(
+        "jadam.adam bf16 moments", jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), params, grads))
+  if with_torch:
+    contenders += _torch_opt_contenders(shapes)
+  return contenders
+
+
+# ------------------------------------------------------------------ MNIST CNN
+
+
+def _cnn_contenders(batch: int, with_torch=True):
+  """Flax's MNIST CNN: a full train step (forward, backward, update), batch of `batch`."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+
+  class CNN(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(32, (3, 3))(x))
+      x = nn.avg_pool(x, (2, 2), (2, 2))
+      x = nn.relu(nn.Conv(64, (3, 3))(x))
+      x = nn.avg_pool(x, (2, 2), (2, 2))
+      x = x.reshape((x.shape[0], -1))
+      x = nn.relu(nn.Dense(256)(x))
+      return nn.Dense(10)(x)
+
+  model = CNN()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((batch, 28, 28, 1), np.float32))
+  y = jnp.asarray(rng.integers(0, 10, batch))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  n = sum(p.size for p in jax.tree.leaves(params))
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  out = []
+  for name, tx in (("jadam.adam", jadam.adam(1e-3)), ("optax.adam", optax.adam(1e-3))):
+    step = jadam.make_train_step(loss_fn, tx)
+    box = [jax.tree.map(jnp.array, params), None]
+    box[1] = tx.init(box[0])
+    state_bytes = sum(v.nbytes for v in jax.tree.leaves(box[1]) if jnp.ndim(v) > 0)
+
+    def run(step=step, box=box):
+      box[0], box[1], loss = step(box[0], box[1], x, y)
+      loss.block_until_ready()
+
+    out.append(Contender(name, run, state_bytes / n, n))
+
+  device = _torch_device() if with_torch else None
+  if device is not None:
+    tnn = torch.nn
+    net = tnn.Sequential(
+        tnn.Conv2d(1, 32, 3, padding=1), tnn.ReLU(), tnn.AvgPool2d(2),
+        tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.AvgPool2d(2),
+        tnn.Flatten(), tnn.Linear(64 * 7 * 7, 256), tnn.ReLU(), tnn.Linear(256, 10),
+    ).to(device)
+    tx_ = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().to(device)
+    ty = torch.from_numpy(np.array(y)).long().to(device)
+    for label, kwargs in (("foreach=True", {"foreach": True}), ("fused=True", {"fused": True})):
+      try:
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, **kwargs)
+      except (RuntimeError, ValueError) as e:
+        print(f"  (torch Adam {label} skipped: {e})")
+        continue
+
+      def run(opt=opt):
+        opt.zero_grad(set_to_none=True)
+        loss = tnn.functional.cross_entropy(net(tx_), ty)
+        loss.backward()
+        opt.step()
+        _torch_sync(device)
+
+      run()
+      state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                        if torch.is_tensor(t) and t.dim() > 0)
+      out.append(Contender(f"torch Adam {label}", run, state_bytes / n, n))
+  return out, n
+
+
+# --------------------------------------------------------------------- timing
+
+
+def measure(contenders: list[Contender], steps: int, per_round: int = 2, warmup: int = 2) -> None:
+  """Times each contender `steps` times, `per_round` steps at a time, rotating the order each round."""
+  for c in contenders:
+    for _ in range(warmup):
+      c.run()
+  rounds = -(-steps // per_round)
+  for r in range(rounds):
+    order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+    for c in order:
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        c.run()
+        c.times.append(time.perf_counter() - t0)
+
+
+def table(title: str, contenders: list[Contender], triad_gbs: float | None, *, optimizer_only=True) -> str:
+  ref = {c.name: np.median(c.times) for c in contenders}
+  lines = [f"\n### {title}\n"]
+  head = "| contender | median ms | min-max ms | IQR ms |"
+  if optimizer_only:
+    head += " GB/s @28B/param | of triad BW |"
+  head += " vs optax | vs torch fused | state B/param |"
+  lines.append(head)
+  lines.append("|" + "---|" * (head.count("|") - 1))
+  for c in contenders:
+    t = np.asarray(c.times) * 1e3
+    med = np.median(t)
+    row = f"| {c.name} | {med:.3f} | {t.min():.3f}-{t.max():.3f} | {np.percentile(t, 75) - np.percentile(t, 25):.3f} |"
+    if optimizer_only:
+      gbs = BYTES_PER_PARAM * c.n_params / (med * 1e-3) / 1e9
+      row += f" {gbs:.1f} | {gbs / triad_gbs:.0%} |" if triad_gbs else f" {gbs:.1f} | - |"
+    vs = lambda other: f"{med / (ref[other] * 1e3):.2f}" if other in ref else "-"
+    row += f" {vs('optax.adam')} | {vs('torch Adam fused=True')} |"
+    row += f" {c.state_bytes:.2f} |" if c.state_bytes is not None else " - |"
+    lines.append(row)
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run")
+  parser.add_argument("--sizes", default="1e6,1e7,5e7", help="flat-vector sizes, comma-separated")
+  parser.add_argument("--tree-blocks", type=int, default=200, help="10 leaves a block (200: 2,000 leaves, ~20M)")
+  parser.add_argument("--steps", type=int, default=24, help="timed steps per contender")
+  parser.add_argument("--cnn-batch", type=int, default=128)
+  parser.add_argument("--triad-size", type=float, default=1e8)
+  parser.add_argument("--only", default="vector,tree,cnn", help="workloads to run")
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.sizes, args.tree_blocks, args.steps, args.cnn_batch, args.triad_size = "1e4,1e5", 3, 4, 8, 1e6
+  with_torch = torch is not None and not args.no_torch
+  if with_torch:
+    torch.set_num_threads(os.cpu_count() or 1)
+
+  dev = jax.devices()[0]
+  print(f"# jadam step-time benchmark\n\njax {jax.__version__} on {dev.platform}: {dev.device_kind}; "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
+  if with_torch:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {_torch_device()}")
+  print(f"steps per contender: {args.steps} (interleaved rounds); triad on {int(args.triad_size):,} float32\n")
+
+  workloads = args.only.split(",")
+  triad = _triad(int(args.triad_size))
+  measure([triad], 8)  # the first number, before anything else is in memory
+
+  if "vector" in workloads:
+    for size in args.sizes.split(","):
+      n = int(float(size))
+      cs = _optimizer_workload([(n,)], with_torch)
+      triad.times = []
+      measure(cs + [triad], args.steps)
+      bw = TRIAD_BYTES * triad.n_params / np.median(triad.times) / 1e9
+      print(table(f"flat vector, {n:,} float32 parameters (triad {bw:.1f} GB/s)", cs, bw))
+      del cs
+  if "tree" in workloads:
+    shapes = tree_shapes(args.tree_blocks)
+    cs = _optimizer_workload(shapes, with_torch)
+    triad.times = []
+    measure(cs + [triad], args.steps)
+    bw = TRIAD_BYTES * triad.n_params / np.median(triad.times) / 1e9
+    print(table(f"{len(shapes):,}-leaf tree, {cs[0].n_params:,} float32 parameters (triad {bw:.1f} GB/s)", cs, bw))
+    del cs
+  if "cnn" in workloads:
+    cs, n = _cnn_contenders(args.cnn_batch, with_torch)
+    measure(cs, args.steps)
+    print(table(f"MNIST CNN train step (forward + backward + update), batch {args.cnn_batch}, {n:,} parameters",
+                cs, None, optimizer_only=False))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,30 @@
+"""The benchmark scripts run (tiny sizes), so they do not rot; their numbers are not checked here."""
+
+import jax
+import pytest
+
+from benchmarks import memory, step_time
+
+
+def test_step_time_quick(capsys):
+  with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it; the benchmark runs without conftest
+    step_time.main(["--quick", "--no-torch", "--steps", "2"])
+  out = capsys.readouterr().out
+  for title in ("flat vector, 10,000", "30-leaf tree", "MNIST CNN"):
+    assert title in out
+  assert "| jadam.adam |" in out and "| optax.adam |" in out
+
+
+def test_step_time_quick_with_torch(capsys):
+  pytest.importorskip("torch")
+  with jax.numpy_dtype_promotion("standard"):
+    step_time.main(["--quick", "--steps", "1", "--only", "vector", "--sizes", "1e3"])
+  assert "| torch Adam fused=True |" in capsys.readouterr().out
+
+
+def test_memory_one():
+  with jax.numpy_dtype_promotion("standard"):
+    fp32 = memory.measure_one("jadam.adam", 1 << 16, steps=1)
+    bf16 = memory.measure_one("jadam.adam bf16 moments", 1 << 16, steps=1)
+  assert fp32["state_bytes_per_param"] == 8 and bf16["state_bytes_per_param"] == 4
+  assert bf16["compiled_bytes"] < fp32["compiled_bytes"]

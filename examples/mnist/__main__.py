@@ -1,7 +1,8 @@
 """``python -m examples.mnist``: train Flax's MNIST CNN with jadam.
 
 Examples:
-  python -m examples.mnist                                   # jadam.adam(1e-3), NNX
+  python -m examples.mnist                                   # jadam.adam, lr 1e-3 cosine-decayed, NNX
+  python -m examples.mnist --lr-schedule constant            # jadam.adam(1e-3) as it is
   python -m examples.mnist --api linen --epochs 1
   python -m examples.mnist --optimizer adamw --lr 3e-3 --weight-decay 1e-2
   python -m examples.mnist --optimizer sgd --lr 0.1 --momentum 0.9
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
     p.add_argument("--lr", "--learning-rate", type=float, default=None,
                    help="learning rate (default: 1e-3 for adam; else the optimizer's own)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=base.lr_schedule,
-                   help="constant (default), or cosine decay to 0 over --epochs")
+                   help="cosine decay from --lr to 0 over --epochs (default), or constant")
     hp = p.add_argument_group("optimizer hyperparameters (only those given are passed)")
     hp.add_argument("--b1", type=float)
     hp.add_argument("--b2", type=float)

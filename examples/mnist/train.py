@@ -65,6 +65,16 @@ def optimizer_names() -> list[str]:
     return names
 
 
+def default_learning_rate(name: str) -> float | None:
+    """The default ``learning_rate`` (or ``lr``) of optimizer ``name``, if it has a number for one."""
+    if name not in optimizer_names():
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(optimizer_names())}")
+    fn = next(getattr(s, name) for s in _optimizer_namespaces() if hasattr(s, name))
+    params = inspect.signature(fn).parameters
+    default = next((params[p].default for p in ("learning_rate", "lr") if p in params), None)
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
+
 def make_optimizer(
     name: str, learning_rate: float | None = None, hyperparameters: dict[str, Any] | None = None
 ) -> optax.GradientTransformation:
@@ -343,8 +353,10 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
 
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
+        if learning_rate is None:  # the optimizer's own default is the peak
+            learning_rate = default_learning_rate(config.optimizer)
         if learning_rate is None:
-            raise ValueError("--lr-schedule cosine needs --lr")
+            raise ValueError(f"--lr-schedule cosine needs --lr: {config.optimizer} has no default learning rate")
         learning_rate = cosine_schedule(learning_rate, config.epochs * (len(train_data) // config.batch_size))
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {config.lr_schedule!r}")
@@ -363,6 +375,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         state, history = _restore(manager, latest, state)
         start = latest
         print(f"resumed from epoch {latest} in {workdir / 'checkpoints'}", flush=True)
+        if config.lr_schedule == "cosine":
+            print(f"(the cosine spans --epochs {config.epochs}: the same curve only if the first run had it too)", flush=True)
 
     print(
         f"MNIST ({source.origin}: {len(train_data)} train / {len(test_data)} test images"

@@ -1,6 +1,7 @@
 """Tests of the MNIST example: smoke runs, resume, and jadam against optax.adam."""
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -59,9 +60,12 @@ def test_one_epoch_smoke(tmp_path, api, capsys):
 
 @pytest.mark.parametrize("api", ["nnx", "linen"])
 def test_resume_reaches_the_same_parameters(tmp_path, api):
-    straight = train.train_and_evaluate(_config(api=api, epochs=2), tmp_path / "straight")
-    train.train_and_evaluate(_config(api=api, epochs=1), tmp_path / "split")
-    resumed = train.train_and_evaluate(_config(api=api, epochs=2, resume=True), tmp_path / "split")
+    # A run extended from 1 to 2 epochs: only a constant rate is the same curve
+    # whatever --epochs says (the cosine spans the run; see the next test).
+    config = functools.partial(_config, api=api, lr_schedule="constant")
+    straight = train.train_and_evaluate(config(epochs=2), tmp_path / "straight")
+    train.train_and_evaluate(config(epochs=1), tmp_path / "split")
+    resumed = train.train_and_evaluate(config(epochs=2, resume=True), tmp_path / "split")
     # Parameters and optimizer state, bit for bit.
     for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"]), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -87,6 +91,17 @@ def test_cosine_schedule():
     np.testing.assert_allclose(float(schedule(0)), 1e-3)
     np.testing.assert_allclose(float(schedule(50)), 5e-4, rtol=1e-6)
     assert float(schedule(100)) == float(schedule(200)) < 1e-12
+
+
+def test_default_is_a_cosine_from_1e_3_and_other_optimizers_peak_at_their_own_rate(tmp_path):
+    config = default.get_config()
+    assert (config.optimizer, config.learning_rate, config.lr_schedule) == ("adam", 1e-3, "cosine")
+    assert train.default_learning_rate("rmsprop") == 1e-2 and train.default_learning_rate("Adam") == 1e-3
+    # no --lr: the cosine starts from the optimizer's own default instead of failing
+    out = train.train_and_evaluate(_config(optimizer="rmsprop", learning_rate=None, epochs=1, plot=False), tmp_path)
+    assert np.isfinite(out["history"][0]["train_loss"])
+    config, _ = cli.parse_args(["--lr-schedule", "constant"])
+    assert config.lr_schedule == "constant" and config.learning_rate == 1e-3
 
 
 def test_existing_checkpoints_need_resume(tmp_path):

@@ -13,9 +13,11 @@ class Config:
     api: str = "nnx"  # "nnx" or "linen"
     optimizer: str = "adam"  # a jadam alias, or a jadam.torch front door
     learning_rate: float | None = 1e-3  # None: the optimizer's own default
-    # "constant", or "cosine": from learning_rate down to 0 over all the epochs'
-    # steps (change --epochs and a resumed run follows another curve).
-    lr_schedule: str = "constant"
+    # "cosine" (the default): from learning_rate down to 0 over all the epochs'
+    # steps, as optax.cosine_decay_schedule (change --epochs and a resumed run
+    # follows another curve); or "constant". With the cosine, 3 epochs reach
+    # 99.02-99.17% on 6 runs; constant, 98.96-99.12% (README).
+    lr_schedule: str = "cosine"
     # Other hyperparameters by the optimizer's own argument names, e.g.
     # {"weight_decay": 1e-2} or, for a torch front door, {"betas": (0.9, 0.99)}.
     # b1 and b2 are also accepted where the optimizer takes betas.
@@ -36,5 +38,5 @@ class Config:
 
 
 def get_config() -> Config:
-    """The defaults: jadam.adam(1e-3), batch 128, 3 epochs, NNX."""
+    """The defaults: jadam.adam with a cosine decay from 1e-3, batch 128, 3 epochs, NNX."""
     return Config()

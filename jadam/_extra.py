@@ -132,9 +132,16 @@ def normalize_inf() -> optax.GradientTransformation:
 
 
 def _power(b: jax.typing.ArrayLike, exponent: jax.Array) -> jax.Array:
-  """:math:`b^x` as :math:`\\exp(x \\log b)`, with :math:`\\log b` in double on the host for a float `b`."""
+  """:math:`b^x` as :math:`\\exp(x \\log b)`, with :math:`\\log b` in double on the host for a float `b`.
+
+  :math:`b = 0` (a valid :math:`\\beta_2`) gives :math:`\\log b = -\\infty` and :math:`0^x = 0` for the
+  exponents :math:`x > 0` used here; `math.log(0)` would raise.
+  """
   dtype = _common.float_dtype()
-  log_b = math.log(b) if isinstance(b, numbers.Number) else jnp.log(jnp.asarray(b).astype(dtype))
+  if isinstance(b, numbers.Number):
+    log_b = math.log(b) if b > 0 else -math.inf
+  else:
+    log_b = jnp.log(jnp.asarray(b).astype(dtype))
   return jnp.exp(exponent.astype(dtype) * log_b)
 
 

@@ -54,7 +54,6 @@ OPTIMIZERS = {
     "torch_adamw_groups_cosine": lambda: jadam.torch.AdamW(
         [{"params": "b", "lr": 1e-3, "weight_decay": 0.0}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=STEPS)
     ),
-    "torch_sgd_onecycle": lambda: jadam.torch.SGD(lr=jadam.torch.OneCycleLR(0.1, total_steps=STEPS), momentum=0.9),
     "torch_adam_plateau": lambda: jadam.torch.Adam(lr=jadam.torch.ReduceLROnPlateau(1e-2, patience=2), amsgrad=True),
     "keras_adam": lambda: jadam.keras.Adam(1e-2, amsgrad=True, weight_decay=0.01),
     "inject_hyperparams_schedule": lambda: optax.inject_hyperparams(jadam.adam, hyperparam_dtype=jnp.float32)(

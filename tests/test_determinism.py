@@ -87,7 +87,7 @@ def test_two_eager_runs_are_bitwise_identical():
 
 
 def test_a_new_process_gives_the_same_bits():
-  chosen = {k: OPTIMIZERS[k] for k in ("adam", "adam_bf16_moments", "torch_adamw_groups")}
+  chosen = {k: OPTIMIZERS[k] for k in ("adam_bf16_moments", "torch_adamw_groups")}
   child = PROGRAM + textwrap.dedent(f"""
       import hashlib, numpy as np, optax
       from _bits import bits

@@ -58,7 +58,7 @@ def _inject(grads, rng):
   return {**grads, key: jnp.asarray(leaf, grads[key].dtype)}
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_nonfinite_steps_are_skipped_exactly(name, seed):
   rng = np.random.default_rng(seed)

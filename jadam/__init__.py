@@ -11,6 +11,8 @@ from jadam._alias import adam as adam
 from jadam._alias import adamw as adamw
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
+from jadam._checkpoint import restore_state as restore_state
+from jadam._checkpoint import save_state as save_state
 from jadam._extra import DecoupledDecayState as DecoupledDecayState
 from jadam._extra import NesterovCorrectState as NesterovCorrectState
 from jadam._extra import ScaleByInfMomentsState as ScaleByInfMomentsState
@@ -79,7 +81,9 @@ __all__ = (
     "normalize_inf",
     "radam",
     "rectify",
+    "restore_state",
     "rmsprop",
+    "save_state",
     "scale_by_inf_moments",
     "scale_by_lr",
     "scale_by_moments",

@@ -27,9 +27,7 @@ def _is_zero(value: Any) -> bool:
   return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
 
 
-def _check_flag(name: str, value: Any) -> None:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}.")
+_check_flag = _common.check_flag
 
 
 def _front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:

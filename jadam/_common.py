@@ -86,10 +86,82 @@ def check_hyperparameter(
     return
   too_low = x <= low if low_open else x < low
   too_high = x >= high if high_open else x > high
-  if math.isnan(x) or too_low or too_high:
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
+  # No hyperparameter means anything at infinity: an infinite rate or eps is a NaN update later.
+  if not math.isfinite(x) or too_low or too_high:
+    lo = "(" if low_open or low == -math.inf else "["
+    hi = ")" if high_open or high == math.inf else "]"
     raise ValueError(f"Invalid {name}: {x!r}; it must lie in {lo}{low}, {high}{hi}.")
+
+
+def check_flag(name: str, value: Any) -> None:
+  """Raises a `TypeError` unless `value` is a bool (flags choose the chain in Python: 1 or "yes" would pass silently)."""
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}.")
+
+
+def check_state(stage: str, state: Any, cls: type) -> None:
+  """Raises a `TypeError` unless `state` is the `cls` that `stage`'s init returns.
+
+  Two optimizers with as many stages give states that `optax.chain` accepts
+  for each other, and a moment read under another's meaning would go unseen.
+  """
+  if not isinstance(state, cls):
+    raise TypeError(
+        f"{stage} expects its state to be the {cls.__name__} that its init returns, but received"
+        f" {type(state).__name__}. Was the state made by another optimizer's init?"
+    )
+
+
+def _aval(x: Any) -> str:
+  """`float32[3,4]`, as jax prints an abstract value."""
+  if x is None:
+    return "None"
+  dtype = getattr(x, "dtype", None)
+  return f"{dtype if dtype is not None else type(x).__name__}[{','.join(map(str, np.shape(x)))}]"
+
+
+def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> None:
+  """Raises a `ValueError` unless `other` is a tree of the structure and shapes of `updates`.
+
+  `other` is what `stage` maps together with the updates: a moment of its
+  state or the parameters. Without this, a tree of other parameters fails deep
+  inside `jax.tree.map` (which says neither which stage nor which trees), and
+  a leaf of another shape that broadcasts silently changes the state's shape.
+  Only structures and shapes are read, so it costs nothing under `jit`. A
+  `None` update (a frozen leaf) may stand for any leaf of `other`.
+
+  Args:
+    stage: the stage's name, for the message.
+    updates: the updates the stage received.
+    name: what `other` is, e.g. "the state's nu" or "the params".
+    other: the tree to compare.
+    hint: what the user should check, appended to the message.
+  """
+  is_none = lambda x: x is None
+  mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
+  theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_none)
+  if mine_def == theirs_def:
+    for (path, u), (_, o) in zip(mine, theirs):
+      if u is not None and (o is None or np.shape(u) != np.shape(o)):
+        raise ValueError(
+            f"{stage}: the updates and {name} differ at {jax.tree_util.keystr(path)}: the updates have"
+            f" {_aval(u)}, {name} {_aval(o)}. {hint}"
+        )
+    return
+  mine_paths = [jax.tree_util.keystr(p) for p, _ in mine]
+  theirs_paths = [jax.tree_util.keystr(p) for p, _ in theirs]
+  extra = [p for p in mine_paths if p not in set(theirs_paths)]
+  missing = [p for p in theirs_paths if p not in set(mine_paths)]
+  found = ([f"{extra[0]} is in the updates but not in {name}"] if extra else []) + (
+      [f"{missing[0]} is in {name} but not in the updates"] if missing else []
+  )
+  if not found:
+    found = [f"their containers differ ({mine_def} vs {theirs_def})"]
+  raise ValueError(f"{stage}: the updates and {name} are different trees: {'; '.join(found)}. {hint}")
+
+
+STATE_HINT = "Was the state made by this optimizer's init for these parameters?"
+PARAMS_HINT = "Pass update(grads, state, params) the parameters that the gradients are for."
 
 
 def as_schedule(value: optax.ScalarOrSchedule) -> Schedule:

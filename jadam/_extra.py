@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _common, _moments
-from jadam._alias import _check_flag, _front, _is_zero
+from jadam._alias import _front, _is_zero
+from jadam._common import check_flag as _check_flag
 from jadam._moments import Moments, bias_correct, scale_by_moments
 from jadam._scale import normalize, scale_by_lr
 
@@ -68,6 +69,7 @@ def scale_by_inf_moments(
   _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _moments._check_dtype("mu_dtype", mu_dtype)
   b1_fn, b2_fn, eps_fn = _common.as_schedule(b1), _common.as_schedule(b2), _common.as_schedule(eps)
 
   def init_fn(params):
@@ -80,6 +82,8 @@ def scale_by_inf_moments(
   def update_fn(updates, state, params=None):
     del params
     _moments.expect_updates(updates, "jadam.scale_by_inf_moments")
+    _common.check_state("jadam.scale_by_inf_moments", state, ScaleByInfMomentsState)
+    _common.check_tree("jadam.scale_by_inf_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
     beta1, beta2, e = b1_fn(state.count), b2_fn(state.count), eps_fn(state.count)
     mu = _moments._ema(updates, state.mu, beta1, square=False)
 
@@ -128,9 +132,16 @@ def normalize_inf() -> optax.GradientTransformation:
 
 
 def _power(b: jax.typing.ArrayLike, exponent: jax.Array) -> jax.Array:
-  """:math:`b^x` as :math:`\\exp(x \\log b)`, with :math:`\\log b` in double on the host for a float `b`."""
+  """:math:`b^x` as :math:`\\exp(x \\log b)`, with :math:`\\log b` in double on the host for a float `b`.
+
+  :math:`b = 0` (a valid :math:`\\beta_2`) gives :math:`\\log b = -\\infty` and :math:`0^x = 0` for the
+  exponents :math:`x > 0` used here; `math.log(0)` would raise.
+  """
   dtype = _common.float_dtype()
-  log_b = math.log(b) if isinstance(b, numbers.Number) else jnp.log(jnp.asarray(b).astype(dtype))
+  if isinstance(b, numbers.Number):
+    log_b = math.log(b) if b > 0 else -math.inf
+  else:
+    log_b = jnp.log(jnp.asarray(b).astype(dtype))
   return jnp.exp(exponent.astype(dtype) * log_b)
 
 
@@ -179,6 +190,7 @@ def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.Gra
   def update_fn(updates, state, params=None):
     del params
     moments = _moments.expect_moments(updates, "jadam.nesterov_correct")
+    _common.check_state("jadam.nesterov_correct", state, NesterovCorrectState)
     if moments.bias_corrected:
       raise TypeError("jadam.nesterov_correct replaces jadam.bias_correct; use one of them.")
     dtype = _common.float_dtype()
@@ -313,6 +325,8 @@ def decoupled_decay(
     _moments.expect_updates(updates, "jadam.decoupled_decay")
     if params is None:
       raise ValueError("jadam.decoupled_decay needs the parameters: call update(grads, state, params).")
+    _common.check_state("jadam.decoupled_decay", state, DecoupledDecayState)
+    _common.check_tree("jadam.decoupled_decay", updates, "the params", params, _common.PARAMS_HINT)
     lr, wd = lr_fn(state.count), wd_fn(state.count)
     if isinstance(lr, numbers.Number) and isinstance(wd, numbers.Number):
       factor = 1.0 - lr * wd  # in double, as PyTorch

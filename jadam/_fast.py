@@ -28,6 +28,12 @@ import jax
 import optax
 
 
+def _check_tx(tx: Any) -> None:
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    called = " (the factory: call it, e.g. jadam.adam(1e-3))" if callable(tx) else ""
+    raise TypeError(f"tx must be an optax.GradientTransformation; got {tx!r}{called}.")
+
+
 def update_and_apply(
     tx: optax.GradientTransformation,
     grads: optax.Updates,
@@ -61,6 +67,7 @@ def update_and_apply(
     >>> params["w"]
     Array([0.999, 0.999, 0.999], dtype=float32)
   """
+  _check_tx(tx)
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 
@@ -89,6 +96,7 @@ def make_update_step(tx: optax.GradientTransformation, *, donate: bool = True) -
     >>> params["w"]
     Array([0.999, 0.999, 0.999], dtype=float32)
   """
+  _check_tx(tx)
 
   def step(params, state, grads):
     return update_and_apply(tx, grads, state, params)
@@ -122,6 +130,7 @@ def make_train_step(
   Returns:
     The jitted step function.
   """
+  _check_tx(tx)
   if not isinstance(has_aux, bool):
     raise TypeError(f"has_aux must be a bool; got {has_aux!r}.")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)

@@ -51,8 +51,9 @@ def expect_updates(updates: Any, stage: str) -> None:
   """Raises a `TypeError` if `updates` are :class:`Moments`, not a parameter-shaped tree."""
   if isinstance(updates, Moments):
     raise TypeError(
-        f"{stage} expects parameter-shaped updates but received jadam.Moments."
-        f" Put jadam.normalize(...) between jadam.scale_by_moments and {stage}."
+        f"{stage} expects parameter-shaped updates but received jadam.Moments, which only the stages"
+        " between jadam.scale_by_moments and jadam.normalize take. Put jadam.normalize(...) (or"
+        f" another stage that divides the moments) before {stage}."
     )
 
 
@@ -73,7 +74,13 @@ def _zeros(params: optax.Params, dtype: Dtype | None, *, widen: bool) -> optax.P
 
 
 def _check_dtype(name: str, dtype: Dtype | None) -> None:
-  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+  if dtype is None:
+    return
+  try:
+    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:  # numpy's "data type 'foo' not understood" names no argument
+    floating = False
+  if not floating:
     raise TypeError(f"{name} must be a floating dtype or None; got {dtype!r}.")
 
 
@@ -142,6 +149,8 @@ def scale_by_moments(
   def update_fn(updates, state, params=None):
     del params
     expect_updates(updates, "jadam.scale_by_moments")
+    _common.check_state("jadam.scale_by_moments", state, ScaleByMomentsState)
+    _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
     beta2 = b2_fn(state.count)  # step t reads the schedule at t - 1, as optax does
     nu = _ema(updates, state.nu, beta2, square=True)
     if b1_fn is None:
@@ -229,6 +238,8 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     moments = expect_moments(updates, "jadam.max_nu")
+    _common.check_state("jadam.max_nu", state, MaxNuState)
+    _common.check_tree("jadam.max_nu", moments.nu, "the state's nu_max", state.nu_max, _common.STATE_HINT)
     nu = _common.tree_map_float(lambda v, s: jnp.maximum(v, s.astype(v.dtype)), moments.nu, state.nu_max)
     nu_max = _common.tree_map_float(lambda v, s: v.astype(s.dtype), nu, state.nu_max, keep=1)
     return moments._replace(nu=nu), MaxNuState(nu_max=nu_max)
@@ -261,6 +272,8 @@ def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
     An :class:`optax.GradientTransformation` from :class:`Moments` to
     :class:`Moments`; stateless.
   """
+
+  _common.check_flag("into_step", into_step)
 
   def init_fn(params):
     del params
@@ -361,6 +374,9 @@ def accumulate_squares(
   def update_fn(updates, state, params=None):
     del params
     expect_updates(updates, "jadam.accumulate_squares")
+    _common.check_state("jadam.accumulate_squares", state, AccumulateSquaresState)
+    _common.check_tree("jadam.accumulate_squares", updates, "the state's sum_of_squares", state.sum_of_squares,
+                       _common.STATE_HINT)
 
     def add(g, s):
       g = g.astype(_common.compute_dtype(g.dtype))

@@ -55,6 +55,8 @@ def add_l2(
       raise ValueError(
           "jadam.add_l2 needs the parameters: call update(grads, state, params)."
       )
+    _common.check_state("jadam.add_l2", state, AddL2State)
+    _common.check_tree("jadam.add_l2", updates, "the params", params, _common.PARAMS_HINT)
     wd = wd_fn(state.count)
 
     def add(g, p):

@@ -90,6 +90,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
   def update_fn(updates, state, params=None):
     del params
     _moments.expect_updates(updates, "jadam.scale_by_lr")
+    _common.check_state("jadam.scale_by_lr", state, ScaleByLrState)
     lr = lr_fn(state.count)
 
     def scale(u):
@@ -141,8 +142,8 @@ def momentum(
   """
   _common.check_hyperparameter("momentum", decay, low=0.0, high=1.0)
   _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
-  if not isinstance(nesterov, bool):
-    raise TypeError(f"nesterov must be a bool; got {nesterov!r}.")
+  _common.check_flag("nesterov", nesterov)
+  _moments._check_dtype("accumulator_dtype", accumulator_dtype)
   if nesterov and _common._concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
   decay_fn, damp_fn = _common.as_schedule(decay), _common.as_schedule(dampening)
@@ -156,6 +157,8 @@ def momentum(
   def update_fn(updates, state, params=None):
     del params
     _moments.expect_updates(updates, "jadam.momentum")
+    _common.check_state("jadam.momentum", state, MomentumState)
+    _common.check_tree("jadam.momentum", updates, "the state's trace", state.trace, _common.STATE_HINT)
     mu, tau = decay_fn(state.count), damp_fn(state.count)
     first = state.count == 0
 

@@ -60,6 +60,8 @@ def scale_by_keras_moments(
   def update_fn(updates, state, params=None):
     del params
     _moments.expect_updates(updates, "jadam.keras.scale_by_keras_moments")
+    _common.check_state("jadam.keras.scale_by_keras_moments", state, KerasMomentsState)
+    _common.check_tree("jadam.keras.scale_by_keras_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
     b1, b2 = b1_fn(state.count), b2_fn(state.count)
 
     def step(decay, square):
@@ -121,6 +123,7 @@ def keras_step(
   def update_fn(updates, state, params=None):
     del params
     moments = _moments.expect_moments(updates, "jadam.keras.keras_step")
+    _common.check_state("jadam.keras.keras_step", state, KerasStepState)
     if moments.bias_corrected:
       raise TypeError("jadam.keras.keras_step corrects the moments itself; remove jadam.bias_correct before it.")
     lr, e = lr_fn(state.count), eps_fn(state.count)
@@ -180,6 +183,8 @@ def decay_weights(
     _moments.expect_updates(updates, "jadam.keras.decay_weights")
     if params is None:
       raise ValueError("jadam.keras.decay_weights needs the parameters: call update(grads, state, params).")
+    _common.check_state("jadam.keras.decay_weights", state, DecayWeightsState)
+    _common.check_tree("jadam.keras.decay_weights", updates, "the params", params, _common.PARAMS_HINT)
     wd, lr = wd_fn(state.count), lr_fn(state.count)
 
     def decay(u, p):
@@ -239,8 +244,7 @@ def Adam(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  if not isinstance(amsgrad, bool):
-    raise TypeError(f"amsgrad must be a bool; got {amsgrad!r}.")
+  _common.check_flag("amsgrad", amsgrad)
   if weight_decay is not None:
     _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   decay = [] if weight_decay is None or _is_zero(weight_decay) else [decay_weights(weight_decay, learning_rate)]

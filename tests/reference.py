@@ -17,7 +17,7 @@ def _as64(grads, params):
 
 def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
          weight_decay=0.0, decoupled_weight_decay=0.0, amsgrad=None, maximize=False,
-         keras=False):
+         keras=False, t0=0):
   """Adam and its variants.
 
   amsgrad: None, "torch" (max over raw v, corrected at the current step) or
@@ -27,12 +27,14 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   keras: the correction folded into the step size, eps-hat outside sqrt(v).
   lr, b1, b2, eps, eps_root, weight_decay and decoupled_weight_decay may be
   callables of the step t (1-based) to model schedules read at t - 1.
+  t0: steps taken before the first one here, with zero moments (a count set by
+    hand, to model a very long run): the first step is t = t0 + 1.
   """
   grads, theta = _as64(grads, params)
   f = lambda x, t: x(t - 1) if callable(x) else x
   m = np.zeros_like(theta); v = np.zeros_like(theta); vmax = np.zeros_like(theta)
   out = []
-  for t, g in enumerate(grads, start=1):
+  for t, g in enumerate(grads, start=t0 + 1):
     g = -g if maximize else g
     eps_t, eps_root_t = f(eps, t), f(eps_root, t)
     g = g + f(weight_decay, t) * theta

@@ -16,13 +16,21 @@ import jadam
 PUBLIC = sorted(jadam.__all__)
 # Training-step helpers: functions of (tx, ...), not factories of transformations.
 STEP_HELPERS = {"make_train_step", "make_update_step", "update_and_apply"}
-FACTORIES = [n for n in PUBLIC if inspect.isfunction(getattr(jadam, n)) and n not in STEP_HELPERS]
+# Checkpoint helpers: functions of (directory, tree).
+CHECKPOINT = {"restore_state", "save_state"}
+FACTORIES = [n for n in PUBLIC if inspect.isfunction(getattr(jadam, n)) and n not in STEP_HELPERS | CHECKPOINT]
 
 
 @pytest.mark.parametrize("name", sorted(STEP_HELPERS))
 def test_step_helpers_state_their_contract(name):
   doc = inspect.getdoc(getattr(jadam, name))
   assert doc and "Returns:" in doc and "Args:" in doc
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT))
+def test_checkpoint_helpers_state_their_contract(name):
+  doc = inspect.getdoc(getattr(jadam, name))
+  assert doc and "Args:" in doc and "Raises:" in doc
 
 
 def test_all_is_sorted_and_unique():

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import optax
 
+from jadam import _common
+
 Build = Callable[[dict], optax.GradientTransformation]
 Matcher = Callable[[str, Any], bool]
 
@@ -123,7 +125,15 @@ def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Cal
         )
     return out
 
-  return optax.partition(transforms, labels)
+  tx = optax.partition(transforms, labels)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # optax.partition masks the params with the updates' labels: mismatched trees would fail inside jax.tree.map.
+    if params is not None:
+      _common.check_tree(f"jadam.torch.{name}", updates, "the params", params, _common.PARAMS_HINT)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _looks_like_hyperparameter(x: Any) -> bool:

@@ -39,9 +39,17 @@ def _check_lr(name: str, lr: Any) -> None:
     raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def _check_steps(steps_per_epoch: Any) -> None:
+def _check_steps(steps_per_epoch: Any, name: str = "steps_per_epoch") -> None:
   if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch <= 0:
-    raise ValueError(f"steps_per_epoch must be a positive integer; got {steps_per_epoch!r}.")
+    raise ValueError(f"{name} must be a positive integer; got {steps_per_epoch!r}.")
+
+
+def _check_number(name: str, x: Any, *, positive: bool = False) -> None:
+  """Where PyTorch's scheduler would fail later (a string gamma) or give NaN here (T_max=0): now, by name."""
+  if not _is_number(x):
+    raise TypeError(f"{name} must be a number; got {x!r}.")
+  if positive and not x > 0:
+    raise ValueError(f"{name} must be positive; got {x!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +114,8 @@ class StepLR(LRScheduler):
   def __post_init__(self):
     super().__post_init__()
     _check_lr("lr", self.lr)
+    _check_steps(self.step_size, "step_size")
+    _check_number("gamma", self.gamma)
 
   def _at(self, epoch):
     return self.lr * jnp.power(self.gamma, jnp.floor(epoch / self.step_size))
@@ -129,7 +139,12 @@ class MultiStepLR(LRScheduler):
   def __post_init__(self):
     super().__post_init__()
     _check_lr("lr", self.lr)
-    object.__setattr__(self, "milestones", tuple(sorted(int(m) for m in self.milestones)))
+    _check_number("gamma", self.gamma)
+    if not isinstance(self.milestones, (list, tuple)) or not all(
+        isinstance(m, int) and not isinstance(m, bool) for m in self.milestones
+    ):
+      raise TypeError(f"milestones must be a list of integers (scheduler steps); got {self.milestones!r}.")
+    object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))
 
   def _at(self, epoch):
     if not self.milestones:
@@ -148,6 +163,7 @@ class ExponentialLR(LRScheduler):
   def __post_init__(self):
     super().__post_init__()
     _check_lr("lr", self.lr)
+    _check_number("gamma", self.gamma)
 
   def _at(self, epoch):
     return self.lr * jnp.power(self.gamma, epoch)
@@ -177,6 +193,8 @@ class CosineAnnealingLR(LRScheduler):
   def __post_init__(self):
     super().__post_init__()
     _check_lr("lr", self.lr)
+    _check_number("T_max", self.T_max, positive=True)
+    _check_number("eta_min", self.eta_min)
 
   def _at(self, epoch):
     cos = jnp.cos(math.pi * epoch / self.T_max)
@@ -205,6 +223,9 @@ class LinearLR(LRScheduler):
   def __post_init__(self):
     super().__post_init__()
     _check_lr("lr", self.lr)
+    _check_number("start_factor", self.start_factor)
+    _check_number("end_factor", self.end_factor)
+    _check_steps(self.total_iters, "total_iters")
     if self.start_factor > 1.0 or self.start_factor <= 0:
       raise ValueError("Starting multiplicative factor expected to be greater than 0 and less or equal to 1.")
     if self.end_factor > 1.0 or self.end_factor < 0:
@@ -425,6 +446,7 @@ class ReduceLROnPlateau:
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del params, extra_args
+      _common.check_state("jadam.torch.ReduceLROnPlateau", state, ReduceLROnPlateauState)
       if value is None:
         raise TypeError(
             "ReduceLROnPlateau needs the metric: call update(grads, state, params, value=metric)."

@@ -185,6 +185,14 @@ class FusedStepTest(parameterized.TestCase):
       hlo = jadam.make_update_step(tx).lower(params, tx.init(params), params).as_text()
     assert "jadam_adam" not in hlo
 
+  def test_many_small_leaves_take_the_generic_path(self):
+    tx = jadam.adam(1e-2)
+    for n, size, want in ((300, 64, False), (300, 1 << 16, True), (200, 64, True)):
+      params = [jax.ShapeDtypeStruct((size,), jnp.float32)] * n
+      state = jax.eval_shape(tx.init, params)
+      hlo = jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(params, state, params).as_text()
+      assert ("jadam_adam_f32" in hlo) == want, (n, size)
+
   def test_other_leaves_take_the_generic_path(self):
     tx = jadam.adam(1e-2)
     for params in ({"w": jnp.ones(3), "n": jnp.arange(3)}, {"w": jnp.ones(3, jnp.bfloat16)}):

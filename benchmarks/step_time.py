@@ -4,7 +4,9 @@ r"""Optimizer step time: jadam vs optax vs torch.optim.Adam, against the memory 
     python -m benchmarks.step_time --quick    # tiny sizes, a smoke run
 
 A step is update + apply, float32, with the parameters and the state donated
-(the fast path: `jadam.update_and_apply` in one `jax.jit`). Every contender of
+(the fast path: `jadam.update_and_apply` in one `jax.jit`). jadam runs twice:
+with its fused single-pass CPU kernel (the default of `jadam.make_update_step`)
+and with `fused=False`, the pure-XLA path (three passes on CPU). Every contender of
 a workload is timed in the same process, interleaved in rounds (the order
 rotates each round) so that a noisy neighbour hits them alike. Each row gives
 the median step time and its spread (min-max and IQR), the effective GB/s at
@@ -54,9 +56,9 @@ class Contender:
 # ---------------------------------------------------------------- JAX contenders
 
 
-def _jax_opt_contender(name, tx, params, grads, *, check=None):
+def _jax_opt_contender(name, tx, params, grads, *, check=None, fused=None):
   """Time `tx` in the recommended form: update + apply in one jit, params and state donated."""
-  step = jadam.make_update_step(tx)  # params and state donated, in the outputs' order
+  step = jadam.make_update_step(tx, fused=fused)  # params and state donated, in the outputs' order
   box = [jax.tree.map(jnp.array, params), None]  # own copies: they are donated
   box[1] = tx.init(box[0])
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(box[1]) if jnp.ndim(x) > 0)
@@ -147,7 +149,8 @@ def _optimizer_workload(shapes, with_torch=True, bf16=True):
   if len(shapes) == 1:
     grads, params = grads[0], params[0]
   contenders = [
-      _jax_opt_contender("jadam.adam", jadam.adam(1e-3), params, grads),
+      _jax_opt_contender("jadam.adam (fused kernel)", jadam.adam(1e-3), params, grads),
+      _jax_opt_contender("jadam.adam (XLA)", jadam.adam(1e-3), params, grads, fused=False),
       _jax_opt_contender("optax.adam", optax.adam(1e-3), params, grads),
   ]
   if bf16:

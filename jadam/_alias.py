@@ -8,7 +8,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import optax
 
-from jadam import _common
+from jadam import _common, _fused
 from jadam._moments import accumulate_squares, bias_correct, center, max_nu, scale_by_moments
 from jadam._penalty import add_l2
 from jadam import _scale
@@ -113,14 +113,24 @@ def adam(
     `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
   """
   _check_flag("amsgrad", amsgrad)
-  return optax.chain(
-      *_front(maximize, weight_decay),
+  front = _front(maximize, weight_decay)
+  tx = optax.chain(
+      *front,
       scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
       *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
       bias_correct(),
       normalize(eps, eps_root=eps_root),
       scale_by_lr(learning_rate),
   )
+  if amsgrad or maximize or mu_dtype is not None or nu_dtype is not None:
+    return tx  # the fused CPU step (jadam._fused) covers the plain recipe only
+  l2 = 0 if front else None
+  return _fused.remember(tx, _fused.Recipe(
+      *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
+      weight_decay=_common.as_schedule(weight_decay) if front else None,
+      mode=_fused.COUPLED if front else _fused.PLAIN,
+      n_states=len(front) + 4, moments=len(front), lr=len(front) + 3, l2=l2,
+  ))
 
 
 def adamw(
@@ -178,7 +188,7 @@ def adamw(
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   _check_flag("amsgrad", amsgrad)
-  return optax.chain(
+  tx = optax.chain(
       *_front(maximize, 0.0),
       scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
       *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
@@ -187,6 +197,13 @@ def adamw(
       add_l2(weight_decay, mask=mask),
       scale_by_lr(learning_rate),
   )
+  if amsgrad or maximize or mask is not None or mu_dtype is not None or nu_dtype is not None:
+    return tx  # the fused CPU step (jadam._fused) covers the plain recipe only
+  return _fused.remember(tx, _fused.Recipe(
+      *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
+      weight_decay=_common.as_schedule(weight_decay), mode=_fused.DECOUPLED,
+      n_states=5, moments=0, lr=4, l2=3,
+  ))
 
 
 def rmsprop(

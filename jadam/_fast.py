@@ -18,6 +18,13 @@ moment with the old second moment, and so on; XLA must then copy to avoid
 overwriting what it still reads (4 extra copies, 3-4x slower on CPU). Take the
 donated arguments in the order of the outputs: ``(params, state, ...) ->
 (params, state, ...)``, as the helpers here do.
+
+On CPU, XLA cannot fuse the three results of an Adam step (new m, v and
+parameters) into one loop: it makes three passes, 40 bytes a parameter. For
+:func:`jadam.adam` and :func:`jadam.adamw` in their plain configurations the
+helpers here therefore call a compiled single-pass kernel instead
+(`jadam._fused`), with the same results and the same state; everything else
+takes the generic path.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import Any, Callable
 
 import jax
 import optax
+
+from jadam import _fused
 
 
 def _check_tx(tx: Any) -> None:
@@ -39,19 +48,33 @@ def update_and_apply(
     grads: optax.Updates,
     state: optax.OptState,
     params: optax.Params,
+    *,
+    fused: bool | None = None,
 ) -> tuple[optax.Params, optax.OptState]:
   r"""One optimizer step, :math:`\theta_t = \theta_{t-1} + \Delta\theta_t`, as one traced function.
 
   ``tx.update`` followed by ``optax.apply_updates``: call it inside the same
   `jax.jit` as the gradient, with `params` and `state` donated, so that XLA
   fuses the update into the writes of the new parameters and reuses the old
-  buffers. Any Optax transformation works; nothing here is jadam-specific.
+  buffers. Any Optax transformation works.
+
+  For :func:`jadam.adam` and :func:`jadam.adamw` on CPU (without `amsgrad`,
+  `maximize`, a `mask` or moment dtypes; float32 or float64 leaves) the step is
+  one compiled kernel that reads and writes each buffer once, with the same
+  new parameters and state as ``tx.update`` + ``optax.apply_updates``; under
+  `vmap`, `grad`, `shard_map`, on other backends, or where the kernel cannot
+  be built, the generic path runs.
 
   Args:
     tx: an :class:`optax.GradientTransformation`.
     grads: the gradient, shaped like `params`.
     state: `tx`'s state.
     params: the parameters.
+    fused: None (default) uses the fused kernel where it applies and, inside a
+      `jit`, only when there is a single device (a custom call is not
+      partitioned: sharded inputs would be gathered); True also inside a `jit`
+      on a multi-device host, for callers that know the inputs live on one
+      device; False never.
 
   Returns:
     ``(new_params, new_state)``; each new parameter keeps its dtype.
@@ -68,11 +91,50 @@ def update_and_apply(
     Array([0.999, 0.999, 0.999], dtype=float32)
   """
   _check_tx(tx)
+  if fused is not False:
+    out = _fused.step(tx, grads, state, params, multi_device_ok=bool(fused))
+    if out is not None:
+      return out
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 
 
-def make_update_step(tx: optax.GradientTransformation, *, donate: bool = True) -> Callable[..., Any]:
+class _Step:
+  """A jitted step that takes the fused kernel when its inputs live on one device, else the generic path.
+
+  Both are `jax.jit` functions; `lower` and the other attributes follow the
+  same choice, so ``step.lower(...).compile()`` shows what a call would run.
+  """
+
+  def __init__(self, fused_fn: Callable[..., Any], generic_fn: Callable[..., Any], donate: tuple[int, ...]):
+    self._fused = jax.jit(fused_fn, donate_argnums=donate)
+    self._generic = jax.jit(generic_fn, donate_argnums=donate)
+
+  def _pick(self, args):
+    if jax.device_count() == 1 or all(_fused.single_device(x) for x in jax.tree.leaves(args)):
+      return self._fused
+    return self._generic
+
+  def __call__(self, *args):
+    return self._pick(args)(*args)
+
+  def lower(self, *args, **kwargs):
+    return self._pick(args).lower(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._fused, name)
+
+
+def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
+  donate_argnums = (0, 1) if donate else ()
+  if fused is False or _fused.recipe_of(tx) is None:
+    return jax.jit(make(False), donate_argnums=donate_argnums)
+  return _Step(make(True), make(False), donate_argnums)
+
+
+def make_update_step(
+    tx: optax.GradientTransformation, *, donate: bool = True, fused: bool | None = None
+) -> Callable[..., Any]:
   r"""A jitted ``step(params, state, grads) -> (params, state)``: :func:`update_and_apply`, donated.
 
   For gradients computed elsewhere (accumulated, all-reduced, clipped by hand).
@@ -83,6 +145,9 @@ def make_update_step(tx: optax.GradientTransformation, *, donate: bool = True) -
   Args:
     tx: an :class:`optax.GradientTransformation`.
     donate: donate `params` and `state` (the fast path); set False to keep them.
+    fused: None (default) takes :func:`update_and_apply`'s fused kernel where
+      it applies and every input lives on one device (chosen at each call);
+      False always the generic path.
 
   Returns:
     The jitted step function.
@@ -98,10 +163,13 @@ def make_update_step(tx: optax.GradientTransformation, *, donate: bool = True) -
   """
   _check_tx(tx)
 
-  def step(params, state, grads):
-    return update_and_apply(tx, grads, state, params)
+  def make(use_kernel):
+    def step(params, state, grads):
+      return update_and_apply(tx, grads, state, params, fused=use_kernel)
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return step
+
+  return _jit_step(tx, make, donate, fused)
 
 
 def make_train_step(
@@ -110,6 +178,7 @@ def make_train_step(
     *,
     has_aux: bool = False,
     donate: bool = True,
+    fused: bool | None = None,
 ) -> Callable[..., Any]:
   r"""A jitted ``step(params, state, *batch) -> (params, state, loss[, aux])``.
 
@@ -126,6 +195,7 @@ def make_train_step(
     tx: an :class:`optax.GradientTransformation`.
     has_aux: whether `loss_fn` returns ``(loss, aux)``.
     donate: donate `params` and `state` (the fast path); set False to keep them.
+    fused: as for :func:`make_update_step`.
 
   Returns:
     The jitted step function.
@@ -135,12 +205,15 @@ def make_train_step(
     raise TypeError(f"has_aux must be a bool; got {has_aux!r}.")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-  def step(params, state, *batch):
-    value, grads = grad_fn(params, *batch)
-    params, state = update_and_apply(tx, grads, state, params)
-    if has_aux:
-      loss, aux = value
-      return params, state, loss, aux
-    return params, state, value
+  def make(use_kernel):
+    def step(params, state, *batch):
+      value, grads = grad_fn(params, *batch)
+      params, state = update_and_apply(tx, grads, state, params, fused=use_kernel)
+      if has_aux:
+        loss, aux = value
+        return params, state, loss, aux
+      return params, state, value
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return step
+
+  return _jit_step(tx, make, donate, fused)

@@ -1,0 +1,285 @@
+"""The fused CPU Adam kernel (jadam._fused, jadam/_kernels): the generic path's results, in one pass."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import jadam
+from jadam import _fast, _kernels
+from tests import reference
+
+SIZES = [(0,), (1,), (7,), (1000,), (100003,), (3, 5, 2)]
+
+CONFIGS = {
+    "adam": lambda: jadam.adam(1e-3),
+    "adam_l2": lambda: jadam.adam(1e-2, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2),
+    "adam_eps_root": lambda: jadam.adam(1e-2, eps=1e-7, eps_root=1e-10),
+    "adamw": lambda: jadam.adamw(1e-2),
+    "adamw_array_wd": lambda: jadam.adamw(1e-2, weight_decay=jnp.float32(0.1)),
+    "adam_schedules": lambda: jadam.adam(
+        optax.linear_schedule(1e-2, 1e-3, 20), b1=optax.linear_schedule(0.8, 0.9, 10),
+        b2=lambda count: 0.99 + jnp.float32(9e-4) * jnp.minimum(count, 10).astype(jnp.float32),
+        eps=optax.constant_schedule(1e-7)),
+    "adamw_schedules": lambda: jadam.adamw(
+        optax.linear_schedule(1e-2, 1e-4, 30),
+        weight_decay=lambda count: jnp.float32(0.01) * jnp.minimum(count, 10).astype(jnp.float32)),
+}
+
+
+def _ulps(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  if a.size == 0:
+    return 0
+  ia, ib = a.view(np.int32).astype(np.int64), b.view(np.int32).astype(np.int64)
+  ia = np.where(ia < 0, np.int64(-(2**31)) - ia, ia)  # monotone in the float's value
+  ib = np.where(ib < 0, np.int64(-(2**31)) - ib, ib)
+  return int(np.max(np.abs(ia - ib)))
+
+
+def _assert_close(got, want, prev, ulps=8):
+  """Norm-wise: no element differs by more than `ulps` ulps of the leaf's largest value, before or after.
+
+  XLA's jitted step contracts a * b + c into fused multiply-adds, so where
+  (1 - b1) g + b1 m cancels, elementwise ulps say little.
+  """
+  got, want, prev = np.asarray(got), np.asarray(want), np.asarray(prev)
+  assert got.dtype == want.dtype and got.shape == want.shape
+  if got.size and jnp.issubdtype(got.dtype, jnp.floating):
+    tol = ulps * np.spacing(max(np.max(np.abs(want)), np.max(np.abs(prev))).astype(want.dtype))
+    assert np.max(np.abs(got - want)) <= tol, (np.max(np.abs(got - want)), tol)
+  else:
+    np.testing.assert_array_equal(got, want)
+
+
+def _leaves(shapes, seed=0):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {f"w{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+  if not _kernels.load():
+    pytest.skip(f"the fused kernel is unavailable here: {_kernels._state.get('error')}")
+
+
+def _fused_step(tx):
+  """update_and_apply with the kernel, jitted but not donated, so the inputs can be reused."""
+  return jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True))
+
+
+class FusedStepTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*CONFIGS.items())
+  def test_equals_generic_step_for_step(self, make_tx):
+    tx = make_tx()
+    fused, jitted = _fused_step(tx), jax.jit(functools.partial(_fast.update_and_apply, tx, fused=False))
+    params = _leaves(SIZES)
+    state = tx.init(params)
+    for t in range(50 if self._testMethodName.endswith(("adam", "adamw", "adam_schedules")) else 12):
+      grads = jax.tree.map(lambda p: jnp.sin(3.0 * p + t) * (1.0 + t % 3), params)
+      got, got_state = fused(grads, state, params)
+      updates, want_state = tx.update(grads, state, params)  # eager: op by op
+      want = optax.apply_updates(params, updates)
+      jit_p, jit_state = jitted(grads, state, params)
+      assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
+      chex.assert_trees_all_equal_shapes_and_dtypes(got_state, want_state)
+      # Constant hyperparameters: the eager bits exactly. Schedules: XLA may
+      # fold the scalar arithmetic differently, so an ulp or two.
+      if "schedules" not in self._testMethodName:
+        chex.assert_trees_all_equal((got, got_state), (want, want_state))
+      else:
+        for a, b, c in zip(*(jax.tree.leaves(x) for x in ((got, got_state), (want, want_state), (params, state)))):
+          _assert_close(a, b, c)
+      # against the jitted generic step, which XLA rewrites a little (fusion, folding)
+      for a, b, c in zip(*(jax.tree.leaves(x) for x in ((got, got_state), (jit_p, jit_state), (params, state)))):
+        _assert_close(a, b, c)
+      params, state = got, got_state  # the trajectory continues from the fused step
+
+  def test_update_step_uses_the_kernel_in_place(self):
+    tx = jadam.adam(1e-3)
+    params = _leaves([s for s in SIZES if np.prod(s)])  # (an empty leaf's "copy" is free)
+    hlo = jadam.make_update_step(tx).lower(params, tx.init(params), params).compile().as_text()
+    assert 'custom_call_target="jadam_adam_f32"' in hlo
+    assert " copy(" not in hlo
+    generic = jadam.make_update_step(tx, fused=False).lower(params, tx.init(params), params)
+    assert "jadam_adam" not in generic.compile().as_text()
+
+  def test_update_step_and_train_step_run_the_kernel(self):
+    def loss_fn(params, x):
+      return sum(jnp.sum((p - x) ** 2) for p in jax.tree.leaves(params))
+
+    tx = jadam.adamw(1e-2, weight_decay=1e-3)
+    params = _leaves([(5,), (300, 4)])
+    x = jnp.float32(0.5)
+    for fused in (None, False):
+      train = jadam.make_train_step(loss_fn, tx, fused=fused)
+      assert ("jadam_adam_f32" in train.lower(params, tx.init(params), x).as_text()) == (fused is None)
+    want_p, want_s = jax.tree.map(jnp.array, params), tx.init(params)
+    got_p, got_s = jax.tree.map(jnp.array, params), tx.init(params)
+    fused_train, generic_train = jadam.make_train_step(loss_fn, tx), jadam.make_train_step(loss_fn, tx, fused=False)
+    for _ in range(5):
+      got_p, got_s, got_loss = fused_train(got_p, got_s, x)
+      want_p, want_s, want_loss = generic_train(want_p, want_s, x)
+    for a, b in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((want_p, want_s))):
+      assert a.dtype == b.dtype and a.shape == b.shape
+    chex.assert_trees_all_close((got_p, got_s), (want_p, want_s), rtol=1e-5, atol=1e-7)
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
+
+  def test_traced_hyperparameters(self):
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(fused, lr, b2, wd, params, state, grads):
+      tx = jadam.adam(lr, b2=b2, weight_decay=wd)  # as inside optax.inject_hyperparams
+      return _fast.update_and_apply(tx, grads, state, params, fused=fused)
+
+    params = _leaves([(7,), (1000,)])
+    grads = jax.tree.map(jnp.cos, params)
+    state = jadam.adam(weight_decay=1.0).init(params)
+    hp = (jnp.float32(1e-2), jnp.float32(0.99), jnp.float32(1e-3))
+    assert "jadam_adam_f32" in step.lower(True, *hp, params, state, grads).as_text()
+    got, got_state = step(True, *hp, params, state, grads)
+    want, want_state = step(False, *hp, params, state, grads)
+    for a, b, c in zip(*(jax.tree.leaves(x) for x in ((got, got_state), (want, want_state), (params, state)))):
+      _assert_close(a, b, c)
+
+  def test_inject_hyperparams_takes_the_generic_path_and_works(self):
+    tx = optax.inject_hyperparams(jadam.adam)(learning_rate=1e-2)
+    params = _leaves([(7,), (1000,)])
+    step = jadam.make_update_step(tx)
+    assert "jadam_adam" not in step.lower(params, tx.init(params), params).as_text()
+    got, _ = step(jax.tree.map(jnp.array, params), tx.init(params), params)
+    updates, _ = tx.update(params, tx.init(params), params)
+    chex.assert_trees_all_close(got, optax.apply_updates(params, updates), rtol=1e-5, atol=1e-8)
+
+  def test_state_interoperates_with_tx_update(self):
+    tx = jadam.adam(1e-2, weight_decay=1e-2)
+    params = _leaves([(7,), (1000,)])
+    grads = jax.tree.map(jnp.cos, params)
+    p1, s1 = _fused_step(tx)(grads, tx.init(params), params)
+    updates, s2 = tx.update(grads, s1, p1)  # the generic path continues from the fused state
+    p2 = optax.apply_updates(p1, updates)
+    p3, s3 = _fused_step(tx)(grads, s1, p1)
+    chex.assert_trees_all_equal((p2, s2), (p3, s3))
+
+  @parameterized.named_parameters(
+      ("amsgrad", lambda: jadam.adam(amsgrad=True)),
+      ("maximize", lambda: jadam.adam(maximize=True)),
+      ("bf16_moments", lambda: jadam.adam(mu_dtype=jnp.bfloat16)),
+      ("mask", lambda: jadam.adamw(mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))),
+      ("chained", lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adam())),
+      ("optax", lambda: optax.adam(1e-3)),
+  )
+  def test_other_configurations_take_the_generic_path(self, make_tx):
+    tx = make_tx()
+    params = _leaves([(7,), (3, 4)])
+    with jax.numpy_dtype_promotion("standard"):
+      hlo = jadam.make_update_step(tx).lower(params, tx.init(params), params).as_text()
+    assert "jadam_adam" not in hlo
+
+  def test_many_small_leaves_take_the_generic_path(self):
+    tx = jadam.adam(1e-2)
+    for n, size, want in ((300, 64, False), (300, 1 << 16, True), (200, 64, True)):
+      params = [jax.ShapeDtypeStruct((size,), jnp.float32)] * n
+      state = jax.eval_shape(tx.init, params)
+      hlo = jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(params, state, params).as_text()
+      assert ("jadam_adam_f32" in hlo) == want, (n, size)
+
+  def test_other_leaves_take_the_generic_path(self):
+    tx = jadam.adam(1e-2)
+    for params in ({"w": jnp.ones(3), "n": jnp.arange(3)}, {"w": jnp.ones(3, jnp.bfloat16)}):
+      grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+      assert "jadam_adam" not in jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(
+          grads, tx.init(params), params).as_text()
+
+  def test_vmap_and_grad(self):
+    tx = jadam.adam(1e-2)
+    params = jnp.stack([jnp.linspace(-1.0, 1.0, 9)] * 3)
+    grads = jnp.cos(params) * jnp.arange(1.0, 4.0)[:, None]
+    state = jax.vmap(tx.init)(params)
+    # vmap of the helper: the generic path; vmap of a jitted fused step: the kernel, one row at a time
+    direct = jax.vmap(functools.partial(_fast.update_and_apply, tx, fused=True))(grads, state, params)
+    of_jit = jax.vmap(_fused_step(tx))(grads, state, params)
+    want = jax.vmap(functools.partial(_fast.update_and_apply, tx, fused=False))(grads, state, params)
+    chex.assert_trees_all_close(direct, want, rtol=1e-6)
+    chex.assert_trees_all_close(of_jit, want, rtol=1e-6)
+
+    def loss(lr):  # differentiating through a step: the generic path
+      p, _ = _fast.update_and_apply(jadam.adam(lr), grads[0], tx.init(params[0]), params[0], fused=True)
+      return jnp.sum(p)
+
+    np.testing.assert_allclose(jax.grad(loss)(jnp.float32(1e-2)), -jnp.sum(jnp.sign(grads[0])), rtol=1e-5)
+
+  def test_float64_matches_reference(self):
+    with jax.enable_x64(True):
+      for make_tx, kwargs in (
+          (lambda: jadam.adam(1e-2, weight_decay=1e-2), dict(lr=1e-2, weight_decay=1e-2)),
+          (lambda: jadam.adamw(1e-2, weight_decay=1e-1), dict(lr=1e-2, decoupled_weight_decay=1e-1)),
+      ):
+        tx = make_tx()
+        grads = jax.random.normal(jax.random.key(0), (50, 1001), jnp.float64)
+        params = jnp.linspace(-1.0, 1.0, 1001, dtype=jnp.float64)
+        step = jadam.make_update_step(tx)
+        assert "jadam_adam_f64" in step.lower(params, tx.init(params), params).as_text()
+        p, state = jnp.array(params), tx.init(params)
+        want = reference.adam(np.asarray(grads), np.asarray(params), **kwargs)
+        for g, w in zip(grads, want):
+          p, state = step(p, state, g)
+          np.testing.assert_allclose(p, w, rtol=1e-12, atol=1e-14)
+
+  def test_mixed_float32_and_float64_leaves(self):
+    with jax.enable_x64(True):
+      tx = jadam.adam(1e-2)
+      params = {"a": jnp.linspace(-1.0, 1.0, 33, dtype=jnp.float32), "b": jnp.linspace(-1.0, 1.0, 17, dtype=jnp.float64)}
+      grads = jax.tree.map(jnp.cos, params)
+      hlo = jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(
+          grads, tx.init(params), params).as_text()
+      assert "jadam_adam_f32" in hlo and "jadam_adam_f64" in hlo
+      got = _fused_step(tx)(grads, tx.init(params), params)
+      updates, state = tx.update(grads, tx.init(params), params)
+      chex.assert_trees_all_equal(got, (optax.apply_updates(params, updates), state))
+
+
+def _run(code, **env):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+
+
+_FALLBACK = """
+    import warnings
+    warnings.simplefilter("always")
+    import jax, jax.numpy as jnp, optax, jadam
+    from jadam import _kernels
+    tx = jadam.adam(1e-2)
+    p = jnp.linspace(-1.0, 1.0, 100)
+    step = jadam.make_update_step(tx)
+    with warnings.catch_warnings(record=True) as caught:
+      hlo = step.lower(p, tx.init(p), p).as_text()
+      got, _ = step(jnp.array(p), tx.init(p), jnp.cos(p))
+    u, _ = tx.update(jnp.cos(p), tx.init(p), p)
+    assert bool(jnp.allclose(got, optax.apply_updates(p, u), rtol=1e-6))
+    print("kernel" if "jadam_adam" in hlo else "generic", sum("fused CPU Adam kernel" in str(w.message) for w in caught))
+"""
+
+
+def test_disabled_by_environment_falls_back_silently():
+  res = _run(_FALLBACK, JADAM_NO_KERNELS="1")
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.split() == ["generic", "0"]
+
+
+def test_failed_build_falls_back_with_one_warning(tmp_path):
+  res = _run(_FALLBACK, CXX="/bin/false", JADAM_CACHE_DIR=str(tmp_path))
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.split() == ["generic", "1"]
+  assert not list(tmp_path.rglob("*.so"))

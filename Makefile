@@ -13,8 +13,11 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# A new workdir a run, so that running it again never meets old checkpoints
+# (ARGS="--workdir DIR --resume" continues one).
+MNIST_WORKDIR ?= workdir/mnist-$(shell date +%Y%m%d-%H%M%S)
 mnist: $(VENV)/.installed
-	$(PY) -m examples.mnist $(ARGS)
+	$(PY) -m examples.mnist --workdir $(MNIST_WORKDIR) $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"

@@ -43,6 +43,14 @@ def _check_tx(tx: Any) -> None:
     raise TypeError(f"tx must be an optax.GradientTransformation; got {tx!r}{called}.")
 
 
+def _check_flags(**flags: Any) -> None:
+  """`fused` is True, False or None; `donate` True or False (a string would read as True)."""
+  for name, value in flags.items():
+    if not (isinstance(value, bool) or (name == "fused" and value is None)):
+      allowed = "True, False or None" if name == "fused" else "a bool"
+      raise TypeError(f"{name} must be {allowed}; got {value!r}.")
+
+
 def update_and_apply(
     tx: optax.GradientTransformation,
     grads: optax.Updates,
@@ -91,6 +99,7 @@ def update_and_apply(
     Array([0.999, 0.999, 0.999], dtype=float32)
   """
   _check_tx(tx)
+  _check_flags(fused=fused)
   if fused is not False:
     out = _fused.step(tx, grads, state, params, multi_device_ok=bool(fused))
     if out is not None:
@@ -126,6 +135,7 @@ class _Step:
 
 
 def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
+  _check_flags(fused=fused, donate=donate)
   donate_argnums = (0, 1) if donate else ()
   if fused is False or _fused.recipe_of(tx) is None:
     return jax.jit(make(False), donate_argnums=donate_argnums)

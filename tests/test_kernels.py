@@ -283,3 +283,20 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
   assert res.returncode == 0, res.stderr
   assert res.stdout.split() == ["generic", "1"]
   assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.parametrize("helper", ["update_and_apply", "make_update_step", "make_train_step"])
+def test_fused_and_donate_must_be_flags(helper):
+  tx = jadam.adam(1e-3)
+  params = {"w": jnp.ones(3)}
+  call = {
+      "update_and_apply": lambda **kw: jadam.update_and_apply(tx, params, tx.init(params), params, **kw),
+      "make_update_step": lambda **kw: jadam.make_update_step(tx, **kw),
+      "make_train_step": lambda **kw: jadam.make_train_step(lambda p: jnp.sum(p["w"]), tx, **kw),
+  }[helper]
+  with pytest.raises(TypeError, match=r"fused must be True, False or None; got 'no'"):
+    call(fused="no")
+  if helper != "update_and_apply":
+    with pytest.raises(TypeError, match=r"donate must be a bool; got 1"):
+      call(donate=1)
+

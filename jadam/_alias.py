@@ -27,12 +27,9 @@ def _is_zero(value: Any) -> bool:
   return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
 
 
-_check_flag = _common.check_flag
-
-
 def _front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:
   """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term."""
-  _check_flag("maximize", maximize)
+  _common.check_flag("maximize", maximize)
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   stages = [flip_sign()] if maximize else []
   if not _is_zero(weight_decay):
@@ -112,7 +109,7 @@ def adam(
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014;
     `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
   """
-  _check_flag("amsgrad", amsgrad)
+  _common.check_flag("amsgrad", amsgrad)
   front = _front(maximize, weight_decay)
   tx = optax.chain(
       *front,
@@ -187,7 +184,7 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  _check_flag("amsgrad", amsgrad)
+  _common.check_flag("amsgrad", amsgrad)
   tx = optax.chain(
       *_front(maximize, 0.0),
       scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
@@ -254,7 +251,7 @@ def rmsprop(
     Tieleman & Hinton, Lecture 6.5, COURSERA: Neural Networks for Machine
     Learning, 2012; Graves, 2013 (centred).
   """
-  _check_flag("centered", centered)
+  _common.check_flag("centered", centered)
   return optax.chain(
       *_front(maximize, weight_decay),
       scale_by_moments(alpha if centered else None, alpha),
@@ -298,7 +295,7 @@ def sgd(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _check_flag("nesterov", nesterov)
+  _common.check_flag("nesterov", nesterov)
   if nesterov and _is_zero(momentum):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = _front(maximize, weight_decay)

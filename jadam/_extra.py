@@ -20,7 +20,6 @@ import optax
 
 from jadam import _common, _moments
 from jadam._alias import _front, _is_zero
-from jadam._common import check_flag as _check_flag
 from jadam._moments import Moments, bias_correct, scale_by_moments
 from jadam._scale import normalize, scale_by_lr
 
@@ -453,7 +452,7 @@ def nadam(
   References:
     Dozat, ICLR 2016 workshop.
   """
-  _check_flag("decoupled_weight_decay", decoupled_weight_decay)
+  _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   return optax.chain(
       *_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
       scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
@@ -508,7 +507,7 @@ def radam(
   References:
     Liu et al., ICLR 2020.
   """
-  _check_flag("decoupled_weight_decay", decoupled_weight_decay)
+  _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   return optax.chain(
       *_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
       scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),

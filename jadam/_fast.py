@@ -34,7 +34,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam import _fused
+from jadam import _common, _fused
 
 
 def _check_tx(tx: Any) -> None:
@@ -43,12 +43,10 @@ def _check_tx(tx: Any) -> None:
     raise TypeError(f"tx must be an optax.GradientTransformation; got {tx!r}{called}.")
 
 
-def _check_flags(**flags: Any) -> None:
-  """`fused` is True, False or None; `donate` True or False (a string would read as True)."""
-  for name, value in flags.items():
-    if not (isinstance(value, bool) or (name == "fused" and value is None)):
-      allowed = "True, False or None" if name == "fused" else "a bool"
-      raise TypeError(f"{name} must be {allowed}; got {value!r}.")
+def _check_fused(fused: Any) -> None:
+  """`fused` is True, False or None (a string would read as True)."""
+  if fused is not None and not isinstance(fused, bool):
+    raise TypeError(f"fused must be True, False or None; got {fused!r}.")
 
 
 def update_and_apply(
@@ -99,7 +97,7 @@ def update_and_apply(
     Array([0.999, 0.999, 0.999], dtype=float32)
   """
   _check_tx(tx)
-  _check_flags(fused=fused)
+  _check_fused(fused)
   if fused is not False:
     out = _fused.step(tx, grads, state, params, multi_device_ok=bool(fused))
     if out is not None:
@@ -135,7 +133,8 @@ class _Step:
 
 
 def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
-  _check_flags(fused=fused, donate=donate)
+  _check_fused(fused)
+  _common.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
   if fused is False or _fused.recipe_of(tx) is None:
     return jax.jit(make(False), donate_argnums=donate_argnums)
@@ -211,8 +210,7 @@ def make_train_step(
     The jitted step function.
   """
   _check_tx(tx)
-  if not isinstance(has_aux, bool):
-    raise TypeError(f"has_aux must be a bool; got {has_aux!r}.")
+  _common.check_flag("has_aux", has_aux)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def make(use_kernel):

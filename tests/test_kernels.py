@@ -297,6 +297,6 @@ def test_fused_and_donate_must_be_flags(helper):
   with pytest.raises(TypeError, match=r"fused must be True, False or None; got 'no'"):
     call(fused="no")
   if helper != "update_and_apply":
-    with pytest.raises(TypeError, match=r"donate must be a bool; got 1"):
+    with pytest.raises(TypeError, match=r"donate must be a bool; got int 1"):
       call(donate=1)
 

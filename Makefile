@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: test mnist bench
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 # A new workdir a run, so that running it again never meets old checkpoints

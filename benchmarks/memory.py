@@ -25,11 +25,11 @@ import optax
 import jadam
 
 OPTIMIZERS = {
-    "jadam.adam": lambda: jadam.adam(1e-3),
-    "jadam.adam bf16 moments": lambda: jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
-    "jadam.adam bf16 nu": lambda: jadam.adam(1e-3, nu_dtype=jnp.bfloat16),
-    "optax.adam": lambda: optax.adam(1e-3),
-    "optax.adam bf16 mu": lambda: optax.adam(1e-3, mu_dtype=jnp.bfloat16),
+  "jadam.adam": lambda: jadam.adam(1e-3),
+  "jadam.adam bf16 moments": lambda: jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+  "jadam.adam bf16 nu": lambda: jadam.adam(1e-3, nu_dtype=jnp.bfloat16),
+  "optax.adam": lambda: optax.adam(1e-3),
+  "optax.adam bf16 mu": lambda: optax.adam(1e-3, mu_dtype=jnp.bfloat16),
 }
 
 
@@ -60,12 +60,13 @@ def measure_one(name: str, n: int, steps: int = 3) -> dict:
   jax.block_until_ready(params)
   after = dev.memory_stats()["peak_bytes_in_use"] if stats else _maxrss_bytes()
   return {
-      "name": name,
-      "state_bytes_per_param": state_bytes / n,
-      "compiled_bytes": None if mem is None else (
-          mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
-      "peak_growth_bytes": after - before,
-      "device": f"{dev.platform}: {dev.device_kind}",
+    "name": name,
+    "state_bytes_per_param": state_bytes / n,
+    "compiled_bytes": None
+    if mem is None
+    else (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+    "peak_growth_bytes": after - before,
+    "device": f"{dev.platform}: {dev.device_kind}",
   }
 
 
@@ -90,11 +91,15 @@ def main(argv=None):
   print("|---|---|---|---|---|")
   base = rows[0]["peak_growth_bytes"]
   for r in rows:
-    print(f"| {r['name']} | {r['state_bytes_per_param']:.2f} | {mib(r['compiled_bytes'])} |"
-          f" {mib(r['peak_growth_bytes'])} | {r['peak_growth_bytes'] / base:.2f} |")
-  print("\ncompiled: arguments + outputs - donated aliases + temporaries of the jitted update_and_apply;"
-        " measured: peak growth over init + 3 steps (ru_maxrss on CPU, peak_bytes_in_use on GPU),"
-        " after the parameters and the gradient exist (made without temporaries).")
+    print(
+      f"| {r['name']} | {r['state_bytes_per_param']:.2f} | {mib(r['compiled_bytes'])} |"
+      f" {mib(r['peak_growth_bytes'])} | {r['peak_growth_bytes'] / base:.2f} |"
+    )
+  print(
+    "\ncompiled: arguments + outputs - donated aliases + temporaries of the jitted update_and_apply;"
+    " measured: peak growth over init + 3 steps (ru_maxrss on CPU, peak_bytes_in_use on GPU),"
+    " after the parameters and the gradient exist (made without temporaries)."
+  )
 
 
 if __name__ == "__main__":

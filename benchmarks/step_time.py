@@ -19,11 +19,10 @@ rounds. It also prints the optimizer-state bytes per parameter.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import time
-from typing import Any, Callable
+from typing import Callable
 
 # torch's OpenMP threads spin after each op by default and would steal the
 # cores from XLA's threads in the next contender's step: make them sleep.
@@ -111,8 +110,11 @@ def _torch_opt_contenders(shapes, seed=0):
     p.grad = torch.randn(p.shape, generator=gen).to(device)
   n = sum(p.numel() for p in params)
   out = []
-  for label, kwargs in (("foreach=False", {"foreach": False}), ("foreach=True", {"foreach": True}),
-                        ("fused=True", {"fused": True})):
+  for label, kwargs in (
+    ("foreach=False", {"foreach": False}),
+    ("foreach=True", {"foreach": True}),
+    ("fused=True", {"fused": True}),
+  ):
     try:
       opt = torch.optim.Adam(params, lr=1e-3, **kwargs)
       opt.step()
@@ -120,8 +122,10 @@ def _torch_opt_contenders(shapes, seed=0):
       print(f"  (torch Adam {label} skipped: {e})")
       continue
     state_bytes = sum(
-        t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-        if torch.is_tensor(t) and t.dim() > 0
+      t.numel() * t.element_size()
+      for st in opt.state.values()
+      for t in st.values()
+      if torch.is_tensor(t) and t.dim() > 0
     )
 
     def run(opt=opt):
@@ -149,13 +153,16 @@ def _optimizer_workload(shapes, with_torch=True, bf16=True):
   if len(shapes) == 1:
     grads, params = grads[0], params[0]
   contenders = [
-      _jax_opt_contender("jadam.adam (fused kernel)", jadam.adam(1e-3), params, grads),
-      _jax_opt_contender("jadam.adam (XLA)", jadam.adam(1e-3), params, grads, fused=False),
-      _jax_opt_contender("optax.adam", optax.adam(1e-3), params, grads),
+    _jax_opt_contender("jadam.adam (fused kernel)", jadam.adam(1e-3), params, grads),
+    _jax_opt_contender("jadam.adam (XLA)", jadam.adam(1e-3), params, grads, fused=False),
+    _jax_opt_contender("optax.adam", optax.adam(1e-3), params, grads),
   ]
   if bf16:
-    contenders.append(_jax_opt_contender(
-        "jadam.adam bf16 moments", jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), params, grads))
+    contenders.append(
+      _jax_opt_contender(
+        "jadam.adam bf16 moments", jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), params, grads
+      )
+    )
   if with_torch:
     contenders += _torch_opt_contenders(shapes)
   return contenders
@@ -169,7 +176,6 @@ def _cnn_contenders(batch: int, with_torch=True):
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
 
   class CNN(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       x = nn.relu(nn.Conv(32, (3, 3))(x))
@@ -208,9 +214,16 @@ def _cnn_contenders(batch: int, with_torch=True):
   if device is not None:
     tnn = torch.nn
     net = tnn.Sequential(
-        tnn.Conv2d(1, 32, 3, padding=1), tnn.ReLU(), tnn.AvgPool2d(2),
-        tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.AvgPool2d(2),
-        tnn.Flatten(), tnn.Linear(64 * 7 * 7, 256), tnn.ReLU(), tnn.Linear(256, 10),
+      tnn.Conv2d(1, 32, 3, padding=1),
+      tnn.ReLU(),
+      tnn.AvgPool2d(2),
+      tnn.Conv2d(32, 64, 3, padding=1),
+      tnn.ReLU(),
+      tnn.AvgPool2d(2),
+      tnn.Flatten(),
+      tnn.Linear(64 * 7 * 7, 256),
+      tnn.ReLU(),
+      tnn.Linear(256, 10),
     ).to(device)
     tx_ = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().to(device)
     ty = torch.from_numpy(np.array(y)).long().to(device)
@@ -229,8 +242,12 @@ def _cnn_contenders(batch: int, with_torch=True):
         _torch_sync(device)
 
       run()
-      state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                        if torch.is_tensor(t) and t.dim() > 0)
+      state_bytes = sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if torch.is_tensor(t) and t.dim() > 0
+      )
       out.append(Contender(f"torch Adam {label}", run, state_bytes / n, n))
   return out, n
 
@@ -245,7 +262,7 @@ def measure(contenders: list[Contender], steps: int, per_round: int = 2, warmup:
       c.run()
   rounds = -(-steps // per_round)
   for r in range(rounds):
-    order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+    order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
     for c in order:
       for _ in range(per_round):
         t0 = time.perf_counter()
@@ -294,8 +311,10 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
 
   dev = jax.devices()[0]
-  print(f"# jadam step-time benchmark\n\njax {jax.__version__} on {dev.platform}: {dev.device_kind}; "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
+  print(
+    f"# jadam step-time benchmark\n\njax {jax.__version__} on {dev.platform}: {dev.device_kind}; "
+    f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+  )
   if with_torch:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {_torch_device()}")
   print(f"steps per contender: {args.steps} (interleaved rounds); triad on {int(args.triad_size):,} float32\n")
@@ -324,8 +343,14 @@ def main(argv=None):
   if "cnn" in workloads:
     cs, n = _cnn_contenders(args.cnn_batch, with_torch)
     measure(cs, args.steps)
-    print(table(f"MNIST CNN train step (forward + backward + update), batch {args.cnn_batch}, {n:,} parameters",
-                cs, None, optimizer_only=False))
+    print(
+      table(
+        f"MNIST CNN train step (forward + backward + update), batch {args.cnn_batch}, {n:,} parameters",
+        cs,
+        None,
+        optimizer_only=False,
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -8,86 +8,86 @@ chain of them::
 
 from jadam._alias import adagrad as adagrad
 from jadam._alias import adam as adam
+from jadam._alias import adamax as adamax
 from jadam._alias import adamw as adamw
+from jadam._alias import nadam as nadam
+from jadam._alias import radam as radam
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
 from jadam._checkpoint import restore_state as restore_state
 from jadam._checkpoint import save_state as save_state
-from jadam._extra import DecoupledDecayState as DecoupledDecayState
-from jadam._extra import NesterovCorrectState as NesterovCorrectState
-from jadam._extra import ScaleByInfMomentsState as ScaleByInfMomentsState
-from jadam._extra import adamax as adamax
-from jadam._extra import decoupled_decay as decoupled_decay
-from jadam._extra import nadam as nadam
-from jadam._extra import nesterov_correct as nesterov_correct
-from jadam._extra import normalize_inf as normalize_inf
-from jadam._extra import radam as radam
-from jadam._extra import rectify as rectify
-from jadam._extra import scale_by_inf_moments as scale_by_inf_moments
-from jadam._fast import make_train_step as make_train_step
-from jadam._fast import make_update_step as make_update_step
-from jadam._fast import update_and_apply as update_and_apply
+from jadam._correct import NesterovCorrectState as NesterovCorrectState
+from jadam._correct import bias_correct as bias_correct
+from jadam._correct import nesterov_correct as nesterov_correct
+from jadam._correct import rectify as rectify
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
 from jadam._moments import Moments as Moments
+from jadam._moments import ScaleByInfMomentsState as ScaleByInfMomentsState
 from jadam._moments import ScaleByMomentsState as ScaleByMomentsState
 from jadam._moments import accumulate_squares as accumulate_squares
-from jadam._moments import bias_correct as bias_correct
 from jadam._moments import center as center
 from jadam._moments import max_nu as max_nu
+from jadam._moments import scale_by_inf_moments as scale_by_inf_moments
 from jadam._moments import scale_by_moments as scale_by_moments
 from jadam._penalty import AddL2State as AddL2State
+from jadam._penalty import DecoupledDecayState as DecoupledDecayState
 from jadam._penalty import add_l2 as add_l2
+from jadam._penalty import decoupled_decay as decoupled_decay
 from jadam._scale import MomentumState as MomentumState
 from jadam._scale import ScaleByLrState as ScaleByLrState
 from jadam._scale import flip_sign as flip_sign
 from jadam._scale import momentum as momentum
 from jadam._scale import normalize as normalize
+from jadam._scale import normalize_inf as normalize_inf
 from jadam._scale import scale_by_lr as scale_by_lr
+from jadam._step import make_train_step as make_train_step
+from jadam._step import make_update_step as make_update_step
+from jadam._step import update_and_apply as update_and_apply
 from jadam import keras as keras  # public submodules: jadam.keras.Adam, jadam.torch.Adam
 from jadam import torch as torch
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "AccumulateSquaresState",
-    "AddL2State",
-    "DecoupledDecayState",
-    "MaxNuState",
-    "Moments",
-    "MomentumState",
-    "NesterovCorrectState",
-    "ScaleByInfMomentsState",
-    "ScaleByLrState",
-    "ScaleByMomentsState",
-    "accumulate_squares",
-    "adagrad",
-    "adam",
-    "adamax",
-    "adamw",
-    "add_l2",
-    "bias_correct",
-    "center",
-    "decoupled_decay",
-    "flip_sign",
-    "keras",
-    "make_train_step",
-    "make_update_step",
-    "max_nu",
-    "momentum",
-    "nadam",
-    "nesterov_correct",
-    "normalize",
-    "normalize_inf",
-    "radam",
-    "rectify",
-    "restore_state",
-    "rmsprop",
-    "save_state",
-    "scale_by_inf_moments",
-    "scale_by_lr",
-    "scale_by_moments",
-    "sgd",
-    "torch",
-    "update_and_apply",
+  "AccumulateSquaresState",
+  "AddL2State",
+  "DecoupledDecayState",
+  "MaxNuState",
+  "Moments",
+  "MomentumState",
+  "NesterovCorrectState",
+  "ScaleByInfMomentsState",
+  "ScaleByLrState",
+  "ScaleByMomentsState",
+  "accumulate_squares",
+  "adagrad",
+  "adam",
+  "adamax",
+  "adamw",
+  "add_l2",
+  "bias_correct",
+  "center",
+  "decoupled_decay",
+  "flip_sign",
+  "keras",
+  "make_train_step",
+  "make_update_step",
+  "max_nu",
+  "momentum",
+  "nadam",
+  "nesterov_correct",
+  "normalize",
+  "normalize_inf",
+  "radam",
+  "rectify",
+  "restore_state",
+  "rmsprop",
+  "save_state",
+  "scale_by_inf_moments",
+  "scale_by_lr",
+  "scale_by_moments",
+  "sgd",
+  "torch",
+  "update_and_apply",
 )

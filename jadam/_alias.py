@@ -2,53 +2,43 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
-import jax.numpy as jnp
 import optax
 
-from jadam import _common, _fused
-from jadam._moments import accumulate_squares, bias_correct, center, max_nu, scale_by_moments
-from jadam._penalty import add_l2
-from jadam import _scale
-from jadam._scale import flip_sign, normalize, scale_by_lr
+from jadam import _common, _scale
+from jadam._kernels import fused as _fused
+from jadam._correct import bias_correct, nesterov_correct, rectify
+from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
+from jadam._penalty import add_l2, decoupled_decay
+from jadam._scale import flip_sign, normalize, normalize_inf, scale_by_lr
 
 Dtype = Any
 Mask = Any | Callable[[optax.Params], Any] | None
 
 
-def _is_zero(value: Any) -> bool:
-  """True only for a Python number equal to 0: a stage that would add nothing is left out.
-
-  Arrays and schedules are never zero here (they may change under
-  `optax.inject_hyperparams`), so no Python branch ever reads a traced value.
-  """
-  return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
-
-
-def _front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:
+def torch_front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:
   """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term."""
   _common.check_flag("maximize", maximize)
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   stages = [flip_sign()] if maximize else []
-  if not _is_zero(weight_decay):
+  if not _common.is_zero(weight_decay):
     stages.append(add_l2(weight_decay))
   return stages
 
 
 def adam(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: optax.ScalarOrSchedule = 0.9,
-    b2: optax.ScalarOrSchedule = 0.999,
-    eps: optax.ScalarOrSchedule = 1e-8,
-    *,
-    eps_root: optax.ScalarOrSchedule = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    mu_dtype: Dtype | None = None,
-    nu_dtype: Dtype | None = None,
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  eps_root: optax.ScalarOrSchedule = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  mu_dtype: Dtype | None = None,
+  nu_dtype: Dtype | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam, with the semantics of `torch.optim.Adam`.
 
@@ -110,39 +100,45 @@ def adam(
     `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
   """
   _common.check_flag("amsgrad", amsgrad)
-  front = _front(maximize, weight_decay)
+  front = torch_front(maximize, weight_decay)
   tx = optax.chain(
-      *front,
-      scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-      *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
-      bias_correct(),
-      normalize(eps, eps_root=eps_root),
-      scale_by_lr(learning_rate),
+    *front,
+    scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+    *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
+    bias_correct(),
+    normalize(eps, eps_root=eps_root),
+    scale_by_lr(learning_rate),
   )
   if amsgrad or maximize or mu_dtype is not None or nu_dtype is not None:
-    return tx  # the fused CPU step (jadam._fused) covers the plain recipe only
+    return tx  # the fused CPU step (jadam._kernels.fused) covers the plain recipe only
   l2 = 0 if front else None
-  return _fused.remember(tx, _fused.Recipe(
+  return _fused.remember(
+    tx,
+    _fused.Recipe(
       *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
       weight_decay=_common.as_schedule(weight_decay) if front else None,
       mode=_fused.COUPLED if front else _fused.PLAIN,
-      n_states=len(front) + 4, moments=len(front), lr=len(front) + 3, l2=l2,
-  ))
+      n_states=len(front) + 4,
+      moments=len(front),
+      lr=len(front) + 3,
+      l2=l2,
+    ),
+  )
 
 
 def adamw(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: optax.ScalarOrSchedule = 0.9,
-    b2: optax.ScalarOrSchedule = 0.999,
-    eps: optax.ScalarOrSchedule = 1e-8,
-    *,
-    eps_root: optax.ScalarOrSchedule = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 1e-2,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    mask: Mask = None,
-    mu_dtype: Dtype | None = None,
-    nu_dtype: Dtype | None = None,
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  eps_root: optax.ScalarOrSchedule = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 1e-2,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  mask: Mask = None,
+  mu_dtype: Dtype | None = None,
+  nu_dtype: Dtype | None = None,
 ) -> optax.GradientTransformation:
   r"""AdamW: Adam with decoupled weight decay, as `torch.optim.AdamW` and `optax.adamw`.
 
@@ -186,32 +182,39 @@ def adamw(
   """
   _common.check_flag("amsgrad", amsgrad)
   tx = optax.chain(
-      *_front(maximize, 0.0),
-      scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-      *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
-      bias_correct(),
-      normalize(eps, eps_root=eps_root),
-      add_l2(weight_decay, mask=mask),
-      scale_by_lr(learning_rate),
+    *torch_front(maximize, 0.0),
+    scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+    *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
+    bias_correct(),
+    normalize(eps, eps_root=eps_root),
+    add_l2(weight_decay, mask=mask),
+    scale_by_lr(learning_rate),
   )
   if amsgrad or maximize or mask is not None or mu_dtype is not None or nu_dtype is not None:
-    return tx  # the fused CPU step (jadam._fused) covers the plain recipe only
-  return _fused.remember(tx, _fused.Recipe(
+    return tx  # the fused CPU step (jadam._kernels.fused) covers the plain recipe only
+  return _fused.remember(
+    tx,
+    _fused.Recipe(
       *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
-      weight_decay=_common.as_schedule(weight_decay), mode=_fused.DECOUPLED,
-      n_states=5, moments=0, lr=4, l2=3,
-  ))
+      weight_decay=_common.as_schedule(weight_decay),
+      mode=_fused.DECOUPLED,
+      n_states=5,
+      moments=0,
+      lr=4,
+      l2=3,
+    ),
+  )
 
 
 def rmsprop(
-    learning_rate: optax.ScalarOrSchedule = 1e-2,
-    alpha: optax.ScalarOrSchedule = 0.99,
-    eps: optax.ScalarOrSchedule = 1e-8,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    momentum: optax.ScalarOrSchedule = 0.0,
-    centered: bool = False,
-    maximize: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  alpha: optax.ScalarOrSchedule = 0.99,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  momentum: optax.ScalarOrSchedule = 0.0,
+  centered: bool = False,
+  maximize: bool = False,
 ) -> optax.GradientTransformation:
   r"""RMSProp, with the semantics and defaults of `torch.optim.RMSprop`.
 
@@ -253,23 +256,23 @@ def rmsprop(
   """
   _common.check_flag("centered", centered)
   return optax.chain(
-      *_front(maximize, weight_decay),
-      scale_by_moments(alpha if centered else None, alpha),
-      *([center()] if centered else []),
-      normalize(eps),
-      *([] if _is_zero(momentum) else [_scale.momentum(momentum)]),
-      scale_by_lr(learning_rate),
+    *torch_front(maximize, weight_decay),
+    scale_by_moments(alpha if centered else None, alpha),
+    *([center()] if centered else []),
+    normalize(eps),
+    *([] if _common.is_zero(momentum) else [_scale.momentum(momentum)]),
+    scale_by_lr(learning_rate),
   )
 
 
 def sgd(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    momentum: optax.ScalarOrSchedule = 0.0,
-    dampening: optax.ScalarOrSchedule = 0.0,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  momentum: optax.ScalarOrSchedule = 0.0,
+  dampening: optax.ScalarOrSchedule = 0.0,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  nesterov: bool = False,
+  maximize: bool = False,
 ) -> optax.GradientTransformation:
   r"""Stochastic gradient descent with momentum, as `torch.optim.SGD`.
 
@@ -296,22 +299,22 @@ def sgd(
     An :class:`optax.GradientTransformation`.
   """
   _common.check_flag("nesterov", nesterov)
-  if nesterov and _is_zero(momentum):
+  if nesterov and _common.is_zero(momentum):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
-  stages = _front(maximize, weight_decay)
-  if not _is_zero(momentum):  # as torch, which ignores dampening without momentum
+  stages = torch_front(maximize, weight_decay)
+  if not _common.is_zero(momentum):  # as torch, which ignores dampening without momentum
     stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
   return optax.chain(*stages, scale_by_lr(learning_rate))
 
 
 def adagrad(
-    learning_rate: optax.ScalarOrSchedule = 1e-2,
-    lr_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    initial_accumulator_value: float = 0.0,
-    eps: optax.ScalarOrSchedule = 1e-10,
-    *,
-    maximize: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  lr_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  initial_accumulator_value: float = 0.0,
+  eps: optax.ScalarOrSchedule = 1e-10,
+  *,
+  maximize: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adagrad, with the semantics and defaults of `torch.optim.Adagrad`.
 
@@ -346,7 +349,7 @@ def adagrad(
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
   _common.check_hyperparameter("lr_decay", lr_decay, low=0.0)
   lr = learning_rate
-  if not _is_zero(lr_decay):
+  if not _common.is_zero(lr_decay):
     lr_fn, decay_fn = _common.as_schedule(learning_rate), _common.as_schedule(lr_decay)
 
     def lr(count):
@@ -358,8 +361,184 @@ def adagrad(
       return base / (1 + t * _common.cast_hyperparameter(decay_fn(count), dtype))
 
   return optax.chain(
-      *_front(maximize, weight_decay),
-      accumulate_squares(initial_accumulator_value),
-      normalize(eps),
-      scale_by_lr(lr),
+    *torch_front(maximize, weight_decay),
+    accumulate_squares(initial_accumulator_value),
+    normalize(eps),
+    scale_by_lr(lr),
+  )
+
+
+def _tail(
+  direction: list[optax.GradientTransformation],
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: optax.ScalarOrSchedule,
+  decoupled_weight_decay: bool,
+) -> list[optax.GradientTransformation]:
+  """The step, then PyTorch's decoupled decay if asked for."""
+  decay = (
+    [decoupled_decay(weight_decay, learning_rate)]
+    if decoupled_weight_decay and not _common.is_zero(weight_decay)
+    else []
+  )
+  return [*direction, scale_by_lr(learning_rate), *decay]
+
+
+def adamax(
+  learning_rate: optax.ScalarOrSchedule = 2e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  maximize: bool = False,
+  mu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""Adamax, with the semantics and defaults of `torch.optim.Adamax`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)
+            && \text{(\texttt{scale\_by\_inf\_moments})}\\
+        \theta_t &= \theta_{t-1} - \frac{\alpha_t}{1 - \beta_1^t}\, \frac{m_t}{u_t}
+            && \text{(\texttt{bias\_correct}, \texttt{normalize\_inf}, \texttt{scale\_by\_lr})}
+      \end{align*}
+
+  Unlike `optax.adamax`, :math:`\epsilon` is inside the maximum (PyTorch's
+  choice) and the default learning rate is PyTorch's :math:`2\cdot10^{-3}`.
+
+  Args:
+    learning_rate: :math:`\alpha`: a float, a scalar array or a schedule.
+    b1: :math:`\beta_1 \in [0, 1)`.
+    b2: :math:`\beta_2 \in [0, 1)`.
+    eps: :math:`\epsilon \ge 0`.
+    weight_decay: coupled L2 :math:`\lambda \ge 0`.
+    maximize: Ascend the objective instead.
+    mu_dtype: Storage dtype of :math:`m`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
+  """
+  return optax.chain(
+    *torch_front(maximize, weight_decay),
+    scale_by_inf_moments(b1, b2, eps, mu_dtype=mu_dtype),
+    bias_correct(),
+    normalize_inf(),
+    scale_by_lr(learning_rate),
+  )
+
+
+def nadam(
+  learning_rate: optax.ScalarOrSchedule = 2e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  momentum_decay: optax.ScalarOrSchedule = 4e-3,
+  decoupled_weight_decay: bool = False,
+  maximize: bool = False,
+  mu_dtype: Dtype | None = None,
+  nu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""NAdam, with the semantics and defaults of `torch.optim.NAdam`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1}
+            && \text{(coupled L2 unless decoupled)}\\
+        m_t, v_t &\text{ as in Adam} && \text{(\texttt{scale\_by\_moments})}\\
+        \hat m_t &= \frac{1-\mu_t}{1-\Pi_t} g_t + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}} m_t,
+        \quad \hat v_t = \frac{v_t}{1-\beta_2^t}
+            && \text{(\texttt{nesterov\_correct})}\\
+        \theta_t &= [(1 - \alpha_t\lambda)]\,\theta_{t-1} - \alpha_t\frac{\hat m_t}{\sqrt{\hat v_t}+\epsilon}
+            && \text{(\texttt{normalize}, \texttt{scale\_by\_lr}, [\texttt{decoupled\_decay}])}
+      \end{align*}
+
+  with :math:`\mu_t = \beta_1(1 - \frac12 0.96^{t\psi})` (see
+  :func:`nesterov_correct`). Unlike `optax.nadam`, the momentum follows
+  Dozat's decay schedule, as PyTorch's does.
+
+  Args:
+    learning_rate: :math:`\alpha` (PyTorch's default :math:`2\cdot10^{-3}`).
+    b1: :math:`\beta_1 \in [0, 1)`.
+    b2: :math:`\beta_2 \in [0, 1)`.
+    eps: :math:`\epsilon \ge 0`.
+    weight_decay: :math:`\lambda \ge 0`.
+    momentum_decay: :math:`\psi \ge 0`.
+    decoupled_weight_decay: apply :math:`\lambda` as AdamW does (NAdamW).
+    maximize: Ascend the objective instead.
+    mu_dtype: Storage dtype of :math:`m`.
+    nu_dtype: Storage dtype of :math:`v`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Dozat, ICLR 2016 workshop.
+  """
+  _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
+  return optax.chain(
+    *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
+    scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+    *_tail([nesterov_correct(momentum_decay), normalize(eps)], learning_rate, weight_decay, decoupled_weight_decay),
+  )
+
+
+def radam(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  decoupled_weight_decay: bool = False,
+  maximize: bool = False,
+  mu_dtype: Dtype | None = None,
+  nu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""RAdam, with the semantics and defaults of `torch.optim.RAdam`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1}
+            && \text{(coupled L2 unless decoupled)}\\
+        m_t, v_t &\text{ as in Adam} && \text{(\texttt{scale\_by\_moments})}\\
+        u_t &= \hat m_t\, r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}
+            \text{ if } \rho_t > 5 \text{ else } \hat m_t
+            && \text{(\texttt{rectify})}\\
+        \theta_t &= [(1 - \alpha_t\lambda)]\,\theta_{t-1} - \alpha_t u_t
+            && \text{(\texttt{scale\_by\_lr}, [\texttt{decoupled\_decay}])}
+      \end{align*}
+
+  See :func:`rectify` for :math:`\rho_t` and :math:`r_t`. :math:`\epsilon` is
+  added to the uncorrected root, as in PyTorch (Optax's `radam` adds it to the
+  corrected one and has a threshold of 5 as well).
+
+  Args:
+    learning_rate: :math:`\alpha`.
+    b1: :math:`\beta_1 \in [0, 1)`.
+    b2: :math:`\beta_2 \in [0, 1)`.
+    eps: :math:`\epsilon \ge 0`.
+    weight_decay: :math:`\lambda \ge 0`.
+    decoupled_weight_decay: apply :math:`\lambda` as AdamW does.
+    maximize: Ascend the objective instead.
+    mu_dtype: Storage dtype of :math:`m`.
+    nu_dtype: Storage dtype of :math:`v`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Liu et al., ICLR 2020.
+  """
+  _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
+  return optax.chain(
+    *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
+    scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+    *_tail([rectify(eps)], learning_rate, weight_decay, decoupled_weight_decay),
   )

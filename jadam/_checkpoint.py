@@ -27,9 +27,9 @@ def _orbax():
     import orbax.checkpoint as ocp
   except ImportError as e:
     raise ImportError(
-        "jadam.save_state and jadam.restore_state need orbax-checkpoint, which is in"
-        " jadam's `test` and `examples` extras: pip install 'jadam[examples]' (or"
-        " pip install orbax-checkpoint)."
+      "jadam.save_state and jadam.restore_state need orbax-checkpoint, which is in"
+      " jadam's `test` and `examples` extras: pip install 'jadam[examples]' (or"
+      " pip install orbax-checkpoint)."
     ) from e
   return ocp
 
@@ -120,8 +120,8 @@ def _first_mismatch(stored: list[dict[str, Any]], expected: list[dict[str, Any]]
     longer, what = (expected, "the tree to restore into") if len(expected) > len(stored) else (stored, "the checkpoint")
     n = min(len(stored), len(expected))
     return (
-        f"the tree to restore into has {len(expected)} leaves and the checkpoint {len(stored)};"
-        f" the first extra one, in {what}, is {longer[n]['path']} ({_show(longer[n]['leaf'])})"
+      f"the tree to restore into has {len(expected)} leaves and the checkpoint {len(stored)};"
+      f" the first extra one, in {what}, is {longer[n]['path']} ({_show(longer[n]['leaf'])})"
     )
   return None
 
@@ -161,12 +161,16 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
   header = checkpointer.restore(path, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))["structure"]
   found = header.get("format") if isinstance(header, dict) else None
   if found != _FORMAT:
-    raise ValueError(f"{path} is not a checkpoint written by jadam.save_state (its format is {found!r}, not {_FORMAT!r}).")
+    raise ValueError(
+      f"{path} is not a checkpoint written by jadam.save_state (its format is {found!r}, not {_FORMAT!r})."
+    )
   leaves, treedef = _leaves(like)
   expected = [{"path": p, "leaf": _describe(leaf)} for p, leaf in leaves]
   mismatch = _first_mismatch(header["leaves"], expected)
   if mismatch:
-    raise ValueError(f"the checkpoint at {path} does not match the tree to restore into: {mismatch}. Nothing was restored.")
+    raise ValueError(
+      f"the checkpoint at {path} does not match the tree to restore into: {mismatch}. Nothing was restored."
+    )
 
   def target(leaf):
     if isinstance(leaf, jax.Array):

@@ -14,7 +14,7 @@ import optax
 Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
 
 
-def _concrete_value(value: Any) -> float | None:
+def concrete_value(value: Any) -> float | None:
   """`value` as a Python float if it is known now (not traced), else None."""
   if isinstance(value, bool):
     return None
@@ -31,15 +31,15 @@ def _concrete_value(value: Any) -> float | None:
 
 
 def check_hyperparameter(
-    name: str,
-    value: Any,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-    allow_none: bool = False,
-    wide_dtype: bool = False,
+  name: str,
+  value: Any,
+  *,
+  low: float = -math.inf,
+  high: float = math.inf,
+  low_open: bool = False,
+  high_open: bool = False,
+  allow_none: bool = False,
+  wide_dtype: bool = False,
 ) -> None:
   """Raises a clear error for a hyperparameter that cannot be right.
 
@@ -59,29 +59,25 @@ def check_hyperparameter(
     return
   if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
     return  # a schedule: checked by what it returns, not here
-  if isinstance(value, bool) or not isinstance(
-      value, (numbers.Real, jax.Array, np.ndarray, np.generic)
-  ):
+  if isinstance(value, bool) or not isinstance(value, (numbers.Real, jax.Array, np.ndarray, np.generic)):
     raise TypeError(
-        f"{name} must be a float, a scalar array or a schedule (a callable of"
-        f" the step count); got {type(value).__name__} {value!r}."
+      f"{name} must be a float, a scalar array or a schedule (a callable of"
+      f" the step count); got {type(value).__name__} {value!r}."
     )
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
     if np.ndim(value) != 0:
-      raise ValueError(
-          f"{name} must be a scalar; got an array of shape {np.shape(value)}."
-      )
+      raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
     dtype = jnp.dtype(value.dtype)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
       raise TypeError(f"{name} must be a real number; got dtype {dtype}.")
     if wide_dtype and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
       raise TypeError(
-          f"{name} arrived as {dtype}, which cannot hold it (bfloat16 rounds"
-          " 0.999 to 1.0, float16 rounds 1e-8 to 0). Keep hyperparameters in"
-          " float32 or wider: with optax.inject_hyperparams pass"
-          " hyperparam_dtype=jnp.float32."
+        f"{name} arrived as {dtype}, which cannot hold it (bfloat16 rounds"
+        " 0.999 to 1.0, float16 rounds 1e-8 to 0). Keep hyperparameters in"
+        " float32 or wider: with optax.inject_hyperparams pass"
+        " hyperparam_dtype=jnp.float32."
       )
-  x = _concrete_value(value)
+  x = concrete_value(value)
   if x is None:
     return
   too_low = x <= low if low_open else x < low
@@ -107,8 +103,8 @@ def check_state(stage: str, state: Any, cls: type) -> None:
   """
   if not isinstance(state, cls):
     raise TypeError(
-        f"{stage} expects its state to be the {cls.__name__} that its init returns, but received"
-        f" {type(state).__name__}. Was the state made by another optimizer's init?"
+      f"{stage} expects its state to be the {cls.__name__} that its init returns, but received"
+      f" {type(state).__name__}. Was the state made by another optimizer's init?"
     )
 
 
@@ -144,8 +140,8 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
     for (path, u), (_, o) in zip(mine, theirs):
       if u is not None and (o is None or np.shape(u) != np.shape(o)):
         raise ValueError(
-            f"{stage}: the updates and {name} differ at {jax.tree_util.keystr(path)}: the updates have"
-            f" {_aval(u)}, {name} {_aval(o)}. {hint}"
+          f"{stage}: the updates and {name} differ at {jax.tree_util.keystr(path)}: the updates have"
+          f" {_aval(u)}, {name} {_aval(o)}. {hint}"
         )
     return
   mine_paths = [jax.tree_util.keystr(p) for p, _ in mine]
@@ -153,7 +149,7 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
   extra = [p for p in mine_paths if p not in set(theirs_paths)]
   missing = [p for p in theirs_paths if p not in set(mine_paths)]
   found = ([f"{extra[0]} is in the updates but not in {name}"] if extra else []) + (
-      [f"{missing[0]} is in {name} but not in the updates"] if missing else []
+    [f"{missing[0]} is in {name} but not in the updates"] if missing else []
   )
   if not found:
     found = [f"their containers differ ({mine_def} vs {theirs_def})"]
@@ -253,3 +249,37 @@ def tree_map_float(fn: Callable[..., Any], tree: Any, *rest: Any, keep: int = 0)
     return fn(*leaves)
 
   return jax.tree.map(apply, *trees, is_leaf=lambda x: x is None)
+
+
+def state_dtype(leaf: jax.Array, dtype: Any, *, widen: bool) -> Any:
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  return compute_dtype(leaf.dtype) if widen else leaf.dtype
+
+
+def state_zeros(params: optax.Params, dtype: Any, *, widen: bool) -> optax.Params:
+  """Zeros shaped like the float leaves of `params`; other leaves kept as they are."""
+  return jax.tree.map(
+    lambda p: jnp.zeros_like(p, state_dtype(p, dtype, widen=widen)) if is_float_leaf(p) else jnp.zeros_like(p),
+    params,
+  )
+
+
+def check_dtype(name: str, dtype: Any) -> None:
+  if dtype is None:
+    return
+  try:
+    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:  # numpy's "data type 'foo' not understood" names no argument
+    floating = False
+  if not floating:
+    raise TypeError(f"{name} must be a floating dtype or None; got {dtype!r}.")
+
+
+def is_zero(value: Any) -> bool:
+  """True only for a Python number equal to 0: a stage that would add nothing may be left out.
+
+  Arrays and schedules are never zero here (they may change under
+  `optax.inject_hyperparams`), so no Python branch ever reads a traced value.
+  """
+  return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0

@@ -85,11 +85,11 @@ def stochastic_store(dtype: Any) -> bool:
 
 
 def store(
-    updates: optax.Updates,
-    values: optax.Updates,
-    state: optax.Updates,
-    count: jax.Array,
-    stream: int,
+  updates: optax.Updates,
+  values: optax.Updates,
+  state: optax.Updates,
+  count: jax.Array,
+  stream: int,
 ) -> optax.Updates:
   """`values` cast to the dtypes of `state`, bfloat16 leaves rounded stochastically.
 

@@ -1,8 +1,11 @@
 """The moment estimates of Adam's Algorithm 1 and the stages that act on them.
 
-`scale_by_moments` turns gradients into :class:`Moments`; every stage in this
-module takes :class:`Moments` in and gives :class:`Moments` out, until a stage
-of `jadam._scale` (:func:`jadam.normalize`) turns them back into updates.
+Every stage that produces :class:`Moments` lives here: `scale_by_moments`
+(Adam's exponential averages), `scale_by_inf_moments` (Adamax's infinity
+norm) and `accumulate_squares` (Adagrad's sum), and the two stages that
+rewrite them before a correction: `max_nu` (AMSGrad) and `center` (centred
+RMSProp). `jadam._correct` corrects them; `jadam._scale` divides them back
+into parameter-shaped updates.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ def expect_moments(updates: Any, stage: str) -> Moments:
   """Raises a `TypeError` unless `updates` are :class:`Moments`."""
   if not isinstance(updates, Moments):
     raise TypeError(
-        f"{stage} expects the Moments that jadam.scale_by_moments (or"
-        " jadam.accumulate_squares) produces, but received"
-        f" {type(updates).__name__}. Put jadam.scale_by_moments(...) before"
-        f" {stage} in the chain."
+      f"{stage} expects the Moments that jadam.scale_by_moments (or"
+      " jadam.accumulate_squares) produces, but received"
+      f" {type(updates).__name__}. Put jadam.scale_by_moments(...) before"
+      f" {stage} in the chain."
     )
   return updates
 
@@ -51,37 +54,10 @@ def expect_updates(updates: Any, stage: str) -> None:
   """Raises a `TypeError` if `updates` are :class:`Moments`, not a parameter-shaped tree."""
   if isinstance(updates, Moments):
     raise TypeError(
-        f"{stage} expects parameter-shaped updates but received jadam.Moments, which only the stages"
-        " between jadam.scale_by_moments and jadam.normalize take. Put jadam.normalize(...) (or"
-        f" another stage that divides the moments) before {stage}."
+      f"{stage} expects parameter-shaped updates but received jadam.Moments, which only the stages"
+      " between jadam.scale_by_moments and jadam.normalize take. Put jadam.normalize(...) (or"
+      f" another stage that divides the moments) before {stage}."
     )
-
-
-def _state_dtype(leaf: jax.Array, dtype: Dtype | None, *, widen: bool) -> Dtype:
-  if dtype is not None:
-    return jnp.dtype(dtype)
-  return _common.compute_dtype(leaf.dtype) if widen else leaf.dtype
-
-
-def _zeros(params: optax.Params, dtype: Dtype | None, *, widen: bool) -> optax.Params:
-  """Zeros shaped like the float leaves of `params`; other leaves kept as they are."""
-  return jax.tree.map(
-      lambda p: jnp.zeros_like(p, _state_dtype(p, dtype, widen=widen))
-      if _common.is_float_leaf(p)
-      else jnp.zeros_like(p),
-      params,
-  )
-
-
-def _check_dtype(name: str, dtype: Dtype | None) -> None:
-  if dtype is None:
-    return
-  try:
-    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-  except TypeError:  # numpy's "data type 'foo' not understood" names no argument
-    floating = False
-  if not floating:
-    raise TypeError(f"{name} must be a floating dtype or None; got {dtype!r}.")
 
 
 class ScaleByMomentsState(NamedTuple):
@@ -93,11 +69,11 @@ class ScaleByMomentsState(NamedTuple):
 
 
 def scale_by_moments(
-    b1: optax.ScalarOrSchedule | None = 0.9,
-    b2: optax.ScalarOrSchedule = 0.999,
-    *,
-    mu_dtype: Dtype | None = None,
-    nu_dtype: Dtype | None = None,
+  b1: optax.ScalarOrSchedule | None = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  *,
+  mu_dtype: Dtype | None = None,
+  nu_dtype: Dtype | None = None,
 ) -> optax.GradientTransformation:
   r"""Track moving averages of the gradient and of its square.
 
@@ -135,15 +111,15 @@ def scale_by_moments(
   """
   _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
   _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _check_dtype("mu_dtype", mu_dtype)
-  _check_dtype("nu_dtype", nu_dtype)
+  _common.check_dtype("mu_dtype", mu_dtype)
+  _common.check_dtype("nu_dtype", nu_dtype)
   b1_fn = None if b1 is None else _common.as_schedule(b1)
   b2_fn = _common.as_schedule(b2)
 
   def init_fn(params):
-    mu = None if b1 is None else _zeros(params, mu_dtype, widen=False)
+    mu = None if b1 is None else _common.state_zeros(params, mu_dtype, widen=False)
     return ScaleByMomentsState(
-        count=jnp.zeros([], jnp.int32), mu=mu, nu=_zeros(params, nu_dtype, widen=True)
+      count=jnp.zeros([], jnp.int32), mu=mu, nu=_common.state_zeros(params, nu_dtype, widen=True)
     )
 
   def update_fn(updates, state, params=None):
@@ -182,6 +158,8 @@ def _store(updates, values, state, count, stream, dtype):
     stored = _lowp.store(updates, values, state, count, stream)
     return stored, _common.tree_map_float(lambda v, s: s.astype(v.dtype), values, stored)
   return _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, values, state, keep=2), values
+
+
 # --- end low-precision storage -------------------------------------------------
 
 
@@ -230,10 +208,10 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
     Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, 2018.
   """
-  _check_dtype("nu_dtype", nu_dtype)
+  _common.check_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params):
-    return MaxNuState(nu_max=_zeros(params, nu_dtype, widen=True))
+    return MaxNuState(nu_max=_common.state_zeros(params, nu_dtype, widen=True))
 
   def update_fn(updates, state, params=None):
     del params
@@ -247,50 +225,76 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
-  r"""Correct the moments for their zero initialisation.
+class ScaleByInfMomentsState(NamedTuple):
+  """State for :func:`scale_by_inf_moments`."""
+
+  count: jax.Array  # shape=(), int32: steps taken so far
+  mu: optax.Updates
+  nu: optax.Updates  # u_t, the weighted infinity norm
+
+
+def scale_by_inf_moments(
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  mu_dtype: Dtype | None = None,
+) -> optax.GradientTransformation:
+  r"""Adamax's moments: the first moment and an exponentially weighted infinity norm.
 
   .. math::
-      \hat m_t = \frac{m_t}{1 - \beta_1^t}, \qquad
-      \hat v_t = \frac{v_t}{1 - \beta_2^t}.
+      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+      u_t = \max(\beta_2 u_{t-1},\; |g_t| + \epsilon), \qquad m_0 = u_0 = 0.
 
-  The decays and :math:`t` are read from the :class:`Moments` it receives, so
-  they cannot disagree with those :func:`scale_by_moments` used (schedules
-  included). :math:`1 - \beta^t` is computed as
-  :math:`-\operatorname{expm1}(t \log\beta)`, which keeps float32 within an ulp
-  or two of PyTorch's double-precision factor.
+  :math:`\epsilon` is added inside the maximum, as PyTorch does, so that
+  :math:`u_t > 0` whenever :math:`\epsilon > 0`. The norm is not biased towards
+  zero, so the :class:`Moments` carry :math:`\beta_2 = 0` for it and
+  :func:`jadam.bias_correct` corrects only :math:`m_t`. Follow with
+  :func:`normalize_inf`, which divides by :math:`u_t` itself (not a root).
 
   Args:
-    into_step: Fold the correction into the step size instead, as Keras and
-      the paper's "more efficient" ordering do:
-      :math:`u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t} + \hat\epsilon}`.
-      The moments go on uncorrected, so :func:`normalize`'s eps is Keras's
-      eps-hat: it acts as :math:`\hat\epsilon / \sqrt{1-\beta_2^t}` on the
-      corrected scale.
+    b1: Decay of the first moment, in [0, 1): a float, a scalar array or a schedule.
+    b2: Decay of the infinity norm, in [0, 1), of the same kinds.
+    eps: :math:`\epsilon \ge 0`, of the same kinds.
+    mu_dtype: Storage dtype of :math:`m`; by default the parameter's.
 
   Returns:
-    An :class:`optax.GradientTransformation` from :class:`Moments` to
-    :class:`Moments`; stateless.
-  """
+    An :class:`optax.GradientTransformation` whose updates are :class:`Moments`.
 
-  _common.check_flag("into_step", into_step)
+  References:
+    Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
+  """
+  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _common.check_dtype("mu_dtype", mu_dtype)
+  b1_fn, b2_fn, eps_fn = _common.as_schedule(b1), _common.as_schedule(b2), _common.as_schedule(eps)
 
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    return ScaleByInfMomentsState(
+      count=jnp.zeros([], jnp.int32),
+      mu=_common.state_zeros(params, mu_dtype, widen=False),
+      nu=_common.state_zeros(params, None, widen=True),
+    )
 
   def update_fn(updates, state, params=None):
     del params
-    moments = expect_moments(updates, "jadam.bias_correct")
-    if moments.bias_corrected:
-      raise TypeError("jadam.bias_correct received moments that are already bias-corrected; use it once.")
-    c1 = _common.one_minus_power(moments.b1, moments.count)
-    c2 = _common.one_minus_power(moments.b2, moments.count)
-    if into_step:
-      return moments._replace(bias_corrected=True, step_scale=jnp.sqrt(c2) / c1), state
-    mu = _common.tree_map_float(lambda m: m / c1.astype(m.dtype), moments.mu)
-    nu = _common.tree_map_float(lambda v: v / c2.astype(v.dtype), moments.nu)
-    return moments._replace(mu=mu, nu=nu, bias_corrected=True), state
+    expect_updates(updates, "jadam.scale_by_inf_moments")
+    _common.check_state("jadam.scale_by_inf_moments", state, ScaleByInfMomentsState)
+    _common.check_tree("jadam.scale_by_inf_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
+    beta1, beta2, e = b1_fn(state.count), b2_fn(state.count), eps_fn(state.count)
+    mu = _ema(updates, state.mu, beta1, square=False)
+
+    def norm(g, u):
+      dtype = _common.compute_dtype(g.dtype)
+      decayed = _common.cast_hyperparameter(beta2, dtype) * u.astype(dtype)
+      return jnp.maximum(decayed, jnp.abs(g.astype(dtype)) + _common.cast_hyperparameter(e, dtype))
+
+    nu = _common.tree_map_float(norm, updates, state.nu)
+    count = optax.safe_increment(state.count)
+    keep = lambda new, old: _common.tree_map_float(lambda g, x, s: x.astype(s.dtype), updates, new, old, keep=2)
+    moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=0.0, grad=updates)
+    return moments, ScaleByInfMomentsState(count=count, mu=keep(mu, state.mu), nu=keep(nu, state.nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -320,7 +324,9 @@ def center() -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     moments = expect_moments(updates, "jadam.center")
-    nu = _common.tree_map_float(lambda v, m: v - (m * jnp.conj(m) if jnp.iscomplexobj(m) else m * m), moments.nu, moments.mu)
+    nu = _common.tree_map_float(
+      lambda v, m: v - (m * jnp.conj(m) if jnp.iscomplexobj(m) else m * m), moments.nu, moments.mu
+    )
     mu = _common.tree_map_float(lambda g, v: g.astype(v.dtype), moments.grad, nu)
     return moments._replace(mu=mu, nu=nu), state
 
@@ -335,7 +341,7 @@ class AccumulateSquaresState(NamedTuple):
 
 
 def accumulate_squares(
-    initial_accumulator_value: jax.typing.ArrayLike = 0.0, *, nu_dtype: Dtype | None = None
+  initial_accumulator_value: jax.typing.ArrayLike = 0.0, *, nu_dtype: Dtype | None = None
 ) -> optax.GradientTransformation:
   r"""Adagrad's second moment: the running sum of squared gradients.
 
@@ -360,13 +366,13 @@ def accumulate_squares(
   _common.check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
   if callable(initial_accumulator_value):
     raise TypeError("initial_accumulator_value must be a number, not a schedule.")
-  _check_dtype("nu_dtype", nu_dtype)
+  _common.check_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params):
     def start(p):
       if not _common.is_float_leaf(p):
         return p
-      dtype = _state_dtype(p, nu_dtype, widen=True)
+      dtype = _common.state_dtype(p, nu_dtype, widen=True)
       return jnp.full_like(p, _common.cast_hyperparameter(initial_accumulator_value, dtype), dtype)
 
     return AccumulateSquaresState(count=jnp.zeros([], jnp.int32), sum_of_squares=jax.tree.map(start, params))
@@ -375,8 +381,9 @@ def accumulate_squares(
     del params
     expect_updates(updates, "jadam.accumulate_squares")
     _common.check_state("jadam.accumulate_squares", state, AccumulateSquaresState)
-    _common.check_tree("jadam.accumulate_squares", updates, "the state's sum_of_squares", state.sum_of_squares,
-                       _common.STATE_HINT)
+    _common.check_tree(
+      "jadam.accumulate_squares", updates, "the state's sum_of_squares", state.sum_of_squares, _common.STATE_HINT
+    )
 
     def add(g, s):
       g = g.astype(_common.compute_dtype(g.dtype))

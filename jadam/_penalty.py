@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common, _moments
+from jadam import _common
+from jadam._moments import expect_updates
 
 
 class AddL2State(NamedTuple):
@@ -18,8 +20,8 @@ class AddL2State(NamedTuple):
 
 
 def add_l2(
-    weight_decay: optax.ScalarOrSchedule,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
+  weight_decay: optax.ScalarOrSchedule,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""Add :math:`\lambda\theta` to the updates.
 
@@ -50,11 +52,9 @@ def add_l2(
     return AddL2State(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
-    _moments.expect_updates(updates, "jadam.add_l2")
+    expect_updates(updates, "jadam.add_l2")
     if params is None:
-      raise ValueError(
-          "jadam.add_l2 needs the parameters: call update(grads, state, params)."
-      )
+      raise ValueError("jadam.add_l2 needs the parameters: call update(grads, state, params).")
     _common.check_state("jadam.add_l2", state, AddL2State)
     _common.check_tree("jadam.add_l2", updates, "the params", params, _common.PARAMS_HINT)
     wd = wd_fn(state.count)
@@ -69,3 +69,85 @@ def add_l2(
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
+
+
+class DecoupledDecayState(NamedTuple):
+  """State for :func:`decoupled_decay`."""
+
+  count: jax.Array  # shape=(), int32: for scheduled rates
+
+
+_CONVENTIONS = ("torch", "keras")
+
+
+def decoupled_decay(
+  weight_decay: optax.ScalarOrSchedule,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  convention: str = "torch",
+) -> optax.GradientTransformation:
+  r"""Decoupled weight decay applied to the parameters before the step, rounded as PyTorch or Keras round it.
+
+  .. math::
+      \theta' = \theta\,(1 - \alpha_t\lambda) \;\text{(torch)} \quad\text{or}\quad
+      \theta' = \theta - (\theta\lambda)\,\alpha_t \;\text{(keras)}, \qquad
+      \Delta \leftarrow (\theta' + \Delta) - \theta,
+
+  where :math:`\Delta = -\alpha_t u_t` is the step that arrives. Both are
+  algebraically :func:`jadam.add_l2` between :func:`jadam.normalize` and
+  :func:`jadam.scale_by_lr` (as in :func:`jadam.adamw`); they differ only in
+  rounding. `"torch"` is `torch.optim.AdamW`'s (and NAdam/RAdam's
+  `decoupled_weight_decay`): the factor :math:`1 - \alpha\lambda` is formed in
+  double on the host (for Python floats) and rounded once to the parameter's
+  dtype. In float32 the additive form drifts from PyTorch by about 0.3 ulp a
+  step, because PyTorch's rounded factor is off from :math:`1 - \alpha\lambda`
+  in the same direction every step; this form does not. `"keras"` is Keras 3's
+  base-optimizer decay, computed in the variable's dtype. The last subtraction
+  is exact (the two are within a factor two), so `optax.apply_updates` lands on
+  the reference's :math:`\theta' - \alpha_t u_t` bit for bit when the step
+  agrees.
+
+  Args:
+    weight_decay: :math:`\lambda \ge 0`: a float, a scalar array or a schedule.
+    learning_rate: :math:`\alpha`, the step's learning rate (the same value or
+      schedule given to :func:`jadam.scale_by_lr`).
+    convention: ``"torch"`` (default) or ``"keras"``: whose rounding to follow.
+
+  Returns:
+    An :class:`optax.GradientTransformation` on parameter-shaped updates; it
+    needs `params`. Put it after :func:`jadam.scale_by_lr`.
+  """
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  if convention not in _CONVENTIONS:
+    raise ValueError(f"convention must be one of {_CONVENTIONS}; got {convention!r}.")
+  wd_fn, lr_fn = _common.as_schedule(weight_decay), _common.as_schedule(learning_rate)
+  stage = "jadam.decoupled_decay"
+
+  def init_fn(params):
+    del params
+    return DecoupledDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    expect_updates(updates, stage)
+    if params is None:
+      raise ValueError(f"{stage} needs the parameters: call update(grads, state, params).")
+    _common.check_state(stage, state, DecoupledDecayState)
+    _common.check_tree(stage, updates, "the params", params, _common.PARAMS_HINT)
+    lr, wd = lr_fn(state.count), wd_fn(state.count)
+    if convention == "keras":
+      shrink = lambda p: p - p * _common.cast_hyperparameter(wd, p.dtype) * _common.cast_hyperparameter(lr, p.dtype)
+    else:
+      if isinstance(lr, numbers.Number) and isinstance(wd, numbers.Number):
+        factor = 1.0 - lr * wd  # in double, as PyTorch
+      else:
+        dtype = _common.float_dtype()
+        factor = 1.0 - _common.cast_hyperparameter(lr, dtype) * _common.cast_hyperparameter(wd, dtype)
+      shrink = lambda p: p * jnp.asarray(factor).astype(p.dtype)
+
+    def decay(u, p):
+      return ((shrink(p) + u.astype(p.dtype)) - p).astype(u.dtype)
+
+    return _common.tree_map_float(decay, updates, params), DecoupledDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,4 +1,4 @@
-"""The stages that turn moments into a step: divide, add momentum, scale by the learning rate."""
+"""The stages that turn moments into a step: divide (`normalize`, `normalize_inf`), add momentum, flip, scale by the learning rate."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common, _moments
+from jadam import _common
+from jadam._moments import expect_moments, expect_updates
 
 
 def normalize(
-    eps: optax.ScalarOrSchedule = 1e-8, *, eps_root: optax.ScalarOrSchedule = 0.0
+  eps: optax.ScalarOrSchedule = 1e-8, *, eps_root: optax.ScalarOrSchedule = 0.0
 ) -> optax.GradientTransformation:
   r"""Divide the first moment by the root of the second: Adam's direction.
 
@@ -43,7 +44,7 @@ def normalize(
 
   def update_fn(updates, state, params=None):
     del params
-    moments = _moments.expect_moments(updates, "jadam.normalize")
+    moments = expect_moments(updates, "jadam.normalize")
     step = moments.count - 1  # the count before the increment, as everywhere
     e, e_root = eps_fn(step), eps_root_fn(step)
 
@@ -89,7 +90,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
   def update_fn(updates, state, params=None):
     del params
-    _moments.expect_updates(updates, "jadam.scale_by_lr")
+    expect_updates(updates, "jadam.scale_by_lr")
     _common.check_state("jadam.scale_by_lr", state, ScaleByLrState)
     lr = lr_fn(state.count)
 
@@ -110,11 +111,11 @@ class MomentumState(NamedTuple):
 
 
 def momentum(
-    decay: optax.ScalarOrSchedule = 0.9,
-    *,
-    dampening: optax.ScalarOrSchedule = 0.0,
-    nesterov: bool = False,
-    accumulator_dtype=None,
+  decay: optax.ScalarOrSchedule = 0.9,
+  *,
+  dampening: optax.ScalarOrSchedule = 0.0,
+  nesterov: bool = False,
+  accumulator_dtype=None,
 ) -> optax.GradientTransformation:
   r"""Heavy-ball (or Nesterov) momentum with PyTorch's dampening.
 
@@ -143,20 +144,18 @@ def momentum(
   _common.check_hyperparameter("momentum", decay, low=0.0, high=1.0)
   _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
   _common.check_flag("nesterov", nesterov)
-  _moments._check_dtype("accumulator_dtype", accumulator_dtype)
-  if nesterov and _common._concrete_value(dampening) not in (None, 0.0):
+  _common.check_dtype("accumulator_dtype", accumulator_dtype)
+  if nesterov and _common.concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
   decay_fn, damp_fn = _common.as_schedule(decay), _common.as_schedule(dampening)
 
   def init_fn(params):
-    zeros = jax.tree.map(
-        lambda p: jnp.zeros_like(p, accumulator_dtype or jnp.result_type(p)), params
-    )
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, accumulator_dtype or jnp.result_type(p)), params)
     return MomentumState(count=jnp.zeros([], jnp.int32), trace=zeros)
 
   def update_fn(updates, state, params=None):
     del params
-    _moments.expect_updates(updates, "jadam.momentum")
+    expect_updates(updates, "jadam.momentum")
     _common.check_state("jadam.momentum", state, MomentumState)
     _common.check_tree("jadam.momentum", updates, "the state's trace", state.trace, _common.STATE_HINT)
     mu, tau = decay_fn(state.count), damp_fn(state.count)
@@ -175,7 +174,7 @@ def momentum(
     out = trace
     if nesterov:
       out = _common.tree_map_float(
-          lambda g, b: g.astype(b.dtype) + _common.cast_hyperparameter(mu, b.dtype) * b, updates, trace
+        lambda g, b: g.astype(b.dtype) + _common.cast_hyperparameter(mu, b.dtype) * b, updates, trace
       )
     out = _common.tree_map_float(lambda g, u: u.astype(g.dtype), updates, out)
     stored = _common.tree_map_float(lambda g, b, s: b.astype(s.dtype), updates, trace, state.trace, keep=2)
@@ -199,7 +198,37 @@ def flip_sign() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    _moments.expect_updates(updates, "jadam.flip_sign")
+    expect_updates(updates, "jadam.flip_sign")
     return _common.tree_map_float(jnp.negative, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def normalize_inf() -> optax.GradientTransformation:
+  r"""Divide the first moment by the infinity norm: Adamax's direction.
+
+  .. math::
+      u_t = \hat m_t / u_t,
+
+  with :math:`u_t` from :func:`scale_by_inf_moments` (which already holds
+  :math:`\epsilon`). Computed in float32 or wider, cast to each gradient's dtype.
+
+  Returns:
+    An :class:`optax.GradientTransformation` from :class:`Moments` to
+    parameter-shaped updates; stateless.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    moments = expect_moments(updates, "jadam.normalize_inf")
+
+    def divide(m, u, g):
+      dtype = _common.compute_dtype(m.dtype)
+      out = m.astype(dtype) / u.astype(dtype)
+      if moments.step_scale is not None:
+        out = out * jnp.asarray(moments.step_scale).astype(dtype)
+      return out.astype(g.dtype)
+
+    return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -10,15 +10,15 @@ This module never imports Keras.
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common, _moments
-from jadam._moments import Moments, max_nu
+from jadam import _common
+from jadam._moments import Moments, expect_moments, expect_updates, max_nu
+from jadam._penalty import decoupled_decay
 
 
 class KerasMomentsState(NamedTuple):
@@ -30,7 +30,7 @@ class KerasMomentsState(NamedTuple):
 
 
 def scale_by_keras_moments(
-    beta_1: optax.ScalarOrSchedule = 0.9, beta_2: optax.ScalarOrSchedule = 0.999
+  beta_1: optax.ScalarOrSchedule = 0.9, beta_2: optax.ScalarOrSchedule = 0.999
 ) -> optax.GradientTransformation:
   r"""Adam's moments in Keras's arithmetic: increments, in the variable's dtype.
 
@@ -54,12 +54,12 @@ def scale_by_keras_moments(
   b1_fn, b2_fn = _common.as_schedule(beta_1), _common.as_schedule(beta_2)
 
   def init_fn(params):
-    zeros = _moments._zeros(params, None, widen=True)
+    zeros = _common.state_zeros(params, None, widen=True)
     return KerasMomentsState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
 
   def update_fn(updates, state, params=None):
     del params
-    _moments.expect_updates(updates, "jadam.keras.scale_by_keras_moments")
+    expect_updates(updates, "jadam.keras.scale_by_keras_moments")
     _common.check_state("jadam.keras.scale_by_keras_moments", state, KerasMomentsState)
     _common.check_tree("jadam.keras.scale_by_keras_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
     b1, b2 = b1_fn(state.count), b2_fn(state.count)
@@ -70,6 +70,7 @@ def scale_by_keras_moments(
         g = g.astype(dtype)
         x = g * g if square else g
         return m + (x - m) * (1 - _common.cast_hyperparameter(decay, dtype))
+
       return one
 
     mu = _common.tree_map_float(step(b1, False), updates, state.mu)
@@ -88,7 +89,7 @@ class KerasStepState(NamedTuple):
 
 
 def keras_step(
-    learning_rate: optax.ScalarOrSchedule = 0.001, epsilon: optax.ScalarOrSchedule = 1e-7
+  learning_rate: optax.ScalarOrSchedule = 0.001, epsilon: optax.ScalarOrSchedule = 1e-7
 ) -> optax.GradientTransformation:
   r"""Keras's Adam step, bias correction folded into the step size, rounded as Keras rounds it.
 
@@ -122,7 +123,7 @@ def keras_step(
 
   def update_fn(updates, state, params=None):
     del params
-    moments = _moments.expect_moments(updates, "jadam.keras.keras_step")
+    moments = expect_moments(updates, "jadam.keras.keras_step")
     _common.check_state("jadam.keras.keras_step", state, KerasStepState)
     if moments.bias_corrected:
       raise TypeError("jadam.keras.keras_step corrects the moments itself; remove jadam.bias_correct before it.")
@@ -142,80 +143,21 @@ def keras_step(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-class DecayWeightsState(NamedTuple):
-  """State for :func:`decay_weights`."""
-
-  count: jax.Array  # shape=(), int32: for scheduled rates
-
-
-def decay_weights(
-    weight_decay: optax.ScalarOrSchedule, learning_rate: optax.ScalarOrSchedule
-) -> optax.GradientTransformation:
-  r"""Keras's decoupled weight decay, applied to the parameters before the step, rounded as Keras does.
-
-  .. math::
-      \theta' = \theta - (\theta\lambda)\alpha_t, \qquad
-      \Delta \leftarrow (\theta' + \Delta) - \theta,
-
-  where :math:`\Delta` is the step that arrives (:math:`-\alpha_t u_t`). The
-  last subtraction is exact (the two are within a factor two), so
-  `optax.apply_updates` lands on Keras's :math:`\theta' - \alpha_t u_t`
-  bit for bit when the step agrees. Algebraically it is :func:`jadam.add_l2`
-  placed before :func:`jadam.scale_by_lr`, as in :func:`jadam.adamw`.
-
-  Args:
-    weight_decay: :math:`\lambda \ge 0`: a float, a scalar array or a schedule.
-    learning_rate: :math:`\alpha`, the same as the step's.
-
-  Returns:
-    An :class:`optax.GradientTransformation` on parameter-shaped updates; it
-    needs `params`. Put it last.
-  """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  wd_fn, lr_fn = _common.as_schedule(weight_decay), _common.as_schedule(learning_rate)
-
-  def init_fn(params):
-    del params
-    return DecayWeightsState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    _moments.expect_updates(updates, "jadam.keras.decay_weights")
-    if params is None:
-      raise ValueError("jadam.keras.decay_weights needs the parameters: call update(grads, state, params).")
-    _common.check_state("jadam.keras.decay_weights", state, DecayWeightsState)
-    _common.check_tree("jadam.keras.decay_weights", updates, "the params", params, _common.PARAMS_HINT)
-    wd, lr = wd_fn(state.count), lr_fn(state.count)
-
-    def decay(u, p):
-      dtype = p.dtype
-      decayed = p - p * _common.cast_hyperparameter(wd, dtype) * _common.cast_hyperparameter(lr, dtype)
-      return ((decayed + u.astype(dtype)) - p).astype(u.dtype)
-
-    return _common.tree_map_float(decay, updates, params), DecayWeightsState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _is_zero(x: Any) -> bool:
-  return isinstance(x, numbers.Number) and not isinstance(x, bool) and x == 0
-
-
 def Adam(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    beta_1: optax.ScalarOrSchedule = 0.9,
-    beta_2: optax.ScalarOrSchedule = 0.999,
-    epsilon: optax.ScalarOrSchedule = 1e-7,
-    amsgrad: bool = False,
-    *,
-    weight_decay: optax.ScalarOrSchedule | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  beta_1: optax.ScalarOrSchedule = 0.9,
+  beta_2: optax.ScalarOrSchedule = 0.999,
+  epsilon: optax.ScalarOrSchedule = 1e-7,
+  amsgrad: bool = False,
+  *,
+  weight_decay: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
   r"""`keras.optimizers.Adam`, with Keras 3's names, defaults and arithmetic.
 
   .. math::
       \begin{align*}
         \theta &\leftarrow \theta - \theta\lambda\alpha_t
-            && \text{(if weight\_decay: \texttt{decay\_weights})}\\
+            && \text{(if weight\_decay: \texttt{decoupled\_decay})}\\
         m_t &= m_{t-1} + (g_t - m_{t-1})(1-\beta_1), \quad
         v_t = v_{t-1} + (g_t^2 - v_{t-1})(1-\beta_2)
             && \text{(\texttt{scale\_by\_keras\_moments})}\\
@@ -247,22 +189,26 @@ def Adam(
   _common.check_flag("amsgrad", amsgrad)
   if weight_decay is not None:
     _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  decay = [] if weight_decay is None or _is_zero(weight_decay) else [decay_weights(weight_decay, learning_rate)]
+  decay = (
+    []
+    if weight_decay is None or _common.is_zero(weight_decay)
+    else [decoupled_decay(weight_decay, learning_rate, convention="keras")]
+  )
   return optax.chain(
-      scale_by_keras_moments(beta_1, beta_2),
-      *([max_nu()] if amsgrad else []),
-      keras_step(learning_rate, epsilon),
-      *decay,
+    scale_by_keras_moments(beta_1, beta_2),
+    *([max_nu()] if amsgrad else []),
+    keras_step(learning_rate, epsilon),
+    *decay,
   )
 
 
 def AdamW(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    weight_decay: optax.ScalarOrSchedule = 0.004,
-    beta_1: optax.ScalarOrSchedule = 0.9,
-    beta_2: optax.ScalarOrSchedule = 0.999,
-    epsilon: optax.ScalarOrSchedule = 1e-7,
-    amsgrad: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  weight_decay: optax.ScalarOrSchedule = 0.004,
+  beta_1: optax.ScalarOrSchedule = 0.9,
+  beta_2: optax.ScalarOrSchedule = 0.999,
+  epsilon: optax.ScalarOrSchedule = 1e-7,
+  amsgrad: bool = False,
 ) -> optax.GradientTransformation:
   r"""`keras.optimizers.AdamW`: :func:`Adam` with Keras's default weight_decay of 0.004.
 

@@ -28,4 +28,6 @@ def assert_bitwise_equal(got, want, what: str = "") -> None:
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
     diff = np.flatnonzero(bits(a).ravel() != bits(b).ravel())
-    assert diff.size == 0, f"{where}: {diff.size} of {a.size} values differ in their bits, e.g. {a.ravel()[diff[0]]!r} vs {b.ravel()[diff[0]]!r}"
+    assert diff.size == 0, (
+      f"{where}: {diff.size} of {a.size} values differ in their bits, e.g. {a.ravel()[diff[0]]!r} vs {b.ravel()[diff[0]]!r}"
+    )

@@ -34,17 +34,17 @@ class Problem(NamedTuple):
 
 
 def problem(
-    steps: int = 500, n: int = 8, *, seed: int = 0, feedback: bool = True, scale: float = 1.0, sign: float = 1.0
+  steps: int = 500, n: int = 8, *, seed: int = 0, feedback: bool = True, scale: float = 1.0, sign: float = 1.0
 ) -> Problem:
   """The problem; `sign=-1` makes it concave, for `maximize=True` to climb to the same optimum."""
   rng = np.random.default_rng(seed)
   a = sign * scale * rng.uniform(0.5, 1.5, n)
   return Problem(
-      params=rng.uniform(1.0, 2.0, n),
-      a=a,
-      b=a * rng.uniform(1.0, 2.0, n),
-      noise=scale * rng.normal(size=(steps, n)),
-      feedback=feedback,
+    params=rng.uniform(1.0, 2.0, n),
+    a=a,
+    b=a * rng.uniform(1.0, 2.0, n),
+    noise=scale * rng.normal(size=(steps, n)),
+    feedback=feedback,
   )
 
 
@@ -181,113 +181,113 @@ def _t(name: str, **kw):
 
 LR = 1e-2
 CONFIGS: dict[str, Config] = {
-    "adam": Config(
-        lambda: jadam.adam(LR),
-        _t("Adam", lr=LR),
-        functools.partial(reference.adam, lr=LR),
-        lambda: optax.adam(LR),
-    ),
-    "adam_weight_decay": Config(
-        lambda: jadam.adam(LR, weight_decay=0.1),
-        _t("Adam", lr=LR, weight_decay=0.1),
-        functools.partial(reference.adam, lr=LR, weight_decay=0.1),
-    ),
-    "adam_amsgrad": Config(
-        lambda: jadam.adam(LR, amsgrad=True),
-        _t("Adam", lr=LR, amsgrad=True),
-        functools.partial(reference.adam, lr=LR, amsgrad="torch"),
-    ),
-    "adam_maximize": Config(
-        lambda: jadam.adam(LR, maximize=True),
-        _t("Adam", lr=LR, maximize=True),
-        functools.partial(reference.adam, lr=LR, maximize=True),
-        sign=-1.0,
-    ),
-    "adam_amsgrad_weight_decay": Config(
-        lambda: jadam.adam(LR, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.05, amsgrad=True),
-        _t("Adam", lr=LR, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True),
-        functools.partial(reference.adam, lr=LR, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.05, amsgrad="torch"),
-    ),
-    "adamw": Config(
-        lambda: jadam.adamw(LR, weight_decay=0.1),
-        _t("AdamW", lr=LR, weight_decay=0.1),
-        functools.partial(reference.adam, lr=LR, decoupled_weight_decay=0.1),
-        lambda: optax.adamw(LR, weight_decay=0.1),
-    ),
-    "adamw_amsgrad_maximize": Config(
-        lambda: jadam.adamw(LR, b1=0.8, weight_decay=0.05, amsgrad=True, maximize=True),
-        _t("AdamW", lr=LR, betas=(0.8, 0.999), weight_decay=0.05, amsgrad=True, maximize=True),
-        functools.partial(reference.adam, lr=LR, b1=0.8, decoupled_weight_decay=0.05, amsgrad="torch", maximize=True),
-        sign=-1.0,
-    ),
-    "sgd": Config(
-        lambda: jadam.sgd(LR),
-        _t("SGD", lr=LR),
-        functools.partial(reference.sgd, lr=LR),
-    ),
-    "sgd_momentum_dampening": Config(
-        lambda: jadam.sgd(LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
-        _t("SGD", lr=LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
-        functools.partial(reference.sgd, lr=LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
-    ),
-    "sgd_dampening_without_momentum": Config(  # torch ignores dampening when momentum is 0
-        lambda: jadam.sgd(LR, momentum=0.0, dampening=0.5),
-        _t("SGD", lr=LR, momentum=0.0, dampening=0.5),
-        functools.partial(reference.sgd, lr=LR, momentum=0.0, dampening=0.5),
-    ),
-    "sgd_maximize": Config(
-        lambda: jadam.sgd(LR, momentum=0.5, weight_decay=0.01, maximize=True),
-        _t("SGD", lr=LR, momentum=0.5, weight_decay=0.01, maximize=True),
-        functools.partial(reference.sgd, lr=LR, momentum=0.5, weight_decay=0.01, maximize=True),
-        sign=-1.0,
-    ),
-    "sgd_nesterov": Config(
-        lambda: jadam.sgd(LR, momentum=0.9, nesterov=True),
-        _t("SGD", lr=LR, momentum=0.9, nesterov=True),
-        functools.partial(reference.sgd, lr=LR, momentum=0.9, nesterov=True),
-    ),
-    "rmsprop": Config(
-        lambda: jadam.rmsprop(LR),
-        _t("RMSprop", lr=LR),
-        functools.partial(reference.rmsprop, lr=LR),
-    ),
-    "rmsprop_centered": Config(
-        lambda: jadam.rmsprop(LR, centered=True, weight_decay=0.01),
-        _t("RMSprop", lr=LR, centered=True, weight_decay=0.01),
-        functools.partial(reference.rmsprop, lr=LR, centered=True, weight_decay=0.01),
-    ),
-    "rmsprop_momentum": Config(
-        lambda: jadam.rmsprop(1e-3, momentum=0.9),
-        _t("RMSprop", lr=1e-3, momentum=0.9),
-        functools.partial(reference.rmsprop, lr=1e-3, momentum=0.9),
-    ),
-    "rmsprop_centered_momentum": Config(
-        lambda: jadam.rmsprop(1e-3, alpha=0.9, centered=True, momentum=0.5),
-        _t("RMSprop", lr=1e-3, alpha=0.9, centered=True, momentum=0.5),
-        functools.partial(reference.rmsprop, lr=1e-3, alpha=0.9, centered=True, momentum=0.5),
-    ),
-    "rmsprop_maximize": Config(
-        lambda: jadam.rmsprop(LR, centered=True, maximize=True),
-        _t("RMSprop", lr=LR, centered=True, maximize=True),
-        functools.partial(reference.rmsprop, lr=LR, centered=True, maximize=True),
-        sign=-1.0,
-    ),
-    "adagrad_maximize": Config(
-        lambda: jadam.adagrad(LR, weight_decay=0.01, maximize=True),
-        _t("Adagrad", lr=LR, weight_decay=0.01, maximize=True),
-        functools.partial(reference.adagrad, lr=LR, weight_decay=0.01, maximize=True),
-        sign=-1.0,
-    ),
-    "adagrad": Config(
-        lambda: jadam.adagrad(LR),
-        _t("Adagrad", lr=LR),
-        functools.partial(reference.adagrad, lr=LR),
-    ),
-    "adagrad_lr_decay_initial_accumulator": Config(
-        lambda: jadam.adagrad(LR, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
-        _t("Adagrad", lr=LR, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
-        functools.partial(reference.adagrad, lr=LR, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
-    ),
+  "adam": Config(
+    lambda: jadam.adam(LR),
+    _t("Adam", lr=LR),
+    functools.partial(reference.adam, lr=LR),
+    lambda: optax.adam(LR),
+  ),
+  "adam_weight_decay": Config(
+    lambda: jadam.adam(LR, weight_decay=0.1),
+    _t("Adam", lr=LR, weight_decay=0.1),
+    functools.partial(reference.adam, lr=LR, weight_decay=0.1),
+  ),
+  "adam_amsgrad": Config(
+    lambda: jadam.adam(LR, amsgrad=True),
+    _t("Adam", lr=LR, amsgrad=True),
+    functools.partial(reference.adam, lr=LR, amsgrad="torch"),
+  ),
+  "adam_maximize": Config(
+    lambda: jadam.adam(LR, maximize=True),
+    _t("Adam", lr=LR, maximize=True),
+    functools.partial(reference.adam, lr=LR, maximize=True),
+    sign=-1.0,
+  ),
+  "adam_amsgrad_weight_decay": Config(
+    lambda: jadam.adam(LR, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.05, amsgrad=True),
+    _t("Adam", lr=LR, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True),
+    functools.partial(reference.adam, lr=LR, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.05, amsgrad="torch"),
+  ),
+  "adamw": Config(
+    lambda: jadam.adamw(LR, weight_decay=0.1),
+    _t("AdamW", lr=LR, weight_decay=0.1),
+    functools.partial(reference.adam, lr=LR, decoupled_weight_decay=0.1),
+    lambda: optax.adamw(LR, weight_decay=0.1),
+  ),
+  "adamw_amsgrad_maximize": Config(
+    lambda: jadam.adamw(LR, b1=0.8, weight_decay=0.05, amsgrad=True, maximize=True),
+    _t("AdamW", lr=LR, betas=(0.8, 0.999), weight_decay=0.05, amsgrad=True, maximize=True),
+    functools.partial(reference.adam, lr=LR, b1=0.8, decoupled_weight_decay=0.05, amsgrad="torch", maximize=True),
+    sign=-1.0,
+  ),
+  "sgd": Config(
+    lambda: jadam.sgd(LR),
+    _t("SGD", lr=LR),
+    functools.partial(reference.sgd, lr=LR),
+  ),
+  "sgd_momentum_dampening": Config(
+    lambda: jadam.sgd(LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    _t("SGD", lr=LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    functools.partial(reference.sgd, lr=LR, momentum=0.9, dampening=0.3, weight_decay=0.01),
+  ),
+  "sgd_dampening_without_momentum": Config(  # torch ignores dampening when momentum is 0
+    lambda: jadam.sgd(LR, momentum=0.0, dampening=0.5),
+    _t("SGD", lr=LR, momentum=0.0, dampening=0.5),
+    functools.partial(reference.sgd, lr=LR, momentum=0.0, dampening=0.5),
+  ),
+  "sgd_maximize": Config(
+    lambda: jadam.sgd(LR, momentum=0.5, weight_decay=0.01, maximize=True),
+    _t("SGD", lr=LR, momentum=0.5, weight_decay=0.01, maximize=True),
+    functools.partial(reference.sgd, lr=LR, momentum=0.5, weight_decay=0.01, maximize=True),
+    sign=-1.0,
+  ),
+  "sgd_nesterov": Config(
+    lambda: jadam.sgd(LR, momentum=0.9, nesterov=True),
+    _t("SGD", lr=LR, momentum=0.9, nesterov=True),
+    functools.partial(reference.sgd, lr=LR, momentum=0.9, nesterov=True),
+  ),
+  "rmsprop": Config(
+    lambda: jadam.rmsprop(LR),
+    _t("RMSprop", lr=LR),
+    functools.partial(reference.rmsprop, lr=LR),
+  ),
+  "rmsprop_centered": Config(
+    lambda: jadam.rmsprop(LR, centered=True, weight_decay=0.01),
+    _t("RMSprop", lr=LR, centered=True, weight_decay=0.01),
+    functools.partial(reference.rmsprop, lr=LR, centered=True, weight_decay=0.01),
+  ),
+  "rmsprop_momentum": Config(
+    lambda: jadam.rmsprop(1e-3, momentum=0.9),
+    _t("RMSprop", lr=1e-3, momentum=0.9),
+    functools.partial(reference.rmsprop, lr=1e-3, momentum=0.9),
+  ),
+  "rmsprop_centered_momentum": Config(
+    lambda: jadam.rmsprop(1e-3, alpha=0.9, centered=True, momentum=0.5),
+    _t("RMSprop", lr=1e-3, alpha=0.9, centered=True, momentum=0.5),
+    functools.partial(reference.rmsprop, lr=1e-3, alpha=0.9, centered=True, momentum=0.5),
+  ),
+  "rmsprop_maximize": Config(
+    lambda: jadam.rmsprop(LR, centered=True, maximize=True),
+    _t("RMSprop", lr=LR, centered=True, maximize=True),
+    functools.partial(reference.rmsprop, lr=LR, centered=True, maximize=True),
+    sign=-1.0,
+  ),
+  "adagrad_maximize": Config(
+    lambda: jadam.adagrad(LR, weight_decay=0.01, maximize=True),
+    _t("Adagrad", lr=LR, weight_decay=0.01, maximize=True),
+    functools.partial(reference.adagrad, lr=LR, weight_decay=0.01, maximize=True),
+    sign=-1.0,
+  ),
+  "adagrad": Config(
+    lambda: jadam.adagrad(LR),
+    _t("Adagrad", lr=LR),
+    functools.partial(reference.adagrad, lr=LR),
+  ),
+  "adagrad_lr_decay_initial_accumulator": Config(
+    lambda: jadam.adagrad(LR, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
+    _t("Adagrad", lr=LR, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
+    functools.partial(reference.adagrad, lr=LR, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
+  ),
 }
 
 # jadam settings that optax implements too (optax's own float32 arithmetic is the reference).

@@ -21,14 +21,14 @@ import _parity  # noqa: E402
 
 STEPS, N = 50, 5
 NAMES = (
-    "adam",
-    "adam_amsgrad_weight_decay",
-    "adam_maximize",
-    "adamw",
-    "sgd_momentum_dampening",
-    "sgd_nesterov",
-    "rmsprop_centered_momentum",
-    "adagrad_lr_decay_initial_accumulator",
+  "adam",
+  "adam_amsgrad_weight_decay",
+  "adam_maximize",
+  "adamw",
+  "sgd_momentum_dampening",
+  "sgd_nesterov",
+  "rmsprop_centered_momentum",
+  "adagrad_lr_decay_initial_accumulator",
 )
 
 
@@ -43,8 +43,13 @@ def main():
     thetas = _parity.run_torch(c.torch, prob, np.float64)
     path = os.path.join(out_dir, f"{name}.npz")
     np.savez(
-        path, params=prob.params, a=prob.a, b=prob.b, noise=prob.noise, thetas=thetas,
-        torch_version=np.array(torch.__version__),
+      path,
+      params=prob.params,
+      a=prob.a,
+      b=prob.b,
+      noise=prob.noise,
+      thetas=thetas,
+      torch_version=np.array(torch.__version__),
     )
     print(f"{path}: {thetas.shape}, last {thetas[-1]}")
 

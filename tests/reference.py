@@ -15,9 +15,22 @@ def _as64(grads, params):
   return np.asarray(grads, np.float64), np.array(params, np.float64, copy=True)
 
 
-def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-         weight_decay=0.0, decoupled_weight_decay=0.0, amsgrad=None, maximize=False,
-         keras=False, t0=0):
+def adam(
+  grads,
+  params,
+  *,
+  lr=1e-3,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+  eps_root=0.0,
+  weight_decay=0.0,
+  decoupled_weight_decay=0.0,
+  amsgrad=None,
+  maximize=False,
+  keras=False,
+  t0=0,
+):
   """Adam and its variants.
 
   amsgrad: None, "torch" (max over raw v, corrected at the current step) or
@@ -32,7 +45,9 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   """
   grads, theta = _as64(grads, params)
   f = lambda x, t: x(t - 1) if callable(x) else x
-  m = np.zeros_like(theta); v = np.zeros_like(theta); vmax = np.zeros_like(theta)
+  m = np.zeros_like(theta)
+  v = np.zeros_like(theta)
+  vmax = np.zeros_like(theta)
   out = []
   for t, g in enumerate(grads, start=t0 + 1):
     g = -g if maximize else g
@@ -41,17 +56,20 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
     beta1, beta2, alpha = f(b1, t), f(b2, t), f(lr, t)
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
-    c1, c2 = 1 - beta1 ** t, 1 - beta2 ** t
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
     if keras:
       vv = v
       if amsgrad:
-        vmax = np.maximum(vmax, v); vv = vmax
+        vmax = np.maximum(vmax, v)
+        vv = vmax
       u = (np.sqrt(c2) / c1) * m / (np.sqrt(vv) + eps_t)
     else:
       if amsgrad == "torch":
-        vmax = np.maximum(vmax, v); v_hat = vmax / c2
+        vmax = np.maximum(vmax, v)
+        v_hat = vmax / c2
       elif amsgrad == "optax":
-        vmax = np.maximum(vmax, v / c2); v_hat = vmax
+        vmax = np.maximum(vmax, v / c2)
+        v_hat = vmax
       else:
         v_hat = v / c2
       u = (m / c1) / (np.sqrt(v_hat + eps_root_t) + eps_t)
@@ -60,11 +78,11 @@ def adam(grads, params, *, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
   return np.stack(out)
 
 
-def sgd(grads, params, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-        nesterov=False, maximize=False):
+def sgd(grads, params, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
   """torch.optim.SGD: b_1 = g_1, b_t = mu b + (1 - tau) g; nesterov g + mu b."""
   grads, theta = _as64(grads, params)
-  buf = None; out = []
+  buf = None
+  out = []
   for g in grads:
     g = -g if maximize else g
     g = g + weight_decay * theta
@@ -76,11 +94,14 @@ def sgd(grads, params, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0
   return np.stack(out)
 
 
-def rmsprop(grads, params, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-            momentum=0.0, centered=False, maximize=False):
+def rmsprop(
+  grads, params, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False
+):
   """torch.optim.RMSprop: eps outside the root; momentum after the division."""
   grads, theta = _as64(grads, params)
-  v = np.zeros_like(theta); gbar = np.zeros_like(theta); buf = np.zeros_like(theta)
+  v = np.zeros_like(theta)
+  gbar = np.zeros_like(theta)
+  buf = np.zeros_like(theta)
   out = []
   for g in grads:
     g = -g if maximize else g
@@ -100,11 +121,13 @@ def rmsprop(grads, params, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
   return np.stack(out)
 
 
-def adagrad(grads, params, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-            initial_accumulator_value=0.0, eps=1e-10, maximize=False):
+def adagrad(
+  grads, params, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False
+):
   """torch.optim.Adagrad: lr / (1 + (t - 1) lr_decay), eps outside the root."""
   grads, theta = _as64(grads, params)
-  s = np.full_like(theta, initial_accumulator_value); out = []
+  s = np.full_like(theta, initial_accumulator_value)
+  out = []
   for t, g in enumerate(grads, start=1):
     g = -g if maximize else g
     g = g + weight_decay * theta

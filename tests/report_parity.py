@@ -54,12 +54,16 @@ def main():
   print("float32: max ulps of the parameters; 'per step' starts every step from jadam's parameters and")
   print("gradient (the optimizer states run on their own), 'free' lets each run follow its own trajectory.")
   print()
-  print("| optimizer | f64 vs reference | f64 vs torch | f64 vs optax "
-        "| f32 ulps/step vs torch | f32 ulps/step vs optax | f32 ulps free vs torch | f32 ulps free vs optax |")
+  print(
+    "| optimizer | f64 vs reference | f64 vs torch | f64 vs optax "
+    "| f32 ulps/step vs torch | f32 ulps/step vs optax | f32 ulps free vs torch | f32 ulps free vs optax |"
+  )
   print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for name, ref, t64, o64, t32, o32, t32f, o32f in rows:
-    print(f"| {name} | {f(ref, '.1e')} | {f(t64, '.1e')} | {f(o64, '.1e')} "
-          f"| {f(t32, 'd')} | {f(o32, 'd')} | {f(t32f, 'd')} | {f(o32f, 'd')} |")
+    print(
+      f"| {name} | {f(ref, '.1e')} | {f(t64, '.1e')} | {f(o64, '.1e')} "
+      f"| {f(t32, 'd')} | {f(o32, 'd')} | {f(t32f, 'd')} | {f(o32f, 'd')} |"
+    )
   print()
   print(stage_recipes())
   print()
@@ -91,10 +95,13 @@ def stage_recipes():
 
   lr, b1, b2, eps = 1e-2, 0.85, 0.995, 1e-7
   amsgrad_optax = lambda: optax.chain(
-      jadam.scale_by_moments(b1, b2), jadam.bias_correct(), jadam.max_nu(), jadam.normalize(eps), jadam.scale_by_lr(lr)
+    jadam.scale_by_moments(b1, b2), jadam.bias_correct(), jadam.max_nu(), jadam.normalize(eps), jadam.scale_by_lr(lr)
   )
   keras = lambda: optax.chain(
-      jadam.scale_by_moments(0.9, 0.999), jadam.bias_correct(into_step=True), jadam.normalize(1e-7), jadam.scale_by_lr(1e-3)
+    jadam.scale_by_moments(0.9, 0.999),
+    jadam.bias_correct(into_step=True),
+    jadam.normalize(1e-7),
+    jadam.scale_by_lr(1e-3),
   )
   lines = ["| recipe | f64 vs reference | f64 vs optax | f32 ulps/step vs optax |", "| --- | --- | --- | --- |"]
   prob = _parity.problem(500)
@@ -103,7 +110,9 @@ def stage_recipes():
     ref = _parity.max_rel(got, reference.adam(grads, prob.params, lr=lr, b1=b1, b2=b2, eps=eps, amsgrad="optax"))
     o64 = _parity.max_rel(got, _parity.run_optax(optax.amsgrad(lr, b1, b2, eps), prob, np.float64))
   got32, g32 = _parity.run_jax(amsgrad_optax(), prob, np.float32, with_grads=True)
-  o32 = _parity.max_ulps(got32, _parity.run_optax(optax.amsgrad(lr, b1, b2, eps), prob, np.float32, teacher=(got32, g32)))
+  o32 = _parity.max_ulps(
+    got32, _parity.run_optax(optax.amsgrad(lr, b1, b2, eps), prob, np.float32, teacher=(got32, g32))
+  )
   lines.append(f"| max_nu after bias_correct (optax.amsgrad) | {ref:.1e} | {o64:.1e} | {o32} |")
   for scale in (1.0, 1e-7):
     prob = _parity.problem(500, scale=scale)
@@ -111,7 +120,9 @@ def stage_recipes():
       got, grads = _parity.run_jax(keras(), prob, np.float64, with_grads=True)
     ref = _parity.max_rel(got, reference.adam(grads, prob.params, lr=1e-3, eps=1e-7, keras=True))
     std = _parity.max_rel(got, reference.adam(grads, prob.params, lr=1e-3, eps=1e-7))
-    lines.append(f"| bias_correct(into_step=True), gradients ~{scale:g} (vs standard form: {std:.1e}) | {ref:.1e} | - | - |")
+    lines.append(
+      f"| bias_correct(into_step=True), gradients ~{scale:g} (vs standard form: {std:.1e}) | {ref:.1e} | - | - |"
+    )
   return "\n".join(lines)
 
 

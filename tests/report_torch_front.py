@@ -33,7 +33,9 @@ def main():
     rel = H.max_rel_diff(got, want)
     w32 = H.run_torch(make, 500, np.float32)
     g32 = H.run_jax(getattr(jadam.torch, name)(**kw), 500, np.float32)
-    ulps = [H.max_ulps({k: v[:n] for k, v in g32.items()}, {k: v[:n] for k, v in w32.items()}) for n in (1, 10, 50, 500)]
+    ulps = [
+      H.max_ulps({k: v[:n] for k, v in g32.items()}, {k: v[:n] for k, v in w32.items()}) for n in (1, 10, 50, 500)
+    ]
     worst64, worst32 = max(worst64, rel), max(worst32, ulps[-1])
     print(f"| `{_name((name, kw))}` | {rel:.1e} | {' / '.join(f'{u:g}' for u in ulps)} |")
   print(f"\nworst float64 relative difference {worst64:.2e}; worst float32 drift after 500 steps {worst32:g} ulps")

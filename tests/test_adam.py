@@ -25,7 +25,6 @@ def _quadratic(n=4, steps=50, seed=0, scale=1.0):
 
 
 class AdamReferenceTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("unit", 1.0), ("eps_dominated", 1e-7))
   def test_matches_reference_float64(self, scale):
@@ -47,11 +46,11 @@ class AdamReferenceTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("adam", dict(), dict(amsgrad=None)),
-      ("weight_decay", dict(weight_decay=0.1), dict(weight_decay=0.1)),
-      ("amsgrad", dict(amsgrad=True), dict(amsgrad="torch")),
-      ("maximize", dict(maximize=True), dict(maximize=True)),
-      ("eps_root", dict(eps_root=1e-3), dict(eps_root=1e-3)),
+    ("adam", dict(), dict(amsgrad=None)),
+    ("weight_decay", dict(weight_decay=0.1), dict(weight_decay=0.1)),
+    ("amsgrad", dict(amsgrad=True), dict(amsgrad="torch")),
+    ("maximize", dict(maximize=True), dict(maximize=True)),
+    ("eps_root", dict(eps_root=1e-3), dict(eps_root=1e-3)),
   )
   def test_flags_match_reference_float64(self, kwargs, ref_kwargs):
     with jax.enable_x64(True):
@@ -68,15 +67,15 @@ class AdamReferenceTest(chex.TestCase):
 
 
 @pytest.mark.parametrize(
-    "make_jadam, make_optax",
-    [
-        (lambda: jadam.adam(1e-2), lambda: optax.adam(1e-2)),
-        (lambda: jadam.adam(1e-2, 0.8, 0.99, 1e-6), lambda: optax.adam(1e-2, 0.8, 0.99, 1e-6)),
-        (lambda: jadam.adam(1e-2, eps_root=1e-8), lambda: optax.adam(1e-2, eps_root=1e-8)),
-        (lambda: jadam.adamw(1e-2, weight_decay=0.1), lambda: optax.adamw(1e-2, weight_decay=0.1)),
-        (lambda: jadam.adamw(1e-2, weight_decay=1e-4), lambda: optax.adamw(1e-2)),
-    ],
-    ids=["adam", "adam_betas_eps", "adam_eps_root", "adamw", "adamw_optax_default"],
+  "make_jadam, make_optax",
+  [
+    (lambda: jadam.adam(1e-2), lambda: optax.adam(1e-2)),
+    (lambda: jadam.adam(1e-2, 0.8, 0.99, 1e-6), lambda: optax.adam(1e-2, 0.8, 0.99, 1e-6)),
+    (lambda: jadam.adam(1e-2, eps_root=1e-8), lambda: optax.adam(1e-2, eps_root=1e-8)),
+    (lambda: jadam.adamw(1e-2, weight_decay=0.1), lambda: optax.adamw(1e-2, weight_decay=0.1)),
+    (lambda: jadam.adamw(1e-2, weight_decay=1e-4), lambda: optax.adamw(1e-2)),
+  ],
+  ids=["adam", "adam_betas_eps", "adam_eps_root", "adamw", "adamw_optax_default"],
 )
 def test_matches_optax(make_jadam, make_optax):
   prob = _parity.problem(STEPS)
@@ -92,19 +91,19 @@ def test_matches_optax(make_jadam, make_optax):
 
 
 ALIASES = {
-    "adam": lambda: jadam.adam(1e-2),
-    "adam_amsgrad_wd": lambda: jadam.adam(1e-2, weight_decay=0.1, amsgrad=True),
-    "adamw": lambda: jadam.adamw(1e-2),
-    "sgd_nesterov": lambda: jadam.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
-    "rmsprop_centered_momentum": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.9),
-    "adagrad": lambda: jadam.adagrad(1e-2, lr_decay=0.1),
+  "adam": lambda: jadam.adam(1e-2),
+  "adam_amsgrad_wd": lambda: jadam.adam(1e-2, weight_decay=0.1, amsgrad=True),
+  "adamw": lambda: jadam.adamw(1e-2),
+  "sgd_nesterov": lambda: jadam.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+  "rmsprop_centered_momentum": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.9),
+  "adagrad": lambda: jadam.adagrad(1e-2, lr_decay=0.1),
 }
 
 
 def _params():
   return {
-      "w": jnp.linspace(1.0, 2.0, 6, dtype=jnp.float32).reshape(2, 3),
-      "h": jnp.linspace(1.0, 2.0, 4, dtype=jnp.bfloat16),
+    "w": jnp.linspace(1.0, 2.0, 6, dtype=jnp.float32).reshape(2, 3),
+    "h": jnp.linspace(1.0, 2.0, 4, dtype=jnp.bfloat16),
   }
 
 
@@ -171,13 +170,19 @@ def test_vmap_over_independent_problems():
 
 
 SHARD_MAP_ALIASES = {
-    "adam_wd": (lambda: jadam.adam(1e-2, weight_decay=0.1), functools.partial(reference.adam, lr=1e-2, weight_decay=0.1)),
-    "sgd_momentum": (lambda: jadam.sgd(1e-2, momentum=0.9, dampening=0.1), functools.partial(reference.sgd, lr=1e-2, momentum=0.9, dampening=0.1)),
-    "rmsprop_centered_momentum": (
-        lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
-        functools.partial(reference.rmsprop, lr=1e-2, centered=True, momentum=0.5),
-    ),
-    "adagrad": (lambda: jadam.adagrad(1e-2, initial_accumulator_value=0.1), functools.partial(reference.adagrad, lr=1e-2, initial_accumulator_value=0.1)),
+  "adam_wd": (lambda: jadam.adam(1e-2, weight_decay=0.1), functools.partial(reference.adam, lr=1e-2, weight_decay=0.1)),
+  "sgd_momentum": (
+    lambda: jadam.sgd(1e-2, momentum=0.9, dampening=0.1),
+    functools.partial(reference.sgd, lr=1e-2, momentum=0.9, dampening=0.1),
+  ),
+  "rmsprop_centered_momentum": (
+    lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
+    functools.partial(reference.rmsprop, lr=1e-2, centered=True, momentum=0.5),
+  ),
+  "adagrad": (
+    lambda: jadam.adagrad(1e-2, initial_accumulator_value=0.1),
+    functools.partial(reference.adagrad, lr=1e-2, initial_accumulator_value=0.1),
+  ),
 }
 
 
@@ -225,7 +230,6 @@ def test_state_follows_named_sharding_of_params():
 
 
 class PmapTest(chex.TestCase):
-
   @chex.variants(with_pmap=True, with_jit=True, without_jit=True)
   def test_pmap_variant_same_numbers_as_no_jit(self):
     """The update pmapped over the CPU devices (args broadcast) gives the reference numbers, as no-jit does."""
@@ -251,11 +255,11 @@ class PmapTest(chex.TestCase):
 
 
 WRAPPERS = {
-    "multi_steps": lambda adam: optax.MultiSteps(adam, every_k_schedule=3),
-    "apply_if_finite": lambda adam: optax.apply_if_finite(adam, max_consecutive_errors=2),
-    "masked": lambda adam: optax.masked(adam, {"w": True, "b": False}),
-    "multi_transform": lambda adam: optax.multi_transform({"a": adam, "z": optax.set_to_zero()}, {"w": "a", "b": "z"}),
-    "clip_chain": lambda adam: optax.chain(optax.clip_by_global_norm(1.0), adam),
+  "multi_steps": lambda adam: optax.MultiSteps(adam, every_k_schedule=3),
+  "apply_if_finite": lambda adam: optax.apply_if_finite(adam, max_consecutive_errors=2),
+  "masked": lambda adam: optax.masked(adam, {"w": True, "b": False}),
+  "multi_transform": lambda adam: optax.multi_transform({"a": adam, "z": optax.set_to_zero()}, {"w": "a", "b": "z"}),
+  "clip_chain": lambda adam: optax.chain(optax.clip_by_global_norm(1.0), adam),
 }
 
 
@@ -266,7 +270,9 @@ def test_composes_with_optax_wrappers_like_optax_adam(wrapper):
   with jax.enable_x64(True):
     rng = np.random.default_rng(8)
     params = {"w": jnp.asarray(rng.uniform(1, 2, (2, 3))), "b": jnp.asarray(rng.uniform(1, 2, 3))}
-    grads = [jax.tree.map(lambda p, i=i: jnp.asarray(np.random.default_rng(i).normal(size=p.shape)), params) for i in range(9)]
+    grads = [
+      jax.tree.map(lambda p, i=i: jnp.asarray(np.random.default_rng(i).normal(size=p.shape)), params) for i in range(9)
+    ]
     grads[4] = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[4])  # apply_if_finite skips it
     results = []
     # optax.MultiSteps itself divides a float by its int32 counter: it needs standard promotion.
@@ -275,7 +281,7 @@ def test_composes_with_optax_wrappers_like_optax_adam(wrapper):
       with jax.numpy_dtype_promotion(promotion):
         p, state = params, tx.init(params)
         step = jax.jit(tx.update)
-        for g in (grads if wrapper in ("apply_if_finite",) else grads[:4] + grads[5:]):
+        for g in grads if wrapper in ("apply_if_finite",) else grads[:4] + grads[5:]:
           u, state = step(g, state, p)
           p = optax.apply_updates(p, u)
         results.append(p)

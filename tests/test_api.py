@@ -46,7 +46,9 @@ def test_every_name_in_all_resolves(name):
 
 
 def test_every_public_function_is_in_all():
-  public = {n for n, v in vars(jadam).items() if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))}
+  public = {
+    n for n, v in vars(jadam).items() if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+  }
   assert public <= set(jadam.__all__), public - set(jadam.__all__)
 
 

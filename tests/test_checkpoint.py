@@ -1,6 +1,5 @@
 """Checkpoints: every optimizer's state, saved and restored with orbax, resumes bit for bit; mismatches are refused."""
 
-import functools
 import hashlib
 import os
 import pathlib
@@ -27,10 +26,10 @@ STEPS, STOPS = 30, (1, 7, 20)
 
 def _params():
   return {
-      "w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
-      "b": jnp.full(4, 0.5, jnp.float32),
-      "h": jnp.linspace(1.0, 2.0, 3, dtype=jnp.bfloat16),
-      "scale": jnp.asarray(2.0, jnp.float32),
+    "w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
+    "b": jnp.full(4, 0.5, jnp.float32),
+    "h": jnp.linspace(1.0, 2.0, 3, dtype=jnp.bfloat16),
+    "scale": jnp.asarray(2.0, jnp.float32),
   }
 
 
@@ -41,31 +40,33 @@ def _noise():
 
 
 OPTIMIZERS = {
-    "adam": lambda: jadam.adam(1e-2),
-    "adam_amsgrad_weight_decay": lambda: jadam.adam(1e-2, amsgrad=True, weight_decay=0.1),
-    "adam_bf16_moments": lambda: jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),  # stochastic rounding
-    "adamw": lambda: jadam.adamw(1e-2, weight_decay=0.1),
-    "sgd_nesterov": lambda: jadam.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "rmsprop_centered_momentum": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
-    "adagrad": lambda: jadam.adagrad(1e-1, lr_decay=0.01, initial_accumulator_value=0.1),
-    "adamax": lambda: jadam.adamax(1e-2),
-    "nadam": lambda: jadam.nadam(1e-2, weight_decay=0.01, decoupled_weight_decay=True),
-    "radam": lambda: jadam.radam(1e-2),  # rectified from step 6 on: both branches are crossed
-    "torch_adamw_groups_cosine": lambda: jadam.torch.AdamW(
-        [{"params": "b", "lr": 1e-3, "weight_decay": 0.0}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=STEPS)
-    ),
-    "torch_adam_plateau": lambda: jadam.torch.Adam(lr=jadam.torch.ReduceLROnPlateau(1e-2, patience=2), amsgrad=True),
-    "keras_adam": lambda: jadam.keras.Adam(1e-2, amsgrad=True, weight_decay=0.01),
-    "inject_hyperparams_schedule": lambda: optax.inject_hyperparams(jadam.adam, hyperparam_dtype=jnp.float32)(
-        learning_rate=optax.linear_schedule(1e-2, 1e-3, STEPS), weight_decay=0.01
-    ),
-    "apply_if_finite": lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),
+  "adam": lambda: jadam.adam(1e-2),
+  "adam_amsgrad_weight_decay": lambda: jadam.adam(1e-2, amsgrad=True, weight_decay=0.1),
+  "adam_bf16_moments": lambda: jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),  # stochastic rounding
+  "adamw": lambda: jadam.adamw(1e-2, weight_decay=0.1),
+  "sgd_nesterov": lambda: jadam.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
+  "rmsprop_centered_momentum": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
+  "adagrad": lambda: jadam.adagrad(1e-1, lr_decay=0.01, initial_accumulator_value=0.1),
+  "adamax": lambda: jadam.adamax(1e-2),
+  "nadam": lambda: jadam.nadam(1e-2, weight_decay=0.01, decoupled_weight_decay=True),
+  "radam": lambda: jadam.radam(1e-2),  # rectified from step 6 on: both branches are crossed
+  "torch_adamw_groups_cosine": lambda: jadam.torch.AdamW(
+    [{"params": "b", "lr": 1e-3, "weight_decay": 0.0}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=STEPS)
+  ),
+  "torch_adam_plateau": lambda: jadam.torch.Adam(lr=jadam.torch.ReduceLROnPlateau(1e-2, patience=2), amsgrad=True),
+  "keras_adam": lambda: jadam.keras.Adam(1e-2, amsgrad=True, weight_decay=0.01),
+  "inject_hyperparams_schedule": lambda: optax.inject_hyperparams(jadam.adam, hyperparam_dtype=jnp.float32)(
+    learning_rate=optax.linear_schedule(1e-2, 1e-3, STEPS), weight_decay=0.01
+  ),
+  "apply_if_finite": lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),
 }
 
 
 def _loss(params, target):
-  return sum(0.5 * jnp.sum(jnp.square(p.astype(jnp.float32) - t.astype(jnp.float32))) for p, t in zip(
-      jax.tree.leaves(params), jax.tree.leaves(target)))
+  return sum(
+    0.5 * jnp.sum(jnp.square(p.astype(jnp.float32) - t.astype(jnp.float32)))
+    for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(target))
+  )
 
 
 def _make_step(tx):
@@ -124,7 +125,10 @@ def test_nnx_optimizer_resumes_bitwise(tmp_path):
 
   graphdef, state = nnx.split(make())
   rng = np.random.default_rng(1)
-  xs, ys = jnp.asarray(rng.normal(size=(STEPS, 16, 3)), jnp.float32), jnp.asarray(rng.normal(size=(STEPS, 16, 1)), jnp.float32)
+  xs, ys = (
+    jnp.asarray(rng.normal(size=(STEPS, 16, 3)), jnp.float32),
+    jnp.asarray(rng.normal(size=(STEPS, 16, 1)), jnp.float32),
+  )
 
   @jax.jit
   def step(state, x, y):
@@ -225,39 +229,47 @@ def _with_count_dtype(state, dtype):
 
 
 MISMATCHES = {
-    # name: (the optimizer that saved, the tree restored into, the message)
-    "other_optimizer": (
-        jadam.adam(1e-3), jadam.sgd(1e-3, momentum=0.9).init(PARAMS),
-        r"leaf 1 is \[0\]\.trace\['b'\] in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
-    ),
-    "extra_leaf": (
-        jadam.adam(1e-3), jadam.adam(1e-3).init({**PARAMS, "c": jnp.ones(2, jnp.float32)}),
-        r"\[0\]\.mu\['c'\] in the tree to restore into, \[0\]\.mu\['w'\] in the checkpoint",
-    ),
-    "missing_leaf": (
-        jadam.adam(1e-3), jadam.adam(1e-3).init({"w": PARAMS["w"]}),
-        r"leaf 1 is \[0\]\.mu\['w'\] in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
-    ),
-    "bf16_moments_into_float32": (
-        jadam.adam(1e-3, mu_dtype=jnp.bfloat16), jadam.adam(1e-3).init(PARAMS),
-        r"at \[0\]\.mu\['b'\]: expected float32\[4\], found bfloat16\[4\]",
-    ),
-    "float32_moments_into_bf16": (
-        jadam.adam(1e-3), jadam.adam(1e-3, nu_dtype=jnp.bfloat16).init(PARAMS),
-        r"at \[0\]\.nu\['b'\]: expected bfloat16\[4\], found float32\[4\]",
-    ),
-    "wrong_shape": (
-        jadam.adam(1e-3), jadam.adam(1e-3).init({**PARAMS, "w": jnp.ones((4, 3), jnp.float32)}),
-        r"at \[0\]\.mu\['w'\]: expected float32\[4,3\], found float32\[3,4\]",
-    ),
-    "none_where_an_array_was": (
-        jadam.rmsprop(1e-3, centered=True), jadam.rmsprop(1e-3).init(PARAMS),  # mu is None without centering
-        r"leaf 1 is \[0\]\.mu in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
-    ),
-    "count_dtype": (
-        jadam.adam(1e-3), _with_count_dtype(jadam.adam(1e-3).init(PARAMS), jnp.int16),
-        r"at \[0\]\.count: expected int16\[\], found int32\[\]",
-    ),
+  # name: (the optimizer that saved, the tree restored into, the message)
+  "other_optimizer": (
+    jadam.adam(1e-3),
+    jadam.sgd(1e-3, momentum=0.9).init(PARAMS),
+    r"leaf 1 is \[0\]\.trace\['b'\] in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
+  ),
+  "extra_leaf": (
+    jadam.adam(1e-3),
+    jadam.adam(1e-3).init({**PARAMS, "c": jnp.ones(2, jnp.float32)}),
+    r"\[0\]\.mu\['c'\] in the tree to restore into, \[0\]\.mu\['w'\] in the checkpoint",
+  ),
+  "missing_leaf": (
+    jadam.adam(1e-3),
+    jadam.adam(1e-3).init({"w": PARAMS["w"]}),
+    r"leaf 1 is \[0\]\.mu\['w'\] in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
+  ),
+  "bf16_moments_into_float32": (
+    jadam.adam(1e-3, mu_dtype=jnp.bfloat16),
+    jadam.adam(1e-3).init(PARAMS),
+    r"at \[0\]\.mu\['b'\]: expected float32\[4\], found bfloat16\[4\]",
+  ),
+  "float32_moments_into_bf16": (
+    jadam.adam(1e-3),
+    jadam.adam(1e-3, nu_dtype=jnp.bfloat16).init(PARAMS),
+    r"at \[0\]\.nu\['b'\]: expected bfloat16\[4\], found float32\[4\]",
+  ),
+  "wrong_shape": (
+    jadam.adam(1e-3),
+    jadam.adam(1e-3).init({**PARAMS, "w": jnp.ones((4, 3), jnp.float32)}),
+    r"at \[0\]\.mu\['w'\]: expected float32\[4,3\], found float32\[3,4\]",
+  ),
+  "none_where_an_array_was": (
+    jadam.rmsprop(1e-3, centered=True),
+    jadam.rmsprop(1e-3).init(PARAMS),  # mu is None without centering
+    r"leaf 1 is \[0\]\.mu in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
+  ),
+  "count_dtype": (
+    jadam.adam(1e-3),
+    _with_count_dtype(jadam.adam(1e-3).init(PARAMS), jnp.int16),
+    r"at \[0\]\.count: expected int16\[\], found int32\[\]",
+  ),
 }
 
 
@@ -290,12 +302,12 @@ def test_not_a_checkpoint(tmp_path):
 def test_odd_trees_round_trip(tmp_path):
   """None leaves, EmptyState, zero-size arrays (which orbax alone refuses), ints, bools, NumPy arrays, scalars."""
   tree = {
-      "state": optax.apply_if_finite(jadam.rmsprop(1e-3), 2).init(
-          {"w": jnp.ones((2, 3), jnp.bfloat16), "empty": jnp.zeros((0, 4), jnp.float32), "i": jnp.arange(3), "n": None}
-      ),
-      "numpy": np.arange(4, dtype=np.float32),
-      "scalar": 3,
-      "alone": optax.EmptyState(),
+    "state": optax.apply_if_finite(jadam.rmsprop(1e-3), 2).init(
+      {"w": jnp.ones((2, 3), jnp.bfloat16), "empty": jnp.zeros((0, 4), jnp.float32), "i": jnp.arange(3), "n": None}
+    ),
+    "numpy": np.arange(4, dtype=np.float32),
+    "scalar": 3,
+    "alone": optax.EmptyState(),
   }
   jadam.save_state(tmp_path / "odd", tree)
   restored = jadam.restore_state(tmp_path / "odd", tree)
@@ -333,11 +345,11 @@ def test_save_and_restore_never_pickle(tmp_path, monkeypatch):
 def test_no_pickle_in_jadam_or_examples():
   pattern = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|\bdill\b|allow_pickle\s*=\s*True")
   hits = [
-      f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
-      for folder in ("jadam", "examples")
-      for path in sorted((ROOT / folder).rglob("*.py"))
-      for n, line in enumerate(path.read_text().splitlines(), 1)
-      if pattern.search(line)
+    f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+    for folder in ("jadam", "examples")
+    for path in sorted((ROOT / folder).rglob("*.py"))
+    for n, line in enumerate(path.read_text().splitlines(), 1)
+    if pattern.search(line)
   ]
   assert not hits, hits
   assert sum(1 for _ in (ROOT / "jadam").rglob("*.py")) > 5  # the search did look somewhere

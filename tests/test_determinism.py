@@ -33,12 +33,12 @@ from jadam import _lowp
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40
 OPTIMIZERS = {
-    "adam": "jadam.adam(1e-2, amsgrad=True, weight_decay=0.01)",
-    "adam_bf16_moments": "jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)",
-    "sgd": "jadam.sgd(1e-2, momentum=0.9, nesterov=True)",
-    "rmsprop": "jadam.rmsprop(1e-2, centered=True, momentum=0.5)",
-    "radam": "jadam.radam(1e-2)",
-    "torch_adamw_groups": "jadam.torch.AdamW([{'params': 'b.*', 'lr': 1e-3}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=40))",
+  "adam": "jadam.adam(1e-2, amsgrad=True, weight_decay=0.01)",
+  "adam_bf16_moments": "jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)",
+  "sgd": "jadam.sgd(1e-2, momentum=0.9, nesterov=True)",
+  "rmsprop": "jadam.rmsprop(1e-2, centered=True, momentum=0.5)",
+  "radam": "jadam.radam(1e-2)",
+  "torch_adamw_groups": "jadam.torch.AdamW([{'params': 'b.*', 'lr': 1e-3}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=40))",
 }
 
 # The training run, as source: the parent runs it and a child process runs the same text.
@@ -97,8 +97,13 @@ def test_a_new_process_gives_the_same_bits():
           h.update(np.ascontiguousarray(bits(leaf)).tobytes())
         print(name, h.hexdigest())
   """)
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-  out = subprocess.run([sys.executable, "-c", child], check=True, cwd=ROOT, env=env, capture_output=True, text=True).stdout
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+  }
+  out = subprocess.run(
+    [sys.executable, "-c", child], check=True, cwd=ROOT, env=env, capture_output=True, text=True
+  ).stdout
   theirs = dict(line.split() for line in out.splitlines())
   ours = {name: _digest(train(eval(make), STEPS)) for name, make in chosen.items()}
   assert theirs == ours
@@ -133,6 +138,10 @@ def test_where_jit_and_eager_are_bitwise():
     state = tx.init(g)
     assert_bitwise_equal(jax.jit(tx.update)(g, state, g), tx.update(g, state, g))
   count = jnp.asarray(12345, jnp.int32)
-  assert_bitwise_equal(jax.jit(_lowp.hash_bits, static_argnums=(0, 2))((4, 5), count, 3), _lowp.hash_bits((4, 5), count, 3))
+  assert_bitwise_equal(
+    jax.jit(_lowp.hash_bits, static_argnums=(0, 2))((4, 5), count, 3), _lowp.hash_bits((4, 5), count, 3)
+  )
   x = jnp.linspace(-1.0, 1.0, 20, dtype=jnp.float32) / 3
-  assert_bitwise_equal(jax.jit(_lowp.round_to_bfloat16, static_argnums=2)(x, count, 1), _lowp.round_to_bfloat16(x, count, 1))
+  assert_bitwise_equal(
+    jax.jit(_lowp.round_to_bfloat16, static_argnums=2)(x, count, 1), _lowp.round_to_bfloat16(x, count, 1)
+  )

@@ -51,10 +51,15 @@ def test_bf16_second_moment_stored_in_bf16_would_not_decay():
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: jadam.adam(1e-3), lambda: jadam.adamw(1e-3), lambda: jadam.adam(1e-3, amsgrad=True),
-     lambda: jadam.rmsprop(1e-3, centered=True), lambda: jadam.adagrad(1e-2)],
-    ids=["adam", "adamw", "amsgrad", "rmsprop_centered", "adagrad"],
+  "make",
+  [
+    lambda: jadam.adam(1e-3),
+    lambda: jadam.adamw(1e-3),
+    lambda: jadam.adam(1e-3, amsgrad=True),
+    lambda: jadam.rmsprop(1e-3, centered=True),
+    lambda: jadam.adagrad(1e-2),
+  ],
+  ids=["adam", "adamw", "amsgrad", "rmsprop_centered", "adagrad"],
 )
 def test_fp16_zero_gradient_gives_finite_updates(make):
   params = jnp.linspace(1.0, 2.0, 8, dtype=jnp.float16)
@@ -75,11 +80,11 @@ def test_fp16_zero_gradient_optax_adam_gives_nan():
 
 
 ALL = {
-    "adam": lambda: jadam.adam(1e-3, weight_decay=0.1, amsgrad=True),
-    "adamw": lambda: jadam.adamw(1e-3),
-    "sgd": lambda: jadam.sgd(1e-3, momentum=0.9, nesterov=True, weight_decay=0.1),
-    "rmsprop": lambda: jadam.rmsprop(1e-3, centered=True, momentum=0.9, weight_decay=0.1),
-    "adagrad": lambda: jadam.adagrad(1e-2, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.1),
+  "adam": lambda: jadam.adam(1e-3, weight_decay=0.1, amsgrad=True),
+  "adamw": lambda: jadam.adamw(1e-3),
+  "sgd": lambda: jadam.sgd(1e-3, momentum=0.9, nesterov=True, weight_decay=0.1),
+  "rmsprop": lambda: jadam.rmsprop(1e-3, centered=True, momentum=0.9, weight_decay=0.1),
+  "adagrad": lambda: jadam.adagrad(1e-2, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.1),
 }
 
 
@@ -87,10 +92,10 @@ ALL = {
 def test_updates_come_back_in_each_leafs_dtype(name):
   with jax.enable_x64(True):
     params = {
-        "f64": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float64),
-        "f32": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float32),
-        "bf16": jnp.linspace(1.0, 2.0, 3, dtype=jnp.bfloat16),
-        "f16": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float16),
+      "f64": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float64),
+      "f32": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float32),
+      "bf16": jnp.linspace(1.0, 2.0, 3, dtype=jnp.bfloat16),
+      "f16": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float16),
     }
     grads = jax.tree.map(lambda p: (p - 1.5).astype(p.dtype), params)
     tx = ALL[name]()
@@ -108,16 +113,16 @@ def test_updates_come_back_in_each_leafs_dtype(name):
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_integer_boolean_and_none_leaves_pass_through(name):
   params = {
-      "w": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float32),
-      "i": jnp.arange(3, dtype=jnp.int32),
-      "flag": jnp.array([True, False]),
-      "frozen": jnp.ones(2, jnp.float32),
+    "w": jnp.linspace(1.0, 2.0, 3, dtype=jnp.float32),
+    "i": jnp.arange(3, dtype=jnp.int32),
+    "flag": jnp.array([True, False]),
+    "frozen": jnp.ones(2, jnp.float32),
   }
   grads = {
-      "w": jnp.full(3, 0.5, jnp.float32),
-      "i": jnp.zeros(3, jnp.int32),
-      "flag": np.zeros(2, jax.dtypes.float0),  # what jax.grad(..., allow_int=True) gives
-      "frozen": None,
+    "w": jnp.full(3, 0.5, jnp.float32),
+    "i": jnp.zeros(3, jnp.int32),
+    "flag": np.zeros(2, jax.dtypes.float0),  # what jax.grad(..., allow_int=True) gives
+    "frozen": None,
   }
   tx = ALL[name]()
   state0 = tx.init(params)
@@ -154,7 +159,9 @@ def test_step_count_saturates_at_int32_max():
     gg = np.asarray(g, np.float64)
     m, v = 0.9 * m + 0.1 * gg, 0.999 * v + 0.001 * gg * gg
     np.testing.assert_allclose(np.asarray(updates), -1e-2 * m / (np.sqrt(v) + 1e-8), rtol=1e-5)
-  counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if getattr(path[-1], "name", None) == "count"]
+  counts = [
+    leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if getattr(path[-1], "name", None) == "count"
+  ]
   assert counts and all(int(c) == 2**31 - 1 and c.dtype == jnp.int32 for c in counts)
 
 

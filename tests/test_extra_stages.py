@@ -12,19 +12,30 @@ import _reference_extra as reference
 import jadam
 
 CONFIGS = [
-    ("adamax", dict(), dict()),
-    ("adamax", dict(weight_decay=0.1, maximize=True, b1=0.8, eps=1e-3), dict(weight_decay=0.1, maximize=True, b1=0.8, eps=1e-3)),
-    ("nadam", dict(), dict()),
-    ("nadam", dict(weight_decay=0.1, momentum_decay=0.01), dict(weight_decay=0.1, momentum_decay=0.01)),
-    ("nadam", dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True), dict(weight_decay=0.1, decoupled=True, maximize=True)),
-    ("radam", dict(), dict()),
-    ("radam", dict(weight_decay=0.1, b2=0.99), dict(weight_decay=0.1, b2=0.99)),
-    ("radam", dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True), dict(weight_decay=0.1, decoupled=True, maximize=True)),
+  ("adamax", dict(), dict()),
+  (
+    "adamax",
+    dict(weight_decay=0.1, maximize=True, b1=0.8, eps=1e-3),
+    dict(weight_decay=0.1, maximize=True, b1=0.8, eps=1e-3),
+  ),
+  ("nadam", dict(), dict()),
+  ("nadam", dict(weight_decay=0.1, momentum_decay=0.01), dict(weight_decay=0.1, momentum_decay=0.01)),
+  (
+    "nadam",
+    dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    dict(weight_decay=0.1, decoupled=True, maximize=True),
+  ),
+  ("radam", dict(), dict()),
+  ("radam", dict(weight_decay=0.1, b2=0.99), dict(weight_decay=0.1, b2=0.99)),
+  (
+    "radam",
+    dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    dict(weight_decay=0.1, decoupled=True, maximize=True),
+  ),
 ]
 
 
 class ReferenceTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(*range(len(CONFIGS)))
   def test_float64_matches_numpy_reference(self, i):
@@ -68,8 +79,10 @@ def test_wrong_inputs_name_the_missing_stage():
   for stage in (jadam.normalize_inf(), jadam.nesterov_correct(), jadam.rectify()):
     with pytest.raises(TypeError, match="scale_by_moments"):
       stage.update(g, stage.init(g))
-  for tx in (optax.chain(jadam.scale_by_moments(), jadam.bias_correct(), jadam.nesterov_correct()),
-             optax.chain(jadam.scale_by_moments(), jadam.bias_correct(), jadam.rectify())):
+  for tx in (
+    optax.chain(jadam.scale_by_moments(), jadam.bias_correct(), jadam.nesterov_correct()),
+    optax.chain(jadam.scale_by_moments(), jadam.bias_correct(), jadam.rectify()),
+  ):
     with pytest.raises(TypeError, match="bias_correct"):
       tx.update(g, tx.init(g))
   with pytest.raises(ValueError, match="needs the parameters"):
@@ -90,4 +103,4 @@ def test_radam_is_momentum_sgd_until_rho_exceeds_5():
       g = jnp.full(1, float(t), jnp.float64)
       u, state = tx.update(g, state, params)
       m = 0.9 * m + 0.1 * t
-      np.testing.assert_allclose(np.asarray(u), -m / (1 - 0.9 ** t), rtol=1e-14)
+      np.testing.assert_allclose(np.asarray(u), -m / (1 - 0.9**t), rtol=1e-14)

@@ -18,7 +18,6 @@ def _tree():
 
 
 class UpdateAndApplyTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_equals_update_then_apply_updates(self):
     tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-2, weight_decay=1e-3))

@@ -38,11 +38,11 @@ import jadam
 import reference
 
 SETTINGS = settings(
-    max_examples=200,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  max_examples=200,
+  derandomize=True,
+  deadline=None,
+  database=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 SHAPES = [(), (3,), (2, 3), (3,), (2, 3), (0,), (0, 4)]  # zero-size ones less often
 # Relative tolerance per dtype and step (see the module docstring).
@@ -55,6 +55,7 @@ def _uniform(options):
 
 
 # --- pytrees -------------------------------------------------------------------------------------
+
 
 class Leaf:
   """What one leaf will be: `kind` is a float dtype's name, "int32" or "none". Not a pytree node."""
@@ -73,10 +74,10 @@ def _tree(kinds, depth=3):
     return leaf
   child = _tree(kinds, depth - 1)
   return st.one_of(
-      leaf,
-      st.dictionaries(st.sampled_from("abcd"), child, min_size=1, max_size=3),
-      st.lists(child, min_size=1, max_size=3),
-      st.tuples(child, child),
+    leaf,
+    st.dictionaries(st.sampled_from("abcd"), child, min_size=1, max_size=3),
+    st.lists(child, min_size=1, max_size=3),
+    st.tuples(child, child),
   )
 
 
@@ -88,7 +89,11 @@ def _build(spec, rng, what):
     if kind == "none":
       return None
     if kind == "int32":
-      return jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape) if what == "params" else jnp.zeros(shape, jnp.int32)
+      return (
+        jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+        if what == "params"
+        else jnp.zeros(shape, jnp.int32)
+      )
     x = rng.uniform(-1.0, 1.0, shape) if what == "params" else what * rng.normal(size=shape)
     return jnp.asarray(x, kind)
 
@@ -122,85 +127,208 @@ def _hp(**fields):
 
 # name: (hyperparameters, jadam, reference, whether weight_decay is coupled L2, most steps)
 ALIASES = {
-    "adam": (
-        _hp(lr=LR, b1=BETA, b2=st.floats(0.0, 0.9999), eps=EPS, eps_root=st.one_of(st.just(0.0), st.floats(1e-12, 1e-3)),
-            wd=WD, amsgrad=st.booleans(), maximize=st.booleans()),
-        lambda h: jadam.adam(h["lr"], h["b1"], h["b2"], h["eps"], eps_root=h["eps_root"], weight_decay=h["wd"],
-                             amsgrad=h["amsgrad"], maximize=h["maximize"]),
-        lambda g, p, h: reference.adam(g, p, lr=h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=h["eps_root"],
-                                       amsgrad="torch" if h["amsgrad"] else None),
-        True, 5,
+  "adam": (
+    _hp(
+      lr=LR,
+      b1=BETA,
+      b2=st.floats(0.0, 0.9999),
+      eps=EPS,
+      eps_root=st.one_of(st.just(0.0), st.floats(1e-12, 1e-3)),
+      wd=WD,
+      amsgrad=st.booleans(),
+      maximize=st.booleans(),
     ),
-    "adamw": (
-        _hp(lr=LR, b1=BETA, b2=st.floats(0.0, 0.9999), eps=EPS, wd=WD, amsgrad=st.booleans(), maximize=st.booleans()),
-        lambda h: jadam.adamw(h["lr"], h["b1"], h["b2"], h["eps"], weight_decay=h["wd"], amsgrad=h["amsgrad"],
-                              maximize=h["maximize"]),
-        lambda g, p, h: reference.adam(g, p, lr=h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"],
-                                       decoupled_weight_decay=h["wd"], amsgrad="torch" if h["amsgrad"] else None),
-        False, 5,
+    lambda h: jadam.adam(
+      h["lr"],
+      h["b1"],
+      h["b2"],
+      h["eps"],
+      eps_root=h["eps_root"],
+      weight_decay=h["wd"],
+      amsgrad=h["amsgrad"],
+      maximize=h["maximize"],
     ),
-    "sgd": (
-        st.one_of(
-            _hp(lr=LR, momentum=st.one_of(st.just(0.0), st.floats(0.0, 1.0)), dampening=st.floats(0.0, 1.0), wd=WD,
-                nesterov=st.just(False), maximize=st.booleans()),
-            _hp(lr=LR, momentum=st.floats(0.01, 1.0), dampening=st.just(0.0), wd=WD, nesterov=st.just(True),
-                maximize=st.booleans()),
-        ),
-        lambda h: jadam.sgd(h["lr"], h["momentum"], h["dampening"], weight_decay=h["wd"], nesterov=h["nesterov"],
-                            maximize=h["maximize"]),
-        lambda g, p, h: reference.sgd(g, p, lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-                                      nesterov=h["nesterov"]),
-        True, 5,
+    lambda g, p, h: reference.adam(
+      g,
+      p,
+      lr=h["lr"],
+      b1=h["b1"],
+      b2=h["b2"],
+      eps=h["eps"],
+      eps_root=h["eps_root"],
+      amsgrad="torch" if h["amsgrad"] else None,
     ),
-    "rmsprop": (
-        # Centred: v - gbar^2 = alpha (1 - alpha) g^2 at the first step cancels catastrophically for alpha near 0
-        # (in PyTorch too), so a centred alpha is 0 or >= 0.1.
-        st.one_of(
-            _hp(lr=LR, alpha=BETA, eps=EPS, wd=WD, momentum=st.one_of(st.just(0.0), st.floats(0.01, 0.99)),
-                centered=st.just(False), maximize=st.booleans()),
-            _hp(lr=LR, alpha=st.one_of(st.just(0.0), st.floats(0.1, 0.999)), eps=EPS, wd=WD,
-                momentum=st.one_of(st.just(0.0), st.floats(0.01, 0.99)), centered=st.just(True), maximize=st.booleans()),
-        ),
-        lambda h: jadam.rmsprop(h["lr"], h["alpha"], h["eps"], weight_decay=h["wd"], momentum=h["momentum"],
-                                centered=h["centered"], maximize=h["maximize"]),
-        lambda g, p, h: reference.rmsprop(g, p, lr=h["lr"], alpha=h["alpha"], eps=h["eps"], momentum=h["momentum"],
-                                          centered=h["centered"]),
-        True, 5,
+    True,
+    5,
+  ),
+  "adamw": (
+    _hp(lr=LR, b1=BETA, b2=st.floats(0.0, 0.9999), eps=EPS, wd=WD, amsgrad=st.booleans(), maximize=st.booleans()),
+    lambda h: jadam.adamw(
+      h["lr"], h["b1"], h["b2"], h["eps"], weight_decay=h["wd"], amsgrad=h["amsgrad"], maximize=h["maximize"]
     ),
-    "adagrad": (
-        _hp(lr=LR, lr_decay=st.one_of(st.just(0.0), st.floats(0.0, 0.1)), wd=WD,
-            initial_accumulator_value=st.floats(0.0, 1.0), eps=EPS, maximize=st.booleans()),
-        lambda h: jadam.adagrad(h["lr"], h["lr_decay"], h["wd"], h["initial_accumulator_value"], h["eps"],
-                                maximize=h["maximize"]),
-        lambda g, p, h: reference.adagrad(g, p, lr=h["lr"], lr_decay=h["lr_decay"],
-                                          initial_accumulator_value=h["initial_accumulator_value"], eps=h["eps"]),
-        True, 5,
+    lambda g, p, h: reference.adam(
+      g,
+      p,
+      lr=h["lr"],
+      b1=h["b1"],
+      b2=h["b2"],
+      eps=h["eps"],
+      decoupled_weight_decay=h["wd"],
+      amsgrad="torch" if h["amsgrad"] else None,
     ),
-    "adamax": (
-        _hp(lr=LR, b1=BETA, b2=BETA, eps=EPS, wd=WD, maximize=st.booleans()),
-        lambda h: jadam.adamax(h["lr"], h["b1"], h["b2"], h["eps"], weight_decay=h["wd"], maximize=h["maximize"]),
-        lambda g, p, h: _reference_extra.adamax(g, p, lr=h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"]),
-        True, 5,
+    False,
+    5,
+  ),
+  "sgd": (
+    st.one_of(
+      _hp(
+        lr=LR,
+        momentum=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+        dampening=st.floats(0.0, 1.0),
+        wd=WD,
+        nesterov=st.just(False),
+        maximize=st.booleans(),
+      ),
+      _hp(
+        lr=LR,
+        momentum=st.floats(0.01, 1.0),
+        dampening=st.just(0.0),
+        wd=WD,
+        nesterov=st.just(True),
+        maximize=st.booleans(),
+      ),
     ),
-    "nadam": (
-        _hp(lr=LR, b1=BETA, b2=st.floats(0.0, 0.9999), eps=EPS, wd=WD, momentum_decay=st.floats(0.0, 0.01),
-            decoupled=st.booleans(), maximize=st.booleans()),
-        lambda h: jadam.nadam(h["lr"], h["b1"], h["b2"], h["eps"], weight_decay=h["wd"],
-                              momentum_decay=h["momentum_decay"], decoupled_weight_decay=h["decoupled"],
-                              maximize=h["maximize"]),
-        lambda g, p, h: _reference_extra.nadam(g, p, lr=h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"],
-                                               weight_decay=h["wd"] if h["decoupled"] else 0.0,
-                                               momentum_decay=h["momentum_decay"], decoupled=h["decoupled"]),
-        "unless decoupled", 5,
+    lambda h: jadam.sgd(
+      h["lr"], h["momentum"], h["dampening"], weight_decay=h["wd"], nesterov=h["nesterov"], maximize=h["maximize"]
     ),
-    "radam": (
-        _hp(lr=LR, b1=BETA, b2=st.floats(0.0, 0.9999), eps=EPS, wd=WD, decoupled=st.booleans(), maximize=st.booleans()),
-        lambda h: jadam.radam(h["lr"], h["b1"], h["b2"], h["eps"], weight_decay=h["wd"],
-                              decoupled_weight_decay=h["decoupled"], maximize=h["maximize"]),
-        lambda g, p, h: _reference_extra.radam(g, p, lr=h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"],
-                                               weight_decay=h["wd"] if h["decoupled"] else 0.0, decoupled=h["decoupled"]),
-        "unless decoupled", 8,  # rectified from step 6 on
+    lambda g, p, h: reference.sgd(
+      g, p, lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"], nesterov=h["nesterov"]
     ),
+    True,
+    5,
+  ),
+  "rmsprop": (
+    # Centred: v - gbar^2 = alpha (1 - alpha) g^2 at the first step cancels catastrophically for alpha near 0
+    # (in PyTorch too), so a centred alpha is 0 or >= 0.1.
+    st.one_of(
+      _hp(
+        lr=LR,
+        alpha=BETA,
+        eps=EPS,
+        wd=WD,
+        momentum=st.one_of(st.just(0.0), st.floats(0.01, 0.99)),
+        centered=st.just(False),
+        maximize=st.booleans(),
+      ),
+      _hp(
+        lr=LR,
+        alpha=st.one_of(st.just(0.0), st.floats(0.1, 0.999)),
+        eps=EPS,
+        wd=WD,
+        momentum=st.one_of(st.just(0.0), st.floats(0.01, 0.99)),
+        centered=st.just(True),
+        maximize=st.booleans(),
+      ),
+    ),
+    lambda h: jadam.rmsprop(
+      h["lr"],
+      h["alpha"],
+      h["eps"],
+      weight_decay=h["wd"],
+      momentum=h["momentum"],
+      centered=h["centered"],
+      maximize=h["maximize"],
+    ),
+    lambda g, p, h: reference.rmsprop(
+      g, p, lr=h["lr"], alpha=h["alpha"], eps=h["eps"], momentum=h["momentum"], centered=h["centered"]
+    ),
+    True,
+    5,
+  ),
+  "adagrad": (
+    _hp(
+      lr=LR,
+      lr_decay=st.one_of(st.just(0.0), st.floats(0.0, 0.1)),
+      wd=WD,
+      initial_accumulator_value=st.floats(0.0, 1.0),
+      eps=EPS,
+      maximize=st.booleans(),
+    ),
+    lambda h: jadam.adagrad(
+      h["lr"], h["lr_decay"], h["wd"], h["initial_accumulator_value"], h["eps"], maximize=h["maximize"]
+    ),
+    lambda g, p, h: reference.adagrad(
+      g, p, lr=h["lr"], lr_decay=h["lr_decay"], initial_accumulator_value=h["initial_accumulator_value"], eps=h["eps"]
+    ),
+    True,
+    5,
+  ),
+  "adamax": (
+    _hp(lr=LR, b1=BETA, b2=BETA, eps=EPS, wd=WD, maximize=st.booleans()),
+    lambda h: jadam.adamax(h["lr"], h["b1"], h["b2"], h["eps"], weight_decay=h["wd"], maximize=h["maximize"]),
+    lambda g, p, h: _reference_extra.adamax(g, p, lr=h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"]),
+    True,
+    5,
+  ),
+  "nadam": (
+    _hp(
+      lr=LR,
+      b1=BETA,
+      b2=st.floats(0.0, 0.9999),
+      eps=EPS,
+      wd=WD,
+      momentum_decay=st.floats(0.0, 0.01),
+      decoupled=st.booleans(),
+      maximize=st.booleans(),
+    ),
+    lambda h: jadam.nadam(
+      h["lr"],
+      h["b1"],
+      h["b2"],
+      h["eps"],
+      weight_decay=h["wd"],
+      momentum_decay=h["momentum_decay"],
+      decoupled_weight_decay=h["decoupled"],
+      maximize=h["maximize"],
+    ),
+    lambda g, p, h: _reference_extra.nadam(
+      g,
+      p,
+      lr=h["lr"],
+      b1=h["b1"],
+      b2=h["b2"],
+      eps=h["eps"],
+      weight_decay=h["wd"] if h["decoupled"] else 0.0,
+      momentum_decay=h["momentum_decay"],
+      decoupled=h["decoupled"],
+    ),
+    "unless decoupled",
+    5,
+  ),
+  "radam": (
+    _hp(lr=LR, b1=BETA, b2=st.floats(0.0, 0.9999), eps=EPS, wd=WD, decoupled=st.booleans(), maximize=st.booleans()),
+    lambda h: jadam.radam(
+      h["lr"],
+      h["b1"],
+      h["b2"],
+      h["eps"],
+      weight_decay=h["wd"],
+      decoupled_weight_decay=h["decoupled"],
+      maximize=h["maximize"],
+    ),
+    lambda g, p, h: _reference_extra.radam(
+      g,
+      p,
+      lr=h["lr"],
+      b1=h["b1"],
+      b2=h["b2"],
+      eps=h["eps"],
+      weight_decay=h["wd"] if h["decoupled"] else 0.0,
+      decoupled=h["decoupled"],
+    ),
+    "unless decoupled",
+    8,  # rectified from step 6 on
+  ),
 }
 LEAST_STEPS = {"radam": 4}  # most radam examples reach the rectified steps
 
@@ -216,12 +344,14 @@ def _radam_threshold_is_clear(b2, steps, x64):
 
 # --- the check -----------------------------------------------------------------------------------
 
+
 def _check(data, names):
   x64 = data.draw(st.booleans(), "x64")
   floats = ["float32", "bfloat16", "float16"] + (["float64"] if x64 else [])
   # The root is a dict, as a parameter tree is: a bare None would be no parameters at all.
-  spec = data.draw(st.dictionaries(st.sampled_from("xyz"), _tree(floats + ["int32", "none"], depth=2), min_size=1,
-                                   max_size=3), "tree")
+  spec = data.draw(
+    st.dictionaries(st.sampled_from("xyz"), _tree(floats + ["int32", "none"], depth=2), min_size=1, max_size=3), "tree"
+  )
   name = data.draw(_uniform(names), "optimizer")
   hp_strategy, make, ref, coupled, most = ALIASES[name]
   h = data.draw(hp_strategy, "hyperparameters")
@@ -282,8 +412,8 @@ def _check(data, names):
         tol = tol + steps * _ulp(np.stack([np.asarray(leaves(p)[i], np.float64) for p in path[1:]]), dtype)
       bad = np.abs(have - want) > tol
       assert not np.any(bad), (
-          f"{name} {dtype} leaf {i} shape {p0.shape}: max |error| {np.max(np.abs(have - want)):.3g},"
-          f" update scale {scale_of_leaf:.3g}\n{have[bad][:4]} vs {want[bad][:4]}"
+        f"{name} {dtype} leaf {i} shape {p0.shape}: max |error| {np.max(np.abs(have - want)):.3g},"
+        f" update scale {scale_of_leaf:.3g}\n{have[bad][:4]} vs {want[bad][:4]}"
       )
 
 

@@ -15,11 +15,11 @@ import reference
 
 # Schedules as plain math of a float step, so NumPy (the reference) and jax read the same numbers.
 SCHEDULES = {
-    "learning_rate": lambda t: 1e-2 * 0.995**t,
-    "b1": lambda t: 0.8 + 0.15 * (1 - 0.99**t),
-    "b2": lambda t: 0.99 + 0.009 * (1 - 0.98**t),
-    "eps": lambda t: 1e-3 * 0.97**t + 1e-8,
-    "weight_decay": lambda t: 0.1 * 0.99**t,
+  "learning_rate": lambda t: 1e-2 * 0.995**t,
+  "b1": lambda t: 0.8 + 0.15 * (1 - 0.99**t),
+  "b2": lambda t: 0.99 + 0.009 * (1 - 0.98**t),
+  "eps": lambda t: 1e-3 * 0.97**t + 1e-8,
+  "weight_decay": lambda t: 0.1 * 0.99**t,
 }
 REFERENCE_NAME = {"learning_rate": "lr", "b1": "b1", "b2": "b2", "eps": "eps", "weight_decay": "weight_decay"}
 
@@ -51,8 +51,10 @@ def test_adamw_scheduled_decoupled_weight_decay_matches_reference():
     tx = jadam.adamw(_jax_schedule(SCHEDULES["learning_rate"]), weight_decay=_jax_schedule(SCHEDULES["weight_decay"]))
     got, grads = _parity.run_jax(tx, prob, np.float64, with_grads=True)
   want = reference.adam(
-      grads, prob.params, lr=_np_schedule(SCHEDULES["learning_rate"]),
-      decoupled_weight_decay=_np_schedule(SCHEDULES["weight_decay"]),
+    grads,
+    prob.params,
+    lr=_np_schedule(SCHEDULES["learning_rate"]),
+    decoupled_weight_decay=_np_schedule(SCHEDULES["weight_decay"]),
   )
   assert _parity.max_rel(got, want) <= 1e-12
 
@@ -94,11 +96,14 @@ def test_optax_schedule_and_jax_scalars_are_accepted():
 
 
 INJECTABLE = {
-    "adam": (jadam.adam, dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=0.1, amsgrad=True)),
-    "adamw": (jadam.adamw, dict(learning_rate=1e-2, weight_decay=0.1)),
-    "sgd": (jadam.sgd, dict(learning_rate=1e-2, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01)),
-    "rmsprop": (jadam.rmsprop, dict(learning_rate=1e-2, alpha=0.99, momentum=0.5, centered=True)),
-    "adagrad": (jadam.adagrad, dict(learning_rate=1e-2, lr_decay=0.01, initial_accumulator_value=0.1)),
+  "adam": (
+    jadam.adam,
+    dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=0.1, amsgrad=True),
+  ),
+  "adamw": (jadam.adamw, dict(learning_rate=1e-2, weight_decay=0.1)),
+  "sgd": (jadam.sgd, dict(learning_rate=1e-2, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01)),
+  "rmsprop": (jadam.rmsprop, dict(learning_rate=1e-2, alpha=0.99, momentum=0.5, centered=True)),
+  "adagrad": (jadam.adagrad, dict(learning_rate=1e-2, lr_decay=0.01, initial_accumulator_value=0.1)),
 }
 
 
@@ -157,50 +162,52 @@ def test_inject_hyperparams_with_a_schedule():
 # --- bad input -------------------------------------------------------------------------------
 
 BAD = [
-    (dict(learning_rate=-1e-3), ValueError, "learning_rate.*-0.001"),
-    (dict(learning_rate=float("nan")), ValueError, "learning_rate.*nan"),
-    (dict(learning_rate=jnp.float32(-1.0)), ValueError, "learning_rate.*-1.0"),
-    (dict(b1=1.0), ValueError, "b1.*1.0"),
-    (dict(b1=-0.1), ValueError, "b1.*-0.1"),
-    (dict(b2=1.5), ValueError, "b2.*1.5"),
-    (dict(b2=float("nan")), ValueError, "b2.*nan"),
-    (dict(eps=-1e-8), ValueError, "eps.*-1e-08"),
-    (dict(eps_root=-1.0), ValueError, "eps_root.*-1.0"),
-    (dict(weight_decay=-0.1), ValueError, "weight_decay.*-0.1"),
-    (dict(learning_rate="1e-3"), TypeError, "learning_rate.*str"),
-    (dict(b1=[0.9]), TypeError, "b1.*list"),
-    (dict(learning_rate=jnp.ones(3)), ValueError, "learning_rate.*shape"),
-    (dict(b1=jnp.asarray(0.9, jnp.bfloat16)), TypeError, "b1.*bfloat16"),
-    (dict(b2=jnp.asarray(0.999, jnp.bfloat16)), TypeError, "b2.*bfloat16"),
-    (dict(eps=jnp.asarray(1e-8, jnp.float16)), TypeError, "eps.*float16"),
-    (dict(amsgrad=1), TypeError, "amsgrad"),
-    (dict(maximize="yes"), TypeError, "maximize"),
+  (dict(learning_rate=-1e-3), ValueError, "learning_rate.*-0.001"),
+  (dict(learning_rate=float("nan")), ValueError, "learning_rate.*nan"),
+  (dict(learning_rate=jnp.float32(-1.0)), ValueError, "learning_rate.*-1.0"),
+  (dict(b1=1.0), ValueError, "b1.*1.0"),
+  (dict(b1=-0.1), ValueError, "b1.*-0.1"),
+  (dict(b2=1.5), ValueError, "b2.*1.5"),
+  (dict(b2=float("nan")), ValueError, "b2.*nan"),
+  (dict(eps=-1e-8), ValueError, "eps.*-1e-08"),
+  (dict(eps_root=-1.0), ValueError, "eps_root.*-1.0"),
+  (dict(weight_decay=-0.1), ValueError, "weight_decay.*-0.1"),
+  (dict(learning_rate="1e-3"), TypeError, "learning_rate.*str"),
+  (dict(b1=[0.9]), TypeError, "b1.*list"),
+  (dict(learning_rate=jnp.ones(3)), ValueError, "learning_rate.*shape"),
+  (dict(b1=jnp.asarray(0.9, jnp.bfloat16)), TypeError, "b1.*bfloat16"),
+  (dict(b2=jnp.asarray(0.999, jnp.bfloat16)), TypeError, "b2.*bfloat16"),
+  (dict(eps=jnp.asarray(1e-8, jnp.float16)), TypeError, "eps.*float16"),
+  (dict(amsgrad=1), TypeError, "amsgrad"),
+  (dict(maximize="yes"), TypeError, "maximize"),
 ]
 
 
-@pytest.mark.parametrize("kwargs, error, match", BAD, ids=[f"{next(iter(k))}={next(iter(k.values()))!r}"[:40] for k, _, _ in BAD])
+@pytest.mark.parametrize(
+  "kwargs, error, match", BAD, ids=[f"{next(iter(k))}={next(iter(k.values()))!r}"[:40] for k, _, _ in BAD]
+)
 def test_adam_rejects_bad_hyperparameters_at_construction(kwargs, error, match):
   with pytest.raises(error, match=match):
     jadam.adam(**kwargs)
 
 
 @pytest.mark.parametrize(
-    "make, error, match",
-    [
-        (lambda: jadam.adamw(weight_decay=-1.0), ValueError, "weight_decay"),
-        (lambda: jadam.adamw(learning_rate=-1.0), ValueError, "learning_rate"),
-        (lambda: jadam.sgd(learning_rate=-1.0), ValueError, "learning_rate"),
-        (lambda: jadam.sgd(momentum=1.5), ValueError, "momentum"),
-        (lambda: jadam.sgd(momentum=0.9, dampening=0.5, nesterov=True), ValueError, "[Nn]esterov"),
-        (lambda: jadam.sgd(nesterov=True), ValueError, "[Nn]esterov"),
-        (lambda: jadam.rmsprop(alpha=1.0), ValueError, "b2|alpha"),
-        (lambda: jadam.rmsprop(eps=-1.0), ValueError, "eps"),
-        (lambda: jadam.rmsprop(centered="no"), TypeError, "centered"),
-        (lambda: jadam.adagrad(lr_decay=-1.0), ValueError, "lr_decay"),
-        (lambda: jadam.adagrad(initial_accumulator_value=-1.0), ValueError, "initial_accumulator_value"),
-        (lambda: jadam.adagrad(eps=float("nan")), ValueError, "eps"),
-        (lambda: jadam.scale_by_moments(mu_dtype=jnp.int32), TypeError, "mu_dtype"),
-    ],
+  "make, error, match",
+  [
+    (lambda: jadam.adamw(weight_decay=-1.0), ValueError, "weight_decay"),
+    (lambda: jadam.adamw(learning_rate=-1.0), ValueError, "learning_rate"),
+    (lambda: jadam.sgd(learning_rate=-1.0), ValueError, "learning_rate"),
+    (lambda: jadam.sgd(momentum=1.5), ValueError, "momentum"),
+    (lambda: jadam.sgd(momentum=0.9, dampening=0.5, nesterov=True), ValueError, "[Nn]esterov"),
+    (lambda: jadam.sgd(nesterov=True), ValueError, "[Nn]esterov"),
+    (lambda: jadam.rmsprop(alpha=1.0), ValueError, "b2|alpha"),
+    (lambda: jadam.rmsprop(eps=-1.0), ValueError, "eps"),
+    (lambda: jadam.rmsprop(centered="no"), TypeError, "centered"),
+    (lambda: jadam.adagrad(lr_decay=-1.0), ValueError, "lr_decay"),
+    (lambda: jadam.adagrad(initial_accumulator_value=-1.0), ValueError, "initial_accumulator_value"),
+    (lambda: jadam.adagrad(eps=float("nan")), ValueError, "eps"),
+    (lambda: jadam.scale_by_moments(mu_dtype=jnp.int32), TypeError, "mu_dtype"),
+  ],
 )
 def test_other_aliases_reject_bad_hyperparameters(make, error, match):
   with pytest.raises(error, match=match):
@@ -231,17 +238,17 @@ def test_schedule_and_traced_values_are_not_checked_at_construction():
 
 
 KINDS_CASES = {
-    "adam": (jadam.adam, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-3, eps_root=1e-4, weight_decay=0.1)),
-    "adamw": (jadam.adamw, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-3, weight_decay=0.1)),
-    "sgd": (jadam.sgd, dict(learning_rate=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.1)),
-    "rmsprop": (jadam.rmsprop, dict(learning_rate=1e-2, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5)),
-    "adagrad": (jadam.adagrad, dict(learning_rate=1e-2, lr_decay=0.1, weight_decay=0.1, eps=1e-3)),
+  "adam": (jadam.adam, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-3, eps_root=1e-4, weight_decay=0.1)),
+  "adamw": (jadam.adamw, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-3, weight_decay=0.1)),
+  "sgd": (jadam.sgd, dict(learning_rate=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.1)),
+  "rmsprop": (jadam.rmsprop, dict(learning_rate=1e-2, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5)),
+  "adagrad": (jadam.adagrad, dict(learning_rate=1e-2, lr_decay=0.1, weight_decay=0.1, eps=1e-3)),
 }
 KINDS = {
-    "float": lambda v: v,
-    "jax_scalar": lambda v: jnp.asarray(v, jnp.float32),
-    "numpy_scalar": lambda v: np.float32(v),
-    "schedule": lambda v: (lambda count: jnp.asarray(v, jnp.float32)),
+  "float": lambda v: v,
+  "jax_scalar": lambda v: jnp.asarray(v, jnp.float32),
+  "numpy_scalar": lambda v: np.float32(v),
+  "schedule": lambda v: lambda count: jnp.asarray(v, jnp.float32),
 }
 
 

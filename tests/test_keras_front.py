@@ -47,12 +47,12 @@ def _run_keras(make, dtype):
 # Keras keeps its learning rate in a float32 variable; jadam gets that same number.
 LR = float(np.float32(1e-3))
 CASES = [
-    ("Adam", {}),
-    ("Adam", dict(amsgrad=True)),
-    ("Adam", dict(beta_1=0.8, beta_2=0.99, epsilon=1e-3)),
-    ("Adam", dict(weight_decay=0.05)),
-    ("AdamW", {}),
-    ("AdamW", dict(weight_decay=0.1, amsgrad=True)),
+  ("Adam", {}),
+  ("Adam", dict(amsgrad=True)),
+  ("Adam", dict(beta_1=0.8, beta_2=0.99, epsilon=1e-3)),
+  ("Adam", dict(weight_decay=0.05)),
+  ("AdamW", {}),
+  ("AdamW", dict(weight_decay=0.1, amsgrad=True)),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The fused CPU Adam kernel (jadam._fused, jadam/_kernels): the generic path's results, in one pass."""
+"""The fused CPU Adam kernel (jadam/_kernels): the generic path's results, in one pass."""
 
 import functools
 import os
@@ -15,24 +15,28 @@ import pytest
 from absl.testing import parameterized
 
 import jadam
-from jadam import _fast, _kernels
+from jadam import _step
+from jadam._kernels import build as _kernels
 from tests import reference
 
 SIZES = [(0,), (1,), (7,), (1000,), (100003,), (3, 5, 2)]
 
 CONFIGS = {
-    "adam": lambda: jadam.adam(1e-3),
-    "adam_l2": lambda: jadam.adam(1e-2, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2),
-    "adam_eps_root": lambda: jadam.adam(1e-2, eps=1e-7, eps_root=1e-10),
-    "adamw": lambda: jadam.adamw(1e-2),
-    "adamw_array_wd": lambda: jadam.adamw(1e-2, weight_decay=jnp.float32(0.1)),
-    "adam_schedules": lambda: jadam.adam(
-        optax.linear_schedule(1e-2, 1e-3, 20), b1=optax.linear_schedule(0.8, 0.9, 10),
-        b2=lambda count: 0.99 + jnp.float32(9e-4) * jnp.minimum(count, 10).astype(jnp.float32),
-        eps=optax.constant_schedule(1e-7)),
-    "adamw_schedules": lambda: jadam.adamw(
-        optax.linear_schedule(1e-2, 1e-4, 30),
-        weight_decay=lambda count: jnp.float32(0.01) * jnp.minimum(count, 10).astype(jnp.float32)),
+  "adam": lambda: jadam.adam(1e-3),
+  "adam_l2": lambda: jadam.adam(1e-2, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2),
+  "adam_eps_root": lambda: jadam.adam(1e-2, eps=1e-7, eps_root=1e-10),
+  "adamw": lambda: jadam.adamw(1e-2),
+  "adamw_array_wd": lambda: jadam.adamw(1e-2, weight_decay=jnp.float32(0.1)),
+  "adam_schedules": lambda: jadam.adam(
+    optax.linear_schedule(1e-2, 1e-3, 20),
+    b1=optax.linear_schedule(0.8, 0.9, 10),
+    b2=lambda count: 0.99 + jnp.float32(9e-4) * jnp.minimum(count, 10).astype(jnp.float32),
+    eps=optax.constant_schedule(1e-7),
+  ),
+  "adamw_schedules": lambda: jadam.adamw(
+    optax.linear_schedule(1e-2, 1e-4, 30),
+    weight_decay=lambda count: jnp.float32(0.01) * jnp.minimum(count, 10).astype(jnp.float32),
+  ),
 }
 
 
@@ -74,15 +78,14 @@ def _kernel():
 
 def _fused_step(tx):
   """update_and_apply with the kernel, jitted but not donated, so the inputs can be reused."""
-  return jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True))
+  return jax.jit(functools.partial(_step.update_and_apply, tx, fused=True))
 
 
 class FusedStepTest(parameterized.TestCase):
-
   @parameterized.named_parameters(*CONFIGS.items())
   def test_equals_generic_step_for_step(self, make_tx):
     tx = make_tx()
-    fused, jitted = _fused_step(tx), jax.jit(functools.partial(_fast.update_and_apply, tx, fused=False))
+    fused, jitted = _fused_step(tx), jax.jit(functools.partial(_step.update_and_apply, tx, fused=False))
     params = _leaves(SIZES)
     state = tx.init(params)
     for t in range(50 if self._testMethodName.endswith(("adam", "adamw", "adam_schedules")) else 12):
@@ -139,7 +142,7 @@ class FusedStepTest(parameterized.TestCase):
     @functools.partial(jax.jit, static_argnums=0)
     def step(fused, lr, b2, wd, params, state, grads):
       tx = jadam.adam(lr, b2=b2, weight_decay=wd)  # as inside optax.inject_hyperparams
-      return _fast.update_and_apply(tx, grads, state, params, fused=fused)
+      return _step.update_and_apply(tx, grads, state, params, fused=fused)
 
     params = _leaves([(7,), (1000,)])
     grads = jax.tree.map(jnp.cos, params)
@@ -171,12 +174,12 @@ class FusedStepTest(parameterized.TestCase):
     chex.assert_trees_all_equal((p2, s2), (p3, s3))
 
   @parameterized.named_parameters(
-      ("amsgrad", lambda: jadam.adam(amsgrad=True)),
-      ("maximize", lambda: jadam.adam(maximize=True)),
-      ("bf16_moments", lambda: jadam.adam(mu_dtype=jnp.bfloat16)),
-      ("mask", lambda: jadam.adamw(mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))),
-      ("chained", lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adam())),
-      ("optax", lambda: optax.adam(1e-3)),
+    ("amsgrad", lambda: jadam.adam(amsgrad=True)),
+    ("maximize", lambda: jadam.adam(maximize=True)),
+    ("bf16_moments", lambda: jadam.adam(mu_dtype=jnp.bfloat16)),
+    ("mask", lambda: jadam.adamw(mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))),
+    ("chained", lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adam())),
+    ("optax", lambda: optax.adam(1e-3)),
   )
   def test_other_configurations_take_the_generic_path(self, make_tx):
     tx = make_tx()
@@ -190,15 +193,19 @@ class FusedStepTest(parameterized.TestCase):
     for n, size, want in ((300, 64, False), (300, 1 << 16, True), (200, 64, True)):
       params = [jax.ShapeDtypeStruct((size,), jnp.float32)] * n
       state = jax.eval_shape(tx.init, params)
-      hlo = jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(params, state, params).as_text()
+      hlo = jax.jit(functools.partial(_step.update_and_apply, tx, fused=True)).lower(params, state, params).as_text()
       assert ("jadam_adam_f32" in hlo) == want, (n, size)
 
   def test_other_leaves_take_the_generic_path(self):
     tx = jadam.adam(1e-2)
     for params in ({"w": jnp.ones(3), "n": jnp.arange(3)}, {"w": jnp.ones(3, jnp.bfloat16)}):
       grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
-      assert "jadam_adam" not in jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(
-          grads, tx.init(params), params).as_text()
+      assert (
+        "jadam_adam"
+        not in jax.jit(functools.partial(_step.update_and_apply, tx, fused=True))
+        .lower(grads, tx.init(params), params)
+        .as_text()
+      )
 
   def test_vmap_and_grad(self):
     tx = jadam.adam(1e-2)
@@ -206,14 +213,14 @@ class FusedStepTest(parameterized.TestCase):
     grads = jnp.cos(params) * jnp.arange(1.0, 4.0)[:, None]
     state = jax.vmap(tx.init)(params)
     # vmap of the helper: the generic path; vmap of a jitted fused step: the kernel, one row at a time
-    direct = jax.vmap(functools.partial(_fast.update_and_apply, tx, fused=True))(grads, state, params)
+    direct = jax.vmap(functools.partial(_step.update_and_apply, tx, fused=True))(grads, state, params)
     of_jit = jax.vmap(_fused_step(tx))(grads, state, params)
-    want = jax.vmap(functools.partial(_fast.update_and_apply, tx, fused=False))(grads, state, params)
+    want = jax.vmap(functools.partial(_step.update_and_apply, tx, fused=False))(grads, state, params)
     chex.assert_trees_all_close(direct, want, rtol=1e-6)
     chex.assert_trees_all_close(of_jit, want, rtol=1e-6)
 
     def loss(lr):  # differentiating through a step: the generic path
-      p, _ = _fast.update_and_apply(jadam.adam(lr), grads[0], tx.init(params[0]), params[0], fused=True)
+      p, _ = _step.update_and_apply(jadam.adam(lr), grads[0], tx.init(params[0]), params[0], fused=True)
       return jnp.sum(p)
 
     np.testing.assert_allclose(jax.grad(loss)(jnp.float32(1e-2)), -jnp.sum(jnp.sign(grads[0])), rtol=1e-5)
@@ -221,8 +228,8 @@ class FusedStepTest(parameterized.TestCase):
   def test_float64_matches_reference(self):
     with jax.enable_x64(True):
       for make_tx, kwargs in (
-          (lambda: jadam.adam(1e-2, weight_decay=1e-2), dict(lr=1e-2, weight_decay=1e-2)),
-          (lambda: jadam.adamw(1e-2, weight_decay=1e-1), dict(lr=1e-2, decoupled_weight_decay=1e-1)),
+        (lambda: jadam.adam(1e-2, weight_decay=1e-2), dict(lr=1e-2, weight_decay=1e-2)),
+        (lambda: jadam.adamw(1e-2, weight_decay=1e-1), dict(lr=1e-2, decoupled_weight_decay=1e-1)),
       ):
         tx = make_tx()
         grads = jax.random.normal(jax.random.key(0), (50, 1001), jnp.float64)
@@ -238,10 +245,16 @@ class FusedStepTest(parameterized.TestCase):
   def test_mixed_float32_and_float64_leaves(self):
     with jax.enable_x64(True):
       tx = jadam.adam(1e-2)
-      params = {"a": jnp.linspace(-1.0, 1.0, 33, dtype=jnp.float32), "b": jnp.linspace(-1.0, 1.0, 17, dtype=jnp.float64)}
+      params = {
+        "a": jnp.linspace(-1.0, 1.0, 33, dtype=jnp.float32),
+        "b": jnp.linspace(-1.0, 1.0, 17, dtype=jnp.float64),
+      }
       grads = jax.tree.map(jnp.cos, params)
-      hlo = jax.jit(functools.partial(_fast.update_and_apply, tx, fused=True)).lower(
-          grads, tx.init(params), params).as_text()
+      hlo = (
+        jax.jit(functools.partial(_step.update_and_apply, tx, fused=True))
+        .lower(grads, tx.init(params), params)
+        .as_text()
+      )
       assert "jadam_adam_f32" in hlo and "jadam_adam_f64" in hlo
       got = _fused_step(tx)(grads, tx.init(params), params)
       updates, state = tx.update(grads, tx.init(params), params)
@@ -251,15 +264,21 @@ class FusedStepTest(parameterized.TestCase):
 def _run(code, **env):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+  return subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    timeout=120,
+  )
 
 
 _FALLBACK = """
     import warnings
     warnings.simplefilter("always")
     import jax, jax.numpy as jnp, optax, jadam
-    from jadam import _kernels
+    from jadam._kernels import build as _kernels
     tx = jadam.adam(1e-2)
     p = jnp.linspace(-1.0, 1.0, 100)
     step = jadam.make_update_step(tx)
@@ -290,13 +309,12 @@ def test_fused_and_donate_must_be_flags(helper):
   tx = jadam.adam(1e-3)
   params = {"w": jnp.ones(3)}
   call = {
-      "update_and_apply": lambda **kw: jadam.update_and_apply(tx, params, tx.init(params), params, **kw),
-      "make_update_step": lambda **kw: jadam.make_update_step(tx, **kw),
-      "make_train_step": lambda **kw: jadam.make_train_step(lambda p: jnp.sum(p["w"]), tx, **kw),
+    "update_and_apply": lambda **kw: jadam.update_and_apply(tx, params, tx.init(params), params, **kw),
+    "make_update_step": lambda **kw: jadam.make_update_step(tx, **kw),
+    "make_train_step": lambda **kw: jadam.make_train_step(lambda p: jnp.sum(p["w"]), tx, **kw),
   }[helper]
   with pytest.raises(TypeError, match=r"fused must be True, False or None; got 'no'"):
     call(fused="no")
   if helper != "update_and_apply":
     with pytest.raises(TypeError, match=r"donate must be a bool; got int 1"):
       call(donate=1)
-

@@ -23,7 +23,9 @@ def _set_counts(state, value):
 
 
 def _counts(state):
-  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if getattr(path[-1], "name", None) == "count"]
+  return [
+    leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if getattr(path[-1], "name", None) == "count"
+  ]
 
 
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
@@ -52,18 +54,19 @@ def test_adam_at_the_int32_limit_matches_the_reference(x64, amsgrad):
 
 
 SATURATING = {
-    "adamw": lambda: jadam.adamw(1e-2),
-    "sgd": lambda: jadam.sgd(1e-2, momentum=0.9, weight_decay=0.1),
-    "rmsprop": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
-    "adagrad": lambda: jadam.adagrad(1e-1, lr_decay=0.01),
-    "adamax": lambda: jadam.adamax(1e-2),
-    "nadam": lambda: jadam.nadam(1e-2),
-    "radam": lambda: jadam.radam(1e-2),
-    "keras": lambda: jadam.keras.Adam(1e-2, amsgrad=True),
-    "torch_onecycle": lambda: jadam.torch.Adam(lr=jadam.torch.OneCycleLR(1e-2, total_steps=100)),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(jadam.adam, hyperparam_dtype=jnp.float32)(
-        learning_rate=optax.linear_schedule(1e-2, 1e-3, 100)),
-    "apply_if_finite": lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),
+  "adamw": lambda: jadam.adamw(1e-2),
+  "sgd": lambda: jadam.sgd(1e-2, momentum=0.9, weight_decay=0.1),
+  "rmsprop": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
+  "adagrad": lambda: jadam.adagrad(1e-1, lr_decay=0.01),
+  "adamax": lambda: jadam.adamax(1e-2),
+  "nadam": lambda: jadam.nadam(1e-2),
+  "radam": lambda: jadam.radam(1e-2),
+  "keras": lambda: jadam.keras.Adam(1e-2, amsgrad=True),
+  "torch_onecycle": lambda: jadam.torch.Adam(lr=jadam.torch.OneCycleLR(1e-2, total_steps=100)),
+  "inject_hyperparams": lambda: optax.inject_hyperparams(jadam.adam, hyperparam_dtype=jnp.float32)(
+    learning_rate=optax.linear_schedule(1e-2, 1e-3, 100)
+  ),
+  "apply_if_finite": lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),
 }
 
 
@@ -100,7 +103,9 @@ def test_100000_steps_in_one_scan(mu_dtype):
     def body(carry, t):
       params, state = carry
       noise = 0.01 * jnp.sin(t.astype(jnp.float32))
-      grads = jax.tree.map(lambda p, c: (p.astype(jnp.float32) - c.astype(jnp.float32) + noise).astype(p.dtype), params, target)
+      grads = jax.tree.map(
+        lambda p, c: (p.astype(jnp.float32) - c.astype(jnp.float32) + noise).astype(p.dtype), params, target
+      )
       return jadam.update_and_apply(tx, grads, state, params), None
 
     return jax.lax.scan(body, (params, state), jnp.arange(steps, dtype=jnp.int32))[0]

@@ -20,22 +20,22 @@ from _bits import assert_bitwise_equal
 
 STEPS = 20
 OPTIMIZERS = {
-    "adam": lambda: jadam.adam(1e-2, amsgrad=True, weight_decay=0.01),
-    "adamw": lambda: jadam.adamw(1e-2, weight_decay=0.1),
-    "sgd_momentum": lambda: jadam.sgd(1e-2, momentum=0.9, dampening=0.1),
-    "rmsprop": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
-    "adagrad": lambda: jadam.adagrad(1e-1, lr_decay=0.01),
-    "nadam": lambda: jadam.nadam(1e-2),
-    "torch_adam_schedule": lambda: jadam.torch.Adam(lr=jadam.torch.StepLR(1e-2, step_size=4, gamma=0.5)),
+  "adam": lambda: jadam.adam(1e-2, amsgrad=True, weight_decay=0.01),
+  "adamw": lambda: jadam.adamw(1e-2, weight_decay=0.1),
+  "sgd_momentum": lambda: jadam.sgd(1e-2, momentum=0.9, dampening=0.1),
+  "rmsprop": lambda: jadam.rmsprop(1e-2, centered=True, momentum=0.5),
+  "adagrad": lambda: jadam.adagrad(1e-1, lr_decay=0.01),
+  "nadam": lambda: jadam.nadam(1e-2),
+  "torch_adam_schedule": lambda: jadam.torch.Adam(lr=jadam.torch.StepLR(1e-2, step_size=4, gamma=0.5)),
 }
 
 
 def _params():
   return {
-      "w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
-      "b": jnp.full(4, 0.5, jnp.float32),
-      "h": jnp.linspace(1.0, 2.0, 3, dtype=jnp.bfloat16),
-      "i": jnp.arange(2, dtype=jnp.int32),  # not optimized: passes through
+    "w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
+    "b": jnp.full(4, 0.5, jnp.float32),
+    "h": jnp.linspace(1.0, 2.0, 3, dtype=jnp.bfloat16),
+    "i": jnp.arange(2, dtype=jnp.int32),  # not optimized: passes through
   }
 
 
@@ -89,7 +89,9 @@ def test_nonfinite_steps_are_skipped_exactly(name, seed):
   assert_bitwise_equal(params, clean_params, f"{name} params")
   assert_bitwise_equal(state.inner_state, clean_state.inner_state, f"{name} state")
   assert int(state.total_notfinite) == len(bad) and int(clean_state.total_notfinite) == 0
-  counts = [int(c) for p, c in jax.tree_util.tree_leaves_with_path(state.inner_state) if "count" in jax.tree_util.keystr(p)]
+  counts = [
+    int(c) for p, c in jax.tree_util.tree_leaves_with_path(state.inner_state) if "count" in jax.tree_util.keystr(p)
+  ]
   assert counts and all(c == STEPS - len(bad) for c in counts)  # every inner count: good steps only
 
 

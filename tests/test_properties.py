@@ -30,13 +30,13 @@ def _run(hp, grads, p0):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    lr=st.floats(1e-4, 2e-2),
-    b1=st.floats(0.0, 0.99),
-    b2=st.floats(0.5, 0.999),  # closer to 1, the reference's own 1 - b2**t loses digits at small t
-    eps=st.floats(1e-10, 1e-2),
-    wd=st.floats(0.0, 0.5),
-    scale=st.sampled_from([1e-6, 1.0, 1e3]),
-    seed=st.integers(0, 2**16),
+  lr=st.floats(1e-4, 2e-2),
+  b1=st.floats(0.0, 0.99),
+  b2=st.floats(0.5, 0.999),  # closer to 1, the reference's own 1 - b2**t loses digits at small t
+  eps=st.floats(1e-10, 1e-2),
+  wd=st.floats(0.0, 0.5),
+  scale=st.sampled_from([1e-6, 1.0, 1e3]),
+  seed=st.integers(0, 2**16),
 )
 def test_amsgrad_with_weight_decay_matches_reference_float64(lr, b1, b2, eps, wd, scale, seed):
   rng = np.random.default_rng(seed)
@@ -51,9 +51,9 @@ def test_amsgrad_with_weight_decay_matches_reference_float64(lr, b1, b2, eps, wd
 
 @settings(max_examples=25, deadline=None)
 @given(
-    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
-    zero=st.booleans(),
-    seed=st.integers(0, 2**16),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+  zero=st.booleans(),
+  seed=st.integers(0, 2**16),
 )
 def test_updates_are_finite_and_keep_dtype(dtype, zero, seed):
   rng = np.random.default_rng(seed)

@@ -37,23 +37,39 @@ def _assert_close(got, want):
 
 
 CASES = [
-    ("StepLR", lambda o: S.StepLR(o, step_size=30, gamma=0.5), jadam.torch.StepLR(0.1, step_size=30, gamma=0.5)),
-    ("MultiStepLR", lambda o: S.MultiStepLR(o, milestones=[50, 120, 120, 300], gamma=0.3),
-     jadam.torch.MultiStepLR(0.1, milestones=[300, 50, 120, 120], gamma=0.3)),
-    ("ExponentialLR", lambda o: S.ExponentialLR(o, gamma=0.99), jadam.torch.ExponentialLR(0.1, gamma=0.99)),
-    ("CosineAnnealingLR", lambda o: S.CosineAnnealingLR(o, T_max=60), jadam.torch.CosineAnnealingLR(0.1, T_max=60)),
-    ("CosineAnnealingLR-eta_min", lambda o: S.CosineAnnealingLR(o, T_max=50, eta_min=1e-3),
-     jadam.torch.CosineAnnealingLR(0.1, T_max=50, eta_min=1e-3)),
-    ("LinearLR", lambda o: S.LinearLR(o, start_factor=0.25, end_factor=1.0, total_iters=100),
-     jadam.torch.LinearLR(0.1, start_factor=0.25, end_factor=1.0, total_iters=100)),
-    ("LinearLR-decay", lambda o: S.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=300),
-     jadam.torch.LinearLR(0.1, start_factor=1.0, end_factor=0.1, total_iters=300)),
-    ("OneCycleLR", lambda o: S.OneCycleLR(o, max_lr=0.5, total_steps=N), jadam.torch.OneCycleLR(0.5, total_steps=N)),
-    ("OneCycleLR-linear-three_phase",
-     lambda o: S.OneCycleLR(o, max_lr=0.5, epochs=8, steps_per_epoch=50, anneal_strategy="linear", three_phase=True,
-                            pct_start=0.25),
-     jadam.torch.OneCycleLR(0.5, epochs=8, steps_per_epoch=50, anneal_strategy="linear", three_phase=True,
-                            pct_start=0.25)),
+  ("StepLR", lambda o: S.StepLR(o, step_size=30, gamma=0.5), jadam.torch.StepLR(0.1, step_size=30, gamma=0.5)),
+  (
+    "MultiStepLR",
+    lambda o: S.MultiStepLR(o, milestones=[50, 120, 120, 300], gamma=0.3),
+    jadam.torch.MultiStepLR(0.1, milestones=[300, 50, 120, 120], gamma=0.3),
+  ),
+  ("ExponentialLR", lambda o: S.ExponentialLR(o, gamma=0.99), jadam.torch.ExponentialLR(0.1, gamma=0.99)),
+  ("CosineAnnealingLR", lambda o: S.CosineAnnealingLR(o, T_max=60), jadam.torch.CosineAnnealingLR(0.1, T_max=60)),
+  (
+    "CosineAnnealingLR-eta_min",
+    lambda o: S.CosineAnnealingLR(o, T_max=50, eta_min=1e-3),
+    jadam.torch.CosineAnnealingLR(0.1, T_max=50, eta_min=1e-3),
+  ),
+  (
+    "LinearLR",
+    lambda o: S.LinearLR(o, start_factor=0.25, end_factor=1.0, total_iters=100),
+    jadam.torch.LinearLR(0.1, start_factor=0.25, end_factor=1.0, total_iters=100),
+  ),
+  (
+    "LinearLR-decay",
+    lambda o: S.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=300),
+    jadam.torch.LinearLR(0.1, start_factor=1.0, end_factor=0.1, total_iters=300),
+  ),
+  ("OneCycleLR", lambda o: S.OneCycleLR(o, max_lr=0.5, total_steps=N), jadam.torch.OneCycleLR(0.5, total_steps=N)),
+  (
+    "OneCycleLR-linear-three_phase",
+    lambda o: S.OneCycleLR(
+      o, max_lr=0.5, epochs=8, steps_per_epoch=50, anneal_strategy="linear", three_phase=True, pct_start=0.25
+    ),
+    jadam.torch.OneCycleLR(
+      0.5, epochs=8, steps_per_epoch=50, anneal_strategy="linear", three_phase=True, pct_start=0.25
+    ),
+  ),
 ]
 
 
@@ -80,7 +96,9 @@ def test_one_cycle_momentum_matches_torch():
 
 def test_rebase_scales_with_the_group_lr():
   sched = jadam.torch.CosineAnnealingLR(0.1, T_max=60, eta_min=1e-3)
-  _assert_close(_jadam_lrs(sched.rebase(0.02)), _torch_lrs(lambda o: S.CosineAnnealingLR(o, T_max=60, eta_min=1e-3), 0.02))
+  _assert_close(
+    _jadam_lrs(sched.rebase(0.02)), _torch_lrs(lambda o: S.CosineAnnealingLR(o, T_max=60, eta_min=1e-3), 0.02)
+  )
   one_cycle = jadam.torch.OneCycleLR(0.5, total_steps=10)
   assert one_cycle.rebase(0.01) is one_cycle  # torch's OneCycleLR ignores the group's lr
 
@@ -105,18 +123,20 @@ def _metrics(mode):
 
 
 PLATEAU = [
-    dict(),
-    dict(patience=3, factor=0.5),
-    dict(patience=2, cooldown=4, factor=0.5, min_lr=1e-3),
-    dict(patience=0, cooldown=1, factor=0.7, min_lr=2e-2),
-    dict(patience=4, threshold=1e-2, threshold_mode="rel", factor=0.5),
-    dict(patience=4, threshold=1e-3, threshold_mode="abs", factor=0.5, cooldown=2),
-    dict(patience=1, factor=0.5, min_lr=0.0, eps=1e-3),
+  dict(),
+  dict(patience=3, factor=0.5),
+  dict(patience=2, cooldown=4, factor=0.5, min_lr=1e-3),
+  dict(patience=0, cooldown=1, factor=0.7, min_lr=2e-2),
+  dict(patience=4, threshold=1e-2, threshold_mode="rel", factor=0.5),
+  dict(patience=4, threshold=1e-3, threshold_mode="abs", factor=0.5, cooldown=2),
+  dict(patience=1, factor=0.5, min_lr=0.0, eps=1e-3),
 ]
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
-@pytest.mark.parametrize("kw", PLATEAU, ids=[",".join(f"{k}={v}" for k, v in kw.items()) or "defaults" for kw in PLATEAU])
+@pytest.mark.parametrize(
+  "kw", PLATEAU, ids=[",".join(f"{k}={v}" for k, v in kw.items()) or "defaults" for kw in PLATEAU]
+)
 def test_reduce_on_plateau_matches_torch(mode, kw):
   metrics = _metrics(mode)
   want = _torch_lrs(lambda o: S.ReduceLROnPlateau(o, mode=mode, **kw), 0.1, metrics=metrics)
@@ -140,16 +160,29 @@ def test_reduce_on_plateau_per_epoch_reads_only_epoch_ends():
 def test_scheduler_errors_match_torch():
   p = [torch.zeros(1, requires_grad=True)]
   bad = [
-      (lambda: S.ReduceLROnPlateau(torch.optim.SGD(p), factor=1.0), lambda: jadam.torch.ReduceLROnPlateau(0.1, factor=1.0)),
-      (lambda: S.ReduceLROnPlateau(torch.optim.SGD(p), mode="avg"), lambda: jadam.torch.ReduceLROnPlateau(0.1, mode="avg")),
-      (lambda: S.ReduceLROnPlateau(torch.optim.SGD(p), threshold_mode="x"),
-       lambda: jadam.torch.ReduceLROnPlateau(0.1, threshold_mode="x")),
-      (lambda: S.LinearLR(torch.optim.SGD(p), start_factor=0.0), lambda: jadam.torch.LinearLR(0.1, start_factor=0.0)),
-      (lambda: S.LinearLR(torch.optim.SGD(p), end_factor=2.0), lambda: jadam.torch.LinearLR(0.1, end_factor=2.0)),
-      (lambda: S.OneCycleLR(torch.optim.SGD(p), max_lr=0.1), lambda: jadam.torch.OneCycleLR(0.1)),
-      (lambda: S.OneCycleLR(torch.optim.SGD(p), max_lr=0.1, total_steps=0), lambda: jadam.torch.OneCycleLR(0.1, total_steps=0)),
-      (lambda: S.OneCycleLR(torch.optim.SGD(p), max_lr=0.1, total_steps=9, pct_start=2.0),
-       lambda: jadam.torch.OneCycleLR(0.1, total_steps=9, pct_start=2.0)),
+    (
+      lambda: S.ReduceLROnPlateau(torch.optim.SGD(p), factor=1.0),
+      lambda: jadam.torch.ReduceLROnPlateau(0.1, factor=1.0),
+    ),
+    (
+      lambda: S.ReduceLROnPlateau(torch.optim.SGD(p), mode="avg"),
+      lambda: jadam.torch.ReduceLROnPlateau(0.1, mode="avg"),
+    ),
+    (
+      lambda: S.ReduceLROnPlateau(torch.optim.SGD(p), threshold_mode="x"),
+      lambda: jadam.torch.ReduceLROnPlateau(0.1, threshold_mode="x"),
+    ),
+    (lambda: S.LinearLR(torch.optim.SGD(p), start_factor=0.0), lambda: jadam.torch.LinearLR(0.1, start_factor=0.0)),
+    (lambda: S.LinearLR(torch.optim.SGD(p), end_factor=2.0), lambda: jadam.torch.LinearLR(0.1, end_factor=2.0)),
+    (lambda: S.OneCycleLR(torch.optim.SGD(p), max_lr=0.1), lambda: jadam.torch.OneCycleLR(0.1)),
+    (
+      lambda: S.OneCycleLR(torch.optim.SGD(p), max_lr=0.1, total_steps=0),
+      lambda: jadam.torch.OneCycleLR(0.1, total_steps=0),
+    ),
+    (
+      lambda: S.OneCycleLR(torch.optim.SGD(p), max_lr=0.1, total_steps=9, pct_start=2.0),
+      lambda: jadam.torch.OneCycleLR(0.1, total_steps=9, pct_start=2.0),
+    ),
   ]
   for make_torch, make_jadam in bad:
     with pytest.raises(ValueError) as want:

@@ -25,10 +25,10 @@ def _mesh():
 def _params():
   k1, k2 = jax.random.split(jax.random.key(0))
   return {
-      "w1": jax.random.normal(k1, (16, 64)) / 4,
-      "b1": jnp.zeros(64),
-      "w2": jax.random.normal(k2, (64, 8)) / 8,
-      "b2": jnp.zeros(8),
+    "w1": jax.random.normal(k1, (16, 64)) / 4,
+    "b1": jnp.zeros(64),
+    "w2": jax.random.normal(k2, (64, 8)) / 8,
+    "b2": jnp.zeros(8),
   }
 
 
@@ -44,9 +44,9 @@ def _batches(steps):
 
 
 _OPTIMIZERS = {
-    "adam": lambda: jadam.adam(1e-2),
-    "adamw_clip": lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adamw(1e-2, weight_decay=1e-2)),
-    "adam_bf16_moments": lambda: jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+  "adam": lambda: jadam.adam(1e-2),
+  "adamw_clip": lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adamw(1e-2, weight_decay=1e-2)),
+  "adam_bf16_moments": lambda: jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
 }
 
 
@@ -93,8 +93,11 @@ def _fsdp_sharding(mesh, leaf):
 
 
 def moments_of(state):
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, jadam.ScaleByMomentsState))
-           if isinstance(s, jadam.ScaleByMomentsState)]
+  found = [
+    s
+    for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, jadam.ScaleByMomentsState))
+    if isinstance(s, jadam.ScaleByMomentsState)
+  ]
   assert len(found) == 1
   return found[0]
 
@@ -154,8 +157,11 @@ def test_jitted_init_with_state_shardings_from_optax_tree_map_params():
   param_shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), shapes)
   state_shapes = jax.eval_shape(tx.init, shapes)
   state_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, state_shapes, param_shardings,
-      transform_non_params=lambda _: NamedSharding(mesh, P()),
+    tx,
+    lambda _, sharding: sharding,
+    state_shapes,
+    param_shardings,
+    transform_non_params=lambda _: NamedSharding(mesh, P()),
   )
   params = jax.jit(_params, out_shardings=param_shardings)()
   state = jax.jit(tx.init, out_shardings=state_shardings)(params)

@@ -1,6 +1,5 @@
 """The named stages: chained by hand they are jadam.adam; rearranged they are torch's, optax's and Keras's variants."""
 
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,13 +19,13 @@ LR, B1, B2, EPS, WD = 1e-2, 0.85, 0.995, 1e-7, 0.05
 def _by_hand(*, amsgrad=None, wd=WD):
   """The chain of jadam.adam written out; `amsgrad` is where max_nu goes: "torch" (before bias_correct) or "optax"."""
   return optax.chain(
-      jadam.add_l2(wd),
-      jadam.scale_by_moments(B1, B2),
-      *([jadam.max_nu()] if amsgrad == "torch" else []),
-      jadam.bias_correct(),
-      *([jadam.max_nu()] if amsgrad == "optax" else []),
-      jadam.normalize(EPS),
-      jadam.scale_by_lr(LR),
+    jadam.add_l2(wd),
+    jadam.scale_by_moments(B1, B2),
+    *([jadam.max_nu()] if amsgrad == "torch" else []),
+    jadam.bias_correct(),
+    *([jadam.max_nu()] if amsgrad == "optax" else []),
+    jadam.normalize(EPS),
+    jadam.scale_by_lr(LR),
   )
 
 
@@ -42,7 +41,6 @@ def test_hand_chain_is_adam_bitwise(dtype, amsgrad):
 
 
 class AmsgradPlacementTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("torch", "torch"), ("optax", "optax"))
   def test_max_nu_placement_matches_reference(self, where):
@@ -61,7 +59,9 @@ class AmsgradPlacementTest(chex.TestCase):
         thetas.append(theta)
       want = reference.adam(grads, p0, lr=LR, b1=B1, b2=B2, eps=EPS, amsgrad=where)
       chex.assert_trees_all_close(np.asarray(thetas), want, rtol=1e-12, atol=0)
-      other = reference.adam(grads, p0, lr=LR, b1=B1, b2=B2, eps=EPS, amsgrad={"torch": "optax", "optax": "torch"}[where])
+      other = reference.adam(
+        grads, p0, lr=LR, b1=B1, b2=B2, eps=EPS, amsgrad={"torch": "optax", "optax": "torch"}[where]
+      )
       assert _parity.max_rel(np.asarray(thetas), other) > 1e-6  # the two placements really differ here
 
 
@@ -101,12 +101,14 @@ def test_max_nu_after_bias_correct_is_optax_amsgrad():
 
 def _keras_form(eps):
   return optax.chain(
-      jadam.scale_by_moments(0.9, 0.999), jadam.bias_correct(into_step=True), jadam.normalize(eps), jadam.scale_by_lr(1e-3)
+    jadam.scale_by_moments(0.9, 0.999),
+    jadam.bias_correct(into_step=True),
+    jadam.normalize(eps),
+    jadam.scale_by_lr(1e-3),
   )
 
 
 class IntoStepTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("unit", 1.0), ("eps_dominated", 1e-7))
   def test_into_step_matches_keras_reference(self, scale):
@@ -135,19 +137,19 @@ class IntoStepTest(chex.TestCase):
 
 
 @pytest.mark.parametrize(
-    "tx, updates, stage, must_come_first",
-    [
-        (jadam.bias_correct(), "tree", "jadam.bias_correct", "jadam.scale_by_moments"),
-        (jadam.max_nu(), "tree", "jadam.max_nu", "jadam.scale_by_moments"),
-        (jadam.normalize(), "tree", "jadam.normalize", "jadam.scale_by_moments"),
-        (jadam.center(), "tree", "jadam.center", "jadam.scale_by_moments"),
-        (jadam.scale_by_lr(1e-3), "moments", "jadam.scale_by_lr", "jadam.normalize"),
-        (jadam.add_l2(0.1), "moments", "jadam.add_l2", "jadam.normalize"),
-        (jadam.scale_by_moments(), "moments", "jadam.scale_by_moments", "jadam.normalize"),
-        (jadam.momentum(0.9), "moments", "jadam.momentum", "jadam.normalize"),
-        (jadam.flip_sign(), "moments", "jadam.flip_sign", "jadam.normalize"),
-        (jadam.accumulate_squares(), "moments", "jadam.accumulate_squares", "jadam.normalize"),
-    ],
+  "tx, updates, stage, must_come_first",
+  [
+    (jadam.bias_correct(), "tree", "jadam.bias_correct", "jadam.scale_by_moments"),
+    (jadam.max_nu(), "tree", "jadam.max_nu", "jadam.scale_by_moments"),
+    (jadam.normalize(), "tree", "jadam.normalize", "jadam.scale_by_moments"),
+    (jadam.center(), "tree", "jadam.center", "jadam.scale_by_moments"),
+    (jadam.scale_by_lr(1e-3), "moments", "jadam.scale_by_lr", "jadam.normalize"),
+    (jadam.add_l2(0.1), "moments", "jadam.add_l2", "jadam.normalize"),
+    (jadam.scale_by_moments(), "moments", "jadam.scale_by_moments", "jadam.normalize"),
+    (jadam.momentum(0.9), "moments", "jadam.momentum", "jadam.normalize"),
+    (jadam.flip_sign(), "moments", "jadam.flip_sign", "jadam.normalize"),
+    (jadam.accumulate_squares(), "moments", "jadam.accumulate_squares", "jadam.normalize"),
+  ],
 )
 def test_wrong_kind_of_updates_names_the_stage_that_must_come_first(tx, updates, stage, must_come_first):
   params = {"w": jnp.ones(3)}
@@ -206,8 +208,11 @@ def test_max_nu_with_into_step_is_keras_amsgrad():
   """max_nu before bias_correct(into_step=True): Keras's amsgrad, max over raw v with eps-hat outside the root."""
   prob = _parity.problem(STEPS, scale=1e-3)
   tx = optax.chain(
-      jadam.scale_by_moments(B1, B2), jadam.max_nu(), jadam.bias_correct(into_step=True), jadam.normalize(EPS),
-      jadam.scale_by_lr(LR),
+    jadam.scale_by_moments(B1, B2),
+    jadam.max_nu(),
+    jadam.bias_correct(into_step=True),
+    jadam.normalize(EPS),
+    jadam.scale_by_lr(LR),
   )
   with jax.enable_x64(True):
     got, grads = _parity.run_jax(tx, prob, np.float64, with_grads=True)
@@ -243,7 +248,7 @@ def test_into_step_matches_live_keras_float32(scale):
   """keras.optimizers.Adam (JAX backend) against bias_correct(into_step=True), in float32 ulps."""
   prob = _parity.problem(200, scale=scale)
   chain = lambda into_step: optax.chain(
-      jadam.scale_by_moments(B1, B2), jadam.bias_correct(into_step=into_step), jadam.normalize(EPS), jadam.scale_by_lr(LR)
+    jadam.scale_by_moments(B1, B2), jadam.bias_correct(into_step=into_step), jadam.normalize(EPS), jadam.scale_by_lr(LR)
   )
   got, grads = _parity.run_jax(chain(True), prob, np.float32, with_grads=True)
   assert _parity.max_ulps(got, _run_keras(prob, 200, teacher=(got, grads))) <= 2

@@ -15,42 +15,42 @@ torch = pytest.importorskip("torch")
 STEPS = 500
 
 CASES = [
-    ("Adam", {}),
-    ("Adam", dict(weight_decay=0.1)),
-    ("Adam", dict(amsgrad=True)),
-    ("Adam", dict(maximize=True)),
-    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1, amsgrad=True, maximize=True)),
-    ("Adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
-    ("Adam", dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True)),
-    ("AdamW", {}),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-    ("AdamW", dict(maximize=True)),
-    ("SGD", dict(lr=1e-2)),
-    ("SGD", dict(lr=1e-2, momentum=0.9)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, dampening=0.5)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
-    ("SGD", dict(lr=1e-2, momentum=0.5, dampening=0.1, weight_decay=0.01, maximize=True)),
-    ("RMSprop", {}),
-    ("RMSprop", dict(alpha=0.9, eps=1e-4)),
-    ("RMSprop", dict(centered=True)),
-    ("RMSprop", dict(momentum=0.9)),
-    ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5, weight_decay=0.01, maximize=True)),
-    ("Adagrad", {}),
-    ("Adagrad", dict(lr_decay=0.01)),
-    ("Adagrad", dict(initial_accumulator_value=0.1, eps=1e-6)),
-    ("Adagrad", dict(lr_decay=0.01, weight_decay=0.01, maximize=True)),
-    ("Adamax", {}),
-    ("Adamax", dict(weight_decay=0.01)),
-    ("Adamax", dict(betas=(0.8, 0.99), eps=1e-3, maximize=True)),
-    ("NAdam", {}),
-    ("NAdam", dict(weight_decay=0.01)),
-    ("NAdam", dict(momentum_decay=0.01)),
-    ("NAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
-    ("NAdam", dict(weight_decay=0.01, maximize=True, betas=(0.8, 0.99))),
-    ("RAdam", {}),
-    ("RAdam", dict(weight_decay=0.01)),
-    ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
-    ("RAdam", dict(eps=1e-3, maximize=True, betas=(0.8, 0.99))),
+  ("Adam", {}),
+  ("Adam", dict(weight_decay=0.1)),
+  ("Adam", dict(amsgrad=True)),
+  ("Adam", dict(maximize=True)),
+  ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1, amsgrad=True, maximize=True)),
+  ("Adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+  ("Adam", dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True)),
+  ("AdamW", {}),
+  ("AdamW", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+  ("AdamW", dict(maximize=True)),
+  ("SGD", dict(lr=1e-2)),
+  ("SGD", dict(lr=1e-2, momentum=0.9)),
+  ("SGD", dict(lr=1e-2, momentum=0.9, dampening=0.5)),
+  ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
+  ("SGD", dict(lr=1e-2, momentum=0.5, dampening=0.1, weight_decay=0.01, maximize=True)),
+  ("RMSprop", {}),
+  ("RMSprop", dict(alpha=0.9, eps=1e-4)),
+  ("RMSprop", dict(centered=True)),
+  ("RMSprop", dict(momentum=0.9)),
+  ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5, weight_decay=0.01, maximize=True)),
+  ("Adagrad", {}),
+  ("Adagrad", dict(lr_decay=0.01)),
+  ("Adagrad", dict(initial_accumulator_value=0.1, eps=1e-6)),
+  ("Adagrad", dict(lr_decay=0.01, weight_decay=0.01, maximize=True)),
+  ("Adamax", {}),
+  ("Adamax", dict(weight_decay=0.01)),
+  ("Adamax", dict(betas=(0.8, 0.99), eps=1e-3, maximize=True)),
+  ("NAdam", {}),
+  ("NAdam", dict(weight_decay=0.01)),
+  ("NAdam", dict(momentum_decay=0.01)),
+  ("NAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+  ("NAdam", dict(weight_decay=0.01, maximize=True, betas=(0.8, 0.99))),
+  ("RAdam", {}),
+  ("RAdam", dict(weight_decay=0.01)),
+  ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+  ("RAdam", dict(eps=1e-3, maximize=True, betas=(0.8, 0.99))),
 ]
 
 
@@ -91,19 +91,30 @@ def test_float32_within_ulps_of_torch(case):
 ENC_KERNEL = ["encoder/kernel"]
 BIASES = ["encoder/bias", "head/bias"]
 GROUP_CASES = [
-    ("Adam", dict(lr=1e-3, weight_decay=0.01),
-     [(ENC_KERNEL, dict(lr=1e-2, weight_decay=0.1)), (BIASES, dict(weight_decay=0.0, amsgrad=True))]),
-    ("AdamW", dict(lr=1e-3),
-     [(ENC_KERNEL, dict(lr=3e-3, weight_decay=0.5)), (BIASES, dict(weight_decay=0.0))]),
-    ("SGD", dict(lr=1e-2, momentum=0.9),
-     [(ENC_KERNEL, dict(lr=1e-3, nesterov=True)), (BIASES, dict(momentum=0.0, weight_decay=0.1))]),
-    ("NAdam", dict(lr=2e-3),
-     [(ENC_KERNEL, dict(weight_decay=0.1, decoupled_weight_decay=True)), (BIASES, dict(lr=1e-2, betas=(0.8, 0.99)))]),
-    ("RAdam", dict(lr=1e-3, weight_decay=0.01),
-     [(ENC_KERNEL, dict(lr=1e-2)), (BIASES, dict(weight_decay=0.0, decoupled_weight_decay=True))]),
-    ("RMSprop", dict(lr=1e-3), [(ENC_KERNEL, dict(centered=True, momentum=0.5)), (BIASES, dict(lr=1e-2))]),
-    ("Adagrad", dict(lr=1e-2), [(ENC_KERNEL, dict(lr_decay=0.1)), (BIASES, dict(lr=1e-1))]),
-    ("Adamax", dict(lr=2e-3), [(ENC_KERNEL, dict(weight_decay=0.1)), (BIASES, dict(lr=1e-2))]),
+  (
+    "Adam",
+    dict(lr=1e-3, weight_decay=0.01),
+    [(ENC_KERNEL, dict(lr=1e-2, weight_decay=0.1)), (BIASES, dict(weight_decay=0.0, amsgrad=True))],
+  ),
+  ("AdamW", dict(lr=1e-3), [(ENC_KERNEL, dict(lr=3e-3, weight_decay=0.5)), (BIASES, dict(weight_decay=0.0))]),
+  (
+    "SGD",
+    dict(lr=1e-2, momentum=0.9),
+    [(ENC_KERNEL, dict(lr=1e-3, nesterov=True)), (BIASES, dict(momentum=0.0, weight_decay=0.1))],
+  ),
+  (
+    "NAdam",
+    dict(lr=2e-3),
+    [(ENC_KERNEL, dict(weight_decay=0.1, decoupled_weight_decay=True)), (BIASES, dict(lr=1e-2, betas=(0.8, 0.99)))],
+  ),
+  (
+    "RAdam",
+    dict(lr=1e-3, weight_decay=0.01),
+    [(ENC_KERNEL, dict(lr=1e-2)), (BIASES, dict(weight_decay=0.0, decoupled_weight_decay=True))],
+  ),
+  ("RMSprop", dict(lr=1e-3), [(ENC_KERNEL, dict(centered=True, momentum=0.5)), (BIASES, dict(lr=1e-2))]),
+  ("Adagrad", dict(lr=1e-2), [(ENC_KERNEL, dict(lr_decay=0.1)), (BIASES, dict(lr=1e-1))]),
+  ("Adamax", dict(lr=2e-3), [(ENC_KERNEL, dict(weight_decay=0.1)), (BIASES, dict(lr=1e-2))]),
 ]
 
 
@@ -124,24 +135,53 @@ def test_param_groups_match_torch(case):
 def test_optimizer_with_schedulers_matches_torch():
   S = torch.optim.lr_scheduler
   cases = [
-      (_torch_opt("Adam", dict(lr=1e-2)), lambda o: S.StepLR(o, step_size=50, gamma=0.5),
-       jadam.torch.Adam(lr=jadam.torch.StepLR(1e-2, step_size=50, gamma=0.5)), None),
-      # A scheduler as the default lr follows each group's own lr, as torch's does.
-      (_torch_opt("AdamW", dict(lr=1e-2)), lambda o: S.CosineAnnealingLR(o, T_max=100, eta_min=1e-4),
-       jadam.torch.AdamW([{"params": "encoder/.*", "lr": 1e-3}],
-                         lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=100, eta_min=1e-4)), [(["encoder/bias", "encoder/kernel"], dict(lr=1e-3))]),
-      # OneCycleLR cycles SGD's momentum too.
-      (_torch_opt("SGD", dict(lr=1e-2, momentum=0.9)), lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=STEPS),
-       jadam.torch.SGD(lr=jadam.torch.OneCycleLR(0.05, total_steps=STEPS), momentum=0.9), None),
-      (_torch_opt("Adam", dict(lr=1e-2)), lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=STEPS, three_phase=True),
-       jadam.torch.Adam(lr=jadam.torch.OneCycleLR(0.05, total_steps=STEPS, three_phase=True)), None),
-      (_torch_opt("NAdam", dict(lr=1e-2)), lambda o: S.LinearLR(o, start_factor=0.1, total_iters=100),
-       jadam.torch.NAdam(lr=jadam.torch.LinearLR(1e-2, start_factor=0.1, total_iters=100)), None),
-      (_torch_opt("RAdam", dict(lr=1e-2)), lambda o: S.ExponentialLR(o, gamma=0.99),
-       jadam.torch.RAdam(lr=jadam.torch.ExponentialLR(1e-2, gamma=0.99)), None),
-      # Stepped once per epoch of 10 optimizer steps.
-      (_torch_opt("Adagrad", dict(lr=1e-1)), None,
-       jadam.torch.Adagrad(lr=jadam.torch.MultiStepLR(1e-1, milestones=[3, 7, 7], gamma=0.5).per_epoch(10)), "epochs"),
+    (
+      _torch_opt("Adam", dict(lr=1e-2)),
+      lambda o: S.StepLR(o, step_size=50, gamma=0.5),
+      jadam.torch.Adam(lr=jadam.torch.StepLR(1e-2, step_size=50, gamma=0.5)),
+      None,
+    ),
+    # A scheduler as the default lr follows each group's own lr, as torch's does.
+    (
+      _torch_opt("AdamW", dict(lr=1e-2)),
+      lambda o: S.CosineAnnealingLR(o, T_max=100, eta_min=1e-4),
+      jadam.torch.AdamW(
+        [{"params": "encoder/.*", "lr": 1e-3}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=100, eta_min=1e-4)
+      ),
+      [(["encoder/bias", "encoder/kernel"], dict(lr=1e-3))],
+    ),
+    # OneCycleLR cycles SGD's momentum too.
+    (
+      _torch_opt("SGD", dict(lr=1e-2, momentum=0.9)),
+      lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=STEPS),
+      jadam.torch.SGD(lr=jadam.torch.OneCycleLR(0.05, total_steps=STEPS), momentum=0.9),
+      None,
+    ),
+    (
+      _torch_opt("Adam", dict(lr=1e-2)),
+      lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=STEPS, three_phase=True),
+      jadam.torch.Adam(lr=jadam.torch.OneCycleLR(0.05, total_steps=STEPS, three_phase=True)),
+      None,
+    ),
+    (
+      _torch_opt("NAdam", dict(lr=1e-2)),
+      lambda o: S.LinearLR(o, start_factor=0.1, total_iters=100),
+      jadam.torch.NAdam(lr=jadam.torch.LinearLR(1e-2, start_factor=0.1, total_iters=100)),
+      None,
+    ),
+    (
+      _torch_opt("RAdam", dict(lr=1e-2)),
+      lambda o: S.ExponentialLR(o, gamma=0.99),
+      jadam.torch.RAdam(lr=jadam.torch.ExponentialLR(1e-2, gamma=0.99)),
+      None,
+    ),
+    # Stepped once per epoch of 10 optimizer steps.
+    (
+      _torch_opt("Adagrad", dict(lr=1e-1)),
+      None,
+      jadam.torch.Adagrad(lr=jadam.torch.MultiStepLR(1e-1, milestones=[3, 7, 7], gamma=0.5).per_epoch(10)),
+      "epochs",
+    ),
   ]
   for make, sched, tx, groups in cases:
     if groups == "epochs":
@@ -176,17 +216,25 @@ def _plateau_metrics():
   return list(1.0 / (1 + (t // 40)) + 0.01 * np.sin(t))
 
 
-@pytest.mark.parametrize("name,kw", [
+@pytest.mark.parametrize(
+  "name,kw",
+  [
     ("Adam", dict(lr=1e-2)),
     ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
     ("NAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
     ("SGD", dict(lr=1e-2, momentum=0.9)),
-])
+  ],
+)
 def test_reduce_on_plateau_in_optimizer_matches_torch(name, kw):
   metrics = _plateau_metrics()
   rule = dict(patience=5, cooldown=3, factor=0.5, min_lr=1e-4)
-  want = H.run_torch(_torch_opt(name, kw), STEPS, np.float64,
-                     scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **rule), metrics=metrics)
+  want = H.run_torch(
+    _torch_opt(name, kw),
+    STEPS,
+    np.float64,
+    scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **rule),
+    metrics=metrics,
+  )
   plateau = jadam.torch.ReduceLROnPlateau(kw.pop("lr"), **rule)
   with jax.enable_x64(True):
     got = H.run_jax(getattr(jadam.torch, name)(lr=plateau, **kw), STEPS, np.float64, metrics=metrics)
@@ -198,10 +246,18 @@ def test_reduce_on_plateau_with_param_groups_matches_torch():
   metrics = _plateau_metrics()
   rule = dict(patience=3, cooldown=2, factor=0.5, min_lr=2e-4)
   torch_groups = [(ENC_KERNEL, dict(lr=1e-3)), (BIASES, dict(weight_decay=0.1))]
-  want = H.run_torch(_torch_opt("RAdam", dict(lr=1e-2)), STEPS, np.float64, torch_groups,
-                     scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **rule), metrics=metrics)
-  tx = jadam.torch.RAdam([{"params": "encoder/kernel", "lr": 1e-3}, {"params": lambda p, x: x.ndim == 1, "weight_decay": 0.1}],
-                         lr=jadam.torch.ReduceLROnPlateau(1e-2, **rule))
+  want = H.run_torch(
+    _torch_opt("RAdam", dict(lr=1e-2)),
+    STEPS,
+    np.float64,
+    torch_groups,
+    scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **rule),
+    metrics=metrics,
+  )
+  tx = jadam.torch.RAdam(
+    [{"params": "encoder/kernel", "lr": 1e-3}, {"params": lambda p, x: x.ndim == 1, "weight_decay": 0.1}],
+    lr=jadam.torch.ReduceLROnPlateau(1e-2, **rule),
+  )
   with jax.enable_x64(True):
     got = H.run_jax(tx, STEPS, np.float64, metrics=metrics)
   assert H.max_rel_diff(got, want) <= 1e-12
@@ -209,23 +265,23 @@ def test_reduce_on_plateau_with_param_groups_matches_torch():
 
 # Errors: the same exception type and message as torch's.
 BAD = [
-    ("Adam", dict(lr=-0.001)),
-    ("Adam", dict(eps=-1.0)),
-    ("Adam", dict(betas=(1.0, 0.999))),
-    ("Adam", dict(betas=(0.9, -0.1))),
-    ("Adam", dict(weight_decay=-0.1)),
-    ("AdamW", dict(lr=float("nan"))),
-    ("SGD", dict(lr=-1.0)),
-    ("SGD", dict(momentum=-0.5)),
-    ("SGD", dict(nesterov=True)),
-    ("SGD", dict(momentum=0.9, dampening=0.1, nesterov=True)),
-    ("RMSprop", dict(alpha=-0.1)),
-    ("RMSprop", dict(momentum=-0.1)),
-    ("Adagrad", dict(lr_decay=-0.1)),
-    ("Adagrad", dict(initial_accumulator_value=-0.1)),
-    ("Adamax", dict(betas=(0.9, 1.5))),
-    ("NAdam", dict(momentum_decay=-1.0)),
-    ("RAdam", dict(eps=-1e-8)),
+  ("Adam", dict(lr=-0.001)),
+  ("Adam", dict(eps=-1.0)),
+  ("Adam", dict(betas=(1.0, 0.999))),
+  ("Adam", dict(betas=(0.9, -0.1))),
+  ("Adam", dict(weight_decay=-0.1)),
+  ("AdamW", dict(lr=float("nan"))),
+  ("SGD", dict(lr=-1.0)),
+  ("SGD", dict(momentum=-0.5)),
+  ("SGD", dict(nesterov=True)),
+  ("SGD", dict(momentum=0.9, dampening=0.1, nesterov=True)),
+  ("RMSprop", dict(alpha=-0.1)),
+  ("RMSprop", dict(momentum=-0.1)),
+  ("Adagrad", dict(lr_decay=-0.1)),
+  ("Adagrad", dict(initial_accumulator_value=-0.1)),
+  ("Adamax", dict(betas=(0.9, 1.5))),
+  ("NAdam", dict(momentum_decay=-1.0)),
+  ("RAdam", dict(eps=-1e-8)),
 ]
 
 
@@ -272,8 +328,10 @@ def test_params_pytree_is_one_group():
 
 
 def test_jadam_torch_never_imports_torch():
-  code = ("import sys, jadam; jadam.torch.Adam(); jadam.keras.Adam();"
-          " assert 'torch' not in sys.modules and 'keras' not in sys.modules, sorted(sys.modules)")
+  code = (
+    "import sys, jadam; jadam.torch.Adam(); jadam.keras.Adam();"
+    " assert 'torch' not in sys.modules and 'keras' not in sys.modules, sorted(sys.modules)"
+  )
   subprocess.run([sys.executable, "-c", code], check=True)
 
 

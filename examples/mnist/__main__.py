@@ -22,100 +22,122 @@ from examples.mnist.configs import default
 
 
 def _value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return key.strip().replace("-", "_"), _value(value)
+  key, sep, value = text.partition("=")
+  if not sep:
+    raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+  return key.strip().replace("-", "_"), _value(value)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
-    base = default.get_config()
-    p = argparse.ArgumentParser(
-        prog="python -m examples.mnist",
-        description="Train Flax's MNIST CNN with a jadam optimizer.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Examples:", 1)[1],
-    )
-    p.add_argument("--api", choices=("nnx", "linen"), default=base.api)
-    p.add_argument(
-        "--optimizer",
-        default=base.optimizer,
-        help="a jadam alias (adam, adamw, sgd, rmsprop, adagrad, ...) or a jadam.torch"
-        " front door (Adam, AdamW, ...), by name (default %(default)s)",
-    )
-    p.add_argument("--lr", "--learning-rate", type=float, default=None,
-                   help="learning rate (default: 1e-3 for adam; else the optimizer's own)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=base.lr_schedule,
-                   help="cosine decay from --lr to 0 over --epochs (default), or constant")
-    hp = p.add_argument_group("optimizer hyperparameters (only those given are passed)")
-    hp.add_argument("--b1", type=float)
-    hp.add_argument("--b2", type=float)
-    hp.add_argument("--eps", type=float)
-    hp.add_argument("--weight-decay", type=float)
-    hp.add_argument("--momentum", type=float)
-    hp.add_argument("--amsgrad", action="store_true", default=None)
-    hp.add_argument("--nesterov", action="store_true", default=None)
-    hp.add_argument("--opt", metavar="NAME=VALUE", type=_key_value, action="append", default=[],
-                    help="any other argument of the optimizer, e.g. --opt centered=True")
-    p.add_argument("--epochs", type=int, default=base.epochs)
-    p.add_argument("--batch-size", type=int, default=base.batch_size)
-    p.add_argument("--eval-batch-size", type=int, default=base.eval_batch_size)
-    p.add_argument("--seed", type=int, default=base.seed)
-    p.add_argument("--data-dir", default=base.data_dir,
-                   help="folder with the four IDX files (default: cache, download, or the shipped sample)")
-    p.add_argument("--no-download", dest="download", action="store_false")
-    p.add_argument("--workdir", default="workdir")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=base.progress,
-                   help="progress bars (default: only on a terminal)")
-    p.add_argument("--no-plot", dest="plot", action="store_false")
-    p.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+  base = default.get_config()
+  p = argparse.ArgumentParser(
+    prog="python -m examples.mnist",
+    description="Train Flax's MNIST CNN with a jadam optimizer.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("Examples:", 1)[1],
+  )
+  p.add_argument("--api", choices=("nnx", "linen"), default=base.api)
+  p.add_argument(
+    "--optimizer",
+    default=base.optimizer,
+    help="a jadam alias (adam, adamw, sgd, rmsprop, adagrad, ...) or a jadam.torch"
+    " front door (Adam, AdamW, ...), by name (default %(default)s)",
+  )
+  p.add_argument(
+    "--lr",
+    "--learning-rate",
+    type=float,
+    default=None,
+    help="learning rate (default: 1e-3 for adam; else the optimizer's own)",
+  )
+  p.add_argument(
+    "--lr-schedule",
+    choices=("constant", "cosine"),
+    default=base.lr_schedule,
+    help="cosine decay from --lr to 0 over --epochs (default), or constant",
+  )
+  hp = p.add_argument_group("optimizer hyperparameters (only those given are passed)")
+  hp.add_argument("--b1", type=float)
+  hp.add_argument("--b2", type=float)
+  hp.add_argument("--eps", type=float)
+  hp.add_argument("--weight-decay", type=float)
+  hp.add_argument("--momentum", type=float)
+  hp.add_argument("--amsgrad", action="store_true", default=None)
+  hp.add_argument("--nesterov", action="store_true", default=None)
+  hp.add_argument(
+    "--opt",
+    metavar="NAME=VALUE",
+    type=_key_value,
+    action="append",
+    default=[],
+    help="any other argument of the optimizer, e.g. --opt centered=True",
+  )
+  p.add_argument("--epochs", type=int, default=base.epochs)
+  p.add_argument("--batch-size", type=int, default=base.batch_size)
+  p.add_argument("--eval-batch-size", type=int, default=base.eval_batch_size)
+  p.add_argument("--seed", type=int, default=base.seed)
+  p.add_argument(
+    "--data-dir",
+    default=base.data_dir,
+    help="folder with the four IDX files (default: cache, download, or the shipped sample)",
+  )
+  p.add_argument("--no-download", dest="download", action="store_false")
+  p.add_argument("--workdir", default="workdir")
+  p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+  p.add_argument(
+    "--progress",
+    action=argparse.BooleanOptionalAction,
+    default=base.progress,
+    help="progress bars (default: only on a terminal)",
+  )
+  p.add_argument("--no-plot", dest="plot", action="store_false")
+  p.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
 
-    hyper = {
-        name: getattr(a, name)
-        for name in ("b1", "b2", "eps", "weight_decay", "momentum", "amsgrad", "nesterov")
-        if getattr(a, name) is not None
-    }
-    hyper.update(a.opt)
-    learning_rate = a.lr
-    if learning_rate is None and a.optimizer == base.optimizer:
-        learning_rate = base.learning_rate
-    config = dataclasses.replace(
-        base,
-        api=a.api,
-        optimizer=a.optimizer,
-        learning_rate=learning_rate,
-        lr_schedule=a.lr_schedule,
-        hyperparameters=hyper,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        eval_batch_size=a.eval_batch_size,
-        seed=a.seed,
-        data_dir=a.data_dir,
-        download=a.download,
-        resume=a.resume,
-        progress=a.progress,
-        plot=a.plot,
-        train_limit=a.train_limit,
-        test_limit=a.test_limit,
-    )
-    return config, a.workdir
+  hyper = {
+    name: getattr(a, name)
+    for name in ("b1", "b2", "eps", "weight_decay", "momentum", "amsgrad", "nesterov")
+    if getattr(a, name) is not None
+  }
+  hyper.update(a.opt)
+  learning_rate = a.lr
+  if learning_rate is None and a.optimizer == base.optimizer:
+    learning_rate = base.learning_rate
+  config = dataclasses.replace(
+    base,
+    api=a.api,
+    optimizer=a.optimizer,
+    learning_rate=learning_rate,
+    lr_schedule=a.lr_schedule,
+    hyperparameters=hyper,
+    epochs=a.epochs,
+    batch_size=a.batch_size,
+    eval_batch_size=a.eval_batch_size,
+    seed=a.seed,
+    data_dir=a.data_dir,
+    download=a.download,
+    resume=a.resume,
+    progress=a.progress,
+    plot=a.plot,
+    train_limit=a.train_limit,
+    test_limit=a.test_limit,
+  )
+  return config, a.workdir
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, workdir = parse_args(argv)
-    metrics = train.train_and_evaluate(config, workdir)
-    print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%; metrics, plot and checkpoints in {workdir}")
+  config, workdir = parse_args(argv)
+  metrics = train.train_and_evaluate(config, workdir)
+  print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%; metrics, plot and checkpoints in {workdir}")
 
 
 if __name__ == "__main__":
-    main()
+  main()

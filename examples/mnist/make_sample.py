@@ -22,34 +22,34 @@ from examples.mnist import input_pipeline
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array."""
-    assert array.dtype == np.uint8
-    header = bytes([0, 0, 0x08, array.ndim])
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.tobytes()
+  """The IDX encoding of a uint8 array."""
+  assert array.dtype == np.uint8
+  header = bytes([0, 0, 0x08, array.ndim])
+  header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  return header + array.tobytes()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="folder with the full MNIST")
-    parser.add_argument("--out", default=str(input_pipeline.SAMPLE_DIR))
-    parser.add_argument("--train", type=int, default=10_000)
-    parser.add_argument("--test", type=int, default=2_000)
-    args = parser.parse_args(argv)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--source", required=True, help="folder with the full MNIST")
+  parser.add_argument("--out", default=str(input_pipeline.SAMPLE_DIR))
+  parser.add_argument("--train", type=int, default=10_000)
+  parser.add_argument("--test", type=int, default=2_000)
+  args = parser.parse_args(argv)
 
-    source, out = pathlib.Path(args.source), pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {"train": args.train, "test": args.test}
-    for split in input_pipeline.SPLITS:
-        data = input_pipeline.read_split(source, split, input_pipeline.MNIST_MD5)
-        data = data.take(counts[split])
-        for kind, array in (("images", data.images), ("labels", data.labels)):
-            stem = input_pipeline.FILES[(split, kind)]
-            raw = idx_bytes(np.ascontiguousarray(array))
-            (out / f"{stem}.gz").write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
-            print(f"{stem}.gz  {array.shape}  md5 {hashlib.md5(raw).hexdigest()}")
-        print(f"{split} class counts: {np.bincount(data.labels, minlength=10).tolist()}")
+  source, out = pathlib.Path(args.source), pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  counts = {"train": args.train, "test": args.test}
+  for split in input_pipeline.SPLITS:
+    data = input_pipeline.read_split(source, split, input_pipeline.MNIST_MD5)
+    data = data.take(counts[split])
+    for kind, array in (("images", data.images), ("labels", data.labels)):
+      stem = input_pipeline.FILES[(split, kind)]
+      raw = idx_bytes(np.ascontiguousarray(array))
+      (out / f"{stem}.gz").write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+      print(f"{stem}.gz  {array.shape}  md5 {hashlib.md5(raw).hexdigest()}")
+    print(f"{split} class counts: {np.bincount(data.labels, minlength=10).tolist()}")
 
 
 if __name__ == "__main__":
-    main()
+  main()

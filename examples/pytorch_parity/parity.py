@@ -44,9 +44,11 @@ def data(config: Config):
 def init_params(config: Config):
   """torch.nn.Linear's layout: weight (out, in), bias (out,); the same numbers go to both libraries."""
   rng = np.random.default_rng(config.seed + 1)
+
   def linear(n_in, n_out):
     bound = 1 / np.sqrt(n_in)
     return {"weight": rng.uniform(-bound, bound, (n_out, n_in)), "bias": rng.uniform(-bound, bound, (n_out,))}
+
   return {"layer1": linear(8, config.hidden), "layer2": linear(config.hidden, 2)}
 
 
@@ -59,34 +61,44 @@ def recipes(steps: int):
   def adamw_cosine_torch(model):
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+      [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.99)
+    )
     return opt, S.CosineAnnealingLR(opt, T_max=steps)
 
   adamw_cosine_jadam = jadam.torch.AdamW(
-      [{"params": ".*/weight", "weight_decay": 0.05}, {"params": ".*/bias", "weight_decay": 0.0}],
-      lr=jadam.torch.CosineAnnealingLR(3e-3, T_max=steps), betas=(0.9, 0.99))
+    [{"params": ".*/weight", "weight_decay": 0.05}, {"params": ".*/bias", "weight_decay": 0.0}],
+    lr=jadam.torch.CosineAnnealingLR(3e-3, T_max=steps),
+    betas=(0.9, 0.99),
+  )
 
   def sgd_onecycle_torch(model):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     return opt, S.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
 
-  sgd_onecycle_jadam = jadam.torch.SGD(lr=jadam.torch.OneCycleLR(0.1, total_steps=steps), momentum=0.9,
-                                       nesterov=True, weight_decay=1e-4)
+  sgd_onecycle_jadam = jadam.torch.SGD(
+    lr=jadam.torch.OneCycleLR(0.1, total_steps=steps), momentum=0.9, nesterov=True, weight_decay=1e-4
+  )
 
   def nadam_layers_torch(model):
-    opt = torch.optim.NAdam([{"params": model.layer1.parameters(), "lr": 1e-3},
-                             {"params": model.layer2.parameters()}], lr=2e-3, weight_decay=1e-2,
-                            decoupled_weight_decay=True)
+    opt = torch.optim.NAdam(
+      [{"params": model.layer1.parameters(), "lr": 1e-3}, {"params": model.layer2.parameters()}],
+      lr=2e-3,
+      weight_decay=1e-2,
+      decoupled_weight_decay=True,
+    )
     return opt, S.StepLR(opt, step_size=max(steps // 4, 1), gamma=0.5)
 
-  nadam_layers_jadam = jadam.torch.NAdam([{"params": "layer1/.*", "lr": 1e-3}],
-                                         lr=jadam.torch.StepLR(2e-3, step_size=max(steps // 4, 1), gamma=0.5),
-                                         weight_decay=1e-2, decoupled_weight_decay=True)
+  nadam_layers_jadam = jadam.torch.NAdam(
+    [{"params": "layer1/.*", "lr": 1e-3}],
+    lr=jadam.torch.StepLR(2e-3, step_size=max(steps // 4, 1), gamma=0.5),
+    weight_decay=1e-2,
+    decoupled_weight_decay=True,
+  )
   return {
-      "adamw_cosine": (adamw_cosine_torch, adamw_cosine_jadam),
-      "sgd_onecycle": (sgd_onecycle_torch, sgd_onecycle_jadam),
-      "nadam_layers": (nadam_layers_torch, nadam_layers_jadam),
+    "adamw_cosine": (adamw_cosine_torch, adamw_cosine_jadam),
+    "sgd_onecycle": (sgd_onecycle_torch, sgd_onecycle_jadam),
+    "nadam_layers": (nadam_layers_torch, nadam_layers_jadam),
   }
 
 
@@ -156,8 +168,10 @@ def _train_torch(config, build, dtype):
     opt.step()
     sched.step()
     losses.append(float(loss.detach()))
-  params = {layer: {name: getattr(getattr(model, layer), name).detach().numpy().copy() for name in ("weight", "bias")}
-            for layer in ("layer1", "layer2")}
+  params = {
+    layer: {name: getattr(getattr(model, layer), name).detach().numpy().copy() for name in ("weight", "bias")}
+    for layer in ("layer1", "layer2")
+  }
   return np.array(losses), params
 
 
@@ -169,8 +183,9 @@ def run(config: Config) -> dict:
     jadam_losses, jadam_params = train_jadam(config, tx)
   torch_losses, torch_params = train_torch(config, build_torch)
   loss_diff = np.abs(jadam_losses - torch_losses)
-  param_diff = max(float(np.max(np.abs(a - b))) for a, b in
-                   zip(jax.tree.leaves(jadam_params), jax.tree.leaves(torch_params)))
+  param_diff = max(
+    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(jadam_params), jax.tree.leaves(torch_params))
+  )
   param_scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(torch_params))
   print(f"recipe {config.recipe}, {config.dtype}, {config.steps} steps")
   print(f"{'step':>6} {'torch loss':>14} {'jadam loss':>14} {'|difference|':>13}")
@@ -179,7 +194,13 @@ def run(config: Config) -> dict:
   t = config.steps - 1
   print(f"{t + 1:>6} {torch_losses[t]:>14.10f} {jadam_losses[t]:>14.10f} {loss_diff[t]:>13.3e}")
   print(f"max |loss difference| over all steps: {loss_diff.max():.3e}")
-  print(f"final max |parameter difference|: {param_diff:.3e} (relative to max |parameter| {param_diff / param_scale:.3e})")
-  return {"max_loss_diff": float(loss_diff.max()), "max_param_diff": param_diff,
-          "max_param_rel_diff": param_diff / param_scale, "final_loss": float(jadam_losses[-1]),
-          "first_loss": float(jadam_losses[0])}
+  print(
+    f"final max |parameter difference|: {param_diff:.3e} (relative to max |parameter| {param_diff / param_scale:.3e})"
+  )
+  return {
+    "max_loss_diff": float(loss_diff.max()),
+    "max_param_diff": param_diff,
+    "max_param_rel_diff": param_diff / param_scale,
+    "final_loss": float(jadam_losses[-1]),
+    "first_loss": float(jadam_losses[0]),
+  }

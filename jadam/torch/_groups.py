@@ -54,9 +54,9 @@ def _matcher(spec: Any, index: int) -> Matcher:
     parts = [_matcher(s, index) for s in spec]
     return lambda path, leaf: any(p(path, leaf) for p in parts)
   raise TypeError(
-      f"param group {index}: 'params' must be a regular expression matched against the"
-      " '/'-joined key path (e.g. 'encoder/.*'), a predicate (path, leaf) -> bool, or a"
-      f" non-empty list of these; got {type(spec).__name__} {spec!r}."
+    f"param group {index}: 'params' must be a regular expression matched against the"
+    " '/'-joined key path (e.g. 'encoder/.*'), a predicate (path, leaf) -> bool, or a"
+    f" non-empty list of these; got {type(spec).__name__} {spec!r}."
   )
 
 
@@ -64,7 +64,9 @@ def _is_group_list(params: Any) -> bool:
   return isinstance(params, (list, tuple)) and len(params) > 0 and all(isinstance(g, Mapping) for g in params)
 
 
-def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any], Any]) -> optax.GradientTransformation:
+def grouped(
+  name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any], Any]
+) -> optax.GradientTransformation:
   """The optimizer `name` over parameter groups, as `optax.partition` of one `build(hp)` per group.
 
   Args:
@@ -81,9 +83,9 @@ def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Cal
     return build(dict(defaults))
   if _looks_like_hyperparameter(params):
     raise TypeError(
-        f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
-        " (every leaf in one group) or a list of parameter groups (dicts); got"
-        f" {params!r}. Pass hyperparameters by name, e.g. {name}(lr={params!r})."
+      f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
+      " (every leaf in one group) or a list of parameter groups (dicts); got"
+      f" {params!r}. Pass hyperparameters by name, e.g. {name}(lr={params!r})."
     )
   matchers, transforms = [], {}
   for i, group in enumerate(params):
@@ -92,8 +94,8 @@ def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Cal
     unknown = sorted(set(group) - set(defaults) - {"params"})
     if unknown:
       raise ValueError(
-          f"param group {i} of {name} sets {', '.join(map(repr, unknown))}, which {name} does not"
-          f" take; its hyperparameters are {', '.join(sorted(defaults))}."
+        f"param group {i} of {name} sets {', '.join(map(repr, unknown))}, which {name} does not"
+        f" take; its hyperparameters are {', '.join(sorted(defaults))}."
       )
     matchers.append(_matcher(group["params"], i))
     hp = {**defaults, **{k: v for k, v in group.items() if k != "params"}}
@@ -109,8 +111,8 @@ def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Cal
       hits = [i for i, match in enumerate(matchers) if match(where, leaf)]
       if len(hits) > 1:
         raise ValueError(
-            f"some parameters appear in more than one parameter group: {where!r} is selected by"
-            f" group {hits[0]} ({specs[hits[0]]!r}) and group {hits[1]} ({specs[hits[1]]!r})."
+          f"some parameters appear in more than one parameter group: {where!r} is selected by"
+          f" group {hits[0]} ({specs[hits[0]]!r}) and group {hits[1]} ({specs[hits[1]]!r})."
         )
       return f"group{hits[0]}" if hits else "default"
 
@@ -120,8 +122,8 @@ def grouped(name: str, params: Any, defaults: dict, build: Build, *, rebase: Cal
       if f"group{i}" not in used:
         paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)][:4]
         raise ValueError(
-            f"param group {i} of {name} ({spec!r}) selects no parameter; patterns are matched in"
-            f" full against '/'-joined key paths such as {paths}."
+          f"param group {i} of {name} ({spec!r}) selects no parameter; patterns are matched in"
+          f" full against '/'-joined key paths such as {paths}."
         )
     return out
 

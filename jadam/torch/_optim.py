@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optax
 
-from jadam import _alias, _common, _extra
+from jadam import _alias, _common, _correct, _penalty
 from jadam._moments import scale_by_moments
 from jadam._penalty import add_l2
 from jadam._scale import normalize, scale_by_lr
@@ -23,7 +23,7 @@ def _value(x: Any) -> float | None:
   """A hyperparameter's value if it is a concrete number now (not a schedule or tracer)."""
   if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or (callable(x) and not isinstance(x, (jax.Array, np.ndarray))):
     return None
-  return _common._concrete_value(x)
+  return _common.concrete_value(x)
 
 
 def _at_least_zero(what: str, x: Any) -> None:
@@ -35,7 +35,7 @@ def _at_least_zero(what: str, x: Any) -> None:
 
 def _check_lr(lr: Any) -> None:
   if isinstance(lr, bool) or not (
-      isinstance(lr, (numbers.Real, jax.Array, np.ndarray, np.generic, LRScheduler, ReduceLROnPlateau)) or callable(lr)
+    isinstance(lr, (numbers.Real, jax.Array, np.ndarray, np.generic, LRScheduler, ReduceLROnPlateau)) or callable(lr)
   ):
     raise TypeError(f"lr must be a float, a scalar array, a schedule or a jadam.torch scheduler; got {lr!r}.")
   _at_least_zero("learning rate", lr)
@@ -56,8 +56,8 @@ def _cycled_momentum(lr: Any, momentum: Any, optimizer: str) -> Any:
   if isinstance(lr, OneCycleLR) and lr.cycle_momentum:
     if momentum is None:
       raise ValueError(
-          f"optimizer must support momentum or beta1 with `cycle_momentum` option enabled ({optimizer} has"
-          " neither); pass OneCycleLR(..., cycle_momentum=False)."
+        f"optimizer must support momentum or beta1 with `cycle_momentum` option enabled ({optimizer} has"
+        " neither); pass OneCycleLR(..., cycle_momentum=False)."
       )
     return lr.momentum
   return momentum
@@ -75,12 +75,12 @@ def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **un
   :math:`-\\eta(u + \\lambda\\theta)`, since the rate lives in the plateau's state."""
   del unused
   return optax.chain(
-      *_alias._front(maximize, 0.0),
-      scale_by_moments(b1, b2),
-      *direction,
-      add_l2(weight_decay),
-      scale_by_lr(1.0),
-      plateau.transform(),
+    *_alias.torch_front(maximize, 0.0),
+    scale_by_moments(b1, b2),
+    *direction,
+    add_l2(weight_decay),
+    scale_by_lr(1.0),
+    plateau.transform(),
   )
 
 
@@ -103,19 +103,19 @@ def _build(name: str, params: Params, defaults: dict, build: Callable[[dict], op
 
 
 def Adam(
-    params: Params = None,
-    lr: Any = 1e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    amsgrad: bool = False,
-    *,
-    foreach: bool | None = None,
-    maximize: bool = False,
-    capturable: bool = False,
-    differentiable: bool = False,
-    fused: bool | None = None,
-    decoupled_weight_decay: bool = False,
+  params: Params = None,
+  lr: Any = 1e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  amsgrad: bool = False,
+  *,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  capturable: bool = False,
+  differentiable: bool = False,
+  fused: bool | None = None,
+  decoupled_weight_decay: bool = False,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.Adam`: :func:`jadam.adam` (or :func:`jadam.adamw` if `decoupled_weight_decay`).
 
@@ -142,8 +142,15 @@ def Adam(
     :class:`ReduceLROnPlateau`).
   """
   del foreach, capturable, differentiable, fused
-  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                  decoupled_weight_decay=decoupled_weight_decay)
+  defaults = dict(
+    lr=lr,
+    betas=betas,
+    eps=eps,
+    weight_decay=weight_decay,
+    amsgrad=amsgrad,
+    maximize=maximize,
+    decoupled_weight_decay=decoupled_weight_decay,
+  )
   return _adam("Adam", params, defaults)
 
 
@@ -157,31 +164,38 @@ def _adam(name: str, params: Params, defaults: dict) -> optax.GradientTransforma
     _at_least_zero("weight_decay value", hp["weight_decay"])
     b1 = _cycled_momentum(hp["lr"], b1, "Adam")
     decoupled = _flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
-    kw = dict(b1=b1, b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
-              amsgrad=_flag("amsgrad", hp["amsgrad"]), maximize=_flag("maximize", hp["maximize"]))
+    kw = dict(
+      b1=b1,
+      b2=b2,
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      amsgrad=_flag("amsgrad", hp["amsgrad"]),
+      maximize=_flag("maximize", hp["maximize"]),
+    )
     if not decoupled:
       return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
     if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
       return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
-    return optax.chain(_alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}),
-                       _extra.decoupled_decay(hp["weight_decay"], hp["lr"]))
+    return optax.chain(
+      _alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}), _penalty.decoupled_decay(hp["weight_decay"], hp["lr"])
+    )
 
   return _build(name, params, defaults, build)
 
 
 def AdamW(
-    params: Params = None,
-    lr: Any = 1e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 1e-2,
-    amsgrad: bool = False,
-    *,
-    maximize: bool = False,
-    foreach: bool | None = None,
-    capturable: bool = False,
-    differentiable: bool = False,
-    fused: bool | None = None,
+  params: Params = None,
+  lr: Any = 1e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 1e-2,
+  amsgrad: bool = False,
+  *,
+  maximize: bool = False,
+  foreach: bool | None = None,
+  capturable: bool = False,
+  differentiable: bool = False,
+  fused: bool | None = None,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.AdamW`: :func:`jadam.adamw`, decay :math:`\theta \leftarrow \theta(1 - \alpha\lambda)`.
 
@@ -193,25 +207,26 @@ def AdamW(
 
 
 def SGD(
-    params: Params = None,
-    lr: Any = 1e-3,
-    momentum: Any = 0.0,
-    dampening: Any = 0.0,
-    weight_decay: Any = 0.0,
-    nesterov: bool = False,
-    *,
-    maximize: bool = False,
-    foreach: bool | None = None,
-    differentiable: bool = False,
-    fused: bool | None = None,
+  params: Params = None,
+  lr: Any = 1e-3,
+  momentum: Any = 0.0,
+  dampening: Any = 0.0,
+  weight_decay: Any = 0.0,
+  nesterov: bool = False,
+  *,
+  maximize: bool = False,
+  foreach: bool | None = None,
+  differentiable: bool = False,
+  fused: bool | None = None,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.SGD`: :func:`jadam.sgd` (:math:`b_1 = g_1`, dampening, Nesterov).
 
   Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
   """
   del foreach, differentiable, fused
-  defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                  maximize=maximize)
+  defaults = dict(
+    lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+  )
 
   def build(hp):
     _check_lr(hp["lr"])
@@ -222,33 +237,39 @@ def SGD(
     m, d = _value(momentum), _value(hp["dampening"])
     if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
       raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    kw = dict(momentum=momentum, dampening=hp["dampening"], weight_decay=hp["weight_decay"], nesterov=nesterov,
-              maximize=_flag("maximize", hp["maximize"]))
+    kw = dict(
+      momentum=momentum,
+      dampening=hp["dampening"],
+      weight_decay=hp["weight_decay"],
+      nesterov=nesterov,
+      maximize=_flag("maximize", hp["maximize"]),
+    )
     return _with_lr(lambda a: _alias.sgd(a, **kw), hp["lr"])
 
   return _build("SGD", params, defaults, build)
 
 
 def RMSprop(
-    params: Params = None,
-    lr: Any = 1e-2,
-    alpha: Any = 0.99,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    momentum: Any = 0.0,
-    centered: bool = False,
-    capturable: bool = False,
-    foreach: bool | None = None,
-    maximize: bool = False,
-    differentiable: bool = False,
+  params: Params = None,
+  lr: Any = 1e-2,
+  alpha: Any = 0.99,
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  momentum: Any = 0.0,
+  centered: bool = False,
+  capturable: bool = False,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  differentiable: bool = False,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.RMSprop`: :func:`jadam.rmsprop` (eps outside the root, momentum after the division).
 
   Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
   """
   del capturable, foreach, differentiable
-  defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-                  maximize=maximize)
+  defaults = dict(
+    lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
+  )
 
   def build(hp):
     _check_lr(hp["lr"])
@@ -256,34 +277,45 @@ def RMSprop(
     _at_least_zero("momentum value", hp["momentum"])
     _at_least_zero("weight_decay value", hp["weight_decay"])
     _at_least_zero("alpha value", hp["alpha"])
-    kw = dict(alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-              momentum=_cycled_momentum(hp["lr"], hp["momentum"], "RMSprop"),
-              centered=_flag("centered", hp["centered"]), maximize=_flag("maximize", hp["maximize"]))
+    kw = dict(
+      alpha=hp["alpha"],
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      momentum=_cycled_momentum(hp["lr"], hp["momentum"], "RMSprop"),
+      centered=_flag("centered", hp["centered"]),
+      maximize=_flag("maximize", hp["maximize"]),
+    )
     return _with_lr(lambda a: _alias.rmsprop(a, **kw), hp["lr"])
 
   return _build("RMSprop", params, defaults, build)
 
 
 def Adagrad(
-    params: Params = None,
-    lr: Any = 1e-2,
-    lr_decay: Any = 0.0,
-    weight_decay: Any = 0.0,
-    initial_accumulator_value: float = 0.0,
-    eps: Any = 1e-10,
-    foreach: bool | None = None,
-    *,
-    maximize: bool = False,
-    differentiable: bool = False,
-    fused: bool | None = None,
+  params: Params = None,
+  lr: Any = 1e-2,
+  lr_decay: Any = 0.0,
+  weight_decay: Any = 0.0,
+  initial_accumulator_value: float = 0.0,
+  eps: Any = 1e-10,
+  foreach: bool | None = None,
+  *,
+  maximize: bool = False,
+  differentiable: bool = False,
+  fused: bool | None = None,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.Adagrad`: :func:`jadam.adagrad` (rate :math:`\alpha / (1 + (t-1)\eta)`).
 
   Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
   """
   del foreach, differentiable, fused
-  defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                  initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+  defaults = dict(
+    lr=lr,
+    lr_decay=lr_decay,
+    weight_decay=weight_decay,
+    initial_accumulator_value=initial_accumulator_value,
+    eps=eps,
+    maximize=maximize,
+  )
 
   def build(hp):
     _check_lr(hp["lr"])
@@ -292,25 +324,29 @@ def Adagrad(
     _at_least_zero("initial_accumulator_value value", hp["initial_accumulator_value"])
     _at_least_zero("epsilon value", hp["eps"])
     _cycled_momentum(hp["lr"], None, "Adagrad")
-    kw = dict(lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"],
-              initial_accumulator_value=hp["initial_accumulator_value"], eps=hp["eps"],
-              maximize=_flag("maximize", hp["maximize"]))
+    kw = dict(
+      lr_decay=hp["lr_decay"],
+      weight_decay=hp["weight_decay"],
+      initial_accumulator_value=hp["initial_accumulator_value"],
+      eps=hp["eps"],
+      maximize=_flag("maximize", hp["maximize"]),
+    )
     return _with_lr(lambda a: _alias.adagrad(a, **kw), hp["lr"])
 
   return _build("Adagrad", params, defaults, build)
 
 
 def Adamax(
-    params: Params = None,
-    lr: Any = 2e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    foreach: bool | None = None,
-    *,
-    maximize: bool = False,
-    differentiable: bool = False,
-    capturable: bool = False,
+  params: Params = None,
+  lr: Any = 2e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  foreach: bool | None = None,
+  *,
+  maximize: bool = False,
+  differentiable: bool = False,
+  capturable: bool = False,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.Adamax`: :func:`jadam.adamax` (eps inside the maximum).
 
@@ -324,34 +360,46 @@ def Adamax(
     _at_least_zero("epsilon value", hp["eps"])
     b1, b2 = _check_betas(hp["betas"])
     _at_least_zero("weight_decay value", hp["weight_decay"])
-    kw = dict(b1=_cycled_momentum(hp["lr"], b1, "Adamax"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
-              maximize=_flag("maximize", hp["maximize"]))
-    return _with_lr(lambda a: _extra.adamax(a, **kw), hp["lr"])
+    kw = dict(
+      b1=_cycled_momentum(hp["lr"], b1, "Adamax"),
+      b2=b2,
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      maximize=_flag("maximize", hp["maximize"]),
+    )
+    return _with_lr(lambda a: _alias.adamax(a, **kw), hp["lr"])
 
   return _build("Adamax", params, defaults, build)
 
 
 def NAdam(
-    params: Params = None,
-    lr: Any = 2e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    momentum_decay: Any = 4e-3,
-    decoupled_weight_decay: bool = False,
-    *,
-    foreach: bool | None = None,
-    maximize: bool = False,
-    capturable: bool = False,
-    differentiable: bool = False,
+  params: Params = None,
+  lr: Any = 2e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  momentum_decay: Any = 4e-3,
+  decoupled_weight_decay: bool = False,
+  *,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  capturable: bool = False,
+  differentiable: bool = False,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.NAdam`: :func:`jadam.nadam` (Dozat's momentum schedule).
 
   Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
   """
   del foreach, capturable, differentiable
-  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
-                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+  defaults = dict(
+    lr=lr,
+    betas=betas,
+    eps=eps,
+    weight_decay=weight_decay,
+    momentum_decay=momentum_decay,
+    decoupled_weight_decay=decoupled_weight_decay,
+    maximize=maximize,
+  )
 
   def build(hp):
     _check_lr(hp["lr"])
@@ -359,49 +407,66 @@ def NAdam(
     b1, b2 = _check_betas(hp["betas"])
     _at_least_zero("weight_decay value", hp["weight_decay"])
     _at_least_zero("momentum_decay value", hp["momentum_decay"])
-    kw = dict(b1=_cycled_momentum(hp["lr"], b1, "NAdam"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
-              momentum_decay=hp["momentum_decay"],
-              decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
-              maximize=_flag("maximize", hp["maximize"]))
+    kw = dict(
+      b1=_cycled_momentum(hp["lr"], b1, "NAdam"),
+      b2=b2,
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      momentum_decay=hp["momentum_decay"],
+      decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
+      maximize=_flag("maximize", hp["maximize"]),
+    )
     if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(_extra.nesterov_correct(hp["momentum_decay"]), normalize(hp["eps"]), **kw,
-                                plateau=hp["lr"])
-    return _with_lr(lambda a: _extra.nadam(a, **kw), hp["lr"])
+      return _plateau_decoupled(
+        _correct.nesterov_correct(hp["momentum_decay"]), normalize(hp["eps"]), **kw, plateau=hp["lr"]
+      )
+    return _with_lr(lambda a: _alias.nadam(a, **kw), hp["lr"])
 
   return _build("NAdam", params, defaults, build)
 
 
 def RAdam(
-    params: Params = None,
-    lr: Any = 1e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    decoupled_weight_decay: bool = False,
-    *,
-    foreach: bool | None = None,
-    maximize: bool = False,
-    capturable: bool = False,
-    differentiable: bool = False,
+  params: Params = None,
+  lr: Any = 1e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  decoupled_weight_decay: bool = False,
+  *,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  capturable: bool = False,
+  differentiable: bool = False,
 ) -> optax.GradientTransformation:
   r"""`torch.optim.RAdam`: :func:`jadam.radam` (rectified once :math:`\rho_t > 5`).
 
   Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
   """
   del foreach, capturable, differentiable
-  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+  defaults = dict(
+    lr=lr,
+    betas=betas,
+    eps=eps,
+    weight_decay=weight_decay,
+    decoupled_weight_decay=decoupled_weight_decay,
+    maximize=maximize,
+  )
 
   def build(hp):
     _check_lr(hp["lr"])
     _at_least_zero("epsilon value", hp["eps"])
     b1, b2 = _check_betas(hp["betas"])
     _at_least_zero("weight_decay value", hp["weight_decay"])
-    kw = dict(b1=_cycled_momentum(hp["lr"], b1, "RAdam"), b2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
-              decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
-              maximize=_flag("maximize", hp["maximize"]))
+    kw = dict(
+      b1=_cycled_momentum(hp["lr"], b1, "RAdam"),
+      b2=b2,
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
+      maximize=_flag("maximize", hp["maximize"]),
+    )
     if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(_extra.rectify(hp["eps"]), **kw, plateau=hp["lr"])
-    return _with_lr(lambda a: _extra.radam(a, **kw), hp["lr"])
+      return _plateau_decoupled(_correct.rectify(hp["eps"]), **kw, plateau=hp["lr"])
+    return _with_lr(lambda a: _alias.radam(a, **kw), hp["lr"])
 
   return _build("RAdam", params, defaults, build)

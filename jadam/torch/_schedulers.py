@@ -141,7 +141,7 @@ class MultiStepLR(LRScheduler):
     _check_lr("lr", self.lr)
     _check_number("gamma", self.gamma)
     if not isinstance(self.milestones, (list, tuple)) or not all(
-        isinstance(m, int) and not isinstance(m, bool) for m in self.milestones
+      isinstance(m, int) and not isinstance(m, bool) for m in self.milestones
     ):
       raise TypeError(f"milestones must be a list of integers (scheduler steps); got {self.milestones!r}.")
     object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))
@@ -270,9 +270,21 @@ class OneCycleLR(LRScheduler):
   final_div_factor: float = 1e4
   three_phase: bool = False
 
-  def __init__(self, max_lr, total_steps=None, epochs=None, steps_per_epoch=None, pct_start=0.3,
-               anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85, max_momentum=0.95,
-               div_factor=25.0, final_div_factor=1e4, three_phase=False):
+  def __init__(
+    self,
+    max_lr,
+    total_steps=None,
+    epochs=None,
+    steps_per_epoch=None,
+    pct_start=0.3,
+    anneal_strategy="cos",
+    cycle_momentum=True,
+    base_momentum=0.85,
+    max_momentum=0.95,
+    div_factor=25.0,
+    final_div_factor=1e4,
+    three_phase=False,
+  ):
     if total_steps is not None:
       if not isinstance(total_steps, int) or total_steps <= 0:
         raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
@@ -289,10 +301,20 @@ class OneCycleLR(LRScheduler):
     if anneal_strategy not in ("cos", "linear"):
       raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
     _check_lr("max_lr", max_lr)
-    values = dict(max_lr=max_lr, total_steps=total_steps, epochs=epochs, steps_per_epoch_=steps_per_epoch,
-                  pct_start=pct_start, anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum,
-                  base_momentum=base_momentum, max_momentum=max_momentum, div_factor=div_factor,
-                  final_div_factor=final_div_factor, three_phase=three_phase)
+    values = dict(
+      max_lr=max_lr,
+      total_steps=total_steps,
+      epochs=epochs,
+      steps_per_epoch_=steps_per_epoch,
+      pct_start=pct_start,
+      anneal_strategy=anneal_strategy,
+      cycle_momentum=cycle_momentum,
+      base_momentum=base_momentum,
+      max_momentum=max_momentum,
+      div_factor=div_factor,
+      final_div_factor=final_div_factor,
+      three_phase=three_phase,
+    )
     for k, v in values.items():
       object.__setattr__(self, k, v)
     super().__post_init__()
@@ -305,9 +327,11 @@ class OneCycleLR(LRScheduler):
     """PyTorch's phases: (end_step, start, end) for each."""
     n, pct = self.total_steps, self.pct_start
     if self.three_phase:
-      return [(float(pct * n) - 1, start_value, peak_value),
-              (float(2 * pct * n) - 2, peak_value, start_value),
-              (n - 1, start_value, end_value)]
+      return [
+        (float(pct * n) - 1, start_value, peak_value),
+        (float(2 * pct * n) - 2, peak_value, start_value),
+        (n - 1, start_value, end_value),
+      ]
     return [(float(pct * n) - 1, start_value, peak_value), (n - 1, peak_value, end_value)]
 
   def _anneal(self, start, end, pct):
@@ -323,7 +347,11 @@ class OneCycleLR(LRScheduler):
       if out is None:
         out, chosen = value, step <= end_step
       else:
-        take = jnp.logical_not(chosen) if i == len(phases) - 1 else jnp.logical_and(jnp.logical_not(chosen), step <= end_step)
+        take = (
+          jnp.logical_not(chosen)
+          if i == len(phases) - 1
+          else jnp.logical_and(jnp.logical_not(chosen), step <= end_step)
+        )
         out = jnp.where(take, value, out)
         chosen = jnp.logical_or(chosen, take)
       start_step = end_step
@@ -417,9 +445,9 @@ class ReduceLROnPlateau:
 
   def __call__(self, count):
     raise TypeError(
-        "ReduceLROnPlateau depends on a metric, not only on the step: pass it as a"
-        " jadam.torch optimizer's lr, or chain its .transform() and call"
-        " update(grads, state, params, value=metric)."
+      "ReduceLROnPlateau depends on a metric, not only on the step: pass it as a"
+      " jadam.torch optimizer's lr, or chain its .transform() and call"
+      " update(grads, state, params, value=metric)."
     )
 
   def _is_better(self, a, best):
@@ -440,17 +468,18 @@ class ReduceLROnPlateau:
       worse = math.inf if self.mode == "min" else -math.inf
       zero = jnp.zeros([], jnp.int32)
       return ReduceLROnPlateauState(
-          count=zero, lr=jnp.asarray(self.lr, dtype), best=jnp.asarray(worse, dtype),
-          num_bad_epochs=zero, cooldown_counter=zero,
+        count=zero,
+        lr=jnp.asarray(self.lr, dtype),
+        best=jnp.asarray(worse, dtype),
+        num_bad_epochs=zero,
+        cooldown_counter=zero,
       )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del params, extra_args
       _common.check_state("jadam.torch.ReduceLROnPlateau", state, ReduceLROnPlateauState)
       if value is None:
-        raise TypeError(
-            "ReduceLROnPlateau needs the metric: call update(grads, state, params, value=metric)."
-        )
+        raise TypeError("ReduceLROnPlateau needs the metric: call update(grads, state, params, value=metric).")
 
       def scale(u):
         dtype = _common.compute_dtype(u.dtype)

@@ -10,7 +10,7 @@ form them, so schedules and traced hyperparameters work unchanged.
 
 :func:`jadam.adam` and :func:`jadam.adamw` stay plain Optax transformations;
 they record their recipe here (:func:`remember`), keyed weakly by their update
-function, and the step helpers of `jadam._fast` look it up (:func:`step`).
+function, and the step helpers of `jadam._step` look it up (:func:`step`).
 Anything else, or any configuration the kernel does not cover, goes the
 generic way.
 """
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _common, _kernels, _moments, _penalty, _scale
+from jadam import _common, _moments, _penalty, _scale
+from jadam._kernels import build as _build
 
 # The kernel's scalar layout (enum Scalar in adam_cpu.cc).
 _N_SCALARS = 10
@@ -122,25 +123,26 @@ def _scalars(recipe: Recipe, state: tuple, dtype: jnp.dtype):
 
 def _call(dtype: jnp.dtype, scalars, gs, ps, ms, vs, mode: int):
   """The custom calls over the leaves (all of `dtype`), `_LEAVES_PER_CALL` at a time."""
-  target = _kernels.TARGETS[dtype.name]
+  target = _build.TARGETS[dtype.name]
   new_p, new_m, new_v = list(ps), list(ms), list(vs)
   live = [i for i, p in enumerate(ps) if p.size]  # empty leaves: nothing to do
   for start in range(0, len(live), _LEAVES_PER_CALL):
-    idx = live[start:start + _LEAVES_PER_CALL]
+    idx = live[start : start + _LEAVES_PER_CALL]
     args = [scalars]
     for i in idx:
       args += [gs[i], ps[i], ms[i], vs[i]]
     out_types = [jax.ShapeDtypeStruct(ps[i].shape, dtype) for i in idx for _ in range(3)]
     aliases = {1 + 4 * j + 1 + k: 3 * j + k for j in range(len(idx)) for k in range(3)}
     out = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")(
-        *args, mode=np.int32(mode))
+      *args, mode=np.int32(mode)
+    )
     for j, i in enumerate(idx):
-      new_p[i], new_m[i], new_v[i] = out[3 * j:3 * j + 3]
+      new_p[i], new_m[i], new_v[i] = out[3 * j : 3 * j + 3]
   return new_p, new_m, new_v
 
 
 def step(
-    tx: optax.GradientTransformation, grads: Any, state: Any, params: Any, *, multi_device_ok: bool
+  tx: optax.GradientTransformation, grads: Any, state: Any, params: Any, *, multi_device_ok: bool
 ) -> tuple[Any, Any] | None:
   """The fused step ``(new_params, new_state)``, or None where the generic path must run.
 
@@ -153,8 +155,7 @@ def step(
   if not isinstance(state, tuple) or len(state) != recipe.n_states:
     return None
   moments = state[recipe.moments]
-  if not isinstance(moments, _moments.ScaleByMomentsState) or not isinstance(
-      state[recipe.lr], _scale.ScaleByLrState):
+  if not isinstance(moments, _moments.ScaleByMomentsState) or not isinstance(state[recipe.lr], _scale.ScaleByLrState):
     return None
   if recipe.l2 is not None and not isinstance(state[recipe.l2], _penalty.AddL2State):
     return None
@@ -175,7 +176,7 @@ def step(
     return None
   if not multi_device_ok and not _one_device(ps + gs + ms + vs):
     return None
-  if not _kernels.load():
+  if not _build.load():
     return None
 
   new_p, new_m, new_v = list(ps), list(ms), list(vs)
@@ -196,7 +197,8 @@ def step(
   new_count, lr_count, l2_count = counts
   new_state = list(state)
   new_state[recipe.moments] = moments._replace(
-      count=new_count, mu=jax.tree.unflatten(treedef, new_m), nu=jax.tree.unflatten(treedef, new_v))
+    count=new_count, mu=jax.tree.unflatten(treedef, new_m), nu=jax.tree.unflatten(treedef, new_v)
+  )
   new_state[recipe.lr] = state[recipe.lr]._replace(count=lr_count)
   if recipe.l2 is not None:
     new_state[recipe.l2] = state[recipe.l2]._replace(count=l2_count)

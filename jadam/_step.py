@@ -23,7 +23,7 @@ On CPU, XLA cannot fuse the three results of an Adam step (new m, v and
 parameters) into one loop: it makes three passes, 40 bytes a parameter. For
 :func:`jadam.adam` and :func:`jadam.adamw` in their plain configurations the
 helpers here therefore call a compiled single-pass kernel instead
-(`jadam._fused`), with the same results and the same state; everything else
+(`jadam._kernels.fused`), with the same results and the same state; everything else
 takes the generic path.
 """
 
@@ -34,7 +34,8 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam import _common, _fused
+from jadam import _common
+from jadam._kernels import fused as _fused
 
 
 def _check_tx(tx: Any) -> None:
@@ -50,12 +51,12 @@ def _check_fused(fused: Any) -> None:
 
 
 def update_and_apply(
-    tx: optax.GradientTransformation,
-    grads: optax.Updates,
-    state: optax.OptState,
-    params: optax.Params,
-    *,
-    fused: bool | None = None,
+  tx: optax.GradientTransformation,
+  grads: optax.Updates,
+  state: optax.OptState,
+  params: optax.Params,
+  *,
+  fused: bool | None = None,
 ) -> tuple[optax.Params, optax.OptState]:
   r"""One optimizer step, :math:`\theta_t = \theta_{t-1} + \Delta\theta_t`, as one traced function.
 
@@ -142,7 +143,7 @@ def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: boo
 
 
 def make_update_step(
-    tx: optax.GradientTransformation, *, donate: bool = True, fused: bool | None = None
+  tx: optax.GradientTransformation, *, donate: bool = True, fused: bool | None = None
 ) -> Callable[..., Any]:
   r"""A jitted ``step(params, state, grads) -> (params, state)``: :func:`update_and_apply`, donated.
 
@@ -182,12 +183,12 @@ def make_update_step(
 
 
 def make_train_step(
-    loss_fn: Callable[..., jax.Array],
-    tx: optax.GradientTransformation,
-    *,
-    has_aux: bool = False,
-    donate: bool = True,
-    fused: bool | None = None,
+  loss_fn: Callable[..., jax.Array],
+  tx: optax.GradientTransformation,
+  *,
+  has_aux: bool = False,
+  donate: bool = True,
+  fused: bool | None = None,
 ) -> Callable[..., Any]:
   r"""A jitted ``step(params, state, *batch) -> (params, state, loss[, aux])``.
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam import _common
+from jadam import _common, _sparse
 from jadam._kernels import fused as _fused
 
 
@@ -99,6 +99,8 @@ def update_and_apply(
   """
   _check_tx(tx)
   _check_fused(fused)
+  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
+    return _sparse.update_and_apply(tx, grads, state, params)
   if fused is not False:
     out = _fused.step(tx, grads, state, params, multi_device_ok=bool(fused))
     if out is not None:

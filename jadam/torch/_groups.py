@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 import optax
+from jax.experimental import sparse
 
 from jadam import _common
 
@@ -116,7 +117,8 @@ def grouped(
         )
       return f"group{hits[0]}" if hits else "default"
 
-    out = jax.tree_util.tree_map_with_path(label, tree)
+    # A row-sparse gradient (BCOO) is one leaf: its label is its table's.
+    out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=lambda x: isinstance(x, sparse.BCOO))
     used = set(jax.tree.leaves(out))
     for i, spec in enumerate(specs):
       if f"group{i}" not in used:

@@ -126,7 +126,11 @@ def _put_rows(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
   return x.at[idx].set(values.astype(x.dtype), mode="drop", indices_are_sorted=True)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["moments", "rows"], meta_fields=["shape"])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["moments", "rows"],
+  meta_fields=["shape", "indices_sorted", "unique_indices"],
+)
 @dataclasses.dataclass(frozen=True)
 class RowMoments:
   """What :func:`scale_by_sparse_moments` passes on for one table.
@@ -134,13 +138,18 @@ class RowMoments:
   Attributes:
     moments: the :class:`jadam.Moments` of the touched rows: `mu`, `nu` and
       `grad` are ``(k, *shape[1:])`` blocks, `count` is this table's own step.
-    rows: ``(k,)`` int32, sorted and unique; `shape[0]` marks padding.
+    rows: ``(k,)``, sorted and unique, of the gradient's index dtype; `shape[0]` marks padding.
     shape: the table's shape.
+    indices_sorted, unique_indices: the gradient's `BCOO` flags, which the
+      update keeps, so that it has the gradient's pytree structure (as
+      `optax.apply_if_finite`'s two branches need).
   """
 
   moments: Moments
   rows: jax.Array
   shape: tuple[int, ...]
+  indices_sorted: bool = False
+  unique_indices: bool = False
 
 
 class ScaleBySparseMomentsState(NamedTuple):
@@ -220,7 +229,15 @@ def scale_by_sparse_moments(
       v_new = v_old + (gd * gd - v_old) * one_m_b2
       t = optax.safe_increment(t)
       moments = Moments(mu=m_new, nu=v_new, count=t, b1=beta1, b2=beta2, grad=data)
-      out.append(RowMoments(moments=moments, rows=rows, shape=tuple(g.shape)))
+      out.append(
+        RowMoments(
+          moments=moments,
+          rows=rows.astype(g.indices.dtype),
+          shape=tuple(g.shape),
+          indices_sorted=g.indices_sorted,
+          unique_indices=g.unique_indices,
+        )
+      )
       new_counts.append(t)
       new_mus.append(_put_rows(m, rows, m_new))
       new_nus.append(_put_rows(v, rows, v_new))
@@ -264,8 +281,10 @@ def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation
         )
       out, _ = inner.update(x.moments, inner.init(None))
       if isinstance(out, Moments):
-        return RowMoments(moments=out, rows=x.rows, shape=x.shape)
-      return BCOO((out, x.rows[:, None]), shape=x.shape, indices_sorted=True, unique_indices=True)
+        return dataclasses.replace(x, moments=out)
+      return BCOO(
+        (out, x.rows[:, None]), shape=x.shape, indices_sorted=x.indices_sorted, unique_indices=x.unique_indices
+      )
 
     return jax.tree.map(one, updates, is_leaf=_is_row_moments), state
 

@@ -117,8 +117,8 @@ def grouped(
         )
       return f"group{hits[0]}" if hits else "default"
 
-    # A row-sparse gradient (BCOO) is one leaf: its label is its table's.
-    out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=lambda x: isinstance(x, sparse.BCOO))
+    # A row-sparse gradient (BCOO) is one leaf: its label is its table's; a None gradient keeps its label too.
+    out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=lambda x: x is None or isinstance(x, sparse.BCOO))
     used = set(jax.tree.leaves(out))
     for i, spec in enumerate(specs):
       if f"group{i}" not in used:

@@ -253,8 +253,12 @@ def _is_row_moments(x: Any) -> bool:
 
 
 def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Runs a stateless stage of :class:`jadam.Moments` (e.g. :func:`jadam.bias_correct`) on each table's rows.
+  r"""Runs a stateless stage of :class:`jadam.Moments` (e.g. :func:`jadam.bias_correct`) on each table's rows.
 
+  .. math::
+      (m_{t,R}, v_{t,R}, t) \;\mapsto\; \texttt{inner}(m_{t,R}, v_{t,R}, t) \quad \text{for each table,}
+
+  with :math:`R` the table's touched rows and :math:`t` its own step count.
   Each table's :class:`RowMoments` is given to `inner` as a one-leaf
   :class:`jadam.Moments` with the table's own step count. If `inner` returns
   moments, they go on as :class:`RowMoments`; if it returns the rows of a

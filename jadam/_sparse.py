@@ -97,33 +97,50 @@ def _check_range(stage: str, where: str, idx: jax.Array, rows: int) -> None:
     )
 
 
+def _unique(idx: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
+  """`(unique, inverse)` of a 1-d int32 `idx`: sorted unique values padded with `fill` to its length, and
+  `unique[inverse] == idx`. One sort of the keys alone and a binary search."""
+  k = idx.shape[0]
+  ordered = jnp.sort(idx)
+  first = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
+  unique = jnp.full(k, fill, idx.dtype).at[jnp.cumsum(first) - 1].set(ordered, mode="drop", indices_are_sorted=True)
+  return unique, jnp.searchsorted(unique, idx).astype(jnp.int32)
+
+
 def coalesce(g: BCOO) -> tuple[jax.Array, jax.Array]:
   """`(rows, data)`: the indices of `g` made unique and sorted, duplicates summed, as torch's ``coalesce()``.
 
   Both keep `g`'s number of entries :math:`k` (a static shape, so it works under
   `jit`): the unused tail has row :math:`V` (padding) and zero data, as has any
-  index outside :math:`[0, V)`. :math:`O(k \\log k)`.
+  index outside :math:`[0, V)`. A gradient flagged ``unique_indices`` (as
+  :func:`value_and_sparse_grad` makes them) is taken as it is. Otherwise one
+  sort of the :math:`k` indices and a binary search: :math:`O(k \log k)`
+  (a key-value sort, as ``jnp.unique(return_inverse=True)`` does, is ten
+  times slower on CPU).
   """
   rows = g.shape[0]
   idx = g.indices[:, 0].astype(jnp.int32)
   k = idx.shape[0]
-  idx = jnp.where((idx >= 0) & (idx < rows), idx, rows)
+  valid = (idx >= 0) & (idx < rows)
+  idx = jnp.where(valid, idx, rows)
+  expand = lambda mask: mask.reshape((k,) + (1,) * (g.data.ndim - 1))
+  if g.unique_indices:
+    return idx, jnp.where(expand(valid), g.data, jnp.zeros_like(g.data))
   if k == 0:
     return idx, g.data
-  unique, inverse = jnp.unique(idx, size=k, fill_value=rows, return_inverse=True)
-  data = jnp.zeros_like(g.data).at[inverse.reshape(-1)].add(g.data)
-  keep = (unique < rows).reshape((k,) + (1,) * (data.ndim - 1))
-  return unique, jnp.where(keep, data, jnp.zeros_like(data))
+  unique, inverse = _unique(idx, rows)
+  data = jnp.zeros_like(g.data).at[inverse].add(g.data)
+  return unique, jnp.where(expand(unique < rows), data, jnp.zeros_like(data))
 
 
-def _rows_of(x: jax.Array, idx: jax.Array) -> jax.Array:
+def _rows_of(x: jax.Array, idx: jax.Array, *, is_sorted: bool = False) -> jax.Array:
   """`x[idx]`, zeros where `idx` is padding: :math:`O(k d)`."""
-  return x.at[idx].get(mode="fill", fill_value=0, indices_are_sorted=True)
+  return x.at[idx].get(mode="fill", fill_value=0, indices_are_sorted=is_sorted)
 
 
-def _put_rows(x: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
+def _put_rows(x: jax.Array, idx: jax.Array, values: jax.Array, *, is_sorted: bool = False) -> jax.Array:
   """`x` with rows `idx` set to `values` (padding dropped): in place when `x` is donated."""
-  return x.at[idx].set(values.astype(x.dtype), mode="drop", indices_are_sorted=True)
+  return x.at[idx].set(values.astype(x.dtype), mode="drop", indices_are_sorted=is_sorted)
 
 
 @functools.partial(
@@ -219,10 +236,12 @@ def scale_by_sparse_moments(
       _check_sparse_grad(stage, where, g, m)
       _check_range(stage, where, g.indices, g.shape[0])
       rows, data = coalesce(g)
+      is_sorted = g.indices_sorted or not g.unique_indices  # coalesce sorts what it dedupes
       beta1, beta2 = b1_fn(t), b2_fn(t)
       dtype = _common.compute_dtype(m.dtype)
       gd = data.astype(dtype)
-      m_old, v_old = _rows_of(m, rows).astype(dtype), _rows_of(v, rows).astype(dtype)
+      m_old = _rows_of(m, rows, is_sorted=is_sorted).astype(dtype)
+      v_old = _rows_of(v, rows, is_sorted=is_sorted).astype(dtype)
       one_m_b1 = 1 - _common.cast_hyperparameter(beta1, dtype)
       one_m_b2 = 1 - _common.cast_hyperparameter(beta2, dtype)
       m_new = m_old + (gd - m_old) * one_m_b1
@@ -234,13 +253,13 @@ def scale_by_sparse_moments(
           moments=moments,
           rows=rows.astype(g.indices.dtype),
           shape=tuple(g.shape),
-          indices_sorted=g.indices_sorted,
+          indices_sorted=g.indices_sorted,  # the gradient's flags: see RowMoments
           unique_indices=g.unique_indices,
         )
       )
       new_counts.append(t)
-      new_mus.append(_put_rows(m, rows, m_new))
-      new_nus.append(_put_rows(v, rows, v_new))
+      new_mus.append(_put_rows(m, rows, m_new, is_sorted=is_sorted))
+      new_nus.append(_put_rows(v, rows, v_new, is_sorted=is_sorted))
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
     new_state = ScaleBySparseMomentsState(count=unflat(new_counts), mu=unflat(new_mus), nu=unflat(new_nus))
     return unflat(out), new_state
@@ -392,9 +411,10 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
       if not jnp.issubdtype(i.dtype, jnp.integer):
         raise TypeError(f"ids[{name!r}] must be integers; got {i.dtype}.")
       n, vocab = i.size, table.shape[0]
-      unique, inverse = jnp.unique(i.reshape(-1), size=n, fill_value=vocab, return_inverse=True)
+      flat = i.reshape(-1).astype(jnp.int32)
+      unique, inverse = _unique(flat, vocab) if n else (flat, flat)
       rows_of[name] = unique
-      tables[name] = _rows_of(table, unique)
+      tables[name] = _rows_of(table, unique, is_sorted=True)
       local_ids[name] = inverse.reshape(i.shape).astype(i.dtype)
 
     def on_rows(leaf_values):

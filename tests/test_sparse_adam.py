@@ -17,7 +17,7 @@ import jadam
 
 torch = pytest.importorskip("torch")
 
-STEPS = 60
+STEPS = 50
 SHAPES = {"a": (20, 3), "b": (30, 2, 4)}  # two tables of different widths, one with a (V, ...) trailing shape
 K = 8  # ids per step and table, at most
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -141,7 +141,7 @@ class SparseAdamTorchTest(chex.TestCase):
     ref = _torch_run(init, schedule)
     for k in SHAPES:
       ulps = np.abs(ours[-1][k] - ref[-1][k]) / np.spacing(np.abs(ref[-1][k]).astype(np.float32))
-      assert ulps.max() <= 16, (k, ulps.max())  # after 60 steps; torch folds lr into one double step size
+      assert ulps.max() <= 16, (k, ulps.max())  # after 50 steps; torch folds lr into one double step size
       np.testing.assert_array_equal(ours[-1][k][-2:], init[k][-2:])
 
   def test_groups_match_torch(self):
@@ -340,10 +340,10 @@ class ValueAndSparseGradTest(chex.TestCase):
     value, grads = self.variant(jadam.value_and_sparse_grad(loss))(params, {"embed/embedding": ids}, y)
     dense_value, dense = jax.value_and_grad(lambda p: loss(p, {"embed/embedding": ids}, y))(params)
     np.testing.assert_allclose(value, dense_value, rtol=1e-6)
-    g = grads["embed"]["embedding"].value
+    g = grads["embed"]["embedding"].get_value()
     assert isinstance(g, BCOO) and g.shape == (100, 8) and g.nse == ids.size
-    np.testing.assert_allclose(g.todense(), dense["embed"]["embedding"].value, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(grads["out"]["kernel"].value, dense["out"]["kernel"].value, rtol=1e-5)
+    np.testing.assert_allclose(g.todense(), dense["embed"]["embedding"].get_value(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads["out"]["kernel"].get_value(), dense["out"]["kernel"].get_value(), rtol=1e-5)
 
   def test_never_materialises_the_dense_gradient(self):
     nnx, model = self._model(123_457)

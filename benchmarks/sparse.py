@@ -11,6 +11,10 @@ a (4096, 64) block of gradient values:
   row-sparse `BCOO` gradient (coalescing included), parameters and state
   donated: gather the touched rows of the table, m and v, update them, scatter
   them back.
+- jadam sparse, coalesced gradient: the same step on a gradient whose indices
+  are already unique (flagged ``unique_indices``, as
+  :func:`jadam.value_and_sparse_grad` makes them, the sort having been paid
+  there): no sort in the step.
 - jadam dense: ``jadam.make_update_step(jadam.adam())`` on the dense (V, 64)
   gradient the same ids would give (its fused single-pass kernel on CPU).
 - torch SparseAdam: ``torch.optim.SparseAdam`` with ``p.grad`` a sparse COO
@@ -106,6 +110,9 @@ def main(argv=None) -> None:
   grads = [{"table": BCOO((jnp.asarray(v), jnp.asarray(i)[:, None]), shape=(rows, dim))} for i, v in batches]
   results["jadam sparse_adam (make_update_step)"] = _time_jadam(step, tx, rng, rows, dim, grads, args.steps)
   sparse_mem = {r: _added_bytes(step, *_structs(tx, r, dim, k, True)) for r in (rows // 10, rows)}
+  coalesced = [{"table": BCOO.sum_duplicates(g["table"], nse=k)} for g in grads]  # unique_indices=True
+  results["jadam sparse_adam, coalesced gradient"] = _time_jadam(step, tx, rng, rows, dim, coalesced, args.steps)
+  coalesced = None
 
   # jadam, dense
   tx_dense = jadam.adam(1e-3)

@@ -108,7 +108,7 @@ def _unique(idx: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
 
 
 def coalesce(g: BCOO) -> tuple[jax.Array, jax.Array]:
-  """`(rows, data)`: the indices of `g` made unique and sorted, duplicates summed, as torch's ``coalesce()``.
+  r"""`(rows, data)`: the indices of `g` made unique and sorted, duplicates summed, as torch's ``coalesce()``.
 
   Both keep `g`'s number of entries :math:`k` (a static shape, so it works under
   `jit`): the unused tail has row :math:`V` (padding) and zero data, as has any
@@ -375,7 +375,9 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
     has_aux: whether `fun` returns ``(loss, aux)``.
 
   Returns:
-    ``f(params, ids, *args) -> (value, grads)``. `params` is a pytree (a dict,
+    ``f(params, ids, *args) -> (value, grads)``; give it to
+    :func:`jadam.make_train_step` in place of a loss for a one-`jit`, donated
+    step ``step(params, state, ids, *args)``. `params` is a pytree (a dict,
     an ``nnx.State``, ...); `ids` a dict from a table's ``/``-joined path in
     `params` (as :func:`jadam.torch.path_string` writes it, e.g.
     ``"embed/embedding"``) to an integer array of row ids in :math:`[0, V)`.
@@ -429,4 +431,16 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
       out.append(g)
     return value, jax.tree_util.tree_unflatten(treedef, out)
 
+  wrapped.jadam_value_and_grad = has_aux  # make_train_step takes it as its gradient function
   return wrapped
+
+
+def value_and_grad_of(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+  """`make_train_step`'s gradient: `loss_fn` itself if :func:`value_and_sparse_grad` made it, else
+  ``jax.value_and_grad(loss_fn)``."""
+  marked = getattr(loss_fn, "jadam_value_and_grad", None)
+  if marked is None:
+    return jax.value_and_grad(loss_fn, has_aux=has_aux)
+  if marked != has_aux:
+    raise ValueError(f"make_train_step(has_aux={has_aux}) got a value_and_sparse_grad(has_aux={marked}) function.")
+  return loss_fn

@@ -214,7 +214,7 @@ def make_train_step(
   """
   _check_tx(tx)
   _common.check_flag("has_aux", has_aux)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  grad_fn = _sparse.value_and_grad_of(loss_fn, has_aux)  # jax.value_and_grad, or jadam.value_and_sparse_grad's
 
   def make(use_kernel):
     def step(params, state, *batch):

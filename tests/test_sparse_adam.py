@@ -388,3 +388,27 @@ class ValueAndSparseGradTest(chex.TestCase):
       params, state, value = step(params, state, ids, y)
       losses.append(float(value))
     assert losses[-1] < 0.5 * losses[0]
+
+  def test_make_train_step_takes_value_and_sparse_grad(self):
+    nnx, model = self._model(40)
+    graphdef, params = nnx.split(model, nnx.Param)
+    labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "table" if jadam.torch.path_string(p) == "embed/embedding" else "rest", params
+    )
+    tx = optax.partition({"table": jadam.sparse_adam(1e-2), "rest": jadam.adam(1e-2)}, labels)
+
+    def loss(params, ids, y):
+      return jnp.mean((nnx.merge(graphdef, params)(ids["embed/embedding"]) - y) ** 2)
+
+    grad_fn = jadam.value_and_sparse_grad(loss)
+    ids = {"embed/embedding": jnp.array([[1, 2, 1], [5, 1, 7]])}
+    y = jnp.array([1.0, -1.0])
+    state = tx.init(params)
+    expected = jadam.update_and_apply(tx, grad_fn(params, ids, y)[1], state, params)[0]
+    step = jadam.make_train_step(grad_fn, tx)
+    new_params, _, value = step(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), ids, y)
+    chex.assert_trees_all_close(new_params, expected, rtol=1e-6)
+    table = np.asarray(new_params["embed"]["embedding"].get_value())
+    np.testing.assert_array_equal(table[8:], np.asarray(params["embed"]["embedding"].get_value())[8:])
+    with pytest.raises(ValueError, match="has_aux"):
+      jadam.make_train_step(grad_fn, tx, has_aux=True)

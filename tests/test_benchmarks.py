@@ -33,6 +33,6 @@ def test_memory_one():
 def test_sparse_small(capsys):
   from benchmarks import sparse
 
-  sparse.main(["--rows", "20000", "--ids", "256", "--steps", "2"])
+  sparse.main(["--rows", "5000", "--ids", "64", "--steps", "1"])
   out = capsys.readouterr().out
   assert "jadam sparse_adam" in out and "jadam adam, dense" in out and "sparse / dense" in out

@@ -28,14 +28,14 @@ def test_windows_and_shortlist(tmp_path):
 
 def test_trains_both_runs_and_writes_metrics(tmp_path):
   config = train.Config(
-    corpus=str(_corpus(tmp_path)), dim=8, hidden=16, batch_size=32, epochs=1, max_steps=12, eval_every=6, shortlist=10
+    corpus=str(_corpus(tmp_path)), dim=8, hidden=16, batch_size=32, epochs=1, max_steps=8, eval_every=4, shortlist=10
   )
   metrics = train.train_and_evaluate(config, tmp_path / "run")
   written = json.loads((tmp_path / "run" / "metrics.json").read_text())
   assert (tmp_path / "run" / "metrics.png").is_file()
   for kind in ("sparse", "dense"):
     run = written["runs"][kind]
-    assert run["steps"] == 12 and np.isfinite(run["valid_perplexity"])
+    assert run["steps"] == 8 and np.isfinite(run["valid_perplexity"])
     assert run["history"]["valid_ppl"][-1] < run["history"]["valid_ppl"][0] * 1.5
   assert metrics["runs"].keys() == {"sparse", "dense"}
 

@@ -229,14 +229,14 @@ def scale_by_sparse_moments(
     out, new_counts, new_mus, new_nus = [], [], [], []
     for (path, g), t, m, v in zip(leaves, counts, mus, nus):
       if g is None or not _common.is_float_leaf(m):
-        out.append(None)
+        out.append(g)  # as jadam's dense stages do: a None or integer gradient goes through as it came
         new_counts.append(t), new_mus.append(m), new_nus.append(v)
         continue
       where = jax.tree_util.keystr(path) or "the root"
       _check_sparse_grad(stage, where, g, m)
       _check_range(stage, where, g.indices, g.shape[0])
       rows, data = coalesce(g)
-      is_sorted = g.indices_sorted or not g.unique_indices  # coalesce sorts what it dedupes
+      is_sorted = not g.unique_indices  # coalesce sorted them (a flagged input may hold padding anywhere)
       beta1, beta2 = b1_fn(t), b2_fn(t)
       dtype = _common.compute_dtype(m.dtype)
       gd = data.astype(dtype)
@@ -295,8 +295,8 @@ def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation
     del params
 
     def one(x):
-      if x is None:
-        return None
+      if x is None or (not isinstance(x, (RowMoments, BCOO)) and not _common.is_float_leaf(x)):
+        return x  # a None or integer gradient, passed through by scale_by_sparse_moments
       if not isinstance(x, RowMoments):
         raise TypeError(
           "jadam.rowwise expects the RowMoments that jadam.scale_by_sparse_moments produces; got"
@@ -343,7 +343,7 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
       rows = u.shape[0]
       idx = u.indices[:, 0]
       idx = jnp.where((idx >= 0) & (idx < rows), idx, rows)
-      return p.at[idx].add(u.data.astype(p.dtype), mode="drop", indices_are_sorted=u.indices_sorted)
+      return p.at[idx].add(u.data.astype(p.dtype), mode="drop")
     return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
   return jax.tree.map(one, params, updates, is_leaf=_is_leaf)

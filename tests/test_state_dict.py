@@ -372,3 +372,82 @@ def test_refuses_code_in_a_pickle(tmp_path):
   torch.save(sd, path)
   state = jt.load_state_dict(jt.Adam(lr=0.1), params, path, names=NAMES)
   jax.tree.map(np.testing.assert_array_equal, state, jt.load_state_dict(jt.Adam(lr=0.1), params, sd, names=NAMES))
+
+
+def test_sgd_schedule_position_from_the_scheduler():
+  """SGD's state has no step: the position comes from the scheduler's last_epoch (or steps=)."""
+  params0, curv, noise = problem(SHAPES, 90)
+  kw = dict(lr=0.05, momentum=0.9)
+
+  def make(pg):
+    return torch.optim.SGD(pg, **kw)
+
+  def sched(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+
+  want = TorchRun(make, params0, None, sched).run(curv, noise, 0, 90)
+  first = TorchRun(make, params0, None, sched)
+  mid = first.run(curv, noise, 0, 30)
+  tx = jt.SGD(lr=jt.StepLR(lr=0.05, step_size=20, gamma=0.5), momentum=0.9)
+  params = to_jax(mid, NAMES)
+  with pytest.raises(ValueError, match="pass steps="):
+    jt.load_state_dict(tx, params, first.opt.state_dict(), names=NAMES)
+  with pytest.raises(ValueError, match="last_epoch is 30, but 31 optimizer steps"):
+    jt.load_state_dict(tx, params, first.opt.state_dict(), names=NAMES, scheduler=first.sched.state_dict(), steps=31)
+  state = jt.load_state_dict(tx, params, first.opt.state_dict(), names=NAMES, scheduler=first.sched.state_dict())
+  again = jt.load_state_dict(tx, params, first.opt.state_dict(), names=NAMES, steps=30)
+  jax.tree.map(np.testing.assert_array_equal, state, again)
+  params, state = run_jax(tx, params, state, curv, noise, 30, 60, NAMES)
+  last = TorchRun(make, to_torch(params, NAMES), None, sched)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
+  last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
+  assert_close(last.run(curv, noise, 60, 90), want)
+
+
+def test_flax_names_linen_lists():
+  """Linen names a list's items layers_0; PyTorch's ModuleList layers.0."""
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2)])
+
+  params = {
+    "layers_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
+    "layers_1": {"scale": jnp.zeros(3), "bias": jnp.zeros(3)},
+    "layers_2": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)},
+  }
+  names = jt.flax_names(params, Net())
+  assert list(names.values()) == [
+    TorchName("layers.0.weight", (1, 0)),
+    TorchName("layers.0.bias"),
+    TorchName("layers.1.weight"),
+    TorchName("layers.1.bias"),
+    TorchName("layers.2.weight", (1, 0)),
+    TorchName("layers.2.bias"),
+  ]
+  assert list(names)[0] == "layers_0/kernel"
+  with pytest.raises(ValueError, match="'layers.2.weight' \\(Linear\\) has no leaf"):
+    jt.flax_names({k: v for k, v in params.items() if k != "layers_2"}, Net())
+
+
+def test_named_parameters_order_from_param_names():
+  """A torch optimizer given named parameters (in any order) saves param_names; they set the order."""
+  params0, curv, noise = problem(SHAPES, 3)
+  tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params0.items()}
+  opt = torch.optim.Adam(list(reversed(tensors.items())), lr=0.1)
+  for t in range(3):
+    for k, p in tensors.items():
+      p.grad = torch.tensor(curv[k]) * p.detach() + torch.tensor(noise[k][t])
+    opt.step()
+  sd = opt.state_dict()
+  assert sd["param_groups"][0]["param_names"][0] == "head.bias"
+  tx = jt.Adam(lr=0.1)
+  params = to_jax({k: p.detach().numpy() for k, p in tensors.items()}, NAMES)
+  state = jt.load_state_dict(tx, params, sd, names=NAMES)
+  moments = next(s for s in state if hasattr(s, "mu"))
+  np.testing.assert_array_equal(moments.mu["enc"]["kernel"], opt.state[tensors["enc.weight"]]["exp_avg"].numpy().T)
+  np.testing.assert_array_equal(moments.nu["head"]["bias"], opt.state[tensors["head.bias"]]["exp_avg_sq"].numpy())
+  renamed = {**NAMES, "head/bias": TorchName("head.b")}
+  with pytest.raises(ValueError, match=r"extra in the state dict: \['head.bias'\]"):
+    jt.load_state_dict(tx, params, sd, names=renamed)

@@ -113,7 +113,7 @@ _FLAGS_OF = {
 }
 # Keys PyTorch's schedulers add to a param group.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
-_RTOL = 1e-9  # hyperparameters: PyTorch's recursive schedules and jadam's closed forms agree to rounding
+_RTOL = 1e-9  # hyperparameters: PyTorch's recursive schedules and jadam's closed forms agree to rounding (float64)
 
 
 def _number(x: Any) -> float | None:
@@ -362,7 +362,8 @@ def _close(a: Any, b: Any) -> bool:
   if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
     return a == b
   a, b = float(a), float(b)
-  return a == b or abs(a - b) <= _RTOL * max(abs(a), abs(b))
+  rtol = _RTOL if _common.float_dtype() == jnp.float64 else 1e-6  # a schedule evaluated in float32
+  return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
 
 
 def load_state_dict(
@@ -729,6 +730,8 @@ def state_dict(
           entry[key] = v.clone()
         elif isinstance(v, float):
           entry[key] = torch.tensor(v, dtype=sdtype)
+        elif p not in v:
+          raise ValueError(f"{what}: the state's {key} has no leaf {p!r}: state and params do not match.")
         else:
           a = np.asarray(v[p])
           perm = names[p].perm

@@ -451,3 +451,32 @@ def test_named_parameters_order_from_param_names():
   renamed = {**NAMES, "head/bias": TorchName("head.b")}
   with pytest.raises(ValueError, match=r"extra in the state dict: \['head.bias'\]"):
     jt.load_state_dict(tx, params, sd, names=renamed)
+
+
+def test_one_cycle_with_cycled_momentum():
+  """OneCycleLR drives SGD's momentum too; both directions carry the cycle's position."""
+  params0, curv, noise = problem(SHAPES, 120)
+  kw = dict(lr=0.01, momentum=0.9)
+
+  def make(pg):
+    return torch.optim.SGD(pg, **kw)
+
+  def sched(opt):
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=120)
+
+  want = TorchRun(make, params0, None, sched).run(curv, noise, 0, 120)
+  first = TorchRun(make, params0, None, sched)
+  mid = first.run(curv, noise, 0, 40)
+  tx = jt.SGD(lr=jt.OneCycleLR(0.1, total_steps=120), momentum=0.9)
+  params = to_jax(mid, NAMES)
+  state = jt.load_state_dict(tx, params, first.opt.state_dict(), names=NAMES, scheduler=first.sched.state_dict())
+  back = jt.state_dict(tx, state, params, names=NAMES)
+  for g, h in zip(back["param_groups"], first.opt.state_dict()["param_groups"]):
+    assert g.keys() == h.keys()
+    for k in g:
+      assert g[k] == (h[k] if h[k] is None or isinstance(h[k], (bool, list)) else pytest.approx(h[k], rel=1e-12)), k
+  params, state = run_jax(tx, params, state, curv, noise, 40, 80, NAMES)
+  last = TorchRun(make, to_torch(params, NAMES), None, sched)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
+  last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
+  assert_close(last.run(curv, noise, 80, 120), want)

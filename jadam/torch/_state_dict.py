@@ -492,7 +492,8 @@ def load_state_dict(
       f"{what}: parameters {zero} have no state while others have been stepped: in PyTorch they got no"
       " gradient, and jadam steps every parameter; this run cannot be continued exactly."
     )
-  counts.discard(0) if stepped else None
+  if stepped:
+    counts.discard(0)
   if len(counts) > 1:
     raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
   step = counts.pop() if counts else None
@@ -502,11 +503,11 @@ def load_state_dict(
   for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
     for key, mine in hp.items():
       theirs = sg[key]
+      if key == "lr" and isinstance(mine, (LRScheduler, ReduceLROnPlateau)) and scheduler is not None:
+        _check_epoch(what, mine, scheduler, step)
       if key == "lr" and isinstance(mine, ReduceLROnPlateau):
         plateau[label] = float(theirs)
         continue
-      if key == "lr" and isinstance(mine, LRScheduler) and not isinstance(mine, OneCycleLR) and scheduler is not None:
-        _check_epoch(what, mine, scheduler, step)
       value = _at(mine, step)
       cycled = hp["lr"] if isinstance(hp["lr"], OneCycleLR) and hp["lr"].cycle_momentum else None
       if cycled is not None and key in ("betas", "momentum"):  # PyTorch's OneCycleLR writes these
@@ -594,7 +595,7 @@ def load_state_dict(
   return _walk(template, fill)
 
 
-def _check_epoch(what: str, sched: LRScheduler, scheduler: Mapping[str, Any], step: int) -> None:
+def _check_epoch(what: str, sched: Any, scheduler: Mapping[str, Any], step: int) -> None:
   epoch = scheduler.get("last_epoch")
   if epoch is not None and int(epoch) != step // sched.steps_per_epoch:
     raise ValueError(
@@ -701,6 +702,13 @@ def state_dict(
         group["initial_lr"] = float(mine.lr)
       else:
         group[key] = _at(mine, step)
+    lr = hp["lr"]
+    if isinstance(lr, OneCycleLR) and lr.cycle_momentum:  # PyTorch's OneCycleLR writes the momentum or beta1
+      m = float(lr.momentum(step))
+      if "betas" in group:
+        group["betas"] = (m, group["betas"][1])
+      elif "momentum" in group:
+        group["momentum"] = m
     for flag in _FLAGS_OF[spec.name]:
       group[flag] = _KERNEL_FLAGS[flag]
     ids = list(range(pid, pid + len(paths)))

@@ -29,6 +29,7 @@ from jadam.torch._optim import AdamW as AdamW
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
+from jadam.torch._optim import SparseAdam as SparseAdam
 from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
 from jadam.torch._schedulers import ExponentialLR as ExponentialLR
 from jadam.torch._schedulers import LinearLR as LinearLR
@@ -62,6 +63,7 @@ __all__ = (
   "RMSprop",
   "ReduceLROnPlateau",
   "ReduceLROnPlateauState",
+  "SparseAdam",
   "StepLR",
   "TorchName",
   "flax_names",

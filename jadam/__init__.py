@@ -20,6 +20,9 @@ from jadam._correct import NesterovCorrectState as NesterovCorrectState
 from jadam._correct import bias_correct as bias_correct
 from jadam._correct import nesterov_correct as nesterov_correct
 from jadam._correct import rectify as rectify
+from jadam._early_stopping import EarlyStopping as EarlyStopping
+from jadam._early_stopping import EarlyStoppingState as EarlyStoppingState
+from jadam._early_stopping import early_stopping as early_stopping
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
 from jadam._moments import Moments as Moments
@@ -44,6 +47,10 @@ from jadam._scale import scale_by_lr as scale_by_lr
 from jadam._step import make_train_step as make_train_step
 from jadam._step import make_update_step as make_update_step
 from jadam._step import update_and_apply as update_and_apply
+from jadam._sweep import Sweep as Sweep
+from jadam._sweep import SweepState as SweepState
+from jadam._sweep import sweep as sweep
+from jadam._sweep import sweep_grid as sweep_grid
 from jadam import keras as keras  # public submodules: jadam.keras.Adam, jadam.torch.Adam
 from jadam import torch as torch
 
@@ -53,6 +60,8 @@ __all__ = (
   "AccumulateSquaresState",
   "AddL2State",
   "DecoupledDecayState",
+  "EarlyStopping",
+  "EarlyStoppingState",
   "MaxNuState",
   "Moments",
   "MomentumState",
@@ -60,6 +69,8 @@ __all__ = (
   "ScaleByInfMomentsState",
   "ScaleByLrState",
   "ScaleByMomentsState",
+  "Sweep",
+  "SweepState",
   "accumulate_squares",
   "adagrad",
   "adam",
@@ -69,6 +80,7 @@ __all__ = (
   "bias_correct",
   "center",
   "decoupled_decay",
+  "early_stopping",
   "flip_sign",
   "keras",
   "make_train_step",
@@ -88,6 +100,8 @@ __all__ = (
   "scale_by_lr",
   "scale_by_moments",
   "sgd",
+  "sweep",
+  "sweep_grid",
   "torch",
   "update_and_apply",
 )

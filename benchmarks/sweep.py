@@ -70,9 +70,9 @@ class _Runner:
     return (time.perf_counter() - t0) / k
 
 
-def measure(model: str, n: int, steps: int, batch_size: int, repeats: int) -> dict[str, float]:
+def measure(model: str, n: int, steps: int, batch_size: int, repeats: int, hidden: int = 256) -> dict[str, float]:
   """Seconds per epoch and to compile, each side's best of `repeats` interleaved timings."""
-  apply, params = tune.make_model(model, seed=0)
+  apply, params = tune.make_model(model, seed=0, **({"hidden": hidden} if model == "mlp" else {}))
   data = input_pipeline.load_sample().train
   batch = (jax.device_put(data.images[:batch_size]), jax.device_put(data.labels[:batch_size]))
   sweep = jadam.sweep(jadam.adam, configs=configs(n))
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--repeats", type=int, default=3, help="interleaved timings of each side; the best is kept")
   p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--hidden", type=int, default=256, help="the MLP's hidden width (784-hidden-10)")
   a = p.parse_args(argv)
   device = jax.devices()[0]
   print(
@@ -113,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
   print("| model | vmapped s/epoch | sequential s/epoch | vmapped / sequential | compile: vmapped | sequential |")
   print("|---|---|---|---|---|---|")
   for model in a.models.split(","):
-    r = measure(model, a.configs, a.steps, a.batch_size, a.repeats)
+    r = measure(model, a.configs, a.steps, a.batch_size, a.repeats, a.hidden)
+    name = f"mlp 784-{a.hidden}-10" if model == "mlp" else "cnn (Flax's MNIST CNN)"
     print(
-      f"| {model} | {r['vmapped_epoch']:.1f} | {r['sequential_epoch']:.1f}"
+      f"| {name} | {r['vmapped_epoch']:.1f} | {r['sequential_epoch']:.1f}"
       f" | {r['vmapped_epoch'] / r['sequential_epoch']:.2f}x | {r['vmapped_compile']:.1f} s"
       f" | {r['sequential_compile']:.1f} s |",
       flush=True,

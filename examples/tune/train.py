@@ -59,10 +59,10 @@ def optimizer_grid(config: Config) -> dict[str, list[Any]]:
   return grid
 
 
-def make_model(name: str, seed: int) -> tuple[Any, Any]:
+def make_model(name: str, seed: int, **module_kwargs: Any) -> tuple[Any, Any]:
   """``(apply, params)``: a pure ``apply(params, images) -> logits`` and the initial parameters."""
   try:
-    module = models.LINEN_MODELS[name]()
+    module = models.LINEN_MODELS[name](**module_kwargs)
   except KeyError:
     raise ValueError(f"model must be one of {', '.join(models.LINEN_MODELS)}; got {name!r}") from None
   params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]

@@ -333,9 +333,10 @@ def sweep_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
       "test_examples": len(data["test"]),
     },
     "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("grid",)},
+    "hyperparameters": list(configs[0]),  # the swept names: keys of each entry of "configs"
     "configs": [
       {
-        "hyperparameters": c,
+        **c,
         "val_loss": results["val_loss"][i],
         "val_accuracy": results["val_accuracy"][i],
         "stopped_epoch": results["stopped_epoch"][i],
@@ -352,7 +353,7 @@ def sweep_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
   print(table(results, best))
   b = out["configs"][best]
   print(
-    f"best on validation loss: {_short(b['hyperparameters'])}: test accuracy {100 * b['test_accuracy']:.2f}%;"
+    f"best on validation loss: {_short(configs[best])}: test accuracy {100 * b['test_accuracy']:.2f}%;"
     f" {seconds:.0f} s in all; sweep.json, sweep.png in {workdir}",
     flush=True,
   )

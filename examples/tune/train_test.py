@@ -31,9 +31,9 @@ SMALL = default.Config(
 def test_vmapped_equals_sequential(tmp_path, capsys):
   together = train.sweep_and_evaluate(SMALL, tmp_path / "vmapped")
   alone = train.sweep_and_evaluate(dataclasses.replace(SMALL, sequential=True), tmp_path / "sequential")
-  assert together["configs"] and [c["hyperparameters"] for c in together["configs"]] == [
-    c["hyperparameters"] for c in alone["configs"]
-  ]
+  names = together["hyperparameters"]
+  assert names == ["learning_rate", "b2"] and alone["hyperparameters"] == names
+  assert [{k: c[k] for k in names} for c in together["configs"]] == [{k: c[k] for k in names} for c in alone["configs"]]
   for i, (a, b) in enumerate(zip(together["configs"], alone["configs"], strict=True)):
     assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.003, i
     np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-5)
@@ -58,12 +58,13 @@ def test_outputs_early_stopping_and_plateau(tmp_path):
   restored = jadam.restore_state(tmp_path / "checkpoints" / f"epoch_{last}", like)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(like), strict=True):
     np.testing.assert_array_equal(a, b)
-  assert [c["hyperparameters"] for c in saved["configs"]] == [
+  assert saved["hyperparameters"] == ["learning_rate", "b1"]
+  assert [{k: c[k] for k in saved["hyperparameters"]} for c in saved["configs"]] == [
     {"learning_rate": 1e-3, "b1": 0.9},
     {"learning_rate": 1e-1, "b1": 0.9},
   ]
   for c in saved["configs"]:
-    assert set(c) >= {"hyperparameters", "val_loss", "val_accuracy", "stopped_epoch", "test_accuracy"}
+    assert set(c) >= {"learning_rate", "b1", "val_loss", "val_accuracy", "stopped_epoch", "test_accuracy"}
     assert 0 <= c["test_accuracy"] <= 1 and len(c["val_loss"]) == len(c["val_accuracy"])
     # recorded up to the epoch it stopped, or every epoch
     assert len(c["val_loss"]) == (c["stopped_epoch"] or config.epochs)

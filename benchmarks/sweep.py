@@ -97,6 +97,36 @@ def measure(model: str, n: int, steps: int, batch_size: int, repeats: int, hidde
   }
 
 
+def pieces(model: str, n: int, steps: int, batch_size: int, repeats: int, hidden: int = 256) -> dict[str, float]:
+  """Milliseconds a step of the gradient alone and of the optimizer update alone, vmapped vs n single ones."""
+  apply, params = tune.make_model(model, seed=0, **({"hidden": hidden} if model == "mlp" else {}))
+  data = input_pipeline.load_sample().train
+  images, labels = jax.device_put(data.images[:batch_size]), jax.device_put(data.labels[:batch_size])
+  loss = _single_loss(apply)
+  sweep = jadam.sweep(jadam.adam, configs=configs(n))
+  stacked = jax.tree.map(jnp.array, sweep.broadcast(params))
+  grad_v = jax.jit(jax.grad(lambda p: jax.vmap(loss, in_axes=(0, None, None))(p, images, labels).sum()))
+  grad_1 = jax.jit(jax.grad(lambda p: loss(p, images, labels)))
+  grads_v, grads_1 = grad_v(stacked), grad_1(params)
+  tx = jadam.adam(1e-3)
+  update_v = jadam.make_update_step(sweep.tx)
+  update_1 = jadam.make_update_step(tx, fused=False)
+  runners = {
+    "grad_vmapped": _Runner(lambda p, g: (p, grad_v(p)), (stacked, None), ()),
+    "grad_single": _Runner(lambda p, g: (p, grad_1(p)), (params, None), ()),
+    "update_vmapped": _Runner(
+      lambda p, s: update_v(p, s, grads_v), (jax.tree.map(jnp.array, stacked), sweep.tx.init(stacked)), ()
+    ),
+    "update_single": _Runner(
+      lambda p, s: update_1(p, s, grads_1), (jax.tree.map(jnp.array, params), tx.init(params)), ()
+    ),
+  }
+  best = {k: min(r.run(steps) for _ in range(repeats)) * 1e3 for k, r in runners.items()}
+  for k in ("grad_single", "update_single"):
+    best[k] *= n
+  return best
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--configs", type=int, default=16)
@@ -105,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--repeats", type=int, default=3, help="interleaved timings of each side; the best is kept")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--hidden", type=int, default=256, help="the MLP's hidden width (784-hidden-10)")
+  p.add_argument("--pieces", action="store_true", help="also time the gradient and the update apart")
   a = p.parse_args(argv)
   device = jax.devices()[0]
   print(
@@ -122,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
       f" | {r['sequential_compile']:.1f} s |",
       flush=True,
     )
+  if a.pieces:
+    print(f"\n| model | ms/step | vmapped | {a.configs} single ones |\n|---|---|---|---|")
+    for model in a.models.split(","):
+      r = pieces(model, a.configs, a.steps, a.batch_size, a.repeats, a.hidden)
+      for part in ("grad", "update"):
+        print(f"| {model} | {part} | {r[part + '_vmapped']:.1f} | {r[part + '_single']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``python -m examples.tune``: sweep an optimizer's hyperparameters on MNIST, every configuration at once.
 
 Examples:
-  python -m examples.tune                                         # adam: lr x b1 x b2 = 3 x 2 x 2, CNN, 3 epochs
-  python -m examples.tune --lr 1e-3,3e-3 --eps 1e-8,1e-6 --model mlp
+  python -m examples.tune                                         # adam: lr x b1 x b2 = 3 x 2 x 2, MLP, 3 epochs
+  python -m examples.tune --lr 1e-3,3e-3 --eps 1e-8,1e-6
+  python -m examples.tune --model cnn --sequential                # the CNN, one configuration at a time (CPU)
   python -m examples.tune --patience 2 --plateau-patience 1 --plateau-factor 0.3 --epochs 10
   python -m examples.tune --optimizer AdamW --lr 1e-3 --weight-decay 0,1e-2,1e-1
   python -m examples.tune --sequential                            # the same runs one after another

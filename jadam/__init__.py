@@ -21,6 +21,9 @@ from jadam._correct import NesterovCorrectState as NesterovCorrectState
 from jadam._correct import bias_correct as bias_correct
 from jadam._correct import nesterov_correct as nesterov_correct
 from jadam._correct import rectify as rectify
+from jadam._early_stopping import EarlyStopping as EarlyStopping
+from jadam._early_stopping import EarlyStoppingState as EarlyStoppingState
+from jadam._early_stopping import early_stopping as early_stopping
 from jadam._moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._moments import MaxNuState as MaxNuState
 from jadam._moments import Moments as Moments
@@ -51,6 +54,10 @@ from jadam._sparse import value_and_sparse_grad as value_and_sparse_grad
 from jadam._step import make_train_step as make_train_step
 from jadam._step import make_update_step as make_update_step
 from jadam._step import update_and_apply as update_and_apply
+from jadam._sweep import Sweep as Sweep
+from jadam._sweep import SweepState as SweepState
+from jadam._sweep import sweep as sweep
+from jadam._sweep import sweep_grid as sweep_grid
 from jadam import keras as keras  # public submodules: jadam.keras.Adam, jadam.torch.Adam
 from jadam import torch as torch
 
@@ -60,6 +67,8 @@ __all__ = (
   "AccumulateSquaresState",
   "AddL2State",
   "DecoupledDecayState",
+  "EarlyStopping",
+  "EarlyStoppingState",
   "MaxNuState",
   "Moments",
   "MomentumState",
@@ -69,6 +78,8 @@ __all__ = (
   "ScaleByLrState",
   "ScaleByMomentsState",
   "ScaleBySparseMomentsState",
+  "Sweep",
+  "SweepState",
   "accumulate_squares",
   "adagrad",
   "adam",
@@ -79,6 +90,7 @@ __all__ = (
   "bias_correct",
   "center",
   "decoupled_decay",
+  "early_stopping",
   "flip_sign",
   "keras",
   "make_train_step",
@@ -101,6 +113,8 @@ __all__ = (
   "scale_by_sparse_moments",
   "sgd",
   "sparse_adam",
+  "sweep",
+  "sweep_grid",
   "torch",
   "update_and_apply",
   "value_and_sparse_grad",

@@ -20,7 +20,15 @@ STEP_HELPERS = {"make_train_step", "make_update_step", "update_and_apply"}
 STEP_HELPERS |= {"apply_updates", "value_and_sparse_grad"}
 # Checkpoint helpers: functions of (directory, tree).
 CHECKPOINT = {"restore_state", "save_state"}
-FACTORIES = [n for n in PUBLIC if inspect.isfunction(getattr(jadam, n)) and n not in STEP_HELPERS | CHECKPOINT]
+# Tuning: sweeps over configurations of a factory, and early stopping (not optimizer factories).
+TUNING = {"early_stopping", "sweep", "sweep_grid"}
+FACTORIES = [n for n in PUBLIC if inspect.isfunction(getattr(jadam, n)) and n not in STEP_HELPERS | CHECKPOINT | TUNING]
+
+
+@pytest.mark.parametrize("name", sorted(TUNING))
+def test_tuning_helpers_state_their_contract(name):
+  doc = inspect.getdoc(getattr(jadam, name))
+  assert doc and "Examples:" in doc and (name == "sweep_grid" or "Returns:" in doc)
 
 
 @pytest.mark.parametrize("name", sorted(STEP_HELPERS))

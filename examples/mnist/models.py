@@ -57,3 +57,19 @@ MEAN, STD = 0.1307, 0.3081
 def prepare(images: jax.Array) -> jax.Array:
   """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1), standardised with MNIST's mean and std."""
   return (images.astype(jnp.float32)[..., None] / 255.0 - MEAN) / STD
+
+
+class LinenMLP(nn.Module):
+  """A 2-layer perceptron: Dense ``hidden``, relu, Dense 10 (a fast model for sweeps and benchmarks)."""
+
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(features=self.hidden)(x))
+    return nn.Dense(features=10)(x)
+
+
+# Linen modules by name, for examples that need a pure ``apply(params, images)``.
+LINEN_MODELS = {"cnn": LinenCNN, "mlp": LinenMLP}

@@ -1,19 +1,22 @@
 """Train Flax's MNIST CNN with a jadam optimizer, in Flax NNX or Linen.
 
-The two APIs differ only in :func:`make_task`: each gives a pytree ``state``
-(the model and optimizer state) and jitted ``train_step``/``eval_step``
-functions of it. The data, the loop, the metrics, the checkpoints and the
-plot are shared.
+The two APIs differ only in :func:`make_task`: each gives a pure
+``apply(params, images)`` and its parameters, and jadam does the rest: the
+train step is :func:`jadam.make_train_step`, the checkpoints are
+:func:`jadam.save_state`/:func:`jadam.restore_state`. The optimizers come from
+the explicit table in :mod:`examples.mnist.optimizers`. The data, the loop,
+the metrics and the plot are shared (``examples.tune`` reuses the model and
+the input pipeline).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import math
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,61 +27,31 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax.training import train_state
 
-from examples.mnist import input_pipeline, models
+import jadam
+from examples.mnist import input_pipeline, models, optimizers
 from examples.mnist.configs.default import Config
 
 # ---------------------------------------------------------------- optimizer
 
 
-def _optimizer_namespaces() -> list[Any]:
-  import jadam
-
-  spaces = [jadam]
-  try:
-    import jadam.torch as jadam_torch  # the torch-named front doors, when present
-  except ImportError:
-    pass
-  else:
-    spaces.append(jadam_torch)
-  return spaces
-
-
 def optimizer_names() -> list[str]:
-  """The names ``--optimizer`` accepts: jadam's aliases and jadam.torch's front doors.
-
-  An alias is a public function of ``jadam`` that takes a learning rate and
-  is not a single stage (``scale_by_*``); everything callable that
-  ``jadam.torch`` exports is a front door.
-  """
-  names = []
-  for i, space in enumerate(_optimizer_namespaces()):
-    for name in getattr(space, "__all__", [n for n in dir(space) if not n.startswith("_")]):
-      obj = getattr(space, name, None)
-      if i > 0 and callable(obj):
-        names.append(name)
-      elif inspect.isfunction(obj) and not name.startswith("scale_by"):
-        params = inspect.signature(obj).parameters
-        if "learning_rate" in params or "lr" in params:
-          names.append(name)
-  return names
+  """The names ``--optimizer`` accepts: the explicit table in :mod:`examples.mnist.optimizers`."""
+  return list(optimizers.OPTIMIZERS)
 
 
 def default_learning_rate(name: str) -> float | None:
   """The default ``learning_rate`` (or ``lr``) of optimizer ``name``, if it has a number for one."""
-  if name not in optimizer_names():
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(optimizer_names())}")
-  fn = next(getattr(s, name) for s in _optimizer_namespaces() if hasattr(s, name))
+  fn = optimizers.get(name)
   params = inspect.signature(fn).parameters
   default = next((params[p].default for p in ("learning_rate", "lr") if p in params), None)
   return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
 
 
 def make_optimizer(
-  name: str, learning_rate: float | None = None, hyperparameters: dict[str, Any] | None = None
+  name: str, learning_rate: Any = None, hyperparameters: dict[str, Any] | None = None
 ) -> optax.GradientTransformation:
-  """``getattr(jadam, name)`` (or ``jadam.torch``'s), called with the hyperparameters.
+  """``optimizers.OPTIMIZERS[name]``, called with the hyperparameters.
 
   The learning rate goes to the optimizer's ``learning_rate`` or ``lr``; ``b1``
   and ``b2`` become ``betas`` for an optimizer that takes betas (a torch front
@@ -87,13 +60,11 @@ def make_optimizer(
   Raises:
     ValueError: For an unknown name or a hyperparameter the optimizer lacks.
   """
-  if name not in optimizer_names():
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(optimizer_names())}")
-  fn = next(getattr(s, name) for s in _optimizer_namespaces() if hasattr(s, name))
+  fn = optimizers.get(name)
   params = inspect.signature(fn).parameters
   accepted = [p for p in params if p not in ("self", "params")]
   kwargs: dict[str, Any] = {}
-  lr_name = next((p for p in ("learning_rate", "lr") if p in params), None)
+  lr_name = optimizers.lr_name(name)
   if learning_rate is not None:
     if lr_name is None:
       raise ValueError(f"{name} takes no learning rate (it takes {accepted})")
@@ -101,18 +72,14 @@ def make_optimizer(
   elif lr_name is not None and params[lr_name].default is inspect.Parameter.empty:
     raise ValueError(f"{name} needs a learning rate (--lr)")
   hyper = dict(hyperparameters or {})
-  if ("b1" in hyper or "b2" in hyper) and "betas" in params and "b1" not in params:
-    default = params["betas"].default
-    b1, b2 = default if default is not inspect.Parameter.empty else (0.9, 0.999)
+  if ("b1" in hyper or "b2" in hyper) and optimizers.takes_betas(name):
+    b1, b2 = params["betas"].default
     kwargs["betas"] = (hyper.pop("b1", b1), hyper.pop("b2", b2))
   for key, value in hyper.items():
     if key not in params:
       raise ValueError(f"{name} takes no {key!r}; it takes {accepted}")
     kwargs[key] = value
-  tx = fn(**kwargs)
-  if not isinstance(tx, optax.GradientTransformation):
-    raise ValueError(f"{name}(...) gave a {type(tx).__name__}, not an optax transformation")
-  return tx
+  return fn(**kwargs)
 
 
 def cosine_schedule(peak: float, steps: int) -> optax.Schedule:
@@ -135,7 +102,7 @@ def cosine_schedule(peak: float, steps: int) -> optax.Schedule:
 class Task(NamedTuple):
   """One API's view of the model: a pytree state and jitted steps of it."""
 
-  state: Any  # initial state: params, optimizer state, step
+  state: Any  # initial state: (params, optimizer state)
   train_step: Callable[..., Any]  # (state, totals, images, labels) -> (state, totals)
   eval_step: Callable[..., Any]  # (state, images, labels, mask) -> [loss_sum, correct, count]
   params: Callable[[Any], Any]  # state -> the parameters, a pytree of arrays
@@ -154,63 +121,46 @@ def _mean_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32)).mean()
 
 
-def make_nnx_task(tx: optax.GradientTransformation, seed: int) -> Task:
-  """NNX: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``optimizer.update``.
+def _make_task(apply: Callable[[Any, jax.Array], jax.Array], params: Any, tx: optax.GradientTransformation) -> Task:
+  """Both APIs: ``apply(params, images) -> logits``, stepped by :func:`jadam.make_train_step`.
 
-  The jitted steps take the split state, merge it, and split it again
-  (``jax.jit`` with ``nnx.split``/``nnx.merge``), which costs less per call
-  than ``nnx.jit`` on the objects.
+  The step is jadam's: gradient, update and apply in one `jit`, parameters and
+  optimizer state donated (the fused CPU kernel for jadam.adam/adamw).
   """
-  model = models.CNN(rngs=nnx.Rngs(seed))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def loss_fn(params, images, labels):
+    logits = apply(params, images)
+    return _mean_loss(logits, labels), _batch_totals(logits, labels)
+
+  step = jadam.make_train_step(loss_fn, tx, has_aux=True)
+
   def train_step(state, totals, images, labels):
-    model, optimizer = nnx.merge(graphdef, state)
-
-    def loss_fn(model):
-      logits = model(models.prepare(images))
-      return _mean_loss(logits, labels), logits
-
-    (_, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), totals + _batch_totals(logits, labels)
+    params, opt_state, _, batch_totals = step(*state, images, labels)
+    return (params, opt_state), totals + batch_totals
 
   @jax.jit
   def eval_step(state, images, labels, mask):
-    model, _ = nnx.merge(graphdef, state)
-    return _batch_totals(model(models.prepare(images)), labels, mask)
+    return _batch_totals(apply(state[0], images), labels, mask)
 
-  def params(state):
-    model, _ = nnx.merge(graphdef, state)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return Task((params, tx.init(params)), train_step, eval_step, lambda state: state[0])
 
-  return Task(state, train_step, eval_step, params)
+
+def make_nnx_task(tx: optax.GradientTransformation, seed: int) -> Task:
+  """NNX: the model split into its graph and its ``nnx.Param`` state, merged inside the loss."""
+  graphdef, params = nnx.split(models.CNN(rngs=nnx.Rngs(seed)), nnx.Param)
+
+  def apply(params, images):
+    return nnx.merge(graphdef, params)(models.prepare(images))
+
+  task = _make_task(apply, params, tx)
+  return task._replace(params=lambda state: nnx.to_pure_dict(state[0]))
 
 
 def make_linen_task(tx: optax.GradientTransformation, seed: int) -> Task:
-  """Linen: the same CNN, with ``flax.training.train_state.TrainState``."""
+  """Linen: the same CNN, ``module.apply`` on its ``params`` collection."""
   module = models.LinenCNN()
-  variables = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1), jnp.float32))
-  state = train_state.TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx)
-  state = state.replace(step=jnp.zeros((), jnp.int32))  # an array, as after a step
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(state, totals, images, labels):
-    def loss_fn(params):
-      logits = state.apply_fn({"params": params}, models.prepare(images))
-      return _mean_loss(logits, labels), logits
-
-    (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), totals + _batch_totals(logits, labels)
-
-  @jax.jit
-  def eval_step(state, images, labels, mask):
-    logits = state.apply_fn({"params": state.params}, models.prepare(images))
-    return _batch_totals(logits, labels, mask)
-
-  return Task(state, train_step, eval_step, lambda state: state.params)
+  params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+  return _make_task(lambda params, images: module.apply({"params": params}, models.prepare(images)), params, tx)
 
 
 def make_task(api: str, tx: optax.GradientTransformation, seed: int) -> Task:
@@ -263,36 +213,28 @@ def train_epoch(
   return state, {"loss": loss_sum / count, "accuracy": correct / count, "images": int(count)}
 
 
-def _checkpoint_manager(workdir: pathlib.Path):
-  import orbax.checkpoint as ocp
-
-  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-
-
-def _save(manager, epoch: int, state: Any, history: list[dict[str, Any]]) -> None:
-  import orbax.checkpoint as ocp
-
-  # The state's leaves as a list: one format for NNX's State and Linen's
-  # TrainState; restore rebuilds the tree from a freshly made one.
-  leaves = jax.tree.leaves(state)
-  manager.save(
-    epoch,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(leaves), history=ocp.args.JsonSave(history)),
-  )
-  manager.wait_until_finished()
+def _latest_checkpoint(workdir: pathlib.Path) -> int | None:
+  """The last epoch with a complete checkpoint (its state written: save_state renames it into place last)."""
+  root = workdir / "checkpoints"
+  epochs = [int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").is_dir()] if root.is_dir() else []
+  return max(epochs, default=None)
 
 
-def _restore(manager, epoch: int, like: Any) -> tuple[Any, list[dict[str, Any]]]:
-  import orbax.checkpoint as ocp
+def _save(workdir: pathlib.Path, epoch: int, state: Any, history: list[dict[str, Any]]) -> None:
+  """``checkpoints/<epoch>/``: the history as JSON, then the state with :func:`jadam.save_state`."""
+  folder = workdir / "checkpoints" / str(epoch)
+  if folder.exists():  # an incomplete one, from a run killed while writing it
+    shutil.rmtree(folder)
+  folder.mkdir(parents=True)
+  (folder / "history.json").write_text(json.dumps(history) + "\n")
+  jadam.save_state(folder / "state", state)
 
-  leaves, treedef = jax.tree.flatten(like)
-  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  restored = manager.restore(
-    epoch,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()),
-  )
-  return jax.tree.unflatten(treedef, list(restored["state"])), list(restored["history"])
+
+def _restore(workdir: pathlib.Path, epoch: int, like: Any) -> tuple[Any, list[dict[str, Any]]]:
+  """The state (checked against `like` leaf by leaf) and the history of epoch `epoch`."""
+  folder = workdir / "checkpoints" / str(epoch)
+  state = jadam.restore_state(folder / "state", like)
+  return state, json.loads((folder / "history.json").read_text())
 
 
 def _plot(history: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
@@ -329,8 +271,8 @@ def _describe(config: Config) -> str:
 def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Train, evaluating on the whole test set after every epoch.
 
-  Writes to ``workdir``: ``metrics.json``, ``metrics.png`` and an orbax
-  checkpoint per epoch under ``checkpoints/``. With ``config.resume`` it
+  Writes to ``workdir``: ``metrics.json``, ``metrics.png`` and a checkpoint
+  per epoch under ``checkpoints/<epoch>/`` (:func:`jadam.save_state`). With ``config.resume`` it
   continues from the last checkpoint and ends with the same parameters as an
   uninterrupted run.
 
@@ -356,15 +298,14 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
   task = make_task(config.api, tx, config.seed)
   state, history, start = task.state, [], 0
 
-  manager = _checkpoint_manager(workdir)
-  latest = manager.latest_step()
+  latest = _latest_checkpoint(workdir)
   if latest is not None and not config.resume:
     raise FileExistsError(
       f"{workdir / 'checkpoints'} holds checkpoints (epoch {latest}): pass --resume"
       " to continue from them, or choose another --workdir"
     )
   if latest is not None:
-    state, history = _restore(manager, latest, state)
+    state, history = _restore(workdir, latest, state)
     start = latest
     print(f"resumed from epoch {latest} in {workdir / 'checkpoints'}", flush=True)
     if config.lr_schedule == "cosine":
@@ -399,7 +340,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
       f" {record['images_per_second']:,.0f} images/s",
       flush=True,
     )
-    _save(manager, epoch, state, history)
+    _save(workdir, epoch, state, history)
 
   metrics = {
     "config": dataclasses.asdict(config),
@@ -416,5 +357,4 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   if config.plot and history:
     _plot(history, workdir / "metrics.png", f"MNIST CNN, {_describe(config)}")
-  manager.close()
   return {**metrics, "state": state, "task": task}

@@ -159,7 +159,7 @@ def test_jadam_adam_matches_optax_adam_step_for_step(api):
 
 
 def test_nnx_optimizer_with_jadam_is_nnx_optimizer_with_optax_on_one_step():
-  """``nnx.Optimizer(model, jadam.adam(...))`` takes the step optax.adam takes."""
+  """The NNX task's jadam.make_train_step with jadam.adam takes the step it takes with optax.adam."""
   data = input_pipeline.load_sample().train.take(32)
   images, labels = next(input_pipeline.train_batches(data, 32, seed=0, epoch=1))
   tasks = {
@@ -189,6 +189,9 @@ def test_make_optimizer_resolves_names_and_hyperparameters():
   with pytest.raises(ValueError, match="sgd takes no 'b1'"):
     train.make_optimizer("sgd", 0.1, {"b1": 0.9})
   assert "adam" in train.optimizer_names() and "rmsprop" in train.optimizer_names()
+  # An explicit table: stages, schedulers and helpers of jadam's namespace are not optimizers.
+  for name in ("decoupled_decay", "StepLR", "path_string", "scale_by_moments", "sweep", "early_stopping"):
+    assert name not in train.optimizer_names()
 
 
 def test_command_line():

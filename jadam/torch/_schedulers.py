@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common
+from jadam import _common, _plateau
 
 
 def _is_number(x: Any) -> bool:
@@ -451,13 +451,7 @@ class ReduceLROnPlateau:
     )
 
   def _is_better(self, a, best):
-    if self.mode == "min" and self.threshold_mode == "rel":
-      return a < best * (1.0 - self.threshold)
-    if self.mode == "min":
-      return a < best - self.threshold
-    if self.threshold_mode == "rel":
-      return a > best * (self.threshold + 1.0)
-    return a > best + self.threshold
+    return _plateau.is_better(a, best, mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
 
   def transform(self) -> optax.GradientTransformationExtraArgs:
     """Scale updates by the current learning rate, then update it from `value`."""

@@ -1,0 +1,94 @@
+"""``python -m examples.tune``: sweep an optimizer's hyperparameters on MNIST, every configuration at once.
+
+Examples:
+  python -m examples.tune                                         # adam: lr x b1 x b2 = 3 x 2 x 2, MLP, 3 epochs
+  python -m examples.tune --lr 1e-3,3e-3 --eps 1e-8,1e-6
+  python -m examples.tune --model cnn --sequential                # the CNN, one configuration at a time (CPU)
+  python -m examples.tune --patience 2 --plateau-patience 1 --plateau-factor 0.3 --epochs 10
+  python -m examples.tune --optimizer AdamW --lr 1e-3 --weight-decay 0,1e-2,1e-1
+  python -m examples.tune --sequential                            # the same runs one after another
+  python -m examples.tune --data-dir /data/mnist --workdir runs/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from examples.mnist import optimizers
+from examples.tune import train
+from examples.tune.configs import default
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+  if not values:
+    raise argparse.ArgumentTypeError("expected at least one number")
+  return values
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
+  base = default.get_config()
+  p = argparse.ArgumentParser(
+    prog="python -m examples.tune",
+    description="Sweep one optimizer's hyperparameters on MNIST in one vmapped program.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("Examples:", 1)[1],
+  )
+  p.add_argument("--optimizer", default=base.optimizer, choices=list(optimizers.OPTIMIZERS))
+  hp = p.add_argument_group("values to sweep (comma-separated; the grid is their product)")
+  for name in train.HYPERPARAMETERS:
+    flag = "--" + name.replace("_", "-")
+    default_values = base.grid.get(name)
+    shown = "" if default_values is None else f" (default {','.join(f'{v:g}' for v in default_values)})"
+    hp.add_argument(flag, type=_floats, default=None, help=f"{name} values{shown}")
+  p.add_argument("--model", choices=("cnn", "mlp"), default=base.model)
+  p.add_argument("--epochs", type=int, default=base.epochs)
+  p.add_argument("--patience", type=int, default=base.patience, help="early stopping on validation loss")
+  p.add_argument("--plateau-patience", type=int, default=base.plateau_patience, help="ReduceLROnPlateau's patience")
+  p.add_argument("--plateau-factor", type=float, default=base.plateau_factor, help="ReduceLROnPlateau's factor")
+  p.add_argument("--batch-size", type=int, default=base.batch_size)
+  p.add_argument("--val-fraction", type=float, default=base.val_fraction)
+  p.add_argument("--seed", type=int, default=base.seed)
+  p.add_argument("--data-dir", default=base.data_dir, help="folder with the four IDX files")
+  p.add_argument("--no-download", dest="download", action="store_false")
+  p.add_argument("--workdir", default="workdir/tune")
+  p.add_argument("--sequential", action="store_true", help="train the configurations one after another")
+  p.add_argument("--no-plot", dest="plot", action="store_false")
+  p.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  given = {n: getattr(a, n) for n in train.HYPERPARAMETERS if getattr(a, n) is not None}
+  grid = given if given else dict(base.grid)
+  config = dataclasses.replace(
+    base,
+    optimizer=a.optimizer,
+    grid=grid,
+    model=a.model,
+    epochs=a.epochs,
+    patience=a.patience,
+    plateau_patience=a.plateau_patience,
+    plateau_factor=a.plateau_factor,
+    batch_size=a.batch_size,
+    val_fraction=a.val_fraction,
+    seed=a.seed,
+    data_dir=a.data_dir,
+    download=a.download,
+    sequential=a.sequential,
+    plot=a.plot,
+    train_limit=a.train_limit,
+    test_limit=a.test_limit,
+  )
+  return config, a.workdir
+
+
+def main(argv: list[str] | None = None) -> None:
+  config, workdir = parse_args(argv)
+  train.sweep_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+  main()

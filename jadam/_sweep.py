@@ -1,0 +1,316 @@
+r"""One optimizer, many configurations, one compiled program: `inject_hyperparams` under `vmap`.
+
+Tuning Adam is training the same model with a handful of learning rates,
+betas and epsilons. Each configuration is an independent run, so all of them
+can be one: give the parameters and the optimizer state a leading
+configuration axis and `vmap` the update over it. The hyperparameters then live
+in the state, one value per configuration, as :func:`optax.inject_hyperparams`
+keeps them, which is also where a plateau rule lowers one configuration's
+learning rate and where early stopping freezes one configuration.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jadam import _common
+from jadam._early_stopping import EarlyStopping, EarlyStoppingState
+from jadam.torch._schedulers import ReduceLROnPlateau, ReduceLROnPlateauState
+
+Config = dict[str, Any]
+
+
+class SweepState(NamedTuple):
+  """State of a :func:`sweep`: every leaf has a leading axis, one entry per configuration."""
+
+  inner: optax.OptState  # optax.inject_hyperparams' state: .hyperparams holds each configuration's values
+  stopping: EarlyStoppingState | optax.EmptyState  # EmptyState without early_stopping
+  plateau: ReduceLROnPlateauState | optax.EmptyState  # EmptyState without a plateau
+
+
+class Sweep(NamedTuple):
+  """What :func:`sweep` returns: ``tx, configs, observe = jadam.sweep(...)``."""
+
+  tx: optax.GradientTransformation  # init/update with a leading configuration axis
+  configs: list[Config]  # the configurations, in the order of that axis
+  observe: Callable[[SweepState, jax.typing.ArrayLike], SweepState]  # (state, metric per config) -> state
+
+  def broadcast(self, params: optax.Params) -> optax.Params:
+    """`params` repeated along a new leading axis, once per configuration (the same start for all)."""
+    n = len(self.configs)
+    return jax.tree.map(lambda p: jnp.broadcast_to(p, (n, *jnp.shape(p))), params)
+
+
+def sweep_grid(values: Mapping[str, Sequence[Any]]) -> list[Config]:
+  """Every combination of `values`, the last name varying fastest (the order of `itertools.product`).
+
+  Examples:
+    >>> import jadam
+    >>> jadam.sweep_grid({"learning_rate": [1e-3, 3e-3], "b1": [0.8, 0.9]})
+    [{'learning_rate': 0.001, 'b1': 0.8}, {'learning_rate': 0.001, 'b1': 0.9}, {'learning_rate': 0.003, 'b1': 0.8}, {'learning_rate': 0.003, 'b1': 0.9}]
+  """
+  names = list(values)
+  for name in names:
+    if isinstance(values[name], (str, bytes)) or not isinstance(values[name], Sequence) or not values[name]:
+      raise ValueError(f"grid[{name!r}] must be a non-empty list of values; got {values[name]!r}.")
+  return [dict(zip(names, combo)) for combo in itertools.product(*(values[n] for n in names))]
+
+
+def _flatten(name: str, value: Any) -> dict[str, Any]:
+  """One swept value as scalars: a tuple such as torch's ``betas`` becomes ``betas__0``, ``betas__1``."""
+  if isinstance(value, (tuple, list)):
+    return {f"{name}__{i}": v for i, v in enumerate(value)}
+  return {name: value}
+
+
+def _check_value(name: str, value: Any) -> None:
+  for v in value if isinstance(value, (tuple, list)) else (value,):
+    if isinstance(v, bool):
+      raise TypeError(
+        f"{name} is a flag ({v!r}): a flag changes the program, so it cannot vary across one vmapped sweep."
+        f" Fix it with functools.partial(factory, {name}=...) and run one sweep per value."
+      )
+    if not isinstance(v, numbers.Real):
+      raise TypeError(f"{name} must take numbers in a sweep; got {type(v).__name__} {v!r}.")
+
+
+def sweep(
+  factory: Callable[..., optax.GradientTransformation],
+  grid: Mapping[str, Sequence[Any]] | None = None,
+  *,
+  configs: Sequence[Mapping[str, Any]] | None = None,
+  schedules: Mapping[str, Callable[[jax.Array], optax.Schedule]] | None = None,
+  plateau: ReduceLROnPlateau | None = None,
+  early_stopping: EarlyStopping | None = None,
+  hyperparam_dtype: Any = jnp.float32,
+) -> Sweep:
+  r"""Train every configuration of one optimizer at once: a transformation vmapped over its hyperparameters.
+
+  For configurations :math:`c = 1 \dots C` the parameters and the state carry
+  a leading axis of length :math:`C`, and one update is
+
+  .. math::
+      (u^{(c)}, s^{(c)}) = \texttt{factory}(h^{(c)}).\text{update}(g^{(c)}, s^{(c)}, \theta^{(c)})
+      \quad \text{for every } c \text{ at once (} \texttt{jax.vmap} \text{)},
+
+  with :math:`h^{(c)}` the configuration's hyperparameters, held in the state
+  by :func:`optax.inject_hyperparams` (as `hyperparam_dtype` scalars: a float32
+  ``b1=0.9`` makes :math:`1 - \beta_1` = 1 - float32(0.9), as
+  ``inject_hyperparams(jadam.adam)`` does). Only the swept names are injected;
+  every other argument keeps the factory's default, or what
+  ``functools.partial(factory, ...)`` fixed (flags such as `amsgrad` must be
+  fixed that way: they change the program).
+
+  With `early_stopping`, a configuration that has stopped takes no more steps:
+  its updates are zero and its state, step count included, stays as it was.
+  With `plateau`, each configuration has its own `ReduceLROnPlateau` state,
+  which lowers that configuration's learning rate. Both read the metrics given
+  to ``observe(state, metrics)``, a vector with one value per configuration
+  (e.g. the validation losses after each epoch).
+
+  Args:
+    factory: a jadam optimizer (:func:`jadam.adam`, ...), a `jadam.torch`
+      front door (:func:`jadam.torch.Adam`, whose ``betas`` are swept as
+      tuples), or any Optax factory whose swept arguments are numbers.
+    grid: values per hyperparameter, by the factory's own argument names;
+      the configurations are their product in the order of :func:`sweep_grid`
+      (the last name varies fastest).
+    configs: instead of `grid`, an explicit list of configurations (dicts with
+      the same names), kept in its order.
+    schedules: for some swept names, a function of the configuration's value
+      that returns a schedule, e.g. ``{"learning_rate": lambda peak:
+      optax.cosine_decay_schedule(peak, steps)}``: a cosine whose peak is swept.
+    plateau: a :class:`jadam.torch.ReduceLROnPlateau` whose rule (mode, factor,
+      patience, threshold, threshold_mode, cooldown, min_lr, eps) each
+      configuration follows; its `lr` is ignored: each configuration starts from
+      its own learning rate (the swept value: the peak, if it is scheduled).
+    early_stopping: a :func:`jadam.early_stopping` rule.
+    hyperparam_dtype: dtype of the injected hyperparameters (default float32,
+      which bfloat16 parameters need: bfloat16 rounds 0.999 to 1); None follows
+      the parameters, as in `optax.inject_hyperparams`.
+
+  Returns:
+    A :class:`Sweep` ``(tx, configs, observe)``: the transformation (its `init`
+    takes parameters with the leading configuration axis, e.g.
+    ``sweep.broadcast(params)``), the configurations in the order of that
+    axis, and a jitted ``observe(state, metrics) -> state`` for the epoch's
+    metrics.
+
+  Raises:
+    ValueError: no configuration, both or neither of `grid` and `configs`,
+      configurations with different names, a name the factory does not take,
+      a value it refuses (each configuration is built once to check it).
+    TypeError: a flag or a non-number among the values.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> tx, configs, observe = sweep = jadam.sweep(
+    ...     jadam.adam, {"learning_rate": [1e-3, 1e-2], "b2": [0.99, 0.999]})
+    >>> configs[1]
+    {'learning_rate': 0.001, 'b2': 0.999}
+    >>> loss = lambda p: jnp.sum(p["w"] ** 2)  # one configuration's loss
+    >>> def loss_fn(params):  # the sum over configurations: each gets its own gradient
+    ...   losses = jax.vmap(loss)(params)
+    ...   return losses.sum(), losses
+    >>> step = jadam.make_train_step(loss_fn, tx, has_aux=True)
+    >>> params = sweep.broadcast({"w": jnp.ones(3)})
+    >>> state = tx.init(params)
+    >>> params, state, _, losses = step(params, state)
+    >>> params["w"][:, 0]  # one step of each learning rate
+    Array([0.999, 0.999, 0.99 , 0.99 ], dtype=float32)
+  """
+  if (grid is None) == (configs is None):
+    raise ValueError("pass either grid (values per hyperparameter) or configs (a list of configurations), not both.")
+  configs = sweep_grid(grid) if grid is not None else [dict(c) for c in configs]
+  if not configs:
+    raise ValueError("a sweep needs at least one configuration.")
+  names = list(configs[0])
+  for i, config in enumerate(configs):
+    if set(config) != set(names):
+      raise ValueError(f"configs[{i}] has the names {sorted(config)}, configs[0] {sorted(names)}: they must agree.")
+    for name, value in config.items():
+      _check_value(name, value)
+  try:
+    signature = inspect.signature(factory)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"factory must be an optimizer factory such as jadam.adam; got {factory!r}.") from e
+  takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+  for name in names:
+    if name not in signature.parameters and not takes_any:
+      raise ValueError(
+        f"{getattr(factory, '__name__', factory)} takes no {name!r}; it takes {list(signature.parameters)}."
+      )
+  schedules = dict(schedules or {})
+  for name in schedules:
+    if name not in names:
+      raise ValueError(f"schedules[{name!r}]: {name!r} is not swept (the swept names are {names}).")
+
+  lr_name = next((n for n in ("learning_rate", "lr") if n in signature.parameters), None)
+  if plateau is not None:
+    if not isinstance(plateau, ReduceLROnPlateau):
+      raise TypeError(f"plateau must be a jadam.torch.ReduceLROnPlateau; got {type(plateau).__name__}.")
+    if lr_name is None:
+      raise ValueError("plateau lowers the learning rate, but the factory takes no learning_rate or lr.")
+    if lr_name not in names:  # inject the factory's own rate, so that it can change per configuration
+      default = signature.parameters[lr_name].default
+      if not isinstance(default, numbers.Real):
+        raise ValueError(f"plateau needs {lr_name!r} in the sweep: the factory has no numeric default for it.")
+      names.append(lr_name)
+      configs = [{**c, lr_name: float(default)} for c in configs]
+  if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+    raise TypeError(f"early_stopping must be made by jadam.early_stopping; got {type(early_stopping).__name__}.")
+
+  def build(values: Mapping[str, Any]) -> optax.GradientTransformation:
+    kwargs = {}
+    for name in names:
+      if name in values:
+        value = values[name]
+      else:  # a tuple, flattened
+        value = tuple(values[k] for k in sorted((k for k in values if k.startswith(name + "__")), key=_index))
+      kwargs[name] = schedules[name](value) if name in schedules else value
+    return factory(**kwargs)
+
+  for i, config in enumerate(configs):  # concrete values: the factory's own checks name the argument
+    try:
+      build(config)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"configs[{i}] = {config}: {e}") from e
+
+  flat = [{k: v for name, value in c.items() for k, v in _flatten(name, value).items()} for c in configs]
+  flat_names = list(flat[0])
+
+  def injectable(**values):
+    return build(values)
+
+  injectable.__signature__ = inspect.Signature(
+    [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in flat_names]
+  )
+  injectable.__name__ = getattr(factory, "__name__", "factory")
+  inject = optax.inject_hyperparams(injectable, hyperparam_dtype=hyperparam_dtype)
+  template = inject(**flat[0])  # its update reads every hyperparameter from the state
+  n = len(configs)
+  value_dtype = hyperparam_dtype or _common.float_dtype()
+  stacked = {k: jnp.asarray(np.array([f[k] for f in flat], np.float64), value_dtype) for k in flat_names}
+  rule = None
+  if plateau is not None:  # the same rule with steps_per_epoch=1: observe is called once an epoch
+    rule = ReduceLROnPlateau(
+      lr=1.0,
+      mode=plateau.mode,
+      factor=plateau.factor,
+      patience=plateau.patience,
+      threshold=plateau.threshold,
+      threshold_mode=plateau.threshold_mode,
+      cooldown=plateau.cooldown,
+      min_lr=plateau.min_lr,
+      eps=plateau.eps,
+    ).transform()
+
+  def check_axis(params):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+        raise ValueError(
+          f"sweep of {n} configurations: every parameter needs a leading axis of {n}, but"
+          f" {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}. Use sweep.broadcast(params)."
+        )
+
+  def init_fn(params):
+    check_axis(params)
+    hyper = {k: jnp.array(v, value_dtype, copy=True) for k, v in stacked.items()}  # own buffers: steps donate
+    inner = jax.vmap(lambda h, p: inject(**h).init(p))(hyper, params)
+    stopping, plateau_state = optax.EmptyState(), optax.EmptyState()
+    if early_stopping is not None:
+      stopping = jax.vmap(lambda _: early_stopping.init())(jnp.arange(n))
+    if rule is not None:
+      plateau_state = jax.vmap(lambda _: rule.init({}))(jnp.arange(n))
+    return SweepState(inner=inner, stopping=stopping, plateau=plateau_state)
+
+  def running(state):
+    if isinstance(state.stopping, EarlyStoppingState):
+      return state.stopping.stopped_epoch == 0
+    return jnp.ones([n], bool)
+
+  def where(mask, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((n,) + (1,) * (jnp.ndim(a) - 1)), a, b), new, old)
+
+  def update_fn(updates, state, params=None):
+    _common.check_state("jadam.sweep", state, SweepState)
+    check_axis(updates)
+    new_updates, inner = jax.vmap(template.update)(updates, state.inner, params)
+    go = running(state)
+    if isinstance(state.stopping, EarlyStoppingState):  # a stopped configuration: zero update, frozen state
+      new_updates = where(go, new_updates, jax.tree.map(jnp.zeros_like, new_updates))
+      inner = where(go, inner, state.inner)
+    return new_updates, state._replace(inner=inner)
+
+  def observe_fn(state, metrics):
+    _common.check_state("jadam.sweep observe", state, SweepState)
+    if np.shape(metrics) != (n,):
+      raise ValueError(f"observe takes one metric per configuration, shape ({n},); got shape {np.shape(metrics)}.")
+    metrics = jnp.asarray(metrics)
+    go = running(state)
+    stopping, plateau_state, inner = state.stopping, state.plateau, state.inner
+    if rule is not None:
+      hyper = dict(inner.hyperparams)
+      current = state.plateau._replace(lr=hyper[lr_name].astype(state.plateau.lr.dtype))
+      _, fed = jax.vmap(lambda s, v: rule.update({}, s, None, value=v))(current, metrics)
+      plateau_state = where(go, fed, state.plateau)
+      hyper[lr_name] = plateau_state.lr.astype(hyper[lr_name].dtype)
+      inner = inner._replace(hyperparams=hyper)
+    if early_stopping is not None:
+      stopping = jax.vmap(early_stopping.update)(state.stopping, metrics)
+    return SweepState(inner=inner, stopping=stopping, plateau=plateau_state)
+
+  return Sweep(optax.GradientTransformation(init_fn, update_fn), configs, jax.jit(observe_fn))
+
+
+def _index(key: str) -> int:
+  return int(key.rsplit("__", 1)[1])

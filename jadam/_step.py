@@ -29,6 +29,7 @@ takes the generic path.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -99,10 +100,17 @@ def update_and_apply(
   """
   _check_tx(tx)
   _check_fused(fused)
+  return _apply(tx, grads, state, params, fused=fused, multi_device_ok=bool(fused))
+
+
+def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
+  """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
   if fused is not False:
-    out = _fused.step(tx, grads, state, params, multi_device_ok=bool(fused))
-    if out is not None:
-      return out
+    try:
+      return _fused.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
+    except _fused.Unserved as e:
+      if fused:
+        raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 
@@ -117,6 +125,7 @@ class _Step:
   def __init__(self, fused_fn: Callable[..., Any], generic_fn: Callable[..., Any], donate: tuple[int, ...]):
     self._fused = jax.jit(fused_fn, donate_argnums=donate)
     self._generic = jax.jit(generic_fn, donate_argnums=donate)
+    functools.update_wrapper(self, fused_fn)
 
   def _pick(self, args):
     if jax.device_count() == 1 or all(_fused.single_device(x) for x in jax.tree.leaves(args)):
@@ -129,6 +138,9 @@ class _Step:
   def lower(self, *args, **kwargs):
     return self._pick(args).lower(*args, **kwargs)
 
+  def trace(self, *args, **kwargs):
+    return self._pick(args).trace(*args, **kwargs)
+
   def __getattr__(self, name):
     return getattr(self._fused, name)
 
@@ -137,7 +149,7 @@ def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: boo
   _check_fused(fused)
   _common.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
-  if fused is False or _fused.recipe_of(tx) is None:
+  if fused is False:
     return jax.jit(make(False), donate_argnums=donate_argnums)
   return _Step(make(True), make(False), donate_argnums)
 
@@ -175,7 +187,7 @@ def make_update_step(
 
   def make(use_kernel):
     def step(params, state, grads):
-      return update_and_apply(tx, grads, state, params, fused=use_kernel)
+      return _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
 
     return step
 
@@ -217,7 +229,7 @@ def make_train_step(
   def make(use_kernel):
     def step(params, state, *batch):
       value, grads = grad_fn(params, *batch)
-      params, state = update_and_apply(tx, grads, state, params, fused=use_kernel)
+      params, state = _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
       if has_aux:
         loss, aux = value
         return params, state, loss, aux

@@ -134,3 +134,13 @@ def load() -> bool:
     _state["lib"] = lib
     _state["ok"] = True
     return True
+
+
+def loaded() -> bool:
+  """Whether the kernels are registered (without trying to build them)."""
+  return bool(_state.get("ok"))
+
+
+def error() -> str:
+  """Why the kernels are unavailable (after a failed :func:`load`)."""
+  return str(_state.get("error", "not loaded"))

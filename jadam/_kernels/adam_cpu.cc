@@ -29,7 +29,7 @@ namespace {
 
 enum Scalar {
   kOneMinusB1, kB1, kOneMinusB2, kB2, kC1, kC2, kEpsRoot, kEps, kNegLr, kWeightDecay,
-  kClipNorm, kClipMax, kClipOn, kApply, kDecayFactor, kNumScalars
+  kClipNorm, kClipMax, kClipOn, kApply, kDecayFactor, kSign, kNumScalars
 };
 // The stages present (attribute `mode`, a bit set).
 enum Mode : int32_t {
@@ -51,20 +51,20 @@ struct Leaf {
   int64_t size;
 };
 
-template <typename T, bool kCoupledL2, bool kDecoupledL2, bool kNeg, bool kClipped, bool kAms, bool kShrink>
+template <typename T, bool kCoupledL2, bool kDecoupledL2, bool kClipped, bool kAms, bool kShrink>
 void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __restrict v, T* __restrict vmax,
                int64_t n, const T* s) {
   const T omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
   const T c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps];
   const T neg_lr = s[kNegLr], wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax];
-  const T factor = s[kDecayFactor];
+  const T factor = s[kDecayFactor], sign = s[kSign];
   // XLA rewrites x / broadcast(c) as x * (1 / c): so must we, to give its bits.
   const T r1 = T(1) / c1, r2 = T(1) / c2, rn = T(1) / norm;
   for (int64_t i = 0; i < n; ++i) {
     T gi = g[i];
     const T pi = p[i];
     if (kClipped) gi = (gi * rn) * max_norm;            // optax.clip_by_global_norm, t / norm as XLA has it
-    if (kNeg) gi = -gi;                                 // flip_sign
+    gi = gi * sign;                                     // flip_sign: -1 (exact), else 1
     if (kCoupledL2) gi = gi + wd * pi;                  // add_l2 before the moments
     const T mi = omb1 * gi + b1 * m[i];                 // _ema: (1 - d) g + d m
     const T vi = omb2 * (gi * gi) + b2 * v[i];          // _ema: (1 - d) g^2 + d v
@@ -123,8 +123,9 @@ using RangeFn = void (*)(const T*, T*, T*, T*, T*, int64_t, const T*);
 
 template <typename T, int kBits>
 constexpr RangeFn<T> Pick() {
-  return &AdamRange<T, (kBits & 1) != 0, (kBits & 2) != 0, (kBits & 4) != 0, (kBits & 8) != 0, (kBits & 16) != 0,
-                    (kBits & 32) != 0>;
+  // kNegate is not a template flag: the sign is a scalar (x * -1 is -x exactly), which halves the instantiations.
+  return &AdamRange<T, (kBits & kCoupled) != 0, (kBits & kDecoupled) != 0, (kBits & kClip) != 0,
+                    (kBits & kAmsgrad) != 0, (kBits & kTorchDecay) != 0>;
 }
 
 template <typename T, size_t... I>

@@ -45,10 +45,9 @@ from jadam import _common, _moments, _penalty, _scale
 from jadam._kernels import build as _build
 
 # The kernel's scalar layout (enum Scalar in adam_cpu.cc).
-(_OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD, _CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR) = (
-  range(15)
-)
-_N_SCALARS = 15
+_N_SCALARS = 16
+_OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = range(10)
+_CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR, _SIGN = range(10, _N_SCALARS)
 # enum Mode in adam_cpu.cc: which stages are present.
 COUPLED, DECOUPLED, NEGATE, CLIP, AMSGRAD, TORCH_DECAY = 1, 2, 4, 8, 16, 32
 # Leaves per custom call: XLA's fusion passes are quadratic in a call's
@@ -568,7 +567,7 @@ def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
       factor = 1.0 - _common.cast_hyperparameter(dlr, fd) * _common.cast_hyperparameter(dwd, fd)
     factor = jnp.asarray(factor).astype(dtype)
   values = [1 - d1, d1, 1 - d2, d2, c1, c2, cast(e_root), cast(e), -cast(lr), cast(wd), norm, max_norm, clip_on, apply]
-  values.append(factor)
+  values += [factor, -1.0 if mode & NEGATE else 1.0]
   return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
 
 

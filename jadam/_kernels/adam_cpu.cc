@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -260,7 +261,190 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
   return ffi::Error::Success();
 }
 
+// --- float32 parameters, bfloat16 moments with jadam/_lowp.py's stochastic rounding ---------------
+//
+// Call frame: scalars (float32), then uint32[1 + 2n]: the step count t and, per leaf, the hash offsets of its
+// two streams ((2k + moment) * 0xC2B2AE3D, k the leaf's position); then g, p (float32), m, v (bfloat16) per
+// leaf; results p, m, v per leaf, aliased. Each moment is formed in float32 from the stored one, rounded
+// stochastically with the bits of _lowp.hash_bits(flat index, t, stream), and the corrections read the
+// stored (rounded) value, as jadam's stages do.
+
+inline uint32_t HashBits(uint32_t i, uint32_t t_term, uint32_t offset) {
+  uint32_t h = i * 0x9E3779B1u + (t_term + offset);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+inline float Bf16ToF32(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+inline uint16_t RoundToBf16(float x, uint32_t r) {  // _lowp.round_to_bfloat16
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if (std::isnan(x)) return std::signbit(x) ? 0xFFC0 : 0x7FC0;
+  if (std::isinf(x)) return static_cast<uint16_t>(bits >> 16);
+  return static_cast<uint16_t>(((bits + r) & 0xFFFF0000u) >> 16);
+}
+
+struct LeafB {
+  const float* g;
+  float* p;
+  uint16_t* m;
+  uint16_t* v;
+  int64_t size;
+  uint32_t off_m, off_v;
+};
+
+struct JobB {
+  std::vector<LeafB> leaves;
+  std::vector<int64_t> starts;
+  int64_t total = 0, chunk = 0, num_chunks = 0;
+  int bits = 0;
+  bool skip = false;
+  uint32_t t_term = 0;
+  float s[kNumScalars];
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Range(const LeafB& l, int64_t lo, int64_t n) const {
+    const bool exact = l.size == 1;  // as AdamOne: true divisions on a one-element leaf
+    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
+    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
+    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
+    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
+    const bool clip = bits & kClip, coupled = bits & kCoupled, decoupled = bits & kDecoupled;
+    const bool shrink = bits & kTorchDecay;
+    for (int64_t i = lo; i < lo + n; ++i) {
+      float gi = l.g[i];
+      const float pi = l.p[i];
+      if (clip) gi = exact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
+      gi = gi * sign;
+      if (coupled) gi = gi + wd * pi;
+      const float mi = omb1 * gi + b1 * Bf16ToF32(l.m[i]);
+      const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(l.v[i]);
+      const uint32_t idx = static_cast<uint32_t>(i);
+      const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term, l.off_m) >> 16);
+      const uint16_t vs = RoundToBf16(vi, HashBits(idx, t_term, l.off_v) >> 16);
+      const float mr = Bf16ToF32(ms), vr = Bf16ToF32(vs);
+      float u = exact ? (mr / c1) / (std::sqrt(vr / c2 + eps_root) + eps)
+                      : (mr * r1) / (std::sqrt(vr * r2 + eps_root) + eps);
+      if (decoupled) u = u + wd * pi;
+      l.m[i] = ms;
+      l.v[i] = vs;
+      l.p[i] = shrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
+    }
+  }
+
+  void Run(int64_t lo, int64_t hi) {
+    auto it = std::upper_bound(starts.begin(), starts.end(), lo);
+    size_t leaf = static_cast<size_t>(it - starts.begin()) - 1;
+    while (lo < hi) {
+      const LeafB& l = leaves[leaf];
+      const int64_t off = lo - starts[leaf];
+      const int64_t n = std::min(hi, starts[leaf] + l.size) - lo;
+      if (n > 0) {
+        if (skip) {
+          SkipRange<float>(l.p + off, n);
+        } else {
+          Range(l, off, n);
+        }
+        lo += n;
+      }
+      ++leaf;
+    }
+  }
+
+  void Work() {
+    int64_t ran = 0;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
+      Run(c * chunk, std::min(total, (c + 1) * chunk));
+      ++ran;
+    }
+    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+  }
+};
+
+ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode) {
+  if (args.size() < 2 || (args.size() - 2) % 4 != 0 || rets.size() != 3 * ((args.size() - 2) / 4)) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: expected 2 + 4n arguments and 3n results");
+  }
+  const size_t n_leaves = (args.size() - 2) / 4;
+  auto scalars = args.get<ffi::AnyBuffer>(0);
+  auto ints = args.get<ffi::AnyBuffer>(1);
+  if (!scalars.has_value() || scalars->element_type() != ffi::DataType::F32 ||
+      scalars->element_count() != kNumScalars || !ints.has_value() ||
+      ints->element_type() != ffi::DataType::U32 || ints->element_count() != 1 + 2 * n_leaves) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad scalar buffers");
+  }
+  if (mode & kAmsgrad) return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: no amsgrad");
+  auto job = std::make_shared<JobB>();
+  const float* s = reinterpret_cast<const float*>(scalars->untyped_data());
+  std::copy(s, s + kNumScalars, job->s);
+  const uint32_t* iv = reinterpret_cast<const uint32_t*>(ints->untyped_data());
+  job->t_term = iv[0] * 0x85EBCA77u;
+  job->bits = mode & ~kClip;
+  if ((mode & kClip) && s[kClipOn] != 0.0f) job->bits |= kClip;
+  job->skip = s[kApply] == 0.0f;
+  const ffi::DataType want[4] = {ffi::DataType::F32, ffi::DataType::F32, ffi::DataType::BF16, ffi::DataType::BF16};
+  for (size_t i = 0; i < n_leaves; ++i) {
+    void* in[4];
+    int64_t size = -1;
+    for (int k = 0; k < 4; ++k) {
+      auto b = args.get<ffi::AnyBuffer>(2 + 4 * i + k);
+      if (!b.has_value() || b->element_type() != want[k] ||
+          (size >= 0 && static_cast<int64_t>(b->element_count()) != size)) {
+        return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad leaf argument");
+      }
+      size = static_cast<int64_t>(b->element_count());
+      in[k] = b->untyped_data();
+    }
+    void* out[3];
+    for (int k = 0; k < 3; ++k) {
+      auto r = rets.get<ffi::AnyBuffer>(3 * i + k);
+      if (!r.has_value() || (*r)->element_type() != want[k + 1] ||
+          static_cast<int64_t>((*r)->element_count()) != size) {
+        return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad leaf result");
+      }
+      out[k] = (*r)->untyped_data();
+      if (out[k] != in[k + 1]) std::memcpy(out[k], in[k + 1], size * (k == 0 ? 4 : 2));
+    }
+    if (size == 0) continue;
+    job->starts.push_back(job->total);
+    job->leaves.push_back(LeafB{static_cast<const float*>(in[0]), static_cast<float*>(out[0]),
+                                static_cast<uint16_t*>(out[1]), static_cast<uint16_t*>(out[2]), size,
+                                iv[1 + 2 * i], iv[2 + 2 * i]});
+    job->total += size;
+  }
+  if (job->total == 0) return ffi::Error::Success();
+  const int64_t threads = pool.num_threads();
+  if (job->total < kParallelThreshold || threads <= 1) {
+    job->Run(0, job->total);
+    return ffi::Error::Success();
+  }
+  job->chunk = kChunk;
+  job->num_chunks = (job->total + kChunk - 1) / kChunk;
+  const int64_t helpers = std::min<int64_t>(threads, job->num_chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32Bf16, AdamBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int32_t>("mode"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32, AdamImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()

@@ -36,8 +36,12 @@ import jax
 import jaxlib
 
 SOURCE = Path(__file__).with_name("adam_cpu.cc")
-TARGETS = {"float32": "jadam_adam_f32", "float64": "jadam_adam_f64"}
-_SYMBOLS = {"jadam_adam_f32": "JadamAdamF32", "jadam_adam_f64": "JadamAdamF64"}
+TARGETS = {"float32": "jadam_adam_f32", "float64": "jadam_adam_f64", "bfloat16": "jadam_adam_f32_bf16"}
+_SYMBOLS = {
+  "jadam_adam_f32": "JadamAdamF32",
+  "jadam_adam_f64": "JadamAdamF64",
+  "jadam_adam_f32_bf16": "JadamAdamF32Bf16",
+}
 FLAGS = (
   "-std=c++17",
   "-O3",

@@ -41,7 +41,7 @@ import optax
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from jadam import _common, _moments, _penalty, _scale
+from jadam import _common, _lowp, _moments, _penalty, _scale
 from jadam._kernels import build as _build
 
 # The kernel's scalar layout (enum Scalar in adam_cpu.cc).
@@ -67,7 +67,10 @@ class Unserved(Exception):
 
 
 # --- the primitive -------------------------------------------------------------
-def _xla_leaf(s, g, p, m, v, vmax, *, mode: int):
+# adam_step_p.bind(scalars, count, *leaves, mode, streams): `leaves` are g, p, m, v (and AMSGrad's maximum) per
+# leaf; `count` (uint32) is the step count for the stochastic rounding of bfloat16 moments, whose leaves' positions
+# `streams` lists (empty where the moments have the parameters' dtype).
+def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   """The kernel's arithmetic for one leaf, in XLA: the export and non-CPU lowering."""
   gi = g
   if mode & CLIP:
@@ -76,11 +79,14 @@ def _xla_leaf(s, g, p, m, v, vmax, *, mode: int):
     gi = -gi
   if mode & COUPLED:
     gi = gi + s[_WD] * p
-  mi = s[_OMB1] * gi + s[_B1] * m
-  vi = s[_OMB2] * (gi * gi) + s[_B2] * v
+  mi = s[_OMB1] * gi + s[_B1] * m.astype(gi.dtype)
+  vi = s[_OMB2] * (gi * gi) + s[_B2] * v.astype(gi.dtype)
+  if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._lowp)
+    mi = _lowp.round_to_bfloat16(mi, count, 2 * stream)
+    vi = _lowp.round_to_bfloat16(vi, count, 2 * stream + 1)
   vx = jnp.maximum(vi, vmax) if mode & AMSGRAD else vi
   # divisions as the stages write them: XLA makes them reciprocal products as it does there
-  u = (mi / s[_C1]) / (jnp.sqrt(vx / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
+  u = (mi.astype(gi.dtype) / s[_C1]) / (jnp.sqrt(vx.astype(gi.dtype) / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
   if mode & DECOUPLED:
     u = u + s[_WD] * p
   ok = s[_APPLY] != 0
@@ -97,23 +103,34 @@ def _per_leaf(mode: int) -> int:
   return 5 if mode & AMSGRAD else 4
 
 
-def _xla_impl(scalars, *leaves, mode: int):
+def _xla_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...]):
   k = _per_leaf(mode)
   out = []
   for j in range(0, len(leaves), k):
     g, p, m, v, *rest = leaves[j : j + k]
-    out += _xla_leaf(scalars, g, p, m, v, rest[0] if rest else None, mode=mode)
+    stream = streams[j // k] if streams else None
+    out += _xla_leaf(scalars, count, g, p, m, v, rest[0] if rest else None, mode=mode, stream=stream)
   return out
 
 
-def _kernel_impl(scalars, *leaves, mode: int):
+def _kernel_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...]):
   k = _per_leaf(mode)
   n = len(leaves) // k
-  target = _build.TARGETS[jnp.dtype(scalars.dtype).name]
-  out_types = [jax.ShapeDtypeStruct(leaves[k * j + 1].shape, scalars.dtype) for j in range(n) for _ in range(k - 1)]
-  aliases = {1 + k * j + 1 + i: (k - 1) * j + i for j in range(n) for i in range(k - 1)}
+  out_types = [
+    jax.ShapeDtypeStruct(leaves[k * j + i].shape, leaves[k * j + i].dtype)
+    for j in range(n)
+    for i in (1, 2, 3, 4)[: k - 1]
+  ]
+  head = [scalars]
+  if streams:  # the hash offsets of each leaf's two streams, as _lowp.hash_bits forms them
+    target = _build.TARGETS["bfloat16"]
+    offsets = [(int(st) * int(_lowp._M3)) % 2**32 for j in streams for st in (2 * j, 2 * j + 1)]
+    head.append(jnp.concatenate([jnp.reshape(count, (1,)), jnp.asarray(offsets, jnp.uint32)]))
+  else:
+    target = _build.TARGETS[jnp.dtype(scalars.dtype).name]
+  aliases = {len(head) + k * j + 1 + i: (k - 1) * j + i for j in range(n) for i in range(k - 1)}
   call = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")
-  return call(scalars, *leaves, mode=np.int32(mode))
+  return call(*head, *leaves, mode=np.int32(mode))
 
 
 adam_step_p = jex_core.Primitive("jadam_adam_step")
@@ -121,8 +138,8 @@ adam_step_p.multiple_results = True
 
 
 @adam_step_p.def_abstract_eval
-def _abstract_eval(scalars, *leaves, mode):
-  del scalars
+def _abstract_eval(scalars, count, *leaves, mode, streams):
+  del scalars, count, streams
   k = _per_leaf(mode)
   return [
     jax.core.ShapedArray(leaves[j + i].shape, leaves[j + i].dtype)
@@ -132,8 +149,8 @@ def _abstract_eval(scalars, *leaves, mode):
 
 
 @adam_step_p.def_impl
-def _impl(*args, mode):
-  return jax.jit(functools.partial(adam_step_p.bind, mode=mode))(*args)
+def _impl(*args, mode, streams):
+  return jax.jit(functools.partial(adam_step_p.bind, mode=mode, streams=streams))(*args)
 
 
 def _for_export(ctx) -> bool:
@@ -142,19 +159,18 @@ def _for_export(ctx) -> bool:
   return params is None or bool(getattr(params, "for_export", True))
 
 
-def _cpu_lowering(ctx, *args, mode):
-  if _for_export(ctx) or not _build.loaded():
-    return mlir.lower_fun(functools.partial(_xla_impl, mode=mode), multiple_results=True)(ctx, *args)
-  return mlir.lower_fun(functools.partial(_kernel_impl, mode=mode), multiple_results=True)(ctx, *args)
+def _cpu_lowering(ctx, *args, mode, streams):
+  impl = _xla_impl if _for_export(ctx) or not _build.loaded() else _kernel_impl
+  return mlir.lower_fun(functools.partial(impl, mode=mode, streams=streams), multiple_results=True)(ctx, *args)
 
 
 mlir.register_lowering(adam_step_p, mlir.lower_fun(_xla_impl, multiple_results=True))
 mlir.register_lowering(adam_step_p, _cpu_lowering, platform="cpu")
 
 
-def _batch(args, dims, *, mode):
+def _batch(args, dims, *, mode, streams):
   axes = list(dims)  # None where not mapped
-  out = jax.vmap(functools.partial(_xla_impl, mode=mode), in_axes=axes)(*args)
+  out = jax.vmap(functools.partial(_xla_impl, mode=mode, streams=streams), in_axes=axes)(*args)
   return out, [0] * len(out)
 
 
@@ -381,7 +397,7 @@ def _parse_core(items) -> _Core:
   if i < 0 or kinds[i] != "scale_by_moments" or tag(i)["b1"] is None:
     raise Unserved("no jadam.scale_by_moments (with b1) before bias_correct")
   moments = i
-  hp.update(b1=tag(i)["b1"], b2=tag(i)["b2"])
+  hp.update(b1=tag(i)["b1"], b2=tag(i)["b2"], mu_dtype=tag(i)["mu_dtype"], nu_dtype=tag(i)["nu_dtype"])
   i -= 1
   if i >= 0 and add_l2_at(i) is not None:
     if mode & DECOUPLED or add_l2_at(i)[1] is not None:
@@ -454,16 +470,24 @@ def _run_core(items, core: _Core, grads, params, ctx):
     xs = treedef.flatten_up_to(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else [None] * len(ps)
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients or the moments are not shaped like the parameters ({e})") from None
+  # bfloat16 moments, both stored with jadam._lowp's stochastic rounding: the float32 kernel's bfloat16 variant
+  bf16 = _lowp.stochastic_store(core.hp["mu_dtype"]) and _lowp.stochastic_store(core.hp["nu_dtype"])
+  if bf16 and core.mode & AMSGRAD:
+    raise Unserved("bfloat16 moments with amsgrad")
   for leaves in zip(gs, ps, ms, vs, xs):
     leaves = [x for x in leaves if x is not None]
     if not all(_tracing_ok(x) for x in leaves):
       raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
     shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
-    if dtype not in _DTYPES:
-      raise Unserved(f"a {dtype} parameter: the kernel serves float32 and float64 leaves")
-    if any(jnp.shape(x) != shape or jnp.result_type(x) != dtype for x in leaves):
+    if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
       raise Unserved(
-        f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (e.g. bfloat16 moments)"
+        f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)"
+      )
+    want = [dtype, dtype, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)] if bf16 else [dtype] * len(leaves)
+    if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want)):
+      raise Unserved(
+        f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
+        " other than the parameters' or bfloat16 for both)"
       )
   if not ctx.require and len(ps) > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in ps) < _SMALL_LEAF * len(ps):
     raise Unserved(f"{len(ps)} small leaves: the generic path is faster there")
@@ -498,10 +522,10 @@ def _run_core(items, core: _Core, grads, params, ctx):
       k = _per_leaf(mode)
       for start in range(0, len(idx), _LEAVES_PER_CALL):
         chunk = idx[start : start + _LEAVES_PER_CALL]
-        args = [scalars]
+        args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
         for i in chunk:
           args += [gs[i], ps[i], ms[i], vs[i]] + ([xs[i]] if mode & AMSGRAD else [])
-        out = adam_step_p.bind(*args, mode=mode)
+        out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else ())
         for j, i in enumerate(chunk):
           res = out[(k - 1) * j : (k - 1) * (j + 1)]
           new_p[i], new_m[i], new_v[i] = res[:3]

@@ -285,12 +285,13 @@ inline float Bf16ToF32(uint16_t b) {
   return x;
 }
 
-inline uint16_t RoundToBf16(float x, uint32_t r) {  // _lowp.round_to_bfloat16
+inline uint16_t RoundToBf16(float x, uint32_t r) {  // _lowp.round_to_bfloat16, branch-free (it vectorizes)
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
-  if (std::isnan(x)) return std::signbit(x) ? 0xFFC0 : 0x7FC0;
-  if (std::isinf(x)) return static_cast<uint16_t>(bits >> 16);
-  return static_cast<uint16_t>(((bits + r) & 0xFFFF0000u) >> 16);
+  const uint32_t mag = bits & 0x7FFFFFFFu;
+  const uint32_t rounded = ((bits + r) & 0xFFFF0000u) >> 16;
+  const uint32_t special = mag > 0x7F800000u ? (((bits >> 16) & 0x8000u) | 0x7FC0u) : (bits >> 16);  // NaN, inf
+  return static_cast<uint16_t>(mag < 0x7F800000u ? rounded : special);
 }
 
 struct LeafB {
@@ -313,33 +314,62 @@ struct JobB {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  void Range(const LeafB& l, int64_t lo, int64_t n) const {
-    const bool exact = l.size == 1;  // as AdamOne: true divisions on a one-element leaf
+  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void RangeT(const LeafB& l, int64_t lo, int64_t n) const {
     const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
     const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
     const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
     const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
-    const bool clip = bits & kClip, coupled = bits & kCoupled, decoupled = bits & kDecoupled;
-    const bool shrink = bits & kTorchDecay;
+    const uint32_t t_term_ = t_term, off_m = l.off_m, off_v = l.off_v;
+    const float* __restrict g = l.g;
+    float* __restrict p = l.p;
+    uint16_t* __restrict m = l.m;
+    uint16_t* __restrict v = l.v;
     for (int64_t i = lo; i < lo + n; ++i) {
-      float gi = l.g[i];
-      const float pi = l.p[i];
-      if (clip) gi = exact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
+      float gi = g[i];
+      const float pi = p[i];
+      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
       gi = gi * sign;
-      if (coupled) gi = gi + wd * pi;
-      const float mi = omb1 * gi + b1 * Bf16ToF32(l.m[i]);
-      const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(l.v[i]);
+      if (kCoupledL2) gi = gi + wd * pi;
+      const float mi = omb1 * gi + b1 * Bf16ToF32(m[i]);
+      const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(v[i]);
       const uint32_t idx = static_cast<uint32_t>(i);
-      const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term, l.off_m) >> 16);
-      const uint16_t vs = RoundToBf16(vi, HashBits(idx, t_term, l.off_v) >> 16);
+      const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term_, off_m) >> 16);
+      const uint16_t vs = RoundToBf16(vi, HashBits(idx, t_term_, off_v) >> 16);
       const float mr = Bf16ToF32(ms), vr = Bf16ToF32(vs);
-      float u = exact ? (mr / c1) / (std::sqrt(vr / c2 + eps_root) + eps)
-                      : (mr * r1) / (std::sqrt(vr * r2 + eps_root) + eps);
-      if (decoupled) u = u + wd * pi;
-      l.m[i] = ms;
-      l.v[i] = vs;
-      l.p[i] = shrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
+      float u = kExact ? (mr / c1) / (std::sqrt(vr / c2 + eps_root) + eps)
+                       : (mr * r1) / (std::sqrt(vr * r2 + eps_root) + eps);
+      if (kDecoupledL2) u = u + wd * pi;
+      m[i] = ms;
+      v[i] = vs;
+      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
     }
+  }
+
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void RangeE(const LeafB& l, int64_t lo, int64_t n) const {
+    if (l.size == 1) {  // as AdamOne: true divisions on a one-element leaf
+      RangeT<true, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, n);
+    } else {
+      RangeT<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, n);
+    }
+  }
+
+  template <bool kClipped, bool kCoupledL2>
+  void RangeD(const LeafB& l, int64_t lo, int64_t n) const {
+    const bool dec = bits & kDecoupled, shrink = bits & kTorchDecay;
+    if (dec && shrink) return RangeE<kClipped, kCoupledL2, true, true>(l, lo, n);
+    if (dec) return RangeE<kClipped, kCoupledL2, true, false>(l, lo, n);
+    if (shrink) return RangeE<kClipped, kCoupledL2, false, true>(l, lo, n);
+    return RangeE<kClipped, kCoupledL2, false, false>(l, lo, n);
+  }
+
+  void Range(const LeafB& l, int64_t lo, int64_t n) const {
+    const bool clip = bits & kClip, coupled = bits & kCoupled;
+    if (clip && coupled) return RangeD<true, true>(l, lo, n);
+    if (clip) return RangeD<true, false>(l, lo, n);
+    if (coupled) return RangeD<false, true>(l, lo, n);
+    return RangeD<false, false>(l, lo, n);
   }
 
   void Run(int64_t lo, int64_t hi) {

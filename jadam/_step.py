@@ -20,11 +20,13 @@ donated arguments in the order of the outputs: ``(params, state, ...) ->
 (params, state, ...)``, as the helpers here do.
 
 On CPU, XLA cannot fuse the three results of an Adam step (new m, v and
-parameters) into one loop: it makes three passes, 40 bytes a parameter. For
-:func:`jadam.adam` and :func:`jadam.adamw` in their plain configurations the
-helpers here therefore call a compiled single-pass kernel instead
-(`jadam._kernels.fused`), with the same results and the same state; everything else
-takes the generic path.
+parameters) into one loop: it makes three passes, 40 bytes a parameter. Where
+a transformation's structure is Adam's (jadam's stages, possibly inside
+`optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`
+or `partition`: see `jadam._kernels.fused`) the helpers here therefore call a
+compiled single-pass kernel instead, with the same results and the same state;
+everything else takes the generic path. `jax.export` and lowerings for other
+platforms get the kernel's arithmetic in plain XLA.
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ def update_and_apply(
   fuses the update into the writes of the new parameters and reuses the old
   buffers. Any Optax transformation works.
 
-  For :func:`jadam.adam` and :func:`jadam.adamw` on CPU (without `amsgrad`,
-  `maximize`, a `mask` or moment dtypes; float32 or float64 leaves) the step is
-  one compiled kernel that reads and writes each buffer once, with the same
-  new parameters and state as ``tx.update`` + ``optax.apply_updates``; under
-  `vmap`, `grad`, `shard_map`, on other backends, or where the kernel cannot
-  be built, the generic path runs.
+  Where `tx` is Adam by structure (see the README's "The fast path": jadam's
+  stages, also inside `optax.chain`, `clip_by_global_norm`, `apply_if_finite`,
+  `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
+  moments) and the backend is the CPU, the step is one compiled kernel that
+  reads and writes each buffer once, with the same new parameters and state as
+  ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
+  other backends, or where the kernel cannot be built, the generic path runs.
 
   Args:
     tx: an :class:`optax.GradientTransformation`.
@@ -80,9 +83,10 @@ def update_and_apply(
     params: the parameters.
     fused: None (default) uses the fused kernel where it applies and, inside a
       `jit`, only when there is a single device (a custom call is not
-      partitioned: sharded inputs would be gathered); True also inside a `jit`
-      on a multi-device host, for callers that know the inputs live on one
-      device; False never.
+      partitioned: sharded inputs would be gathered); True requires it (also
+      inside a `jit` on a multi-device host, for callers that know the inputs
+      live on one device) and raises a `ValueError` saying why where it cannot
+      serve; False never.
 
   Returns:
     ``(new_params, new_state)``; each new parameter keeps its dtype.
@@ -169,7 +173,8 @@ def make_update_step(
     donate: donate `params` and `state` (the fast path); set False to keep them.
     fused: None (default) takes :func:`update_and_apply`'s fused kernel where
       it applies and every input lives on one device (chosen at each call);
-      False always the generic path.
+      True requires it (a `ValueError` at the first call where it cannot
+      serve); False always the generic path.
 
   Returns:
     The jitted step function.

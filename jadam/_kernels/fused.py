@@ -277,7 +277,9 @@ def _run_if_finite(fn, state, grads, params, ctx):
     total_notfinite=jnp.where(isfinite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
     inner_state=inner_state,
   )
-  return new_params, new_state._replace(**_select(ctx, new_state, state)._replace(inner_state=inner_state)._asdict())
+  # an enclosing apply_if_finite that rejects the step keeps this one's counters too
+  kept = _select(ctx, new_state._replace(inner_state=None), state._replace(inner_state=None))
+  return new_params, kept._replace(inner_state=inner_state)
 
 
 def _is_inject(fn, state) -> bool:

@@ -14,6 +14,7 @@ from jadam._alias import nadam as nadam
 from jadam._alias import radam as radam
 from jadam._alias import rmsprop as rmsprop
 from jadam._alias import sgd as sgd
+from jadam._alias import sparse_adam as sparse_adam
 from jadam._checkpoint import restore_state as restore_state
 from jadam._checkpoint import save_state as save_state
 from jadam._correct import NesterovCorrectState as NesterovCorrectState
@@ -41,6 +42,12 @@ from jadam._scale import momentum as momentum
 from jadam._scale import normalize as normalize
 from jadam._scale import normalize_inf as normalize_inf
 from jadam._scale import scale_by_lr as scale_by_lr
+from jadam._sparse import RowMoments as RowMoments
+from jadam._sparse import ScaleBySparseMomentsState as ScaleBySparseMomentsState
+from jadam._sparse import apply_updates as apply_updates
+from jadam._sparse import rowwise as rowwise
+from jadam._sparse import scale_by_sparse_moments as scale_by_sparse_moments
+from jadam._sparse import value_and_sparse_grad as value_and_sparse_grad
 from jadam._step import make_train_step as make_train_step
 from jadam._step import make_update_step as make_update_step
 from jadam._step import update_and_apply as update_and_apply
@@ -57,15 +64,18 @@ __all__ = (
   "Moments",
   "MomentumState",
   "NesterovCorrectState",
+  "RowMoments",
   "ScaleByInfMomentsState",
   "ScaleByLrState",
   "ScaleByMomentsState",
+  "ScaleBySparseMomentsState",
   "accumulate_squares",
   "adagrad",
   "adam",
   "adamax",
   "adamw",
   "add_l2",
+  "apply_updates",
   "bias_correct",
   "center",
   "decoupled_decay",
@@ -83,11 +93,15 @@ __all__ = (
   "rectify",
   "restore_state",
   "rmsprop",
+  "rowwise",
   "save_state",
   "scale_by_inf_moments",
   "scale_by_lr",
   "scale_by_moments",
+  "scale_by_sparse_moments",
   "sgd",
+  "sparse_adam",
   "torch",
   "update_and_apply",
+  "value_and_sparse_grad",
 )

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import optax
 
-from jadam import _common, _scale
+from jadam import _common, _scale, _sparse
 from jadam._correct import bias_correct, nesterov_correct, rectify
 from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
 from jadam._penalty import add_l2, decoupled_decay
@@ -511,4 +511,82 @@ def radam(
     *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *_tail([rectify(eps)], learning_rate, weight_decay, decoupled_weight_decay),
+  )
+
+
+# --- Sparse gradients (issue 12): the alias; its stages live in jadam._sparse --------------------
+def sparse_adam(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Lazy Adam for embedding tables, with the semantics of `torch.optim.SparseAdam`.
+
+  Each gradient is row-sparse, a :class:`jax.experimental.sparse.BCOO` with
+  indices ``(k, 1)`` and data ``(k, *table.shape[1:])`` (see
+  :func:`jadam.value_and_sparse_grad`). With :math:`R` the rows present
+  (duplicates summed) and :math:`t` the table's own step count:
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t && \text{(maximize: \texttt{flip\_sign})}\\
+        m_{t,R} &= m_{t-1,R} + (1-\beta_1)(g_{t,R} - m_{t-1,R}), \quad
+        v_{t,R} = v_{t-1,R} + (1-\beta_2)(g_{t,R}^2 - v_{t-1,R})
+            && \text{(\texttt{scale\_by\_sparse\_moments})}\\
+        u_{t,R} &= \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m_{t,R}}{\sqrt{v_{t,R}} + \epsilon}
+            && \text{(\texttt{bias\_correct(into\_step=True)}, \texttt{normalize}, row-wise)}\\
+        \theta_{t,R} &= \theta_{t-1,R} - \alpha_t u_{t,R}
+            && \text{(\texttt{scale\_by\_lr})}
+      \end{align*}
+
+  Rows outside :math:`R` are untouched: parameters and moments keep their bits
+  (not decayed). :math:`\epsilon` is added to the uncorrected root, PyTorch's
+  folded form. :math:`t` counts the steps on which the table had a gradient,
+  an empty one (:math:`k = 0`) included, as PyTorch's `state["step"]` does; a
+  `None` gradient leaves the table's count as it was. The learning-rate
+  schedule reads the number of `update` calls. Dense gradients are refused,
+  as PyTorch refuses them: give dense leaves another optimizer with
+  `optax.partition`.
+
+  The updates are row-sparse too (`BCOO`). :func:`jadam.update_and_apply`,
+  :func:`jadam.make_update_step` and :func:`jadam.apply_updates` add them with
+  a scatter into the touched rows, :math:`O(k d)` and in place in donated
+  buffers. ``optax.apply_updates`` gives the same parameters by way of
+  ``BCOO.todense``, :math:`O(V d)` per table and step.
+
+  Args:
+    learning_rate: :math:`\alpha`: a float, a scalar array or a schedule.
+    b1: :math:`\beta_1 \in [0, 1)`.
+    b2: :math:`\beta_2 \in [0, 1)`.
+    eps: :math:`\epsilon \ge 0`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax.numpy as jnp, jadam
+    >>> from jax.experimental.sparse import BCOO
+    >>> tx = jadam.sparse_adam(1e-3)
+    >>> params = {"table": jnp.zeros((5, 2))}
+    >>> grads = {"table": BCOO((jnp.ones((2, 2)), jnp.array([[3], [1]])), shape=(5, 2))}
+    >>> params, state = jadam.update_and_apply(tx, grads, tx.init(params), params)
+    >>> params["table"][:, 0]
+    Array([ 0.   , -0.001,  0.   , -0.001,  0.   ], dtype=float32)
+
+  References:
+    `torch.optim.SparseAdam
+    <https://pytorch.org/docs/stable/generated/torch.optim.SparseAdam.html>`_.
+  """
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  return optax.chain(
+    *torch_front(maximize, 0.0),
+    _sparse.scale_by_sparse_moments(b1, b2),
+    _sparse.rowwise(bias_correct(into_step=True)),
+    _sparse.rowwise(normalize(eps)),
+    scale_by_lr(learning_rate),
   )

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import sparse
 
 Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
 
@@ -133,7 +134,7 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
     other: the tree to compare.
     hint: what the user should check, appended to the message.
   """
-  is_none = lambda x: x is None
+  is_none = lambda x: x is None or isinstance(x, sparse.BCOO)  # a row-sparse gradient is one leaf
   mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_none)
   if mine_def == theirs_def:

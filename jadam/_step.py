@@ -37,7 +37,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam import _common
+from jadam import _common, _sparse
 from jadam._kernels import fused as _fused
 
 
@@ -109,6 +109,8 @@ def update_and_apply(
 
 def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
   """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
+  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
+    return _sparse.update_and_apply(tx, grads, state, params)
   if fused is not False:
     try:
       return _fused.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
@@ -229,7 +231,7 @@ def make_train_step(
   """
   _check_tx(tx)
   _common.check_flag("has_aux", has_aux)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  grad_fn = _sparse.value_and_grad_of(loss_fn, has_aux)  # jax.value_and_grad, or jadam.value_and_sparse_grad's
 
   def make(use_kernel):
     def step(params, state, *batch):

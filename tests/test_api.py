@@ -16,6 +16,8 @@ import jadam
 PUBLIC = sorted(jadam.__all__)
 # Training-step helpers: functions of (tx, ...), not factories of transformations.
 STEP_HELPERS = {"make_train_step", "make_update_step", "update_and_apply"}
+# Row-sparse helpers (issue 12): applying updates, differentiating; not factories either.
+STEP_HELPERS |= {"apply_updates", "value_and_sparse_grad"}
 # Checkpoint helpers: functions of (directory, tree).
 CHECKPOINT = {"restore_state", "save_state"}
 FACTORIES = [n for n in PUBLIC if inspect.isfunction(getattr(jadam, n)) and n not in STEP_HELPERS | CHECKPOINT]

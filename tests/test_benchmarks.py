@@ -29,3 +29,11 @@ def test_memory_one():
     bf16 = memory.measure_one("jadam.adam bf16 moments", 1 << 16, steps=1)
   assert fp32["state_bytes_per_param"] == 8 and bf16["state_bytes_per_param"] == 4
   assert bf16["compiled_bytes"] < fp32["compiled_bytes"]
+
+
+def test_sparse_small(capsys):
+  from benchmarks import sparse
+
+  sparse.main(["--rows", "5000", "--ids", "64", "--steps", "1"])
+  out = capsys.readouterr().out
+  assert "jadam sparse_adam" in out and "jadam adam, dense" in out and "sparse / dense" in out

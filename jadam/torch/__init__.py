@@ -13,7 +13,11 @@ parameter pytree by a regular expression on the ``/``-joined key path or by a
 predicate ``(path, leaf) -> bool``; see :func:`Adam`. They are
 `optax.partition` underneath.
 
-This module never imports PyTorch.
+A PyTorch run moves over with its optimizer state: :func:`load_state_dict`
+turns `optimizer.state_dict()` into the jadam state, :func:`state_dict` gives it
+back (see :func:`flax_names` for a Flax model's names and kernel transposes).
+
+This module imports PyTorch only inside the state dict functions.
 """
 
 from jadam.torch._groups import path_string as path_string
@@ -25,6 +29,7 @@ from jadam.torch._optim import AdamW as AdamW
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
+from jadam.torch._optim import SparseAdam as SparseAdam
 from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
 from jadam.torch._schedulers import ExponentialLR as ExponentialLR
 from jadam.torch._schedulers import LinearLR as LinearLR
@@ -34,6 +39,12 @@ from jadam.torch._schedulers import OneCycleLR as OneCycleLR
 from jadam.torch._schedulers import ReduceLROnPlateau as ReduceLROnPlateau
 from jadam.torch._schedulers import ReduceLROnPlateauState as ReduceLROnPlateauState
 from jadam.torch._schedulers import StepLR as StepLR
+from jadam.torch._state_dict import TorchName as TorchName
+from jadam.torch._state_dict import flax_names as flax_names
+from jadam.torch._state_dict import load_checkpoint as load_checkpoint
+from jadam.torch._state_dict import load_state_dict as load_state_dict
+from jadam.torch._state_dict import scheduler_state_dict as scheduler_state_dict
+from jadam.torch._state_dict import state_dict as state_dict
 
 __all__ = (
   "SGD",
@@ -52,6 +63,13 @@ __all__ = (
   "RMSprop",
   "ReduceLROnPlateau",
   "ReduceLROnPlateauState",
+  "SparseAdam",
   "StepLR",
+  "TorchName",
+  "flax_names",
+  "load_checkpoint",
+  "load_state_dict",
   "path_string",
+  "scheduler_state_dict",
+  "state_dict",
 )

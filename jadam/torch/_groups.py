@@ -4,16 +4,42 @@ from __future__ import annotations
 
 import numbers
 import re
-from typing import Any, Callable, Mapping, Sequence
+import weakref
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import optax
+from jax.experimental import sparse
 
 from jadam import _common
 
 Build = Callable[[dict], optax.GradientTransformation]
 Matcher = Callable[[str, Any], bool]
+
+
+class Spec(NamedTuple):
+  """What a `jadam.torch` optimizer was built from, for `jadam.torch.state_dict` and `load_state_dict`."""
+
+  name: str  # torch's class name, e.g. "AdamW"
+  groups: tuple[dict, ...]  # hyperparameters of group0, group1, ..., then of the "default" group
+  labels: Callable[[Any], Any] | None  # the partition's labels; None: a single group
+
+
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tx.update -> Spec
+
+
+def spec_of(tx: Any) -> Spec | None:
+  """The `Spec` of a transformation made by a `jadam.torch` optimizer, else None."""
+  try:
+    return _SPECS.get(getattr(tx, "update", None))
+  except TypeError:  # not weakly referenceable: not ours
+    return None
+
+
+def _remember(tx: optax.GradientTransformation, spec: Spec) -> optax.GradientTransformation:
+  _SPECS[tx.update] = spec
+  return tx
 
 
 def path_string(path: Sequence[Any]) -> str:
@@ -80,14 +106,14 @@ def grouped(
       it overrides the default's (a scheduler default follows the group's lr).
   """
   if params is None or (not _is_group_list(params) and not _looks_like_hyperparameter(params)):
-    return build(dict(defaults))
+    return _remember(build(dict(defaults)), Spec(name, (dict(defaults),), None))
   if _looks_like_hyperparameter(params):
     raise TypeError(
       f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
       " (every leaf in one group) or a list of parameter groups (dicts); got"
       f" {params!r}. Pass hyperparameters by name, e.g. {name}(lr={params!r})."
     )
-  matchers, transforms = [], {}
+  matchers, transforms, hps = [], {}, []
   for i, group in enumerate(params):
     if "params" not in group:
       raise ValueError(f"param group {i} of {name} has no 'params' entry: it must select its leaves.")
@@ -102,6 +128,7 @@ def grouped(
     if "lr" in group and "lr" in defaults:
       hp["lr"] = rebase(defaults["lr"], group["lr"])
     transforms[f"group{i}"] = build(hp)
+    hps.append(hp)
   transforms["default"] = build(dict(defaults))
   specs = [g["params"] for g in params]
 
@@ -116,7 +143,8 @@ def grouped(
         )
       return f"group{hits[0]}" if hits else "default"
 
-    out = jax.tree_util.tree_map_with_path(label, tree)
+    # A row-sparse gradient (BCOO) is one leaf: its label is its table's; a None gradient keeps its label too.
+    out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=lambda x: x is None or isinstance(x, sparse.BCOO))
     used = set(jax.tree.leaves(out))
     for i, spec in enumerate(specs):
       if f"group{i}" not in used:
@@ -135,7 +163,8 @@ def grouped(
       _common.check_tree(f"jadam.torch.{name}", updates, "the params", params, _common.PARAMS_HINT)
     return tx.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+  out = optax.GradientTransformationExtraArgs(tx.init, update_fn)
+  return _remember(out, Spec(name, (*hps, dict(defaults)), labels))
 
 
 def _looks_like_hyperparameter(x: Any) -> bool:

@@ -470,3 +470,38 @@ def RAdam(
     return _with_lr(lambda a: _alias.radam(a, **kw), hp["lr"])
 
   return _build("RAdam", params, defaults, build)
+
+
+# --- SparseAdam (issue 12): self-contained, to be folded into the table at merge --------------------
+def SparseAdam(
+  params: Params = None,
+  lr: Any = 1e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.SparseAdam`: :func:`jadam.sparse_adam`, lazy Adam for row-sparse (`BCOO`) gradients.
+
+  Arguments, defaults and argument checks are PyTorch's (`lr` and `eps` must be
+  positive); see :func:`Adam` for `params` (parameter groups) and `lr`. Every
+  leaf it optimizes must get a row-sparse gradient (dense ones are refused, as
+  PyTorch refuses them): give dense layers another optimizer with
+  `optax.partition`, as the README shows.
+  """
+  defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
+
+  def positive(what, x):
+    v = _value(x)
+    if v is not None and not 0.0 < v:
+      raise ValueError(f"Invalid {what}: {x}")
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    positive("learning rate", hp["lr"])
+    positive("epsilon value", hp["eps"])
+    b1, b2 = _check_betas(hp["betas"])
+    maximize = _flag("maximize", hp["maximize"])
+    b1 = _cycled_momentum(hp["lr"], b1, "SparseAdam")
+    return _with_lr(lambda a: _alias.sparse_adam(a, b1, b2, hp["eps"], maximize=maximize), hp["lr"])
+
+  return _build("SparseAdam", params, defaults, build)

@@ -1,0 +1,1 @@
+"""A word-level neural language model whose embedding table trains with jadam.sparse_adam."""

@@ -1,0 +1,805 @@
+"""A training run moved between PyTorch and jadam: `torch.optim` state dicts in both directions.
+
+`load_state_dict` turns a `torch.optim` optimizer's `state_dict()` (and its
+scheduler's) into the state of the matching `jadam.torch` optimizer;
+`state_dict` gives the reverse, loadable by `torch.optim.X.load_state_dict`.
+Both are exact: every number is copied, never recomputed, so a run continued on
+the other side follows the uninterrupted one to rounding.
+
+The jadam state is found by walking the optimizer's state by the *type* of
+each stage's state (`ScaleByMomentsState` holds `exp_avg` and `exp_avg_sq`,
+`MomentumState` the `momentum_buffer`, ...), never by a stage's position in a
+chain, so stages that a recipe adds with neutral values do not disturb it.
+
+Reading a checkpoint never runs code from it: :func:`load_checkpoint` is
+`torch.load(..., weights_only=True)`, which unpickles tensors, numbers, strings
+and containers only. A plain `torch.load` (or `pickle.load`) of a file from
+someone else runs whatever the file asks for (a pickle names functions to call
+while it is read), so a checkpoint downloaded from the web could run any
+command on your machine.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jadam import _common
+from jadam._correct import NesterovCorrectState
+from jadam._moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
+from jadam._scale import MomentumState
+from jadam.torch import _groups
+from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau, ReduceLROnPlateauState
+
+__all__ = ("TorchName", "flax_names", "load_checkpoint", "load_state_dict", "scheduler_state_dict", "state_dict")
+
+
+class TorchName(NamedTuple):
+  """The PyTorch parameter a jadam leaf stands for.
+
+  Attributes:
+    name: its name in `module.named_parameters()`, e.g. ``"fc1.weight"``.
+    perm: the axes permutation from PyTorch's layout to jadam's
+      (``np.transpose(torch_array, perm)`` is the jadam leaf), applied to the
+      parameter and to every moment; None when the layouts agree. A Linear
+      weight ``(out, in)`` to a Flax kernel ``(in, out)`` is ``(1, 0)``; a Conv2d
+      weight OIHW to HWIO is ``(2, 3, 1, 0)``.
+  """
+
+  name: str
+  perm: tuple[int, ...] | None = None
+
+
+# PyTorch's per-parameter state keys, optimizer by optimizer: (key, jadam state type, field, kept(hp)).
+# Field "count" is the stage's step count, torch's `step` tensor. Scalar fields (mu_product) hold one
+# number for the whole group; PyTorch keeps a copy in every parameter's state.
+def _always(hp):
+  return True
+
+
+def _nonzero(key):
+  def kept(hp):
+    v = _number(hp[key])
+    return v is None or v != 0  # a schedule: PyTorch keeps the buffer
+
+  return kept
+
+
+_ADAM = (
+  ("step", ScaleByMomentsState, "count", _always),
+  ("exp_avg", ScaleByMomentsState, "mu", _always),
+  ("exp_avg_sq", ScaleByMomentsState, "nu", _always),
+)
+_LAYOUT: dict[str, tuple] = {
+  "Adam": (*_ADAM, ("max_exp_avg_sq", MaxNuState, "nu_max", lambda hp: hp["amsgrad"])),
+  "AdamW": (*_ADAM, ("max_exp_avg_sq", MaxNuState, "nu_max", lambda hp: hp["amsgrad"])),
+  "RAdam": _ADAM,
+  "NAdam": (_ADAM[0], ("mu_product", NesterovCorrectState, "mu_product", _always), *_ADAM[1:]),
+  "Adamax": (
+    ("step", ScaleByInfMomentsState, "count", _always),
+    ("exp_avg", ScaleByInfMomentsState, "mu", _always),
+    ("exp_inf", ScaleByInfMomentsState, "nu", _always),
+  ),
+  "Adagrad": (
+    ("step", AccumulateSquaresState, "count", _always),
+    ("sum", AccumulateSquaresState, "sum_of_squares", _always),
+  ),
+  "RMSprop": (
+    ("step", ScaleByMomentsState, "count", _always),
+    ("square_avg", ScaleByMomentsState, "nu", _always),
+    ("momentum_buffer", MomentumState, "trace", _nonzero("momentum")),
+    ("grad_avg", ScaleByMomentsState, "mu", lambda hp: hp["centered"]),
+  ),
+  "SGD": (("momentum_buffer", MomentumState, "trace", _nonzero("momentum")),),
+}
+_SCALARS = frozenset({"mu_product"})
+
+# Flags that choose PyTorch's kernels, not its arithmetic: ignored on the way in, PyTorch's defaults on the way out.
+_KERNEL_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+_FLAGS_OF = {
+  "Adam": ("foreach", "capturable", "differentiable", "fused"),
+  "AdamW": ("foreach", "capturable", "differentiable", "fused"),
+  "SGD": ("foreach", "differentiable", "fused"),
+  "RMSprop": ("capturable", "foreach", "differentiable"),
+  "Adagrad": ("foreach", "differentiable", "fused"),
+  "NAdam": ("foreach", "capturable", "differentiable"),
+  "RAdam": ("foreach", "capturable", "differentiable"),
+  "Adamax": ("foreach", "capturable", "differentiable"),
+}
+# Keys PyTorch's schedulers add to a param group.
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+_RTOL = 1e-9  # hyperparameters: PyTorch's recursive schedules and jadam's closed forms agree to rounding (float64)
+
+
+def _number(x: Any) -> float | None:
+  """A hyperparameter's value if it is a concrete number (not a schedule)."""
+  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or (callable(x) and not isinstance(x, (jax.Array, np.ndarray))):
+    return None
+  return _common.concrete_value(x)
+
+
+def _at(x: Any, count: int) -> Any:
+  """A hyperparameter's value at step `count`, as a Python number (bools stay bools)."""
+  if isinstance(x, bool) or x is None:
+    return x
+  if isinstance(x, (tuple, list)):
+    return tuple(_at(v, count) for v in x)
+  if isinstance(x, ReduceLROnPlateau):
+    raise AssertionError("handled by the caller")
+  if callable(x) and not isinstance(x, (jax.Array, np.ndarray)):
+    return float(x(jnp.asarray(count, jnp.int32)))
+  return float(x)
+
+
+def _spec(tx: Any, what: str) -> _groups.Spec:
+  spec = _groups.spec_of(tx)
+  if spec is None:
+    raise TypeError(
+      f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
+      f" transformation; got {tx!r}. Chain other transformations around it after converting its state."
+    )
+  if spec.name not in _LAYOUT:
+    raise NotImplementedError(f"{what}: no state_dict mapping for jadam.torch.{spec.name} yet.")
+  return spec
+
+
+# ----------------------------------------------------------------------------------------------------- names
+
+
+def _normalise_names(params: Any, names: Any, what: str) -> dict[str, TorchName]:
+  """`names` as {jadam path: TorchName} in PyTorch's parameter order."""
+  paths = [_groups.path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  if names is None:
+    return {p: TorchName(p) for p in paths}
+  if not isinstance(names, Mapping):
+    raise TypeError(
+      f"{what}: names must map each leaf's '/'-joined path to its PyTorch parameter name (or a"
+      f" jadam.torch.TorchName(name, perm)), in PyTorch's parameter order; got {type(names).__name__}."
+    )
+  out = {}
+  for path, v in names.items():
+    if isinstance(v, str):
+      v = TorchName(v)
+    elif isinstance(v, (tuple, list)) and not isinstance(v, TorchName) and len(v) == 2:
+      v = TorchName(v[0], None if v[1] is None else tuple(v[1]))
+    if not isinstance(v, TorchName) or not isinstance(v.name, str):
+      raise TypeError(f"{what}: names[{path!r}] must be a PyTorch parameter name or a TorchName; got {v!r}.")
+    out[path] = v
+  missing = [p for p in paths if p not in out]
+  extra = [p for p in out if p not in set(paths)]
+  if missing or extra:
+    raise ValueError(
+      f"{what}: names must list every leaf of params once."
+      + (f" Leaves without a name: {missing}." if missing else "")
+      + (f" Names of no leaf: {extra} (leaves look like {paths[:3]})." if extra else "")
+    )
+  torch_names = [v.name for v in out.values()]
+  dup = sorted({n for n in torch_names if torch_names.count(n) > 1})
+  if dup:
+    raise ValueError(f"{what}: names gives the same PyTorch name to two leaves: {dup}.")
+  return out
+
+
+def _perm_of(module_type: str, ndim: int, leaf: str) -> tuple[int, ...] | None:
+  if leaf != "weight" or ndim < 2:
+    return None
+  if module_type == "Linear":
+    return (1, 0)
+  if module_type in ("Conv1d", "Conv2d", "Conv3d"):
+    return (*range(2, ndim), 1, 0)
+  if module_type in ("Embedding",):
+    return None
+  raise NotImplementedError(
+    f"no layout rule for a {module_type} weight of rank {ndim}; pass names with a TorchName(name, perm) for it."
+  )
+
+
+_FLAX_LEAF = {"Linear": "kernel", "Conv1d": "kernel", "Conv2d": "kernel", "Conv3d": "kernel", "Embedding": "embedding"}
+
+
+def flax_names(params: Any, module: Any) -> dict[str, TorchName]:
+  """`names` for a Flax (NNX or Linen) model whose layers mirror a PyTorch module's.
+
+  Each PyTorch parameter ``"a.b.weight"`` of `module.named_parameters()` is
+  matched to the leaf ``"a/b/<leaf>"`` of `params` (or ``"a/b_<i>/..."`` for a
+  `Sequential` index ``b.<i>``, Linen's naming): ``kernel`` for Linear and
+  Conv weights, transposed ((out, in) to (in, out); OIHW to HWIO), ``scale``
+  for norms, ``embedding`` for Embedding, ``bias`` for biases.
+
+  Args:
+    params: the Flax parameters: `nnx.state(model, nnx.Param)` or Linen's
+      ``variables["params"]``.
+    module: the `torch.nn.Module`.
+
+  Returns:
+    {leaf path: TorchName}, in PyTorch's parameter order, for `names=`.
+  """
+  paths = {_groups.path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  types = {n: type(m).__name__ for n, m in module.named_modules()}
+  out = {}
+  for name, p in module.named_parameters():
+    owner, _, leaf = name.rpartition(".")
+    kind = types.get(owner, "")
+    flax_leaf = _FLAX_LEAF.get(kind, "scale") if leaf == "weight" else leaf
+    parts = owner.split(".") if owner else []
+    candidates = ["/".join([*parts, flax_leaf])]
+    if any(s.isdigit() for s in parts):  # Linen names a list's items layers_0
+      merged = []
+      for s in parts:
+        if s.isdigit() and merged:
+          merged[-1] = f"{merged[-1]}_{s}"
+        else:
+          merged.append(s)
+      candidates.append("/".join([*merged, flax_leaf]))
+    hit = [c for c in candidates if c in paths]
+    if not hit:
+      raise ValueError(
+        f"flax_names: PyTorch's {name!r} ({kind}) has no leaf {' or '.join(map(repr, candidates))} in params"
+        f" (leaves look like {sorted(paths)[:4]}); name the layers alike or pass names yourself."
+      )
+    out[hit[0]] = TorchName(name, _perm_of(kind, p.dim(), leaf))
+  extra = sorted(paths - set(out))
+  if extra:
+    raise ValueError(f"flax_names: leaves of params with no PyTorch parameter: {extra}.")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------- groups
+
+
+def _torch_groups(spec: _groups.Spec, params: Any, names: dict[str, TorchName]) -> list[tuple[str, dict, list[str]]]:
+  """PyTorch's param groups as (jadam label, hyperparameters, leaf paths in PyTorch's order)."""
+  if spec.labels is None:
+    return [("default", spec.groups[0], list(names))]
+  labels = {_groups.path_string(p): label for p, label in jax.tree_util.tree_leaves_with_path(spec.labels(params))}
+  out = []
+  for i, hp in enumerate(spec.groups[:-1]):
+    out.append((f"group{i}", hp, [p for p in names if labels[p] == f"group{i}"]))
+  rest = [p for p in names if labels[p] == "default"]
+  if rest:
+    out.append(("default", spec.groups[-1], rest))
+  return out
+
+
+def _scalar_dtype():
+  import torch
+
+  return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _walk(node: Any, fn: Callable[[Any, str], Any], label: str = "default") -> Any:
+  """Rebuild a jadam state, calling `fn(stage_state, group_label)` on every NamedTuple stage state."""
+  if isinstance(node, optax.PartitionState):
+    return node._replace(inner_states={k: _walk(v, fn, k) for k, v in node.inner_states.items()})
+  if isinstance(node, optax.MaskedState):
+    return node._replace(inner_state=_walk(node.inner_state, fn, label))
+  if isinstance(node, tuple) and hasattr(node, "_fields"):
+    if type(node) not in _KNOWN:  # e.g. optax.InjectHyperparamsState around a chain
+      node = type(node)(*(_walk(v, fn, label) if isinstance(v, tuple) else v for v in node))
+    return fn(node, label)
+  if isinstance(node, (tuple, list)):
+    return type(node)(_walk(v, fn, label) for v in node)
+  return node
+
+
+def _stages(state: Any) -> dict[str, dict[type, Any]]:
+  """{group label: {stage state type: the stage state}}; a type twice in a group is refused."""
+  found: dict[str, dict[type, Any]] = {}
+
+  def visit(node, label):
+    group = found.setdefault(label, {})
+    if type(node) in group and type(node) in _KNOWN:
+      raise ValueError(f"the state holds two {type(node).__name__} in one group: which is PyTorch's is ambiguous.")
+    group[type(node)] = node
+    return node
+
+  _walk(state, visit)
+  return found
+
+
+_KNOWN = frozenset(
+  {
+    ScaleByMomentsState,
+    MaxNuState,
+    MomentumState,
+    AccumulateSquaresState,
+    ScaleByInfMomentsState,
+    NesterovCorrectState,
+    ReduceLROnPlateauState,
+  }
+)
+
+
+def _is_count(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) and x.shape == () and jnp.issubdtype(x.dtype, jnp.integer)
+
+
+# ----------------------------------------------------------------------------------------------------- torch -> jadam
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+  """A file written by `torch.save`, read without running code from it.
+
+  This is `torch.load(path, map_location="cpu", weights_only=True)`: it
+  rebuilds tensors, numbers, strings and containers and refuses anything else.
+  A plain `torch.load` or `pickle.load` calls whatever functions the file
+  names while reading it, so a checkpoint from someone else could run any
+  command on your machine; such a file is refused here with a `ValueError`.
+  """
+  import pickle
+
+  import torch
+
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+      f"refused to load {os.fspath(path)!r}: it holds objects other than tensors, numbers, strings and"
+      " containers, and unpickling them would run code from the file (torch.load(weights_only=True)"
+      f" said: {str(e).splitlines()[0]})."
+    ) from None
+
+
+def _as_numpy(t: Any, where: str) -> np.ndarray:
+  if hasattr(t, "detach"):
+    t = t.detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":
+      return np.asarray(t.float().numpy()).astype(jnp.bfloat16)
+    return np.asarray(t.numpy())
+  if isinstance(t, (int, float, np.ndarray)):
+    return np.asarray(t)
+  raise TypeError(f"{where} must be a tensor; got {type(t).__name__}.")
+
+
+def _close(a: Any, b: Any) -> bool:
+  if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+    return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_close, a, b))
+  if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+    return a == b
+  a, b = float(a), float(b)
+  rtol = _RTOL if _common.float_dtype() == jnp.float64 else 1e-6  # a schedule evaluated in float32
+  return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def load_state_dict(
+  tx: optax.GradientTransformation,
+  params: Any,
+  state_dict: Mapping[str, Any] | str | os.PathLike,
+  *,
+  names: Mapping[str, str | TorchName] | None = None,
+  scheduler: Mapping[str, Any] | None = None,
+  steps: int | None = None,
+) -> Any:
+  """The state of `tx` that continues a PyTorch run from its optimizer's `state_dict()`.
+
+  Every moment (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``,
+  ``square_avg``, ``grad_avg``, ``momentum_buffer``, ``exp_inf``,
+  ``mu_product``) is copied into the stage that holds it, transposed as
+  `names` says; PyTorch's ``step`` becomes every stage's step count, which is
+  also the position of a scheduler given as `lr`. Updates of `tx` from the
+  returned state then equal PyTorch's next steps.
+
+  Checked, with nothing returned on a mismatch: the optimizer (its param
+  groups' keys are `tx`'s), the hyperparameters (each group's lr, betas, eps,
+  ... equal `tx`'s; a scheduler's lr at the current step), the parameters
+  (their number per group, their names if the state dict has them, every
+  shape), and that all parameters took the same number of steps.
+
+  Args:
+    tx: a `jadam.torch` optimizer, with the hyperparameters and groups of the
+      PyTorch run (group ``i`` of `tx` is PyTorch's param group ``i``; leaves
+      in no group form PyTorch's last group).
+    params: the parameter pytree (its shapes and dtypes are the state's).
+    state_dict: ``optimizer.state_dict()``, or the path of a file holding just
+      that (read by :func:`load_checkpoint`, which runs no code from it).
+    names: {leaf path: PyTorch parameter name or :class:`TorchName`}, in the
+      order PyTorch's optimizer got its parameters (for a model given whole,
+      `model.named_parameters()`'s; with groups, each group's leaves in this
+      order). :func:`flax_names` builds it for a Flax model. Default: the
+      leaves in `jax.tree.leaves` order, with PyTorch's shapes.
+    scheduler: the PyTorch scheduler's `state_dict()`, if the run had one:
+      ReduceLROnPlateau's best, num_bad_epochs and cooldown_counter go to the
+      plateau state; for the others, last_epoch is checked against the step.
+    steps: the number of optimizer steps taken, needed only where the state
+      dict does not say (SGD, whose state has no step) and no scheduler does.
+
+  Returns:
+    The state of `tx` for `params`.
+  """
+  what = "jadam.torch.load_state_dict"
+  spec = _spec(tx, what)
+  if isinstance(state_dict, (str, os.PathLike)):
+    state_dict = load_checkpoint(state_dict)
+  if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "param_groups"}:
+    keys = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+    raise TypeError(
+      f"{what}: state_dict must be a torch.optim optimizer's state_dict() (keys 'state' and 'param_groups');"
+      f" got {keys}. A checkpoint dict holds it under its own key, e.g. checkpoint['optim']."
+    )
+  names = _normalise_names(params, names, what)
+  groups = _torch_groups(spec, params, names)
+  saved = list(state_dict["param_groups"])
+  if len(saved) != len(groups):
+    raise ValueError(
+      f"{what}: the state dict has {len(saved)} param groups, tx has {len(groups)}"
+      f" ({', '.join(label for label, _, _ in groups)})."
+    )
+  layout = _LAYOUT[spec.name]
+  wanted = set(spec.groups[0]) | set(_FLAGS_OF[spec.name])
+  index: dict[str, int] = {}  # jadam path -> PyTorch's parameter id
+  for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
+    keys = set(sg) - {"params", "param_names"} - _SCHEDULER_KEYS
+    if keys != wanted:
+      raise ValueError(
+        f"{what}: this is not a state dict of torch.optim.{spec.name}: its param group {g} has"
+        f" {sorted(keys)}, {spec.name}'s has {sorted(wanted)}"
+        + (f" (missing {sorted(wanted - keys)})" if wanted - keys else "")
+        + (f" (extra {sorted(keys - wanted)})" if keys - wanted else "")
+        + "."
+      )
+    ids = list(sg["params"])
+    if "param_names" in sg:
+      by_name = {names[p].name: p for p in paths}
+      unknown = [n for n in sg["param_names"] if n not in by_name]
+      absent = [names[p].name for p in paths if names[p].name not in set(sg["param_names"])]
+      if unknown or absent:
+        raise ValueError(
+          f"{what}: param group {g} of the state dict and tx's {label} hold different parameters:"
+          + (f" extra in the state dict: {unknown};" if unknown else "")
+          + (f" missing from the state dict: {absent};" if absent else "")
+          + " (names gives tx's PyTorch names)."
+        )
+      paths = [by_name[n] for n in sg["param_names"]]
+    if len(ids) != len(paths):
+      raise ValueError(
+        f"{what}: param group {g} of the state dict holds {len(ids)} parameters, tx's {label} holds"
+        f" {len(paths)} ({paths[:6]}{'...' if len(paths) > 6 else ''}): a parameter is missing or extra."
+      )
+    index.update(zip(paths, ids))
+  # Which PyTorch keys each parameter must have, and the step.
+  per_param = state_dict["state"]
+  unknown_ids = sorted(set(per_param) - set(index.values()), key=str)
+  if unknown_ids:
+    raise ValueError(f"{what}: the state dict has state for parameter ids {unknown_ids} of no param group.")
+  taken: dict[str, int] = {}
+  odd = []  # parameters whose state keys are not tx's: reported after the hyperparameters
+  for label, hp, paths in groups:
+    expect = {key for key, _, _, kept in layout if kept(hp)}
+    for p in paths:
+      entry = per_param.get(index[p], {})
+      if not entry:
+        taken[p] = 0
+        continue
+      if set(entry) != expect:
+        odd.append((p, sorted(entry), sorted(expect)))
+      if "step" in entry:
+        s = float(_as_numpy(entry["step"], f"{names[p].name}'s step"))
+        if s != int(s) or s < 0:
+          raise ValueError(f"{what}: parameter {names[p].name!r} has step {s}, not a count.")
+        taken[p] = int(s)
+      else:
+        taken[p] = -1  # stepped, count unknown (SGD)
+  counts = {v for v in taken.values() if v >= 0}
+  stepped = any(v != 0 for v in taken.values())
+  if stepped and 0 in counts:
+    zero = [names[p].name for p, v in taken.items() if v == 0][:4]
+    raise ValueError(
+      f"{what}: parameters {zero} have no state while others have been stepped: in PyTorch they got no"
+      " gradient, and jadam steps every parameter; this run cannot be continued exactly."
+    )
+  if stepped:
+    counts.discard(0)
+  if len(counts) > 1:
+    raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
+  step = counts.pop() if counts else None
+  step = _resolve_step(what, spec, step, stepped, scheduler, steps)
+  # Hyperparameters and the schedule's position.
+  plateau = {}
+  for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
+    for key, mine in hp.items():
+      theirs = sg[key]
+      if key == "lr" and isinstance(mine, (LRScheduler, ReduceLROnPlateau)) and scheduler is not None:
+        _check_epoch(what, mine, scheduler, step)
+      if key == "lr" and isinstance(mine, ReduceLROnPlateau):
+        plateau[label] = float(theirs)
+        continue
+      value = _at(mine, step)
+      cycled = hp["lr"] if isinstance(hp["lr"], OneCycleLR) and hp["lr"].cycle_momentum else None
+      if cycled is not None and key in ("betas", "momentum"):  # PyTorch's OneCycleLR writes these
+        m = float(cycled.momentum(step))
+        value = (m, value[1]) if key == "betas" else m
+      if not _close(value, _at(theirs, 0)):
+        raise ValueError(
+          f"{what}: param group {g} has {key}={theirs!r} but tx's {label} has {key}={value!r}"
+          f"{' at step ' + str(step) if callable(mine) else ''}: build tx with the run's hyperparameters."
+        )
+  if odd:
+    p, have, expect = odd[0]
+    raise ValueError(
+      f"{what}: parameter {names[p].name!r} ({p}) has state {have}, but torch.optim.{spec.name}"
+      f" with these hyperparameters keeps {expect}: is this another optimizer's state dict?"
+    )
+  if plateau and scheduler is None and step:
+    raise ValueError(f"{what}: tx's lr is a ReduceLROnPlateau: pass the PyTorch scheduler's state_dict() too.")
+  if plateau and scheduler is not None and "best" not in scheduler:
+    raise ValueError(f"{what}: tx's lr is a ReduceLROnPlateau but the scheduler state dict is not one.")
+
+  # Convert every tensor first: nothing partial on an error.
+  template = tx.init(params)
+  stages = _stages(template)
+  values: dict[tuple[str, type, str], Any] = {}
+  for label, hp, paths in groups:
+    here = stages.get(label, {})
+    for key, typ, field, kept in layout:
+      if field == "count" or not kept(hp):
+        continue
+      if typ not in here:
+        raise ValueError(f"{what}: tx's state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      if key in _SCALARS:
+        vals = {float(_as_numpy(per_param[index[p]][key], key)) for p in paths if per_param.get(index[p])}
+        if len(vals) > 1:
+          raise ValueError(f"{what}: parameters of one group disagree on {key} ({sorted(vals)}).")
+        if vals:
+          values[(label, typ, field)] = jnp.asarray(vals.pop(), getattr(here[typ], field).dtype)
+        continue
+      tree = getattr(here[typ], field)
+      leaves = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+      for p in paths:
+        entry = per_param.get(index[p])
+        if not entry:
+          continue
+        a = _as_numpy(entry[key], f"{names[p].name}'s {key}")
+        perm = names[p].perm
+        if perm is not None:
+          if len(perm) != a.ndim:
+            raise ValueError(f"{what}: {names[p].name!r}: perm {perm} for {key} of shape {a.shape}.")
+          a = np.transpose(a, perm)
+        want = leaves[p]
+        if a.shape != want.shape:
+          raise ValueError(
+            f"{what}: parameter {names[p].name!r} ({p}): PyTorch's {key} has shape"
+            f" {tuple(_as_numpy(entry[key], key).shape)}{' (transposed by ' + str(perm) + ': ' + str(a.shape) + ')' if perm else ''},"
+            f" the jadam leaf {want.shape}; a transposed kernel needs names with TorchName(name, perm)."
+          )
+        values[(label, typ, field, p)] = jnp.asarray(a, want.dtype)
+
+  sched = dict(scheduler) if scheduler is not None else {}
+
+  def fill(node, label):
+    replace = {}
+    for f in getattr(node, "_fields", ()):
+      v = getattr(node, f)
+      if f == "count" and _is_count(v):
+        replace[f] = jnp.asarray(step, v.dtype)
+      elif (label, type(node), f) in values:
+        replace[f] = values[(label, type(node), f)]
+      elif type(node) in _KNOWN and v is not None and not _is_count(v) and not isinstance(node, ReduceLROnPlateauState):
+
+        def put(q, leaf, f=f):
+          return values.get((label, type(node), f, _groups.path_string(q)), leaf)
+
+        replace[f] = jax.tree_util.tree_map_with_path(put, v)
+    if isinstance(node, ReduceLROnPlateauState) and label in plateau:
+      replace["lr"] = jnp.asarray(plateau[label], node.lr.dtype)
+      if "best" in sched:
+        replace["best"] = jnp.asarray(float(sched["best"]), node.best.dtype)
+        replace["num_bad_epochs"] = jnp.asarray(int(sched["num_bad_epochs"]), node.num_bad_epochs.dtype)
+        replace["cooldown_counter"] = jnp.asarray(int(sched["cooldown_counter"]), node.cooldown_counter.dtype)
+    return node._replace(**replace) if replace else node
+
+  return _walk(template, fill)
+
+
+def _check_epoch(what: str, sched: Any, scheduler: Mapping[str, Any], step: int) -> None:
+  epoch = scheduler.get("last_epoch")
+  if epoch is not None and int(epoch) != step // sched.steps_per_epoch:
+    raise ValueError(
+      f"{what}: the scheduler's last_epoch is {epoch}, but {step} optimizer steps at {sched.steps_per_epoch}"
+      f" per scheduler step make {step // sched.steps_per_epoch}: tx's scheduler does not follow this run."
+    )
+
+
+def _resolve_step(what, spec, step, stepped, scheduler, steps) -> int:
+  """The step count, from the state, the scheduler or `steps`; they must agree."""
+  if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+    raise ValueError(f"{what}: steps must be a non-negative integer; got {steps!r}.")
+  if step is not None:
+    if steps is not None and steps != step:
+      raise ValueError(f"{what}: steps={steps}, but the state dict's parameters took {step}.")
+    return step
+  if steps is not None:
+    return steps
+  lr = spec.groups[0]["lr"]
+  per = getattr(lr, "steps_per_epoch", 1)
+  if scheduler is not None and "last_epoch" in scheduler and per == 1:
+    return int(scheduler["last_epoch"])
+  if any(callable(hp["lr"]) or isinstance(hp["lr"], ReduceLROnPlateau) for hp in spec.groups):
+    raise ValueError(
+      f"{what}: torch.optim.{spec.name}'s state does not count steps and tx's lr depends on them: pass steps=."
+    )
+  return 1 if stepped else 0
+
+
+# ----------------------------------------------------------------------------------------------------- jadam -> torch
+
+
+def _step_of(state: Any) -> int:
+  """The step count: every stage's `count` (they agree in a jadam.torch optimizer)."""
+  counts = set()
+
+  def visit(node, label):
+    c = getattr(node, "count", None)
+    if c is not None and _is_count(c):
+      counts.add(int(c))
+    return node
+
+  _walk(state, visit)
+  if len(counts) > 1:
+    raise ValueError(f"jadam.torch.state_dict: the state's stages disagree on the step count ({sorted(counts)}).")
+  return counts.pop() if counts else 0
+
+
+def state_dict(
+  tx: optax.GradientTransformation,
+  state: Any,
+  params: Any,
+  *,
+  names: Mapping[str, str | TorchName] | None = None,
+) -> dict[str, Any]:
+  """`state` as a `torch.optim` state dict, for `torch.optim.X.load_state_dict` to continue the run.
+
+  The reverse of :func:`load_state_dict`, with the same `names` (kernels are
+  transposed back to PyTorch's layout). The param groups carry `tx`'s
+  hyperparameters at the current step (a scheduler's current lr, with
+  ``initial_lr``); PyTorch's kernel flags (foreach, fused, capturable,
+  differentiable) take PyTorch's defaults. For a scheduler's state see
+  :func:`scheduler_state_dict`.
+
+  Args:
+    tx: the `jadam.torch` optimizer.
+    state: its state.
+    params: the parameter pytree (for the leaf paths).
+    names: as in :func:`load_state_dict`.
+
+  Returns:
+    ``{"state": {id: {key: tensor}}, "param_groups": [...]}`` with CPU tensors.
+  """
+  import torch
+
+  what = "jadam.torch.state_dict"
+  spec = _spec(tx, what)
+  names = _normalise_names(params, names, what)
+  groups = _torch_groups(spec, params, names)
+  stages = _stages(state)
+  layout = _LAYOUT[spec.name]
+  step = _step_of(state)
+  sdtype = _scalar_dtype()
+  out_state: dict[int, dict[str, Any]] = {}
+  out_groups = []
+  pid = 0
+  for label, hp, paths in groups:
+    here = stages.get(label, {})
+    group = {}
+    for key, mine in hp.items():
+      if key == "lr" and isinstance(mine, ReduceLROnPlateau):
+        node = here.get(ReduceLROnPlateauState)
+        group["lr"] = float(node.lr)
+        group["initial_lr"] = float(mine.lr)
+      elif key == "lr" and isinstance(mine, OneCycleLR):
+        group["lr"] = _at(mine, step)
+        group["initial_lr"] = mine.max_lr / mine.div_factor
+        group["max_lr"] = float(mine.max_lr)
+        group["min_lr"] = group["initial_lr"] / mine.final_div_factor
+        if mine.cycle_momentum:
+          group["base_momentum"], group["max_momentum"] = mine.base_momentum, mine.max_momentum
+      elif key == "lr" and isinstance(mine, LRScheduler):
+        group["lr"] = _at(mine, step)
+        group["initial_lr"] = float(mine.lr)
+      else:
+        group[key] = _at(mine, step)
+    lr = hp["lr"]
+    if isinstance(lr, OneCycleLR) and lr.cycle_momentum:  # PyTorch's OneCycleLR writes the momentum or beta1
+      m = float(lr.momentum(step))
+      if "betas" in group:
+        group["betas"] = (m, group["betas"][1])
+      elif "momentum" in group:
+        group["momentum"] = m
+    for flag in _FLAGS_OF[spec.name]:
+      group[flag] = _KERNEL_FLAGS[flag]
+    ids = list(range(pid, pid + len(paths)))
+    pid += len(paths)
+    group["params"] = ids
+    out_groups.append(group)
+    if step == 0:
+      continue
+    fields = {}
+    for key, typ, field, kept in layout:
+      if not kept(hp):
+        continue
+      if field == "count":
+        fields[key] = torch.tensor(float(step), dtype=sdtype)
+        continue
+      if typ not in here:
+        raise ValueError(f"{what}: the state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      v = getattr(here[typ], field)
+      if key in _SCALARS:
+        fields[key] = float(np.asarray(v, np.float64))
+        continue
+      fields[key] = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(v)}
+    for p, i in zip(paths, ids):
+      entry = {}
+      for key, v in fields.items():
+        if isinstance(v, torch.Tensor):
+          entry[key] = v.clone()
+        elif isinstance(v, float):
+          entry[key] = torch.tensor(v, dtype=sdtype)
+        elif p not in v:
+          raise ValueError(f"{what}: the state's {key} has no leaf {p!r}: state and params do not match.")
+        else:
+          a = np.asarray(v[p])
+          perm = names[p].perm
+          if perm is not None:
+            a = np.transpose(a, np.argsort(perm))
+          entry[key] = _to_torch(a)
+      if entry:
+        out_state[i] = entry
+  return {"state": out_state, "param_groups": out_groups}
+
+
+def _to_torch(a: np.ndarray):
+  import torch
+
+  if a.dtype == jnp.bfloat16:
+    return torch.from_numpy(np.ascontiguousarray(a.astype(np.float32))).to(torch.bfloat16)
+  return torch.from_numpy(np.ascontiguousarray(a).copy())
+
+
+def scheduler_state_dict(
+  tx: optax.GradientTransformation, state: Any, params: Any, template: Mapping[str, Any]
+) -> dict[str, Any]:
+  """A PyTorch scheduler's `state_dict()` at the position of `state`, for `scheduler.load_state_dict`.
+
+  Args:
+    tx: the `jadam.torch` optimizer whose lr is the scheduler.
+    state: its state.
+    params: the parameter pytree.
+    template: the `state_dict()` of a freshly made PyTorch scheduler of the
+      same kind and arguments (its fixed fields are kept; the position is set).
+
+  Returns:
+    `template` with last_epoch, _step_count and _last_lr set (and best,
+    num_bad_epochs, cooldown_counter for ReduceLROnPlateau).
+  """
+  what = "jadam.torch.scheduler_state_dict"
+  spec = _spec(tx, what)
+  stages = _stages(state)
+  step = _step_of(state)
+  out = dict(template)
+  lrs = []
+  for label, hp, _ in _torch_groups(spec, params, _normalise_names(params, None, what)):
+    lr = hp["lr"]
+    if isinstance(lr, ReduceLROnPlateau):
+      node = stages[label][ReduceLROnPlateauState]
+      lrs.append(float(node.lr))
+      out["best"] = float(node.best)
+      out["num_bad_epochs"] = int(node.num_bad_epochs)
+      out["cooldown_counter"] = int(node.cooldown_counter)
+    elif isinstance(lr, LRScheduler):
+      lrs.append(_at(lr, step))
+    else:
+      raise ValueError(f"{what}: tx's {label} lr is not a jadam.torch scheduler ({lr!r}).")
+  per = getattr(spec.groups[0]["lr"], "steps_per_epoch", 1)
+  if "best" in template and "best" not in out:
+    raise ValueError(f"{what}: template is a ReduceLROnPlateau's but tx's lr is not one.")
+  out["last_epoch"] = step // per
+  if "_step_count" in template:
+    out["_step_count"] = step // per + 1
+  if len(lrs) != len(template.get("_last_lr", lrs)):
+    raise ValueError(f"{what}: the template's scheduler has {len(template['_last_lr'])} groups, tx {len(lrs)}.")
+  out["_last_lr"] = lrs
+  return out

@@ -2,6 +2,7 @@ r"""Optimizer step time: jadam vs optax vs torch.optim.Adam, against the memory 
 
     python -m benchmarks.step_time            # 1M, 10M, 50M vectors, 2,000-leaf tree, MNIST CNN
     python -m benchmarks.step_time --quick    # tiny sizes, a smoke run
+    python -m benchmarks.step_time --only configs   # fused kernel vs XLA for the covered configurations
 
 A step is update + apply, float32, with the parameters and the state donated
 (the fast path: `jadam.update_and_apply` in one `jax.jit`). jadam runs twice:
@@ -14,6 +15,14 @@ the median step time and its spread (min-max and IQR), the effective GB/s at
 bandwidth of an in-place triad, `a += s * b` on float32 arrays (12 bytes per
 element: read a, b; write a) on the device JAX uses, measured in the same
 rounds. It also prints the optimizer-state bytes per parameter.
+
+The `configs` workload times, at 10M and 50M parameters, each configuration
+the kernel finds by structure (clip + adam, apply_if_finite(adam),
+jadam.torch.AdamW with two groups, inject_hyperparams(adam), amsgrad, bf16
+moments) with the kernel and with `fused=False`, interleaved, against torch's
+fused Adam; the target is fused/XLA <= 0.70. "bytes" is what a single pass
+moves per parameter (float32 g, p, m, v read and p, m, v written: 28; +8 for
+AMSGrad's maximum; bf16 moments: 20).
 """
 
 from __future__ import annotations
@@ -168,6 +177,58 @@ def _optimizer_workload(shapes, with_torch=True, bf16=True):
   return contenders
 
 
+# ------------------------------------------------------------ configurations
+
+
+def configurations() -> list[tuple[str, Callable[[], optax.GradientTransformation], int]]:
+  """(name, transformation factory, bytes a single pass moves per parameter) for the configs workload."""
+  return [
+    ("adam", lambda: jadam.adam(1e-3), 28),
+    ("clip + adam", lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-3)), 28),
+    ("apply_if_finite(adam)", lambda: optax.apply_if_finite(jadam.adam(1e-3), 5), 28),
+    (
+      "torch.AdamW two groups",
+      lambda: jadam.torch.AdamW([{"params": "a"}, {"params": "b", "weight_decay": 0.1, "lr": 1e-4}], lr=1e-3),
+      28,
+    ),
+    ("inject_hyperparams(adam)", lambda: optax.inject_hyperparams(jadam.adam)(learning_rate=1e-3), 28),
+    ("adam amsgrad", lambda: jadam.adam(1e-3, amsgrad=True), 36),
+    ("adam bf16 moments", lambda: jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), 20),
+  ]
+
+
+def _configs(n: int, steps: int, with_torch: bool, names: list[str] | None = None) -> str:
+  half = n // 2
+  keys = jax.random.split(jax.random.key(0), 2)
+  grads = {"a": jax.random.normal(keys[0], (half,)), "b": jax.random.normal(keys[1], (n - half,))}
+  params = jax.tree.map(jnp.zeros_like, grads)
+  torch_fused = [c for c in _torch_opt_contenders([(half,), (n - half,)]) if c.name.endswith("fused=True")]
+  torch_fused = torch_fused if with_torch else []
+  head = "| configuration | fused ms | XLA ms | fused/XLA | vs torch fused | bytes/param | fused GB/s | kernel? |"
+  lines = [f"\n### configurations, {n:,} float32 parameters in two leaves\n", head, "|" + "---|" * 8]
+  for name, make, nbytes in configurations():
+    if names is not None and name not in names:
+      continue
+    tx = make()
+    with jax.numpy_dtype_promotion("standard"):
+      try:
+        jadam.make_update_step(tx, fused=True).lower(params, tx.init(params), grads)
+        served = "yes"
+      except ValueError as e:
+        served = "no: " + str(e).split("serve this step: ")[-1][:60]
+      fused = _jax_opt_contender("fused", tx, params, grads)
+      xla = _jax_opt_contender("XLA", tx, params, grads, fused=False)
+      for c in torch_fused:
+        c.times = []
+      measure([fused, xla] + torch_fused, steps)
+    f, x = np.median(fused.times), np.median(xla.times)
+    t = f"{f / np.median(torch_fused[0].times):.2f}" if torch_fused else "-"
+    gbs = nbytes * n / f / 1e9
+    lines.append(f"| {name} | {f * 1e3:.2f} | {x * 1e3:.2f} | {f / x:.2f} | {t} | {nbytes} | {gbs:.1f} | {served} |")
+    del fused, xla
+  return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ MNIST CNN
 
 
@@ -301,11 +362,13 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=24, help="timed steps per contender")
   parser.add_argument("--cnn-batch", type=int, default=128)
   parser.add_argument("--triad-size", type=float, default=1e8)
-  parser.add_argument("--only", default="vector,tree,cnn", help="workloads to run")
+  parser.add_argument("--only", default="vector,tree,cnn,configs", help="workloads to run")
+  parser.add_argument("--config-sizes", default="1e7,5e7", help="sizes of the configs workload")
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args(argv)
   if args.quick:
     args.sizes, args.tree_blocks, args.steps, args.cnn_batch, args.triad_size = "1e4,1e5", 3, 4, 8, 1e6
+    args.config_sizes = "1e4"
   with_torch = torch is not None and not args.no_torch
   if with_torch:
     torch.set_num_threads(os.cpu_count() or 1)
@@ -340,6 +403,11 @@ def main(argv=None):
     bw = TRIAD_BYTES * triad.n_params / np.median(triad.times) / 1e9
     print(table(f"{len(shapes):,}-leaf tree, {cs[0].n_params:,} float32 parameters (triad {bw:.1f} GB/s)", cs, bw))
     del cs
+  if "configs" in workloads:
+    for size in args.config_sizes.split(","):
+      # --quick: two configurations, enough to keep the code from rotting
+      names = ["adam", "torch.AdamW two groups"] if args.quick else None
+      print(_configs(int(float(size)), args.steps, with_torch, names))
   if "cnn" in workloads:
     cs, n = _cnn_contenders(args.cnn_batch, with_torch)
     measure(cs, args.steps)

@@ -7,7 +7,6 @@ from typing import Any, Callable
 import optax
 
 from jadam import _common, _scale, _sparse
-from jadam._kernels import fused as _fused
 from jadam._correct import bias_correct, nesterov_correct, rectify
 from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
 from jadam._penalty import add_l2, decoupled_decay
@@ -101,28 +100,13 @@ def adam(
   """
   _common.check_flag("amsgrad", amsgrad)
   front = torch_front(maximize, weight_decay)
-  tx = optax.chain(
+  return optax.chain(
     *front,
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
     bias_correct(),
     normalize(eps, eps_root=eps_root),
     scale_by_lr(learning_rate),
-  )
-  if amsgrad or maximize or mu_dtype is not None or nu_dtype is not None:
-    return tx  # the fused CPU step (jadam._kernels.fused) covers the plain recipe only
-  l2 = 0 if front else None
-  return _fused.remember(
-    tx,
-    _fused.Recipe(
-      *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
-      weight_decay=_common.as_schedule(weight_decay) if front else None,
-      mode=_fused.COUPLED if front else _fused.PLAIN,
-      n_states=len(front) + 4,
-      moments=len(front),
-      lr=len(front) + 3,
-      l2=l2,
-    ),
   )
 
 
@@ -181,7 +165,7 @@ def adamw(
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   _common.check_flag("amsgrad", amsgrad)
-  tx = optax.chain(
+  return optax.chain(
     *torch_front(maximize, 0.0),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
@@ -189,20 +173,6 @@ def adamw(
     normalize(eps, eps_root=eps_root),
     add_l2(weight_decay, mask=mask),
     scale_by_lr(learning_rate),
-  )
-  if amsgrad or maximize or mask is not None or mu_dtype is not None or nu_dtype is not None:
-    return tx  # the fused CPU step (jadam._kernels.fused) covers the plain recipe only
-  return _fused.remember(
-    tx,
-    _fused.Recipe(
-      *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
-      weight_decay=_common.as_schedule(weight_decay),
-      mode=_fused.DECOUPLED,
-      n_states=5,
-      moments=0,
-      lr=4,
-      l2=3,
-    ),
   )
 
 

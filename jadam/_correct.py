@@ -65,6 +65,7 @@ def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
     nu = _common.tree_map_float(lambda v: v / c2.astype(v.dtype), moments.nu)
     return moments._replace(mu=mu, nu=nu, bias_corrected=True), state
 
+  update_fn.jadam_stage = ("bias_correct", dict(into_step=into_step))
   return optax.GradientTransformation(init_fn, update_fn)
 
 

@@ -140,6 +140,8 @@ def scale_by_moments(
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
 
+  # What jadam._kernels.fused reads to recognise the stage (its hyperparameters; no provenance).
+  update_fn.jadam_stage = ("scale_by_moments", dict(b1=b1_fn, b2=b2_fn, mu_dtype=mu_dtype, nu_dtype=nu_dtype))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -222,6 +224,7 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
     nu_max = _common.tree_map_float(lambda v, s: v.astype(s.dtype), nu, state.nu_max, keep=1)
     return moments._replace(nu=nu), MaxNuState(nu_max=nu_max)
 
+  update_fn.jadam_stage = ("max_nu", dict(nu_dtype=nu_dtype))
   return optax.GradientTransformation(init_fn, update_fn)
 
 

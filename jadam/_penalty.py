@@ -67,6 +67,7 @@ def add_l2(
     updates = _common.tree_map_float(add, updates, params)
     return updates, AddL2State(count=optax.safe_increment(state.count))
 
+  update_fn.jadam_stage = ("add_l2", dict(weight_decay=wd_fn))
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
 
@@ -150,4 +151,5 @@ def decoupled_decay(
 
     return _common.tree_map_float(decay, updates, params), DecoupledDecayState(count=optax.safe_increment(state.count))
 
+  update_fn.jadam_stage = ("decoupled_decay", dict(weight_decay=wd_fn, learning_rate=lr_fn, convention=convention))
   return optax.GradientTransformation(init_fn, update_fn)

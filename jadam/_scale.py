@@ -58,6 +58,7 @@ def normalize(
 
     return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 
+  update_fn.jadam_stage = ("normalize", dict(eps=eps_fn, eps_root=eps_root_fn))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -100,6 +101,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
     return _common.tree_map_float(scale, updates), ScaleByLrState(count=optax.safe_increment(state.count))
 
+  update_fn.jadam_stage = ("scale_by_lr", dict(learning_rate=lr_fn))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -201,6 +203,7 @@ def flip_sign() -> optax.GradientTransformation:
     expect_updates(updates, "jadam.flip_sign")
     return _common.tree_map_float(jnp.negative, updates), state
 
+  update_fn.jadam_stage = ("flip_sign", {})
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 

@@ -20,15 +20,18 @@ donated arguments in the order of the outputs: ``(params, state, ...) ->
 (params, state, ...)``, as the helpers here do.
 
 On CPU, XLA cannot fuse the three results of an Adam step (new m, v and
-parameters) into one loop: it makes three passes, 40 bytes a parameter. For
-:func:`jadam.adam` and :func:`jadam.adamw` in their plain configurations the
-helpers here therefore call a compiled single-pass kernel instead
-(`jadam._kernels.fused`), with the same results and the same state; everything else
-takes the generic path.
+parameters) into one loop: it makes three passes, 40 bytes a parameter. Where
+a transformation's structure is Adam's (jadam's stages, possibly inside
+`optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`
+or `partition`: see `jadam._kernels.fused`) the helpers here therefore call a
+compiled single-pass kernel instead, with the same results and the same state;
+everything else takes the generic path. `jax.export` and lowerings for other
+platforms get the kernel's arithmetic in plain XLA.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -65,12 +68,13 @@ def update_and_apply(
   fuses the update into the writes of the new parameters and reuses the old
   buffers. Any Optax transformation works.
 
-  For :func:`jadam.adam` and :func:`jadam.adamw` on CPU (without `amsgrad`,
-  `maximize`, a `mask` or moment dtypes; float32 or float64 leaves) the step is
-  one compiled kernel that reads and writes each buffer once, with the same
-  new parameters and state as ``tx.update`` + ``optax.apply_updates``; under
-  `vmap`, `grad`, `shard_map`, on other backends, or where the kernel cannot
-  be built, the generic path runs.
+  Where `tx` is Adam by structure (see the README's "The fast path": jadam's
+  stages, also inside `optax.chain`, `clip_by_global_norm`, `apply_if_finite`,
+  `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
+  moments) and the backend is the CPU, the step is one compiled kernel that
+  reads and writes each buffer once, with the same new parameters and state as
+  ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
+  other backends, or where the kernel cannot be built, the generic path runs.
 
   Args:
     tx: an :class:`optax.GradientTransformation`.
@@ -79,9 +83,10 @@ def update_and_apply(
     params: the parameters.
     fused: None (default) uses the fused kernel where it applies and, inside a
       `jit`, only when there is a single device (a custom call is not
-      partitioned: sharded inputs would be gathered); True also inside a `jit`
-      on a multi-device host, for callers that know the inputs live on one
-      device; False never.
+      partitioned: sharded inputs would be gathered); True requires it (also
+      inside a `jit` on a multi-device host, for callers that know the inputs
+      live on one device) and raises a `ValueError` saying why where it cannot
+      serve; False never.
 
   Returns:
     ``(new_params, new_state)``; each new parameter keeps its dtype.
@@ -99,12 +104,19 @@ def update_and_apply(
   """
   _check_tx(tx)
   _check_fused(fused)
+  return _apply(tx, grads, state, params, fused=fused, multi_device_ok=bool(fused))
+
+
+def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
+  """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
   if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
     return _sparse.update_and_apply(tx, grads, state, params)
   if fused is not False:
-    out = _fused.step(tx, grads, state, params, multi_device_ok=bool(fused))
-    if out is not None:
-      return out
+    try:
+      return _fused.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
+    except _fused.Unserved as e:
+      if fused:
+        raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 
@@ -119,6 +131,7 @@ class _Step:
   def __init__(self, fused_fn: Callable[..., Any], generic_fn: Callable[..., Any], donate: tuple[int, ...]):
     self._fused = jax.jit(fused_fn, donate_argnums=donate)
     self._generic = jax.jit(generic_fn, donate_argnums=donate)
+    functools.update_wrapper(self, fused_fn)
 
   def _pick(self, args):
     if jax.device_count() == 1 or all(_fused.single_device(x) for x in jax.tree.leaves(args)):
@@ -131,6 +144,9 @@ class _Step:
   def lower(self, *args, **kwargs):
     return self._pick(args).lower(*args, **kwargs)
 
+  def trace(self, *args, **kwargs):
+    return self._pick(args).trace(*args, **kwargs)
+
   def __getattr__(self, name):
     return getattr(self._fused, name)
 
@@ -139,7 +155,7 @@ def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: boo
   _check_fused(fused)
   _common.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
-  if fused is False or _fused.recipe_of(tx) is None:
+  if fused is False:
     return jax.jit(make(False), donate_argnums=donate_argnums)
   return _Step(make(True), make(False), donate_argnums)
 
@@ -159,7 +175,8 @@ def make_update_step(
     donate: donate `params` and `state` (the fast path); set False to keep them.
     fused: None (default) takes :func:`update_and_apply`'s fused kernel where
       it applies and every input lives on one device (chosen at each call);
-      False always the generic path.
+      True requires it (a `ValueError` at the first call where it cannot
+      serve); False always the generic path.
 
   Returns:
     The jitted step function.
@@ -177,7 +194,7 @@ def make_update_step(
 
   def make(use_kernel):
     def step(params, state, grads):
-      return update_and_apply(tx, grads, state, params, fused=use_kernel)
+      return _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
 
     return step
 
@@ -219,7 +236,7 @@ def make_train_step(
   def make(use_kernel):
     def step(params, state, *batch):
       value, grads = grad_fn(params, *batch)
-      params, state = update_and_apply(tx, grads, state, params, fused=use_kernel)
+      params, state = _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
       if has_aux:
         loss, aux = value
         return params, state, loss, aux

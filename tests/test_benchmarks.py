@@ -13,6 +13,7 @@ def test_step_time_quick(capsys):
   for title in ("flat vector, 10,000", "30-leaf tree", "MNIST CNN"):
     assert title in out
   assert "| jadam.adam |" in out and "| optax.adam |" in out
+  assert "configurations, 10,000" in out and "| torch.AdamW two groups |" in out and "| yes |" in out
 
 
 def test_step_time_quick_with_torch(capsys):

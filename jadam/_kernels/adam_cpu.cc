@@ -7,16 +7,19 @@
 // without floating-point contraction (-ffp-contract=off).
 //
 // Call frame: arg 0 is a 1-d buffer of scalars (kNumScalars, the leaves'
-// dtype); then 4 buffers per leaf (g, p, m, v); results are 3 per leaf
-// (p, m, v), aliased by the caller to the donated p, m, v.
+// dtype); then 4 buffers per leaf (g, p, m, v), 5 with amsgrad (+ v_max);
+// results are 3 per leaf (p, m, v), 4 with amsgrad, aliased by the caller to
+// the donated inputs. The attribute `mode` says which stages are present.
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -26,9 +29,18 @@ namespace ffi = xla::ffi;
 namespace {
 
 enum Scalar {
-  kOneMinusB1, kB1, kOneMinusB2, kB2, kC1, kC2, kEpsRoot, kEps, kNegLr, kWeightDecay, kNumScalars
+  kOneMinusB1, kB1, kOneMinusB2, kB2, kC1, kC2, kEpsRoot, kEps, kNegLr, kWeightDecay,
+  kClipNorm, kClipMax, kClipOn, kApply, kDecayFactor, kSign, kNumScalars
 };
-enum Mode { kPlain = 0, kCoupled = 1, kDecoupled = 2 };  // where weight_decay enters
+// The stages present (attribute `mode`, a bit set).
+enum Mode : int32_t {
+  kCoupled = 1,    // add_l2 before the moments (torch.optim.Adam's weight_decay)
+  kDecoupled = 2,  // add_l2 after normalize (AdamW)
+  kNegate = 4,     // flip_sign (maximize)
+  kClip = 8,       // optax.clip_by_global_norm in front: g <- (g / norm) * max_norm when kClipOn
+  kAmsgrad = 16,   // max_nu before bias_correct: a fifth buffer per leaf, the running maximum
+  kTorchDecay = 32,  // decoupled_decay after scale_by_lr: p' = p + ((p * factor + step) - p)
+};
 
 template <typename T>
 struct Leaf {
@@ -36,31 +48,91 @@ struct Leaf {
   T* p;  // in place: the results are aliased to the inputs
   T* m;
   T* v;
+  T* vmax;  // amsgrad only
   int64_t size;
 };
 
-template <typename T, int kMode>
-void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __restrict v, int64_t n,
-               const T* s) {
+template <typename T, bool kCoupledL2, bool kDecoupledL2, bool kClipped, bool kAms, bool kShrink>
+void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __restrict v, T* __restrict vmax,
+               int64_t n, const T* s) {
   const T omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
   const T c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps];
-  const T neg_lr = s[kNegLr], wd = s[kWeightDecay];
+  const T neg_lr = s[kNegLr], wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax];
+  const T factor = s[kDecayFactor], sign = s[kSign];
   // XLA rewrites x / broadcast(c) as x * (1 / c): so must we, to give its bits.
-  const T r1 = T(1) / c1, r2 = T(1) / c2;
+  const T r1 = T(1) / c1, r2 = T(1) / c2, rn = T(1) / norm;
   for (int64_t i = 0; i < n; ++i) {
     T gi = g[i];
     const T pi = p[i];
-    if (kMode == kCoupled) gi = gi + wd * pi;          // add_l2 before the moments
+    if (kClipped) gi = (gi * rn) * max_norm;            // optax.clip_by_global_norm, t / norm as XLA has it
+    gi = gi * sign;                                     // flip_sign: -1 (exact), else 1
+    if (kCoupledL2) gi = gi + wd * pi;                  // add_l2 before the moments
     const T mi = omb1 * gi + b1 * m[i];                 // _ema: (1 - d) g + d m
     const T vi = omb2 * (gi * gi) + b2 * v[i];          // _ema: (1 - d) g^2 + d v
+    T vx = vi;
+    if (kAms) {                                         // max_nu: jnp.maximum, NaN-propagating
+      const T vm = vmax[i];
+      vx = (std::isnan(vi) || std::isnan(vm)) ? vi + vm : (vi > vm ? vi : vm);
+      vmax[i] = vx;
+    }
     const T mh = mi * r1;                               // bias_correct
-    const T vh = vi * r2;
+    const T vh = vx * r2;
     T u = mh / (std::sqrt(vh + eps_root) + eps);        // normalize
-    if (kMode == kDecoupled) u = u + wd * pi;           // add_l2 after normalize (AdamW)
+    if (kDecoupledL2) u = u + wd * pi;                  // add_l2 after normalize (AdamW)
     m[i] = mi;
     v[i] = vi;
-    p[i] = pi + neg_lr * u;                             // scale_by_lr, optax.apply_updates
+    if (kShrink) {
+      p[i] = pi + ((pi * factor + neg_lr * u) - pi);    // scale_by_lr, decoupled_decay, apply_updates
+    } else {
+      p[i] = pi + neg_lr * u;                           // scale_by_lr, optax.apply_updates
+    }
   }
+}
+
+// A one-element leaf: XLA turns broadcast(c) into a reshape there and keeps x / c a true division,
+// so the divisions by the norm and the corrections stay divisions (no reciprocal). Flags at run time.
+template <typename T>
+void AdamOne(const T* g, T* p, T* m, T* v, T* vmax, int bits, const T* s) {
+  T gi = g[0];
+  const T pi = p[0];
+  if (bits & kClip) gi = (gi / s[kClipNorm]) * s[kClipMax];
+  if (bits & kNegate) gi = -gi;
+  if (bits & kCoupled) gi = gi + s[kWeightDecay] * pi;
+  const T mi = s[kOneMinusB1] * gi + s[kB1] * m[0];
+  const T vi = s[kOneMinusB2] * (gi * gi) + s[kB2] * v[0];
+  T vx = vi;
+  if (bits & kAmsgrad) {
+    const T vm = vmax[0];
+    vx = (std::isnan(vi) || std::isnan(vm)) ? vi + vm : (vi > vm ? vi : vm);
+    vmax[0] = vx;
+  }
+  T u = (mi / s[kC1]) / (std::sqrt(vx / s[kC2] + s[kEpsRoot]) + s[kEps]);
+  if (bits & kDecoupled) u = u + s[kWeightDecay] * pi;
+  m[0] = mi;
+  v[0] = vi;
+  p[0] = (bits & kTorchDecay) ? pi + ((pi * s[kDecayFactor] + s[kNegLr] * u) - pi) : pi + s[kNegLr] * u;
+}
+
+// A rejected step (optax.apply_if_finite): the state stays, the parameters get + 0 as apply_updates adds.
+template <typename T>
+void SkipRange(T* __restrict p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = p[i] + T(0);
+}
+
+template <typename T>
+using RangeFn = void (*)(const T*, T*, T*, T*, T*, int64_t, const T*);
+
+template <typename T, int kBits>
+constexpr RangeFn<T> Pick() {
+  // kNegate is not a template flag: the sign is a scalar (x * -1 is -x exactly), which halves the instantiations.
+  return &AdamRange<T, (kBits & kCoupled) != 0, (kBits & kDecoupled) != 0, (kBits & kClip) != 0,
+                    (kBits & kAmsgrad) != 0, (kBits & kTorchDecay) != 0>;
+}
+
+template <typename T, size_t... I>
+RangeFn<T> PickRuntime(int bits, std::index_sequence<I...>) {
+  static constexpr RangeFn<T> table[] = {Pick<T, static_cast<int>(I)>()...};
+  return table[bits & 63];
 }
 
 template <typename T>
@@ -70,7 +142,9 @@ struct Job {
   int64_t total = 0;
   int64_t chunk = 0;
   int64_t num_chunks = 0;
-  int mode = kPlain;
+  RangeFn<T> range = nullptr;
+  int bits = 0;
+  bool skip = false;
   T scalars[kNumScalars];
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -83,15 +157,12 @@ struct Job {
       const int64_t off = lo - starts[leaf];
       const int64_t n = std::min(hi, starts[leaf] + l.size) - lo;
       if (n > 0) {
-        switch (mode) {
-          case kCoupled:
-            AdamRange<T, kCoupled>(l.g + off, l.p + off, l.m + off, l.v + off, n, scalars);
-            break;
-          case kDecoupled:
-            AdamRange<T, kDecoupled>(l.g + off, l.p + off, l.m + off, l.v + off, n, scalars);
-            break;
-          default:
-            AdamRange<T, kPlain>(l.g + off, l.p + off, l.m + off, l.v + off, n, scalars);
+        if (skip) {
+          SkipRange<T>(l.p + off, n);
+        } else if (l.size == 1) {
+          AdamOne<T>(l.g, l.p, l.m, l.v, l.vmax, bits, scalars);
+        } else {
+          range(l.g + off, l.p + off, l.m + off, l.v + off, l.vmax ? l.vmax + off : nullptr, n, scalars);
         }
         lo += n;
       }
@@ -117,8 +188,10 @@ constexpr int64_t kChunk = 1 << 16;
 template <ffi::DataType kDtype>
 ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode) {
   using T = ffi::NativeType<kDtype>;
-  if (args.size() < 1 || (args.size() - 1) % 4 != 0 || rets.size() != 3 * ((args.size() - 1) / 4)) {
-    return ffi::Error::InvalidArgument("jadam_adam: expected 1 + 4n arguments and 3n results");
+  const bool ams = (mode & kAmsgrad) != 0;
+  const size_t n_in = ams ? 5 : 4, n_out = n_in - 1;  // per leaf: g, p, m, v[, vmax] -> p, m, v[, vmax]
+  if (args.size() < 1 || (args.size() - 1) % n_in != 0 || rets.size() != n_out * ((args.size() - 1) / n_in)) {
+    return ffi::Error::InvalidArgument("jadam_adam: expected 1 + 4n (5n with amsgrad) arguments and 3n (4n) results");
   }
   auto scalars = args.get<ffi::AnyBuffer>(0);
   if (!scalars.has_value() || scalars->element_type() != kDtype ||
@@ -126,17 +199,21 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
     return ffi::Error::InvalidArgument("jadam_adam: bad scalar buffer");
   }
   auto job = std::make_shared<Job<T>>();
-  job->mode = mode;
   const T* s = reinterpret_cast<const T*>(scalars->untyped_data());
   std::copy(s, s + kNumScalars, job->scalars);
-  const size_t n_leaves = (args.size() - 1) / 4;
+  int bits = mode & ~kClip;
+  if ((mode & kClip) && s[kClipOn] != T(0)) bits |= kClip;  // the norm is above max_norm: clip
+  job->range = PickRuntime<T>(bits, std::make_index_sequence<64>{});
+  job->bits = bits;
+  job->skip = s[kApply] == T(0);
+  const size_t n_leaves = (args.size() - 1) / n_in;
   job->leaves.reserve(n_leaves);
   job->starts.reserve(n_leaves);
   for (size_t i = 0; i < n_leaves; ++i) {
-    const T* in[4];
+    const T* in[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
     int64_t size = -1;
-    for (int k = 0; k < 4; ++k) {
-      auto b = args.get<ffi::AnyBuffer>(1 + 4 * i + k);
+    for (size_t k = 0; k < n_in; ++k) {
+      auto b = args.get<ffi::AnyBuffer>(1 + n_in * i + k);
       if (!b.has_value() || b->element_type() != kDtype) {
         return ffi::Error::InvalidArgument("jadam_adam: bad leaf argument");
       }
@@ -146,9 +223,9 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
       size = static_cast<int64_t>(b->element_count());
       in[k] = reinterpret_cast<const T*>(b->untyped_data());
     }
-    T* out[3];
-    for (int k = 0; k < 3; ++k) {
-      auto r = rets.get<ffi::AnyBuffer>(3 * i + k);
+    T* out[4] = {nullptr, nullptr, nullptr, nullptr};
+    for (size_t k = 0; k < n_out; ++k) {
+      auto r = rets.get<ffi::AnyBuffer>(n_out * i + k);
       if (!r.has_value() || (*r)->element_type() != kDtype ||
           static_cast<int64_t>((*r)->element_count()) != size) {
         return ffi::Error::InvalidArgument("jadam_adam: bad leaf result");
@@ -156,11 +233,11 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
       out[k] = reinterpret_cast<T*>((*r)->untyped_data());
     }
     if (size == 0) continue;
-    for (int k = 0; k < 3; ++k) {  // XLA honours the aliases; should it not, start from the inputs
+    for (size_t k = 0; k < n_out; ++k) {  // XLA honours the aliases; should it not, start from the inputs
       if (out[k] != in[k + 1]) std::copy(in[k + 1], in[k + 1] + size, out[k]);
     }
     job->starts.push_back(job->total);
-    job->leaves.push_back(Leaf<T>{in[0], out[0], out[1], out[2], size});
+    job->leaves.push_back(Leaf<T>{in[0], out[0], out[1], out[2], ams ? out[3] : nullptr, size});
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
@@ -184,7 +261,220 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
   return ffi::Error::Success();
 }
 
+// --- float32 parameters, bfloat16 moments with jadam/_lowp.py's stochastic rounding ---------------
+//
+// Call frame: scalars (float32), then uint32[1 + 2n]: the step count t and, per leaf, the hash offsets of its
+// two streams ((2k + moment) * 0xC2B2AE3D, k the leaf's position); then g, p (float32), m, v (bfloat16) per
+// leaf; results p, m, v per leaf, aliased. Each moment is formed in float32 from the stored one, rounded
+// stochastically with the bits of _lowp.hash_bits(flat index, t, stream), and the corrections read the
+// stored (rounded) value, as jadam's stages do.
+
+inline uint32_t HashBits(uint32_t i, uint32_t t_term, uint32_t offset) {
+  uint32_t h = i * 0x9E3779B1u + (t_term + offset);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+inline float Bf16ToF32(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+inline uint16_t RoundToBf16(float x, uint32_t r) {  // _lowp.round_to_bfloat16, branch-free (it vectorizes)
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint32_t mag = bits & 0x7FFFFFFFu;
+  const uint32_t rounded = ((bits + r) & 0xFFFF0000u) >> 16;
+  const uint32_t special = mag > 0x7F800000u ? (((bits >> 16) & 0x8000u) | 0x7FC0u) : (bits >> 16);  // NaN, inf
+  return static_cast<uint16_t>(mag < 0x7F800000u ? rounded : special);
+}
+
+struct LeafB {
+  const float* g;
+  float* p;
+  uint16_t* m;
+  uint16_t* v;
+  int64_t size;
+  uint32_t off_m, off_v;
+};
+
+struct JobB {
+  std::vector<LeafB> leaves;
+  std::vector<int64_t> starts;
+  int64_t total = 0, chunk = 0, num_chunks = 0;
+  int bits = 0;
+  bool skip = false;
+  uint32_t t_term = 0;
+  float s[kNumScalars];
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void RangeT(const LeafB& l, int64_t lo, int64_t n) const {
+    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
+    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
+    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
+    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
+    const uint32_t t_term_ = t_term, off_m = l.off_m, off_v = l.off_v;
+    const float* __restrict g = l.g;
+    float* __restrict p = l.p;
+    uint16_t* __restrict m = l.m;
+    uint16_t* __restrict v = l.v;
+    for (int64_t i = lo; i < lo + n; ++i) {
+      float gi = g[i];
+      const float pi = p[i];
+      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
+      gi = gi * sign;
+      if (kCoupledL2) gi = gi + wd * pi;
+      const float mi = omb1 * gi + b1 * Bf16ToF32(m[i]);
+      const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(v[i]);
+      const uint32_t idx = static_cast<uint32_t>(i);
+      const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term_, off_m) >> 16);
+      const uint16_t vs = RoundToBf16(vi, HashBits(idx, t_term_, off_v) >> 16);
+      const float mr = Bf16ToF32(ms), vr = Bf16ToF32(vs);
+      float u = kExact ? (mr / c1) / (std::sqrt(vr / c2 + eps_root) + eps)
+                       : (mr * r1) / (std::sqrt(vr * r2 + eps_root) + eps);
+      if (kDecoupledL2) u = u + wd * pi;
+      m[i] = ms;
+      v[i] = vs;
+      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
+    }
+  }
+
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void RangeE(const LeafB& l, int64_t lo, int64_t n) const {
+    if (l.size == 1) {  // as AdamOne: true divisions on a one-element leaf
+      RangeT<true, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, n);
+    } else {
+      RangeT<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, n);
+    }
+  }
+
+  template <bool kClipped, bool kCoupledL2>
+  void RangeD(const LeafB& l, int64_t lo, int64_t n) const {
+    const bool dec = bits & kDecoupled, shrink = bits & kTorchDecay;
+    if (dec && shrink) return RangeE<kClipped, kCoupledL2, true, true>(l, lo, n);
+    if (dec) return RangeE<kClipped, kCoupledL2, true, false>(l, lo, n);
+    if (shrink) return RangeE<kClipped, kCoupledL2, false, true>(l, lo, n);
+    return RangeE<kClipped, kCoupledL2, false, false>(l, lo, n);
+  }
+
+  void Range(const LeafB& l, int64_t lo, int64_t n) const {
+    const bool clip = bits & kClip, coupled = bits & kCoupled;
+    if (clip && coupled) return RangeD<true, true>(l, lo, n);
+    if (clip) return RangeD<true, false>(l, lo, n);
+    if (coupled) return RangeD<false, true>(l, lo, n);
+    return RangeD<false, false>(l, lo, n);
+  }
+
+  void Run(int64_t lo, int64_t hi) {
+    auto it = std::upper_bound(starts.begin(), starts.end(), lo);
+    size_t leaf = static_cast<size_t>(it - starts.begin()) - 1;
+    while (lo < hi) {
+      const LeafB& l = leaves[leaf];
+      const int64_t off = lo - starts[leaf];
+      const int64_t n = std::min(hi, starts[leaf] + l.size) - lo;
+      if (n > 0) {
+        if (skip) {
+          SkipRange<float>(l.p + off, n);
+        } else {
+          Range(l, off, n);
+        }
+        lo += n;
+      }
+      ++leaf;
+    }
+  }
+
+  void Work() {
+    int64_t ran = 0;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
+      Run(c * chunk, std::min(total, (c + 1) * chunk));
+      ++ran;
+    }
+    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+  }
+};
+
+ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode) {
+  if (args.size() < 2 || (args.size() - 2) % 4 != 0 || rets.size() != 3 * ((args.size() - 2) / 4)) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: expected 2 + 4n arguments and 3n results");
+  }
+  const size_t n_leaves = (args.size() - 2) / 4;
+  auto scalars = args.get<ffi::AnyBuffer>(0);
+  auto ints = args.get<ffi::AnyBuffer>(1);
+  if (!scalars.has_value() || scalars->element_type() != ffi::DataType::F32 ||
+      scalars->element_count() != kNumScalars || !ints.has_value() ||
+      ints->element_type() != ffi::DataType::U32 || ints->element_count() != 1 + 2 * n_leaves) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad scalar buffers");
+  }
+  if (mode & kAmsgrad) return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: no amsgrad");
+  auto job = std::make_shared<JobB>();
+  const float* s = reinterpret_cast<const float*>(scalars->untyped_data());
+  std::copy(s, s + kNumScalars, job->s);
+  const uint32_t* iv = reinterpret_cast<const uint32_t*>(ints->untyped_data());
+  job->t_term = iv[0] * 0x85EBCA77u;
+  job->bits = mode & ~kClip;
+  if ((mode & kClip) && s[kClipOn] != 0.0f) job->bits |= kClip;
+  job->skip = s[kApply] == 0.0f;
+  const ffi::DataType want[4] = {ffi::DataType::F32, ffi::DataType::F32, ffi::DataType::BF16, ffi::DataType::BF16};
+  for (size_t i = 0; i < n_leaves; ++i) {
+    void* in[4];
+    int64_t size = -1;
+    for (int k = 0; k < 4; ++k) {
+      auto b = args.get<ffi::AnyBuffer>(2 + 4 * i + k);
+      if (!b.has_value() || b->element_type() != want[k] ||
+          (size >= 0 && static_cast<int64_t>(b->element_count()) != size)) {
+        return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad leaf argument");
+      }
+      size = static_cast<int64_t>(b->element_count());
+      in[k] = b->untyped_data();
+    }
+    void* out[3];
+    for (int k = 0; k < 3; ++k) {
+      auto r = rets.get<ffi::AnyBuffer>(3 * i + k);
+      if (!r.has_value() || (*r)->element_type() != want[k + 1] ||
+          static_cast<int64_t>((*r)->element_count()) != size) {
+        return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad leaf result");
+      }
+      out[k] = (*r)->untyped_data();
+      if (out[k] != in[k + 1]) std::memcpy(out[k], in[k + 1], size * (k == 0 ? 4 : 2));
+    }
+    if (size == 0) continue;
+    job->starts.push_back(job->total);
+    job->leaves.push_back(LeafB{static_cast<const float*>(in[0]), static_cast<float*>(out[0]),
+                                static_cast<uint16_t*>(out[1]), static_cast<uint16_t*>(out[2]), size,
+                                iv[1 + 2 * i], iv[2 + 2 * i]});
+    job->total += size;
+  }
+  if (job->total == 0) return ffi::Error::Success();
+  const int64_t threads = pool.num_threads();
+  if (job->total < kParallelThreshold || threads <= 1) {
+    job->Run(0, job->total);
+    return ffi::Error::Success();
+  }
+  job->chunk = kChunk;
+  job->num_chunks = (job->total + kChunk - 1) / kChunk;
+  const int64_t helpers = std::min<int64_t>(threads, job->num_chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32Bf16, AdamBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int32_t>("mode"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32, AdamImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()

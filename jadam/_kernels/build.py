@@ -7,6 +7,15 @@ targets for the CPU platform. Nothing is downloaded. Where there is no
 compiler, the build fails, or ``JADAM_NO_KERNELS=1`` is set, :func:`load`
 returns False (warning once, except when disabled on purpose) and jadam keeps
 its pure-XLA path.
+
+The cache cannot crash a process: a library is loaded only if its sha256 is the
+one recorded (in ``<library>.sha256``, written atomically after a successful
+build) and checked before it is mapped, so a file cut short (a full disk, an
+interrupted copy) or left by another build is compiled again instead of
+killing the process with SIGBUS. Concurrent first uses take an `fcntl` lock:
+one process builds, the others wait and load its library. Where the cache
+directory cannot be written, a per-user directory under the temporary
+directory serves.
 """
 
 from __future__ import annotations
@@ -27,8 +36,12 @@ import jax
 import jaxlib
 
 SOURCE = Path(__file__).with_name("adam_cpu.cc")
-TARGETS = {"float32": "jadam_adam_f32", "float64": "jadam_adam_f64"}
-_SYMBOLS = {"jadam_adam_f32": "JadamAdamF32", "jadam_adam_f64": "JadamAdamF64"}
+TARGETS = {"float32": "jadam_adam_f32", "float64": "jadam_adam_f64", "bfloat16": "jadam_adam_f32_bf16"}
+_SYMBOLS = {
+  "jadam_adam_f32": "JadamAdamF32",
+  "jadam_adam_f64": "JadamAdamF64",
+  "jadam_adam_f32_bf16": "JadamAdamF32Bf16",
+}
 FLAGS = (
   "-std=c++17",
   "-O3",
@@ -70,10 +83,77 @@ def cache_dir() -> Path:
   return Path(root) / "jadam" / "kernels"
 
 
-def _build(cxx: str) -> Path:
-  """Compiles the source into the cache (atomically) unless it is already there; returns the library."""
+def _writable_dir() -> Path:
+  """The cache directory, or a per-user one in the temporary directory where it cannot be written."""
+  for d in (cache_dir(), Path(tempfile.gettempdir()) / f"jadam-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+    try:
+      d.mkdir(parents=True, exist_ok=True)
+      probe = tempfile.NamedTemporaryFile(dir=d, prefix=".probe-")
+      probe.close()
+      return d
+    except OSError:
+      continue
+  raise RuntimeError(f"neither {cache_dir()} nor the temporary directory can be written")
+
+
+def _sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+class _FileLock:
+  """An exclusive `fcntl` lock on a file next to the library: one process builds, the others wait and load it."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self.fd = None
+
+  def __enter__(self):
+    try:
+      import fcntl  # pylint: disable=g-import-not-at-top
+    except ImportError:  # not POSIX: no lock, the atomic renames still keep the files whole
+      return self
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(self.fd, fcntl.LOCK_EX)
+    return self
+
+  def __exit__(self, *exc):
+    if self.fd is not None:
+      import fcntl  # pylint: disable=g-import-not-at-top
+
+      fcntl.flock(self.fd, fcntl.LOCK_UN)
+      os.close(self.fd)
+
+
+def _recorded(out: Path, key: str) -> bool:
+  """Whether `out` is the library recorded after its build: the sidecar names this key and the file's sha256."""
+  try:
+    recorded = out.with_name(out.name + ".sha256").read_text().split()
+  except OSError:
+    return False
+  return len(recorded) == 2 and recorded[1] == key and out.is_file() and _sha256(out) == recorded[0]
+
+
+def _key(cxx: str) -> str:
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-  key = hashlib.sha256(
+  return hashlib.sha256(
     "\0".join(
       [
         SOURCE.read_text(),
@@ -87,22 +167,37 @@ def _build(cxx: str) -> Path:
       ]
     ).encode()
   ).hexdigest()[:24]
-  out = cache_dir() / f"adam_cpu-{key}.so"
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-  os.close(fd)
-  try:
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-    os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return out
+
+
+def _build_and_load(cxx: str) -> ctypes.CDLL:
+  """The library for this source, compiler and CPU: loaded from the cache if its checksum is the recorded one, else
+  (missing, cut short, from another build) compiled again; under a file lock, so concurrent first uses build once.
+
+  The checksum is checked before `dlopen`: a truncated file mapped into memory would kill the process with SIGBUS.
+  """
+  key = _key(cxx)
+  d = _writable_dir()
+  out = d / f"adam_cpu-{key}.so"
+  with _FileLock(d / f"adam_cpu-{key}.lock"):
+    if not _recorded(out, key):
+      _state["built"] = True
+      fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=d)
+      os.close(fd)
+      try:
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+          raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        digest = _sha256(Path(tmp))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)  # atomic: a reader sees the old file or the new one, never half of one
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
+      _write_atomically(out.with_name(out.name + ".sha256"), f"{digest} {key}\n".encode())
+      if not _recorded(out, key):
+        raise RuntimeError(f"{out} changed while it was being recorded")
+    return ctypes.cdll.LoadLibrary(str(out))
 
 
 def load() -> bool:
@@ -118,7 +213,7 @@ def load() -> bool:
       cxx = _compiler()
       if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
-      lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+      lib = _build_and_load(cxx)
       for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
@@ -134,3 +229,13 @@ def load() -> bool:
     _state["lib"] = lib
     _state["ok"] = True
     return True
+
+
+def loaded() -> bool:
+  """Whether the kernels are registered (without trying to build them)."""
+  return bool(_state.get("ok"))
+
+
+def error() -> str:
+  """Why the kernels are unavailable (after a failed :func:`load`)."""
+  return str(_state.get("error", "not loaded"))

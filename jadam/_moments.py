@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common, _lowp
+from jadam import _common, _lowp, _quantize
 
 Dtype = Any
 
@@ -111,29 +111,33 @@ def scale_by_moments(
   """
   _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
   _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_dtype("mu_dtype", mu_dtype)
-  _common.check_dtype("nu_dtype", nu_dtype)
+  _quantize.check_dtype("mu_dtype", mu_dtype)
+  _quantize.check_dtype("nu_dtype", nu_dtype)
   b1_fn = None if b1 is None else _common.as_schedule(b1)
   b2_fn = _common.as_schedule(b2)
 
+  def zeros(params, dtype, widen):
+    if isinstance(dtype, _quantize.Quantized):
+      return _quantize.zeros(params, dtype, widen=widen)
+    return _common.state_zeros(params, dtype, widen=widen)
+
   def init_fn(params):
-    mu = None if b1 is None else _common.state_zeros(params, mu_dtype, widen=False)
-    return ScaleByMomentsState(
-      count=jnp.zeros([], jnp.int32), mu=mu, nu=_common.state_zeros(params, nu_dtype, widen=True)
-    )
+    mu = None if b1 is None else zeros(params, mu_dtype, widen=False)
+    return ScaleByMomentsState(count=jnp.zeros([], jnp.int32), mu=mu, nu=zeros(params, nu_dtype, widen=True))
 
   def update_fn(updates, state, params=None):
     del params
     expect_updates(updates, "jadam.scale_by_moments")
     _common.check_state("jadam.scale_by_moments", state, ScaleByMomentsState)
-    _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
+    nu_old = _quantize.load(state.nu, nu_dtype, signed=False)  # 8-bit moments: dequantized, updated, requantized
+    _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", nu_old, _common.STATE_HINT)
     beta2 = b2_fn(state.count)  # step t reads the schedule at t - 1, as optax does
-    nu = _ema(updates, state.nu, beta2, square=True)
+    nu = _ema(updates, nu_old, beta2, square=True)
     if b1_fn is None:
       beta1, mu, mu_state = 0.0, updates, None
     else:
       beta1 = b1_fn(state.count)
-      mu = _ema(updates, state.mu, beta1, square=False)
+      mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
       mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype)
     nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype)
     count = optax.safe_increment(state.count)
@@ -152,8 +156,12 @@ def _store(updates, values, state, count, stream, dtype):
   (:func:`jadam._lowp.round_to_bfloat16`) decays it as 0.999^t on average.
   The next stages then read the stored value, widened back, so the step sees
   what the state holds and XLA keeps no float32 copy of the moment in memory.
-  Default dtypes (None) keep plain casts and pass `values` on unchanged.
+  Default dtypes (None) keep plain casts and pass `values` on unchanged, and
+  so does a :class:`jadam.Quantized` format (8-bit codes, as bitsandbytes: the
+  step reads the float32 moments that were just requantized).
   """
+  if isinstance(dtype, _quantize.Quantized):
+    return _quantize.store(updates, values, state, dtype, signed=stream == 0), values
   if _lowp.stochastic_store(dtype):
     stored = _lowp.store(updates, values, state, count, stream)
     return stored, _common.tree_map_float(lambda v, s: s.astype(v.dtype), values, stored)

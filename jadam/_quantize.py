@@ -146,6 +146,44 @@ _MAPS = {True: dynamic_map(True), False: dynamic_map(False)}
 _BOUNDS = {s: ((m[:-1] + m[1:]) / np.float32(2.0)).astype(np.float32) for s, m in _MAPS.items()}
 
 
+def _lookup_tables(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Tables that turn a binary search over `bounds` into two lookups.
+
+  Indexed by the top 16 bits of a float32 (sign, exponent, 7 bits of
+  mantissa), each key stands for an interval of floats that holds at most one
+  boundary (the map's codes are at least 1.6% apart, the keys' intervals at
+  most 0.8% wide): `base[k]` counts the boundaries below the interval and
+  `next[k]` is the boundary inside it (or +inf), so that
+  ``searchsorted(bounds, y) == base[k] + (next[k] < y)``.
+  """
+  keys = np.arange(2**16, dtype=np.uint32)
+  edge = (keys << 16).view(np.float32)  # the end of each interval nearest zero
+  far = ((keys + 1) << 16).view(np.float32)  # the other end, excluded
+  positive = keys < 2**15
+  low = np.where(positive, edge, far)  # the interval is [edge, far) for y >= 0, (far, edge] for y < 0
+  base = np.where(positive, np.searchsorted(bounds, low, side="left"), np.searchsorted(bounds, low, side="right"))
+  inside = np.minimum(base, len(bounds) - 1)
+  b = bounds[inside]
+  high = np.where(positive, far, edge)
+  hit = (base < len(bounds)) & np.where(positive, b < high, b <= high)
+  with np.errstate(invalid="ignore"):
+    finite = np.isfinite(edge) & np.isfinite(far)
+  after = np.minimum(inside + 1, len(bounds) - 1)
+  second = hit & (base + 1 < len(bounds)) & np.where(positive, bounds[after] < high, bounds[after] <= high)
+  assert not np.any(second & finite), "two boundaries in one key's interval"
+  return base.astype(np.int32), np.where(hit, b, np.float32(np.inf)).astype(np.float32)
+
+
+_TABLES = {s: _lookup_tables(b) for s, b in _BOUNDS.items()}
+
+
+def _codes(scaled: jax.Array, signed: bool) -> jax.Array:
+  """``searchsorted(bounds, scaled, side="left")`` for `scaled` in [-1, 1], by two table lookups."""
+  base, nxt = (jnp.asarray(t) for t in _TABLES[signed])
+  key = (jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> 16).astype(jnp.int32)
+  return base[key] + (nxt[key] < scaled).astype(jnp.int32)
+
+
 def _blocks(shape: tuple[int, ...], block_size: int) -> tuple[bool, int]:
   """`(per_row, n_blocks)`: whether blocks follow the last axis, and how many blocks a flat layout has."""
   per_row = len(shape) >= 1 and shape[-1] > 0 and shape[-1] % block_size == 0
@@ -179,7 +217,7 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> QuantizedArray:
   # bitsandbytes: x * (1 / max(absmax, 1e-38)), clamped to [-1, 1].
   inv = 1.0 / jnp.maximum(absmax, np.float32(1e-38))
   scaled = jnp.clip(xb * inv[..., None], -1.0, 1.0)
-  codes = jnp.searchsorted(jnp.asarray(_BOUNDS[signed]), scaled, side="left", method="scan_unrolled")
+  codes = _codes(scaled, signed)
   if not signed:
     # A positive v never rounds to zero: it goes to the smallest positive code
     # (3.25e-7 of its block's maximum). A v read back as zero would make the next
@@ -216,14 +254,23 @@ def zeros(params: optax.Params, spec: Quantized, *, widen: bool) -> QuantizedMom
 
   def codes(p):
     if _quantizes(p, spec):
-      return jnp.zeros(np.shape(p), jnp.uint8)
+      return jnp.zeros_like(p, jnp.uint8)  # keeps the parameter's sharding
     if _common.is_float_leaf(p):  # complex or small leaves: the moment jadam.adam keeps
       return jnp.zeros_like(p, _common.state_dtype(p, None, widen=widen))
     return jnp.zeros_like(p)
 
   def absmax(p):
-    shape = absmax_shape(np.shape(p), spec.block_size) if _quantizes(p, spec) else ()
-    return jnp.zeros(shape, jnp.float32)
+    if not _quantizes(p, spec):
+      return jnp.zeros((), jnp.float32)
+    shape = absmax_shape(np.shape(p), spec.block_size)
+    z = jnp.zeros(shape, jnp.float32)
+    sharding = None if isinstance(p, jax.core.Tracer) else getattr(p, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and _blocks(np.shape(p), spec.block_size)[0]:
+      try:  # per-row blocks: the scales take the parameter's partition spec
+        return jax.device_put(z, jax.sharding.NamedSharding(sharding.mesh, sharding.spec))
+      except ValueError:  # a shard of the last axis that is not a multiple of block_size
+        return z
+    return z
 
   return QuantizedMoment(codes=jax.tree.map(codes, params), absmax=jax.tree.map(absmax, params))
 

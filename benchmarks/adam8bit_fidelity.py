@@ -95,7 +95,9 @@ def main(argv=None):
   start = np.zeros(args.n, np.float32)
   rows = []
   ref_j = run_jadam(jadam.adam(args.lr), grads, start)
-  rows.append(("jadam.adam8bit vs jadam.adam", distances(run_jadam(jadam.adam8bit(args.lr), grads, start), ref_j, start)))
+  rows.append(
+    ("jadam.adam8bit vs jadam.adam", distances(run_jadam(jadam.adam8bit(args.lr), grads, start), ref_j, start))
+  )
   try:
     import bitsandbytes as bnb
     import torch

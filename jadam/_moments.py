@@ -138,8 +138,10 @@ def scale_by_moments(
     else:
       beta1 = b1_fn(state.count)
       mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
-      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype)
-    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype)
+      again = lambda g, m: _ema_leaf(g, m, beta1, square=False)
+      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again)
+    again = lambda g, v: _ema_leaf(g, v, beta2, square=True)
+    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
@@ -148,7 +150,7 @@ def scale_by_moments(
 
 
 # --- Low-precision storage (issue 5) -------------------------------------------
-def _store(updates, values, state, count, stream, dtype):
+def _store(updates, values, state, count, stream, dtype, again=None):
   """`(stored, passed_on)`: `values` cast to the state's dtypes, and what the next stages read.
 
   An explicit bfloat16 `dtype` rounds stochastically: round-to-nearest would
@@ -161,7 +163,7 @@ def _store(updates, values, state, count, stream, dtype):
   step reads the float32 moments that were just requantized).
   """
   if isinstance(dtype, _quantize.Quantized):
-    return _quantize.store(updates, values, state, dtype, signed=stream == 0), values
+    return _quantize.store(updates, values, state, dtype, signed=stream == 0, recompute=again)
   if _lowp.stochastic_store(dtype):
     stored = _lowp.store(updates, values, state, count, stream)
     return stored, _common.tree_map_float(lambda v, s: s.astype(v.dtype), values, stored)
@@ -173,18 +175,18 @@ def _store(updates, values, state, count, stream, dtype):
 
 def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayLike, *, square: bool) -> optax.Updates:
   """:math:`(1 - d) g^k + d\\,m` in the widened dtype, `None` where the gradient is `None`."""
+  return _common.tree_map_float(lambda g, m: _ema_leaf(g, m, decay, square=square), updates, moment)
 
-  def one(g, m):
-    dtype = _common.compute_dtype(g.dtype)
-    g = g.astype(dtype)
-    d = _common.cast_hyperparameter(decay, dtype)
-    x = g
-    if square:
-      # |g|^2 for complex leaves (as optax.adam), not g^2, which is not a magnitude.
-      x = jnp.real(g * jnp.conj(g)).astype(dtype) if jnp.iscomplexobj(g) else g * g
-    return (1 - d) * x + d * m.astype(dtype)
 
-  return _common.tree_map_float(one, updates, moment)
+def _ema_leaf(g: jax.Array, m: jax.Array, decay: jax.typing.ArrayLike, *, square: bool) -> jax.Array:
+  dtype = _common.compute_dtype(g.dtype)
+  g = g.astype(dtype)
+  d = _common.cast_hyperparameter(decay, dtype)
+  x = g
+  if square:
+    # |g|^2 for complex leaves (as optax.adam), not g^2, which is not a magnitude.
+    x = jnp.real(g * jnp.conj(g)).astype(dtype) if jnp.iscomplexobj(g) else g * g
+  return (1 - d) * x + d * m.astype(dtype)
 
 
 class MaxNuState(NamedTuple):

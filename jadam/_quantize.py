@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,15 +205,25 @@ def _as_blocks(x: jax.Array, block_size: int) -> jax.Array:
   return jnp.pad(flat, (0, n * block_size - flat.size)).reshape(n, block_size)
 
 
-def quantize(x: jax.Array, block_size: int, *, signed: bool) -> QuantizedArray:
+def quantize(
+  x: jax.Array, block_size: int, *, signed: bool, again: Callable[[], jax.Array] | None = None
+) -> QuantizedArray:
   """Block-wise 8-bit codes of `x` (computed in float32) and the blocks' absolute maxima.
 
   Nearest code to :math:`x / a_b` (ties to the lower code), as bitsandbytes'
   `quantize_blockwise`; a block of zeros keeps :math:`a_b = 0` and code of 0.
+
+  `again`, if given, computes `x` anew from the inputs it was made from, behind
+  an optimization barrier: the maxima are reduced from `x` and the codes from
+  the recomputation, so that XLA fuses both into loops over the inputs instead
+  of writing `x` to memory between the reduction and the encoding (a float32
+  temporary per moment, twice the 8-bit state).
   """
   shape = x.shape
   xb = _as_blocks(x.astype(jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(xb), axis=-1)
+  if again is not None:
+    xb = _as_blocks(again().astype(jnp.float32), block_size)
   # bitsandbytes: x * (1 / max(absmax, 1e-38)), clamped to [-1, 1].
   inv = 1.0 / jnp.maximum(absmax, np.float32(1e-38))
   scaled = jnp.clip(xb * inv[..., None], -1.0, 1.0)
@@ -222,7 +232,7 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> QuantizedArray:
     # A positive v never rounds to zero: it goes to the smallest positive code
     # (3.25e-7 of its block's maximum). A v read back as zero would make the next
     # step up to 1/sqrt(1 - b2) times too large; one read as slightly too large
-    # only shortens it. (bitsandbytes' CPU quantizer never gives code 0 either.)
+    # only shortens it. (bitsandbytes' CPU quantizer sends tiny values to a positive code too.)
     codes = jnp.where(scaled > 0, jnp.maximum(codes, 1), codes)
   codes = codes.astype(jnp.uint8)
   per_row, _ = _blocks(shape, block_size)
@@ -301,23 +311,42 @@ class _Pair(NamedTuple):
 
 
 def store(
-  updates: optax.Updates, values: optax.Updates, state: QuantizedMoment, spec: Quantized, *, signed: bool
-) -> QuantizedMoment:
-  """`values` requantized where `state` holds codes, cast to the state's dtype elsewhere.
+  updates: optax.Updates,
+  values: optax.Updates,
+  state: QuantizedMoment,
+  spec: Quantized,
+  *,
+  signed: bool,
+  recompute: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[QuantizedMoment, optax.Updates]:
+  """`(stored, passed_on)`: `values` requantized where `state` holds codes, cast to the state's dtype elsewhere.
 
   Leaves where `updates` is not a float array keep their `state` leaves.
+  `passed_on` is `values`.
+  `recompute(g, old)`, if given, is how each value was made from its gradient
+  and the dequantized old moment: see `again` in :func:`quantize`.
   """
 
   def one(g, v, c, a):
     if not _common.is_float_leaf(g):
-      return _Pair(c, a)
+      return _Pair(c, a), v
     if _is_codes(c):
-      return _Pair(*quantize(v, spec.block_size, signed=signed))
-    return _Pair(v.astype(c.dtype), a)
+      again = None
+      if recompute is not None:
 
-  pairs = jax.tree.map(one, updates, values, state.codes, state.absmax, is_leaf=lambda x: x is None)
-  is_pair = lambda x: isinstance(x, _Pair)
-  return QuantizedMoment(
-    codes=jax.tree.map(lambda p: p.codes, pairs, is_leaf=is_pair),
-    absmax=jax.tree.map(lambda p: p.absmax, pairs, is_leaf=is_pair),
+        def again(g=g, c=c, a=a):
+          g, c, a = jax.lax.optimization_barrier((g, c, a))
+          return recompute(g, dequantize(QuantizedArray(c, a), spec.block_size, signed=signed))
+
+      return _Pair(*quantize(v, spec.block_size, signed=signed, again=again)), v
+    return _Pair(v.astype(c.dtype), a), v
+
+  out = jax.tree.map(one, updates, values, state.codes, state.absmax, is_leaf=lambda x: x is None)
+  is_out = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], _Pair)
+  return (
+    QuantizedMoment(
+      codes=jax.tree.map(lambda o: o[0].codes, out, is_leaf=is_out),
+      absmax=jax.tree.map(lambda o: o[0].absmax, out, is_leaf=is_out),
+    ),
+    jax.tree.map(lambda o: o[1], out, is_leaf=is_out),
   )

@@ -98,7 +98,10 @@ def scale_by_moments(
       either moment is stored with unbiased stochastic rounding (deterministic
       bits from the element index and the step; see
       :func:`jadam._lowp.round_to_bfloat16`), so it decays as
-      :math:`\beta^t` on average at 2 bytes a value.
+      :math:`\beta^t` on average at 2 bytes a value. A :class:`jadam.Quantized`
+      spec stores the moment in 8 bits, one uint8 code per value and one float32
+      scale per block, as bitsandbytes does (signed map for :math:`m`, unsigned
+      for :math:`v`; see :func:`jadam.adam8bit`).
 
   Returns:
     An :class:`optax.GradientTransformation` whose updates are :class:`Moments`

@@ -69,6 +69,13 @@ class Quantized:
 
   Leaves that are not real floating point (complex) keep a moment in their own
   dtype, as without this spec; integer leaves get no moment at all, as always.
+
+  Blocks are bitsandbytes' (`block_size` consecutive values in row-major
+  order). When a leaf's last axis is a multiple of `block_size`, its scales
+  are shaped ``(*shape[:-1], shape[-1] // block_size)`` and sharded like the
+  leaf, so no block straddles a shard as long as each shard of the last axis
+  holds a multiple of `block_size` values; other leaves are blocked as one
+  flat vector (shard them along the first axis only).
   """
 
   block_size: int = 256

@@ -342,3 +342,12 @@ def test_integer_and_complex_leaves_fall_back():
 def test_quantized_spec_is_refused_by_a_float_dtype_argument():
   with pytest.raises(TypeError, match="nu_dtype"):
     jadam.max_nu(nu_dtype=jadam.Quantized())
+
+
+def test_benchmark_rows_run(capsys):
+  from benchmarks import adam8bit_fidelity, memory
+
+  row = memory.measure_one("jadam.adam8bit", 1 << 16, steps=1)
+  assert 2.0 < row["state_bytes_per_param"] <= 2.1
+  adam8bit_fidelity.main(["--n", "4096", "--steps", "3"])
+  assert "| jadam.adam8bit vs jadam.adam |" in capsys.readouterr().out

@@ -203,13 +203,26 @@ def absmax_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
   return (*shape[:-1], shape[-1] // block_size) if per_row else (n,)
 
 
-def _as_blocks(x: jax.Array, block_size: int) -> jax.Array:
-  """`x` as (..., blocks, block_size), zero-padded at the end in the flat layout."""
+def _block_max(x: jax.Array, block_size: int) -> jax.Array:
+  """The maximum of each block of `x`, shaped as the absmax (the last, partial block of a flat layout included)."""
   per_row, n = _blocks(x.shape, block_size)
   if per_row:
-    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    return jnp.max(x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size), axis=-1)
   flat = x.reshape(-1)
-  return jnp.pad(flat, (0, n * block_size - flat.size)).reshape(n, block_size)
+  full = (flat.size // block_size) * block_size
+  parts = [jnp.max(flat[:full].reshape(-1, block_size), axis=-1)] if full else []
+  if full < flat.size:  # sliced, not padded: a pad would be written out in full
+    parts.append(jnp.max(flat[full:], keepdims=True))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _per_value(scales: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+  """One scale per block, broadcast to one per value of a leaf of `shape` (fuses into its consumer)."""
+  wide = jnp.broadcast_to(scales[..., None], (*scales.shape, block_size))
+  per_row, _ = _blocks(shape, block_size)
+  if per_row:
+    return wide.reshape(shape)
+  return wide.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
 def quantize(
@@ -227,13 +240,11 @@ def quantize(
   temporary per moment, twice the 8-bit state).
   """
   shape = x.shape
-  xb = _as_blocks(x.astype(jnp.float32), block_size)
-  absmax = jnp.max(jnp.abs(xb), axis=-1)
-  if again is not None:
-    xb = _as_blocks(again().astype(jnp.float32), block_size)
+  absmax = _block_max(jnp.abs(x.astype(jnp.float32)), block_size)
+  y = (x if again is None else again()).astype(jnp.float32)
   # bitsandbytes: x * (1 / max(absmax, 1e-38)), clamped to [-1, 1].
   inv = 1.0 / jnp.maximum(absmax, np.float32(1e-38))
-  scaled = jnp.clip(xb * inv[..., None], -1.0, 1.0)
+  scaled = jnp.clip(y * _per_value(inv, shape, block_size), -1.0, 1.0)
   codes = _codes(scaled, signed)
   if not signed:
     # A positive v never rounds to zero: it goes to the smallest positive code
@@ -241,20 +252,13 @@ def quantize(
     # step up to 1/sqrt(1 - b2) times too large; one read as slightly too large
     # only shortens it. (bitsandbytes' CPU quantizer sends tiny values to a positive code too.)
     codes = jnp.where(scaled > 0, jnp.maximum(codes, 1), codes)
-  codes = codes.astype(jnp.uint8)
-  per_row, _ = _blocks(shape, block_size)
-  codes = codes.reshape(shape) if per_row else codes.reshape(-1)[: math.prod(shape)].reshape(shape)
-  return QuantizedArray(codes=codes, absmax=absmax)
+  return QuantizedArray(codes=codes.astype(jnp.uint8), absmax=absmax)
 
 
 def dequantize(q: QuantizedArray, block_size: int, *, signed: bool, dtype: Any = jnp.float32) -> jax.Array:
   """:math:`c_{q_i} a_b` in `dtype` (float32 at least), shaped as the codes."""
-  shape = q.codes.shape
   values = jnp.asarray(_MAPS[signed])[q.codes.astype(jnp.int32)]
-  vb = _as_blocks(values, block_size) * q.absmax[..., None]
-  per_row, _ = _blocks(shape, block_size)
-  out = vb.reshape(shape) if per_row else vb.reshape(-1)[: math.prod(shape)].reshape(shape)
-  return out.astype(dtype)
+  return (values * _per_value(q.absmax, q.codes.shape, block_size)).astype(dtype)
 
 
 def _quantizes(leaf: Any, spec: Quantized) -> bool:

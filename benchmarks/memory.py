@@ -2,6 +2,7 @@ r"""Optimizer-state memory: bytes per parameter and peak memory, float32 vs bflo
 
     python -m benchmarks.memory            # 50M float32 parameters
     python -m benchmarks.memory --quick    # 1M
+    python -m benchmarks.memory --only "jadam.adam bf16 moments" jadam.adam8bit   # jadam.adam and these
 
 For each optimizer it reports the state's bytes per parameter, the compiled
 step's memory (XLA's `memory_analysis`: arguments + outputs - donated aliases +
@@ -30,6 +31,7 @@ OPTIMIZERS = {
   "jadam.adam bf16 nu": lambda: jadam.adam(1e-3, nu_dtype=jnp.bfloat16),
   "optax.adam": lambda: optax.adam(1e-3),
   "optax.adam bf16 mu": lambda: optax.adam(1e-3, mu_dtype=jnp.bfloat16),
+  "jadam.adam8bit": lambda: jadam.adam8bit(1e-3),
 }
 
 
@@ -74,6 +76,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--size", type=float, default=5e7)
+  parser.add_argument("--only", nargs="+", choices=list(OPTIMIZERS), help="measure these (and jadam.adam, the base)")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one optimizer, print JSON
   args = parser.parse_args(argv)
   n = int(1e6 if args.quick else args.size)
@@ -81,7 +84,8 @@ def main(argv=None):
     print(json.dumps(measure_one(args.one, n)))
     return
   rows = []
-  for name in OPTIMIZERS:
+  names = [n for n in OPTIMIZERS if not args.only or n == "jadam.adam" or n in args.only]
+  for name in names:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--size", str(n), "--one", name]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -8,8 +8,10 @@ chain of them::
 
 from jadam._alias import adagrad as adagrad
 from jadam._alias import adam as adam
+from jadam._alias import adam8bit as adam8bit
 from jadam._alias import adamax as adamax
 from jadam._alias import adamw as adamw
+from jadam._alias import adamw8bit as adamw8bit
 from jadam._alias import nadam as nadam
 from jadam._alias import radam as radam
 from jadam._alias import rmsprop as rmsprop
@@ -38,6 +40,8 @@ from jadam._penalty import AddL2State as AddL2State
 from jadam._penalty import DecoupledDecayState as DecoupledDecayState
 from jadam._penalty import add_l2 as add_l2
 from jadam._penalty import decoupled_decay as decoupled_decay
+from jadam._quantize import Quantized as Quantized
+from jadam._quantize import QuantizedMoment as QuantizedMoment
 from jadam._scale import MomentumState as MomentumState
 from jadam._scale import ScaleByLrState as ScaleByLrState
 from jadam._scale import flip_sign as flip_sign
@@ -74,6 +78,8 @@ __all__ = (
   "MomentumState",
   "NesterovCorrectState",
   "RowMoments",
+  "Quantized",
+  "QuantizedMoment",
   "ScaleByInfMomentsState",
   "ScaleByLrState",
   "ScaleByMomentsState",
@@ -83,8 +89,10 @@ __all__ = (
   "accumulate_squares",
   "adagrad",
   "adam",
+  "adam8bit",
   "adamax",
   "adamw",
+  "adamw8bit",
   "add_l2",
   "apply_updates",
   "bias_correct",

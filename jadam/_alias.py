@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import optax
 
-from jadam import _common, _scale, _sparse
+from jadam import _common, _quantize, _scale, _sparse
 from jadam._correct import bias_correct, nesterov_correct, rectify
 from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
 from jadam._penalty import add_l2, decoupled_decay
@@ -588,5 +588,109 @@ def sparse_adam(
     _sparse.scale_by_sparse_moments(b1, b2),
     _sparse.rowwise(bias_correct(into_step=True)),
     _sparse.rowwise(normalize(eps)),
+    scale_by_lr(learning_rate),
+  )
+
+
+# --- 8-bit moments (issue 13) ---------------------------------------------------
+def adam8bit(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  eps_root: optax.ScalarOrSchedule = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  r""":func:`adam` with 8-bit block-wise quantized moments (bitsandbytes' `Adam8bit`).
+
+  The same algorithm as :func:`adam`, with :math:`m` and :math:`v` stored as one
+  uint8 code per value and one float32 scale per block of `block_size` values
+  (:class:`jadam.Quantized`): about :math:`2 + 8/\text{block\_size}` bytes per
+  parameter instead of 8. Each step dequantizes the moments, updates them in
+  float32, takes the step from those float32 values and requantizes them for
+  storage, in one fused pass under `jit`:
+
+  .. math::
+      m_t = \beta_1 \tilde m_{t-1} + (1-\beta_1) g_t, \quad
+      v_t = \beta_2 \tilde v_{t-1} + (1-\beta_2) g_t^2, \quad
+      \tilde m_t, \tilde v_t = Q(m_t), Q(v_t),
+
+  with :math:`\hat m_t, \hat v_t` and the step as in :func:`adam`. Leaves with
+  fewer than `min_8bit_size` elements (biases, norms) and complex leaves keep
+  float32 moments: on them this is exactly :func:`adam`. `amsgrad` keeps its
+  maximum in float32. See "8-bit moments" in the README for where 8 bits lose
+  information and what that costs.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad, maximize: as
+      in :func:`adam`.
+    block_size: values per scale, a positive power of two.
+    min_8bit_size: leaves with fewer elements keep float32 moments.
+
+  Returns:
+    An :class:`optax.GradientTransformation`. Under `optax.inject_hyperparams`
+    name `block_size` and `min_8bit_size` in `static_args`.
+
+  References:
+    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
+    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+  """
+  _common.check_flag("amsgrad", amsgrad)
+  spec = _quantize.Quantized(block_size=block_size, min_size=min_8bit_size)
+  return optax.chain(
+    *torch_front(maximize, weight_decay),
+    scale_by_moments(b1, b2, mu_dtype=spec, nu_dtype=spec),
+    *([max_nu()] if amsgrad else []),
+    bias_correct(),
+    normalize(eps, eps_root=eps_root),
+    scale_by_lr(learning_rate),
+  )
+
+
+def adamw8bit(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: optax.ScalarOrSchedule = 0.9,
+  b2: optax.ScalarOrSchedule = 0.999,
+  eps: optax.ScalarOrSchedule = 1e-8,
+  *,
+  eps_root: optax.ScalarOrSchedule = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 1e-2,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  mask: Mask = None,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  r""":func:`adamw` with 8-bit block-wise quantized moments (bitsandbytes' `AdamW8bit`).
+
+  .. math::
+      \theta_t = \theta_{t-1} - \alpha_t \left(
+          \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{\text{root}}} + \epsilon} + \lambda \theta_{t-1}\right),
+
+  with the moments stored as in :func:`adam8bit`.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad, maximize, mask:
+      as in :func:`adamw`.
+    block_size: values per scale, a positive power of two.
+    min_8bit_size: leaves with fewer elements keep float32 moments.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  _common.check_flag("amsgrad", amsgrad)
+  spec = _quantize.Quantized(block_size=block_size, min_size=min_8bit_size)
+  return optax.chain(
+    *torch_front(maximize, 0.0),
+    scale_by_moments(b1, b2, mu_dtype=spec, nu_dtype=spec),
+    *([max_nu()] if amsgrad else []),
+    bias_correct(),
+    normalize(eps, eps_root=eps_root),
+    add_l2(weight_decay, mask=mask),
     scale_by_lr(learning_rate),
   )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common, _lowp
+from jadam import _common, _lowp, _quantize
 
 Dtype = Any
 
@@ -98,7 +98,10 @@ def scale_by_moments(
       either moment is stored with unbiased stochastic rounding (deterministic
       bits from the element index and the step; see
       :func:`jadam._lowp.round_to_bfloat16`), so it decays as
-      :math:`\beta^t` on average at 2 bytes a value.
+      :math:`\beta^t` on average at 2 bytes a value. A :class:`jadam.Quantized`
+      spec stores the moment in 8 bits, one uint8 code per value and one float32
+      scale per block, as bitsandbytes does (signed map for :math:`m`, unsigned
+      for :math:`v`; see :func:`jadam.adam8bit`).
 
   Returns:
     An :class:`optax.GradientTransformation` whose updates are :class:`Moments`
@@ -111,31 +114,37 @@ def scale_by_moments(
   """
   _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
   _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_dtype("mu_dtype", mu_dtype)
-  _common.check_dtype("nu_dtype", nu_dtype)
+  _quantize.check_dtype("mu_dtype", mu_dtype)
+  _quantize.check_dtype("nu_dtype", nu_dtype)
   b1_fn = None if b1 is None else _common.as_schedule(b1)
   b2_fn = _common.as_schedule(b2)
 
+  def zeros(params, dtype, widen):
+    if isinstance(dtype, _quantize.Quantized):
+      return _quantize.zeros(params, dtype, widen=widen)
+    return _common.state_zeros(params, dtype, widen=widen)
+
   def init_fn(params):
-    mu = None if b1 is None else _common.state_zeros(params, mu_dtype, widen=False)
-    return ScaleByMomentsState(
-      count=jnp.zeros([], jnp.int32), mu=mu, nu=_common.state_zeros(params, nu_dtype, widen=True)
-    )
+    mu = None if b1 is None else zeros(params, mu_dtype, widen=False)
+    return ScaleByMomentsState(count=jnp.zeros([], jnp.int32), mu=mu, nu=zeros(params, nu_dtype, widen=True))
 
   def update_fn(updates, state, params=None):
     del params
     expect_updates(updates, "jadam.scale_by_moments")
     _common.check_state("jadam.scale_by_moments", state, ScaleByMomentsState)
-    _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", state.nu, _common.STATE_HINT)
+    nu_old = _quantize.load(state.nu, nu_dtype, signed=False)  # 8-bit moments: dequantized, updated, requantized
+    _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", nu_old, _common.STATE_HINT)
     beta2 = b2_fn(state.count)  # step t reads the schedule at t - 1, as optax does
-    nu = _ema(updates, state.nu, beta2, square=True)
+    nu = _ema(updates, nu_old, beta2, square=True)
     if b1_fn is None:
       beta1, mu, mu_state = 0.0, updates, None
     else:
       beta1 = b1_fn(state.count)
-      mu = _ema(updates, state.mu, beta1, square=False)
-      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype)
-    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype)
+      mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
+      again = lambda g, m: _ema_leaf(g, m, beta1, square=False)
+      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again)
+    again = lambda g, v: _ema_leaf(g, v, beta2, square=True)
+    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
@@ -146,7 +155,7 @@ def scale_by_moments(
 
 
 # --- Low-precision storage (issue 5) -------------------------------------------
-def _store(updates, values, state, count, stream, dtype):
+def _store(updates, values, state, count, stream, dtype, again=None):
   """`(stored, passed_on)`: `values` cast to the state's dtypes, and what the next stages read.
 
   An explicit bfloat16 `dtype` rounds stochastically: round-to-nearest would
@@ -154,8 +163,12 @@ def _store(updates, values, state, count, stream, dtype):
   (:func:`jadam._lowp.round_to_bfloat16`) decays it as 0.999^t on average.
   The next stages then read the stored value, widened back, so the step sees
   what the state holds and XLA keeps no float32 copy of the moment in memory.
-  Default dtypes (None) keep plain casts and pass `values` on unchanged.
+  Default dtypes (None) keep plain casts and pass `values` on unchanged, and
+  so does a :class:`jadam.Quantized` format (8-bit codes, as bitsandbytes: the
+  step reads the float32 moments that were just requantized).
   """
+  if isinstance(dtype, _quantize.Quantized):
+    return _quantize.store(updates, values, state, dtype, signed=stream == 0, recompute=again)
   if _lowp.stochastic_store(dtype):
     stored = _lowp.store(updates, values, state, count, stream)
     return stored, _common.tree_map_float(lambda v, s: s.astype(v.dtype), values, stored)
@@ -167,18 +180,18 @@ def _store(updates, values, state, count, stream, dtype):
 
 def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayLike, *, square: bool) -> optax.Updates:
   """:math:`(1 - d) g^k + d\\,m` in the widened dtype, `None` where the gradient is `None`."""
+  return _common.tree_map_float(lambda g, m: _ema_leaf(g, m, decay, square=square), updates, moment)
 
-  def one(g, m):
-    dtype = _common.compute_dtype(g.dtype)
-    g = g.astype(dtype)
-    d = _common.cast_hyperparameter(decay, dtype)
-    x = g
-    if square:
-      # |g|^2 for complex leaves (as optax.adam), not g^2, which is not a magnitude.
-      x = jnp.real(g * jnp.conj(g)).astype(dtype) if jnp.iscomplexobj(g) else g * g
-    return (1 - d) * x + d * m.astype(dtype)
 
-  return _common.tree_map_float(one, updates, moment)
+def _ema_leaf(g: jax.Array, m: jax.Array, decay: jax.typing.ArrayLike, *, square: bool) -> jax.Array:
+  dtype = _common.compute_dtype(g.dtype)
+  g = g.astype(dtype)
+  d = _common.cast_hyperparameter(decay, dtype)
+  x = g
+  if square:
+    # |g|^2 for complex leaves (as optax.adam), not g^2, which is not a magnitude.
+    x = jnp.real(g * jnp.conj(g)).astype(dtype) if jnp.iscomplexobj(g) else g * g
+  return (1 - d) * x + d * m.astype(dtype)
 
 
 class MaxNuState(NamedTuple):

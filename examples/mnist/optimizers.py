@@ -19,6 +19,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
   # jadam's recipes
   "adam": jadam.adam,
   "adamw": jadam.adamw,
+  "adam8bit": jadam.adam8bit,
+  "adamw8bit": jadam.adamw8bit,
   "adamax": jadam.adamax,
   "nadam": jadam.nadam,
   "radam": jadam.radam,
@@ -28,6 +30,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
   # PyTorch's names and arguments (jadam.torch)
   "Adam": jadam.torch.Adam,
   "AdamW": jadam.torch.AdamW,
+  "Adam8bit": jadam.torch.Adam8bit,
+  "AdamW8bit": jadam.torch.AdamW8bit,
   "Adamax": jadam.torch.Adamax,
   "NAdam": jadam.torch.NAdam,
   "RAdam": jadam.torch.RAdam,

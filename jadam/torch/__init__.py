@@ -24,8 +24,10 @@ from jadam.torch._groups import path_string as path_string
 from jadam.torch._optim import SGD as SGD
 from jadam.torch._optim import Adagrad as Adagrad
 from jadam.torch._optim import Adam as Adam
+from jadam.torch._optim import Adam8bit as Adam8bit
 from jadam.torch._optim import Adamax as Adamax
 from jadam.torch._optim import AdamW as AdamW
+from jadam.torch._optim import AdamW8bit as AdamW8bit
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
@@ -50,7 +52,9 @@ __all__ = (
   "SGD",
   "Adagrad",
   "Adam",
+  "Adam8bit",
   "AdamW",
+  "AdamW8bit",
   "Adamax",
   "CosineAnnealingLR",
   "ExponentialLR",

@@ -505,3 +505,98 @@ def SparseAdam(
     return _with_lr(lambda a: _alias.sparse_adam(a, b1, b2, hp["eps"], maximize=maximize), hp["lr"])
 
   return _build("SparseAdam", params, defaults, build)
+
+
+# --- bitsandbytes' 8-bit Adam (issue 13) ---------------------------------------
+def _adam8bit(name: str, params: Params, defaults: dict, args: Any, optim_bits: Any) -> optax.GradientTransformation:
+  """bitsandbytes' Adam8bit and AdamW8bit: one recipe (its "adam" kernel), two default decays."""
+  if args is not None:
+    raise NotImplementedError(f"{name}: bitsandbytes' `args` (a GlobalOptimManager config) has no jadam equivalent.")
+  if optim_bits != 32:
+    raise ValueError(f"{name} only supports optim_bits=32 (default value for compatibility)")
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    _at_least_zero("epsilon value", hp["eps"])
+    b1, b2 = _check_betas(hp["betas"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    if _flag("amsgrad", hp["amsgrad"]):
+      raise ValueError(f"{name} does not support amsgrad=True")
+    kw = dict(
+      b1=_cycled_momentum(hp["lr"], b1, name),
+      b2=b2,
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      min_8bit_size=hp["min_8bit_size"],
+    )
+    return _with_lr(lambda a: _alias.adamw8bit(a, **kw), hp["lr"])
+
+  return _build(name, params, defaults, build)
+
+
+def Adam8bit(
+  params: Params = None,
+  lr: Any = 1e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0,
+  amsgrad: bool = False,
+  optim_bits: int = 32,
+  args: Any = None,
+  min_8bit_size: int = 4096,
+  is_paged: bool = False,
+) -> optax.GradientTransformation:
+  r"""bitsandbytes' `bnb.optim.Adam8bit`: :func:`jadam.adamw8bit`, with its arguments and defaults.
+
+  .. math::
+      \theta_t = \theta_{t-1}(1 - \alpha\lambda) - \alpha \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon},
+
+  with :math:`m, v` stored in 8 bits, blocks of 256 (see :func:`jadam.adam8bit`).
+  As in bitsandbytes, whose "adam" kernel serves both Adam8bit and AdamW8bit,
+  `weight_decay` is *decoupled* (multiplies the parameters by
+  :math:`1 - \alpha\lambda`), not PyTorch Adam's L2 gradient term; the two
+  differ only in the default :math:`\lambda`.
+
+  Args:
+    params: None, the parameter pytree, or a list of parameter groups, as in
+      :func:`Adam`; a group may override `lr`, `betas`, `eps`, `weight_decay`
+      and `min_8bit_size`.
+    lr, betas, eps, weight_decay: as in bitsandbytes.
+    amsgrad: must be False, as in bitsandbytes.
+    optim_bits: must be 32 (bitsandbytes keeps it for compatibility).
+    args: must be None (bitsandbytes' GlobalOptimManager overrides).
+    min_8bit_size: tensors with fewer elements keep float32 moments.
+    is_paged: accepted and ignored (memory placement, not arithmetic).
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  del is_paged
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
+  return _adam8bit("Adam8bit", params, defaults, args, optim_bits)
+
+
+def AdamW8bit(
+  params: Params = None,
+  lr: Any = 1e-3,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 1e-2,
+  amsgrad: bool = False,
+  optim_bits: int = 32,
+  args: Any = None,
+  min_8bit_size: int = 4096,
+  is_paged: bool = False,
+) -> optax.GradientTransformation:
+  r"""bitsandbytes' `bnb.optim.AdamW8bit`: :func:`Adam8bit` with `weight_decay=1e-2` by default.
+
+  Args:
+    params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args,
+      min_8bit_size, is_paged: as in :func:`Adam8bit`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  del is_paged
+  defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
+  return _adam8bit("AdamW8bit", params, defaults, args, optim_bits)

@@ -472,6 +472,8 @@ def _run_core(items, core: _Core, grads, params, ctx):
     xs = treedef.flatten_up_to(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else [None] * len(ps)
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients or the moments are not shaped like the parameters ({e})") from None
+  if not all(d is None or isinstance(d, (str, type, np.dtype)) for d in (core.hp["mu_dtype"], core.hp["nu_dtype"])):
+    raise Unserved("moments stored in a format other than a dtype (e.g. jadam.Quantized 8-bit blocks)")
   # bfloat16 moments, both stored with jadam._lowp's stochastic rounding: the float32 kernel's bfloat16 variant
   bf16 = _lowp.stochastic_store(core.hp["mu_dtype"]) and _lowp.stochastic_store(core.hp["nu_dtype"])
   if bf16 and core.mode & AMSGRAD:

@@ -44,7 +44,10 @@ from jadam._scale import scale_by_lr as scale_by_lr
 from jadam._step import make_train_step as make_train_step
 from jadam._step import make_update_step as make_update_step
 from jadam._step import update_and_apply as update_and_apply
-from jadam import keras as keras  # public submodules: jadam.keras.Adam, jadam.torch.Adam
+
+# Public submodules (jadam.keras.Adam, jadam.torch.Adam), left out of __all__: `from jadam import *`
+# must not shadow PyTorch's `torch` or Keras's `keras`.
+from jadam import keras as keras
 from jadam import torch as torch
 
 __version__ = "0.1.0"
@@ -70,7 +73,6 @@ __all__ = (
   "center",
   "decoupled_decay",
   "flip_sign",
-  "keras",
   "make_train_step",
   "make_update_step",
   "max_nu",
@@ -88,6 +90,5 @@ __all__ = (
   "scale_by_lr",
   "scale_by_moments",
   "sgd",
-  "torch",
   "update_and_apply",
 )

@@ -17,12 +17,17 @@ Dtype = Any
 Mask = Any | Callable[[optax.Params], Any] | None
 
 
-def torch_front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:
-  """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term."""
+def torch_front(maximize: bool, weight_decay: optax.ScalarOrSchedule | None) -> list[optax.GradientTransformation]:
+  """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term.
+
+  The L2 stage is there for any `weight_decay`, zero included (it then adds
+  nothing and needs no params), so that the chain's structure never depends
+  on a number: `optax.inject_hyperparams` turns the number into an array and
+  must find the same state. `None` (decoupled decay elsewhere) leaves it out.
+  """
   _common.check_flag("maximize", maximize)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   stages = [flip_sign()] if maximize else []
-  if not _common.is_zero(weight_decay):
+  if weight_decay is not None:
     stages.append(add_l2(weight_decay))
   return stages
 
@@ -100,8 +105,10 @@ def adam(
     `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
   """
   _common.check_flag("amsgrad", amsgrad)
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   front = torch_front(maximize, weight_decay)
-  tx = optax.chain(
+  tx = _common.named_chain(
+    "jadam.adam",
     *front,
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
@@ -111,17 +118,16 @@ def adam(
   )
   if amsgrad or maximize or mu_dtype is not None or nu_dtype is not None:
     return tx  # the fused CPU step (jadam._kernels.fused) covers the plain recipe only
-  l2 = 0 if front else None
   return _fused.remember(
     tx,
     _fused.Recipe(
       *(_common.as_schedule(x) for x in (learning_rate, b1, b2, eps, eps_root)),
-      weight_decay=_common.as_schedule(weight_decay) if front else None,
-      mode=_fused.COUPLED if front else _fused.PLAIN,
-      n_states=len(front) + 4,
-      moments=len(front),
-      lr=len(front) + 3,
-      l2=l2,
+      weight_decay=_common.as_schedule(weight_decay),
+      mode=_fused.COUPLED,
+      n_states=5,
+      moments=1,
+      lr=4,
+      l2=0,
     ),
   )
 
@@ -181,8 +187,9 @@ def adamw(
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   _common.check_flag("amsgrad", amsgrad)
-  tx = optax.chain(
-    *torch_front(maximize, 0.0),
+  tx = _common.named_chain(
+    "jadam.adamw",
+    *torch_front(maximize, None),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
     bias_correct(),
@@ -212,7 +219,7 @@ def rmsprop(
   eps: optax.ScalarOrSchedule = 1e-8,
   *,
   weight_decay: optax.ScalarOrSchedule = 0.0,
-  momentum: optax.ScalarOrSchedule = 0.0,
+  momentum: optax.ScalarOrSchedule | None = None,
   centered: bool = False,
   maximize: bool = False,
 ) -> optax.GradientTransformation:
@@ -228,7 +235,7 @@ def rmsprop(
         u_t &= g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon)
             && \text{(\texttt{center}, \texttt{normalize}; no } \bar g_t^2 \text{ if not centered)}\\
         b_t &= \mu b_{t-1} + u_t, \quad u_t \leftarrow b_t
-            && \text{(\texttt{momentum}, if } \mu \ne 0)\\
+            && \text{(\texttt{momentum}, unless } \mu \text{ is None)}\\
         \theta_t &= \theta_{t-1} - \alpha_t u_t && \text{(\texttt{scale\_by\_lr})}
       \end{align*}
 
@@ -242,7 +249,9 @@ def rmsprop(
     alpha: the smoothing constant, in [0, 1).
     eps: :math:`\epsilon \ge 0`.
     weight_decay: coupled L2 :math:`\lambda \ge 0`.
-    momentum: :math:`\mu \in [0, 1]`.
+    momentum: :math:`\mu \in [0, 1]`, or ``None`` (the default, as `optax.rmsprop`): no
+      momentum stage and no buffer. A number, zero included, keeps the stage, so
+      the state's structure does not depend on its value (PyTorch's default is 0).
     centered: divide by the estimated standard deviation instead of the root
       mean square.
     maximize: Ascend the objective instead.
@@ -255,19 +264,21 @@ def rmsprop(
     Learning, 2012; Graves, 2013 (centred).
   """
   _common.check_flag("centered", centered)
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.rmsprop",
     *torch_front(maximize, weight_decay),
     scale_by_moments(alpha if centered else None, alpha),
     *([center()] if centered else []),
     normalize(eps),
-    *([] if _common.is_zero(momentum) else [_scale.momentum(momentum)]),
+    *([] if momentum is None else [_scale.momentum(momentum)]),
     scale_by_lr(learning_rate),
   )
 
 
 def sgd(
   learning_rate: optax.ScalarOrSchedule = 1e-3,
-  momentum: optax.ScalarOrSchedule = 0.0,
+  momentum: optax.ScalarOrSchedule | None = None,
   dampening: optax.ScalarOrSchedule = 0.0,
   *,
   weight_decay: optax.ScalarOrSchedule = 0.0,
@@ -289,7 +300,11 @@ def sgd(
 
   Args:
     learning_rate: :math:`\alpha_t`.
-    momentum: :math:`\mu \in [0, 1]`.
+    momentum: :math:`\mu \in [0, 1]`, or ``None`` (the default, as `optax.sgd`): no
+      momentum stage and no buffer. A number, zero included, keeps the stage (and
+      its buffer), so the state's structure does not depend on its value and
+      `optax.inject_hyperparams` finds the same state; :math:`\mu = 0` then
+      passes the gradient through, as PyTorch's default does.
     dampening: :math:`\tau \in [0, 1]`.
     weight_decay: coupled L2 :math:`\lambda \ge 0`.
     nesterov: Nesterov momentum.
@@ -299,12 +314,15 @@ def sgd(
     An :class:`optax.GradientTransformation`.
   """
   _common.check_flag("nesterov", nesterov)
-  if nesterov and _common.is_zero(momentum):
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  if nesterov and (momentum is None or _common.is_zero(momentum)):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = torch_front(maximize, weight_decay)
-  if not _common.is_zero(momentum):  # as torch, which ignores dampening without momentum
+  if momentum is not None:  # as torch, which ignores dampening without momentum
     stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
-  return optax.chain(*stages, scale_by_lr(learning_rate))
+  else:
+    _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
+  return _common.named_chain("jadam.sgd", *stages, scale_by_lr(learning_rate))
 
 
 def adagrad(
@@ -350,7 +368,7 @@ def adagrad(
   _common.check_hyperparameter("lr_decay", lr_decay, low=0.0)
   lr = learning_rate
   if not _common.is_zero(lr_decay):
-    lr_fn, decay_fn = _common.as_schedule(learning_rate), _common.as_schedule(lr_decay)
+    lr_fn, decay_fn = _common.as_schedule(learning_rate, "learning_rate"), _common.as_schedule(lr_decay, "lr_decay")
 
     def lr(count):
       # Cast both: a float32 array (as optax.inject_hyperparams makes) times a
@@ -360,7 +378,9 @@ def adagrad(
       base = _common.cast_hyperparameter(lr_fn(count), dtype)
       return base / (1 + t * _common.cast_hyperparameter(decay_fn(count), dtype))
 
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adagrad",
     *torch_front(maximize, weight_decay),
     accumulate_squares(initial_accumulator_value),
     normalize(eps),
@@ -375,11 +395,8 @@ def _tail(
   decoupled_weight_decay: bool,
 ) -> list[optax.GradientTransformation]:
   """The step, then PyTorch's decoupled decay if asked for."""
-  decay = (
-    [decoupled_decay(weight_decay, learning_rate)]
-    if decoupled_weight_decay and not _common.is_zero(weight_decay)
-    else []
-  )
+  # The flag, not the value, decides: a zero decay keeps its stage (see torch_front).
+  decay = [decoupled_decay(weight_decay, learning_rate)] if decoupled_weight_decay else []
   return [*direction, scale_by_lr(learning_rate), *decay]
 
 
@@ -423,7 +440,9 @@ def adamax(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
   """
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adamax",
     *torch_front(maximize, weight_decay),
     scale_by_inf_moments(b1, b2, eps, mu_dtype=mu_dtype),
     bias_correct(),
@@ -482,8 +501,10 @@ def nadam(
     Dozat, ICLR 2016 workshop.
   """
   _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
-  return optax.chain(
-    *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.nadam",
+    *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *_tail([nesterov_correct(momentum_decay), normalize(eps)], learning_rate, weight_decay, decoupled_weight_decay),
   )
@@ -537,8 +558,10 @@ def radam(
     Liu et al., ICLR 2020.
   """
   _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
-  return optax.chain(
-    *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.radam",
+    *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *_tail([rectify(eps)], learning_rate, weight_decay, decoupled_weight_decay),
   )

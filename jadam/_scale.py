@@ -36,7 +36,7 @@ def normalize(
   """
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   _common.check_hyperparameter("eps_root", eps_root, low=0.0, wide_dtype=True)
-  eps_fn, eps_root_fn = _common.as_schedule(eps), _common.as_schedule(eps_root)
+  eps_fn, eps_root_fn = _common.as_schedule(eps, "eps"), _common.as_schedule(eps_root, "eps_root")
 
   def init_fn(params):
     del params
@@ -50,11 +50,16 @@ def normalize(
 
     def divide(m, v, g):
       dtype = _common.compute_dtype(m.dtype)
-      v = v.astype(dtype) + _common.cast_hyperparameter(e_root, dtype)
-      u = m.astype(dtype) / (jnp.sqrt(v) + _common.cast_hyperparameter(e, dtype))
-      if moments.step_scale is not None:
-        u = u * jnp.asarray(moments.step_scale).astype(dtype)
-      return u.astype(g.dtype)
+      real = _common.real_dtype(dtype)
+      root, eps_ = _common.cast_hyperparameter(e_root, real), _common.cast_hyperparameter(e, real)
+
+      def one(m, v):  # on real numbers: each part of a complex leaf alone (PyTorch's view_as_real)
+        u = m / (jnp.sqrt(v + root) + eps_)
+        if moments.step_scale is not None:
+          u = u * jnp.asarray(moments.step_scale).astype(real)
+        return u
+
+      return _common.componentwise(one, m.astype(dtype), v.astype(dtype)).astype(g.dtype)
 
     return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 
@@ -80,9 +85,11 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
   Returns:
     An :class:`optax.GradientTransformation`; updates keep each leaf's dtype.
+    Integer and boolean leaves get a zero update of their dtype (they do not
+    move); `None` and float0 leaves go through as they came.
   """
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _common.as_schedule(learning_rate)
+  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
 
   def init_fn(params):
     del params
@@ -98,7 +105,16 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
       dtype = _common.compute_dtype(u.dtype)
       return (-_common.cast_hyperparameter(lr, dtype) * u.astype(dtype)).astype(u.dtype)
 
-    return _common.tree_map_float(scale, updates), ScaleByLrState(count=optax.safe_increment(state.count))
+    def scale_or_zero(u):
+      if _common.is_float_leaf(u):
+        return scale(u)
+      if u is None or jnp.result_type(u) == jax.dtypes.float0:
+        return u  # no gradient, or jax.grad's float0 for an integer input: already nothing
+      return jnp.zeros_like(u)  # an integer or boolean leaf does not move
+
+    return jax.tree.map(scale_or_zero, updates, is_leaf=lambda x: x is None), ScaleByLrState(
+      count=optax.safe_increment(state.count)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -147,10 +163,15 @@ def momentum(
   _common.check_dtype("accumulator_dtype", accumulator_dtype)
   if nesterov and _common.concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
-  decay_fn, damp_fn = _common.as_schedule(decay), _common.as_schedule(dampening)
+  decay_fn, damp_fn = _common.as_schedule(decay, "momentum"), _common.as_schedule(dampening, "dampening")
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, accumulator_dtype or jnp.result_type(p)), params)
+    zeros = jax.tree.map(
+      lambda p: jnp.zeros_like(
+        p, _common.state_dtype(p, accumulator_dtype, widen=False) if _common.is_float_leaf(p) else None
+      ),
+      params,
+    )
     return MomentumState(count=jnp.zeros([], jnp.int32), trace=zeros)
 
   def update_fn(updates, state, params=None):
@@ -224,10 +245,15 @@ def normalize_inf() -> optax.GradientTransformation:
 
     def divide(m, u, g):
       dtype = _common.compute_dtype(m.dtype)
-      out = m.astype(dtype) / u.astype(dtype)
-      if moments.step_scale is not None:
-        out = out * jnp.asarray(moments.step_scale).astype(dtype)
-      return out.astype(g.dtype)
+      real = _common.real_dtype(dtype)
+
+      def one(m, u):  # on real numbers: each part of a complex leaf alone
+        out = m / u
+        if moments.step_scale is not None:
+          out = out * jnp.asarray(moments.step_scale).astype(real)
+        return out
+
+      return _common.componentwise(one, m.astype(dtype), u.astype(dtype)).astype(g.dtype)
 
     return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 

@@ -411,7 +411,7 @@ UPDATES = [
   ),
   (
     "adam amsgrad state of other params",
-    update(jadam.adam(amsgrad=True), state=replaced(jadam.adam(amsgrad=True).init(P), 1, jadam.max_nu().init(MISSING))),
+    update(jadam.adam(amsgrad=True), state=replaced(jadam.adam(amsgrad=True).init(P), 2, jadam.max_nu().init(MISSING))),
     ValueError,
     r"jadam.max_nu: the updates and the state's nu_max are different trees",
   ),
@@ -480,31 +480,63 @@ UPDATES = [
     "adam given adamax's state",
     update(jadam.adam(), state=jadam.adamax().init(P)),
     TypeError,
-    r"jadam.scale_by_moments expects its state to be the ScaleByMomentsState .* received ScaleByInfMomentsState",
+    r"jadam.adam's update received a state made by jadam.adamax's init: .*ScaleByInfMomentsState",
   ),
   (
     "adamax given adam's state",
     update(jadam.adamax(), state=jadam.adam().init(P)),
     TypeError,
-    r"jadam.scale_by_inf_moments expects its state to be the ScaleByInfMomentsState",
+    r"jadam.adamax's update received a state made by jadam.adam's init",
   ),
   (
     "nadam given adam's state",
     update(jadam.nadam(), state=jadam.adam().init(P)),
     TypeError,
-    r"jadam.nesterov_correct expects its state to be the NesterovCorrectState .* received EmptyState",
+    r"jadam.nadam's update received a state made by jadam.adam's init: its stages' states are \(AddL2State, "
+    r"ScaleByMomentsState, EmptyState, EmptyState, ScaleByLrState\), where jadam.nadam's are \(AddL2State, "
+    r"ScaleByMomentsState, NesterovCorrectState, EmptyState, ScaleByLrState\)",
   ),
   (
     "sgd given adagrad's state",
-    update(jadam.sgd(momentum=0.9), state=replaced(jadam.sgd(momentum=0.9).init(P), 0, jadam.adagrad().init(P)[0])),
+    update(jadam.sgd(momentum=0.9), state=replaced(jadam.sgd(momentum=0.9).init(P), 1, jadam.adagrad().init(P)[1])),
     TypeError,
-    r"jadam.momentum expects its state to be the MomentumState .* received AccumulateSquaresState",
+    r"jadam.sgd's update received a state made by another optimizer's init: .*AccumulateSquaresState",
   ),
   (
     "keras Adam given adam's state",
     update(jk.Adam(), state=replaced(jk.Adam().init(P), 0, jadam.adam().init(P)[0])),
     TypeError,
     r"jadam.keras.scale_by_keras_moments expects its state to be the KerasMomentsState",
+  ),
+  (
+    "adam given nadam's state",
+    update(jadam.adam(), state=jadam.nadam().init(P)),
+    TypeError,
+    r"jadam.adam's update received a state made by jadam.nadam's init",
+  ),
+  (
+    "adam None gradient for an array",
+    update(jadam.adam(), grads={**P, "b": None}),
+    ValueError,
+    r"jadam.adam: the gradient at \['b'\] is None, but the params hold float32\[3\]",
+  ),
+  (
+    "adam schedule returning an array",
+    update(jadam.adam(lambda count: jnp.full(4, 1e-3))),
+    ValueError,
+    r"The schedule given as learning_rate returned an array of shape \(4,\)",
+  ),
+  (
+    "sgd momentum schedule returning an array",
+    update(jadam.sgd(momentum=lambda count: jnp.full(3, 0.9))),
+    ValueError,
+    r"The schedule given as momentum returned an array of shape \(3,\)",
+  ),
+  (
+    "ReduceLROnPlateau non-scalar metric",
+    update(jt.Adam(lr=jt.ReduceLROnPlateau(0.1)), value=jnp.arange(4.0)),
+    ValueError,
+    r"ReduceLROnPlateau's value \(the metric\) must be a scalar; got an array of shape \(4,\)",
   ),
   # missing params or extra arguments
   (

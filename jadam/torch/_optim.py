@@ -75,7 +75,7 @@ def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **un
   :math:`-\\eta(u + \\lambda\\theta)`, since the rate lives in the plateau's state."""
   del unused
   return optax.chain(
-    *_alias.torch_front(maximize, 0.0),
+    *_alias.torch_front(maximize, None),
     scale_by_moments(b1, b2),
     *direction,
     add_l2(weight_decay),

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jadam import _common
@@ -62,34 +63,37 @@ class LRScheduler:
   reads count 0, as every Optax schedule).
   """
 
+  # A real field (keyword-only, after each subclass's own): equality and hash tell
+  # `StepLR(1e-3, 2)` from `StepLR(1e-3, 2).per_epoch(100)`, as a static-argument jit cache needs.
+  steps_per_epoch: int = dataclasses.field(default=1, kw_only=True)
+
   def __post_init__(self):
-    object.__setattr__(self, "_steps_per_epoch", 1)
+    _check_steps(self.steps_per_epoch)
 
   def __call__(self, count: jax.typing.ArrayLike) -> jax.Array:
     count = jnp.asarray(count)
-    epoch = count // self._steps_per_epoch
+    if count.ndim != 0:
+      raise ValueError(f"{type(self).__name__} takes the step count, a scalar; got shape {count.shape}.")
+    epoch = count // self.steps_per_epoch
     return jnp.asarray(self._at(epoch.astype(_common.float_dtype())), _common.float_dtype())
-
-  @property
-  def steps_per_epoch(self) -> int:
-    """Optimizer steps per scheduler step: 1 unless set with :meth:`per_epoch`."""
-    return self._steps_per_epoch
 
   def per_epoch(self, steps_per_epoch: int) -> "LRScheduler":
     """The same scheduler, stepped once every `steps_per_epoch` optimizer steps.
 
     PyTorch code that calls `scheduler.step()` once per epoch of N batches maps
-    to `scheduler.per_epoch(N)`.
+    to `scheduler.per_epoch(N)`. `steps_per_epoch` is a field: the result is
+    not equal to (and hashes apart from) the scheduler stepped every step.
     """
     _check_steps(steps_per_epoch)
     out = copy.copy(self)
-    object.__setattr__(out, "_steps_per_epoch", steps_per_epoch)
+    object.__setattr__(out, "steps_per_epoch", steps_per_epoch)
     return out
 
   def rebase(self, lr: float) -> "LRScheduler":
     """The same scheduler for a param group whose initial learning rate is `lr`."""
-    out = dataclasses.replace(self, lr=lr)
-    object.__setattr__(out, "_steps_per_epoch", self._steps_per_epoch)
+    out = copy.copy(self)
+    _check_lr("lr", lr)
+    object.__setattr__(out, "lr", lr)
     return out
 
   def _at(self, epoch: jax.Array) -> jax.Array:
@@ -317,6 +321,7 @@ class OneCycleLR(LRScheduler):
     )
     for k, v in values.items():
       object.__setattr__(self, k, v)
+    object.__setattr__(self, "steps_per_epoch", 1)
     super().__post_init__()
 
   def rebase(self, lr: float) -> "OneCycleLR":
@@ -485,6 +490,11 @@ class ReduceLROnPlateau:
         dtype = _common.compute_dtype(u.dtype)
         return (state.lr.astype(dtype) * u.astype(dtype)).astype(u.dtype)
 
+      if np.ndim(value) != 0:  # it would broadcast into the learning rate, then into the parameters
+        raise ValueError(
+          f"ReduceLROnPlateau's value (the metric) must be a scalar; got an array of shape {np.shape(value)}."
+          " Pass the loss itself, e.g. value=loss.mean()."
+        )
       updates = _common.tree_map_float(scale, updates)
       current = jnp.asarray(value).astype(state.best.dtype)
       better = self._is_better(current, state.best)

@@ -538,6 +538,21 @@ UPDATES = [
     ValueError,
     r"ReduceLROnPlateau's value \(the metric\) must be a scalar; got an array of shape \(4,\)",
   ),
+  (
+    "clip_grad_norm max_norm negative",
+    lambda: jt.clip_grad_norm(-1.0),
+    ValueError,
+    r"Invalid max_norm: -1.0",
+  ),
+  ("clip_grad_norm norm_type zero", lambda: jt.clip_grad_norm(1.0, 0.0), ValueError, r"norm_type must be positive"),
+  ("clip_grad_norm norm_type text", lambda: jt.clip_grad_norm(1.0, "two"), TypeError, r"norm_type must be a positive"),
+  (
+    "clip_grad_norm error_if_nonfinite",
+    update(jt.clip_grad_norm(1.0, error_if_nonfinite=True), grads={**P, "b": jnp.full(3, jnp.inf)}),
+    RuntimeError,
+    r"The total norm of order 2.0 for gradients from `parameters` is non-finite",
+  ),
+  ("clip_grad_value negative", lambda: jt.clip_grad_value(-0.5), ValueError, r"Invalid clip_value: -0.5"),
   # missing params or extra arguments
   (
     "adam weight decay without params",

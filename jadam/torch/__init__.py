@@ -16,6 +16,8 @@ predicate ``(path, leaf) -> bool``; see :func:`Adam`. They are
 This module never imports PyTorch.
 """
 
+from jadam.torch._clip import clip_grad_norm as clip_grad_norm
+from jadam.torch._clip import clip_grad_value as clip_grad_value
 from jadam.torch._groups import path_string as path_string
 from jadam.torch._optim import SGD as SGD
 from jadam.torch._optim import Adagrad as Adagrad
@@ -53,5 +55,7 @@ __all__ = (
   "ReduceLROnPlateau",
   "ReduceLROnPlateauState",
   "StepLR",
+  "clip_grad_norm",
+  "clip_grad_value",
   "path_string",
 )

@@ -553,6 +553,32 @@ UPDATES = [
     r"The total norm of order 2.0 for gradients from `parameters` is non-finite",
   ),
   ("clip_grad_value negative", lambda: jt.clip_grad_value(-0.5), ValueError, r"Invalid clip_value: -0.5"),
+  (
+    "ConstantLR factor above one",
+    lambda: jt.ConstantLR(0.1, factor=2.0),
+    ValueError,
+    r"Constant multiplicative factor",
+  ),
+  ("LambdaLR not callable", lambda: jt.LambdaLR(0.1, 0.5), TypeError, r"lr_lambda should be a function, but got float"),
+  (
+    "CosineAnnealingWarmRestarts T_0",
+    lambda: jt.CosineAnnealingWarmRestarts(0.1, 0),
+    ValueError,
+    r"positive integer T_0",
+  ),
+  ("CyclicLR mode", lambda: jt.CyclicLR(0.01, 0.1, mode="sine"), ValueError, r"mode is invalid and scale_fn is None"),
+  (
+    "SequentialLR milestones",
+    lambda: jt.SequentialLR([jt.StepLR(0.1, 2)], milestones=[3]),
+    ValueError,
+    r"number of schedulers 1 and the number of milestones to be equal to 1",
+  ),
+  (
+    "Adagrad with CyclicLR momentum",
+    lambda: jt.Adagrad(lr=jt.CyclicLR(0.01, 0.1)),
+    ValueError,
+    r"optimizer must support momentum or beta1.*CyclicLR\(\.\.\., cycle_momentum=False\)",
+  ),
   # missing params or extra arguments
   (
     "adam weight decay without params",

@@ -28,6 +28,14 @@ from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
 from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
+from jadam.torch._schedulers import ChainedScheduler as ChainedScheduler
+from jadam.torch._schedulers import ConstantLR as ConstantLR
+from jadam.torch._schedulers import CosineAnnealingWarmRestarts as CosineAnnealingWarmRestarts
+from jadam.torch._schedulers import CyclicLR as CyclicLR
+from jadam.torch._schedulers import LambdaLR as LambdaLR
+from jadam.torch._schedulers import MultiplicativeLR as MultiplicativeLR
+from jadam.torch._schedulers import PolynomialLR as PolynomialLR
+from jadam.torch._schedulers import SequentialLR as SequentialLR
 from jadam.torch._schedulers import ExponentialLR as ExponentialLR
 from jadam.torch._schedulers import LinearLR as LinearLR
 from jadam.torch._schedulers import LRScheduler as LRScheduler
@@ -43,17 +51,25 @@ __all__ = (
   "Adam",
   "AdamW",
   "Adamax",
+  "ChainedScheduler",
+  "ConstantLR",
   "CosineAnnealingLR",
+  "CosineAnnealingWarmRestarts",
+  "CyclicLR",
   "ExponentialLR",
   "LRScheduler",
+  "LambdaLR",
   "LinearLR",
   "MultiStepLR",
+  "MultiplicativeLR",
   "NAdam",
   "OneCycleLR",
+  "PolynomialLR",
   "RAdam",
   "RMSprop",
   "ReduceLROnPlateau",
   "ReduceLROnPlateauState",
+  "SequentialLR",
   "StepLR",
   "clip_grad_norm",
   "clip_grad_value",

@@ -14,7 +14,7 @@ from jadam._moments import scale_by_moments
 from jadam._penalty import add_l2
 from jadam._scale import normalize, scale_by_lr
 from jadam.torch import _groups
-from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau
+from jadam.torch._schedulers import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 Params = Any
 
@@ -52,12 +52,12 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
 
 
 def _cycled_momentum(lr: Any, momentum: Any, optimizer: str) -> Any:
-  """OneCycleLR with cycle_momentum drives the momentum (or beta1), as in PyTorch."""
-  if isinstance(lr, OneCycleLR) and lr.cycle_momentum:
+  """OneCycleLR and CyclicLR with cycle_momentum drive the momentum (or beta1), as in PyTorch."""
+  if isinstance(lr, (OneCycleLR, CyclicLR)) and lr.cycle_momentum:
     if momentum is None:
       raise ValueError(
         f"optimizer must support momentum or beta1 with `cycle_momentum` option enabled ({optimizer} has"
-        " neither); pass OneCycleLR(..., cycle_momentum=False)."
+        f" neither); pass {type(lr).__name__}(..., cycle_momentum=False)."
       )
     return lr.momentum
   return momentum

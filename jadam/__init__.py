@@ -6,13 +6,16 @@ chain of them::
     add_l2 -> scale_by_moments -> [max_nu] -> bias_correct -> normalize -> scale_by_lr
 """
 
+from jadam._alias import adadelta as adadelta
 from jadam._alias import adagrad as adagrad
 from jadam._alias import adam as adam
 from jadam._alias import adamax as adamax
 from jadam._alias import adamw as adamw
+from jadam._alias import asgd as asgd
 from jadam._alias import nadam as nadam
 from jadam._alias import radam as radam
 from jadam._alias import rmsprop as rmsprop
+from jadam._alias import rprop as rprop
 from jadam._alias import sgd as sgd
 from jadam._checkpoint import restore_state as restore_state
 from jadam._checkpoint import save_state as save_state
@@ -35,12 +38,18 @@ from jadam._penalty import DecoupledDecayState as DecoupledDecayState
 from jadam._penalty import add_l2 as add_l2
 from jadam._penalty import decoupled_decay as decoupled_decay
 from jadam._scale import MomentumState as MomentumState
+from jadam._scale import ScaleByAsgdState as ScaleByAsgdState
+from jadam._scale import ScaleByDeltaState as ScaleByDeltaState
 from jadam._scale import ScaleByLrState as ScaleByLrState
+from jadam._scale import ScaleByRpropState as ScaleByRpropState
 from jadam._scale import flip_sign as flip_sign
 from jadam._scale import momentum as momentum
 from jadam._scale import normalize as normalize
 from jadam._scale import normalize_inf as normalize_inf
+from jadam._scale import scale_by_asgd as scale_by_asgd
+from jadam._scale import scale_by_delta as scale_by_delta
 from jadam._scale import scale_by_lr as scale_by_lr
+from jadam._scale import scale_by_rprop as scale_by_rprop
 from jadam._step import make_train_step as make_train_step
 from jadam._step import make_update_step as make_update_step
 from jadam._step import update_and_apply as update_and_apply
@@ -60,15 +69,20 @@ __all__ = (
   "Moments",
   "MomentumState",
   "NesterovCorrectState",
+  "ScaleByAsgdState",
+  "ScaleByDeltaState",
   "ScaleByInfMomentsState",
   "ScaleByLrState",
   "ScaleByMomentsState",
+  "ScaleByRpropState",
   "accumulate_squares",
+  "adadelta",
   "adagrad",
   "adam",
   "adamax",
   "adamw",
   "add_l2",
+  "asgd",
   "bias_correct",
   "center",
   "decoupled_decay",
@@ -85,10 +99,14 @@ __all__ = (
   "rectify",
   "restore_state",
   "rmsprop",
+  "rprop",
   "save_state",
+  "scale_by_asgd",
+  "scale_by_delta",
   "scale_by_inf_moments",
   "scale_by_lr",
   "scale_by_moments",
+  "scale_by_rprop",
   "sgd",
   "update_and_apply",
 )

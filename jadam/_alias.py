@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import optax
 
 from jadam import _common, _scale
@@ -11,7 +12,7 @@ from jadam._kernels import fused as _fused
 from jadam._correct import bias_correct, nesterov_correct, rectify
 from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
 from jadam._penalty import add_l2, decoupled_decay
-from jadam._scale import flip_sign, normalize, normalize_inf, scale_by_lr
+from jadam._scale import flip_sign, normalize, normalize_inf, scale_by_asgd, scale_by_delta, scale_by_lr, scale_by_rprop
 
 Dtype = Any
 Mask = Any | Callable[[optax.Params], Any] | None
@@ -564,4 +565,122 @@ def radam(
     *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *_tail([rectify(eps)], learning_rate, weight_decay, decoupled_weight_decay),
+  )
+
+
+def adadelta(
+  learning_rate: optax.ScalarOrSchedule = 1.0,
+  rho: optax.ScalarOrSchedule = 0.9,
+  eps: optax.ScalarOrSchedule = 1e-6,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Adadelta, with the semantics and defaults of `torch.optim.Adadelta`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        v_t &= \rho v_{t-1} + (1-\rho) g_t^2 && \text{(\texttt{scale\_by\_moments(None, }\rho))}\\
+        \Delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t, \quad
+        u_t = \rho u_{t-1} + (1-\rho)\Delta_t^2 && \text{(\texttt{scale\_by\_delta})}\\
+        \theta_t &= \theta_{t-1} - \alpha_t \Delta_t && \text{(\texttt{scale\_by\_lr})}
+      \end{align*}
+
+  Args:
+    learning_rate: :math:`\alpha` (PyTorch's default 1.0).
+    rho: :math:`\rho \in [0, 1]`.
+    eps: :math:`\epsilon \ge 0`, inside both roots.
+    weight_decay: coupled L2 :math:`\lambda \ge 0`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Zeiler, 2012.
+  """
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adadelta",
+    *torch_front(maximize, weight_decay),
+    scale_by_moments(None, rho),
+    scale_by_delta(rho, eps),
+    scale_by_lr(learning_rate),
+  )
+
+
+def rprop(
+  learning_rate: jax.typing.ArrayLike = 1e-2,
+  etas: tuple[float, float] = (0.5, 1.2),
+  step_sizes: tuple[float, float] = (1e-6, 50.0),
+  *,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Rprop, with the semantics and defaults of `torch.optim.Rprop`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t && \text{(maximize)}\\
+        s_t &= \operatorname{clip}(s_{t-1}\,\eta(g_t g_{t-1}), s_{\min}, s_{\max}), \quad
+        \theta_t = \theta_{t-1} - \operatorname{sign}(g_t)\, s_t
+            && \text{(\texttt{scale\_by\_rprop}, \texttt{scale\_by\_lr(1)})}
+      \end{align*}
+
+  See :func:`scale_by_rprop`. The learning rate is only the initial step size.
+
+  Args:
+    learning_rate: the initial step size (a number).
+    etas: :math:`(\eta_-, \eta_+)`.
+    step_sizes: :math:`(s_{\min}, s_{\max})`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  _common.check_flag("maximize", maximize)
+  return _common.named_chain(
+    "jadam.rprop", *torch_front(maximize, None), scale_by_rprop(learning_rate, etas, step_sizes), scale_by_lr(1.0)
+  )
+
+
+def asgd(
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  lambd: float = 1e-4,
+  alpha: float = 0.75,
+  t0: float = 1e6,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Averaged SGD, with the semantics and defaults of `torch.optim.ASGD`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + w\,\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        \theta_t &= \theta_{t-1}(1 - \lambda\eta_t) - \eta_t g_t, \quad
+        \eta_{t+1} = \frac{\alpha_0}{(1 + \lambda\alpha_0 t)^{a}}
+            && \text{(\texttt{scale\_by\_asgd}, \texttt{scale\_by\_lr(1)})}
+      \end{align*}
+
+  The averaged parameters :math:`\bar\theta` (PyTorch's `ax`) are in the
+  :class:`ScaleByAsgdState` of the chain's state; see :func:`scale_by_asgd`.
+
+  Args:
+    learning_rate: :math:`\alpha_0 \ge 0`.
+    lambd: the decay term :math:`\lambda`.
+    alpha: the power :math:`a`.
+    t0: the step at which averaging starts.
+    weight_decay: coupled L2 :math:`w \ge 0`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.asgd",
+    *torch_front(maximize, weight_decay),
+    scale_by_asgd(learning_rate, lambd, alpha, t0),
+    scale_by_lr(1.0),
   )

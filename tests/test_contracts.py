@@ -53,7 +53,7 @@ def test_import_star_does_not_shadow_torch_or_keras():
   assert jadam.torch.Adam is not None and jadam.keras.Adam is not None
 
 
-ALIASES = ["adam", "adamw", "sgd", "rmsprop", "adagrad", "adamax", "nadam", "radam"]
+ALIASES = ["adam", "adamw", "sgd", "rmsprop", "adagrad", "adamax", "nadam", "radam", "adadelta", "rprop", "asgd"]
 
 
 @pytest.mark.parametrize("name", ALIASES)
@@ -93,6 +93,12 @@ ZEROS = {
   "nadam-decoupled": dict(weight_decay=0.0, momentum_decay=0.0, decoupled_weight_decay=True),
   "radam": dict(weight_decay=0.0),
   "radam-decoupled": dict(weight_decay=0.0, decoupled_weight_decay=True),
+  "adadelta": dict(weight_decay=0.0, eps=0.0),
+  "rprop": dict(maximize=True),
+  "asgd": dict(weight_decay=0.0, lambd=0.0),
+  "torch.Adadelta": dict(weight_decay=0.0),
+  "torch.Rprop": dict(maximize=False),
+  "torch.ASGD": dict(weight_decay=0.0, lambd=0.0),
   "torch.Adam": dict(weight_decay=0.0),
   "torch.AdamW": dict(weight_decay=0.0),
   "torch.SGD": dict(momentum=0.0, dampening=0.0, weight_decay=0.0),

@@ -19,7 +19,9 @@ This module never imports PyTorch.
 from jadam.torch._clip import clip_grad_norm as clip_grad_norm
 from jadam.torch._clip import clip_grad_value as clip_grad_value
 from jadam.torch._groups import path_string as path_string
+from jadam.torch._optim import ASGD as ASGD
 from jadam.torch._optim import SGD as SGD
+from jadam.torch._optim import Adadelta as Adadelta
 from jadam.torch._optim import Adagrad as Adagrad
 from jadam.torch._optim import Adam as Adam
 from jadam.torch._optim import Adamax as Adamax
@@ -27,6 +29,7 @@ from jadam.torch._optim import AdamW as AdamW
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
+from jadam.torch._optim import Rprop as Rprop
 from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
 from jadam.torch._schedulers import ChainedScheduler as ChainedScheduler
 from jadam.torch._schedulers import ConstantLR as ConstantLR
@@ -46,7 +49,9 @@ from jadam.torch._schedulers import ReduceLROnPlateauState as ReduceLROnPlateauS
 from jadam.torch._schedulers import StepLR as StepLR
 
 __all__ = (
+  "ASGD",
   "SGD",
+  "Adadelta",
   "Adagrad",
   "Adam",
   "AdamW",
@@ -69,6 +74,7 @@ __all__ = (
   "RMSprop",
   "ReduceLROnPlateau",
   "ReduceLROnPlateauState",
+  "Rprop",
   "SequentialLR",
   "StepLR",
   "clip_grad_norm",

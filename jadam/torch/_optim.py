@@ -470,3 +470,109 @@ def RAdam(
     return _with_lr(lambda a: _alias.radam(a, **kw), hp["lr"])
 
   return _build("RAdam", params, defaults, build)
+
+
+def Adadelta(
+  params: Params = None,
+  lr: Any = 1.0,
+  rho: Any = 0.9,
+  eps: Any = 1e-6,
+  weight_decay: Any = 0.0,
+  foreach: bool | None = None,
+  *,
+  capturable: bool = False,
+  maximize: bool = False,
+  differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Adadelta`: :func:`jadam.adadelta` (eps inside both roots).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, capturable, differentiable
+  defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+
+  def build(hp):
+    _check_lr(hp["lr"])
+    r = _value(hp["rho"])
+    if r is not None and not 0.0 <= r <= 1.0:
+      raise ValueError(f"Invalid rho value: {hp['rho']}")
+    _at_least_zero("epsilon value", hp["eps"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    _cycled_momentum(hp["lr"], None, "Adadelta")
+    kw = dict(rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"], maximize=_flag("maximize", hp["maximize"]))
+    return _with_lr(lambda a: _alias.adadelta(a, **kw), hp["lr"])
+
+  return _build("Adadelta", params, defaults, build)
+
+
+def Rprop(
+  params: Params = None,
+  lr: Any = 1e-2,
+  etas: tuple[float, float] = (0.5, 1.2),
+  step_sizes: tuple[float, float] = (1e-6, 50),
+  *,
+  capturable: bool = False,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Rprop`: :func:`jadam.rprop` (the learning rate is the initial step size).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups). `lr` must be
+  a number: PyTorch reads it once, to start the step sizes, so a scheduler would have no effect.
+  """
+  del capturable, foreach, differentiable
+  defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
+
+  def build(hp):
+    if isinstance(hp["lr"], (LRScheduler, ReduceLROnPlateau)) or callable(hp["lr"]):
+      raise TypeError("Rprop's lr must be a number: it only sets the initial step sizes, so a schedule has no effect.")
+    _check_lr(hp["lr"])
+    etas_, sizes = hp["etas"], hp["step_sizes"]
+    if not isinstance(etas_, (tuple, list)) or len(etas_) != 2:
+      raise TypeError(f"etas must be a pair (etaminus, etaplus); got {etas_!r}.")
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != 2:
+      raise TypeError(f"step_sizes must be a pair (min, max); got {sizes!r}.")
+    if not 0.0 < etas_[0] < 1.0 < etas_[1]:
+      raise ValueError(f"Invalid eta values: {etas_[0]}, {etas_[1]}")
+    return _alias.rprop(hp["lr"], tuple(etas_), tuple(sizes), maximize=_flag("maximize", hp["maximize"]))
+
+  return _build("Rprop", params, defaults, build)
+
+
+def ASGD(
+  params: Params = None,
+  lr: Any = 1e-2,
+  lambd: float = 1e-4,
+  alpha: float = 0.75,
+  t0: float = 1e6,
+  weight_decay: Any = 0.0,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  differentiable: bool = False,
+  capturable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.ASGD`: :func:`jadam.asgd`; the averaged parameters (`ax`) are in the state.
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`
+  (a schedule is read as PyTorch reads the group's rate each step).
+  """
+  del foreach, differentiable, capturable
+  defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, maximize=maximize)
+
+  def build(hp):
+    if isinstance(hp["lr"], ReduceLROnPlateau):
+      raise TypeError("ASGD's rate enters its own decay formula: ReduceLROnPlateau is not supported; pass a schedule.")
+    _check_lr(hp["lr"])
+    _at_least_zero("weight_decay value", hp["weight_decay"])
+    _cycled_momentum(hp["lr"], None, "ASGD")
+    return _alias.asgd(
+      hp["lr"],
+      hp["lambd"],
+      hp["alpha"],
+      hp["t0"],
+      weight_decay=hp["weight_decay"],
+      maximize=_flag("maximize", hp["maximize"]),
+    )
+
+  return _build("ASGD", params, defaults, build)

@@ -13,6 +13,7 @@ import optax
 from jadam import _common
 
 Build = Callable[[dict], optax.GradientTransformation]
+UNSET = object()  # a group that gives no "lr" of its own
 Matcher = Callable[[str, Any], bool]
 
 
@@ -65,7 +66,7 @@ def _is_group_list(params: Any) -> bool:
 
 
 def grouped(
-  name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any], Any]
+  name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any, int, int], Any]
 ) -> optax.GradientTransformation:
   """The optimizer `name` over parameter groups, as `optax.partition` of one `build(hp)` per group.
 
@@ -76,11 +77,14 @@ def grouped(
       selector and overrides of any key of `defaults`.
     defaults: the hyperparameters given as keyword arguments.
     build: makes the transformation of one group from its hyperparameters.
-    rebase: `rebase(default_lr, group_lr)` gives a group's learning rate when
-      it overrides the default's (a scheduler default follows the group's lr).
+    rebase: `rebase(default_lr, group_lr, index, n_groups)` gives group
+      `index`'s learning rate from the default and the group's own (`UNSET`
+      where it gives none); the leaves no group selects are group `n_groups`
+      (with no groups at all, group 0 of 0).
   """
+  with_lr = lambda hp, own, i, n: {**hp, "lr": rebase(defaults["lr"], own, i, n)} if "lr" in defaults else hp
   if params is None or (not _is_group_list(params) and not _looks_like_hyperparameter(params)):
-    return build(dict(defaults))
+    return build(with_lr(dict(defaults), UNSET, 0, 0))
   if _looks_like_hyperparameter(params):
     raise TypeError(
       f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
@@ -99,10 +103,8 @@ def grouped(
       )
     matchers.append(_matcher(group["params"], i))
     hp = {**defaults, **{k: v for k, v in group.items() if k != "params"}}
-    if "lr" in group and "lr" in defaults:
-      hp["lr"] = rebase(defaults["lr"], group["lr"])
-    transforms[f"group{i}"] = build(hp)
-  transforms["default"] = build(dict(defaults))
+    transforms[f"group{i}"] = build(with_lr(hp, group.get("lr", UNSET), i, len(params)))
+  transforms["default"] = build(with_lr(dict(defaults), UNSET, len(params), len(params)))
   specs = [g["params"] for g in params]
 
   def labels(tree):

@@ -6,6 +6,7 @@ import numbers
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -84,12 +85,50 @@ def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **un
   )
 
 
-def _rebase(default_lr: Any, group_lr: Any) -> Any:
-  """A group's own number for lr rescales a scheduler given as the default, as PyTorch's schedulers do."""
-  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)) and _value(group_lr) is not None:
-    _check_lr(group_lr)
+def _rebase(default_lr: Any, group_lr: Any, index: int, n_groups: int) -> Any:
+  r"""Group `index`'s learning rate: PyTorch's one rule, a scheduler scales each group from the group's own lr.
+
+  ============================  ==========================  ===================================
+  default ``lr``                the group gives a number    the group gives nothing
+  ============================  ==========================  ===================================
+  a number                      the group's number          the default
+  a `jadam.torch` scheduler     the scheduler from the      the scheduler
+  (incl. ReduceLROnPlateau)     group's number (`rebase`)
+  OneCycleLR / CyclicLR         ignored, as PyTorch: the    the same; a list `max_lr` (and
+                                scheduler sets the rates    `base_lr`) gives entry `index`
+  an Optax schedule `s`         :math:`\eta_g s(t)/s(0)`    the schedule
+  ============================  ==========================  ===================================
+
+  A group that gives its own schedule or scheduler keeps it.
+  """
+  own = group_lr is not _groups.UNSET
+  if own and _value(group_lr) is None:
+    return group_lr  # the group's own schedule or scheduler
+  if isinstance(default_lr, (OneCycleLR, CyclicLR)):
+    return default_lr.for_group(index, n_groups)
+  if not own:
+    return default_lr
+  _check_lr(group_lr)
+  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)):
     return default_lr.rebase(_value(group_lr))
+  if callable(default_lr) and not isinstance(default_lr, (jax.Array, np.ndarray)):
+    return _scaled_schedule(default_lr, _value(group_lr))
   return group_lr
+
+
+def _scaled_schedule(schedule: Callable[[Any], Any], group_lr: float) -> Callable[[Any], Any]:
+  """An Optax schedule as a torch scheduler of a group whose initial lr is `group_lr`: `group_lr * s(t) / s(0)`."""
+  try:
+    first = float(schedule(jnp.zeros([], jnp.int32)))
+  except Exception as e:  # noqa: BLE001 - a schedule that cannot be read at step 0 outside a trace
+    raise ValueError(f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), but s(0) failed: {e}")
+  if first == 0.0 or not np.isfinite(first):
+    raise ValueError(
+      f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), and s(0) is {first}; give the group"
+      " its own schedule, or use jadam.torch.LambdaLR(lr, lr_lambda), which scales each group's lr by lr_lambda."
+    )
+  # s(0) again at each call, in the precision of the call (x64 may be on there and not here).
+  return lambda count: group_lr * (jnp.asarray(schedule(count)) / jnp.asarray(schedule(jnp.zeros_like(count))))
 
 
 def _flag(name: str, x: Any) -> bool:

@@ -321,7 +321,7 @@ class OneCycleLR(LRScheduler):
       raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
     if anneal_strategy not in ("cos", "linear"):
       raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
-    _check_lr("max_lr", max_lr)
+    max_lr = _as_lrs("max_lr", max_lr)
     values = dict(
       max_lr=max_lr,
       total_steps=total_steps,
@@ -344,6 +344,12 @@ class OneCycleLR(LRScheduler):
   def rebase(self, lr: float) -> "OneCycleLR":
     del lr  # PyTorch's OneCycleLR sets every group's rate from max_lr
     return self
+
+  def for_group(self, index: int, n_groups: int) -> "OneCycleLR":
+    """The scheduler of param group `index` (of `n_groups`): entry `index` of a list `max_lr`, as PyTorch."""
+    out = copy.copy(self)
+    object.__setattr__(out, "max_lr", _per_group("max_lr", self.max_lr, index, n_groups))
+    return out
 
   def _phases(self, start_value, peak_value, end_value):
     """PyTorch's phases: (end_step, start, end) for each."""
@@ -380,6 +386,8 @@ class OneCycleLR(LRScheduler):
     return out
 
   def _at(self, step):
+    if isinstance(self.max_lr, tuple):
+      raise ValueError("this OneCycleLR has one max_lr per param group: give it to a jadam.torch optimizer as lr.")
     initial = self.max_lr / self.div_factor
     return self._follow(step, self._phases(initial, self.max_lr, initial / self.final_div_factor))
 
@@ -391,6 +399,32 @@ class OneCycleLR(LRScheduler):
     if self.three_phase:
       phases[-1] = (phases[-1][0], hi, hi)
     return jnp.asarray(self._follow(step, phases), _common.float_dtype())
+
+
+def _per_group(name: str, value: Any, index: int, n_groups: int) -> Any:
+  """Entry `index` of a per-group list (PyTorch's list form of max_lr, base_lr, ...), or the scalar itself.
+
+  Entry i is group i's; the leaves no group selects (jadam's default group, index `n_groups`) take the entry
+  after the groups' if there is one, else the last.
+  """
+  if not isinstance(value, tuple):
+    return value
+  if len(value) not in (n_groups, n_groups + 1) or not value:
+    raise ValueError(
+      f"expected {max(n_groups, 1)} values for {name} (one per param group, and optionally one more for the"
+      f" leaves no group selects), but got {len(value)}"
+    )
+  return value[min(index, len(value) - 1)]
+
+
+def _as_lrs(name: str, value: Any) -> Any:
+  """A learning rate, or a list of them (one per group), checked; a list becomes a (hashable) tuple."""
+  if isinstance(value, (list, tuple)):
+    for v in value:
+      _check_lr(name, v)
+    return tuple(value)
+  _check_lr(name, value)
+  return value
 
 
 def _check_callable(name: str, fn: Any) -> None:
@@ -602,8 +636,8 @@ class CyclicLR(LRScheduler):
 
   def __post_init__(self):
     super().__post_init__()
-    _check_lr("base_lr", self.base_lr)
-    _check_lr("max_lr", self.max_lr)
+    object.__setattr__(self, "base_lr", _as_lrs("base_lr", self.base_lr))
+    object.__setattr__(self, "max_lr", _as_lrs("max_lr", self.max_lr))
     _check_steps(self.step_size_up, "step_size_up")
     if self.step_size_down is not None:
       _check_steps(self.step_size_down, "step_size_down")
@@ -616,6 +650,9 @@ class CyclicLR(LRScheduler):
     _check_number("gamma", self.gamma)
     if not isinstance(self.cycle_momentum, bool):
       raise TypeError(f"cycle_momentum must be a bool; got {self.cycle_momentum!r}.")
+    for name in ("base_momentum", "max_momentum"):
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
 
   @property
   def lr(self) -> float:
@@ -623,8 +660,15 @@ class CyclicLR(LRScheduler):
     return self.base_lr
 
   def rebase(self, lr: float) -> "CyclicLR":
-    del lr  # PyTorch's CyclicLR sets every group's rate from base_lr (per-group lists: not yet)
+    del lr  # PyTorch's CyclicLR sets every group's rate from base_lr
     return self
+
+  def for_group(self, index: int, n_groups: int) -> "CyclicLR":
+    """The scheduler of param group `index`: entry `index` of list `base_lr` / `max_lr` (and momenta), as PyTorch."""
+    out = copy.copy(self)
+    for name in ("base_lr", "max_lr", "base_momentum", "max_momentum"):
+      object.__setattr__(out, name, _per_group(name, getattr(self, name), index, n_groups))
+    return out
 
   def _wave(self, epoch):
     """(h, sigma) at scheduler step `epoch`."""
@@ -645,6 +689,8 @@ class CyclicLR(LRScheduler):
     return height, sigma
 
   def _at(self, epoch):
+    if isinstance(self.base_lr, tuple) or isinstance(self.max_lr, tuple):
+      raise ValueError("this CyclicLR has per-group rates: give it to a jadam.torch optimizer as lr.")
     height, sigma = self._wave(epoch)
     return self.base_lr + (self.max_lr - self.base_lr) * height * sigma
 

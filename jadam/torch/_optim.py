@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Callable
 
@@ -137,8 +138,215 @@ def _flag(name: str, x: Any) -> bool:
   return x
 
 
-def _build(name: str, params: Params, defaults: dict, build: Callable[[dict], optax.GradientTransformation]):
+# --- The front door, table-driven -------------------------------------------------------------------
+# Each optimizer is one Spec: PyTorch's arguments in the order PyTorch checks them, each with its check
+# (written once, below) and the jadam keyword it becomes. `_front` builds any of them, per parameter group.
+
+
+def _lr(x: Any) -> Any:
+  _check_lr(x)
+  return x
+
+
+def _nonneg(what: str) -> Callable[[Any], Any]:
+  """PyTorch's `if not 0.0 <= x: raise ValueError(f"Invalid {what}: {x}")`."""
+
+  def check(x):
+    _at_least_zero(what, x)
+    return x
+
+  return check
+
+
+def _within(what: str, low: float, high: float) -> Callable[[Any], Any]:
+  def check(x):
+    v = _value(x)
+    if v is not None and not low <= v <= high:
+      raise ValueError(f"Invalid {what}: {x}")
+    return x
+
+  return check
+
+
+def _bool(name: str) -> Callable[[Any], bool]:
+  return lambda x: _flag(name, x)
+
+
+def _pair(name: str, what: str) -> Callable[[Any], tuple]:
+  def check(x):
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+      raise TypeError(f"{name} must be a pair {what}; got {x!r}.")
+    return tuple(x)
+
+  return check
+
+
+def _etas(x: Any) -> tuple:
+  x = _pair("etas", "(etaminus, etaplus)")(x)
+  if not 0.0 < x[0] < 1.0 < x[1]:
+    raise ValueError(f"Invalid eta values: {x[0]}, {x[1]}")
+  return x
+
+
+def _number_lr(x: Any) -> Any:
+  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or callable(x):
+    raise TypeError("Rprop's lr must be a number: it only sets the initial step sizes, so a schedule has no effect.")
+  return _lr(x)
+
+
+def _lr_no_plateau(x: Any) -> Any:
+  if isinstance(x, ReduceLROnPlateau):
+    raise TypeError("ASGD's rate enters its own decay formula: ReduceLROnPlateau is not supported; pass a schedule.")
+  return _lr(x)
+
+
+_any = lambda x: x
+_EPS = ("eps", _nonneg("epsilon value"), "eps")
+_BETAS = ("betas", _check_betas, ("b1", "b2"))
+_WD = ("weight_decay", _nonneg("weight_decay value"), "weight_decay")
+_MAXIMIZE = ("maximize", _bool("maximize"), "maximize")
+_DECOUPLED = ("decoupled_weight_decay", _bool("decoupled_weight_decay"), "decoupled_weight_decay")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One `torch.optim` optimizer as a table.
+
+  Attributes:
+    alias: the jadam recipe, called as ``alias(lr, **keywords)`` (through `_with_lr`, so that a
+      ReduceLROnPlateau takes the learning-rate stage's place).
+    args: ``(torch argument, check, jadam keyword)`` for each argument but `lr` (always checked first),
+      in PyTorch's order. `check(value)` raises PyTorch's error and returns the keyword's value; a tuple
+      keyword takes a pair (betas -> b1, b2); keyword None: read by `make` only.
+    momentum: the keyword that a OneCycleLR or CyclicLR with `cycle_momentum` drives; None where the
+      optimizer has none (PyTorch then refuses such a scheduler).
+    make: ``make(spec, hp, keywords)`` in place of the alias call, where a recipe needs more (Adam's
+      decoupled decay, NAdam/RAdam's decay under ReduceLROnPlateau, SGD's Nesterov check).
+    lr_check: the check of `lr`.
+  """
+
+  alias: Callable[..., optax.GradientTransformation]
+  args: tuple
+  momentum: str | None = None
+  make: Callable[["Spec", dict, dict], optax.GradientTransformation] | None = None
+  lr_check: Callable[[Any], Any] = _lr
+
+
+def _front(name: str, spec: Spec, params: Params, defaults: dict) -> optax.GradientTransformation:
+  """`torch.optim.<name>(params, **defaults)` from its spec, one recipe per parameter group."""
+
+  def build(hp):
+    spec.lr_check(hp["lr"])
+    kw = {}
+    for arg, check, key in spec.args:
+      value = check(hp[arg])
+      if isinstance(key, tuple):
+        kw.update(zip(key, value))
+      elif key is not None:
+        kw[key] = value
+    cycled = _cycled_momentum(hp["lr"], kw.get(spec.momentum) if spec.momentum else None, name)
+    if spec.momentum:
+      kw[spec.momentum] = cycled
+    if spec.make is not None:
+      return spec.make(spec, hp, kw)
+    return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
+
   return _groups.grouped(name, params, defaults, build, rebase=_rebase)
+
+
+def _make_adam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  """Adam and AdamW: PyTorch's decoupled decay multiplies the parameters by 1 - lr wd (jadam.decoupled_decay)."""
+  del spec
+  if not hp["decoupled_weight_decay"]:
+    return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
+  if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
+    return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
+  return optax.chain(
+    _alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}), _penalty.decoupled_decay(hp["weight_decay"], hp["lr"])
+  )
+
+
+def _make_sgd(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  m, d = _value(kw["momentum"]), _value(kw["dampening"])
+  if kw["nesterov"] and ((m is not None and m <= 0) or (d is not None and d != 0)):
+    raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+  return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
+
+
+def _make_nadam_radam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  """NAdam and RAdam, one builder: under ReduceLROnPlateau their decoupled decay takes the additive form."""
+  if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+    if spec.alias is _alias.nadam:
+      direction = (_correct.nesterov_correct(kw["momentum_decay"]), normalize(kw["eps"]))
+    else:
+      direction = (_correct.rectify(kw["eps"]),)
+    return _plateau_decoupled(*direction, **kw, plateau=hp["lr"])
+  return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
+
+
+_ADAM = Spec(
+  _alias.adam,
+  (_EPS, _BETAS, _WD, ("amsgrad", _bool("amsgrad"), "amsgrad"), _MAXIMIZE, (*_DECOUPLED[:2], None)),
+  momentum="b1",
+  make=_make_adam,
+)
+SPECS = {
+  "Adam": _ADAM,
+  "AdamW": _ADAM,
+  "SGD": Spec(
+    _alias.sgd,
+    (
+      ("momentum", _nonneg("momentum value"), "momentum"),
+      _WD,
+      ("dampening", _any, "dampening"),
+      ("nesterov", _bool("nesterov"), "nesterov"),
+      _MAXIMIZE,
+    ),
+    momentum="momentum",
+    make=_make_sgd,
+  ),
+  "RMSprop": Spec(
+    _alias.rmsprop,
+    (
+      _EPS,
+      ("momentum", _nonneg("momentum value"), "momentum"),
+      _WD,
+      ("alpha", _nonneg("alpha value"), "alpha"),
+      ("centered", _bool("centered"), "centered"),
+      _MAXIMIZE,
+    ),
+    momentum="momentum",
+  ),
+  "Adagrad": Spec(
+    _alias.adagrad,
+    (
+      ("lr_decay", _nonneg("lr_decay value"), "lr_decay"),
+      _WD,
+      ("initial_accumulator_value", _nonneg("initial_accumulator_value value"), "initial_accumulator_value"),
+      _EPS,
+      _MAXIMIZE,
+    ),
+  ),
+  "Adamax": Spec(_alias.adamax, (_EPS, _BETAS, _WD, _MAXIMIZE), momentum="b1"),
+  "NAdam": Spec(
+    _alias.nadam,
+    (_EPS, _BETAS, _WD, ("momentum_decay", _nonneg("momentum_decay value"), "momentum_decay"), _DECOUPLED, _MAXIMIZE),
+    momentum="b1",
+    make=_make_nadam_radam,
+  ),
+  "RAdam": Spec(_alias.radam, (_EPS, _BETAS, _WD, _DECOUPLED, _MAXIMIZE), momentum="b1", make=_make_nadam_radam),
+  "Adadelta": Spec(_alias.adadelta, (("rho", _within("rho value", 0.0, 1.0), "rho"), _EPS, _WD, _MAXIMIZE)),
+  "Rprop": Spec(
+    _alias.rprop,
+    (("etas", _etas, "etas"), ("step_sizes", _pair("step_sizes", "(min, max)"), "step_sizes"), _MAXIMIZE),
+    lr_check=_number_lr,
+  ),
+  "ASGD": Spec(
+    _alias.asgd,
+    (("lambd", _any, "lambd"), ("alpha", _any, "alpha"), ("t0", _any, "t0"), _WD, _MAXIMIZE),
+    lr_check=_lr_no_plateau,
+  ),
+}
 
 
 def Adam(
@@ -190,36 +398,7 @@ def Adam(
     maximize=maximize,
     decoupled_weight_decay=decoupled_weight_decay,
   )
-  return _adam("Adam", params, defaults)
-
-
-def _adam(name: str, params: Params, defaults: dict) -> optax.GradientTransformation:
-  """Adam and AdamW: one recipe, two names (for messages)."""
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    b1 = _cycled_momentum(hp["lr"], b1, "Adam")
-    decoupled = _flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
-    kw = dict(
-      b1=b1,
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      amsgrad=_flag("amsgrad", hp["amsgrad"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    if not decoupled:
-      return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
-    if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
-      return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
-    return optax.chain(
-      _alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}), _penalty.decoupled_decay(hp["weight_decay"], hp["lr"])
-    )
-
-  return _build(name, params, defaults, build)
+  return _front("Adam", SPECS["Adam"], params, defaults)
 
 
 def AdamW(
@@ -242,7 +421,7 @@ def AdamW(
   """
   del foreach, capturable, differentiable, fused
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-  return _adam("AdamW", params, {**defaults, "decoupled_weight_decay": True})
+  return _front("AdamW", SPECS["AdamW"], params, {**defaults, "decoupled_weight_decay": True})
 
 
 def SGD(
@@ -266,26 +445,7 @@ def SGD(
   defaults = dict(
     lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("momentum value", hp["momentum"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    momentum = _cycled_momentum(hp["lr"], hp["momentum"], "SGD")
-    nesterov = _flag("nesterov", hp["nesterov"])
-    m, d = _value(momentum), _value(hp["dampening"])
-    if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
-      raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    kw = dict(
-      momentum=momentum,
-      dampening=hp["dampening"],
-      weight_decay=hp["weight_decay"],
-      nesterov=nesterov,
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.sgd(a, **kw), hp["lr"])
-
-  return _build("SGD", params, defaults, build)
+  return _front("SGD", SPECS["SGD"], params, defaults)
 
 
 def RMSprop(
@@ -309,24 +469,7 @@ def RMSprop(
   defaults = dict(
     lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    _at_least_zero("momentum value", hp["momentum"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _at_least_zero("alpha value", hp["alpha"])
-    kw = dict(
-      alpha=hp["alpha"],
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      momentum=_cycled_momentum(hp["lr"], hp["momentum"], "RMSprop"),
-      centered=_flag("centered", hp["centered"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.rmsprop(a, **kw), hp["lr"])
-
-  return _build("RMSprop", params, defaults, build)
+  return _front("RMSprop", SPECS["RMSprop"], params, defaults)
 
 
 def Adagrad(
@@ -355,24 +498,7 @@ def Adagrad(
     eps=eps,
     maximize=maximize,
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("lr_decay value", hp["lr_decay"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _at_least_zero("initial_accumulator_value value", hp["initial_accumulator_value"])
-    _at_least_zero("epsilon value", hp["eps"])
-    _cycled_momentum(hp["lr"], None, "Adagrad")
-    kw = dict(
-      lr_decay=hp["lr_decay"],
-      weight_decay=hp["weight_decay"],
-      initial_accumulator_value=hp["initial_accumulator_value"],
-      eps=hp["eps"],
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.adagrad(a, **kw), hp["lr"])
-
-  return _build("Adagrad", params, defaults, build)
+  return _front("Adagrad", SPECS["Adagrad"], params, defaults)
 
 
 def Adamax(
@@ -393,22 +519,7 @@ def Adamax(
   """
   del foreach, differentiable, capturable
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, "Adamax"),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.adamax(a, **kw), hp["lr"])
-
-  return _build("Adamax", params, defaults, build)
+  return _front("Adamax", SPECS["Adamax"], params, defaults)
 
 
 def NAdam(
@@ -439,29 +550,7 @@ def NAdam(
     decoupled_weight_decay=decoupled_weight_decay,
     maximize=maximize,
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _at_least_zero("momentum_decay value", hp["momentum_decay"])
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, "NAdam"),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      momentum_decay=hp["momentum_decay"],
-      decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(
-        _correct.nesterov_correct(hp["momentum_decay"]), normalize(hp["eps"]), **kw, plateau=hp["lr"]
-      )
-    return _with_lr(lambda a: _alias.nadam(a, **kw), hp["lr"])
-
-  return _build("NAdam", params, defaults, build)
+  return _front("NAdam", SPECS["NAdam"], params, defaults)
 
 
 def RAdam(
@@ -490,25 +579,7 @@ def RAdam(
     decoupled_weight_decay=decoupled_weight_decay,
     maximize=maximize,
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, "RAdam"),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(_correct.rectify(hp["eps"]), **kw, plateau=hp["lr"])
-    return _with_lr(lambda a: _alias.radam(a, **kw), hp["lr"])
-
-  return _build("RAdam", params, defaults, build)
+  return _front("RAdam", SPECS["RAdam"], params, defaults)
 
 
 def Adadelta(
@@ -529,19 +600,7 @@ def Adadelta(
   """
   del foreach, capturable, differentiable
   defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    r = _value(hp["rho"])
-    if r is not None and not 0.0 <= r <= 1.0:
-      raise ValueError(f"Invalid rho value: {hp['rho']}")
-    _at_least_zero("epsilon value", hp["eps"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _cycled_momentum(hp["lr"], None, "Adadelta")
-    kw = dict(rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"], maximize=_flag("maximize", hp["maximize"]))
-    return _with_lr(lambda a: _alias.adadelta(a, **kw), hp["lr"])
-
-  return _build("Adadelta", params, defaults, build)
+  return _front("Adadelta", SPECS["Adadelta"], params, defaults)
 
 
 def Rprop(
@@ -562,21 +621,7 @@ def Rprop(
   """
   del capturable, foreach, differentiable
   defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
-
-  def build(hp):
-    if isinstance(hp["lr"], (LRScheduler, ReduceLROnPlateau)) or callable(hp["lr"]):
-      raise TypeError("Rprop's lr must be a number: it only sets the initial step sizes, so a schedule has no effect.")
-    _check_lr(hp["lr"])
-    etas_, sizes = hp["etas"], hp["step_sizes"]
-    if not isinstance(etas_, (tuple, list)) or len(etas_) != 2:
-      raise TypeError(f"etas must be a pair (etaminus, etaplus); got {etas_!r}.")
-    if not isinstance(sizes, (tuple, list)) or len(sizes) != 2:
-      raise TypeError(f"step_sizes must be a pair (min, max); got {sizes!r}.")
-    if not 0.0 < etas_[0] < 1.0 < etas_[1]:
-      raise ValueError(f"Invalid eta values: {etas_[0]}, {etas_[1]}")
-    return _alias.rprop(hp["lr"], tuple(etas_), tuple(sizes), maximize=_flag("maximize", hp["maximize"]))
-
-  return _build("Rprop", params, defaults, build)
+  return _front("Rprop", SPECS["Rprop"], params, defaults)
 
 
 def ASGD(
@@ -598,20 +643,4 @@ def ASGD(
   """
   del foreach, differentiable, capturable
   defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, maximize=maximize)
-
-  def build(hp):
-    if isinstance(hp["lr"], ReduceLROnPlateau):
-      raise TypeError("ASGD's rate enters its own decay formula: ReduceLROnPlateau is not supported; pass a schedule.")
-    _check_lr(hp["lr"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _cycled_momentum(hp["lr"], None, "ASGD")
-    return _alias.asgd(
-      hp["lr"],
-      hp["lambd"],
-      hp["alpha"],
-      hp["t0"],
-      weight_decay=hp["weight_decay"],
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-
-  return _build("ASGD", params, defaults, build)
+  return _front("ASGD", SPECS["ASGD"], params, defaults)

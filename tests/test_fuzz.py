@@ -406,9 +406,10 @@ def _check(data, names):
       # there) and of the reference's parameters, whose differences are its updates.
       tol = RTOL[dtype.name] * steps * (np.abs(want) + scale_of_leaf)
       tol = tol + steps * (float(jnp.finfo(dtype).smallest_subnormal) + 4 * _ulp(thetas_ref, np.dtype(np.float64)))
-      if not coupled and name in ("nadam", "radam") and h["wd"]:
+      if not coupled and name in ("nadam", "radam"):
         # PyTorch's decoupled decay, theta (1 - lr lambda) + step rounded in the leaf's dtype
-        # (jadam.decoupled_decay): the update is a difference of two parameters, on their grid.
+        # (jadam.decoupled_decay): the update is a difference of two parameters, on their grid. The stage
+        # is there for a zero decay too (the flag decides the chain, not the number).
         tol = tol + steps * _ulp(np.stack([np.asarray(leaves(p)[i], np.float64) for p in path[1:]]), dtype)
       bad = np.abs(have - want) > tol
       assert not np.any(bad), (

@@ -6,15 +6,18 @@ chain of them::
     add_l2 -> scale_by_moments -> [max_nu] -> bias_correct -> normalize -> scale_by_lr
 """
 
+from jadam._alias import adadelta as adadelta
 from jadam._alias import adagrad as adagrad
 from jadam._alias import adam as adam
 from jadam._alias import adam8bit as adam8bit
 from jadam._alias import adamax as adamax
 from jadam._alias import adamw as adamw
 from jadam._alias import adamw8bit as adamw8bit
+from jadam._alias import asgd as asgd
 from jadam._alias import nadam as nadam
 from jadam._alias import radam as radam
 from jadam._alias import rmsprop as rmsprop
+from jadam._alias import rprop as rprop
 from jadam._alias import sgd as sgd
 from jadam._alias import sparse_adam as sparse_adam
 from jadam._checkpoint import restore_state as restore_state
@@ -43,12 +46,18 @@ from jadam._penalty import decoupled_decay as decoupled_decay
 from jadam._quantize import Quantized as Quantized
 from jadam._quantize import QuantizedMoment as QuantizedMoment
 from jadam._scale import MomentumState as MomentumState
+from jadam._scale import ScaleByAsgdState as ScaleByAsgdState
+from jadam._scale import ScaleByDeltaState as ScaleByDeltaState
 from jadam._scale import ScaleByLrState as ScaleByLrState
+from jadam._scale import ScaleByRpropState as ScaleByRpropState
 from jadam._scale import flip_sign as flip_sign
 from jadam._scale import momentum as momentum
 from jadam._scale import normalize as normalize
 from jadam._scale import normalize_inf as normalize_inf
+from jadam._scale import scale_by_asgd as scale_by_asgd
+from jadam._scale import scale_by_delta as scale_by_delta
 from jadam._scale import scale_by_lr as scale_by_lr
+from jadam._scale import scale_by_rprop as scale_by_rprop
 from jadam._sparse import RowMoments as RowMoments
 from jadam._sparse import ScaleBySparseMomentsState as ScaleBySparseMomentsState
 from jadam._sparse import apply_updates as apply_updates
@@ -62,7 +71,10 @@ from jadam._sweep import Sweep as Sweep
 from jadam._sweep import SweepState as SweepState
 from jadam._sweep import sweep as sweep
 from jadam._sweep import sweep_grid as sweep_grid
-from jadam import keras as keras  # public submodules: jadam.keras.Adam, jadam.torch.Adam
+
+# Public submodules (jadam.keras.Adam, jadam.torch.Adam), left out of __all__: `from jadam import *`
+# must not shadow PyTorch's `torch` or Keras's `keras`.
+from jadam import keras as keras
 from jadam import torch as torch
 
 __version__ = "0.1.0"
@@ -77,16 +89,20 @@ __all__ = (
   "Moments",
   "MomentumState",
   "NesterovCorrectState",
-  "RowMoments",
   "Quantized",
   "QuantizedMoment",
+  "RowMoments",
+  "ScaleByAsgdState",
+  "ScaleByDeltaState",
   "ScaleByInfMomentsState",
   "ScaleByLrState",
   "ScaleByMomentsState",
+  "ScaleByRpropState",
   "ScaleBySparseMomentsState",
   "Sweep",
   "SweepState",
   "accumulate_squares",
+  "adadelta",
   "adagrad",
   "adam",
   "adam8bit",
@@ -95,12 +111,12 @@ __all__ = (
   "adamw8bit",
   "add_l2",
   "apply_updates",
+  "asgd",
   "bias_correct",
   "center",
   "decoupled_decay",
   "early_stopping",
   "flip_sign",
-  "keras",
   "make_train_step",
   "make_update_step",
   "max_nu",
@@ -114,16 +130,19 @@ __all__ = (
   "restore_state",
   "rmsprop",
   "rowwise",
+  "rprop",
   "save_state",
+  "scale_by_asgd",
+  "scale_by_delta",
   "scale_by_inf_moments",
   "scale_by_lr",
   "scale_by_moments",
+  "scale_by_rprop",
   "scale_by_sparse_moments",
   "sgd",
   "sparse_adam",
   "sweep",
   "sweep_grid",
-  "torch",
   "update_and_apply",
   "value_and_sparse_grad",
 )

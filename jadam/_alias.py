@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import optax
 
 from jadam import _common, _quantize, _scale, _sparse
 from jadam._correct import bias_correct, nesterov_correct, rectify
 from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
 from jadam._penalty import add_l2, decoupled_decay
-from jadam._scale import flip_sign, normalize, normalize_inf, scale_by_lr
+from jadam._scale import flip_sign, normalize, normalize_inf, scale_by_asgd, scale_by_delta, scale_by_lr, scale_by_rprop
 
 Dtype = Any
 Mask = Any | Callable[[optax.Params], Any] | None
 
 
-def torch_front(maximize: bool, weight_decay: optax.ScalarOrSchedule) -> list[optax.GradientTransformation]:
-  """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term."""
+def torch_front(maximize: bool, weight_decay: optax.ScalarOrSchedule | None) -> list[optax.GradientTransformation]:
+  """PyTorch's first two lines: negate if maximizing, then add the coupled L2 term.
+
+  The L2 stage is there for any `weight_decay`, zero included (it then adds
+  nothing and needs no params), so that the chain's structure never depends
+  on a number: `optax.inject_hyperparams` turns the number into an array and
+  must find the same state. `None` (decoupled decay elsewhere) leaves it out.
+  """
   _common.check_flag("maximize", maximize)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   stages = [flip_sign()] if maximize else []
-  if not _common.is_zero(weight_decay):
+  if weight_decay is not None:
     stages.append(add_l2(weight_decay))
   return stages
 
@@ -99,8 +105,10 @@ def adam(
     `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
   """
   _common.check_flag("amsgrad", amsgrad)
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   front = torch_front(maximize, weight_decay)
-  return optax.chain(
+  return _common.named_chain(
+    "jadam.adam",
     *front,
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
@@ -165,8 +173,9 @@ def adamw(
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   _common.check_flag("amsgrad", amsgrad)
-  return optax.chain(
-    *torch_front(maximize, 0.0),
+  return _common.named_chain(
+    "jadam.adamw",
+    *torch_front(maximize, None),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
     bias_correct(),
@@ -182,7 +191,7 @@ def rmsprop(
   eps: optax.ScalarOrSchedule = 1e-8,
   *,
   weight_decay: optax.ScalarOrSchedule = 0.0,
-  momentum: optax.ScalarOrSchedule = 0.0,
+  momentum: optax.ScalarOrSchedule | None = None,
   centered: bool = False,
   maximize: bool = False,
 ) -> optax.GradientTransformation:
@@ -198,7 +207,7 @@ def rmsprop(
         u_t &= g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon)
             && \text{(\texttt{center}, \texttt{normalize}; no } \bar g_t^2 \text{ if not centered)}\\
         b_t &= \mu b_{t-1} + u_t, \quad u_t \leftarrow b_t
-            && \text{(\texttt{momentum}, if } \mu \ne 0)\\
+            && \text{(\texttt{momentum}, unless } \mu \text{ is None)}\\
         \theta_t &= \theta_{t-1} - \alpha_t u_t && \text{(\texttt{scale\_by\_lr})}
       \end{align*}
 
@@ -212,7 +221,9 @@ def rmsprop(
     alpha: the smoothing constant, in [0, 1).
     eps: :math:`\epsilon \ge 0`.
     weight_decay: coupled L2 :math:`\lambda \ge 0`.
-    momentum: :math:`\mu \in [0, 1]`.
+    momentum: :math:`\mu \in [0, 1]`, or ``None`` (the default, as `optax.rmsprop`): no
+      momentum stage and no buffer. A number, zero included, keeps the stage, so
+      the state's structure does not depend on its value (PyTorch's default is 0).
     centered: divide by the estimated standard deviation instead of the root
       mean square.
     maximize: Ascend the objective instead.
@@ -225,19 +236,21 @@ def rmsprop(
     Learning, 2012; Graves, 2013 (centred).
   """
   _common.check_flag("centered", centered)
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.rmsprop",
     *torch_front(maximize, weight_decay),
     scale_by_moments(alpha if centered else None, alpha),
     *([center()] if centered else []),
     normalize(eps),
-    *([] if _common.is_zero(momentum) else [_scale.momentum(momentum)]),
+    *([] if momentum is None else [_scale.momentum(momentum)]),
     scale_by_lr(learning_rate),
   )
 
 
 def sgd(
   learning_rate: optax.ScalarOrSchedule = 1e-3,
-  momentum: optax.ScalarOrSchedule = 0.0,
+  momentum: optax.ScalarOrSchedule | None = None,
   dampening: optax.ScalarOrSchedule = 0.0,
   *,
   weight_decay: optax.ScalarOrSchedule = 0.0,
@@ -259,7 +272,11 @@ def sgd(
 
   Args:
     learning_rate: :math:`\alpha_t`.
-    momentum: :math:`\mu \in [0, 1]`.
+    momentum: :math:`\mu \in [0, 1]`, or ``None`` (the default, as `optax.sgd`): no
+      momentum stage and no buffer. A number, zero included, keeps the stage (and
+      its buffer), so the state's structure does not depend on its value and
+      `optax.inject_hyperparams` finds the same state; :math:`\mu = 0` then
+      passes the gradient through, as PyTorch's default does.
     dampening: :math:`\tau \in [0, 1]`.
     weight_decay: coupled L2 :math:`\lambda \ge 0`.
     nesterov: Nesterov momentum.
@@ -269,12 +286,15 @@ def sgd(
     An :class:`optax.GradientTransformation`.
   """
   _common.check_flag("nesterov", nesterov)
-  if nesterov and _common.is_zero(momentum):
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  if nesterov and (momentum is None or _common.is_zero(momentum)):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = torch_front(maximize, weight_decay)
-  if not _common.is_zero(momentum):  # as torch, which ignores dampening without momentum
+  if momentum is not None:  # as torch, which ignores dampening without momentum
     stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
-  return optax.chain(*stages, scale_by_lr(learning_rate))
+  else:
+    _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
+  return _common.named_chain("jadam.sgd", *stages, scale_by_lr(learning_rate))
 
 
 def adagrad(
@@ -320,7 +340,7 @@ def adagrad(
   _common.check_hyperparameter("lr_decay", lr_decay, low=0.0)
   lr = learning_rate
   if not _common.is_zero(lr_decay):
-    lr_fn, decay_fn = _common.as_schedule(learning_rate), _common.as_schedule(lr_decay)
+    lr_fn, decay_fn = _common.as_schedule(learning_rate, "learning_rate"), _common.as_schedule(lr_decay, "lr_decay")
 
     def lr(count):
       # Cast both: a float32 array (as optax.inject_hyperparams makes) times a
@@ -330,7 +350,9 @@ def adagrad(
       base = _common.cast_hyperparameter(lr_fn(count), dtype)
       return base / (1 + t * _common.cast_hyperparameter(decay_fn(count), dtype))
 
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adagrad",
     *torch_front(maximize, weight_decay),
     accumulate_squares(initial_accumulator_value),
     normalize(eps),
@@ -345,11 +367,8 @@ def _tail(
   decoupled_weight_decay: bool,
 ) -> list[optax.GradientTransformation]:
   """The step, then PyTorch's decoupled decay if asked for."""
-  decay = (
-    [decoupled_decay(weight_decay, learning_rate)]
-    if decoupled_weight_decay and not _common.is_zero(weight_decay)
-    else []
-  )
+  # The flag, not the value, decides: a zero decay keeps its stage (see torch_front).
+  decay = [decoupled_decay(weight_decay, learning_rate)] if decoupled_weight_decay else []
   return [*direction, scale_by_lr(learning_rate), *decay]
 
 
@@ -393,7 +412,9 @@ def adamax(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
   """
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adamax",
     *torch_front(maximize, weight_decay),
     scale_by_inf_moments(b1, b2, eps, mu_dtype=mu_dtype),
     bias_correct(),
@@ -452,8 +473,10 @@ def nadam(
     Dozat, ICLR 2016 workshop.
   """
   _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
-  return optax.chain(
-    *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.nadam",
+    *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *_tail([nesterov_correct(momentum_decay), normalize(eps)], learning_rate, weight_decay, decoupled_weight_decay),
   )
@@ -507,14 +530,133 @@ def radam(
     Liu et al., ICLR 2020.
   """
   _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
-  return optax.chain(
-    *torch_front(maximize, 0.0 if decoupled_weight_decay else weight_decay),
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.radam",
+    *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
     *_tail([rectify(eps)], learning_rate, weight_decay, decoupled_weight_decay),
   )
 
 
-# --- Sparse gradients (issue 12): the alias; its stages live in jadam._sparse --------------------
+def adadelta(
+  learning_rate: optax.ScalarOrSchedule = 1.0,
+  rho: optax.ScalarOrSchedule = 0.9,
+  eps: optax.ScalarOrSchedule = 1e-6,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Adadelta, with the semantics and defaults of `torch.optim.Adadelta`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + \lambda\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        v_t &= \rho v_{t-1} + (1-\rho) g_t^2 && \text{(\texttt{scale\_by\_moments(None, }\rho))}\\
+        \Delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t, \quad
+        u_t = \rho u_{t-1} + (1-\rho)\Delta_t^2 && \text{(\texttt{scale\_by\_delta})}\\
+        \theta_t &= \theta_{t-1} - \alpha_t \Delta_t && \text{(\texttt{scale\_by\_lr})}
+      \end{align*}
+
+  Args:
+    learning_rate: :math:`\alpha` (PyTorch's default 1.0).
+    rho: :math:`\rho \in [0, 1]`.
+    eps: :math:`\epsilon \ge 0`, inside both roots.
+    weight_decay: coupled L2 :math:`\lambda \ge 0`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  References:
+    Zeiler, 2012.
+  """
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adadelta",
+    *torch_front(maximize, weight_decay),
+    scale_by_moments(None, rho),
+    scale_by_delta(rho, eps),
+    scale_by_lr(learning_rate),
+  )
+
+
+def rprop(
+  learning_rate: jax.typing.ArrayLike = 1e-2,
+  etas: tuple[float, float] = (0.5, 1.2),
+  step_sizes: tuple[float, float] = (1e-6, 50.0),
+  *,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Rprop, with the semantics and defaults of `torch.optim.Rprop`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t && \text{(maximize)}\\
+        s_t &= \operatorname{clip}(s_{t-1}\,\eta(g_t g_{t-1}), s_{\min}, s_{\max}), \quad
+        \theta_t = \theta_{t-1} - \operatorname{sign}(g_t)\, s_t
+            && \text{(\texttt{scale\_by\_rprop}, \texttt{scale\_by\_lr(1)})}
+      \end{align*}
+
+  See :func:`scale_by_rprop`. The learning rate is only the initial step size.
+
+  Args:
+    learning_rate: the initial step size (a number).
+    etas: :math:`(\eta_-, \eta_+)`.
+    step_sizes: :math:`(s_{\min}, s_{\max})`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  _common.check_flag("maximize", maximize)
+  return _common.named_chain(
+    "jadam.rprop", *torch_front(maximize, None), scale_by_rprop(learning_rate, etas, step_sizes), scale_by_lr(1.0)
+  )
+
+
+def asgd(
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  lambd: float = 1e-4,
+  alpha: float = 0.75,
+  t0: float = 1e6,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Averaged SGD, with the semantics and defaults of `torch.optim.ASGD`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t + w\,\theta_{t-1} && \text{(\texttt{add\_l2})}\\
+        \theta_t &= \theta_{t-1}(1 - \lambda\eta_t) - \eta_t g_t, \quad
+        \eta_{t+1} = \frac{\alpha_0}{(1 + \lambda\alpha_0 t)^{a}}
+            && \text{(\texttt{scale\_by\_asgd}, \texttt{scale\_by\_lr(1)})}
+      \end{align*}
+
+  The averaged parameters :math:`\bar\theta` (PyTorch's `ax`) are in the
+  :class:`ScaleByAsgdState` of the chain's state; see :func:`scale_by_asgd`.
+
+  Args:
+    learning_rate: :math:`\alpha_0 \ge 0`.
+    lambd: the decay term :math:`\lambda`.
+    alpha: the power :math:`a`.
+    t0: the step at which averaging starts.
+    weight_decay: coupled L2 :math:`w \ge 0`.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.asgd",
+    *torch_front(maximize, weight_decay),
+    scale_by_asgd(learning_rate, lambd, alpha, t0),
+    scale_by_lr(1.0),
+  )
+
+
 def sparse_adam(
   learning_rate: optax.ScalarOrSchedule = 1e-3,
   b1: optax.ScalarOrSchedule = 0.9,
@@ -583,16 +725,17 @@ def sparse_adam(
   """
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  return optax.chain(
-    *torch_front(maximize, 0.0),
+  return _common.named_chain(
+    "jadam.sparse_adam",
+    *torch_front(maximize, None),
     _sparse.scale_by_sparse_moments(b1, b2),
     _sparse.rowwise(bias_correct(into_step=True)),
     _sparse.rowwise(normalize(eps)),
     scale_by_lr(learning_rate),
+    none_grads=True,  # a table without a gradient this step is left as it is, as torch does
   )
 
 
-# --- 8-bit moments (issue 13) ---------------------------------------------------
 def adam8bit(
   learning_rate: optax.ScalarOrSchedule = 1e-3,
   b1: optax.ScalarOrSchedule = 0.9,
@@ -642,7 +785,9 @@ def adam8bit(
   """
   _common.check_flag("amsgrad", amsgrad)
   spec = _quantize.Quantized(block_size=block_size, min_size=min_8bit_size)
-  return optax.chain(
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  return _common.named_chain(
+    "jadam.adam8bit",
     *torch_front(maximize, weight_decay),
     scale_by_moments(b1, b2, mu_dtype=spec, nu_dtype=spec),
     *([max_nu()] if amsgrad else []),
@@ -685,8 +830,9 @@ def adamw8bit(
   """
   _common.check_flag("amsgrad", amsgrad)
   spec = _quantize.Quantized(block_size=block_size, min_size=min_8bit_size)
-  return optax.chain(
-    *torch_front(maximize, 0.0),
+  return _common.named_chain(
+    "jadam.adamw8bit",
+    *torch_front(maximize, None),
     scale_by_moments(b1, b2, mu_dtype=spec, nu_dtype=spec),
     *([max_nu()] if amsgrad else []),
     bias_correct(),

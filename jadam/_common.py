@@ -161,14 +161,25 @@ STATE_HINT = "Was the state made by this optimizer's init for these parameters?"
 PARAMS_HINT = "Pass update(grads, state, params) the parameters that the gradients are for."
 
 
-def as_schedule(value: optax.ScalarOrSchedule) -> Schedule:
+def as_schedule(value: optax.ScalarOrSchedule, name: str = "a hyperparameter") -> Schedule:
   """A hyperparameter as a function of the step count (jax's `make_schedule`).
 
   A Python float stays a Python float, so that `1 - b` is formed in double
-  precision on the host, as PyTorch does, before it meets the parameters.
+  precision on the host, as PyTorch does, before it meets the parameters. A
+  schedule is checked, at trace time, to return a scalar: an array would
+  broadcast into the parameters and change their shape.
   """
   if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-    return value
+
+    def checked(count):
+      out = value(count)
+      if np.ndim(out) != 0:
+        raise ValueError(
+          f"The schedule given as {name} returned an array of shape {np.shape(out)}; a schedule must return a scalar."
+        )
+      return out
+
+    return checked
   return lambda count: value
 
 
@@ -194,6 +205,28 @@ def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.ty
   if isinstance(value, numbers.Number) and not isinstance(value, np.generic):
     return value
   return jnp.asarray(value).astype(dtype)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The real dtype of a complex one (complex64 -> float32); a real dtype unchanged."""
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.finfo(dtype).dtype) if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+
+def componentwise(fn: Callable[..., jax.Array], *xs: jax.Array) -> jax.Array:
+  """`fn(*xs)`, applied to the real and imaginary parts separately where a leaf is complex.
+
+  jadam's one rule for complex parameters is PyTorch's: `torch.optim` treats
+  a complex parameter as `torch.view_as_real` of it, a pair of real numbers,
+  so every nonlinear operation of a stage (square, root, division, absolute
+  value, maximum, adding eps) acts on each part alone. Linear operations
+  (moving averages, momentum, scaling by a real rate) are the same either
+  way. On real leaves this is `fn(*xs)`. `fn` must take and return arrays of
+  the real dtype.
+  """
+  if any(jnp.iscomplexobj(x) for x in xs):
+    return jax.lax.complex(fn(*(jnp.real(x) for x in xs)), fn(*(jnp.imag(x) for x in xs)))
+  return fn(*xs)
 
 
 def is_float_leaf(x: Any) -> bool:
@@ -252,10 +285,29 @@ def tree_map_float(fn: Callable[..., Any], tree: Any, *rest: Any, keep: int = 0)
   return jax.tree.map(apply, *trees, is_leaf=lambda x: x is None)
 
 
+_COMPLEX_OF = {jnp.dtype(jnp.float32): jnp.dtype(jnp.complex64), jnp.dtype(jnp.float64): jnp.dtype(jnp.complex128)}
+
+
 def state_dtype(leaf: jax.Array, dtype: Any, *, widen: bool) -> Any:
-  if dtype is not None:
-    return jnp.dtype(dtype)
-  return compute_dtype(leaf.dtype) if widen else leaf.dtype
+  """The storage dtype of a state leaf for parameter `leaf`, given a `mu_dtype`-like `dtype` (or None).
+
+  The precision comes from `dtype`, the kind (real or complex) from the
+  parameter: `"complex64"` stores float32 for a real parameter and `float32`
+  stores complex64 for a complex one, so one dtype serves a tree of both.
+  """
+  if dtype is None:
+    return compute_dtype(leaf.dtype) if widen else leaf.dtype
+  dtype = jnp.dtype(dtype)
+  if not jnp.iscomplexobj(leaf):
+    return real_dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return dtype
+  if dtype not in _COMPLEX_OF:
+    raise TypeError(
+      f"A state dtype of {dtype} cannot hold the moments of a complex parameter ({leaf.dtype}): there is no"
+      " complex type of that width. Use complex64 (or float32) for complex parameters."
+    )
+  return _COMPLEX_OF[dtype]
 
 
 def state_zeros(params: optax.Params, dtype: Any, *, widen: bool) -> optax.Params:
@@ -270,11 +322,13 @@ def check_dtype(name: str, dtype: Any) -> None:
   if dtype is None:
     return
   try:
-    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    inexact = jnp.issubdtype(jnp.dtype(dtype), jnp.inexact)
   except TypeError:  # numpy's "data type 'foo' not understood" names no argument
-    floating = False
-  if not floating:
-    raise TypeError(f"{name} must be a floating dtype or None; got {dtype!r}.")
+    inexact = False
+  if not inexact:
+    raise TypeError(
+      f"{name} must be a floating dtype (or a complex one, for complex parameters) or None; got {dtype!r}."
+    )
 
 
 def is_zero(value: Any) -> bool:
@@ -284,3 +338,82 @@ def is_zero(value: Any) -> bool:
   `optax.inject_hyperparams`), so no Python branch ever reads a traced value.
   """
   return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
+
+
+# --- One optimizer's state, and only its own -------------------------------------
+# The sequence of a chain's state types, made by `named_chain`, names the optimizer
+# that made it: the first alias built with that sequence.
+_MADE_BY: dict[tuple[str, ...], str] = {}
+
+
+def _state_types(state: Any) -> tuple[str, ...]:
+  return tuple(type(s).__name__ for s in state)
+
+
+def check_grads_present(name: str, updates: Any, params: Any) -> None:
+  """Raises a `ValueError` where a gradient is `None` but the parameter is an array.
+
+  Such an update would reach `optax.apply_updates` as `param + None` and fail
+  there, far from its cause. A leaf to freeze takes a zero gradient, or is
+  left out with `optax.masked` / `optax.set_to_zero` under `optax.partition`.
+  """
+  is_none = lambda x: x is None
+  grads, grads_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
+  values, values_def = jax.tree_util.tree_flatten(params, is_leaf=is_none)
+  if grads_def != values_def:
+    return  # the stages' check_tree says how the trees differ
+  for (path, g), p in zip(grads, values):
+    if g is None and p is not None:
+      raise ValueError(
+        f"{name}: the gradient at {jax.tree_util.keystr(path)} is None, but the params hold {_aval(p)} there, and"
+        " optax.apply_updates cannot add None to it. Pass a zero gradient for a frozen parameter, or leave it out"
+        " of the optimizer with optax.partition(..., optax.set_to_zero())."
+      )
+
+
+def named_chain(
+  name: str, *stages: optax.GradientTransformation, none_grads: bool = False
+) -> optax.GradientTransformationExtraArgs:
+  """`optax.chain(*stages)` whose update refuses another optimizer's state and `None` gradients.
+
+  Two optimizers with as many stages give states that `optax.chain` accepts
+  for each other; each stage checks its own state's type, but stateless
+  stages (`EmptyState`) cannot. The chain checks the sequence of its state's
+  types (static, so free under `jit`) against its own, and names the
+  optimizer that made the state it received. The state's tree is exactly
+  `optax.chain`'s.
+
+  Args:
+    name: the optimizer, for messages, e.g. ``"jadam.adam"``.
+    *stages: the transformations, in order.
+    none_grads: accept a `None` gradient where the params hold an array (an
+      optimizer that skips such leaves, as `torch.optim.SparseAdam` does, and
+      whose updates go through :func:`jadam.apply_updates`).
+  """
+  tx = optax.chain(*stages)
+  try:
+    mine = _state_types(tx.init({}))
+  except Exception:  # noqa: BLE001 - a mask callable that cannot read an empty tree: no check
+    mine = None
+  if mine is not None:
+    _MADE_BY.setdefault(mine, name)
+
+  def check(updates, state, params):
+    if mine is not None:
+      theirs = _state_types(state) if isinstance(state, tuple) else (type(state).__name__,)
+      if theirs != mine:
+        maker = _MADE_BY.get(theirs, "another optimizer")
+        raise TypeError(
+          f"{name}'s update received a state made by {maker}'s init: its stages' states are"
+          f" ({', '.join(theirs)}), where {name}'s are ({', '.join(mine)}). Pass the state that {name}'s own"
+          " init returned."
+        )
+    if params is not None and not none_grads:
+      check_grads_present(name, updates, params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    check(updates, state, params)
+    return tx.update(updates, state, params, **extra_args)
+
+  update_fn.jadam_chain = (tx, check)  # for jadam._kernels.fused, which runs the chain's stages itself
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -61,12 +61,17 @@ def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
     c2 = _common.one_minus_power(moments.b2, moments.count)
     if into_step:
       return moments._replace(bias_corrected=True, step_scale=jnp.sqrt(c2) / c1), state
-    mu = _common.tree_map_float(lambda m: m / c1.astype(m.dtype), moments.mu)
-    nu = _common.tree_map_float(lambda v: v / c2.astype(v.dtype), moments.nu)
+    mu = _common.tree_map_float(lambda m: _divide(m, c1), moments.mu)
+    nu = _common.tree_map_float(lambda v: _divide(v, c2), moments.nu)
     return moments._replace(mu=mu, nu=nu, bias_corrected=True), state
 
   update_fn.jadam_stage = ("bias_correct", dict(into_step=into_step))
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _divide(x: jax.Array, c: jax.Array) -> jax.Array:
+  """`x / c` for a real scalar `c`, part by part on a complex `x` (a complex division would round otherwise)."""
+  return _common.componentwise(lambda a: a / c.astype(a.dtype), x)
 
 
 def _power(b: jax.typing.ArrayLike, exponent: jax.Array) -> jax.Array:
@@ -119,7 +124,7 @@ def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.Gra
     <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR 2016 workshop.
   """
   _common.check_hyperparameter("momentum_decay", momentum_decay, low=0.0)
-  psi_fn = _common.as_schedule(momentum_decay)
+  psi_fn = _common.as_schedule(momentum_decay, "momentum_decay")
 
   def init_fn(params):
     del params
@@ -147,7 +152,7 @@ def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.Gra
       return coef_g.astype(dt) * g.astype(dt) + coef_m.astype(dt) * m
 
     mu_hat = _common.tree_map_float(look_ahead, moments.grad, moments.mu)
-    nu_hat = _common.tree_map_float(lambda v: v / c2.astype(v.dtype), moments.nu)
+    nu_hat = _common.tree_map_float(lambda v: _divide(v, c2), moments.nu)
     out = moments._replace(mu=mu_hat, nu=nu_hat, bias_corrected=True)
     return out, NesterovCorrectState(mu_product=mu_product)
 
@@ -187,7 +192,7 @@ def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
     <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
   """
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  eps_fn = _common.as_schedule(eps)
+  eps_fn = _common.as_schedule(eps, "eps")
 
   def update_fn(updates, state, params=None):
     del params
@@ -208,10 +213,15 @@ def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
 
     def direction(m, v, g):
       dt = _common.compute_dtype(m.dtype)
-      m_hat = m.astype(dt) / c1.astype(dt)
-      adaptive = jnp.sqrt(c2).astype(dt) / (jnp.sqrt(v.astype(dt)) + _common.cast_hyperparameter(e, dt))
-      scale = jnp.where(tractable, adaptive * rect.astype(dt), jnp.ones([], dt))
-      return (m_hat * scale).astype(g.dtype)
+      real = _common.real_dtype(dt)
+      e_ = _common.cast_hyperparameter(e, real)
+
+      def one(m, v):  # on real numbers: each part of a complex leaf alone
+        m_hat = m / c1.astype(real)
+        adaptive = jnp.sqrt(c2).astype(real) / (jnp.sqrt(v) + e_)
+        return m_hat * jnp.where(tractable, adaptive * rect.astype(real), jnp.ones([], real))
+
+      return _common.componentwise(one, m.astype(dt), v.astype(dt)).astype(g.dtype)
 
     return _common.tree_map_float(direction, moments.mu, moments.nu, moments.grad), state
 

@@ -10,6 +10,8 @@ into parameter-shaped updates.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -21,11 +23,19 @@ from jadam import _common, _lowp, _quantize
 Dtype = Any
 
 
-class Moments(NamedTuple):
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=("mu", "nu", "count", "b1", "b2", "grad", "step_scale"),
+  meta_fields=("bias_corrected",),
+)
+@dataclasses.dataclass(frozen=True)
+class Moments:
   """What :func:`scale_by_moments` passes to the stages after it.
 
   A pytree, not a parameter-shaped tree: the stages between
   :func:`scale_by_moments` and :func:`normalize` read and rewrite it.
+  `bias_corrected` is static (a pytree meta field), so a stage's update on
+  `Moments` traces under `jax.jit` and branches on it in Python.
   """
 
   mu: optax.Updates  # m_t (or the gradient itself, for optimizers without one)
@@ -36,6 +46,10 @@ class Moments(NamedTuple):
   grad: optax.Updates  # g_t as it arrived: its dtypes are the updates' dtypes
   bias_corrected: bool = False  # static: set by bias_correct
   step_scale: jax.typing.ArrayLike | None = None  # bias_correct(into_step=True)
+
+  def _replace(self, **changes: Any) -> "Moments":
+    """A copy with `changes`, as `NamedTuple._replace`."""
+    return dataclasses.replace(self, **changes)
 
 
 def expect_moments(updates: Any, stage: str) -> Moments:
@@ -116,8 +130,8 @@ def scale_by_moments(
   _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _quantize.check_dtype("mu_dtype", mu_dtype)
   _quantize.check_dtype("nu_dtype", nu_dtype)
-  b1_fn = None if b1 is None else _common.as_schedule(b1)
-  b2_fn = _common.as_schedule(b2)
+  b1_fn = None if b1 is None else _common.as_schedule(b1, "b1")
+  b2_fn = _common.as_schedule(b2, "b2")
 
   def zeros(params, dtype, widen):
     if isinstance(dtype, _quantize.Quantized):
@@ -187,10 +201,8 @@ def _ema_leaf(g: jax.Array, m: jax.Array, decay: jax.typing.ArrayLike, *, square
   dtype = _common.compute_dtype(g.dtype)
   g = g.astype(dtype)
   d = _common.cast_hyperparameter(decay, dtype)
-  x = g
-  if square:
-    # |g|^2 for complex leaves (as optax.adam), not g^2, which is not a magnitude.
-    x = jnp.real(g * jnp.conj(g)).astype(dtype) if jnp.iscomplexobj(g) else g * g
+  # A complex g is squared part by part (PyTorch's view_as_real rule; see _common.componentwise).
+  x = _common.componentwise(lambda a: a * a, g) if square else g
   return (1 - d) * x + d * m.astype(dtype)
 
 
@@ -233,7 +245,9 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
     moments = expect_moments(updates, "jadam.max_nu")
     _common.check_state("jadam.max_nu", state, MaxNuState)
     _common.check_tree("jadam.max_nu", moments.nu, "the state's nu_max", state.nu_max, _common.STATE_HINT)
-    nu = _common.tree_map_float(lambda v, s: jnp.maximum(v, s.astype(v.dtype)), moments.nu, state.nu_max)
+    nu = _common.tree_map_float(
+      lambda v, s: _common.componentwise(jnp.maximum, v, s.astype(v.dtype)), moments.nu, state.nu_max
+    )
     nu_max = _common.tree_map_float(lambda v, s: v.astype(s.dtype), nu, state.nu_max, keep=1)
     return moments._replace(nu=nu), MaxNuState(nu_max=nu_max)
 
@@ -284,7 +298,8 @@ def scale_by_inf_moments(
   _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   _common.check_dtype("mu_dtype", mu_dtype)
-  b1_fn, b2_fn, eps_fn = _common.as_schedule(b1), _common.as_schedule(b2), _common.as_schedule(eps)
+  b1_fn, b2_fn = _common.as_schedule(b1, "b1"), _common.as_schedule(b2, "b2")
+  eps_fn = _common.as_schedule(eps, "eps")
 
   def init_fn(params):
     return ScaleByInfMomentsState(
@@ -303,8 +318,9 @@ def scale_by_inf_moments(
 
     def norm(g, u):
       dtype = _common.compute_dtype(g.dtype)
-      decayed = _common.cast_hyperparameter(beta2, dtype) * u.astype(dtype)
-      return jnp.maximum(decayed, jnp.abs(g.astype(dtype)) + _common.cast_hyperparameter(e, dtype))
+      real = _common.real_dtype(dtype)
+      b, eps_ = _common.cast_hyperparameter(beta2, real), _common.cast_hyperparameter(e, real)
+      return _common.componentwise(lambda x, y: jnp.maximum(b * y, jnp.abs(x) + eps_), g.astype(dtype), u.astype(dtype))
 
     nu = _common.tree_map_float(norm, updates, state.nu)
     count = optax.safe_increment(state.count)
@@ -341,7 +357,7 @@ def center() -> optax.GradientTransformation:
     del params
     moments = expect_moments(updates, "jadam.center")
     nu = _common.tree_map_float(
-      lambda v, m: v - (m * jnp.conj(m) if jnp.iscomplexobj(m) else m * m), moments.nu, moments.mu
+      lambda v, m: _common.componentwise(lambda x, y: x - y * y, v, m), moments.nu, moments.mu
     )
     mu = _common.tree_map_float(lambda g, v: g.astype(v.dtype), moments.grad, nu)
     return moments._replace(mu=mu, nu=nu), state
@@ -389,7 +405,10 @@ def accumulate_squares(
       if not _common.is_float_leaf(p):
         return p
       dtype = _common.state_dtype(p, nu_dtype, widen=True)
-      return jnp.full_like(p, _common.cast_hyperparameter(initial_accumulator_value, dtype), dtype)
+      v0 = _common.cast_hyperparameter(initial_accumulator_value, _common.real_dtype(dtype))
+      if jnp.issubdtype(dtype, jnp.complexfloating):
+        v0 = jax.lax.complex(jnp.asarray(v0, _common.real_dtype(dtype)), jnp.asarray(v0, _common.real_dtype(dtype)))
+      return jnp.full_like(p, v0, dtype)  # a complex parameter starts both parts' sums at v0, as torch
 
     return AccumulateSquaresState(count=jnp.zeros([], jnp.int32), sum_of_squares=jax.tree.map(start, params))
 
@@ -403,7 +422,7 @@ def accumulate_squares(
 
     def add(g, s):
       g = g.astype(_common.compute_dtype(g.dtype))
-      return s.astype(g.dtype) + g * g
+      return s.astype(g.dtype) + _common.componentwise(lambda a: a * a, g)
 
     nu = _common.tree_map_float(add, updates, state.sum_of_squares)
     stored = _common.tree_map_float(lambda g, v, s: v.astype(s.dtype), updates, nu, state.sum_of_squares, keep=2)

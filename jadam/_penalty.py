@@ -45,14 +45,22 @@ def add_l2(
     An :class:`optax.GradientTransformation`; it needs `params`.
   """
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  wd_fn = _common.as_schedule(weight_decay)
+  wd_fn = _common.as_schedule(weight_decay, "weight_decay")
 
   def init_fn(params):
     del params
     return AddL2State(count=jnp.zeros([], jnp.int32))
 
+  # A weight_decay known to be zero now adds nothing: the stage keeps its place and
+  # its state (so the chain's structure does not depend on the value, as
+  # optax.inject_hyperparams needs) but neither computes nor needs the params.
+  static_zero = _common.is_zero(weight_decay)
+
   def update_fn(updates, state, params=None):
     expect_updates(updates, "jadam.add_l2")
+    if static_zero:
+      _common.check_state("jadam.add_l2", state, AddL2State)
+      return updates, AddL2State(count=optax.safe_increment(state.count))
     if params is None:
       raise ValueError("jadam.add_l2 needs the parameters: call update(grads, state, params).")
     _common.check_state("jadam.add_l2", state, AddL2State)
@@ -122,7 +130,8 @@ def decoupled_decay(
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
   if convention not in _CONVENTIONS:
     raise ValueError(f"convention must be one of {_CONVENTIONS}; got {convention!r}.")
-  wd_fn, lr_fn = _common.as_schedule(weight_decay), _common.as_schedule(learning_rate)
+  wd_fn = _common.as_schedule(weight_decay, "weight_decay")
+  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
   stage = "jadam.decoupled_decay"
 
   def init_fn(params):

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import sparse
 
 from jadam import _common
 from jadam._moments import expect_moments, expect_updates
@@ -36,7 +37,7 @@ def normalize(
   """
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   _common.check_hyperparameter("eps_root", eps_root, low=0.0, wide_dtype=True)
-  eps_fn, eps_root_fn = _common.as_schedule(eps), _common.as_schedule(eps_root)
+  eps_fn, eps_root_fn = _common.as_schedule(eps, "eps"), _common.as_schedule(eps_root, "eps_root")
 
   def init_fn(params):
     del params
@@ -50,11 +51,16 @@ def normalize(
 
     def divide(m, v, g):
       dtype = _common.compute_dtype(m.dtype)
-      v = v.astype(dtype) + _common.cast_hyperparameter(e_root, dtype)
-      u = m.astype(dtype) / (jnp.sqrt(v) + _common.cast_hyperparameter(e, dtype))
-      if moments.step_scale is not None:
-        u = u * jnp.asarray(moments.step_scale).astype(dtype)
-      return u.astype(g.dtype)
+      real = _common.real_dtype(dtype)
+      root, eps_ = _common.cast_hyperparameter(e_root, real), _common.cast_hyperparameter(e, real)
+
+      def one(m, v):  # on real numbers: each part of a complex leaf alone (PyTorch's view_as_real)
+        u = m / (jnp.sqrt(v + root) + eps_)
+        if moments.step_scale is not None:
+          u = u * jnp.asarray(moments.step_scale).astype(real)
+        return u
+
+      return _common.componentwise(one, m.astype(dtype), v.astype(dtype)).astype(g.dtype)
 
     return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 
@@ -81,9 +87,11 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
   Returns:
     An :class:`optax.GradientTransformation`; updates keep each leaf's dtype.
+    Integer and boolean leaves get a zero update of their dtype (they do not
+    move); `None` and float0 leaves go through as they came.
   """
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _common.as_schedule(learning_rate)
+  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
 
   def init_fn(params):
     del params
@@ -99,7 +107,21 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
       dtype = _common.compute_dtype(u.dtype)
       return (-_common.cast_hyperparameter(lr, dtype) * u.astype(dtype)).astype(u.dtype)
 
-    return _common.tree_map_float(scale, updates), ScaleByLrState(count=optax.safe_increment(state.count))
+    def scale_or_zero(u):
+      if isinstance(u, sparse.BCOO):  # a row-sparse update (jadam.sparse_adam): scale its values, keep its rows
+        return u.__class__(
+          (scale(u.data), u.indices), shape=u.shape, indices_sorted=u.indices_sorted, unique_indices=u.unique_indices
+        )
+      if _common.is_float_leaf(u):
+        return scale(u)
+      if u is None or jnp.result_type(u) == jax.dtypes.float0:
+        return u  # no gradient, or jax.grad's float0 for an integer input: already nothing
+      return jnp.zeros_like(u)  # an integer or boolean leaf does not move
+
+    is_leaf = lambda x: x is None or isinstance(x, sparse.BCOO)
+    return jax.tree.map(scale_or_zero, updates, is_leaf=is_leaf), ScaleByLrState(
+      count=optax.safe_increment(state.count)
+    )
 
   update_fn.jadam_stage = ("scale_by_lr", dict(learning_rate=lr_fn))
   return optax.GradientTransformation(init_fn, update_fn)
@@ -149,10 +171,15 @@ def momentum(
   _common.check_dtype("accumulator_dtype", accumulator_dtype)
   if nesterov and _common.concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
-  decay_fn, damp_fn = _common.as_schedule(decay), _common.as_schedule(dampening)
+  decay_fn, damp_fn = _common.as_schedule(decay, "momentum"), _common.as_schedule(dampening, "dampening")
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, accumulator_dtype or jnp.result_type(p)), params)
+    zeros = jax.tree.map(
+      lambda p: jnp.zeros_like(
+        p, _common.state_dtype(p, accumulator_dtype, widen=False) if _common.is_float_leaf(p) else None
+      ),
+      params,
+    )
     return MomentumState(count=jnp.zeros([], jnp.int32), trace=zeros)
 
   def update_fn(updates, state, params=None):
@@ -227,11 +254,263 @@ def normalize_inf() -> optax.GradientTransformation:
 
     def divide(m, u, g):
       dtype = _common.compute_dtype(m.dtype)
-      out = m.astype(dtype) / u.astype(dtype)
-      if moments.step_scale is not None:
-        out = out * jnp.asarray(moments.step_scale).astype(dtype)
-      return out.astype(g.dtype)
+      real = _common.real_dtype(dtype)
+
+      def one(m, u):  # on real numbers: each part of a complex leaf alone
+        out = m / u
+        if moments.step_scale is not None:
+          out = out * jnp.asarray(moments.step_scale).astype(real)
+        return out
+
+      return _common.componentwise(one, m.astype(dtype), u.astype(dtype)).astype(g.dtype)
 
     return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class ScaleByDeltaState(NamedTuple):
+  """State for :func:`scale_by_delta`."""
+
+  acc_delta: optax.Updates  # the running average of the squared steps, E[dx^2]
+
+
+def scale_by_delta(
+  rho: optax.ScalarOrSchedule = 0.9, eps: optax.ScalarOrSchedule = 1e-6
+) -> optax.GradientTransformation:
+  r"""Adadelta's step: the gradient scaled by the ratio of two root mean squares.
+
+  .. math::
+      \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t, \qquad
+      u_t = \rho\, u_{t-1} + (1 - \rho)\, \Delta_t^2, \qquad u_0 = 0,
+
+  with :math:`v_t` the second moment that :func:`jadam.scale_by_moments` (with
+  ``b1=None, b2=rho``) passes on, in PyTorch's order of operations.
+
+  Args:
+    rho: :math:`\rho \in [0, 1]`: a float, a scalar array or a schedule.
+    eps: :math:`\epsilon \ge 0`, inside both roots.
+
+  Returns:
+    An :class:`optax.GradientTransformation` from :class:`jadam.Moments` to
+    parameter-shaped updates :math:`\Delta_t` (follow with
+    :func:`scale_by_lr`).
+
+  References:
+    Zeiler, `ADADELTA: An Adaptive Learning Rate Method <https://arxiv.org/abs/1212.5701>`_, 2012.
+  """
+  _common.check_hyperparameter("rho", rho, low=0.0, high=1.0, wide_dtype=True)
+  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  rho_fn, eps_fn = _common.as_schedule(rho, "rho"), _common.as_schedule(eps, "eps")
+
+  def init_fn(params):
+    return ScaleByDeltaState(acc_delta=_common.state_zeros(params, None, widen=True))
+
+  def update_fn(updates, state, params=None):
+    del params
+    moments = expect_moments(updates, "jadam.scale_by_delta")
+    _common.check_state("jadam.scale_by_delta", state, ScaleByDeltaState)
+    _common.check_tree(
+      "jadam.scale_by_delta", moments.grad, "the state's acc_delta", state.acc_delta, _common.STATE_HINT
+    )
+    step = moments.count - 1
+    r, e = rho_fn(step), eps_fn(step)
+
+    def both(g, v, a):
+      dtype = _common.compute_dtype(g.dtype)
+      real = _common.real_dtype(dtype)
+      rr, ee = _common.cast_hyperparameter(r, real), _common.cast_hyperparameter(e, real)
+
+      def one(g, v, a):
+        delta = jnp.sqrt(a + ee) / jnp.sqrt(v + ee) * g
+        return delta, rr * a + (1 - rr) * (delta * delta)
+
+      if jnp.iscomplexobj(g):
+        (dr, ar), (di, ai) = one(*(jnp.real(x) for x in (g, v, a))), one(*(jnp.imag(x) for x in (g, v, a)))
+        return jax.lax.complex(dr, di), jax.lax.complex(ar, ai)
+      return one(g, v, a)
+
+    cast = lambda x: x.astype(_common.compute_dtype(x.dtype))
+    pairs = _common.tree_map_float(
+      lambda g, v, a: both(cast(g), v.astype(cast(g).dtype), a.astype(cast(g).dtype)),
+      moments.grad,
+      moments.nu,
+      state.acc_delta,
+    )
+    is_pair = lambda x: type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+    deltas = jax.tree.map(lambda g, x: x[0].astype(g.dtype) if is_pair(x) else x, moments.grad, pairs, is_leaf=is_pair)
+    acc = jax.tree.map(lambda s, x: x[1].astype(s.dtype) if is_pair(x) else s, state.acc_delta, pairs, is_leaf=is_pair)
+    return deltas, ScaleByDeltaState(acc_delta=acc)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByRpropState(NamedTuple):
+  """State for :func:`scale_by_rprop`."""
+
+  prev: optax.Updates  # the previous gradient, zeroed where its sign flipped
+  step_size: optax.Updates  # each element's step size
+
+
+def scale_by_rprop(
+  learning_rate: jax.typing.ArrayLike = 1e-2,
+  etas: tuple[float, float] = (0.5, 1.2),
+  step_sizes: tuple[float, float] = (1e-6, 50.0),
+) -> optax.GradientTransformation:
+  r"""Rprop's step: each element's own step size, grown while its gradient keeps its sign.
+
+  .. math::
+      \begin{align*}
+        s_t &= \operatorname{clip}\bigl(s_{t-1}\,\eta(g_t g_{t-1}),\; s_{\min},\; s_{\max}\bigr), \qquad
+        \eta(x) = \eta_+ \text{ if } x > 0,\ \eta_- \text{ if } x < 0,\ 1 \text{ otherwise},\\
+        g_t &\leftarrow 0 \text{ where } g_t g_{t-1} < 0, \qquad
+        \Delta_t = \operatorname{sign}(g_t)\, s_t, \qquad s_0 = \text{learning\_rate},
+      \end{align*}
+
+  as `torch.optim.Rprop` does (the zeroed gradient is the one remembered).
+
+  Args:
+    learning_rate: the initial step size :math:`s_0 > 0`: a number (PyTorch
+      reads the learning rate once, to start the step sizes).
+    etas: :math:`(\eta_-, \eta_+)`, with :math:`0 < \eta_- < 1 < \eta_+`.
+    step_sizes: :math:`(s_{\min}, s_{\max})`.
+
+  Returns:
+    An :class:`optax.GradientTransformation` on parameter-shaped updates
+    (positive :math:`\Delta_t`: follow with ``scale_by_lr(1.0)``).
+
+  References:
+    Riedmiller & Braun, `A direct adaptive method for faster backpropagation learning: the RPROP
+    algorithm <https://doi.org/10.1109/ICNN.1993.298623>`_, 1993.
+  """
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  if callable(learning_rate):
+    raise TypeError("learning_rate must be a number for Rprop (it only sets the initial step sizes), not a schedule.")
+  minus, plus = etas
+  lo, hi = step_sizes
+
+  def init_fn(params):
+    def start(p):
+      if not _common.is_float_leaf(p):
+        return p
+      real = _common.real_dtype(p.dtype)
+      s0 = jnp.asarray(learning_rate).astype(real)
+      # A complex parameter is two real ones: both parts start at the same step size (as torch).
+      return jnp.full_like(p, jax.lax.complex(s0, s0) if jnp.iscomplexobj(p) else s0)
+
+    return ScaleByRpropState(prev=_common.state_zeros(params, None, widen=False), step_size=jax.tree.map(start, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    expect_updates(updates, "jadam.scale_by_rprop")
+    _common.check_state("jadam.scale_by_rprop", state, ScaleByRpropState)
+    _common.check_tree("jadam.scale_by_rprop", updates, "the state's prev", state.prev, _common.STATE_HINT)
+
+    def one(g, prev, size):
+      sign = jnp.sign(g * prev)
+      factor = jnp.where(sign > 0, plus, jnp.where(sign < 0, minus, 1.0)).astype(g.dtype)
+      size = jnp.clip(size * factor, lo, hi)
+      g = jnp.where(sign < 0, jnp.zeros_like(g), g)
+      return jnp.sign(g) * size, g, size
+
+    def leaf(g, prev, size):
+      parts = [
+        one(*(f(x) for x in (g, prev, size))) for f in ((jnp.real, jnp.imag) if jnp.iscomplexobj(g) else (lambda x: x,))
+      ]
+      if len(parts) == 1:
+        return parts[0]
+      return tuple(jax.lax.complex(a, b) for a, b in zip(*parts))
+
+    out = _common.tree_map_float(
+      lambda g, p, s: leaf(g, p.astype(g.dtype), s.astype(g.dtype)), updates, state.prev, state.step_size
+    )
+    is_triple = lambda x: type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+    pick = lambda i, old: jax.tree.map(
+      lambda o, x: x[i].astype(o.dtype) if is_triple(x) else o, old, out, is_leaf=is_triple
+    )
+    return pick(0, updates), ScaleByRpropState(prev=pick(1, state.prev), step_size=pick(2, state.step_size))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAsgdState(NamedTuple):
+  """State for :func:`scale_by_asgd`."""
+
+  count: jax.Array  # shape=(), int32: steps taken so far
+  ax: optax.Updates  # the averaged parameters (PyTorch's state["ax"]): evaluate with these
+
+
+def scale_by_asgd(
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  lambd: float = 1e-4,
+  alpha: float = 0.75,
+  t0: float = 1e6,
+) -> optax.GradientTransformation:
+  r"""Averaged SGD's step and average, as `torch.optim.ASGD`.
+
+  .. math::
+      \begin{align*}
+        \theta_t &= \theta_{t-1}(1 - \lambda\eta_t) - \eta_t g_t, \qquad
+        \eta_1 = \alpha_0, \quad \eta_{t+1} = \frac{\alpha_0}{(1 + \lambda \alpha_0 t)^{a}},\\
+        \bar\theta_t &= \bar\theta_{t-1} + \mu_t(\theta_t - \bar\theta_{t-1}), \qquad
+        \mu_t = 1 / \max(1, t - 1 - t_0) \;(\bar\theta_t = \theta_t \text{ while } \mu_t = 1),
+      \end{align*}
+
+  with :math:`\alpha_0` the learning rate (read, when scheduled, at the count
+  of the step before, as PyTorch reads the group's rate when it sets
+  :math:`\eta` for the next step). The average :math:`\bar\theta` is kept in the
+  state (`ax`) for evaluation, as PyTorch keeps it; the parameters follow
+  :math:`\theta_t`.
+
+  Args:
+    learning_rate: :math:`\alpha_0 \ge 0`: a float, a scalar array or a schedule.
+    lambd: the decay term :math:`\lambda`.
+    alpha: the power :math:`a` of the rate's decay.
+    t0: the step at which averaging starts.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose updates are
+    :math:`\theta_{t-1} - \theta_t` (positive: follow with ``scale_by_lr(1.0)``);
+    it needs `params`.
+
+  References:
+    Polyak & Juditsky, `Acceleration of Stochastic Approximation by Averaging
+    <https://doi.org/10.1137/0330046>`_, 1992.
+  """
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  for name, x in (("lambd", lambd), ("alpha", alpha), ("t0", t0)):
+    _common.check_hyperparameter(name, x)
+  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+  stage = "jadam.scale_by_asgd"
+
+  def init_fn(params):
+    return ScaleByAsgdState(count=jnp.zeros([], jnp.int32), ax=_common.state_zeros(params, None, widen=False))
+
+  def update_fn(updates, state, params=None):
+    expect_updates(updates, stage)
+    if params is None:
+      raise ValueError(f"{stage} needs the parameters: call update(grads, state, params).")
+    _common.check_state(stage, state, ScaleByAsgdState)
+    _common.check_tree(stage, updates, "the params", params, _common.PARAMS_HINT)
+    dtype = _common.float_dtype()
+    c = state.count
+    prev_lr = _common.cast_hyperparameter(lr_fn(jnp.maximum(c - 1, 0)), dtype)
+    lam, a = _common.cast_hyperparameter(lambd, dtype), _common.cast_hyperparameter(alpha, dtype)
+    tc = c.astype(dtype)
+    eta = jnp.where(c == 0, _common.cast_hyperparameter(lr_fn(c), dtype), prev_lr / (1 + lam * prev_lr * tc) ** a)
+    mu = 1 / jnp.maximum(tc - _common.cast_hyperparameter(t0, dtype), 1.0)  # t - 1 - t0 at step t = c + 1
+    shrink = 1 - lam * eta
+
+    # Real scalars cast to a complex leaf's dtype multiply each part exactly (their imaginary part is 0).
+    def new_param(g, p):
+      return p * shrink.astype(p.dtype) - eta.astype(p.dtype) * g.astype(p.dtype)
+
+    def average(g, p, ax):
+      new = new_param(g, p).astype(ax.dtype)
+      return jnp.where(mu == 1, new, ax + (new - ax) * mu.astype(ax.dtype))
+
+    direction = _common.tree_map_float(lambda g, p: (p - new_param(g, p)).astype(g.dtype), updates, params)
+    ax = _common.tree_map_float(average, updates, params, state.ax, keep=2)
+    return direction, ScaleByAsgdState(count=optax.safe_increment(c), ax=ax)
+
+  return optax.GradientTransformation(init_fn, update_fn)

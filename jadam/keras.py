@@ -51,7 +51,7 @@ def scale_by_keras_moments(
   """
   _common.check_hyperparameter("beta_1", beta_1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _common.check_hyperparameter("beta_2", beta_2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  b1_fn, b2_fn = _common.as_schedule(beta_1), _common.as_schedule(beta_2)
+  b1_fn, b2_fn = _common.as_schedule(beta_1, "beta_1"), _common.as_schedule(beta_2, "beta_2")
 
   def init_fn(params):
     zeros = _common.state_zeros(params, None, widen=True)
@@ -115,7 +115,7 @@ def keras_step(
   """
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
   _common.check_hyperparameter("epsilon", epsilon, low=0.0, wide_dtype=True)
-  lr_fn, eps_fn = _common.as_schedule(learning_rate), _common.as_schedule(epsilon)
+  lr_fn, eps_fn = _common.as_schedule(learning_rate, "learning_rate"), _common.as_schedule(epsilon, "epsilon")
 
   def init_fn(params):
     del params

@@ -222,7 +222,7 @@ def test_state_follows_named_sharding_of_params():
   state = jax.jit(tx.init)(params)
   grads = jax.device_put(jnp.full(32, 0.5, jnp.float32), sharding)
   updates, state = jax.jit(tx.update)(grads, state, params)
-  moments_state = state[0]
+  moments_state = state[1]  # after add_l2
   assert moments_state.mu.sharding.is_equivalent_to(sharding, 1)
   assert moments_state.nu.sharding.is_equivalent_to(sharding, 1)
   assert updates.sharding.is_equivalent_to(sharding, 1)

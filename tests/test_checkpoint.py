@@ -233,37 +233,37 @@ MISMATCHES = {
   "other_optimizer": (
     jadam.adam(1e-3),
     jadam.sgd(1e-3, momentum=0.9).init(PARAMS),
-    r"leaf 1 is \[0\]\.trace\['b'\] in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
+    r"leaf 2 is \[1\]\.trace\['b'\] in the tree to restore into, \[1\]\.mu\['b'\] in the checkpoint",
   ),
   "extra_leaf": (
     jadam.adam(1e-3),
     jadam.adam(1e-3).init({**PARAMS, "c": jnp.ones(2, jnp.float32)}),
-    r"\[0\]\.mu\['c'\] in the tree to restore into, \[0\]\.mu\['w'\] in the checkpoint",
+    r"\[1\]\.mu\['c'\] in the tree to restore into, \[1\]\.mu\['w'\] in the checkpoint",
   ),
   "missing_leaf": (
     jadam.adam(1e-3),
     jadam.adam(1e-3).init({"w": PARAMS["w"]}),
-    r"leaf 1 is \[0\]\.mu\['w'\] in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
+    r"leaf 2 is \[1\]\.mu\['w'\] in the tree to restore into, \[1\]\.mu\['b'\] in the checkpoint",
   ),
   "bf16_moments_into_float32": (
     jadam.adam(1e-3, mu_dtype=jnp.bfloat16),
     jadam.adam(1e-3).init(PARAMS),
-    r"at \[0\]\.mu\['b'\]: expected float32\[4\], found bfloat16\[4\]",
+    r"at \[1\]\.mu\['b'\]: expected float32\[4\], found bfloat16\[4\]",
   ),
   "float32_moments_into_bf16": (
     jadam.adam(1e-3),
     jadam.adam(1e-3, nu_dtype=jnp.bfloat16).init(PARAMS),
-    r"at \[0\]\.nu\['b'\]: expected bfloat16\[4\], found float32\[4\]",
+    r"at \[1\]\.nu\['b'\]: expected bfloat16\[4\], found float32\[4\]",
   ),
   "wrong_shape": (
     jadam.adam(1e-3),
     jadam.adam(1e-3).init({**PARAMS, "w": jnp.ones((4, 3), jnp.float32)}),
-    r"at \[0\]\.mu\['w'\]: expected float32\[4,3\], found float32\[3,4\]",
+    r"at \[1\]\.mu\['w'\]: expected float32\[4,3\], found float32\[3,4\]",
   ),
   "none_where_an_array_was": (
     jadam.rmsprop(1e-3, centered=True),
     jadam.rmsprop(1e-3).init(PARAMS),  # mu is None without centering
-    r"leaf 1 is \[0\]\.mu in the tree to restore into, \[0\]\.mu\['b'\] in the checkpoint",
+    r"leaf 2 is \[1\]\.mu in the tree to restore into, \[1\]\.mu\['b'\] in the checkpoint",
   ),
   "count_dtype": (
     jadam.adam(1e-3),
@@ -313,7 +313,7 @@ def test_odd_trees_round_trip(tmp_path):
   restored = jadam.restore_state(tmp_path / "odd", tree)
   assert_bitwise_equal(jax.tree.map(np.asarray, restored), jax.tree.map(np.asarray, tree))
   assert isinstance(restored["numpy"], np.ndarray) and isinstance(restored["scalar"], int)
-  assert isinstance(restored["state"].inner_state[0].nu["empty"], jax.Array)
+  assert isinstance(restored["state"].inner_state[1].nu["empty"], jax.Array)
   jadam.save_state(tmp_path / "only_empty", optax.EmptyState())
   assert jadam.restore_state(tmp_path / "only_empty", optax.EmptyState()) == optax.EmptyState()
 
@@ -326,7 +326,7 @@ def test_restored_arrays_take_the_sharding_of_like(tmp_path):
   state = jax.jit(tx.update)(params, tx.init(params), params)[1]
   jadam.save_state(tmp_path / "ckpt", state)
   restored = jadam.restore_state(tmp_path / "ckpt", tx.init(params))
-  assert restored[0].mu["w"].sharding == state[0].mu["w"].sharding
+  assert restored[1].mu["w"].sharding == state[1].mu["w"].sharding
   assert_bitwise_equal(restored, state)
 
 

@@ -165,7 +165,7 @@ def test_jitted_init_with_state_shardings_from_optax_tree_map_params():
   )
   params = jax.jit(_params, out_shardings=param_shardings)()
   state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-  nu = state[1][0].nu
+  nu = state[1][1].nu
   for leaf, param in zip(jax.tree.leaves(nu), jax.tree.leaves(params)):
     assert leaf.dtype == jnp.bfloat16
     assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim)

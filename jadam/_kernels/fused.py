@@ -211,15 +211,24 @@ def _is_chain(fn: Any) -> bool:
   return _is(fn, "optax", "chain.<locals>.update_fn") and "update_fns" in _closure(fn)
 
 
-def _flatten(fn: Any, state: Any) -> tuple[list[tuple[Any, Any]], Callable[[list[Any]], Any]]:
-  """Nested chains as one list of (update function, state), and how to rebuild the state from new ones."""
+def _flatten(fn: Any, state: Any, grads: Any, params: Any) -> tuple[list[tuple[Any, Any]], Callable[[list[Any]], Any]]:
+  """Nested chains as one list of (update function, state), and how to rebuild the state from new ones.
+
+  A jadam alias (`_common.named_chain`) is opened after its own checks (its
+  state's stage types; no `None` gradient where the params hold arrays).
+  """
   fn = _unwrap(fn)
+  chained = getattr(fn, "jadam_chain", None)
+  if chained is not None:
+    inner, check = chained
+    check(grads, state, params)
+    fn = _unwrap(inner.update)
   if not _is_chain(fn):
     return [(fn, state)], lambda new: new[0]
   fns = _closure(fn)["update_fns"]
   if not isinstance(state, tuple) or len(state) != len(fns):
     raise Unserved("a chain's state does not match its stages (call init first)")
-  parts = [_flatten(f, s) for f, s in zip(fns, state)]
+  parts = [_flatten(f, s, grads, params) for f, s in zip(fns, state)]
 
   def rebuild(new):
     out, k = [], 0
@@ -256,7 +265,7 @@ def _run(fn: Any, state: Any, grads: Any, params: Any, ctx: _Ctx) -> tuple[Any, 
     return _run_inject(fn, state, grads, params, ctx)
   if isinstance(state, optax.PartitionState) and _is(fn, "optax", "partition.<locals>.update_fn"):
     return _run_partition(fn, state, grads, params, ctx)
-  items, rebuild = _flatten(fn, state)
+  items, rebuild = _flatten(fn, state, grads, params)
   if len(items) == 1 and items[0][0] is not fn:
     return _run(items[0][0], items[0][1], grads, params, ctx)
   return _run_chain(items, rebuild, grads, params, ctx)

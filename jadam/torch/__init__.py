@@ -20,26 +20,39 @@ back (see :func:`flax_names` for a Flax model's names and kernel transposes).
 This module imports PyTorch only inside the state dict functions.
 """
 
+from jadam.torch._clip import clip_grad_norm as clip_grad_norm
+from jadam.torch._clip import clip_grad_value as clip_grad_value
 from jadam.torch._groups import path_string as path_string
-from jadam.torch._optim import SGD as SGD
+from jadam.torch._optim import ASGD as ASGD
+from jadam.torch._optim import Adadelta as Adadelta
 from jadam.torch._optim import Adagrad as Adagrad
 from jadam.torch._optim import Adam as Adam
 from jadam.torch._optim import Adam8bit as Adam8bit
-from jadam.torch._optim import Adamax as Adamax
 from jadam.torch._optim import AdamW as AdamW
 from jadam.torch._optim import AdamW8bit as AdamW8bit
+from jadam.torch._optim import Adamax as Adamax
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
+from jadam.torch._optim import Rprop as Rprop
+from jadam.torch._optim import SGD as SGD
 from jadam.torch._optim import SparseAdam as SparseAdam
+from jadam.torch._schedulers import ChainedScheduler as ChainedScheduler
+from jadam.torch._schedulers import ConstantLR as ConstantLR
 from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
+from jadam.torch._schedulers import CosineAnnealingWarmRestarts as CosineAnnealingWarmRestarts
+from jadam.torch._schedulers import CyclicLR as CyclicLR
 from jadam.torch._schedulers import ExponentialLR as ExponentialLR
-from jadam.torch._schedulers import LinearLR as LinearLR
 from jadam.torch._schedulers import LRScheduler as LRScheduler
+from jadam.torch._schedulers import LambdaLR as LambdaLR
+from jadam.torch._schedulers import LinearLR as LinearLR
 from jadam.torch._schedulers import MultiStepLR as MultiStepLR
+from jadam.torch._schedulers import MultiplicativeLR as MultiplicativeLR
 from jadam.torch._schedulers import OneCycleLR as OneCycleLR
+from jadam.torch._schedulers import PolynomialLR as PolynomialLR
 from jadam.torch._schedulers import ReduceLROnPlateau as ReduceLROnPlateau
 from jadam.torch._schedulers import ReduceLROnPlateauState as ReduceLROnPlateauState
+from jadam.torch._schedulers import SequentialLR as SequentialLR
 from jadam.torch._schedulers import StepLR as StepLR
 from jadam.torch._state_dict import TorchName as TorchName
 from jadam.torch._state_dict import flax_names as flax_names
@@ -49,27 +62,40 @@ from jadam.torch._state_dict import scheduler_state_dict as scheduler_state_dict
 from jadam.torch._state_dict import state_dict as state_dict
 
 __all__ = (
-  "SGD",
+  "ASGD",
+  "Adadelta",
   "Adagrad",
   "Adam",
   "Adam8bit",
   "AdamW",
   "AdamW8bit",
   "Adamax",
+  "ChainedScheduler",
+  "ConstantLR",
   "CosineAnnealingLR",
+  "CosineAnnealingWarmRestarts",
+  "CyclicLR",
   "ExponentialLR",
   "LRScheduler",
+  "LambdaLR",
   "LinearLR",
   "MultiStepLR",
+  "MultiplicativeLR",
   "NAdam",
   "OneCycleLR",
+  "PolynomialLR",
   "RAdam",
   "RMSprop",
   "ReduceLROnPlateau",
   "ReduceLROnPlateauState",
+  "Rprop",
+  "SGD",
+  "SequentialLR",
   "SparseAdam",
   "StepLR",
   "TorchName",
+  "clip_grad_norm",
+  "clip_grad_value",
   "flax_names",
   "load_checkpoint",
   "load_state_dict",

@@ -15,6 +15,7 @@ from jax.experimental import sparse
 from jadam import _common
 
 Build = Callable[[dict], optax.GradientTransformation]
+UNSET = object()  # a group that gives no "lr" of its own
 Matcher = Callable[[str, Any], bool]
 
 
@@ -91,7 +92,7 @@ def _is_group_list(params: Any) -> bool:
 
 
 def grouped(
-  name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any], Any]
+  name: str, params: Any, defaults: dict, build: Build, *, rebase: Callable[[Any, Any, int, int], Any]
 ) -> optax.GradientTransformation:
   """The optimizer `name` over parameter groups, as `optax.partition` of one `build(hp)` per group.
 
@@ -102,11 +103,15 @@ def grouped(
       selector and overrides of any key of `defaults`.
     defaults: the hyperparameters given as keyword arguments.
     build: makes the transformation of one group from its hyperparameters.
-    rebase: `rebase(default_lr, group_lr)` gives a group's learning rate when
-      it overrides the default's (a scheduler default follows the group's lr).
+    rebase: `rebase(default_lr, group_lr, index, n_groups)` gives group
+      `index`'s learning rate from the default and the group's own (`UNSET`
+      where it gives none); the leaves no group selects are group `n_groups`
+      (with no groups at all, group 0 of 0).
   """
+  with_lr = lambda hp, own, i, n: {**hp, "lr": rebase(defaults["lr"], own, i, n)} if "lr" in defaults else hp
   if params is None or (not _is_group_list(params) and not _looks_like_hyperparameter(params)):
-    return _remember(build(dict(defaults)), Spec(name, (dict(defaults),), None))
+    hp = with_lr(dict(defaults), UNSET, 0, 0)
+    return _remember(build(hp), Spec(name, (hp,), None))
   if _looks_like_hyperparameter(params):
     raise TypeError(
       f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
@@ -125,11 +130,11 @@ def grouped(
       )
     matchers.append(_matcher(group["params"], i))
     hp = {**defaults, **{k: v for k, v in group.items() if k != "params"}}
-    if "lr" in group and "lr" in defaults:
-      hp["lr"] = rebase(defaults["lr"], group["lr"])
+    hp = with_lr(hp, group.get("lr", UNSET), i, len(params))
     transforms[f"group{i}"] = build(hp)
     hps.append(hp)
-  transforms["default"] = build(dict(defaults))
+  default_hp = with_lr(dict(defaults), UNSET, len(params), len(params))
+  transforms["default"] = build(default_hp)
   specs = [g["params"] for g in params]
 
   def labels(tree):
@@ -164,7 +169,7 @@ def grouped(
     return tx.update(updates, state, params, **extra_args)
 
   out = optax.GradientTransformationExtraArgs(tx.init, update_fn)
-  return _remember(out, Spec(name, (*hps, dict(defaults)), labels))
+  return _remember(out, Spec(name, (*hps, default_hp), labels))
 
 
 def _looks_like_hyperparameter(x: Any) -> bool:

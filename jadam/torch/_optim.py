@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -14,7 +16,7 @@ from jadam._moments import scale_by_moments
 from jadam._penalty import add_l2
 from jadam._scale import normalize, scale_by_lr
 from jadam.torch import _groups
-from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau
+from jadam.torch._schedulers import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 Params = Any
 
@@ -52,12 +54,12 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
 
 
 def _cycled_momentum(lr: Any, momentum: Any, optimizer: str) -> Any:
-  """OneCycleLR with cycle_momentum drives the momentum (or beta1), as in PyTorch."""
-  if isinstance(lr, OneCycleLR) and lr.cycle_momentum:
+  """OneCycleLR and CyclicLR with cycle_momentum drive the momentum (or beta1), as in PyTorch."""
+  if isinstance(lr, (OneCycleLR, CyclicLR)) and lr.cycle_momentum:
     if momentum is None:
       raise ValueError(
         f"optimizer must support momentum or beta1 with `cycle_momentum` option enabled ({optimizer} has"
-        " neither); pass OneCycleLR(..., cycle_momentum=False)."
+        f" neither); pass {type(lr).__name__}(..., cycle_momentum=False)."
       )
     return lr.momentum
   return momentum
@@ -75,7 +77,7 @@ def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **un
   :math:`-\\eta(u + \\lambda\\theta)`, since the rate lives in the plateau's state."""
   del unused
   return optax.chain(
-    *_alias.torch_front(maximize, 0.0),
+    *_alias.torch_front(maximize, None),
     scale_by_moments(b1, b2),
     *direction,
     add_l2(weight_decay),
@@ -84,12 +86,50 @@ def _plateau_decoupled(*direction, b1, b2, weight_decay, maximize, plateau, **un
   )
 
 
-def _rebase(default_lr: Any, group_lr: Any) -> Any:
-  """A group's own number for lr rescales a scheduler given as the default, as PyTorch's schedulers do."""
-  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)) and _value(group_lr) is not None:
-    _check_lr(group_lr)
+def _rebase(default_lr: Any, group_lr: Any, index: int, n_groups: int) -> Any:
+  r"""Group `index`'s learning rate: PyTorch's one rule, a scheduler scales each group from the group's own lr.
+
+  ============================  ==========================  ===================================
+  default ``lr``                the group gives a number    the group gives nothing
+  ============================  ==========================  ===================================
+  a number                      the group's number          the default
+  a `jadam.torch` scheduler     the scheduler from the      the scheduler
+  (incl. ReduceLROnPlateau)     group's number (`rebase`)
+  OneCycleLR / CyclicLR         ignored, as PyTorch: the    the same; a list `max_lr` (and
+                                scheduler sets the rates    `base_lr`) gives entry `index`
+  an Optax schedule `s`         :math:`\eta_g s(t)/s(0)`    the schedule
+  ============================  ==========================  ===================================
+
+  A group that gives its own schedule or scheduler keeps it.
+  """
+  own = group_lr is not _groups.UNSET
+  if own and _value(group_lr) is None:
+    return group_lr  # the group's own schedule or scheduler
+  if isinstance(default_lr, (OneCycleLR, CyclicLR)):
+    return default_lr.for_group(index, n_groups)
+  if not own:
+    return default_lr
+  _check_lr(group_lr)
+  if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)):
     return default_lr.rebase(_value(group_lr))
+  if callable(default_lr) and not isinstance(default_lr, (jax.Array, np.ndarray)):
+    return _scaled_schedule(default_lr, _value(group_lr))
   return group_lr
+
+
+def _scaled_schedule(schedule: Callable[[Any], Any], group_lr: float) -> Callable[[Any], Any]:
+  """An Optax schedule as a torch scheduler of a group whose initial lr is `group_lr`: `group_lr * s(t) / s(0)`."""
+  try:
+    first = float(schedule(jnp.zeros([], jnp.int32)))
+  except Exception as e:  # noqa: BLE001 - a schedule that cannot be read at step 0 outside a trace
+    raise ValueError(f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), but s(0) failed: {e}")
+  if first == 0.0 or not np.isfinite(first):
+    raise ValueError(
+      f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), and s(0) is {first}; give the group"
+      " its own schedule, or use jadam.torch.LambdaLR(lr, lr_lambda), which scales each group's lr by lr_lambda."
+    )
+  # s(0) again at each call, in the precision of the call (x64 may be on there and not here).
+  return lambda count: group_lr * (jnp.asarray(schedule(count)) / jnp.asarray(schedule(jnp.zeros_like(count))))
 
 
 def _flag(name: str, x: Any) -> bool:
@@ -98,8 +138,251 @@ def _flag(name: str, x: Any) -> bool:
   return x
 
 
-def _build(name: str, params: Params, defaults: dict, build: Callable[[dict], optax.GradientTransformation]):
+# --- The front door, table-driven -------------------------------------------------------------------
+# Each optimizer is one Spec: PyTorch's arguments in the order PyTorch checks them, each with its check
+# (written once, below) and the jadam keyword it becomes. `_front` builds any of them, per parameter group.
+
+
+def _lr(x: Any) -> Any:
+  _check_lr(x)
+  return x
+
+
+def _nonneg(what: str) -> Callable[[Any], Any]:
+  """PyTorch's `if not 0.0 <= x: raise ValueError(f"Invalid {what}: {x}")`."""
+
+  def check(x):
+    _at_least_zero(what, x)
+    return x
+
+  return check
+
+
+def _within(what: str, low: float, high: float) -> Callable[[Any], Any]:
+  def check(x):
+    v = _value(x)
+    if v is not None and not low <= v <= high:
+      raise ValueError(f"Invalid {what}: {x}")
+    return x
+
+  return check
+
+
+def _positive(what: str) -> Callable[[Any], Any]:
+  """PyTorch's `if not 0.0 < x: raise ValueError(f"Invalid {what}: {x}")` (SparseAdam's lr and eps)."""
+
+  def check(x):
+    v = _value(x)
+    if v is not None and not 0.0 < v:
+      raise ValueError(f"Invalid {what}: {x}")
+    return x
+
+  return check
+
+
+def _positive_lr(x: Any) -> Any:
+  return _positive("learning rate")(_lr(x))
+
+
+def _no_amsgrad(x: Any) -> bool:
+  if _flag("amsgrad", x):
+    raise ValueError("bitsandbytes' 8-bit Adam does not support amsgrad=True")
+  return x
+
+
+def _bool(name: str) -> Callable[[Any], bool]:
+  return lambda x: _flag(name, x)
+
+
+def _pair(name: str, what: str) -> Callable[[Any], tuple]:
+  def check(x):
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+      raise TypeError(f"{name} must be a pair {what}; got {x!r}.")
+    return tuple(x)
+
+  return check
+
+
+def _etas(x: Any) -> tuple:
+  x = _pair("etas", "(etaminus, etaplus)")(x)
+  if not 0.0 < x[0] < 1.0 < x[1]:
+    raise ValueError(f"Invalid eta values: {x[0]}, {x[1]}")
+  return x
+
+
+def _number_lr(x: Any) -> Any:
+  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or callable(x):
+    raise TypeError("Rprop's lr must be a number: it only sets the initial step sizes, so a schedule has no effect.")
+  return _lr(x)
+
+
+def _lr_no_plateau(x: Any) -> Any:
+  if isinstance(x, ReduceLROnPlateau):
+    raise TypeError("ASGD's rate enters its own decay formula: ReduceLROnPlateau is not supported; pass a schedule.")
+  return _lr(x)
+
+
+_any = lambda x: x
+_EPS = ("eps", _nonneg("epsilon value"), "eps")
+_BETAS = ("betas", _check_betas, ("b1", "b2"))
+_WD = ("weight_decay", _nonneg("weight_decay value"), "weight_decay")
+_MAXIMIZE = ("maximize", _bool("maximize"), "maximize")
+_DECOUPLED = ("decoupled_weight_decay", _bool("decoupled_weight_decay"), "decoupled_weight_decay")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One `torch.optim` optimizer as a table.
+
+  Attributes:
+    alias: the jadam recipe, called as ``alias(lr, **keywords)`` (through `_with_lr`, so that a
+      ReduceLROnPlateau takes the learning-rate stage's place).
+    args: ``(torch argument, check, jadam keyword)`` for each argument but `lr` (always checked first),
+      in PyTorch's order. `check(value)` raises PyTorch's error and returns the keyword's value; a tuple
+      keyword takes a pair (betas -> b1, b2); keyword None: read by `make` only.
+    momentum: the keyword that a OneCycleLR or CyclicLR with `cycle_momentum` drives; None where the
+      optimizer has none (PyTorch then refuses such a scheduler).
+    make: ``make(spec, hp, keywords)`` in place of the alias call, where a recipe needs more (Adam's
+      decoupled decay, NAdam/RAdam's decay under ReduceLROnPlateau, SGD's Nesterov check).
+    lr_check: the check of `lr`.
+  """
+
+  alias: Callable[..., optax.GradientTransformation]
+  args: tuple
+  momentum: str | None = None
+  make: Callable[["Spec", dict, dict], optax.GradientTransformation] | None = None
+  lr_check: Callable[[Any], Any] = _lr
+
+
+def _front(name: str, spec: Spec, params: Params, defaults: dict) -> optax.GradientTransformation:
+  """`torch.optim.<name>(params, **defaults)` from its spec, one recipe per parameter group."""
+
+  def build(hp):
+    spec.lr_check(hp["lr"])
+    kw = {}
+    for arg, check, key in spec.args:
+      value = check(hp[arg])
+      if isinstance(key, tuple):
+        kw.update(zip(key, value))
+      elif key is not None:
+        kw[key] = value
+    cycled = _cycled_momentum(hp["lr"], kw.get(spec.momentum) if spec.momentum else None, name)
+    if spec.momentum:
+      kw[spec.momentum] = cycled
+    if spec.make is not None:
+      return spec.make(spec, hp, kw)
+    return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
+
   return _groups.grouped(name, params, defaults, build, rebase=_rebase)
+
+
+def _make_adam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  """Adam and AdamW: PyTorch's decoupled decay multiplies the parameters by 1 - lr wd (jadam.decoupled_decay)."""
+  del spec
+  if not hp["decoupled_weight_decay"]:
+    return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
+  if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
+    return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
+  return optax.chain(
+    _alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}), _penalty.decoupled_decay(hp["weight_decay"], hp["lr"])
+  )
+
+
+def _make_sgd(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  m, d = _value(kw["momentum"]), _value(kw["dampening"])
+  if kw["nesterov"] and ((m is not None and m <= 0) or (d is not None and d != 0)):
+    raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+  return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
+
+
+def _make_nadam_radam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  """NAdam and RAdam, one builder: under ReduceLROnPlateau their decoupled decay takes the additive form."""
+  if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+    if spec.alias is _alias.nadam:
+      direction = (_correct.nesterov_correct(kw["momentum_decay"]), normalize(kw["eps"]))
+    else:
+      direction = (_correct.rectify(kw["eps"]),)
+    return _plateau_decoupled(*direction, **kw, plateau=hp["lr"])
+  return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
+
+
+_ADAM = Spec(
+  _alias.adam,
+  (_EPS, _BETAS, _WD, ("amsgrad", _bool("amsgrad"), "amsgrad"), _MAXIMIZE, (*_DECOUPLED[:2], None)),
+  momentum="b1",
+  make=_make_adam,
+)
+_ADAM8BIT = Spec(
+  _alias.adamw8bit,
+  (_EPS, _BETAS, _WD, ("amsgrad", _no_amsgrad, None), ("min_8bit_size", _any, "min_8bit_size")),
+  momentum="b1",
+)
+SPECS = {
+  "Adam": _ADAM,
+  "AdamW": _ADAM,
+  "SGD": Spec(
+    _alias.sgd,
+    (
+      ("momentum", _nonneg("momentum value"), "momentum"),
+      _WD,
+      ("dampening", _any, "dampening"),
+      ("nesterov", _bool("nesterov"), "nesterov"),
+      _MAXIMIZE,
+    ),
+    momentum="momentum",
+    make=_make_sgd,
+  ),
+  "RMSprop": Spec(
+    _alias.rmsprop,
+    (
+      _EPS,
+      ("momentum", _nonneg("momentum value"), "momentum"),
+      _WD,
+      ("alpha", _nonneg("alpha value"), "alpha"),
+      ("centered", _bool("centered"), "centered"),
+      _MAXIMIZE,
+    ),
+    momentum="momentum",
+  ),
+  "Adagrad": Spec(
+    _alias.adagrad,
+    (
+      ("lr_decay", _nonneg("lr_decay value"), "lr_decay"),
+      _WD,
+      ("initial_accumulator_value", _nonneg("initial_accumulator_value value"), "initial_accumulator_value"),
+      _EPS,
+      _MAXIMIZE,
+    ),
+  ),
+  "Adamax": Spec(_alias.adamax, (_EPS, _BETAS, _WD, _MAXIMIZE), momentum="b1"),
+  "NAdam": Spec(
+    _alias.nadam,
+    (_EPS, _BETAS, _WD, ("momentum_decay", _nonneg("momentum_decay value"), "momentum_decay"), _DECOUPLED, _MAXIMIZE),
+    momentum="b1",
+    make=_make_nadam_radam,
+  ),
+  "RAdam": Spec(_alias.radam, (_EPS, _BETAS, _WD, _DECOUPLED, _MAXIMIZE), momentum="b1", make=_make_nadam_radam),
+  "Adadelta": Spec(_alias.adadelta, (("rho", _within("rho value", 0.0, 1.0), "rho"), _EPS, _WD, _MAXIMIZE)),
+  "Rprop": Spec(
+    _alias.rprop,
+    (("etas", _etas, "etas"), ("step_sizes", _pair("step_sizes", "(min, max)"), "step_sizes"), _MAXIMIZE),
+    lr_check=_number_lr,
+  ),
+  "ASGD": Spec(
+    _alias.asgd,
+    (("lambd", _any, "lambd"), ("alpha", _any, "alpha"), ("t0", _any, "t0"), _WD, _MAXIMIZE),
+    lr_check=_lr_no_plateau,
+  ),
+  "SparseAdam": Spec(
+    _alias.sparse_adam,
+    (("eps", _positive("epsilon value"), "eps"), _BETAS, _MAXIMIZE),
+    momentum="b1",
+    lr_check=_positive_lr,
+  ),
+  # bitsandbytes' "adam" kernel serves both: decoupled decay, differing only in the default weight_decay
+  "Adam8bit": _ADAM8BIT,
+  "AdamW8bit": _ADAM8BIT,
+}
 
 
 def Adam(
@@ -151,36 +434,7 @@ def Adam(
     maximize=maximize,
     decoupled_weight_decay=decoupled_weight_decay,
   )
-  return _adam("Adam", params, defaults)
-
-
-def _adam(name: str, params: Params, defaults: dict) -> optax.GradientTransformation:
-  """Adam and AdamW: one recipe, two names (for messages)."""
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    b1 = _cycled_momentum(hp["lr"], b1, "Adam")
-    decoupled = _flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
-    kw = dict(
-      b1=b1,
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      amsgrad=_flag("amsgrad", hp["amsgrad"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    if not decoupled:
-      return _with_lr(lambda a: _alias.adam(a, **kw), hp["lr"])
-    if isinstance(hp["lr"], ReduceLROnPlateau):  # the rate lives in the plateau's state: additive form
-      return _with_lr(lambda a: _alias.adamw(a, **kw), hp["lr"])
-    return optax.chain(
-      _alias.adam(hp["lr"], **{**kw, "weight_decay": 0.0}), _penalty.decoupled_decay(hp["weight_decay"], hp["lr"])
-    )
-
-  return _build(name, params, defaults, build)
+  return _front("Adam", SPECS["Adam"], params, defaults)
 
 
 def AdamW(
@@ -203,7 +457,7 @@ def AdamW(
   """
   del foreach, capturable, differentiable, fused
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-  return _adam("AdamW", params, {**defaults, "decoupled_weight_decay": True})
+  return _front("AdamW", SPECS["AdamW"], params, {**defaults, "decoupled_weight_decay": True})
 
 
 def SGD(
@@ -227,26 +481,7 @@ def SGD(
   defaults = dict(
     lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("momentum value", hp["momentum"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    momentum = _cycled_momentum(hp["lr"], hp["momentum"], "SGD")
-    nesterov = _flag("nesterov", hp["nesterov"])
-    m, d = _value(momentum), _value(hp["dampening"])
-    if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
-      raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    kw = dict(
-      momentum=momentum,
-      dampening=hp["dampening"],
-      weight_decay=hp["weight_decay"],
-      nesterov=nesterov,
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.sgd(a, **kw), hp["lr"])
-
-  return _build("SGD", params, defaults, build)
+  return _front("SGD", SPECS["SGD"], params, defaults)
 
 
 def RMSprop(
@@ -270,24 +505,7 @@ def RMSprop(
   defaults = dict(
     lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    _at_least_zero("momentum value", hp["momentum"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _at_least_zero("alpha value", hp["alpha"])
-    kw = dict(
-      alpha=hp["alpha"],
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      momentum=_cycled_momentum(hp["lr"], hp["momentum"], "RMSprop"),
-      centered=_flag("centered", hp["centered"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.rmsprop(a, **kw), hp["lr"])
-
-  return _build("RMSprop", params, defaults, build)
+  return _front("RMSprop", SPECS["RMSprop"], params, defaults)
 
 
 def Adagrad(
@@ -316,24 +534,7 @@ def Adagrad(
     eps=eps,
     maximize=maximize,
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("lr_decay value", hp["lr_decay"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _at_least_zero("initial_accumulator_value value", hp["initial_accumulator_value"])
-    _at_least_zero("epsilon value", hp["eps"])
-    _cycled_momentum(hp["lr"], None, "Adagrad")
-    kw = dict(
-      lr_decay=hp["lr_decay"],
-      weight_decay=hp["weight_decay"],
-      initial_accumulator_value=hp["initial_accumulator_value"],
-      eps=hp["eps"],
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.adagrad(a, **kw), hp["lr"])
-
-  return _build("Adagrad", params, defaults, build)
+  return _front("Adagrad", SPECS["Adagrad"], params, defaults)
 
 
 def Adamax(
@@ -354,22 +555,7 @@ def Adamax(
   """
   del foreach, differentiable, capturable
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, "Adamax"),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    return _with_lr(lambda a: _alias.adamax(a, **kw), hp["lr"])
-
-  return _build("Adamax", params, defaults, build)
+  return _front("Adamax", SPECS["Adamax"], params, defaults)
 
 
 def NAdam(
@@ -400,29 +586,7 @@ def NAdam(
     decoupled_weight_decay=decoupled_weight_decay,
     maximize=maximize,
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    _at_least_zero("momentum_decay value", hp["momentum_decay"])
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, "NAdam"),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      momentum_decay=hp["momentum_decay"],
-      decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(
-        _correct.nesterov_correct(hp["momentum_decay"]), normalize(hp["eps"]), **kw, plateau=hp["lr"]
-      )
-    return _with_lr(lambda a: _alias.nadam(a, **kw), hp["lr"])
-
-  return _build("NAdam", params, defaults, build)
+  return _front("NAdam", SPECS["NAdam"], params, defaults)
 
 
 def RAdam(
@@ -451,28 +615,73 @@ def RAdam(
     decoupled_weight_decay=decoupled_weight_decay,
     maximize=maximize,
   )
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, "RAdam"),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      decoupled_weight_decay=_flag("decoupled_weight_decay", hp["decoupled_weight_decay"]),
-      maximize=_flag("maximize", hp["maximize"]),
-    )
-    if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
-      return _plateau_decoupled(_correct.rectify(hp["eps"]), **kw, plateau=hp["lr"])
-    return _with_lr(lambda a: _alias.radam(a, **kw), hp["lr"])
-
-  return _build("RAdam", params, defaults, build)
+  return _front("RAdam", SPECS["RAdam"], params, defaults)
 
 
-# --- SparseAdam (issue 12): self-contained, to be folded into the table at merge --------------------
+def Adadelta(
+  params: Params = None,
+  lr: Any = 1.0,
+  rho: Any = 0.9,
+  eps: Any = 1e-6,
+  weight_decay: Any = 0.0,
+  foreach: bool | None = None,
+  *,
+  capturable: bool = False,
+  maximize: bool = False,
+  differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Adadelta`: :func:`jadam.adadelta` (eps inside both roots).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`.
+  """
+  del foreach, capturable, differentiable
+  defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+  return _front("Adadelta", SPECS["Adadelta"], params, defaults)
+
+
+def Rprop(
+  params: Params = None,
+  lr: Any = 1e-2,
+  etas: tuple[float, float] = (0.5, 1.2),
+  step_sizes: tuple[float, float] = (1e-6, 50),
+  *,
+  capturable: bool = False,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  differentiable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Rprop`: :func:`jadam.rprop` (the learning rate is the initial step size).
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups). `lr` must be
+  a number: PyTorch reads it once, to start the step sizes, so a scheduler would have no effect.
+  """
+  del capturable, foreach, differentiable
+  defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
+  return _front("Rprop", SPECS["Rprop"], params, defaults)
+
+
+def ASGD(
+  params: Params = None,
+  lr: Any = 1e-2,
+  lambd: float = 1e-4,
+  alpha: float = 0.75,
+  t0: float = 1e6,
+  weight_decay: Any = 0.0,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  differentiable: bool = False,
+  capturable: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.ASGD`: :func:`jadam.asgd`; the averaged parameters (`ax`) are in the state.
+
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`
+  (a schedule is read as PyTorch reads the group's rate each step).
+  """
+  del foreach, differentiable, capturable
+  defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, maximize=maximize)
+  return _front("ASGD", SPECS["ASGD"], params, defaults)
+
+
 def SparseAdam(
   params: Params = None,
   lr: Any = 1e-3,
@@ -489,49 +698,15 @@ def SparseAdam(
   `optax.partition`, as the README shows.
   """
   defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
-
-  def positive(what, x):
-    v = _value(x)
-    if v is not None and not 0.0 < v:
-      raise ValueError(f"Invalid {what}: {x}")
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    positive("learning rate", hp["lr"])
-    positive("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    maximize = _flag("maximize", hp["maximize"])
-    b1 = _cycled_momentum(hp["lr"], b1, "SparseAdam")
-    return _with_lr(lambda a: _alias.sparse_adam(a, b1, b2, hp["eps"], maximize=maximize), hp["lr"])
-
-  return _build("SparseAdam", params, defaults, build)
+  return _front("SparseAdam", SPECS["SparseAdam"], params, defaults)
 
 
-# --- bitsandbytes' 8-bit Adam (issue 13) ---------------------------------------
-def _adam8bit(name: str, params: Params, defaults: dict, args: Any, optim_bits: Any) -> optax.GradientTransformation:
-  """bitsandbytes' Adam8bit and AdamW8bit: one recipe (its "adam" kernel), two default decays."""
+def _bnb_only(name: str, args: Any, optim_bits: Any) -> None:
+  """bitsandbytes' arguments that jadam cannot honour."""
   if args is not None:
     raise NotImplementedError(f"{name}: bitsandbytes' `args` (a GlobalOptimManager config) has no jadam equivalent.")
   if optim_bits != 32:
     raise ValueError(f"{name} only supports optim_bits=32 (default value for compatibility)")
-
-  def build(hp):
-    _check_lr(hp["lr"])
-    _at_least_zero("epsilon value", hp["eps"])
-    b1, b2 = _check_betas(hp["betas"])
-    _at_least_zero("weight_decay value", hp["weight_decay"])
-    if _flag("amsgrad", hp["amsgrad"]):
-      raise ValueError(f"{name} does not support amsgrad=True")
-    kw = dict(
-      b1=_cycled_momentum(hp["lr"], b1, name),
-      b2=b2,
-      eps=hp["eps"],
-      weight_decay=hp["weight_decay"],
-      min_8bit_size=hp["min_8bit_size"],
-    )
-    return _with_lr(lambda a: _alias.adamw8bit(a, **kw), hp["lr"])
-
-  return _build(name, params, defaults, build)
 
 
 def Adam8bit(
@@ -573,7 +748,8 @@ def Adam8bit(
   """
   del is_paged
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
-  return _adam8bit("Adam8bit", params, defaults, args, optim_bits)
+  _bnb_only("Adam8bit", args, optim_bits)
+  return _front("Adam8bit", SPECS["Adam8bit"], params, defaults)
 
 
 def AdamW8bit(
@@ -599,4 +775,5 @@ def AdamW8bit(
   """
   del is_paged
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
-  return _adam8bit("AdamW8bit", params, defaults, args, optim_bits)
+  _bnb_only("AdamW8bit", args, optim_bits)
+  return _front("AdamW8bit", SPECS["AdamW8bit"], params, defaults)

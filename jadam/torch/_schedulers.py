@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jadam import _common, _plateau
@@ -44,6 +45,11 @@ def _check_steps(steps_per_epoch: Any, name: str = "steps_per_epoch") -> None:
     raise ValueError(f"{name} must be a positive integer; got {steps_per_epoch!r}.")
 
 
+def _check_count(name: str, x: Any) -> None:
+  if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+    raise ValueError(f"{name} must be a non-negative integer; got {x!r}.")
+
+
 def _check_number(name: str, x: Any, *, positive: bool = False) -> None:
   """Where PyTorch's scheduler would fail later (a string gamma) or give NaN here (T_max=0): now, by name."""
   if not _is_number(x):
@@ -62,34 +68,37 @@ class LRScheduler:
   reads count 0, as every Optax schedule).
   """
 
+  # A real field (keyword-only, after each subclass's own): equality and hash tell
+  # `StepLR(1e-3, 2)` from `StepLR(1e-3, 2).per_epoch(100)`, as a static-argument jit cache needs.
+  steps_per_epoch: int = dataclasses.field(default=1, kw_only=True)
+
   def __post_init__(self):
-    object.__setattr__(self, "_steps_per_epoch", 1)
+    _check_steps(self.steps_per_epoch)
 
   def __call__(self, count: jax.typing.ArrayLike) -> jax.Array:
     count = jnp.asarray(count)
-    epoch = count // self._steps_per_epoch
+    if count.ndim != 0:
+      raise ValueError(f"{type(self).__name__} takes the step count, a scalar; got shape {count.shape}.")
+    epoch = count // self.steps_per_epoch
     return jnp.asarray(self._at(epoch.astype(_common.float_dtype())), _common.float_dtype())
-
-  @property
-  def steps_per_epoch(self) -> int:
-    """Optimizer steps per scheduler step: 1 unless set with :meth:`per_epoch`."""
-    return self._steps_per_epoch
 
   def per_epoch(self, steps_per_epoch: int) -> "LRScheduler":
     """The same scheduler, stepped once every `steps_per_epoch` optimizer steps.
 
     PyTorch code that calls `scheduler.step()` once per epoch of N batches maps
-    to `scheduler.per_epoch(N)`.
+    to `scheduler.per_epoch(N)`. `steps_per_epoch` is a field: the result is
+    not equal to (and hashes apart from) the scheduler stepped every step.
     """
     _check_steps(steps_per_epoch)
     out = copy.copy(self)
-    object.__setattr__(out, "_steps_per_epoch", steps_per_epoch)
+    object.__setattr__(out, "steps_per_epoch", steps_per_epoch)
     return out
 
   def rebase(self, lr: float) -> "LRScheduler":
     """The same scheduler for a param group whose initial learning rate is `lr`."""
-    out = dataclasses.replace(self, lr=lr)
-    object.__setattr__(out, "_steps_per_epoch", self._steps_per_epoch)
+    out = copy.copy(self)
+    _check_lr("lr", lr)
+    object.__setattr__(out, "lr", lr)
     return out
 
   def _at(self, epoch: jax.Array) -> jax.Array:
@@ -117,8 +126,11 @@ class StepLR(LRScheduler):
     _check_steps(self.step_size, "step_size")
     _check_number("gamma", self.gamma)
 
+  def _factor(self, epoch):
+    return jnp.power(self.gamma, jnp.floor(epoch / self.step_size))
+
   def _at(self, epoch):
-    return self.lr * jnp.power(self.gamma, jnp.floor(epoch / self.step_size))
+    return self.lr * self._factor(epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +158,14 @@ class MultiStepLR(LRScheduler):
       raise TypeError(f"milestones must be a list of integers (scheduler steps); got {self.milestones!r}.")
     object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))
 
-  def _at(self, epoch):
+  def _factor(self, epoch):
     if not self.milestones:
-      return self.lr + 0.0 * epoch
+      return jnp.ones_like(epoch)
     passed = jnp.sum(jnp.asarray(self.milestones, epoch.dtype) <= epoch)
-    return self.lr * jnp.power(self.gamma, passed.astype(epoch.dtype))
+    return jnp.power(self.gamma, passed.astype(epoch.dtype))
+
+  def _at(self, epoch):
+    return self.lr * self._factor(epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +180,11 @@ class ExponentialLR(LRScheduler):
     _check_lr("lr", self.lr)
     _check_number("gamma", self.gamma)
 
+  def _factor(self, epoch):
+    return jnp.power(self.gamma, epoch)
+
   def _at(self, epoch):
-    return self.lr * jnp.power(self.gamma, epoch)
+    return self.lr * self._factor(epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +249,12 @@ class LinearLR(LRScheduler):
     if self.end_factor > 1.0 or self.end_factor < 0:
       raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
 
-  def _at(self, epoch):
+  def _factor(self, epoch):
     progress = jnp.minimum(epoch, self.total_iters) / self.total_iters
-    return self.lr * (self.start_factor + (self.end_factor - self.start_factor) * progress)
+    return self.start_factor + (self.end_factor - self.start_factor) * progress
+
+  def _at(self, epoch):
+    return self.lr * self._factor(epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +321,7 @@ class OneCycleLR(LRScheduler):
       raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
     if anneal_strategy not in ("cos", "linear"):
       raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
-    _check_lr("max_lr", max_lr)
+    max_lr = _as_lrs("max_lr", max_lr)
     values = dict(
       max_lr=max_lr,
       total_steps=total_steps,
@@ -317,11 +338,18 @@ class OneCycleLR(LRScheduler):
     )
     for k, v in values.items():
       object.__setattr__(self, k, v)
+    object.__setattr__(self, "steps_per_epoch", 1)
     super().__post_init__()
 
   def rebase(self, lr: float) -> "OneCycleLR":
     del lr  # PyTorch's OneCycleLR sets every group's rate from max_lr
     return self
+
+  def for_group(self, index: int, n_groups: int) -> "OneCycleLR":
+    """The scheduler of param group `index` (of `n_groups`): entry `index` of a list `max_lr`, as PyTorch."""
+    out = copy.copy(self)
+    object.__setattr__(out, "max_lr", _per_group("max_lr", self.max_lr, index, n_groups))
+    return out
 
   def _phases(self, start_value, peak_value, end_value):
     """PyTorch's phases: (end_step, start, end) for each."""
@@ -358,6 +386,8 @@ class OneCycleLR(LRScheduler):
     return out
 
   def _at(self, step):
+    if isinstance(self.max_lr, tuple):
+      raise ValueError("this OneCycleLR has one max_lr per param group: give it to a jadam.torch optimizer as lr.")
     initial = self.max_lr / self.div_factor
     return self._follow(step, self._phases(initial, self.max_lr, initial / self.final_div_factor))
 
@@ -369,6 +399,431 @@ class OneCycleLR(LRScheduler):
     if self.three_phase:
       phases[-1] = (phases[-1][0], hi, hi)
     return jnp.asarray(self._follow(step, phases), _common.float_dtype())
+
+
+def _per_group(name: str, value: Any, index: int, n_groups: int) -> Any:
+  """Entry `index` of a per-group list (PyTorch's list form of max_lr, base_lr, ...), or the scalar itself.
+
+  Entry i is group i's; the leaves no group selects (jadam's default group, index `n_groups`) take the entry
+  after the groups' if there is one, else the last.
+  """
+  if not isinstance(value, tuple):
+    return value
+  if len(value) not in (n_groups, n_groups + 1) or not value:
+    raise ValueError(
+      f"expected {max(n_groups, 1)} values for {name} (one per param group, and optionally one more for the"
+      f" leaves no group selects), but got {len(value)}"
+    )
+  return value[min(index, len(value) - 1)]
+
+
+def _as_lrs(name: str, value: Any) -> Any:
+  """A learning rate, or a list of them (one per group), checked; a list becomes a (hashable) tuple."""
+  if isinstance(value, (list, tuple)):
+    for v in value:
+      _check_lr(name, v)
+    return tuple(value)
+  _check_lr(name, value)
+  return value
+
+
+def _check_callable(name: str, fn: Any) -> None:
+  if not callable(fn):
+    raise TypeError(f"{name} should be a function, but got {type(fn).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LambdaLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.LambdaLR`: :math:`\eta_e = \eta_0\,\lambda(e)`.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    lr_lambda: :math:`\lambda`, a function of the scheduler step :math:`e`. It
+      is called with a float jax scalar under tracing, so write it with jax or
+      plain arithmetic (``lambda e: 0.95 ** e``, ``jnp.minimum(1.0, (e + 1) / 10)``),
+      not `min` or `if`.
+  """
+
+  lr: float
+  lr_lambda: Any
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    _check_callable("lr_lambda", self.lr_lambda)
+
+  def _at(self, epoch):
+    return self.lr * self.lr_lambda(epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiplicativeLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.MultiplicativeLR`: :math:`\eta_e = \eta_0 \prod_{k=1}^{e} \lambda(k)`.
+
+  There is no closed form for an arbitrary :math:`\lambda`: the product is a
+  loop over the scheduler steps taken (a `jax.lax.fori_loop`, :math:`O(e)`
+  scalar work per call), in PyTorch's order, so it rounds as PyTorch does.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    lr_lambda: :math:`\lambda`, a function of the scheduler step (a float jax
+      scalar; see :class:`LambdaLR`).
+  """
+
+  lr: float
+  lr_lambda: Any
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    _check_callable("lr_lambda", self.lr_lambda)
+
+  def _factor(self, epoch):
+    n = epoch.astype(jnp.int32)
+    one = jnp.ones([], epoch.dtype)
+    return jax.lax.fori_loop(1, n + 1, lambda k, acc: acc * self.lr_lambda(k.astype(epoch.dtype)), one)
+
+  def _at(self, epoch):
+    n = epoch.astype(jnp.int32)
+    start = jnp.asarray(self.lr, epoch.dtype)
+    return jax.lax.fori_loop(1, n + 1, lambda k, acc: acc * self.lr_lambda(k.astype(epoch.dtype)), start)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.ConstantLR`: :math:`\eta_e = \eta_0 f` for :math:`e < T`, then :math:`\eta_0`.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    factor: :math:`f \in [0, 1]`.
+    total_iters: :math:`T`, scheduler steps at the reduced rate.
+  """
+
+  lr: float
+  factor: float = 1.0 / 3
+  total_iters: int = 5
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    _check_number("factor", self.factor)
+    if self.factor > 1.0 or self.factor < 0:
+      raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
+    _check_count("total_iters", self.total_iters)
+
+  def _factor(self, epoch):
+    return jnp.where(epoch >= self.total_iters, 1.0, self.factor).astype(epoch.dtype)
+
+  def _at(self, epoch):
+    return self.lr * self._factor(epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.PolynomialLR`: :math:`\eta_e = \eta_0 (1 - \min(e, T)/T)^p`.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    total_iters: :math:`T`, scheduler steps to reach zero.
+    power: :math:`p`.
+  """
+
+  lr: float
+  total_iters: int = 5
+  power: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    _check_steps(self.total_iters, "total_iters")
+    _check_number("power", self.power)
+
+  def _factor(self, epoch):
+    return (1.0 - jnp.minimum(epoch, self.total_iters) / self.total_iters) ** self.power
+
+  def _at(self, epoch):
+    return self.lr * self._factor(epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineAnnealingWarmRestarts(LRScheduler):
+  r"""`torch.optim.lr_scheduler.CosineAnnealingWarmRestarts` (SGDR).
+
+  .. math::
+      \eta_e = \eta_{\min} + \tfrac12(\eta_0 - \eta_{\min})\left(1 + \cos\frac{\pi T_{cur}}{T_i}\right),
+
+  where the :math:`i`-th period lasts :math:`T_i = T_0 T_{mult}^i` scheduler
+  steps and :math:`T_{cur}` counts the steps since the last restart: in closed
+  form, the period :math:`n` holding :math:`e` is the largest with
+  :math:`T_0 (T_{mult}^n - 1)/(T_{mult} - 1) \le e`.
+
+  Args:
+    lr: the initial learning rate :math:`\eta_0`.
+    T_0: the first period, a positive integer.
+    T_mult: the growth of the period, an integer >= 1.
+    eta_min: :math:`\eta_{\min}`.
+  """
+
+  lr: float
+  T_0: int
+  T_mult: int = 1
+  eta_min: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_lr("lr", self.lr)
+    if not isinstance(self.T_0, int) or isinstance(self.T_0, bool) or self.T_0 <= 0:
+      raise ValueError(f"Expected positive integer T_0, but got {self.T_0}")
+    if not isinstance(self.T_mult, int) or isinstance(self.T_mult, bool) or self.T_mult < 1:
+      raise ValueError(f"Expected integer T_mult >= 1, but got {self.T_mult}")
+    if not _is_number(self.eta_min):
+      raise ValueError(f"Expected float or int eta_min, but got {self.eta_min} of type {type(self.eta_min)}")
+
+  def _at(self, epoch):
+    t0, m = float(self.T_0), float(self.T_mult)
+    if self.T_mult == 1:
+      t_cur, t_i = jnp.mod(epoch, t0), t0
+    else:
+      start = lambda k: t0 * (m**k - 1.0) / (m - 1.0)  # the step at which period k begins
+      n = jnp.floor(jnp.log(epoch / t0 * (m - 1.0) + 1.0) / math.log(m))
+      n = jnp.where(start(n + 1.0) <= epoch, n + 1.0, n)  # the logarithm may round across a restart
+      n = jnp.where(start(n) > epoch, n - 1.0, n)
+      t_cur, t_i = epoch - start(n), t0 * m**n
+    return self.eta_min + (self.lr - self.eta_min) * (1 + jnp.cos(math.pi * t_cur / t_i)) / 2
+
+
+_CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.CyclicLR`: the rate cycles between `base_lr` and `max_lr`.
+
+  With :math:`S = s_{up} + s_{down}`, cycle :math:`c = \lfloor 1 + e/S\rfloor`,
+  :math:`x = 1 + e/S - c` and :math:`h = x / r` if :math:`x \le r = s_{up}/S`,
+  else :math:`(x - 1)/(r - 1)`:
+
+  .. math::
+      \eta_e = \eta_{base} + (\eta_{max} - \eta_{base})\, h\, \sigma,
+
+  with :math:`\sigma = 1` (``"triangular"``), :math:`2^{1-c}` (``"triangular2"``),
+  :math:`\gamma^e` (``"exp_range"``) or `scale_fn` of :math:`c` or :math:`e`
+  (`scale_mode`). It is meant to be stepped every batch. With
+  `cycle_momentum` (the default) :meth:`momentum` is the momentum (or
+  :math:`\beta_1`) PyTorch sets, :math:`\mu_{max} - (\mu_{max} - \mu_{base})h\sigma`,
+  and a `jadam.torch` optimizer given a `CyclicLR` as `lr` uses it, as PyTorch
+  does.
+
+  Args:
+    base_lr: :math:`\eta_{base}`, the initial learning rate (PyTorch sets every
+      group's lr to it).
+    max_lr, step_size_up, step_size_down, mode, gamma, scale_fn, scale_mode,
+    cycle_momentum, base_momentum, max_momentum: PyTorch's, with its defaults.
+      `scale_fn` is called with float jax scalars (see :class:`LambdaLR`).
+  """
+
+  base_lr: float
+  max_lr: float
+  step_size_up: int = 2000
+  step_size_down: int | None = None
+  mode: str = "triangular"
+  gamma: float = 1.0
+  scale_fn: Any = None
+  scale_mode: str = "cycle"
+  cycle_momentum: bool = True
+  base_momentum: float = 0.8
+  max_momentum: float = 0.9
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "base_lr", _as_lrs("base_lr", self.base_lr))
+    object.__setattr__(self, "max_lr", _as_lrs("max_lr", self.max_lr))
+    _check_steps(self.step_size_up, "step_size_up")
+    if self.step_size_down is not None:
+      _check_steps(self.step_size_down, "step_size_down")
+    if self.mode not in _CYCLIC_MODES and self.scale_fn is None:
+      raise ValueError("mode is invalid and scale_fn is None")
+    if self.scale_fn is not None:
+      _check_callable("scale_fn", self.scale_fn)
+    if self.scale_mode not in ("cycle", "iterations"):
+      raise ValueError(f"scale_mode must be 'cycle' or 'iterations'; got {self.scale_mode!r}.")
+    _check_number("gamma", self.gamma)
+    if not isinstance(self.cycle_momentum, bool):
+      raise TypeError(f"cycle_momentum must be a bool; got {self.cycle_momentum!r}.")
+    for name in ("base_momentum", "max_momentum"):
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
+
+  @property
+  def lr(self) -> float:
+    """The initial learning rate: `base_lr`."""
+    return self.base_lr
+
+  def rebase(self, lr: float) -> "CyclicLR":
+    del lr  # PyTorch's CyclicLR sets every group's rate from base_lr
+    return self
+
+  def for_group(self, index: int, n_groups: int) -> "CyclicLR":
+    """The scheduler of param group `index`: entry `index` of list `base_lr` / `max_lr` (and momenta), as PyTorch."""
+    out = copy.copy(self)
+    for name in ("base_lr", "max_lr", "base_momentum", "max_momentum"):
+      object.__setattr__(out, name, _per_group(name, getattr(self, name), index, n_groups))
+    return out
+
+  def _wave(self, epoch):
+    """(h, sigma) at scheduler step `epoch`."""
+    up = float(self.step_size_up)
+    total = up + float(self.step_size_down if self.step_size_down is not None else self.step_size_up)
+    ratio = up / total
+    cycle = jnp.floor(1 + epoch / total)
+    x = 1.0 + epoch / total - cycle
+    height = jnp.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
+    if self.scale_fn is not None:
+      sigma = self.scale_fn(cycle if self.scale_mode == "cycle" else epoch)
+    elif self.mode == "triangular":
+      sigma = jnp.ones_like(epoch)
+    elif self.mode == "triangular2":
+      sigma = 1 / (2.0 ** (cycle - 1))
+    else:
+      sigma = jnp.power(self.gamma, epoch)
+    return height, sigma
+
+  def _at(self, epoch):
+    if isinstance(self.base_lr, tuple) or isinstance(self.max_lr, tuple):
+      raise ValueError("this CyclicLR has per-group rates: give it to a jadam.torch optimizer as lr.")
+    height, sigma = self._wave(epoch)
+    return self.base_lr + (self.max_lr - self.base_lr) * height * sigma
+
+  def momentum(self, count: jax.typing.ArrayLike) -> jax.Array:
+    """The momentum (or :math:`\\beta_1`) PyTorch uses at optimizer step `count` when `cycle_momentum`."""
+    dtype = _common.float_dtype()
+    epoch = (jnp.asarray(count) // self.steps_per_epoch).astype(dtype)
+    height, sigma = self._wave(epoch)
+    return jnp.asarray(self.max_momentum - (self.max_momentum - self.base_momentum) * height * sigma, dtype)
+
+
+def _check_children(name: str, schedulers: Any) -> tuple:
+  if not isinstance(schedulers, (list, tuple)) or not schedulers:
+    raise ValueError(f"{name} expects at least one scheduler, but got no scheduler.")
+  for i, s in enumerate(schedulers):
+    if isinstance(s, ReduceLROnPlateau):
+      raise ValueError(
+        f"{name} does not support `ReduceLROnPlateau` scheduler as it requires additional kwargs to be"
+        f" specified when calling `step`, but got one at index {i} in the given schedulers sequence."
+      )
+    if not isinstance(s, LRScheduler):
+      raise TypeError(f"{name}: the scheduler at index {i} is not a jadam.torch scheduler; got {s!r}.")
+    if s.steps_per_epoch != 1:
+      raise ValueError(
+        f"{name}: the scheduler at index {i} has per_epoch({s.steps_per_epoch}); set per_epoch on the {name}"
+        " instead, which steps all of them."
+      )
+  return tuple(schedulers)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialLR(LRScheduler):
+  r"""`torch.optim.lr_scheduler.SequentialLR`: one scheduler after another, each restarted at its milestone.
+
+  At scheduler step :math:`e`, with :math:`i` the number of milestones
+  :math:`\le e`, the rate is `schedulers[i]` at step :math:`e - m_{i-1}`
+  (:math:`m_{-1} = 0`): each scheduler starts from its own beginning, as
+  PyTorch's does when it reaches its milestone. The common recipe, warmup then
+  cosine::
+
+      SequentialLR([LinearLR(lr, 0.01, total_iters=w), CosineAnnealingLR(lr, T_max=n - w)], milestones=[w])
+
+  (PyTorch's `MultiplicativeLR` inside a `SequentialLR` starts from the rate the
+  previous scheduler left; here it starts from its own `lr`.)
+
+  Args:
+    schedulers: the `jadam.torch` schedulers, each with the initial lr (the
+      same for all, as they share PyTorch's optimizer), none with `per_epoch`.
+    milestones: the scheduler steps at which the next one takes over; one
+      fewer than the schedulers.
+  """
+
+  schedulers: Sequence[LRScheduler]
+  milestones: Sequence[int]
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "schedulers", _check_children("SequentialLR", self.schedulers))
+    if not isinstance(self.milestones, (list, tuple)) or not all(
+      isinstance(m, int) and not isinstance(m, bool) for m in self.milestones
+    ):
+      raise TypeError(f"milestones must be a list of integers (scheduler steps); got {self.milestones!r}.")
+    if len(self.milestones) != len(self.schedulers) - 1:
+      raise ValueError(
+        "Sequential Schedulers expects number of schedulers provided to be one more than the number of"
+        f" milestone points, but got number of schedulers {len(self.schedulers)} and the number of milestones to"
+        f" be equal to {len(self.milestones)}"
+      )
+    object.__setattr__(self, "milestones", tuple(self.milestones))
+
+  @property
+  def lr(self) -> float:
+    return self.schedulers[0].lr
+
+  def rebase(self, lr: float) -> "SequentialLR":
+    out = copy.copy(self)
+    object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
+    return out
+
+  def _at(self, epoch):
+    out = self.schedulers[0]._at(epoch)
+    for m, s in zip(self.milestones, self.schedulers[1:]):
+      out = jnp.where(epoch >= m, s._at(epoch - m), out)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainedScheduler(LRScheduler):
+  r"""`torch.optim.lr_scheduler.ChainedScheduler`: every scheduler stepped at once, their factors multiplied.
+
+  .. math::
+      \eta_e = \eta_0 \prod_i f_i(e),
+
+  where :math:`f_i(e)` is scheduler :math:`i`'s rate over its initial rate.
+  That is what PyTorch's chain computes when each scheduler multiplies the
+  current rate by a factor: `StepLR`, `MultiStepLR`, `ExponentialLR`,
+  `ConstantLR`, `LinearLR`, `PolynomialLR` and `MultiplicativeLR`, which are
+  the ones accepted. (The others set the rate outright, so in a PyTorch chain
+  the result depends on their order; compose them with :class:`SequentialLR`
+  or an Optax schedule instead.)
+
+  Args:
+    schedulers: the `jadam.torch` schedulers, with the same initial lr.
+  """
+
+  schedulers: Sequence[LRScheduler]
+
+  def __post_init__(self):
+    super().__post_init__()
+    children = _check_children("ChainedScheduler", self.schedulers)
+    for i, s in enumerate(children):
+      if not hasattr(s, "_factor"):
+        raise ValueError(
+          f"ChainedScheduler: {type(s).__name__} (index {i}) sets the rate rather than multiplying it, so its"
+          " chained rate depends on the order; chain StepLR, MultiStepLR, ExponentialLR, ConstantLR, LinearLR,"
+          " PolynomialLR or MultiplicativeLR, or use SequentialLR."
+        )
+    object.__setattr__(self, "schedulers", children)
+
+  @property
+  def lr(self) -> float:
+    return self.schedulers[0].lr
+
+  def rebase(self, lr: float) -> "ChainedScheduler":
+    out = copy.copy(self)
+    object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
+    return out
+
+  def _at(self, epoch):
+    out = self.lr * jnp.ones_like(epoch)
+    for s in self.schedulers:
+      out = out * s._factor(epoch)
+    return out
 
 
 class ReduceLROnPlateauState(NamedTuple):
@@ -479,6 +934,11 @@ class ReduceLROnPlateau:
         dtype = _common.compute_dtype(u.dtype)
         return (state.lr.astype(dtype) * u.astype(dtype)).astype(u.dtype)
 
+      if np.ndim(value) != 0:  # it would broadcast into the learning rate, then into the parameters
+        raise ValueError(
+          f"ReduceLROnPlateau's value (the metric) must be a scalar; got an array of shape {np.shape(value)}."
+          " Pass the loss itself, e.g. value=loss.mean()."
+        )
       updates = _common.tree_map_float(scale, updates)
       current = jnp.asarray(value).astype(state.best.dtype)
       better = self._is_better(current, state.best)

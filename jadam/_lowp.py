@@ -31,6 +31,11 @@ _F1 = np.uint32(0x85EBCA6B)  # murmur3's fmix32 constants
 _F2 = np.uint32(0xC2B2AE35)
 
 
+def stream_offset(stream: int) -> int:
+  """The hash's offset for a stream (a leaf's moment): what :func:`hash_bits` adds, and the CPU kernel too."""
+  return (int(stream) * int(_M3)) % 2**32
+
+
 def hash_bits(shape: tuple[int, ...], count: jax.Array, stream: int) -> jax.Array:
   """32 pseudo-random bits per element, a pure function of (index, count, stream).
 
@@ -41,7 +46,7 @@ def hash_bits(shape: tuple[int, ...], count: jax.Array, stream: int) -> jax.Arra
   size = int(np.prod(shape, dtype=np.int64))
   i = jax.lax.iota(jnp.uint32, size).reshape(shape)
   t = jnp.asarray(count).astype(jnp.uint32)
-  offset = np.uint32((int(stream) * int(_M3)) % 2**32)
+  offset = np.uint32(stream_offset(stream))
   h = i * _M1 + (t * _M2 + offset)
   h = h ^ (h >> 16)
   h = h * _F1

@@ -124,7 +124,7 @@ def _kernel_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...]):
   head = [scalars]
   if streams:  # the hash offsets of each leaf's two streams, as _lowp.hash_bits forms them
     target = _build.TARGETS["bfloat16"]
-    offsets = [(int(st) * int(_lowp._M3)) % 2**32 for j in streams for st in (2 * j, 2 * j + 1)]
+    offsets = [_lowp.stream_offset(st) for j in streams for st in (2 * j, 2 * j + 1)]
     head.append(jnp.concatenate([jnp.reshape(count, (1,)), jnp.asarray(offsets, jnp.uint32)]))
   else:
     target = _build.TARGETS[jnp.dtype(scalars.dtype).name]

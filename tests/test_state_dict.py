@@ -144,6 +144,10 @@ CASES = [
   ("nadam-decoupled", torch.optim.NAdam, dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True), jt.NAdam),
   ("radam", torch.optim.RAdam, dict(lr=0.02, weight_decay=0.01), jt.RAdam),
   ("adamax", torch.optim.Adamax, dict(lr=0.02), jt.Adamax),
+  ("adadelta", torch.optim.Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.01), jt.Adadelta),
+  ("rprop", torch.optim.Rprop, dict(lr=0.02, etas=(0.4, 1.3), step_sizes=(1e-4, 0.3)), jt.Rprop),
+  ("asgd", torch.optim.ASGD, dict(lr=0.02, lambd=1e-3, alpha=0.7, t0=20, weight_decay=0.01), jt.ASGD),
+  ("asgd-maximize", torch.optim.ASGD, dict(lr=0.01, t0=1e6, maximize=True), jt.ASGD),
 ]
 N = 60  # steps on each side (Adam runs 100 + 100 below)
 
@@ -154,7 +158,10 @@ def test_torch_to_jadam_to_torch(case):
   _, cls, kw, front = case
   n = 100 if case[0] == "adam" else N
   params0, curv, noise = problem(SHAPES, 3 * n)
-  want = TorchRun(lambda pg: cls(pg, **kw), params0).run(curv, noise, 0, 3 * n)
+  if kw.get("maximize"):
+    curv = {k: -c for k, c in curv.items()}
+  ref = TorchRun(lambda pg: cls(pg, **kw), params0)
+  want = ref.run(curv, noise, 0, 3 * n)
 
   first = TorchRun(lambda pg: cls(pg, **kw), params0)
   mid = first.run(curv, noise, 0, n)
@@ -180,6 +187,11 @@ def test_torch_to_jadam_to_torch(case):
   last = TorchRun(lambda pg: cls(pg, **kw), got_jax)
   last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
   assert_close(last.run(curv, noise, 2 * n, 3 * n), want)
+  # ... and so does its state (ASGD's average ax, Rprop's step sizes, every moment).
+  end, ref_end = last.opt.state_dict()["state"], ref.opt.state_dict()["state"]
+  for i, entry in ref_end.items():
+    assert set(end[i]) == set(entry)
+    assert_close({k: end[i][k].numpy() for k in entry}, {k: t.numpy() for k, t in entry.items() if t.abs().max() > 0})
 
 
 def test_jadam_from_scratch_to_torch():
@@ -480,3 +492,55 @@ def test_one_cycle_with_cycled_momentum():
   last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
   last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
   assert_close(last.run(curv, noise, 80, 120), want)
+
+
+def test_asgd_eta_follows_a_schedule_and_is_checked():
+  """ASGD's eta and mu, which jadam derives from the step: a StepLR run both ways, and a tampered eta refused."""
+  params0, curv, noise = problem(SHAPES, 90)
+  kw = dict(lambd=1e-3, alpha=0.75, t0=10)
+
+  def make(pg):
+    return torch.optim.ASGD(pg, lr=0.05, **kw)
+
+  def sched(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+
+  ref = TorchRun(make, params0, None, sched)
+  want = ref.run(curv, noise, 0, 90)
+  first = TorchRun(make, params0, None, sched)
+  mid = first.run(curv, noise, 0, 30)
+  sd = first.opt.state_dict()
+  tx = jt.ASGD(lr=jt.StepLR(lr=0.05, step_size=10, gamma=0.5), **kw)
+  params = to_jax(mid, NAMES)
+  state = jt.load_state_dict(tx, params, sd, names=NAMES, scheduler=first.sched.state_dict())
+  back = jt.state_dict(tx, state, params, names=NAMES)
+  for i, entry in sd["state"].items():
+    for key, t in entry.items():
+      assert back["state"][i][key].dtype == t.dtype and torch.equal(back["state"][i][key], t), (i, key)
+  params, state = run_jax(tx, params, state, curv, noise, 30, 60, NAMES)
+  last = TorchRun(make, to_torch(params, NAMES), None, sched)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
+  last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
+  assert_close(last.run(curv, noise, 60, 90), want)
+  ax = {i: e["ax"].numpy() for i, e in last.opt.state_dict()["state"].items()}
+  assert_close(ax, {i: e["ax"].numpy() for i, e in ref.opt.state_dict()["state"].items()})
+
+  sd["state"][0]["eta"] = sd["state"][0]["eta"] * 2
+  with pytest.raises(ValueError, match="has eta="):
+    jt.load_state_dict(tx, to_jax(mid, NAMES), sd, names=NAMES, scheduler=first.sched.state_dict())
+
+
+def test_asgd_float32_round_trip_is_bitwise():
+  """Under PyTorch's float32 default, eta and mu written by jadam are PyTorch's own bits."""
+  params0, curv, noise = ({k: v.astype(np.float32) for k, v in d.items()} for d in problem(SHAPES, 25))
+  torch.set_default_dtype(torch.float32)
+  with jax.enable_x64(False):
+    run = TorchRun(lambda pg: torch.optim.ASGD(pg, lr=0.03, t0=7), params0)
+    run.run(curv, noise, 0, 25)
+    sd = run.opt.state_dict()
+    tx = jt.ASGD(lr=0.03, t0=7)
+    params = to_jax({n: t.detach().numpy() for n, t in run.tensors.items()}, NAMES)
+    back = jt.state_dict(tx, jt.load_state_dict(tx, params, sd, names=NAMES), params, names=NAMES)
+  for i, entry in sd["state"].items():
+    for key, t in entry.items():
+      assert back["state"][i][key].dtype == t.dtype and torch.equal(back["state"][i][key], t), (i, key)

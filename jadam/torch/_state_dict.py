@@ -32,7 +32,7 @@ import optax
 from jadam import _common
 from jadam._correct import NesterovCorrectState
 from jadam._moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
-from jadam._scale import MomentumState
+from jadam._scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
 from jadam.torch import _groups
 from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau, ReduceLROnPlateauState
 
@@ -96,8 +96,41 @@ _LAYOUT: dict[str, tuple] = {
     ("grad_avg", ScaleByMomentsState, "mu", lambda hp: hp["centered"]),
   ),
   "SGD": (("momentum_buffer", MomentumState, "trace", _nonzero("momentum")),),
+  "Adadelta": (
+    ("step", ScaleByMomentsState, "count", _always),
+    ("square_avg", ScaleByMomentsState, "nu", _always),
+    ("acc_delta", ScaleByDeltaState, "acc_delta", _always),
+  ),
+  "Rprop": (
+    ("step", ScaleByRpropState, "count", _always),
+    ("prev", ScaleByRpropState, "prev", _always),
+    ("step_size", ScaleByRpropState, "step_size", _always),
+  ),
+  "ASGD": (
+    ("step", ScaleByAsgdState, "count", _always),
+    ("eta", ScaleByAsgdState, "eta", _always),
+    ("mu", ScaleByAsgdState, "mu", _always),
+    ("ax", ScaleByAsgdState, "ax", _always),
+  ),
 }
 _SCALARS = frozenset({"mu_product"})
+
+
+def _asgd_eta(hp: Mapping[str, Any], step: int) -> float:
+  """ASGD's `eta` after `step` steps: PyTorch's `lr / (1 + lambd * lr * step) ** alpha`, lr that of the last step."""
+  lr, lambd, alpha = _at(hp["lr"], step - 1), float(hp["lambd"]), float(hp["alpha"])
+  return lr / ((1 + lambd * lr * float(step)) ** alpha)
+
+
+def _asgd_mu(hp: Mapping[str, Any], step: int) -> float:
+  """ASGD's `mu` after `step` steps: PyTorch's `1 / max(1, step - t0)`."""
+  return 1 / max(1, float(step) - float(hp["t0"]))
+
+
+# Keys that PyTorch keeps but jadam computes from the step and the hyperparameters (its state has no field for
+# them): written on the way out with PyTorch's own formula, checked on the way in.
+_DERIVED: dict[str, Callable[[Mapping[str, Any], int], float]] = {"eta": _asgd_eta, "mu": _asgd_mu}
+_DERIVED_RTOL = 1e-6  # PyTorch rounds them to its scalar dtype, float32 unless the default dtype is float64
 
 # Flags that choose PyTorch's kernels, not its arithmetic: ignored on the way in, PyTorch's defaults on the way out.
 _KERNEL_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
@@ -110,6 +143,9 @@ _FLAGS_OF = {
   "NAdam": ("foreach", "capturable", "differentiable"),
   "RAdam": ("foreach", "capturable", "differentiable"),
   "Adamax": ("foreach", "capturable", "differentiable"),
+  "Adadelta": ("capturable", "foreach", "differentiable"),
+  "Rprop": ("foreach", "differentiable", "capturable"),
+  "ASGD": ("foreach", "differentiable", "capturable"),
 }
 # Keys PyTorch's schedulers add to a param group.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
@@ -311,6 +347,9 @@ _KNOWN = frozenset(
     ScaleByInfMomentsState,
     NesterovCorrectState,
     ReduceLROnPlateauState,
+    ScaleByDeltaState,
+    ScaleByRpropState,
+    ScaleByAsgdState,
   }
 )
 
@@ -356,13 +395,14 @@ def _as_numpy(t: Any, where: str) -> np.ndarray:
   raise TypeError(f"{where} must be a tensor; got {type(t).__name__}.")
 
 
-def _close(a: Any, b: Any) -> bool:
+def _close(a: Any, b: Any, rtol: float | None = None) -> bool:
   if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
     return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_close, a, b))
   if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
     return a == b
   a, b = float(a), float(b)
-  rtol = _RTOL if _common.float_dtype() == jnp.float64 else 1e-6  # a schedule evaluated in float32
+  if rtol is None:
+    rtol = _RTOL if _common.float_dtype() == jnp.float64 else 1e-6  # a schedule evaluated in float32
   return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
 
 
@@ -540,6 +580,17 @@ def load_state_dict(
         continue
       if typ not in here:
         raise ValueError(f"{what}: tx's state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      if key in _DERIVED:
+        want = _DERIVED[key](hp, step)
+        for p in paths:
+          entry = per_param.get(index[p])
+          if entry and not _close(float(_as_numpy(entry[key], key)), want, _DERIVED_RTOL):
+            raise ValueError(
+              f"{what}: parameter {names[p].name!r} has {key}={float(_as_numpy(entry[key], key))!r}, but"
+              f" torch.optim.{spec.name} with tx's hyperparameters has {key}={want!r} after {step} steps:"
+              " build tx with the run's hyperparameters (and schedule)."
+            )
+        continue
       if key in _SCALARS:
         vals = {float(_as_numpy(per_param[index[p]][key], key)) for p in paths if per_param.get(index[p])}
         if len(vals) > 1:
@@ -726,6 +777,9 @@ def state_dict(
         continue
       if typ not in here:
         raise ValueError(f"{what}: the state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      if key in _DERIVED:
+        fields[key] = _DERIVED[key](hp, step)
+        continue
       v = getattr(here[typ], field)
       if key in _SCALARS:
         fields[key] = float(np.asarray(v, np.float64))

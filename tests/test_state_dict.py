@@ -544,3 +544,113 @@ def test_asgd_float32_round_trip_is_bitwise():
   for i, entry in sd["state"].items():
     for key, t in entry.items():
       assert back["state"][i][key].dtype == t.dtype and torch.equal(back["state"][i][key], t), (i, key)
+
+
+# SparseAdam: two tables with row-sparse gradients; "b" gets none on some steps, so the tables' counts differ.
+SPARSE = {"a": (20, 3), "b": (15, 2)}
+SPARSE_NAMES = {k: TorchName(k) for k in SPARSE}
+
+
+def sparse_grads(steps, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for t in range(steps):
+    step = {}
+    for k, shape in SPARSE.items():
+      if k == "b" and t % 5 == 2:
+        step[k] = None
+        continue
+      n = int(rng.integers(1, 6))
+      ids = rng.integers(0, shape[0] - 2, size=n)  # the last two rows never move
+      ids[-1] = ids[0]  # a duplicate
+      step[k] = (ids, rng.normal(size=(n, *shape[1:])))
+    out.append(step)
+  return out
+
+
+class SparseTorchRun:
+  def __init__(self, params, **kw):
+    self.tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    self.opt = torch.optim.SparseAdam(list(self.tensors.values()), **kw)
+
+  def run(self, grads, t0, t1):
+    for t in range(t0, t1):
+      for k, p in self.tensors.items():
+        g = grads[t][k]
+        p.grad = None if g is None else torch.sparse_coo_tensor(torch.tensor(g[0])[None], torch.tensor(g[1]), p.shape)
+      self.opt.step()
+    return {k: p.detach().numpy().copy() for k, p in self.tensors.items()}
+
+
+def sparse_run_jax(tx, params, state, grads, t0, t1, width=6):
+  """jadam's side, each gradient padded to `width` entries (index V: padding) so that `jit` compiles once."""
+  from jax.experimental.sparse import BCOO
+
+  import jadam
+
+  def bcoo(g, shape):
+    if g is None:
+      return None
+    ids, vals = g
+    pad = width - len(ids)
+    ids = np.concatenate([ids, np.full(pad, shape[0])])
+    vals = np.concatenate([vals, np.zeros((pad, *shape[1:]))])
+    return BCOO((jnp.asarray(vals), jnp.asarray(ids)[:, None]), shape=shape)
+
+  step = jax.jit(lambda g, s, p: jadam.update_and_apply(tx, g, s, p))
+  for t in range(t0, t1):
+    params, state = step({k: bcoo(grads[t][k], SPARSE[k]) for k in SPARSE}, state, params)
+  return params, state
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_sparse_adam_both_ways():
+  """torch SparseAdam N -> jadam N -> torch N equals torch's 3N; tables keep their own step counts."""
+  n = 20
+  rng = np.random.default_rng(1)
+  params0 = {k: rng.normal(size=s) for k, s in SPARSE.items()}
+  grads = sparse_grads(3 * n)
+  kw = dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+  ref = SparseTorchRun(params0, **kw)
+  want = ref.run(grads, 0, 3 * n)
+  first = SparseTorchRun(params0, **kw)
+  mid = first.run(grads, 0, n)
+  sd = first.opt.state_dict()
+  assert sd["state"][0]["step"] == n and sd["state"][1]["step"] < n  # "b" missed steps
+  tx = jt.SparseAdam(**kw)
+  params = {k: jnp.asarray(v) for k, v in mid.items()}
+  state = jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES)
+  back = jt.state_dict(tx, state, params, names=SPARSE_NAMES)
+  assert back["param_groups"] == sd["param_groups"]
+  for i, entry in sd["state"].items():
+    assert set(back["state"][i]) == set(entry)
+    assert back["state"][i]["step"] == entry["step"] and type(back["state"][i]["step"]) is int
+    for key in ("exp_avg", "exp_avg_sq"):
+      assert torch.equal(back["state"][i][key], entry[key]), (i, key)
+
+  params, state = sparse_run_jax(tx, params, state, grads, n, 2 * n)
+  assert_close({k: np.asarray(v) for k, v in params.items()}, SparseTorchRun(params0, **kw).run(grads, 0, 2 * n))
+  last = SparseTorchRun({k: np.asarray(v) for k, v in params.items()}, **kw)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=SPARSE_NAMES))
+  assert_close(last.run(grads, 2 * n, 3 * n), want)
+  end, ref_end = last.opt.state_dict()["state"], ref.opt.state_dict()["state"]
+  for i, entry in ref_end.items():
+    assert end[i]["step"] == entry["step"]
+    assert_close(
+      {k: end[i][k].numpy() for k in ("exp_avg", "exp_avg_sq")},
+      {k: entry[k].numpy() for k in ("exp_avg", "exp_avg_sq")},
+    )
+
+  # A table never stepped has no state in PyTorch, and none is written for it.
+  fresh = SparseTorchRun(params0, **kw)
+  fresh.run([{"a": g["a"], "b": None} for g in grads], 0, 3)
+  sd = fresh.opt.state_dict()
+  assert set(sd["state"]) == {0}
+  params = {k: jnp.asarray(v.detach().numpy()) for k, v in fresh.tensors.items()}
+  state = jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES)
+  assert set(jt.state_dict(tx, state, params, names=SPARSE_NAMES)["state"]) == {0}
+  # With a schedule, the number of step() calls is needed when the tables' counts differ.
+  with pytest.raises(ValueError, match="pass steps="):
+    jt.load_state_dict(jt.SparseAdam(**{**kw, "lr": jt.StepLR(lr=0.05, step_size=2)}), params, sd, names=SPARSE_NAMES)
+  with pytest.raises(ValueError, match="took 3"):
+    jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES, steps=2)

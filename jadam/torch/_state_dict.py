@@ -33,6 +33,7 @@ from jadam import _common
 from jadam._correct import NesterovCorrectState
 from jadam._moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
 from jadam._scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
+from jadam._sparse import ScaleBySparseMomentsState
 from jadam.torch import _groups
 from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau, ReduceLROnPlateauState
 
@@ -106,6 +107,11 @@ _LAYOUT: dict[str, tuple] = {
     ("prev", ScaleByRpropState, "prev", _always),
     ("step_size", ScaleByRpropState, "step_size", _always),
   ),
+  "SparseAdam": (
+    ("step", ScaleBySparseMomentsState, "count", _always),
+    ("exp_avg", ScaleBySparseMomentsState, "mu", _always),
+    ("exp_avg_sq", ScaleBySparseMomentsState, "nu", _always),
+  ),
   "ASGD": (
     ("step", ScaleByAsgdState, "count", _always),
     ("eta", ScaleByAsgdState, "eta", _always),
@@ -114,6 +120,7 @@ _LAYOUT: dict[str, tuple] = {
   ),
 }
 _SCALARS = frozenset({"mu_product"})
+_PER_TABLE = frozenset({"SparseAdam"})  # optimizers whose tables count their own steps (a Python int in PyTorch)
 
 
 def _asgd_eta(hp: Mapping[str, Any], step: int) -> float:
@@ -146,6 +153,7 @@ _FLAGS_OF = {
   "Adadelta": ("capturable", "foreach", "differentiable"),
   "Rprop": ("foreach", "differentiable", "capturable"),
   "ASGD": ("foreach", "differentiable", "capturable"),
+  "SparseAdam": (),
 }
 # Keys PyTorch's schedulers add to a param group.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
@@ -350,6 +358,7 @@ _KNOWN = frozenset(
     ScaleByDeltaState,
     ScaleByRpropState,
     ScaleByAsgdState,
+    ScaleBySparseMomentsState,
   }
 )
 
@@ -526,18 +535,21 @@ def load_state_dict(
         taken[p] = -1  # stepped, count unknown (SGD)
   counts = {v for v in taken.values() if v >= 0}
   stepped = any(v != 0 for v in taken.values())
-  if stepped and 0 in counts:
+  if spec.name in _PER_TABLE and len(counts) > 1:  # tables that missed steps: the step count is the calls'
+    step = _per_table_step(what, spec, max(counts), scheduler, steps)
+  elif stepped and 0 in counts:
     zero = [names[p].name for p, v in taken.items() if v == 0][:4]
     raise ValueError(
       f"{what}: parameters {zero} have no state while others have been stepped: in PyTorch they got no"
       " gradient, and jadam steps every parameter; this run cannot be continued exactly."
     )
-  if stepped:
-    counts.discard(0)
-  if len(counts) > 1:
-    raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
-  step = counts.pop() if counts else None
-  step = _resolve_step(what, spec, step, stepped, scheduler, steps)
+  else:
+    if stepped:
+      counts.discard(0)
+    if len(counts) > 1:
+      raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
+    step = counts.pop() if counts else None
+    step = _resolve_step(what, spec, step, stepped, scheduler, steps)
   # Hyperparameters and the schedule's position.
   plateau = {}
   for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
@@ -576,10 +588,15 @@ def load_state_dict(
   for label, hp, paths in groups:
     here = stages.get(label, {})
     for key, typ, field, kept in layout:
-      if field == "count" or not kept(hp):
+      if (field == "count" and spec.name not in _PER_TABLE) or not kept(hp):
         continue
       if typ not in here:
         raise ValueError(f"{what}: tx's state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      if field == "count":  # SparseAdam's own count per table
+        leaves = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(here[typ].count)}
+        for p in paths:
+          values[(label, typ, field, p)] = jnp.asarray(taken[p], leaves[p].dtype)
+        continue
       if key in _DERIVED:
         want = _DERIVED[key](hp, step)
         for p in paths:
@@ -653,6 +670,21 @@ def _check_epoch(what: str, sched: Any, scheduler: Mapping[str, Any], step: int)
       f"{what}: the scheduler's last_epoch is {epoch}, but {step} optimizer steps at {sched.steps_per_epoch}"
       f" per scheduler step make {step // sched.steps_per_epoch}: tx's scheduler does not follow this run."
     )
+
+
+def _per_table_step(what, spec, most, scheduler, steps) -> int:
+  """SparseAdam's number of `step()` calls when its tables took different numbers of steps.
+
+  PyTorch does not record it; it only positions a learning-rate schedule, so with a constant lr the largest
+  table count serves.
+  """
+  if steps is not None or scheduler is not None or any(_number(hp["lr"]) is None for hp in spec.groups):
+    step = _resolve_step(what, spec, None, True, scheduler, steps)
+  else:
+    step = most
+  if step < most:
+    raise ValueError(f"{what}: {step} optimizer steps, but a table of the state dict took {most}.")
+  return step
 
 
 def _resolve_step(what, spec, step, stepped, scheduler, steps) -> int:
@@ -772,6 +804,9 @@ def state_dict(
     for key, typ, field, kept in layout:
       if not kept(hp):
         continue
+      if field == "count" and spec.name in _PER_TABLE:  # PyTorch's SparseAdam counts in a Python int, per table
+        fields[key] = {_groups.path_string(q): int(c) for q, c in jax.tree_util.tree_leaves_with_path(here[typ].count)}
+        continue
       if field == "count":
         fields[key] = torch.tensor(float(step), dtype=sdtype)
         continue
@@ -787,8 +822,12 @@ def state_dict(
       fields[key] = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(v)}
     for p, i in zip(paths, ids):
       entry = {}
+      if spec.name in _PER_TABLE and fields["step"].get(p, 0) == 0:
+        continue  # a table that never had a gradient has no state in PyTorch
       for key, v in fields.items():
-        if isinstance(v, torch.Tensor):
+        if spec.name in _PER_TABLE and key == "step":
+          entry[key] = v[p]
+        elif isinstance(v, torch.Tensor):
           entry[key] = v.clone()
         elif isinstance(v, float):
           entry[key] = torch.tensor(v, dtype=sdtype)

@@ -654,3 +654,19 @@ def test_sparse_adam_both_ways():
     jt.load_state_dict(jt.SparseAdam(**{**kw, "lr": jt.StepLR(lr=0.05, step_size=2)}), params, sd, names=SPARSE_NAMES)
   with pytest.raises(ValueError, match="took 3"):
     jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES, steps=2)
+
+
+@pytest.mark.parametrize("front", [jt.Adam8bit, jt.AdamW8bit])
+def test_8bit_states_are_refused_with_the_reason(front):
+  """bitsandbytes' 8-bit state dicts are not carried: every entry point says so and why."""
+  tx = front(lr=1e-3)
+  params = {"w": jnp.zeros((64, 80)), "b": jnp.zeros(10)}
+  state = tx.init(params)
+  sd = {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}
+  for call in (
+    lambda: jt.load_state_dict(tx, params, sd),
+    lambda: jt.state_dict(tx, state, params),
+    lambda: jt.scheduler_state_dict(tx, state, params, {}),
+  ):
+    with pytest.raises(NotImplementedError, match="8-bit states are not carried.*bitsandbytes.*not identically"):
+      call()

@@ -187,6 +187,15 @@ def _spec(tx: Any, what: str) -> _groups.Spec:
       f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
       f" transformation; got {tx!r}. Chain other transformations around it after converting its state."
     )
+  if spec.name in ("Adam8bit", "AdamW8bit"):
+    raise NotImplementedError(
+      f"{what}: 8-bit states are not carried (jadam.torch.{spec.name}). torch.optim has no 8-bit Adam, and"
+      f" bitsandbytes' {spec.name} state dict is another format (uint8 state1/state2 with absmax1/absmax2 and"
+      " qmap1/qmap2 under '__bnb_optimizer_quant_state__', its own param-group keys); jadam's 8-bit step"
+      " rounds close to bitsandbytes' but not identically, so a run handed over could not continue exactly."
+      " To move such a run, continue it with a 32-bit optimizer (jadam.torch.AdamW and torch.optim.AdamW"
+      " carry their state both ways)."
+    )
   if spec.name not in _LAYOUT:
     raise NotImplementedError(f"{what}: no state_dict mapping for jadam.torch.{spec.name} yet.")
   return spec

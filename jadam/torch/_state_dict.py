@@ -437,10 +437,13 @@ def load_state_dict(
 
   Every moment (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``,
   ``square_avg``, ``grad_avg``, ``momentum_buffer``, ``exp_inf``,
-  ``mu_product``) is copied into the stage that holds it, transposed as
-  `names` says; PyTorch's ``step`` becomes every stage's step count, which is
-  also the position of a scheduler given as `lr`. Updates of `tx` from the
-  returned state then equal PyTorch's next steps.
+  ``mu_product``, ``acc_delta``, ``prev``, ``step_size``, ``ax``) is copied
+  into the stage that holds it, transposed as `names` says; PyTorch's ``step``
+  becomes every stage's step count, which is also the position of a scheduler
+  given as `lr` (SparseAdam's per-table ``step`` becomes each table's count).
+  ASGD's ``eta`` and ``mu``, which jadam derives from the step, are checked.
+  Updates of `tx` from the returned state then equal PyTorch's next steps.
+  8-bit states (Adam8bit, AdamW8bit) are refused with a NotImplementedError.
 
   Checked, with nothing returned on a mismatch: the optimizer (its param
   groups' keys are `tx`'s), the hyperparameters (each group's lr, betas, eps,
@@ -464,7 +467,8 @@ def load_state_dict(
       ReduceLROnPlateau's best, num_bad_epochs and cooldown_counter go to the
       plateau state; for the others, last_epoch is checked against the step.
     steps: the number of optimizer steps taken, needed only where the state
-      dict does not say (SGD, whose state has no step) and no scheduler does.
+      dict does not say (SGD, whose state has no step; SparseAdam whose tables
+      took different numbers of steps, under a schedule) and no scheduler does.
 
   Returns:
     The state of `tx` for `params`.

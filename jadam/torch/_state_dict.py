@@ -187,16 +187,7 @@ def _spec(tx: Any, what: str) -> _groups.Spec:
       f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
       f" transformation; got {tx!r}. Chain other transformations around it after converting its state."
     )
-  if spec.name in ("Adam8bit", "AdamW8bit"):
-    raise NotImplementedError(
-      f"{what}: 8-bit states are not carried (jadam.torch.{spec.name}). torch.optim has no 8-bit Adam, and"
-      f" bitsandbytes' {spec.name} state dict is another format (uint8 state1/state2 with absmax1/absmax2 and"
-      " qmap1/qmap2 under '__bnb_optimizer_quant_state__', its own param-group keys); jadam's 8-bit step"
-      " rounds close to bitsandbytes' but not identically, so a run handed over could not continue exactly."
-      " To move such a run, continue it with a 32-bit optimizer (jadam.torch.AdamW and torch.optim.AdamW"
-      " carry their state both ways)."
-    )
-  if spec.name not in _LAYOUT:
+  if spec.name not in _LAYOUT and spec.name not in _EIGHT_BIT:
     raise NotImplementedError(f"{what}: no state_dict mapping for jadam.torch.{spec.name} yet.")
   return spec
 
@@ -443,7 +434,12 @@ def load_state_dict(
   given as `lr` (SparseAdam's per-table ``step`` becomes each table's count).
   ASGD's ``eta`` and ``mu``, which jadam derives from the step, are checked.
   Updates of `tx` from the returned state then equal PyTorch's next steps.
-  8-bit states (Adam8bit, AdamW8bit) are refused with a NotImplementedError.
+  For Adam8bit/AdamW8bit the state dict is bitsandbytes' (each parameter's
+  ``state1``/``state2`` uint8 codes, ``absmax1``/``absmax2`` block scales and
+  ``qmap1``/``qmap2`` under ``"__bnb_optimizer_quant_state__"``, or float32
+  ``state1``/``state2`` for small tensors): codes and scales are copied as
+  they are (same dynamic map, same blocks of 256 in PyTorch's row-major
+  layout), so an 8-bit leaf cannot be transposed by `names`.
 
   Checked, with nothing returned on a mismatch: the optimizer (its param
   groups' keys are `tx`'s), the hyperparameters (each group's lr, betas, eps,
@@ -483,6 +479,8 @@ def load_state_dict(
       f"{what}: state_dict must be a torch.optim optimizer's state_dict() (keys 'state' and 'param_groups');"
       f" got {keys}. A checkpoint dict holds it under its own key, e.g. checkpoint['optim']."
     )
+  if spec.name in _EIGHT_BIT:
+    return _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   saved = list(state_dict["param_groups"])
@@ -769,6 +767,8 @@ def state_dict(
 
   what = "jadam.torch.state_dict"
   spec = _spec(tx, what)
+  if spec.name in _EIGHT_BIT:
+    return _state_dict_8bit(what, spec, state, params, names)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   stages = _stages(state)
@@ -909,3 +909,222 @@ def scheduler_state_dict(
     raise ValueError(f"{what}: the template's scheduler has {len(template['_last_lr'])} groups, tx {len(lrs)}.")
   out["_last_lr"] = lrs
   return out
+
+
+# ----------------------------------------------------------------------------------------------------- bitsandbytes
+
+_EIGHT_BIT = frozenset({"Adam8bit", "AdamW8bit"})
+_BNB = "__bnb_optimizer_quant_state__"  # where bitsandbytes' state_dict() nests each parameter's 8-bit state
+_BNB_GROUP = ("lr", "betas", "eps", "weight_decay")
+_BNB_FIXED = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}  # its AdEMAMix keys, in every group
+
+
+def _bnb_qmap(signed: bool):
+  """bitsandbytes' `create_dynamic_map(signed)` to the bit, as its state dicts hold it (jadam's
+  `dynamic_map` differs by an ulp at a few points: torch.linspace rounds otherwise than NumPy's)."""
+  import torch
+
+  data = []
+  for i in range(7):
+    bounds = torch.linspace(0.1, 1, 2**i + 1 if signed else 2 ** (i + 1) + 1, dtype=torch.float32)
+    means = (bounds[:-1] + bounds[1:]) / 2.0
+    data += ((10 ** (-6 + i)) * means).tolist()
+    if signed:
+      data += (-(10 ** (-6 + i)) * means).tolist()
+  data += [0, 1.0]
+  data += [0] * (256 - len(data))
+  return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _index(what, groups, saved, names) -> dict[str, int]:
+  """{jadam path: PyTorch parameter id}, by position in each group (or by `param_names` if saved)."""
+  index = {}
+  for g, ((label, _, paths), sg) in enumerate(zip(groups, saved)):
+    if "param_names" in sg:
+      by_name = {names[p].name: p for p in paths}
+      if set(sg["param_names"]) != set(by_name):
+        raise ValueError(f"{what}: param group {g} of the state dict and tx's {label} hold different parameters.")
+      paths = [by_name[n] for n in sg["param_names"]]
+    if len(sg["params"]) != len(paths):
+      raise ValueError(
+        f"{what}: param group {g} of the state dict holds {len(sg['params'])} parameters, tx's {label} holds"
+        f" {len(paths)}: a parameter is missing or extra."
+      )
+    index.update(zip(paths, sg["params"]))
+  return index
+
+
+def _moment_leaves(moment: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  codes = {_groups.path_string(q): c for q, c in jax.tree_util.tree_leaves_with_path(moment.codes)}
+  absmax = {_groups.path_string(q): a for q, a in jax.tree_util.tree_leaves_with_path(moment.absmax)}
+  return codes, absmax
+
+
+def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
+  """bitsandbytes' Adam8bit/AdamW8bit `state_dict()` as the state of jadam.torch's: codes and scales copied."""
+  from jadam import _quantize
+
+  names = _normalise_names(params, names, what)
+  groups = _torch_groups(spec, params, names)
+  saved = list(state_dict["param_groups"])
+  if len(saved) != len(groups):
+    raise ValueError(f"{what}: the state dict has {len(saved)} param groups, tx has {len(groups)}.")
+  wanted = set(_BNB_GROUP) | set(_BNB_FIXED)
+  for g, sg in enumerate(saved):
+    keys = set(sg) - {"params", "param_names"} - _SCHEDULER_KEYS
+    if keys != wanted or any(sg[k] != v for k, v in _BNB_FIXED.items()):
+      raise ValueError(
+        f"{what}: this is not a state dict of bitsandbytes' {spec.name}: its param group {g} has {sorted(keys)}"
+        f" ({ {k: sg.get(k) for k in _BNB_FIXED} }), bitsandbytes' has {sorted(wanted)} with {_BNB_FIXED}."
+      )
+  index = _index(what, groups, saved, names)
+  per_param = state_dict["state"]
+  taken = {}
+  for p, i in index.items():
+    entry = per_param.get(i, {})
+    if entry and set(entry) != {"step", _BNB}:
+      raise ValueError(
+        f"{what}: parameter {names[p].name!r} has state {sorted(entry)}; bitsandbytes' {spec.name} keeps"
+        f" ['step', {_BNB!r}]: is this another optimizer's state dict?"
+      )
+    taken[p] = int(entry["step"]) if entry else 0
+  counts = set(taken.values())
+  if len(counts) > 1:
+    raise ValueError(
+      f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam steps every parameter."
+    )
+  count = counts.pop() if counts else 0
+  step = _resolve_step(what, spec, count if count else None, False, scheduler, steps)
+  for g, ((label, hp, _), sg) in enumerate(zip(groups, saved)):
+    if isinstance(hp["lr"], ReduceLROnPlateau):
+      raise NotImplementedError(f"{what}: ReduceLROnPlateau with an 8-bit state is not carried.")
+    if isinstance(hp["lr"], LRScheduler) and scheduler is not None:
+      _check_epoch(what, hp["lr"], scheduler, step)
+    for key in _BNB_GROUP:
+      value = _at(hp[key], step)
+      if not _close(value, _at(sg[key], 0)):
+        raise ValueError(
+          f"{what}: param group {g} has {key}={sg[key]!r} but tx's {label} has {key}={value!r}: build tx with"
+          " the run's hyperparameters."
+        )
+
+  template = tx.init(params)
+  stages = _stages(template)
+  qmaps = {"1": _quantize.dynamic_map(True), "2": _quantize.dynamic_map(False)}  # jadam's codes' values
+  new: dict[str, dict[str, Any]] = {}  # label -> {"mu"/"nu": QuantizedMoment}
+  for label, _, paths in groups:
+    moments = stages[label][ScaleByMomentsState]
+    for n, field in (("1", "mu"), ("2", "nu")):
+      codes, absmax = _moment_leaves(getattr(moments, field))
+      for p in paths:
+        entry = per_param.get(index[p])
+        if not entry:
+          continue
+        quant = entry[_BNB]
+        c, a = codes[p], absmax[p]
+        s = _as_numpy(quant[f"state{n}"], f"{names[p].name}'s state{n}")
+        if c.dtype == jnp.uint8:
+          if s.dtype != np.uint8 or f"absmax{n}" not in quant:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: bitsandbytes kept a 32-bit state{n}, tx an 8-bit one: build tx with"
+              " the run's min_8bit_size."
+            )
+          if names[p].perm is not None:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: an 8-bit moment cannot be transposed (its blocks are runs of"
+              " PyTorch's row-major layout); give the leaf PyTorch's layout."
+            )
+          q = _as_numpy(quant[f"qmap{n}"], f"qmap{n}")
+          if q.shape != qmaps[n].shape or not np.allclose(q, qmaps[n], rtol=2e-7, atol=0):
+            raise ValueError(
+              f"{what}: {names[p].name!r}: qmap{n} is not bitsandbytes' dynamic map, the values of jadam's codes."
+            )
+          s_abs = _as_numpy(quant[f"absmax{n}"], f"absmax{n}")
+          if s.shape != c.shape or s_abs.size != a.size:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: state{n} {s.shape} / absmax{n} {s_abs.shape}, tx's {c.shape} /"
+              f" {a.shape}: a block size other than tx's?"
+            )
+          new.setdefault(label, {}).setdefault(field, ({}, {}))
+          new[label][field][0][p] = jnp.asarray(s)
+          new[label][field][1][p] = jnp.asarray(s_abs.reshape(a.shape), a.dtype)
+        else:
+          if s.dtype == np.uint8:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: bitsandbytes kept an 8-bit state{n}, tx a 32-bit one: build tx with"
+              " the run's min_8bit_size."
+            )
+          if names[p].perm is not None:
+            s = np.transpose(s, names[p].perm)
+          if s.shape != c.shape:
+            raise ValueError(f"{what}: {names[p].name!r}: state{n} has shape {s.shape}, tx's leaf {c.shape}.")
+          new.setdefault(label, {}).setdefault(field, ({}, {}))
+          new[label][field][0][p] = jnp.asarray(s, c.dtype)
+
+  def fill(node, label):
+    if type(node) is not ScaleByMomentsState and not (_is_count(getattr(node, "count", None))):
+      return node
+    replace = {}
+    if _is_count(getattr(node, "count", None)):
+      replace["count"] = jnp.asarray(step, node.count.dtype)
+    if type(node) is ScaleByMomentsState:
+      for field in ("mu", "nu"):
+        got = new.get(label, {}).get(field)
+        if got is None:
+          continue
+        m = getattr(node, field)
+
+        def put(q, leaf, table):
+          return table.get(_groups.path_string(q), leaf)
+
+        replace[field] = m._replace(
+          codes=jax.tree_util.tree_map_with_path(lambda q, x: put(q, x, got[0]), m.codes),
+          absmax=jax.tree_util.tree_map_with_path(lambda q, x: put(q, x, got[1]), m.absmax),
+        )
+    return node._replace(**replace)
+
+  return _walk(template, fill)
+
+
+def _state_dict_8bit(what, spec, state, params, names):
+  """jadam.torch's Adam8bit/AdamW8bit state as bitsandbytes' `state_dict()`."""
+  import torch
+
+  names = _normalise_names(params, names, what)
+  groups = _torch_groups(spec, params, names)
+  stages = _stages(state)
+  step = _step_of(state)
+  qmaps = {"1": _bnb_qmap(True), "2": _bnb_qmap(False)}
+  out_state, out_groups, pid = {}, [], 0
+  for label, hp, paths in groups:
+    lr = hp["lr"]
+    if isinstance(lr, ReduceLROnPlateau):
+      raise NotImplementedError(f"{what}: ReduceLROnPlateau with an 8-bit state is not carried.")
+    group = {key: _at(hp[key], step) for key in _BNB_GROUP}
+    if isinstance(lr, LRScheduler):
+      group["initial_lr"] = float(lr.lr)
+    group.update(_BNB_FIXED)
+    ids = list(range(pid, pid + len(paths)))
+    pid += len(paths)
+    group["params"] = ids
+    out_groups.append(group)
+    if step == 0:
+      continue
+    moments = stages[label][ScaleByMomentsState]
+    leaves = {n: _moment_leaves(getattr(moments, f)) for n, f in (("1", "mu"), ("2", "nu"))}
+    for p, i in zip(paths, ids):
+      quant = {}
+      for n, (codes, absmax) in leaves.items():
+        c = np.asarray(codes[p])
+        if c.dtype == np.uint8:
+          if names[p].perm is not None:
+            raise ValueError(f"{what}: {names[p].name!r}: an 8-bit moment cannot be transposed to PyTorch's layout.")
+          quant[f"state{n}"] = torch.from_numpy(c.copy())
+          quant[f"qmap{n}"] = qmaps[n].clone()
+          quant[f"absmax{n}"] = torch.from_numpy(np.asarray(absmax[p], np.float32).reshape(-1).copy())
+        else:
+          if names[p].perm is not None:
+            c = np.transpose(c, np.argsort(names[p].perm))
+          quant[f"state{n}"] = _to_torch(c)
+      out_state[i] = {"step": step, _BNB: quant}
+  return {"state": out_state, "param_groups": out_groups}

@@ -4,7 +4,9 @@
 scheduler's) into the state of the matching `jadam.torch` optimizer;
 `state_dict` gives the reverse, loadable by `torch.optim.X.load_state_dict`.
 Both are exact: every number is copied, never recomputed, so a run continued on
-the other side follows the uninterrupted one to rounding.
+the other side follows the uninterrupted one to rounding. Adam8bit/AdamW8bit
+use bitsandbytes' state dicts instead, whose 8-bit codes and scales are copied
+as they are.
 
 The jadam state is found by walking the optimizer's state by the *type* of
 each stage's state (`ScaleByMomentsState` holds `exp_avg` and `exp_avg_sq`,
@@ -752,7 +754,8 @@ def state_dict(
   hyperparameters at the current step (a scheduler's current lr, with
   ``initial_lr``); PyTorch's kernel flags (foreach, fused, capturable,
   differentiable) take PyTorch's defaults. For a scheduler's state see
-  :func:`scheduler_state_dict`.
+  :func:`scheduler_state_dict`. For Adam8bit/AdamW8bit it is bitsandbytes'
+  state dict, for `bnb.optim.Adam8bit(...).load_state_dict`.
 
   Args:
     tx: the `jadam.torch` optimizer.

@@ -144,6 +144,10 @@ CASES = [
   ("nadam-decoupled", torch.optim.NAdam, dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True), jt.NAdam),
   ("radam", torch.optim.RAdam, dict(lr=0.02, weight_decay=0.01), jt.RAdam),
   ("adamax", torch.optim.Adamax, dict(lr=0.02), jt.Adamax),
+  ("adadelta", torch.optim.Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.01), jt.Adadelta),
+  ("rprop", torch.optim.Rprop, dict(lr=0.02, etas=(0.4, 1.3), step_sizes=(1e-4, 0.3)), jt.Rprop),
+  ("asgd", torch.optim.ASGD, dict(lr=0.02, lambd=1e-3, alpha=0.7, t0=20, weight_decay=0.01), jt.ASGD),
+  ("asgd-maximize", torch.optim.ASGD, dict(lr=0.01, t0=1e6, maximize=True), jt.ASGD),
 ]
 N = 60  # steps on each side (Adam runs 100 + 100 below)
 
@@ -154,7 +158,10 @@ def test_torch_to_jadam_to_torch(case):
   _, cls, kw, front = case
   n = 100 if case[0] == "adam" else N
   params0, curv, noise = problem(SHAPES, 3 * n)
-  want = TorchRun(lambda pg: cls(pg, **kw), params0).run(curv, noise, 0, 3 * n)
+  if kw.get("maximize"):
+    curv = {k: -c for k, c in curv.items()}
+  ref = TorchRun(lambda pg: cls(pg, **kw), params0)
+  want = ref.run(curv, noise, 0, 3 * n)
 
   first = TorchRun(lambda pg: cls(pg, **kw), params0)
   mid = first.run(curv, noise, 0, n)
@@ -180,6 +187,11 @@ def test_torch_to_jadam_to_torch(case):
   last = TorchRun(lambda pg: cls(pg, **kw), got_jax)
   last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
   assert_close(last.run(curv, noise, 2 * n, 3 * n), want)
+  # ... and so does its state (ASGD's average ax, Rprop's step sizes, every moment).
+  end, ref_end = last.opt.state_dict()["state"], ref.opt.state_dict()["state"]
+  for i, entry in ref_end.items():
+    assert set(end[i]) == set(entry)
+    assert_close({k: end[i][k].numpy() for k in entry}, {k: t.numpy() for k, t in entry.items() if t.abs().max() > 0})
 
 
 def test_jadam_from_scratch_to_torch():
@@ -480,3 +492,258 @@ def test_one_cycle_with_cycled_momentum():
   last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
   last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
   assert_close(last.run(curv, noise, 80, 120), want)
+
+
+def test_asgd_eta_follows_a_schedule_and_is_checked():
+  """ASGD's eta and mu, which jadam derives from the step: a StepLR run both ways, and a tampered eta refused."""
+  params0, curv, noise = problem(SHAPES, 90)
+  kw = dict(lambd=1e-3, alpha=0.75, t0=10)
+
+  def make(pg):
+    return torch.optim.ASGD(pg, lr=0.05, **kw)
+
+  def sched(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+
+  ref = TorchRun(make, params0, None, sched)
+  want = ref.run(curv, noise, 0, 90)
+  first = TorchRun(make, params0, None, sched)
+  mid = first.run(curv, noise, 0, 30)
+  sd = first.opt.state_dict()
+  tx = jt.ASGD(lr=jt.StepLR(lr=0.05, step_size=10, gamma=0.5), **kw)
+  params = to_jax(mid, NAMES)
+  state = jt.load_state_dict(tx, params, sd, names=NAMES, scheduler=first.sched.state_dict())
+  back = jt.state_dict(tx, state, params, names=NAMES)
+  for i, entry in sd["state"].items():
+    for key, t in entry.items():
+      assert back["state"][i][key].dtype == t.dtype and torch.equal(back["state"][i][key], t), (i, key)
+  params, state = run_jax(tx, params, state, curv, noise, 30, 60, NAMES)
+  last = TorchRun(make, to_torch(params, NAMES), None, sched)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
+  last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
+  assert_close(last.run(curv, noise, 60, 90), want)
+  ax = {i: e["ax"].numpy() for i, e in last.opt.state_dict()["state"].items()}
+  assert_close(ax, {i: e["ax"].numpy() for i, e in ref.opt.state_dict()["state"].items()})
+
+  sd["state"][0]["eta"] = sd["state"][0]["eta"] * 2
+  with pytest.raises(ValueError, match="has eta="):
+    jt.load_state_dict(tx, to_jax(mid, NAMES), sd, names=NAMES, scheduler=first.sched.state_dict())
+
+
+def test_asgd_float32_round_trip_is_bitwise():
+  """Under PyTorch's float32 default, eta and mu written by jadam are PyTorch's own bits."""
+  params0, curv, noise = ({k: v.astype(np.float32) for k, v in d.items()} for d in problem(SHAPES, 25))
+  torch.set_default_dtype(torch.float32)
+  with jax.enable_x64(False):
+    run = TorchRun(lambda pg: torch.optim.ASGD(pg, lr=0.03, t0=7), params0)
+    run.run(curv, noise, 0, 25)
+    sd = run.opt.state_dict()
+    tx = jt.ASGD(lr=0.03, t0=7)
+    params = to_jax({n: t.detach().numpy() for n, t in run.tensors.items()}, NAMES)
+    back = jt.state_dict(tx, jt.load_state_dict(tx, params, sd, names=NAMES), params, names=NAMES)
+  for i, entry in sd["state"].items():
+    for key, t in entry.items():
+      assert back["state"][i][key].dtype == t.dtype and torch.equal(back["state"][i][key], t), (i, key)
+
+
+# SparseAdam: two tables with row-sparse gradients; "b" gets none on some steps, so the tables' counts differ.
+SPARSE = {"a": (20, 3), "b": (15, 2)}
+SPARSE_NAMES = {k: TorchName(k) for k in SPARSE}
+
+
+def sparse_grads(steps, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for t in range(steps):
+    step = {}
+    for k, shape in SPARSE.items():
+      if k == "b" and t % 5 == 2:
+        step[k] = None
+        continue
+      n = int(rng.integers(1, 6))
+      ids = rng.integers(0, shape[0] - 2, size=n)  # the last two rows never move
+      ids[-1] = ids[0]  # a duplicate
+      step[k] = (ids, rng.normal(size=(n, *shape[1:])))
+    out.append(step)
+  return out
+
+
+class SparseTorchRun:
+  def __init__(self, params, **kw):
+    self.tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    self.opt = torch.optim.SparseAdam(list(self.tensors.values()), **kw)
+
+  def run(self, grads, t0, t1):
+    for t in range(t0, t1):
+      for k, p in self.tensors.items():
+        g = grads[t][k]
+        p.grad = None if g is None else torch.sparse_coo_tensor(torch.tensor(g[0])[None], torch.tensor(g[1]), p.shape)
+      self.opt.step()
+    return {k: p.detach().numpy().copy() for k, p in self.tensors.items()}
+
+
+def sparse_run_jax(tx, params, state, grads, t0, t1, width=6):
+  """jadam's side, each gradient padded to `width` entries (index V: padding) so that `jit` compiles once."""
+  from jax.experimental.sparse import BCOO
+
+  import jadam
+
+  def bcoo(g, shape):
+    if g is None:
+      return None
+    ids, vals = g
+    pad = width - len(ids)
+    ids = np.concatenate([ids, np.full(pad, shape[0])])
+    vals = np.concatenate([vals, np.zeros((pad, *shape[1:]))])
+    return BCOO((jnp.asarray(vals), jnp.asarray(ids)[:, None]), shape=shape)
+
+  step = jax.jit(lambda g, s, p: jadam.update_and_apply(tx, g, s, p))
+  for t in range(t0, t1):
+    params, state = step({k: bcoo(grads[t][k], SPARSE[k]) for k in SPARSE}, state, params)
+  return params, state
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_sparse_adam_both_ways():
+  """torch SparseAdam N -> jadam N -> torch N equals torch's 3N; tables keep their own step counts."""
+  n = 20
+  rng = np.random.default_rng(1)
+  params0 = {k: rng.normal(size=s) for k, s in SPARSE.items()}
+  grads = sparse_grads(3 * n)
+  kw = dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+  ref = SparseTorchRun(params0, **kw)
+  want = ref.run(grads, 0, 3 * n)
+  first = SparseTorchRun(params0, **kw)
+  mid = first.run(grads, 0, n)
+  sd = first.opt.state_dict()
+  assert sd["state"][0]["step"] == n and sd["state"][1]["step"] < n  # "b" missed steps
+  tx = jt.SparseAdam(**kw)
+  params = {k: jnp.asarray(v) for k, v in mid.items()}
+  state = jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES)
+  back = jt.state_dict(tx, state, params, names=SPARSE_NAMES)
+  assert back["param_groups"] == sd["param_groups"]
+  for i, entry in sd["state"].items():
+    assert set(back["state"][i]) == set(entry)
+    assert back["state"][i]["step"] == entry["step"] and type(back["state"][i]["step"]) is int
+    for key in ("exp_avg", "exp_avg_sq"):
+      assert torch.equal(back["state"][i][key], entry[key]), (i, key)
+
+  params, state = sparse_run_jax(tx, params, state, grads, n, 2 * n)
+  assert_close({k: np.asarray(v) for k, v in params.items()}, SparseTorchRun(params0, **kw).run(grads, 0, 2 * n))
+  last = SparseTorchRun({k: np.asarray(v) for k, v in params.items()}, **kw)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=SPARSE_NAMES))
+  assert_close(last.run(grads, 2 * n, 3 * n), want)
+  end, ref_end = last.opt.state_dict()["state"], ref.opt.state_dict()["state"]
+  for i, entry in ref_end.items():
+    assert end[i]["step"] == entry["step"]
+    assert_close(
+      {k: end[i][k].numpy() for k in ("exp_avg", "exp_avg_sq")},
+      {k: entry[k].numpy() for k in ("exp_avg", "exp_avg_sq")},
+    )
+
+  # A table never stepped has no state in PyTorch, and none is written for it.
+  fresh = SparseTorchRun(params0, **kw)
+  fresh.run([{"a": g["a"], "b": None} for g in grads], 0, 3)
+  sd = fresh.opt.state_dict()
+  assert set(sd["state"]) == {0}
+  params = {k: jnp.asarray(v.detach().numpy()) for k, v in fresh.tensors.items()}
+  state = jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES)
+  assert set(jt.state_dict(tx, state, params, names=SPARSE_NAMES)["state"]) == {0}
+  # With a schedule, the number of step() calls is needed when the tables' counts differ.
+  with pytest.raises(ValueError, match="pass steps="):
+    jt.load_state_dict(jt.SparseAdam(**{**kw, "lr": jt.StepLR(lr=0.05, step_size=2)}), params, sd, names=SPARSE_NAMES)
+  with pytest.raises(ValueError, match="took 3"):
+    jt.load_state_dict(tx, params, sd, names=SPARSE_NAMES, steps=2)
+
+
+BNB_SHAPES = {"w": (48, 100), "rows": (12, 512), "b": (10,)}  # flat blocks, per-row blocks, a 32-bit moment
+
+
+def bnb_run(bnb, params, grads, t0, t1, sd=None, **kw):
+  tensors = {k: torch.nn.Parameter(torch.tensor(np.asarray(params[k]))) for k in BNB_SHAPES}
+  opt = bnb.optim.AdamW8bit(list(tensors.values()), **kw)
+  if sd is not None:
+    opt.load_state_dict(sd)
+  for t in range(t0, t1):
+    for k, p in tensors.items():
+      p.grad = torch.tensor(grads[t][k])
+    opt.step()
+  return {k: p.detach().numpy().copy() for k, p in tensors.items()}, opt
+
+
+def test_bitsandbytes_8bit_both_ways():
+  """bitsandbytes' 8-bit codes and scales carried as they are: the round trip is bitwise, and a run handed over
+  follows bitsandbytes' uninterrupted one about as closely as the two libraries' own 8-bit roundings allow."""
+  bnb = pytest.importorskip("bitsandbytes")
+  import jadam
+
+  torch.set_default_dtype(torch.float32)
+  n = 15
+  rng = np.random.default_rng(0)
+  params0 = {k: rng.normal(size=s).astype(np.float32) for k, s in BNB_SHAPES.items()}
+  grads = [{k: (rng.normal(size=s) + 0.3).astype(np.float32) for k, s in BNB_SHAPES.items()} for _ in range(3 * n)]
+  kw = dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05)
+  names = {k: TorchName(k) for k in BNB_SHAPES}
+  with jax.enable_x64(False):
+    want, _ = bnb_run(bnb, params0, grads, 0, 3 * n, **kw)
+    mid, opt = bnb_run(bnb, params0, grads, 0, n, **kw)
+    sd = opt.state_dict()
+    tx = jt.Adam8bit(**kw)  # bitsandbytes' Adam8bit and AdamW8bit: one kernel, one state dict
+    params = {k: jnp.asarray(v) for k, v in mid.items()}
+    state = jt.load_state_dict(tx, params, sd, names=names)
+    back = jt.state_dict(tx, state, params, names=names)
+    assert back["param_groups"] == sd["param_groups"]
+    for i, entry in sd["state"].items():
+      assert back["state"][i]["step"] == entry["step"] == n
+      q, bq = entry["__bnb_optimizer_quant_state__"], back["state"][i]["__bnb_optimizer_quant_state__"]
+      assert set(q) == set(bq)
+      for key, t in q.items():
+        assert bq[key].dtype == t.dtype and torch.equal(bq[key], t), (i, key)
+    assert sd["state"][2]["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.float32  # "b": 32-bit
+
+    step = jax.jit(lambda g, s, p: jadam.update_and_apply(tx, g, s, p))
+    fresh = params
+    fresh_state = tx.init(params)
+    for t in range(n, 2 * n):
+      g = {k: jnp.asarray(v) for k, v in grads[t].items()}
+      params, state = step(g, state, params)
+      fresh, fresh_state = step(g, fresh_state, fresh)
+    last, _ = bnb_run(
+      bnb,
+      {k: np.asarray(v) for k, v in params.items()},
+      grads,
+      2 * n,
+      3 * n,
+      jt.state_dict(tx, state, params, names=names),
+      **kw,
+    )
+    restarted, _ = bnb_run(bnb, fresh, grads, 2 * n, 3 * n, **kw)
+  for k in BNB_SHAPES:
+    err = np.linalg.norm(last[k] - want[k]) / np.linalg.norm(want[k] - params0[k])
+    err_restart = np.linalg.norm(restarted[k] - want[k]) / np.linalg.norm(want[k] - params0[k])
+    assert err < 5e-3 and err < err_restart / 30, (k, err, err_restart)
+
+
+def test_bitsandbytes_8bit_refusals():
+  """Another block layout (min_8bit_size), a transposed 8-bit leaf, or torch.optim's AdamW: refused, named."""
+  bnb = pytest.importorskip("bitsandbytes")
+  torch.set_default_dtype(torch.float32)
+  rng = np.random.default_rng(0)
+  params0 = {k: rng.normal(size=s).astype(np.float32) for k, s in BNB_SHAPES.items()}
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in BNB_SHAPES.items()} for _ in range(2)]
+  names = {k: TorchName(k) for k in BNB_SHAPES}
+  with jax.enable_x64(False):
+    _, opt = bnb_run(bnb, params0, grads, 0, 2)
+    sd = opt.state_dict()
+    params = {k: jnp.asarray(v) for k, v in params0.items()}
+    with pytest.raises(ValueError, match="32-bit state1, tx an 8-bit one: build tx with the run's min_8bit_size"):
+      jt.load_state_dict(jt.AdamW8bit(min_8bit_size=0), params, sd, names=names)
+    with pytest.raises(ValueError, match="8-bit state1, tx a 32-bit one"):
+      jt.load_state_dict(jt.AdamW8bit(min_8bit_size=10**6), params, sd, names=names)
+    flipped = {**params, "w": params["w"].T}
+    with pytest.raises(ValueError, match="an 8-bit moment cannot be transposed"):
+      jt.load_state_dict(jt.AdamW8bit(), flipped, sd, names={**names, "w": TorchName("w", (1, 0))})
+    ts = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params0.items()}
+    adamw = torch.optim.AdamW(list(ts.values()))
+    with pytest.raises(ValueError, match="not a state dict of bitsandbytes' AdamW8bit"):
+      jt.load_state_dict(jt.AdamW8bit(), params, adamw.state_dict(), names=names)

@@ -4,7 +4,9 @@
 scheduler's) into the state of the matching `jadam.torch` optimizer;
 `state_dict` gives the reverse, loadable by `torch.optim.X.load_state_dict`.
 Both are exact: every number is copied, never recomputed, so a run continued on
-the other side follows the uninterrupted one to rounding.
+the other side follows the uninterrupted one to rounding. Adam8bit/AdamW8bit
+use bitsandbytes' state dicts instead, whose 8-bit codes and scales are copied
+as they are.
 
 The jadam state is found by walking the optimizer's state by the *type* of
 each stage's state (`ScaleByMomentsState` holds `exp_avg` and `exp_avg_sq`,
@@ -32,7 +34,8 @@ import optax
 from jadam import _common
 from jadam._correct import NesterovCorrectState
 from jadam._moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
-from jadam._scale import MomentumState
+from jadam._scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
+from jadam._sparse import ScaleBySparseMomentsState
 from jadam.torch import _groups
 from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau, ReduceLROnPlateauState
 
@@ -96,8 +99,47 @@ _LAYOUT: dict[str, tuple] = {
     ("grad_avg", ScaleByMomentsState, "mu", lambda hp: hp["centered"]),
   ),
   "SGD": (("momentum_buffer", MomentumState, "trace", _nonzero("momentum")),),
+  "Adadelta": (
+    ("step", ScaleByMomentsState, "count", _always),
+    ("square_avg", ScaleByMomentsState, "nu", _always),
+    ("acc_delta", ScaleByDeltaState, "acc_delta", _always),
+  ),
+  "Rprop": (
+    ("step", ScaleByRpropState, "count", _always),
+    ("prev", ScaleByRpropState, "prev", _always),
+    ("step_size", ScaleByRpropState, "step_size", _always),
+  ),
+  "SparseAdam": (
+    ("step", ScaleBySparseMomentsState, "count", _always),
+    ("exp_avg", ScaleBySparseMomentsState, "mu", _always),
+    ("exp_avg_sq", ScaleBySparseMomentsState, "nu", _always),
+  ),
+  "ASGD": (
+    ("step", ScaleByAsgdState, "count", _always),
+    ("eta", ScaleByAsgdState, "eta", _always),
+    ("mu", ScaleByAsgdState, "mu", _always),
+    ("ax", ScaleByAsgdState, "ax", _always),
+  ),
 }
 _SCALARS = frozenset({"mu_product"})
+_PER_TABLE = frozenset({"SparseAdam"})  # optimizers whose tables count their own steps (a Python int in PyTorch)
+
+
+def _asgd_eta(hp: Mapping[str, Any], step: int) -> float:
+  """ASGD's `eta` after `step` steps: PyTorch's `lr / (1 + lambd * lr * step) ** alpha`, lr that of the last step."""
+  lr, lambd, alpha = _at(hp["lr"], step - 1), float(hp["lambd"]), float(hp["alpha"])
+  return lr / ((1 + lambd * lr * float(step)) ** alpha)
+
+
+def _asgd_mu(hp: Mapping[str, Any], step: int) -> float:
+  """ASGD's `mu` after `step` steps: PyTorch's `1 / max(1, step - t0)`."""
+  return 1 / max(1, float(step) - float(hp["t0"]))
+
+
+# Keys that PyTorch keeps but jadam computes from the step and the hyperparameters (its state has no field for
+# them): written on the way out with PyTorch's own formula, checked on the way in.
+_DERIVED: dict[str, Callable[[Mapping[str, Any], int], float]] = {"eta": _asgd_eta, "mu": _asgd_mu}
+_DERIVED_RTOL = 1e-6  # PyTorch rounds them to its scalar dtype, float32 unless the default dtype is float64
 
 # Flags that choose PyTorch's kernels, not its arithmetic: ignored on the way in, PyTorch's defaults on the way out.
 _KERNEL_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
@@ -110,6 +152,10 @@ _FLAGS_OF = {
   "NAdam": ("foreach", "capturable", "differentiable"),
   "RAdam": ("foreach", "capturable", "differentiable"),
   "Adamax": ("foreach", "capturable", "differentiable"),
+  "Adadelta": ("capturable", "foreach", "differentiable"),
+  "Rprop": ("foreach", "differentiable", "capturable"),
+  "ASGD": ("foreach", "differentiable", "capturable"),
+  "SparseAdam": (),
 }
 # Keys PyTorch's schedulers add to a param group.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
@@ -143,7 +189,7 @@ def _spec(tx: Any, what: str) -> _groups.Spec:
       f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
       f" transformation; got {tx!r}. Chain other transformations around it after converting its state."
     )
-  if spec.name not in _LAYOUT:
+  if spec.name not in _LAYOUT and spec.name not in _EIGHT_BIT:
     raise NotImplementedError(f"{what}: no state_dict mapping for jadam.torch.{spec.name} yet.")
   return spec
 
@@ -311,6 +357,10 @@ _KNOWN = frozenset(
     ScaleByInfMomentsState,
     NesterovCorrectState,
     ReduceLROnPlateauState,
+    ScaleByDeltaState,
+    ScaleByRpropState,
+    ScaleByAsgdState,
+    ScaleBySparseMomentsState,
   }
 )
 
@@ -356,13 +406,14 @@ def _as_numpy(t: Any, where: str) -> np.ndarray:
   raise TypeError(f"{where} must be a tensor; got {type(t).__name__}.")
 
 
-def _close(a: Any, b: Any) -> bool:
+def _close(a: Any, b: Any, rtol: float | None = None) -> bool:
   if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
     return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_close, a, b))
   if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
     return a == b
   a, b = float(a), float(b)
-  rtol = _RTOL if _common.float_dtype() == jnp.float64 else 1e-6  # a schedule evaluated in float32
+  if rtol is None:
+    rtol = _RTOL if _common.float_dtype() == jnp.float64 else 1e-6  # a schedule evaluated in float32
   return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
 
 
@@ -379,10 +430,18 @@ def load_state_dict(
 
   Every moment (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``,
   ``square_avg``, ``grad_avg``, ``momentum_buffer``, ``exp_inf``,
-  ``mu_product``) is copied into the stage that holds it, transposed as
-  `names` says; PyTorch's ``step`` becomes every stage's step count, which is
-  also the position of a scheduler given as `lr`. Updates of `tx` from the
-  returned state then equal PyTorch's next steps.
+  ``mu_product``, ``acc_delta``, ``prev``, ``step_size``, ``ax``) is copied
+  into the stage that holds it, transposed as `names` says; PyTorch's ``step``
+  becomes every stage's step count, which is also the position of a scheduler
+  given as `lr` (SparseAdam's per-table ``step`` becomes each table's count).
+  ASGD's ``eta`` and ``mu``, which jadam derives from the step, are checked.
+  Updates of `tx` from the returned state then equal PyTorch's next steps.
+  For Adam8bit/AdamW8bit the state dict is bitsandbytes' (each parameter's
+  ``state1``/``state2`` uint8 codes, ``absmax1``/``absmax2`` block scales and
+  ``qmap1``/``qmap2`` under ``"__bnb_optimizer_quant_state__"``, or float32
+  ``state1``/``state2`` for small tensors): codes and scales are copied as
+  they are (same dynamic map, same blocks of 256 in PyTorch's row-major
+  layout), so an 8-bit leaf cannot be transposed by `names`.
 
   Checked, with nothing returned on a mismatch: the optimizer (its param
   groups' keys are `tx`'s), the hyperparameters (each group's lr, betas, eps,
@@ -406,7 +465,8 @@ def load_state_dict(
       ReduceLROnPlateau's best, num_bad_epochs and cooldown_counter go to the
       plateau state; for the others, last_epoch is checked against the step.
     steps: the number of optimizer steps taken, needed only where the state
-      dict does not say (SGD, whose state has no step) and no scheduler does.
+      dict does not say (SGD, whose state has no step; SparseAdam whose tables
+      took different numbers of steps, under a schedule) and no scheduler does.
 
   Returns:
     The state of `tx` for `params`.
@@ -421,6 +481,8 @@ def load_state_dict(
       f"{what}: state_dict must be a torch.optim optimizer's state_dict() (keys 'state' and 'param_groups');"
       f" got {keys}. A checkpoint dict holds it under its own key, e.g. checkpoint['optim']."
     )
+  if spec.name in _EIGHT_BIT:
+    return _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   saved = list(state_dict["param_groups"])
@@ -486,18 +548,21 @@ def load_state_dict(
         taken[p] = -1  # stepped, count unknown (SGD)
   counts = {v for v in taken.values() if v >= 0}
   stepped = any(v != 0 for v in taken.values())
-  if stepped and 0 in counts:
+  if spec.name in _PER_TABLE and len(counts) > 1:  # tables that missed steps: the step count is the calls'
+    step = _per_table_step(what, spec, max(counts), scheduler, steps)
+  elif stepped and 0 in counts:
     zero = [names[p].name for p, v in taken.items() if v == 0][:4]
     raise ValueError(
       f"{what}: parameters {zero} have no state while others have been stepped: in PyTorch they got no"
       " gradient, and jadam steps every parameter; this run cannot be continued exactly."
     )
-  if stepped:
-    counts.discard(0)
-  if len(counts) > 1:
-    raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
-  step = counts.pop() if counts else None
-  step = _resolve_step(what, spec, step, stepped, scheduler, steps)
+  else:
+    if stepped:
+      counts.discard(0)
+    if len(counts) > 1:
+      raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
+    step = counts.pop() if counts else None
+    step = _resolve_step(what, spec, step, stepped, scheduler, steps)
   # Hyperparameters and the schedule's position.
   plateau = {}
   for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
@@ -536,10 +601,26 @@ def load_state_dict(
   for label, hp, paths in groups:
     here = stages.get(label, {})
     for key, typ, field, kept in layout:
-      if field == "count" or not kept(hp):
+      if (field == "count" and spec.name not in _PER_TABLE) or not kept(hp):
         continue
       if typ not in here:
         raise ValueError(f"{what}: tx's state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      if field == "count":  # SparseAdam's own count per table
+        leaves = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(here[typ].count)}
+        for p in paths:
+          values[(label, typ, field, p)] = jnp.asarray(taken[p], leaves[p].dtype)
+        continue
+      if key in _DERIVED:
+        want = _DERIVED[key](hp, step)
+        for p in paths:
+          entry = per_param.get(index[p])
+          if entry and not _close(float(_as_numpy(entry[key], key)), want, _DERIVED_RTOL):
+            raise ValueError(
+              f"{what}: parameter {names[p].name!r} has {key}={float(_as_numpy(entry[key], key))!r}, but"
+              f" torch.optim.{spec.name} with tx's hyperparameters has {key}={want!r} after {step} steps:"
+              " build tx with the run's hyperparameters (and schedule)."
+            )
+        continue
       if key in _SCALARS:
         vals = {float(_as_numpy(per_param[index[p]][key], key)) for p in paths if per_param.get(index[p])}
         if len(vals) > 1:
@@ -604,6 +685,21 @@ def _check_epoch(what: str, sched: Any, scheduler: Mapping[str, Any], step: int)
     )
 
 
+def _per_table_step(what, spec, most, scheduler, steps) -> int:
+  """SparseAdam's number of `step()` calls when its tables took different numbers of steps.
+
+  PyTorch does not record it; it only positions a learning-rate schedule, so with a constant lr the largest
+  table count serves.
+  """
+  if steps is not None or scheduler is not None or any(_number(hp["lr"]) is None for hp in spec.groups):
+    step = _resolve_step(what, spec, None, True, scheduler, steps)
+  else:
+    step = most
+  if step < most:
+    raise ValueError(f"{what}: {step} optimizer steps, but a table of the state dict took {most}.")
+  return step
+
+
 def _resolve_step(what, spec, step, stepped, scheduler, steps) -> int:
   """The step count, from the state, the scheduler or `steps`; they must agree."""
   if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
@@ -658,7 +754,8 @@ def state_dict(
   hyperparameters at the current step (a scheduler's current lr, with
   ``initial_lr``); PyTorch's kernel flags (foreach, fused, capturable,
   differentiable) take PyTorch's defaults. For a scheduler's state see
-  :func:`scheduler_state_dict`.
+  :func:`scheduler_state_dict`. For Adam8bit/AdamW8bit it is bitsandbytes'
+  state dict, for `bnb.optim.Adam8bit(...).load_state_dict`.
 
   Args:
     tx: the `jadam.torch` optimizer.
@@ -673,6 +770,8 @@ def state_dict(
 
   what = "jadam.torch.state_dict"
   spec = _spec(tx, what)
+  if spec.name in _EIGHT_BIT:
+    return _state_dict_8bit(what, spec, state, params, names)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   stages = _stages(state)
@@ -721,11 +820,17 @@ def state_dict(
     for key, typ, field, kept in layout:
       if not kept(hp):
         continue
+      if field == "count" and spec.name in _PER_TABLE:  # PyTorch's SparseAdam counts in a Python int, per table
+        fields[key] = {_groups.path_string(q): int(c) for q, c in jax.tree_util.tree_leaves_with_path(here[typ].count)}
+        continue
       if field == "count":
         fields[key] = torch.tensor(float(step), dtype=sdtype)
         continue
       if typ not in here:
         raise ValueError(f"{what}: the state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+      if key in _DERIVED:
+        fields[key] = _DERIVED[key](hp, step)
+        continue
       v = getattr(here[typ], field)
       if key in _SCALARS:
         fields[key] = float(np.asarray(v, np.float64))
@@ -733,8 +838,12 @@ def state_dict(
       fields[key] = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(v)}
     for p, i in zip(paths, ids):
       entry = {}
+      if spec.name in _PER_TABLE and fields["step"].get(p, 0) == 0:
+        continue  # a table that never had a gradient has no state in PyTorch
       for key, v in fields.items():
-        if isinstance(v, torch.Tensor):
+        if spec.name in _PER_TABLE and key == "step":
+          entry[key] = v[p]
+        elif isinstance(v, torch.Tensor):
           entry[key] = v.clone()
         elif isinstance(v, float):
           entry[key] = torch.tensor(v, dtype=sdtype)
@@ -803,3 +912,222 @@ def scheduler_state_dict(
     raise ValueError(f"{what}: the template's scheduler has {len(template['_last_lr'])} groups, tx {len(lrs)}.")
   out["_last_lr"] = lrs
   return out
+
+
+# ----------------------------------------------------------------------------------------------------- bitsandbytes
+
+_EIGHT_BIT = frozenset({"Adam8bit", "AdamW8bit"})
+_BNB = "__bnb_optimizer_quant_state__"  # where bitsandbytes' state_dict() nests each parameter's 8-bit state
+_BNB_GROUP = ("lr", "betas", "eps", "weight_decay")
+_BNB_FIXED = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}  # its AdEMAMix keys, in every group
+
+
+def _bnb_qmap(signed: bool):
+  """bitsandbytes' `create_dynamic_map(signed)` to the bit, as its state dicts hold it (jadam's
+  `dynamic_map` differs by an ulp at a few points: torch.linspace rounds otherwise than NumPy's)."""
+  import torch
+
+  data = []
+  for i in range(7):
+    bounds = torch.linspace(0.1, 1, 2**i + 1 if signed else 2 ** (i + 1) + 1, dtype=torch.float32)
+    means = (bounds[:-1] + bounds[1:]) / 2.0
+    data += ((10 ** (-6 + i)) * means).tolist()
+    if signed:
+      data += (-(10 ** (-6 + i)) * means).tolist()
+  data += [0, 1.0]
+  data += [0] * (256 - len(data))
+  return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _index(what, groups, saved, names) -> dict[str, int]:
+  """{jadam path: PyTorch parameter id}, by position in each group (or by `param_names` if saved)."""
+  index = {}
+  for g, ((label, _, paths), sg) in enumerate(zip(groups, saved)):
+    if "param_names" in sg:
+      by_name = {names[p].name: p for p in paths}
+      if set(sg["param_names"]) != set(by_name):
+        raise ValueError(f"{what}: param group {g} of the state dict and tx's {label} hold different parameters.")
+      paths = [by_name[n] for n in sg["param_names"]]
+    if len(sg["params"]) != len(paths):
+      raise ValueError(
+        f"{what}: param group {g} of the state dict holds {len(sg['params'])} parameters, tx's {label} holds"
+        f" {len(paths)}: a parameter is missing or extra."
+      )
+    index.update(zip(paths, sg["params"]))
+  return index
+
+
+def _moment_leaves(moment: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  codes = {_groups.path_string(q): c for q, c in jax.tree_util.tree_leaves_with_path(moment.codes)}
+  absmax = {_groups.path_string(q): a for q, a in jax.tree_util.tree_leaves_with_path(moment.absmax)}
+  return codes, absmax
+
+
+def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
+  """bitsandbytes' Adam8bit/AdamW8bit `state_dict()` as the state of jadam.torch's: codes and scales copied."""
+  from jadam import _quantize
+
+  names = _normalise_names(params, names, what)
+  groups = _torch_groups(spec, params, names)
+  saved = list(state_dict["param_groups"])
+  if len(saved) != len(groups):
+    raise ValueError(f"{what}: the state dict has {len(saved)} param groups, tx has {len(groups)}.")
+  wanted = set(_BNB_GROUP) | set(_BNB_FIXED)
+  for g, sg in enumerate(saved):
+    keys = set(sg) - {"params", "param_names"} - _SCHEDULER_KEYS
+    if keys != wanted or any(sg[k] != v for k, v in _BNB_FIXED.items()):
+      raise ValueError(
+        f"{what}: this is not a state dict of bitsandbytes' {spec.name}: its param group {g} has {sorted(keys)}"
+        f" ({ {k: sg.get(k) for k in _BNB_FIXED} }), bitsandbytes' has {sorted(wanted)} with {_BNB_FIXED}."
+      )
+  index = _index(what, groups, saved, names)
+  per_param = state_dict["state"]
+  taken = {}
+  for p, i in index.items():
+    entry = per_param.get(i, {})
+    if entry and set(entry) != {"step", _BNB}:
+      raise ValueError(
+        f"{what}: parameter {names[p].name!r} has state {sorted(entry)}; bitsandbytes' {spec.name} keeps"
+        f" ['step', {_BNB!r}]: is this another optimizer's state dict?"
+      )
+    taken[p] = int(entry["step"]) if entry else 0
+  counts = set(taken.values())
+  if len(counts) > 1:
+    raise ValueError(
+      f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam steps every parameter."
+    )
+  count = counts.pop() if counts else 0
+  step = _resolve_step(what, spec, count if count else None, False, scheduler, steps)
+  for g, ((label, hp, _), sg) in enumerate(zip(groups, saved)):
+    if isinstance(hp["lr"], ReduceLROnPlateau):
+      raise NotImplementedError(f"{what}: ReduceLROnPlateau with an 8-bit state is not carried.")
+    if isinstance(hp["lr"], LRScheduler) and scheduler is not None:
+      _check_epoch(what, hp["lr"], scheduler, step)
+    for key in _BNB_GROUP:
+      value = _at(hp[key], step)
+      if not _close(value, _at(sg[key], 0)):
+        raise ValueError(
+          f"{what}: param group {g} has {key}={sg[key]!r} but tx's {label} has {key}={value!r}: build tx with"
+          " the run's hyperparameters."
+        )
+
+  template = tx.init(params)
+  stages = _stages(template)
+  qmaps = {"1": _quantize.dynamic_map(True), "2": _quantize.dynamic_map(False)}  # jadam's codes' values
+  new: dict[str, dict[str, Any]] = {}  # label -> {"mu"/"nu": QuantizedMoment}
+  for label, _, paths in groups:
+    moments = stages[label][ScaleByMomentsState]
+    for n, field in (("1", "mu"), ("2", "nu")):
+      codes, absmax = _moment_leaves(getattr(moments, field))
+      for p in paths:
+        entry = per_param.get(index[p])
+        if not entry:
+          continue
+        quant = entry[_BNB]
+        c, a = codes[p], absmax[p]
+        s = _as_numpy(quant[f"state{n}"], f"{names[p].name}'s state{n}")
+        if c.dtype == jnp.uint8:
+          if s.dtype != np.uint8 or f"absmax{n}" not in quant:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: bitsandbytes kept a 32-bit state{n}, tx an 8-bit one: build tx with"
+              " the run's min_8bit_size."
+            )
+          if names[p].perm is not None:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: an 8-bit moment cannot be transposed (its blocks are runs of"
+              " PyTorch's row-major layout); give the leaf PyTorch's layout."
+            )
+          q = _as_numpy(quant[f"qmap{n}"], f"qmap{n}")
+          if q.shape != qmaps[n].shape or not np.allclose(q, qmaps[n], rtol=2e-7, atol=0):
+            raise ValueError(
+              f"{what}: {names[p].name!r}: qmap{n} is not bitsandbytes' dynamic map, the values of jadam's codes."
+            )
+          s_abs = _as_numpy(quant[f"absmax{n}"], f"absmax{n}")
+          if s.shape != c.shape or s_abs.size != a.size:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: state{n} {s.shape} / absmax{n} {s_abs.shape}, tx's {c.shape} /"
+              f" {a.shape}: a block size other than tx's?"
+            )
+          new.setdefault(label, {}).setdefault(field, ({}, {}))
+          new[label][field][0][p] = jnp.asarray(s)
+          new[label][field][1][p] = jnp.asarray(s_abs.reshape(a.shape), a.dtype)
+        else:
+          if s.dtype == np.uint8:
+            raise ValueError(
+              f"{what}: {names[p].name!r}: bitsandbytes kept an 8-bit state{n}, tx a 32-bit one: build tx with"
+              " the run's min_8bit_size."
+            )
+          if names[p].perm is not None:
+            s = np.transpose(s, names[p].perm)
+          if s.shape != c.shape:
+            raise ValueError(f"{what}: {names[p].name!r}: state{n} has shape {s.shape}, tx's leaf {c.shape}.")
+          new.setdefault(label, {}).setdefault(field, ({}, {}))
+          new[label][field][0][p] = jnp.asarray(s, c.dtype)
+
+  def fill(node, label):
+    if type(node) is not ScaleByMomentsState and not (_is_count(getattr(node, "count", None))):
+      return node
+    replace = {}
+    if _is_count(getattr(node, "count", None)):
+      replace["count"] = jnp.asarray(step, node.count.dtype)
+    if type(node) is ScaleByMomentsState:
+      for field in ("mu", "nu"):
+        got = new.get(label, {}).get(field)
+        if got is None:
+          continue
+        m = getattr(node, field)
+
+        def put(q, leaf, table):
+          return table.get(_groups.path_string(q), leaf)
+
+        replace[field] = m._replace(
+          codes=jax.tree_util.tree_map_with_path(lambda q, x: put(q, x, got[0]), m.codes),
+          absmax=jax.tree_util.tree_map_with_path(lambda q, x: put(q, x, got[1]), m.absmax),
+        )
+    return node._replace(**replace)
+
+  return _walk(template, fill)
+
+
+def _state_dict_8bit(what, spec, state, params, names):
+  """jadam.torch's Adam8bit/AdamW8bit state as bitsandbytes' `state_dict()`."""
+  import torch
+
+  names = _normalise_names(params, names, what)
+  groups = _torch_groups(spec, params, names)
+  stages = _stages(state)
+  step = _step_of(state)
+  qmaps = {"1": _bnb_qmap(True), "2": _bnb_qmap(False)}
+  out_state, out_groups, pid = {}, [], 0
+  for label, hp, paths in groups:
+    lr = hp["lr"]
+    if isinstance(lr, ReduceLROnPlateau):
+      raise NotImplementedError(f"{what}: ReduceLROnPlateau with an 8-bit state is not carried.")
+    group = {key: _at(hp[key], step) for key in _BNB_GROUP}
+    if isinstance(lr, LRScheduler):
+      group["initial_lr"] = float(lr.lr)
+    group.update(_BNB_FIXED)
+    ids = list(range(pid, pid + len(paths)))
+    pid += len(paths)
+    group["params"] = ids
+    out_groups.append(group)
+    if step == 0:
+      continue
+    moments = stages[label][ScaleByMomentsState]
+    leaves = {n: _moment_leaves(getattr(moments, f)) for n, f in (("1", "mu"), ("2", "nu"))}
+    for p, i in zip(paths, ids):
+      quant = {}
+      for n, (codes, absmax) in leaves.items():
+        c = np.asarray(codes[p])
+        if c.dtype == np.uint8:
+          if names[p].perm is not None:
+            raise ValueError(f"{what}: {names[p].name!r}: an 8-bit moment cannot be transposed to PyTorch's layout.")
+          quant[f"state{n}"] = torch.from_numpy(c.copy())
+          quant[f"qmap{n}"] = qmaps[n].clone()
+          quant[f"absmax{n}"] = torch.from_numpy(np.asarray(absmax[p], np.float32).reshape(-1).copy())
+        else:
+          if names[p].perm is not None:
+            c = np.transpose(c, np.argsort(names[p].perm))
+          quant[f"state{n}"] = _to_torch(c)
+      out_state[i] = {"step": step, _BNB: quant}
+  return {"state": out_state, "param_groups": out_groups}

@@ -104,16 +104,56 @@ def adam(
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014;
     `torch.optim.Adam <https://pytorch.org/docs/stable/generated/torch.optim.Adam.html>`_.
   """
-  _common.check_flag("amsgrad", amsgrad)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  front = torch_front(maximize, weight_decay)
-  return _common.named_chain(
+  return _adam_chain(
     "jadam.adam",
-    *front,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    weight_decay,
+    amsgrad,
+    maximize,
+    mu_dtype,
+    nu_dtype,
+    decoupled=False,
+  )
+
+
+def _adam_chain(
+  name,
+  learning_rate,
+  b1,
+  b2,
+  eps,
+  eps_root,
+  weight_decay,
+  amsgrad,
+  maximize,
+  mu_dtype,
+  nu_dtype,
+  *,
+  decoupled,
+  mask=None,
+):
+  """Adam's chain, the decay coupled (an L2 stage in front) or decoupled (an L2 stage before the rate).
+
+  AMSGrad's maximum is kept in `nu_dtype`, or float32 and wider where the
+  moments are 8-bit blocks (a running maximum cannot be requantized per step
+  without drifting up).
+  """
+  _common.check_flag("amsgrad", amsgrad)
+  if not decoupled:
+    _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  max_dtype = None if isinstance(nu_dtype, _quantize.Quantized) else nu_dtype
+  return _common.named_chain(
+    name,
+    *torch_front(maximize, None if decoupled else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-    *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
+    *([max_nu(nu_dtype=max_dtype)] if amsgrad else []),
     bias_correct(),
     normalize(eps, eps_root=eps_root),
+    *([add_l2(weight_decay, mask=mask)] if decoupled else []),
     scale_by_lr(learning_rate),
   )
 
@@ -172,16 +212,20 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  _common.check_flag("amsgrad", amsgrad)
-  return _common.named_chain(
+  return _adam_chain(
     "jadam.adamw",
-    *torch_front(maximize, None),
-    scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-    *([max_nu(nu_dtype=nu_dtype)] if amsgrad else []),
-    bias_correct(),
-    normalize(eps, eps_root=eps_root),
-    add_l2(weight_decay, mask=mask),
-    scale_by_lr(learning_rate),
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    weight_decay,
+    amsgrad,
+    maximize,
+    mu_dtype,
+    nu_dtype,
+    decoupled=True,
+    mask=mask,
   )
 
 
@@ -783,17 +827,9 @@ def adam8bit(
     Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  _common.check_flag("amsgrad", amsgrad)
   spec = _quantize.Quantized(block_size=block_size, min_size=min_8bit_size)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
-    "jadam.adam8bit",
-    *torch_front(maximize, weight_decay),
-    scale_by_moments(b1, b2, mu_dtype=spec, nu_dtype=spec),
-    *([max_nu()] if amsgrad else []),
-    bias_correct(),
-    normalize(eps, eps_root=eps_root),
-    scale_by_lr(learning_rate),
+  return _adam_chain(
+    "jadam.adam8bit", learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad, maximize, spec, spec, decoupled=False
   )
 
 
@@ -828,15 +864,19 @@ def adamw8bit(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _common.check_flag("amsgrad", amsgrad)
   spec = _quantize.Quantized(block_size=block_size, min_size=min_8bit_size)
-  return _common.named_chain(
+  return _adam_chain(
     "jadam.adamw8bit",
-    *torch_front(maximize, None),
-    scale_by_moments(b1, b2, mu_dtype=spec, nu_dtype=spec),
-    *([max_nu()] if amsgrad else []),
-    bias_correct(),
-    normalize(eps, eps_root=eps_root),
-    add_l2(weight_decay, mask=mask),
-    scale_by_lr(learning_rate),
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    weight_decay,
+    amsgrad,
+    maximize,
+    spec,
+    spec,
+    decoupled=True,
+    mask=mask,
   )

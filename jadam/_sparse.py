@@ -97,6 +97,13 @@ def _check_range(stage: str, where: str, idx: jax.Array, rows: int) -> None:
     )
 
 
+def check_gradient(stage: str, where: str, g: Any, table: Any) -> None:
+  """Raises what :func:`scale_by_sparse_moments` raises for a gradient `g` of `table` (its moment): a dense
+  gradient, one not row-sparse, non-integer indices, another shape, and (outside jit) indices out of range."""
+  _check_sparse_grad(stage, where, g, table)
+  _check_range(stage, where, g.indices, g.shape[0])
+
+
 def _unique(idx: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
   """`(unique, inverse)` of a 1-d int32 `idx`: sorted unique values padded with `fill` to its length, and
   `unique[inverse] == idx`. One sort of the keys alone and a binary search."""
@@ -232,9 +239,7 @@ def scale_by_sparse_moments(
         out.append(g)  # as jadam's dense stages do: a None or integer gradient goes through as it came
         new_counts.append(t), new_mus.append(m), new_nus.append(v)
         continue
-      where = jax.tree_util.keystr(path) or "the root"
-      _check_sparse_grad(stage, where, g, m)
-      _check_range(stage, where, g.indices, g.shape[0])
+      check_gradient(stage, where=jax.tree_util.keystr(path) or "the root", g=g, table=m)
       rows, data = coalesce(g)
       is_sorted = not g.unique_indices  # coalesce sorted them (a flagged input may hold padding anywhere)
       beta1, beta2 = b1_fn(t), b2_fn(t)
@@ -264,6 +269,7 @@ def scale_by_sparse_moments(
     new_state = ScaleBySparseMomentsState(count=unflat(new_counts), mu=unflat(new_mus), nu=unflat(new_nus))
     return unflat(out), new_state
 
+  update_fn.jadam_stage = ("scale_by_sparse_moments", dict(b1=b1_fn, b2=b2_fn))  # for the fused kernel's glue
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -311,6 +317,7 @@ def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation
 
     return jax.tree.map(one, updates, is_leaf=_is_row_moments), state
 
+  update_fn.jadam_stage = ("rowwise", dict(inner=getattr(inner.update, "jadam_stage", None)))
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 

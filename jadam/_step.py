@@ -109,14 +109,14 @@ def update_and_apply(
 
 def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
   """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
-  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
-    return _sparse.update_and_apply(tx, grads, state, params)
   if fused is not False:
     try:
       return _fused.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
     except _fused.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
+  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
+    return _sparse.update_and_apply(tx, grads, state, params)
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 

@@ -16,7 +16,10 @@ step can take a fixed number of ids.
   :func:`jadam.sparse_adam` is their chain.
 - :func:`apply_updates` adds a row-sparse update by a scatter: :math:`O(k\,d)`.
   ``optax.apply_updates`` also gives the right parameters, by way of
-  ``BCOO.todense``: :math:`O(V d)` per table and step.
+  ``BCOO.todense``: :math:`O(V d)` per table and step. The step helpers
+  (:func:`jadam.update_and_apply` and the compiled steps) run
+  :func:`jadam.sparse_adam` on the CPU as one fused kernel call per table
+  (`jadam._kernels.sparse_step`), with the bits of this module's stages.
 - :func:`value_and_sparse_grad` differentiates a loss with respect to the
   gathered rows of its tables, never the dense :math:`(V, d)` gradient.
 
@@ -317,7 +320,7 @@ def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation
 
     return jax.tree.map(one, updates, is_leaf=_is_row_moments), state
 
-  update_fn.jadam_stage = ("rowwise", dict(inner=getattr(inner.update, "jadam_stage", None)))
+  update_fn.jadam_stage = ("rowwise", dict(inner=getattr(getattr(inner, "update", None), "jadam_stage", None)))
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 

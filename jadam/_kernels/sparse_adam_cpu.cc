@@ -3,9 +3,9 @@
 // The XLA path (jadam/_sparse.py) sorts the k row ids, sums the duplicates with
 // a scatter, gathers the touched rows of m, v and the table, and scatters three
 // results back: a dozen passes over (k, d) blocks and as many small loops. Here
-// one call does it all: the ids are grouped by row with a small hash table
-// (the positions of each row chained in their order), then each touched row is
-// read and written once, its next rows prefetched.
+// one call does it all: the ids are numbered by row with a small hash table,
+// the values summed per row in one sequential pass, then each touched row of
+// the table, m and v is read and written once, its next rows prefetched.
 //
 // The arithmetic is the generic path's, operation for operation and rounded
 // as it rounds each operation (built with -ffp-contract=off: no fused
@@ -41,37 +41,40 @@ namespace {
 
 enum SparseScalar { kOneMinusB1, kOneMinusB2, kScale, kEpsRoot, kEps, kNegLr, kSign, kApply, kNumSparseScalars };
 
-// The rows of a step: for each touched row, its first position; positions of the same row chained in order.
+// The distinct rows of a step, numbered in order of first appearance: rows[u] is row u's index in the table,
+// slot[pos] the number of the row at position pos (-1 for padding), first[u] its first position.
 struct Groups {
-  std::vector<int32_t> keys, head, tail, next, order;  // order: the hash slots of the rows, in first appearance
+  std::vector<int32_t> keys, number, rows, slot, first;
 
-  // Groups the valid ids (in [0, rows)) by value; returns the number of distinct rows.
-  int64_t Build(const int32_t* ids, int64_t k, int64_t rows) {
+  // Groups the valid ids (in [0, rows)) by value with an open-addressing hash table; returns the number of rows.
+  int64_t Build(const int32_t* ids, int64_t k, int64_t num_rows) {
     int shift = 32;
     int64_t cap = 1;
     while (cap < 2 * k) cap <<= 1, --shift;
     if (cap < 16) cap = 16, shift = 28;
     keys.assign(cap, -1);
-    head.resize(cap);
-    tail.resize(cap);
-    next.resize(k);
-    order.resize(k);
+    number.resize(cap);
+    rows.resize(k);
+    slot.resize(k);
+    first.resize(k);
     const uint32_t mask = static_cast<uint32_t>(cap - 1);
-    int64_t n = 0;
+    int32_t n = 0;
     for (int64_t pos = 0; pos < k; ++pos) {
       const int32_t r = ids[pos];
-      if (r < 0 || r >= rows) continue;
+      if (r < 0 || r >= num_rows) {
+        slot[pos] = -1;
+        continue;
+      }
       uint32_t h = (static_cast<uint32_t>(r) * 0x9E3779B1u) >> shift;
       while (keys[h] != -1 && keys[h] != r) h = (h + 1) & mask;
-      next[pos] = -1;
       if (keys[h] == -1) {
         keys[h] = r;
-        head[h] = tail[h] = static_cast<int32_t>(pos);
-        order[n++] = static_cast<int32_t>(h);
-      } else {
-        next[tail[h]] = static_cast<int32_t>(pos);
-        tail[h] = static_cast<int32_t>(pos);
+        number[h] = n;
+        rows[n] = r;
+        first[n] = static_cast<int32_t>(pos);
+        ++n;
       }
+      slot[pos] = number[h];
     }
     return n;
   }
@@ -140,10 +143,10 @@ ffi::Error SparseAdamImpl(ffi::Buffer<kDtype> scalars, ffi::Buffer<ffi::DataType
   const T sign = s[kSign];
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   constexpr int64_t kAhead = 6;  // rows prefetched ahead: enough to cover DRAM latency for 256-byte rows
-  thread_local std::vector<T> g;
-  g.resize(d);
 
   if (unique) {  // ids flagged unique (jadam.value_and_sparse_grad's): each valid position is its own row
+    thread_local std::vector<T> g;
+    g.resize(d);
     thread_local std::vector<int32_t> valid;
     valid.clear();
     for (int64_t pos = 0; pos < k; ++pos) {
@@ -163,27 +166,34 @@ ffi::Error SparseAdamImpl(ffi::Buffer<kDtype> scalars, ffi::Buffer<ffi::DataType
     return ffi::Error::Success();
   }
 
+  // Coalesce: each row's values summed in position order from zero (XLA's scatter-add into zeros), in one
+  // sequential pass over the values into a (rows, d) block.
   thread_local Groups groups;
+  thread_local std::vector<T> sums;
   const int64_t n = groups.Build(id, k, rows);
-  const int32_t* order = groups.order.data();
-  const int32_t* keys = groups.keys.data();
-  const int32_t* head = groups.head.data();
-  const int32_t* next = groups.next.data();
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) {
-      const int64_t r = keys[order[i + kAhead]];
+  sums.resize(n * d);
+  const int32_t* slot = groups.slot.data();
+  const int32_t* first = groups.first.data();
+  T* sum = sums.data();
+  for (int64_t pos = 0; pos < k; ++pos) {
+    const int32_t u = slot[pos];
+    if (u < 0) continue;
+    const T* xr = x + pos * d;
+    T* acc = sum + static_cast<int64_t>(u) * d;
+    if (first[u] == pos) {
+      for (int64_t j = 0; j < d; ++j) acc[j] = T(0) + sign * xr[j];
+    } else {
+      for (int64_t j = 0; j < d; ++j) acc[j] = acc[j] + sign * xr[j];
+    }
+  }
+  const int32_t* row_of = groups.rows.data();
+  for (int64_t u = 0; u < n; ++u) {
+    if (u + kAhead < n) {
+      const int64_t r = row_of[u + kAhead];
       Prefetch(p + r * d, row_bytes), Prefetch(m + r * d, row_bytes), Prefetch(v + r * d, row_bytes);
     }
-    const int32_t h = order[i];
-    const int64_t r = keys[h];
-    int32_t pos = head[h];
-    const T* xr = x + static_cast<int64_t>(pos) * d;
-    for (int64_t j = 0; j < d; ++j) g[j] = T(0) + sign * xr[j];  // coalesce: zeros, then += in position order
-    for (pos = next[pos]; pos != -1; pos = next[pos]) {
-      xr = x + static_cast<int64_t>(pos) * d;
-      for (int64_t j = 0; j < d; ++j) g[j] = g[j] + sign * xr[j];
-    }
-    RowStep<T>(g.data(), p + r * d, m + r * d, v + r * d, d, s);
+    const int64_t r = row_of[u];
+    RowStep<T>(sum + u * d, p + r * d, m + r * d, v + r * d, d, s);
   }
   return ffi::Error::Success();
 }

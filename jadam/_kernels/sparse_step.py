@@ -8,10 +8,12 @@ with its own dispatch; together they take longer than PyTorch's SparseAdam.
 Here one primitive, `sparse_adam_step_p`, does a table's whole step in place
 (the C++ handler in `sparse_adam_cpu.cc`): it groups the ids by row, sums the
 duplicates and updates each touched row of the table, m and v once. Its
-results are the generic path's bit for bit (the same operations in the same
-order, XLA's fused multiply-adds included); the scalars (1 - b1, 1 - b2, the
-folded bias correction, eps, -lr) are formed in JAX as the stages form them,
-so schedules, `inject_hyperparams` and traced hyperparameters work unchanged.
+results are the generic path's run op by op, bit for bit (the same operations
+in the same order, each rounded); a jitted generic step is within an ulp or
+two, XLA's CPU backend contracting some a * b + c into fused multiply-adds. The
+scalars (1 - b1, 1 - b2, the folded bias correction, eps, -lr) are formed in
+JAX as the stages form them, so schedules, `inject_hyperparams` and traced
+hyperparameters work unchanged.
 
 **Found by structure.** `fused.py`'s walker (`apply_if_finite`,
 `inject_hyperparams`, `partition`, `jadam.torch`'s groups, chains) hands a

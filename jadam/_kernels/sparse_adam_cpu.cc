@@ -195,6 +195,7 @@ ffi::Error SparseAdamImpl(ffi::Buffer<kDtype> scalars, ffi::Buffer<ffi::DataType
     const int64_t r = row_of[u];
     RowStep<T>(sum + u * d, p + r * d, m + r * d, v + r * d, d, s);
   }
+  if (sums.capacity() * sizeof(T) > (size_t{64} << 20)) std::vector<T>().swap(sums);  // keep no huge block
   return ffi::Error::Success();
 }
 

@@ -179,12 +179,8 @@ def run_chain(items, rebuild, grads, params, ctx) -> tuple[Any, Any]:
   return new_params, rebuild(new_states)
 
 
-def _is_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, BCOO)
-
-
 def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_is_leaf)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_common.is_update_leaf)
   try:
     ps = treedef.flatten_up_to(params)
     counts, mus, nus = (treedef.flatten_up_to(x) for x in (mstate.count, mstate.mu, mstate.nu))

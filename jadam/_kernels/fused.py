@@ -20,7 +20,9 @@ and either serves it or says why not (:class:`Unserved`), whoever built it:
   any stages in front run as they are, `clip_by_global_norm` directly in
   front becomes a kernel scalar (one reduction pass for the norm);
 - `apply_if_finite` (a rejected step leaves p, m and v as they are),
-  `inject_hyperparams`, `partition` (one kernel call per group's leaves).
+  `inject_hyperparams`, `partition` (one kernel call per group's leaves);
+- `jadam.sparse_adam`'s chain on row-sparse gradients: `sparse_step.py`'s
+  kernel, one call per table.
 
 **Exportable.** The primitive lowers to the C++ custom call only when lowering
 for the CPU outside `jax.export`; for `jax.export` and every other platform it
@@ -444,6 +446,10 @@ def _check_states(items, core: _Core) -> None:
 
 
 def _run_chain(items, rebuild, grads, params, ctx):
+  from jadam._kernels import sparse_step  # pylint: disable=g-import-not-at-top (it imports this module)
+
+  if sparse_step.is_sparse_chain(items):  # jadam.sparse_adam's stages: the row-sparse kernel
+    return sparse_step.run_chain(items, rebuild, grads, params, ctx)
   core = _parse_core(items)
   _check_states(items, core)
   if params is None:

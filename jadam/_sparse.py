@@ -60,10 +60,6 @@ def has_sparse(tree: Any) -> bool:
   return any(is_sparse(x) for x in jax.tree.leaves(tree, is_leaf=is_sparse))
 
 
-def _is_leaf(x: Any) -> bool:
-  return x is None or is_sparse(x)
-
-
 def _check_sparse_grad(stage: str, where: str, g: Any, p: Any) -> None:
   """Raises a clear error unless `g` is a row-sparse gradient for a table shaped like `p`."""
   if not is_sparse(g):
@@ -231,7 +227,7 @@ def scale_by_sparse_moments(
     del params
     expect_updates(updates, stage)
     _common.check_state(stage, state, ScaleBySparseMomentsState)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_leaf)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_common.is_update_leaf)
     try:
       counts, mus, nus = (treedef.flatten_up_to(x) for x in (state.count, state.mu, state.nu))
     except (ValueError, TypeError) as e:
@@ -356,7 +352,7 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
       return p.at[idx].add(u.data.astype(p.dtype), mode="drop")
     return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
-  return jax.tree.map(one, params, updates, is_leaf=_is_leaf)
+  return jax.tree.map(one, params, updates, is_leaf=_common.is_update_leaf)
 
 
 def update_and_apply(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:

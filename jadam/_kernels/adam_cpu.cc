@@ -494,6 +494,8 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
 struct QuantTables {
   alignas(64) float map_s[256];
   alignas(64) float map_u[256];
+  alignas(64) uint8_t planes_s[4][256];  // byte k of each map value, for the 64-wide lookup
+  alignas(64) uint8_t planes_u[4][256];
   uint32_t code_s[1 << 16];
   uint32_t code_u[1 << 16];
 };
@@ -522,6 +524,40 @@ inline __m512 Lookup256(const float* map, __m512i idx) {
   const __m512 s0 = _mm512_mask_blend_ps(b5, r[0], r[1]), s1 = _mm512_mask_blend_ps(b5, r[2], r[3]);
   const __m512 s2 = _mm512_mask_blend_ps(b5, r[4], r[5]), s3 = _mm512_mask_blend_ps(b5, r[6], r[7]);
   return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, s0, s1), _mm512_mask_blend_ps(b6, s2, s3));
+}
+#endif
+
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+// map[code] for 64 codes, as four vectors of 16 floats in order: each byte of the float is a 256-entry byte table
+// (two 128-byte permutes and a blend on the code's top bit), and the four byte planes are interleaved back into
+// floats. The unpacks work within 128-bit lanes, so the codes are shuffled first: out[r] lane L slot s comes from
+// position 16L + 4r + s, which must hold code 16r + 4L + s.
+struct Shuffle64 {
+  alignas(64) uint8_t idx[64];
+  constexpr Shuffle64() : idx() {
+    for (int l = 0; l < 4; ++l)
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) idx[16 * l + 4 * r + s] = static_cast<uint8_t>(16 * r + 4 * l + s);
+  }
+};
+constexpr Shuffle64 kShuffle64;
+
+inline void Lookup256x64(const uint8_t (*planes)[256], const uint8_t* codes, __m512 out[4]) {
+  const __m512i c = _mm512_permutexvar_epi8(_mm512_load_si512(kShuffle64.idx), _mm512_loadu_si512(codes));
+  const __mmask64 top = _mm512_movepi8_mask(c);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(planes[k]), c, _mm512_load_si512(planes[k] + 64));
+    const __m512i hi =
+        _mm512_permutex2var_epi8(_mm512_load_si512(planes[k] + 128), c, _mm512_load_si512(planes[k] + 192));
+    b[k] = _mm512_mask_blend_epi8(top, lo, hi);
+  }
+  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h));
 }
 #endif
 
@@ -578,16 +614,15 @@ struct JobQ {
       const __m512 v_max_norm = _mm512_set1_ps(max_norm), v_factor = _mm512_set1_ps(factor);
       const __m512 v_sign = _mm512_set1_ps(sign), v_am = _mm512_set1_ps(am), v_av = _mm512_set1_ps(av);
       __m512 vmx_m = _mm512_set1_ps(-INFINITY), vmx_v = _mm512_set1_ps(-INFINITY);
-      for (; i + 16 <= n; i += 16) {
+      // 16 values: the map values of their old codes in, the parameters and the new moments out
+      auto step16 = [&](int64_t i, __m512 m_map, __m512 v_map) {
         __m512 gi = _mm512_loadu_ps(g + i);
         const __m512 pi = _mm512_loadu_ps(p + i);
         if (kClipped) gi = _mm512_mul_ps(_mm512_mul_ps(gi, v_rn), v_max_norm);
         gi = _mm512_mul_ps(gi, v_sign);
         if (kCoupledL2) gi = _mm512_add_ps(gi, _mm512_mul_ps(v_wd, pi));
-        const __m512i km = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + i)));
-        const __m512i kv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cv + i)));
-        const __m512 mo = _mm512_mul_ps(Lookup256(map_s, km), v_am);
-        const __m512 vo = _mm512_mul_ps(Lookup256(map_u, kv), v_av);
+        const __m512 mo = _mm512_mul_ps(m_map, v_am);  // _quantize.dequantize: map[code] * absmax
+        const __m512 vo = _mm512_mul_ps(v_map, v_av);
         const __m512 mi = _mm512_add_ps(_mm512_mul_ps(v_omb1, gi), _mm512_mul_ps(v_b1, mo));
         const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v_omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(v_b2, vo));
         const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, v_r2), v_eps_root)), v_eps);
@@ -605,6 +640,19 @@ struct JobQ {
         // x86 max returns the second operand when one is NaN: a NaN value leaves the running maximum as it is
         vmx_m = _mm512_max_ps(_mm512_abs_ps(mi), vmx_m);
         vmx_v = _mm512_max_ps(_mm512_abs_ps(vi), vmx_v);
+      };
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+      for (; i + 64 <= n; i += 64) {
+        __m512 mq[4], vq[4];
+        Lookup256x64(g_quant.planes_s, cm + i, mq);
+        Lookup256x64(g_quant.planes_u, cv + i, vq);
+        for (int r = 0; r < 4; ++r) step16(i + 16 * r, mq[r], vq[r]);
+      }
+#endif
+      for (; i + 16 <= n; i += 16) {
+        const __m512i km = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + i)));
+        const __m512i kv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cv + i)));
+        step16(i, Lookup256(map_s, km), Lookup256(map_u, kv));
       }
       mx_m = _mm512_reduce_max_ps(vmx_m);
       mx_v = _mm512_reduce_max_ps(vmx_v);
@@ -841,5 +889,14 @@ extern "C" __attribute__((visibility("default"))) void JadamSetQuantTables(const
   std::memcpy(g_quant.map_u, map_u, sizeof(g_quant.map_u));
   std::memcpy(g_quant.code_s, code_s, sizeof(g_quant.code_s));
   std::memcpy(g_quant.code_u, code_u, sizeof(g_quant.code_u));
+  for (int j = 0; j < 256; ++j) {
+    uint32_t bs, bu;
+    std::memcpy(&bs, map_s + j, 4);
+    std::memcpy(&bu, map_u + j, 4);
+    for (int k = 0; k < 4; ++k) {
+      g_quant.planes_s[k][j] = static_cast<uint8_t>(bs >> (8 * k));
+      g_quant.planes_u[k][j] = static_cast<uint8_t>(bu >> (8 * k));
+    }
+  }
   g_quant_ready.store(true, std::memory_order_release);
 }

@@ -20,11 +20,15 @@ and either serves it or says why not (:class:`Unserved`), whoever built it:
   any stages in front run as they are, `clip_by_global_norm` directly in
   front becomes a kernel scalar (one reduction pass for the norm);
 - `apply_if_finite` (a rejected step leaves p, m and v as they are),
-  `inject_hyperparams`, `partition` (one kernel call per group's leaves).
+  `inject_hyperparams`, `partition` (one kernel call per group's leaves);
+- moments in the parameters' dtype, in bfloat16 (stochastic rounding), or in
+  8 bits (`jadam.Quantized` for both, without AMSGrad: one pass per block
+  dequantizes, updates and requantizes; leaves below `min_size` keep float
+  moments and take the float kernel in the same step).
 
 **Exportable.** The primitive lowers to the C++ custom call only when lowering
 for the CPU outside `jax.export`; for `jax.export` and every other platform it
-lowers to the same arithmetic in plain XLA (`_xla_leaf`), so an exported
+lowers to the same arithmetic in plain XLA (`_xla_leaf`, `_xla_leaf_8bit`), so an exported
 module holds no jadam custom call and a GPU or TPU lowering is pure XLA.
 """
 

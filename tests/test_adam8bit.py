@@ -594,3 +594,27 @@ def test_kernel_step_exports_as_pure_xla():
       assert np.mean(a != b) < 1e-3
     else:
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_reads_every_code_back_as_the_map():
+  """Old codes 0..255 everywhere (the 64-wide, 16-wide and scalar paths of the kernel), any scales: bit for bit."""
+  _kernel()
+  tx = jadam.adamw8bit(1e-2, block_size=256, min_8bit_size=0)
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.asarray(rng.standard_normal(256 * 9 + 113), jnp.float32), "b": jnp.ones((3, 512))}
+  state = tx.init(params)
+
+  def filled(q, signed):
+    codes = jax.tree.map(lambda c: jnp.asarray(rng.permutation(c.size) % 256, jnp.uint8).reshape(c.shape), q.codes)
+    absmax = jax.tree.map(
+      lambda a: jnp.asarray(rng.uniform(0, 2, a.shape) * (1 if signed else 1e-2), jnp.float32), q.absmax
+    )
+    return _quantize.QuantizedMoment(codes=codes, absmax=absmax)
+
+  fill = lambda s: s._replace(mu=filled(s.mu, True), nu=filled(s.nu, False))
+  state = tuple(fill(s) if isinstance(s, jadam.ScaleByMomentsState) else s for s in state)
+  assert any(isinstance(s, jadam.ScaleByMomentsState) for s in state)
+  grads = _kernel_grads(params, 0)
+  got = _fused_update(tx)(grads, state, params)
+  updates, want_state = tx.update(grads, state, params)
+  _assert_bitwise(got, (optax.apply_updates(params, updates), want_state))

@@ -726,12 +726,139 @@ struct JobQ {
     }
   }
 
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  // Whole blocks of a multiple of 64 values, software-pipelined: the requantization of block b (its code search,
+  // gathers) interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
+  // work overlap; the same operations on the same values as Block.
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  struct Update {
+    __m512 omb1, b1, omb2, b2, r1, r2, eps_root, eps, neg_lr, wd, rn, max_norm, factor, sign, am, av, mx_m, mx_v;
+    const float* g;
+    float* p;
+    const uint8_t* cm;
+    const uint8_t* cv;
+    float* tm;
+    float* tv;
+    Update(const float* s, const LeafQ& l, int64_t b, int64_t bs, float* tm_, float* tv_) {
+      omb1 = _mm512_set1_ps(s[kOneMinusB1]), b1 = _mm512_set1_ps(s[kB1]);
+      omb2 = _mm512_set1_ps(s[kOneMinusB2]), b2 = _mm512_set1_ps(s[kB2]);
+      r1 = _mm512_set1_ps(1.0f / s[kC1]), r2 = _mm512_set1_ps(1.0f / s[kC2]);
+      eps_root = _mm512_set1_ps(s[kEpsRoot]), eps = _mm512_set1_ps(s[kEps]), neg_lr = _mm512_set1_ps(s[kNegLr]);
+      wd = _mm512_set1_ps(s[kWeightDecay]), rn = _mm512_set1_ps(1.0f / s[kClipNorm]);
+      max_norm = _mm512_set1_ps(s[kClipMax]), factor = _mm512_set1_ps(s[kDecayFactor]), sign = _mm512_set1_ps(s[kSign]);
+      am = _mm512_set1_ps(l.am[b]), av = _mm512_set1_ps(l.av[b]);
+      mx_m = _mm512_set1_ps(-INFINITY), mx_v = _mm512_set1_ps(-INFINITY);
+      const int64_t off = b * bs;
+      g = l.g + off, p = l.p + off, cm = l.cm + off, cv = l.cv + off, tm = tm_, tv = tv_;
+    }
+    inline void Step16(int64_t i, __m512 m_map, __m512 v_map) {
+      __m512 gi = _mm512_loadu_ps(g + i);
+      const __m512 pi = _mm512_loadu_ps(p + i);
+      if (kClipped) gi = _mm512_mul_ps(_mm512_mul_ps(gi, rn), max_norm);
+      gi = _mm512_mul_ps(gi, sign);
+      if (kCoupledL2) gi = _mm512_add_ps(gi, _mm512_mul_ps(wd, pi));
+      const __m512 mo = _mm512_mul_ps(m_map, am);
+      const __m512 vo = _mm512_mul_ps(v_map, av);
+      const __m512 mi = _mm512_add_ps(_mm512_mul_ps(omb1, gi), _mm512_mul_ps(b1, mo));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(b2, vo));
+      const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, r2), eps_root)), eps);
+      __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, r1), den);
+      if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(wd, pi));
+      __m512 po;
+      if (kShrink) {
+        po = _mm512_add_ps(pi, _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(pi, factor), _mm512_mul_ps(neg_lr, u)), pi));
+      } else {
+        po = _mm512_add_ps(pi, _mm512_mul_ps(neg_lr, u));
+      }
+      _mm512_storeu_ps(p + i, po);
+      _mm512_storeu_ps(tm + i, mi);
+      _mm512_storeu_ps(tv + i, vi);
+      mx_m = _mm512_max_ps(_mm512_abs_ps(mi), mx_m);
+      mx_v = _mm512_max_ps(_mm512_abs_ps(vi), mx_v);
+    }
+    inline void Step64(int64_t i) {
+      __m512 mq[4], vq[4];
+      Lookup256x64(g_quant.planes_s, cm + i, mq);
+      Lookup256x64(g_quant.planes_u, cv + i, vq);
+      for (int r = 0; r < 4; ++r) Step16(i + 16 * r, mq[r], vq[r]);
+    }
+  };
+
+  struct Requantize {
+    __m512 inv_m, inv_v;
+    const float* tm;
+    const float* tv;
+    uint8_t* cm;
+    uint8_t* cv;
+    // Finishes the block's maxima, stores the scales, and gets ready to code the block.
+    Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_) {
+      const float m = _mm512_reduce_max_ps(mx_m), v = _mm512_reduce_max_ps(mx_v);
+      l.am[b] = m;
+      l.av[b] = v;
+      inv_m = _mm512_set1_ps(1.0f / std::max(m, 1e-38f));
+      inv_v = _mm512_set1_ps(1.0f / std::max(v, 1e-38f));
+      tm = tm_, tv = tv_, cm = l.cm + b * bs, cv = l.cv + b * bs;
+    }
+    static inline __m512i Code16(__m512 y, const uint32_t* table) {
+      const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+      const __m512i bits = _mm512_castps_si512(y);
+      const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
+      const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), low16);
+      const __m512i base = _mm512_and_si512(e, low16);
+      const __mmask16 up = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32(e, 16));
+      return _mm512_mask_add_epi32(base, up, base, _mm512_set1_epi32(1));
+    }
+    inline void Step16(int64_t j) {
+      const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
+      const __m512 ym = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tm + j), inv_m)));
+      const __m512 yv = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tv + j), inv_v)));
+      const __m512i qm = Code16(ym, g_quant.code_s);
+      __m512i qv = Code16(yv, g_quant.code_u);
+      const __mmask16 pos = _mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ);
+      qv = _mm512_mask_max_epu32(qv, pos, qv, _mm512_set1_epi32(1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cm + j), _mm512_cvtepi32_epi8(qm));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cv + j), _mm512_cvtepi32_epi8(qv));
+    }
+  };
+
+  // Blocks [lo, hi), all whole and a multiple of 64 long; tm, tv hold two blocks each.
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void Pipelined(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
+    using U = Update<kClipped, kCoupledL2, kDecoupledL2, kShrink>;
+    U up(s, l, lo, bs, tm, tv);
+    for (int64_t i = 0; i < bs; i += 64) up.Step64(i);
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t cur = (b - lo) & 1;
+      Requantize rq(l, b, bs, up.mx_m, up.mx_v, tm + cur * bs, tv + cur * bs);
+      if (b + 1 < hi) {
+        up = U(s, l, b + 1, bs, tm + (1 - cur) * bs, tv + (1 - cur) * bs);
+        for (int64_t i = 0; i < bs; i += 64) {
+          up.Step64(i);
+          for (int r = 0; r < 4; ++r) rq.Step16(i + 16 * r);
+        }
+      } else {
+        for (int64_t j = 0; j < bs; j += 16) rq.Step16(j);
+      }
+    }
+  }
+#endif
+
   template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
   void RangeT(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
     if (l.size == 1) {  // as AdamOne: true divisions on a one-element leaf
       Block<true, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, 0, tm, tv);
       return;
     }
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+    if (bs % 64 == 0) {
+      const int64_t whole = std::min(hi, l.size / bs);  // blocks before a partial last one
+      if (whole > lo) Pipelined<kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, whole, tm, tv);
+      for (int64_t b = std::max(lo, whole); b < hi; ++b) {
+        Block<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, b, tm, tv);
+      }
+      return;
+    }
+#endif
     for (int64_t b = lo; b < hi; ++b) Block<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, b, tm, tv);
   }
 
@@ -759,11 +886,11 @@ struct JobQ {
   }
 
   void Work() {
-    std::vector<float> tmp(2 * static_cast<size_t>(bs));
+    std::vector<float> tmp(4 * static_cast<size_t>(bs));  // the new m and v of two blocks (Pipelined)
     int64_t ran = 0;
     const int64_t n = static_cast<int64_t>(tasks.size());
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      Run(tasks[c], tmp.data(), tmp.data() + bs);
+      Run(tasks[c], tmp.data(), tmp.data() + 2 * bs);
       ++ran;
     }
     if (ran) done.fetch_add(ran, std::memory_order_acq_rel);

@@ -2,6 +2,7 @@ r"""Lazy Adam on an embedding table: jadam's sparse step vs the dense jadam.adam
 
     python -m benchmarks.sparse             # 1,000,000 x 64 float32 table, 4,096 Zipf ids a step
     python -m benchmarks.sparse --quick     # 100,000 rows, fewer steps
+    python -m benchmarks.sparse --torch-threads 1   # torch on one thread (a loaded machine)
 
 Each step gets 4,096 ids drawn from a Zipf law over the rows (exponent 1.1,
 so a few rows recur often and most appear rarely), with their duplicates, and
@@ -9,12 +10,17 @@ a (4096, 64) block of gradient values:
 
 - jadam sparse: ``jadam.make_update_step(jadam.sparse_adam())`` on the
   row-sparse `BCOO` gradient (coalescing included), parameters and state
-  donated: gather the touched rows of the table, m and v, update them, scatter
-  them back.
+  donated. On the CPU this is the fused SparseAdam kernel
+  (`jadam/_kernels/sparse_adam_cpu.cc`): one call groups the ids by row, sums
+  the duplicates and updates each touched row of the table, m and v in place.
 - jadam sparse, coalesced gradient: the same step on a gradient whose indices
   are already unique (flagged ``unique_indices``, as
-  :func:`jadam.value_and_sparse_grad` makes them, the sort having been paid
-  there): no sort in the step.
+  :func:`jadam.value_and_sparse_grad` makes them, the grouping having been
+  paid there).
+- the same two with ``fused=False``: the generic XLA path (sort and binary
+  search to coalesce, a scatter-add, gathers of the touched rows of the
+  table, m and v, three scatters back), what runs off the CPU or without a
+  C++ compiler.
 - jadam dense: ``jadam.make_update_step(jadam.adam())`` on the dense (V, 64)
   gradient the same ids would give (its fused single-pass kernel on CPU).
 - torch SparseAdam: ``torch.optim.SparseAdam`` with ``p.grad`` a sparse COO
@@ -92,6 +98,9 @@ def main(argv=None) -> None:
   parser.add_argument("--ids", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument(
+    "--torch-threads", type=int, default=None, help="torch's intra-op threads (default: torch's own choice)"
+  )
   args = parser.parse_args(argv)
   if args.quick:
     args.rows, args.steps = 100_000, 10
@@ -104,14 +113,18 @@ def main(argv=None) -> None:
 
   results = {}
 
-  # jadam, sparse
+  # jadam, sparse: the fused kernel (CPU), then the generic XLA path
   tx = jadam.sparse_adam(1e-3)
   step = jadam.make_update_step(tx)
+  xla_step = jadam.make_update_step(tx, fused=False)
   grads = [{"table": BCOO((jnp.asarray(v), jnp.asarray(i)[:, None]), shape=(rows, dim))} for i, v in batches]
-  results["jadam sparse_adam (make_update_step)"] = _time_jadam(step, tx, rng, rows, dim, grads, args.steps)
-  sparse_mem = {r: _added_bytes(step, *_structs(tx, r, dim, k, True)) for r in (rows // 10, rows)}
   coalesced = [{"table": BCOO.sum_duplicates(g["table"], nse=k)} for g in grads]  # unique_indices=True
+  results["jadam sparse_adam (make_update_step)"] = _time_jadam(step, tx, rng, rows, dim, grads, args.steps)
   results["jadam sparse_adam, coalesced gradient"] = _time_jadam(step, tx, rng, rows, dim, coalesced, args.steps)
+  results["jadam sparse_adam, XLA path (fused=False)"] = _time_jadam(xla_step, tx, rng, rows, dim, grads, args.steps)
+  results["jadam sparse_adam, XLA path, coalesced"] = _time_jadam(xla_step, tx, rng, rows, dim, coalesced, args.steps)
+  sparse_mem = {r: _added_bytes(step, *_structs(tx, r, dim, k, True)) for r in (rows // 10, rows)}
+  xla_mem = {r: _added_bytes(xla_step, *_structs(tx, r, dim, k, True)) for r in (rows // 10, rows)}
   coalesced = None
 
   # jadam, dense
@@ -130,6 +143,8 @@ def main(argv=None) -> None:
   except ImportError:
     torch = None
   if torch is not None:
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     p = torch.nn.Parameter(torch.randn(rows, dim))
     opt = torch.optim.SparseAdam([p], lr=1e-3)
@@ -156,7 +171,12 @@ def main(argv=None) -> None:
     if name.startswith("torch"):
       print(f"sparse / torch SparseAdam = {sparse_t / t:.3f}x (target <= 1.0)")
   print("\nmemory a compiled step adds beyond its donated inputs (XLA memory_analysis):")
-  for name, mem in (("jadam sparse_adam", sparse_mem), ("jadam adam, dense", dense_mem)):
+  memories = (
+    ("jadam sparse_adam", sparse_mem),
+    ("jadam sparse_adam, XLA path", xla_mem),
+    ("jadam adam, dense", dense_mem),
+  )
+  for name, mem in memories:
     cells = ", ".join(f"V={r:,}: {b / 2**20:.2f} MiB" if b is not None else f"V={r:,}: n/a" for r, b in mem.items())
     print(f"  {name}: {cells}")
 

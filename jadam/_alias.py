@@ -740,8 +740,10 @@ def sparse_adam(
   The updates are row-sparse too (`BCOO`). :func:`jadam.update_and_apply`,
   :func:`jadam.make_update_step` and :func:`jadam.apply_updates` add them with
   a scatter into the touched rows, :math:`O(k d)` and in place in donated
-  buffers. ``optax.apply_updates`` gives the same parameters by way of
-  ``BCOO.todense``, :math:`O(V d)` per table and step.
+  buffers; on the CPU the step helpers run the whole step as one compiled
+  kernel call per table (the same bits as ``tx.update`` then
+  :func:`jadam.apply_updates` op by op). ``optax.apply_updates`` gives the same
+  parameters by way of ``BCOO.todense``, :math:`O(V d)` per table and step.
 
   Args:
     learning_rate: :math:`\alpha`: a float, a scalar array or a schedule.

@@ -117,6 +117,12 @@ def _aval(x: Any) -> str:
   return f"{dtype if dtype is not None else type(x).__name__}[{','.join(map(str, np.shape(x)))}]"
 
 
+def is_update_leaf(x: Any) -> bool:
+  """Where a stage stops when it maps over gradients or updates: `None` (no gradient) and a row-sparse `BCOO`
+  (one gradient, whose integer indices are not values to scale or zero)."""
+  return x is None or isinstance(x, sparse.BCOO)
+
+
 def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> None:
   """Raises a `ValueError` unless `other` is a tree of the structure and shapes of `updates`.
 
@@ -134,9 +140,8 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
     other: the tree to compare.
     hint: what the user should check, appended to the message.
   """
-  is_none = lambda x: x is None or isinstance(x, sparse.BCOO)  # a row-sparse gradient is one leaf
-  mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
-  theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_none)
+  mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_update_leaf)
+  theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_update_leaf)
   if mine_def == theirs_def:
     for (path, u), (_, o) in zip(mine, theirs):
       if u is not None and (o is None or np.shape(u) != np.shape(o)):

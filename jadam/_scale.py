@@ -118,8 +118,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
         return u  # no gradient, or jax.grad's float0 for an integer input: already nothing
       return jnp.zeros_like(u)  # an integer or boolean leaf does not move
 
-    is_leaf = lambda x: x is None or isinstance(x, sparse.BCOO)
-    return jax.tree.map(scale_or_zero, updates, is_leaf=is_leaf), ScaleByLrState(
+    return jax.tree.map(scale_or_zero, updates, is_leaf=_common.is_update_leaf), ScaleByLrState(
       count=optax.safe_increment(state.count)
     )
 

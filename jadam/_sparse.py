@@ -16,7 +16,10 @@ step can take a fixed number of ids.
   :func:`jadam.sparse_adam` is their chain.
 - :func:`apply_updates` adds a row-sparse update by a scatter: :math:`O(k\,d)`.
   ``optax.apply_updates`` also gives the right parameters, by way of
-  ``BCOO.todense``: :math:`O(V d)` per table and step.
+  ``BCOO.todense``: :math:`O(V d)` per table and step. The step helpers
+  (:func:`jadam.update_and_apply` and the compiled steps) run
+  :func:`jadam.sparse_adam` on the CPU as one fused kernel call per table
+  (`jadam._kernels.sparse_step`), with the bits of this module's stages.
 - :func:`value_and_sparse_grad` differentiates a loss with respect to the
   gathered rows of its tables, never the dense :math:`(V, d)` gradient.
 
@@ -95,6 +98,13 @@ def _check_range(stage: str, where: str, idx: jax.Array, rows: int) -> None:
       f"{stage}: the gradient at {where} has row indices out of range for a table of {rows} rows:"
       f" {values[bad][:5].tolist()} (valid: 0 to {rows - 1}; {rows} marks padding)."
     )
+
+
+def check_gradient(stage: str, where: str, g: Any, table: Any) -> None:
+  """Raises what :func:`scale_by_sparse_moments` raises for a gradient `g` of `table` (its moment): a dense
+  gradient, one not row-sparse, non-integer indices, another shape, and (outside jit) indices out of range."""
+  _check_sparse_grad(stage, where, g, table)
+  _check_range(stage, where, g.indices, g.shape[0])
 
 
 def _unique(idx: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
@@ -232,9 +242,7 @@ def scale_by_sparse_moments(
         out.append(g)  # as jadam's dense stages do: a None or integer gradient goes through as it came
         new_counts.append(t), new_mus.append(m), new_nus.append(v)
         continue
-      where = jax.tree_util.keystr(path) or "the root"
-      _check_sparse_grad(stage, where, g, m)
-      _check_range(stage, where, g.indices, g.shape[0])
+      check_gradient(stage, where=jax.tree_util.keystr(path) or "the root", g=g, table=m)
       rows, data = coalesce(g)
       is_sorted = not g.unique_indices  # coalesce sorted them (a flagged input may hold padding anywhere)
       beta1, beta2 = b1_fn(t), b2_fn(t)
@@ -264,6 +272,7 @@ def scale_by_sparse_moments(
     new_state = ScaleBySparseMomentsState(count=unflat(new_counts), mu=unflat(new_mus), nu=unflat(new_nus))
     return unflat(out), new_state
 
+  update_fn.jadam_stage = ("scale_by_sparse_moments", dict(b1=b1_fn, b2=b2_fn))  # for the fused kernel's glue
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -311,6 +320,7 @@ def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation
 
     return jax.tree.map(one, updates, is_leaf=_is_row_moments), state
 
+  update_fn.jadam_stage = ("rowwise", dict(inner=getattr(getattr(inner, "update", None), "jadam_stage", None)))
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 

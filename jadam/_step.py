@@ -27,6 +27,13 @@ or `partition`: see `jadam._kernels.fused`) the helpers here therefore call a
 compiled single-pass kernel instead, with the same results and the same state;
 everything else takes the generic path. `jax.export` and lowerings for other
 platforms get the kernel's arithmetic in plain XLA.
+
+Row-sparse gradients (`jadam.sparse_adam` on `BCOO` gradients, see
+`jadam._sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):
+one call per table groups the ids, sums the duplicates and updates each
+touched row of the table and its moments in place, where the generic path is a
+dozen small gathers, scatters and a sort. Where it cannot serve, the generic
+row-sparse path (:func:`jadam.apply_updates`'s scatter) runs.
 """
 
 from __future__ import annotations
@@ -75,13 +82,17 @@ def update_and_apply(
   reads and writes each buffer once, with the same new parameters and state as
   ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
   other backends, or where the kernel cannot be built, the generic path runs.
+  Row-sparse (`BCOO`) gradients are added by a scatter into the touched rows
+  (:func:`jadam.apply_updates`), :math:`O(k d)`; where `tx` is
+  :func:`jadam.sparse_adam` by structure (also inside the combinators above),
+  on the CPU one kernel call per table does the whole step in place.
 
   Args:
     tx: an :class:`optax.GradientTransformation`.
     grads: the gradient, shaped like `params`.
     state: `tx`'s state.
     params: the parameters.
-    fused: None (default) uses the fused kernel where it applies and, inside a
+    fused: None (default) uses the fused kernels where they apply and, inside a
       `jit`, only when there is a single device (a custom call is not
       partitioned: sharded inputs would be gathered); True requires it (also
       inside a `jit` on a multi-device host, for callers that know the inputs
@@ -109,14 +120,14 @@ def update_and_apply(
 
 def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
   """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
-  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
-    return _sparse.update_and_apply(tx, grads, state, params)
   if fused is not False:
     try:
       return _fused.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
     except _fused.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
+  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
+    return _sparse.update_and_apply(tx, grads, state, params)
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 

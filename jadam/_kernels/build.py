@@ -1,7 +1,8 @@
 """jadam's compiled CPU kernels, built at first use with the system C++ compiler.
 
-The source ships with the package (`adam_cpu.cc`); :func:`load` compiles it
-once into a per-user cache, keyed by a hash of the source, the compiler, the
+The sources ship with the package (`SOURCES`: `adam_cpu.cc`, `sparse_adam_cpu.cc`);
+:func:`load` compiles them once into one library in a per-user cache, keyed by
+a hash of every source, the compiler, the
 flags, the jaxlib version and the CPU, and registers its handlers as XLA FFI
 targets for the CPU platform. Nothing is downloaded. Where there is no
 compiler, the build fails, or ``JADAM_NO_KERNELS=1`` is set, :func:`load`
@@ -35,18 +36,22 @@ from pathlib import Path
 import jax
 import jaxlib
 
-SOURCE = Path(__file__).with_name("adam_cpu.cc")
+# Compiled together into one library; each source's text is part of the cache key.
+SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc")]
 TARGETS = {
   "float32": "jadam_adam_f32",
   "float64": "jadam_adam_f64",
   "bfloat16": "jadam_adam_f32_bf16",
   "8bit": "jadam_adam_f32_q8",
 }
+SPARSE_TARGETS = {"float32": "jadam_sparse_adam_f32", "float64": "jadam_sparse_adam_f64"}
 _SYMBOLS = {
   "jadam_adam_f32": "JadamAdamF32",
   "jadam_adam_f64": "JadamAdamF64",
   "jadam_adam_f32_bf16": "JadamAdamF32Bf16",
   "jadam_adam_f32_q8": "JadamAdamF32Q8",
+  "jadam_sparse_adam_f32": "JadamSparseAdamF32",
+  "jadam_sparse_adam_f64": "JadamSparseAdamF64",
 }
 FLAGS = (
   "-std=c++17",
@@ -162,7 +167,7 @@ def _key(cxx: str) -> str:
   return hashlib.sha256(
     "\0".join(
       [
-        SOURCE.read_text(),
+        *(f"{source.name}\0{source.read_text()}" for source in SOURCES),
         cxx,
         version,
         " ".join(FLAGS),
@@ -190,7 +195,7 @@ def _build_and_load(cxx: str) -> ctypes.CDLL:
       fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=d)
       os.close(fd)
       try:
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
           raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")

@@ -24,7 +24,9 @@ and either serves it or says why not (:class:`Unserved`), whoever built it:
 - moments in the parameters' dtype, in bfloat16 (stochastic rounding), or in
   8 bits (`jadam.Quantized` for both, without AMSGrad: one pass per block
   dequantizes, updates and requantizes; leaves below `min_size` keep float
-  moments and take the float kernel in the same step).
+  moments and take the float kernel in the same step);
+- `jadam.sparse_adam`'s chain on row-sparse gradients: `sparse_step.py`'s
+  kernel, one call per table.
 
 **Exportable.** The primitive lowers to the C++ custom call only when lowering
 for the CPU outside `jax.export`; for `jax.export` and every other platform it
@@ -490,6 +492,10 @@ def _check_states(items, core: _Core) -> None:
 
 
 def _run_chain(items, rebuild, grads, params, ctx):
+  from jadam._kernels import sparse_step  # pylint: disable=g-import-not-at-top (it imports this module)
+
+  if sparse_step.is_sparse_chain(items):  # jadam.sparse_adam's stages: the row-sparse kernel
+    return sparse_step.run_chain(items, rebuild, grads, params, ctx)
   core = _parse_core(items)
   _check_states(items, core)
   if params is None:

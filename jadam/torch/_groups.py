@@ -10,7 +10,6 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 import optax
-from jax.experimental import sparse
 
 from jadam import _common
 
@@ -149,7 +148,7 @@ def grouped(
       return f"group{hits[0]}" if hits else "default"
 
     # A row-sparse gradient (BCOO) is one leaf: its label is its table's; a None gradient keeps its label too.
-    out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=lambda x: x is None or isinstance(x, sparse.BCOO))
+    out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=_common.is_update_leaf)
     used = set(jax.tree.leaves(out))
     for i, spec in enumerate(specs):
       if f"group{i}" not in used:

@@ -722,7 +722,23 @@ def _check_children(name: str, schedulers: Any) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class SequentialLR(LRScheduler):
+class _Composite(LRScheduler):
+  """A scheduler made of others (which share the optimizer's initial lr): the first one's lr, rebased together."""
+
+  schedulers: Sequence[LRScheduler]
+
+  @property
+  def lr(self) -> float:
+    return self.schedulers[0].lr
+
+  def rebase(self, lr: float) -> "_Composite":
+    out = copy.copy(self)
+    object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialLR(_Composite):
   r"""`torch.optim.lr_scheduler.SequentialLR`: one scheduler after another, each restarted at its milestone.
 
   At scheduler step :math:`e`, with :math:`i` the number of milestones
@@ -743,7 +759,6 @@ class SequentialLR(LRScheduler):
       fewer than the schedulers.
   """
 
-  schedulers: Sequence[LRScheduler]
   milestones: Sequence[int]
 
   def __post_init__(self):
@@ -761,15 +776,6 @@ class SequentialLR(LRScheduler):
       )
     object.__setattr__(self, "milestones", tuple(self.milestones))
 
-  @property
-  def lr(self) -> float:
-    return self.schedulers[0].lr
-
-  def rebase(self, lr: float) -> "SequentialLR":
-    out = copy.copy(self)
-    object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
-    return out
-
   def _at(self, epoch):
     out = self.schedulers[0]._at(epoch)
     for m, s in zip(self.milestones, self.schedulers[1:]):
@@ -778,7 +784,7 @@ class SequentialLR(LRScheduler):
 
 
 @dataclasses.dataclass(frozen=True)
-class ChainedScheduler(LRScheduler):
+class ChainedScheduler(_Composite):
   r"""`torch.optim.lr_scheduler.ChainedScheduler`: every scheduler stepped at once, their factors multiplied.
 
   .. math::
@@ -796,8 +802,6 @@ class ChainedScheduler(LRScheduler):
     schedulers: the `jadam.torch` schedulers, with the same initial lr.
   """
 
-  schedulers: Sequence[LRScheduler]
-
   def __post_init__(self):
     super().__post_init__()
     children = _check_children("ChainedScheduler", self.schedulers)
@@ -809,15 +813,6 @@ class ChainedScheduler(LRScheduler):
           " PolynomialLR or MultiplicativeLR, or use SequentialLR."
         )
     object.__setattr__(self, "schedulers", children)
-
-  @property
-  def lr(self) -> float:
-    return self.schedulers[0].lr
-
-  def rebase(self, lr: float) -> "ChainedScheduler":
-    out = copy.copy(self)
-    object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
-    return out
 
   def _at(self, epoch):
     out = self.lr * jnp.ones_like(epoch)

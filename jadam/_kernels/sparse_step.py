@@ -1,0 +1,233 @@
+"""The fused SparseAdam step: `jadam.sparse_adam`'s stages found by structure, one kernel call per table.
+
+The generic row-sparse step (`jadam._sparse`) is a dozen small XLA operations
+per table: a sort of the ids and a binary search to coalesce them, a
+scatter-add of the values, gathers of the touched rows of m, v and the table,
+the arithmetic, and three scatters back. Each is a loop over a (k, d) block
+with its own dispatch; together they take longer than PyTorch's SparseAdam.
+Here one primitive, `sparse_adam_step_p`, does a table's whole step in place
+(the C++ handler in `sparse_adam_cpu.cc`): it groups the ids by row, sums the
+duplicates and updates each touched row of the table, m and v once. Its
+results are the generic path's run op by op, bit for bit (the same operations
+in the same order, each rounded); a jitted generic step is within an ulp or
+two, XLA's CPU backend contracting some a * b + c into fused multiply-adds. The
+scalars (1 - b1, 1 - b2, the folded bias correction, eps, -lr) are formed in
+JAX as the stages form them, so schedules, `inject_hyperparams` and traced
+hyperparameters work unchanged.
+
+**Found by structure.** `fused.py`'s walker (`apply_if_finite`,
+`inject_hyperparams`, `partition`, `jadam.torch`'s groups, chains) hands a
+chain to :func:`run_chain` when it holds `scale_by_sparse_moments`; served is
+a chain ending in ``[flip_sign] scale_by_sparse_moments
+rowwise(bias_correct(into_step=True)) rowwise(normalize) scale_by_lr``
+(`jadam.sparse_adam`), with any stages in front run as they are. Anything else
+raises `fused.Unserved` and the generic path runs.
+
+**Exportable.** As for the dense kernel, the primitive lowers to the custom
+call only on the CPU outside `jax.export`; elsewhere to the generic path's
+gathers and scatters (`_xla_impl`), so an exported module holds no jadam
+custom call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental.sparse import BCOO
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
+
+from jadam import _common, _scale, _sparse
+from jadam._kernels import build as _build
+from jadam._kernels import fused as _fused
+
+# The kernel's scalar layout (enum SparseScalar in sparse_adam_cpu.cc).
+_OMB1, _OMB2, _SCALE, _EPS_ROOT, _EPS, _NEG_LR, _SIGN, _APPLY = range(8)
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+_STAGE = "jadam.scale_by_sparse_moments"
+
+
+# --- the primitive -------------------------------------------------------------
+# sparse_adam_step_p.bind(scalars, ids, data, p, m, v, unique) -> (p, m, v): one table's step; `ids` are the
+# gradient's row ids as int32 (outside [0, V): padding), `data` its (k, ...) values, `unique` its flag.
+def _xla_impl(scalars, ids, data, p, m, v, *, unique: bool):
+  """The kernel's arithmetic in XLA, as the generic path does it: the export and non-CPU lowering."""
+  s = scalars
+  rows = p.shape[0]
+  g = BCOO((data * s[_SIGN], ids[:, None]), shape=p.shape, unique_indices=unique)  # flip_sign's negation: exact
+  r, gd = _sparse.coalesce(g)
+  is_sorted = not unique
+  m_old = m.at[r].get(mode="fill", fill_value=0, indices_are_sorted=is_sorted)
+  v_old = v.at[r].get(mode="fill", fill_value=0, indices_are_sorted=is_sorted)
+  m_new = m_old + (gd - m_old) * s[_OMB1]
+  v_new = v_old + (gd * gd - v_old) * s[_OMB2]
+  u = (m_new / (jnp.sqrt(v_new + s[_EPS_ROOT]) + s[_EPS])) * s[_SCALE]
+  delta = s[_NEG_LR] * u
+  ok = s[_APPLY] != 0
+  kept = jnp.where(ok, r, rows)  # a rejected step writes no moments...
+  m = m.at[kept].set(m_new, mode="drop", indices_are_sorted=is_sorted)
+  v = v.at[kept].set(v_new, mode="drop", indices_are_sorted=is_sorted)
+  # ... and adds the zeroed update (ids all 0) that optax.apply_if_finite's rejection gives
+  p = p.at[jnp.where(ok, r, 0)].add(jnp.where(ok, delta, jnp.zeros_like(delta)), mode="drop")
+  return [p, m, v]
+
+
+def _kernel_impl(scalars, ids, data, p, m, v, *, unique: bool):
+  target = _build.SPARSE_TARGETS[jnp.dtype(p.dtype).name]
+  out_types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (p, m, v)]
+  call = jax.ffi.ffi_call(target, out_types, input_output_aliases={3: 0, 4: 1, 5: 2}, vmap_method="sequential")
+  return call(scalars, ids, data, p, m, v, unique=np.int32(unique))
+
+
+sparse_adam_step_p = jex_core.Primitive("jadam_sparse_adam_step")
+sparse_adam_step_p.multiple_results = True
+
+
+@sparse_adam_step_p.def_abstract_eval
+def _abstract_eval(scalars, ids, data, p, m, v, *, unique):
+  del scalars, ids, data, unique
+  return [jax.core.ShapedArray(x.shape, x.dtype) for x in (p, m, v)]
+
+
+@sparse_adam_step_p.def_impl
+def _impl(*args, unique):
+  return jax.jit(functools.partial(sparse_adam_step_p.bind, unique=unique))(*args)
+
+
+def _cpu_lowering(ctx, *args, unique):
+  impl = _xla_impl if _fused._for_export(ctx) or not _build.loaded() else _kernel_impl
+  return mlir.lower_fun(functools.partial(impl, unique=unique), multiple_results=True)(ctx, *args)
+
+
+mlir.register_lowering(sparse_adam_step_p, mlir.lower_fun(_xla_impl, multiple_results=True))
+mlir.register_lowering(sparse_adam_step_p, _cpu_lowering, platform="cpu")
+
+
+def _batch(args, dims, *, unique):
+  out = jax.vmap(functools.partial(_xla_impl, unique=unique), in_axes=list(dims))(*args)
+  return out, [0] * len(out)
+
+
+batching.primitive_batchers[sparse_adam_step_p] = _batch
+
+
+# --- recognising the structure -------------------------------------------------
+def _kind(fn: Any) -> tuple[str | None, dict]:
+  tag = getattr(fn, "jadam_stage", None)
+  return tag if isinstance(tag, tuple) and len(tag) == 2 else (None, {})
+
+
+def is_sparse_chain(items: list[tuple[Any, Any]]) -> bool:
+  """Whether a flattened chain holds `scale_by_sparse_moments` (then :func:`run_chain` serves it or says why not)."""
+  return any(_kind(f)[0] == "scale_by_sparse_moments" for f, _ in items)
+
+
+def _parse(items) -> dict:
+  """The positions and hyperparameters of sparse_adam's stages at the end of `items`, or raises Unserved."""
+  kinds = [_kind(f) for f, _ in items]
+  n = len(kinds)
+
+  def inner(i):
+    tag = kinds[i][1].get("inner") if kinds[i][0] == "rowwise" else None
+    return tag if isinstance(tag, tuple) and len(tag) == 2 else (None, {})
+
+  if n < 4 or kinds[-1][0] != "scale_by_lr":
+    raise _fused.Unserved("a sparse chain that does not end in jadam.scale_by_lr")
+  if inner(n - 2)[0] != "normalize":
+    raise _fused.Unserved("no rowwise(jadam.normalize) before scale_by_lr: not sparse_adam's stages")
+  if inner(n - 3)[0] != "bias_correct" or not inner(n - 3)[1].get("into_step"):
+    raise _fused.Unserved("no rowwise(jadam.bias_correct(into_step=True)) before rowwise(normalize)")
+  if kinds[n - 4][0] != "scale_by_sparse_moments":
+    raise _fused.Unserved("no jadam.scale_by_sparse_moments before the rowwise stages")
+  core = dict(
+    moments=n - 4,
+    lr=n - 1,
+    b1=kinds[n - 4][1]["b1"],
+    b2=kinds[n - 4][1]["b2"],
+    eps=inner(n - 2)[1]["eps"],
+    eps_root=inner(n - 2)[1]["eps_root"],
+    learning_rate=kinds[n - 1][1]["learning_rate"],
+    negate=n >= 5 and kinds[n - 5][0] == "flip_sign",
+  )
+  core["start"] = n - 5 if core["negate"] else n - 4
+  if not isinstance(items[n - 4][1], _sparse.ScaleBySparseMomentsState):
+    raise _fused.Unserved(f"scale_by_sparse_moments's state is {type(items[n - 4][1]).__name__}")
+  if not isinstance(items[n - 1][1], _scale.ScaleByLrState):
+    raise _fused.Unserved(f"scale_by_lr's state is {type(items[n - 1][1]).__name__}")
+  return core
+
+
+def run_chain(items, rebuild, grads, params, ctx) -> tuple[Any, Any]:
+  """``(new_params, new_state)`` of a sparse_adam chain, one kernel call per table, or raises Unserved."""
+  core = _parse(items)
+  if params is None:
+    raise _fused.Unserved("the kernel needs the parameters (update(grads, state, params))")
+  new_states = [s for _, s in items]
+  g = grads
+  for i in range(core["start"]):  # stages in front of sparse_adam's: as they are
+    f, s = items[i]
+    g, new = f(g, s, params)
+    new_states[i] = _fused._select(ctx, new, s)
+  new_params, new_states[core["moments"]], new_states[core["lr"]] = _run_core(
+    core, g, new_states[core["moments"]], new_states[core["lr"]], params, ctx
+  )
+  return new_params, rebuild(new_states)
+
+
+def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_common.is_update_leaf)
+  try:
+    ps = treedef.flatten_up_to(params)
+    counts, mus, nus = (treedef.flatten_up_to(x) for x in (mstate.count, mstate.mu, mstate.nu))
+  except (ValueError, TypeError) as e:
+    raise _fused.Unserved(f"the gradients, the state and the parameters are different trees ({e})") from None
+  sel = functools.partial(_fused._select, ctx)
+  lr = core["learning_rate"](lr_state.count)
+  new_p, new_counts, new_m, new_v = list(ps), list(counts), list(mus), list(nus)
+  for j, ((path, g), p, t, m, v) in enumerate(zip(leaves, ps, counts, mus, nus)):
+    if g is None or not _common.is_float_leaf(m):
+      continue  # left as it is, as scale_by_sparse_moments leaves it
+    _sparse.check_gradient(_STAGE, jax.tree_util.keystr(path) or "the root", g, m)  # the generic path's errors
+    arrays = (g.data, g.indices, p, m, v)
+    if not all(_fused._tracing_ok(x) for x in arrays):
+      raise _fused.Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
+    dtype = jnp.result_type(p)
+    if dtype not in _DTYPES or any(jnp.result_type(x) != dtype for x in (g.data, m, v)) or jnp.shape(p) != g.shape:
+      raise _fused.Unserved(
+        f"a {dtype}{list(jnp.shape(p))} table with {jnp.result_type(g.data)} values and {jnp.result_type(m)}"
+        " moments: the kernel serves float32 and float64 tables whose values and moments have their dtype"
+      )
+    scalars = _scalars(core, t, lr, dtype, ctx)
+    if not _fused._tracing_ok(scalars):
+      raise _fused.Unserved("a hyperparameter under grad or vmap")
+    if g.data.shape[0]:  # an empty gradient changes nothing but the count
+      ids = g.indices[:, 0].astype(jnp.int32)  # as _sparse.coalesce reads them
+      new_p[j], new_m[j], new_v[j] = sparse_adam_step_p.bind(
+        scalars, ids, g.data, p, m, v, unique=bool(g.unique_indices)
+      )
+    new_counts[j] = sel(optax.safe_increment(t), t)
+  unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+  new_mstate = _sparse.ScaleBySparseMomentsState(count=unflat(new_counts), mu=unflat(new_m), nu=unflat(new_v))
+  new_lr_state = lr_state._replace(count=sel(optax.safe_increment(lr_state.count), lr_state.count))
+  return unflat(new_p), new_mstate, new_lr_state
+
+
+def _scalars(core: dict, count, lr, dtype, ctx):
+  """The kernel's scalars for one table in `dtype`, formed as the generic stages form them."""
+  beta1, beta2 = core["b1"](count), core["b2"](count)  # scale_by_sparse_moments, at the table's own count
+  cast = functools.partial(_common.cast_hyperparameter, dtype=dtype)
+  new_count = optax.safe_increment(count)
+  c1 = _common.one_minus_power(beta1, new_count)  # bias_correct(into_step=True)
+  c2 = _common.one_minus_power(beta2, new_count)
+  scale = jnp.sqrt(c2) / c1
+  step = new_count - 1  # normalize
+  e, e_root = core["eps"](step), core["eps_root"](step)
+  apply = 1.0 if ctx.apply is None else ctx.apply
+  values = [1 - cast(beta1), 1 - cast(beta2), scale, cast(e_root), cast(e), -cast(lr)]
+  values += [-1.0 if core["negate"] else 1.0, apply]
+  return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])

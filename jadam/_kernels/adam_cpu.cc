@@ -10,6 +10,10 @@
 // dtype); then 4 buffers per leaf (g, p, m, v), 5 with amsgrad (+ v_max);
 // results are 3 per leaf (p, m, v), 4 with amsgrad, aliased by the caller to
 // the donated inputs. The attribute `mode` says which stages are present.
+//
+// Variants below: float32 parameters with bfloat16 moments (JadamAdamF32Bf16)
+// and with 8-bit block-quantized moments (JadamAdamF32Q8, 16 bytes a value:
+// g, p and two codes read, p and two codes written, plus the blocks' scales).
 
 #include <algorithm>
 #include <atomic>

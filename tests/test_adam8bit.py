@@ -618,3 +618,19 @@ def test_kernel_reads_every_code_back_as_the_map():
   got = _fused_update(tx)(grads, state, params)
   updates, want_state = tx.update(grads, state, params)
   _assert_bitwise(got, (optax.apply_updates(params, updates), want_state))
+
+
+def test_kernel_threads_split_at_block_boundaries():
+  """Above the kernel's parallel threshold (2^18 values) the blocks are shared out between threads: same bits."""
+  _kernel()
+  tx = jadam.adamw8bit(1e-2, block_size=128, min_8bit_size=64)
+  keys = jax.random.split(jax.random.key(7), 2)
+  params = {"big": jax.random.normal(keys[0], (300_001,)), "rows": jax.random.normal(keys[1], (600, 512))}
+  state = tx.init(params)
+  fused = _fused_update(tx)
+  for t in range(2):
+    grads = _kernel_grads(params, t)
+    got = fused(grads, state, params)
+    updates, want_state = tx.update(grads, state, params)
+    _assert_bitwise(got, (optax.apply_updates(params, updates), want_state))
+    params, state = got

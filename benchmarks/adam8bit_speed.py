@@ -5,8 +5,8 @@
 
 One float32 vector of n parameters, a fixed gradient, params and state donated
 (`jadam.make_update_step`). Rows: jadam.adam through XLA (`fused=False`) and
-through its fused CPU kernel (the default on CPU), jadam.adam8bit (XLA: the
-fused kernel does not serve quantized moments), and, where installed,
+through its fused CPU kernel (the default on CPU), jadam.adam8bit likewise
+(XLA, and the fused kernel's 8-bit variant), and, where installed,
 torch.optim.Adam (foreach) and bitsandbytes' Adam8bit on the same device.
 Median seconds per step over `--steps` timed steps after two warm-up steps.
 """
@@ -73,12 +73,13 @@ def main(argv=None):
     n = int(size)
     rows = {
       "jadam.adam (XLA)": _jax_row(jadam.adam(1e-3), n, args.steps, False),
-      "jadam.adam8bit (XLA)": _jax_row(jadam.adam8bit(1e-3), n, args.steps, None),
+      "jadam.adam8bit (XLA)": _jax_row(jadam.adam8bit(1e-3), n, args.steps, False),
     }
     try:
       rows["jadam.adam (fused kernel)"] = _jax_row(jadam.adam(1e-3), n, args.steps, True)
+      rows["jadam.adam8bit (fused kernel)"] = _jax_row(jadam.adam8bit(1e-3), n, args.steps, True)
     except Exception as e:  # no compiler, or not a CPU
-      print(f"(jadam.adam fused kernel unavailable: {type(e).__name__}: {e})")
+      print(f"(the fused kernel is unavailable: {type(e).__name__}: {e})")
     if bnb is not None:
       rows["torch.optim.Adam (foreach)"] = _torch_row(lambda p: torch.optim.Adam(p, lr=1e-3), n, args.steps)
       rows["bitsandbytes Adam8bit"] = _torch_row(lambda p: bnb.optim.Adam8bit(p, lr=1e-3), n, args.steps)

@@ -16,13 +16,19 @@ bandwidth of an in-place triad, `a += s * b` on float32 arrays (12 bytes per
 element: read a, b; write a) on the device JAX uses, measured in the same
 rounds. It also prints the optimizer-state bytes per parameter.
 
+The flat-vector workload also times jadam.adam8bit through the kernel's 8-bit
+variant (its GB/s column still counts 28 bytes a parameter, for comparison; it
+moves 16).
+
 The `configs` workload times, at 10M and 50M parameters, each configuration
 the kernel finds by structure (clip + adam, apply_if_finite(adam),
 jadam.torch.AdamW with two groups, inject_hyperparams(adam), amsgrad, bf16
-moments) with the kernel and with `fused=False`, interleaved, against torch's
-fused Adam; the target is fused/XLA <= 0.70. "bytes" is what a single pass
-moves per parameter (float32 g, p, m, v read and p, m, v written: 28; +8 for
-AMSGrad's maximum; bf16 moments: 20).
+moments, 8-bit moments) with the kernel and with `fused=False`, interleaved,
+against torch's fused Adam; the target is fused/XLA <= 0.70 (and, for 8-bit
+moments, the float32 "adam" row's fused time or less). "bytes" is what a single
+pass moves per parameter (float32 g, p, m, v read and p, m, v written: 28; +8
+for AMSGrad's maximum; bf16 moments: 20; 8-bit moments: g, p and two codes
+read, p and two codes written, 16, plus 8/256 for the scales).
 """
 
 from __future__ import annotations
@@ -154,7 +160,7 @@ def tree_shapes(blocks: int) -> list[tuple[int, ...]]:
   return [s for _ in range(blocks) for s in block]
 
 
-def _optimizer_workload(shapes, with_torch=True, bf16=True):
+def _optimizer_workload(shapes, with_torch=True, bf16=True, eight=False):
   key = jax.random.key(0)
   keys = jax.random.split(key, len(shapes))
   grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
@@ -172,6 +178,8 @@ def _optimizer_workload(shapes, with_torch=True, bf16=True):
         "jadam.adam bf16 moments", jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), params, grads
       )
     )
+  if eight:  # the kernel's 8-bit variant (the XLA 8-bit step is timed in the configs workload)
+    contenders.append(_jax_opt_contender("jadam.adam8bit (fused kernel)", jadam.adam8bit(1e-3), params, grads))
   if with_torch:
     contenders += _torch_opt_contenders(shapes)
   return contenders
@@ -194,6 +202,7 @@ def configurations() -> list[tuple[str, Callable[[], optax.GradientTransformatio
     ("inject_hyperparams(adam)", lambda: optax.inject_hyperparams(jadam.adam)(learning_rate=1e-3), 28),
     ("adam amsgrad", lambda: jadam.adam(1e-3, amsgrad=True), 36),
     ("adam bf16 moments", lambda: jadam.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), 20),
+    ("adam8bit", lambda: jadam.adam8bit(1e-3), 16),
   ]
 
 
@@ -389,7 +398,7 @@ def main(argv=None):
   if "vector" in workloads:
     for size in args.sizes.split(","):
       n = int(float(size))
-      cs = _optimizer_workload([(n,)], with_torch)
+      cs = _optimizer_workload([(n,)], with_torch, eight=True)
       triad.times = []
       measure(cs + [triad], args.steps)
       bw = TRIAD_BYTES * triad.n_params / np.median(triad.times) / 1e9
@@ -406,7 +415,7 @@ def main(argv=None):
   if "configs" in workloads:
     for size in args.config_sizes.split(","):
       # --quick: two configurations, enough to keep the code from rotting
-      names = ["adam", "torch.AdamW two groups"] if args.quick else None
+      names = ["adam", "torch.AdamW two groups", "adam8bit"] if args.quick else None
       print(_configs(int(float(size)), args.steps, with_torch, names))
   if "cnn" in workloads:
     cs, n = _cnn_contenders(args.cnn_batch, with_torch)

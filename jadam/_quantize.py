@@ -184,6 +184,38 @@ def _lookup_tables(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _TABLES = {s: _lookup_tables(b) for s, b in _BOUNDS.items()}
 
 
+def _packed_table(signed: bool) -> np.ndarray:
+  """`_TABLES[signed]` as the C++ kernel reads it: one uint32 per key, `base | threshold << 16`.
+
+  A boundary inside a key's interval has the key as its top 16 bits, so comparing
+  it with y needs only the low 16 bits: for y >= 0, ``next < y`` iff
+  ``low16(y) > low16(next)``; for y < 0 the order is reversed, so both sides are
+  complemented (``0xFFFF - low16``). A key without a boundary gets the threshold
+  0xFFFF, which no low half exceeds.
+  """
+  base, nxt = _TABLES[signed]
+  keys = np.arange(2**16, dtype=np.uint32)
+  hit = np.isfinite(nxt)
+  bits = nxt.view(np.uint32)
+  assert np.all((bits[hit] >> 16) == keys[hit]), "a boundary outside its key's interval"
+  assert not np.any(hit & ((keys & 0x7FFF) > 0x7F80)), "a boundary in a NaN key"
+  low = bits & np.uint32(0xFFFF)
+  low = np.where(keys >= 2**15, np.uint32(0xFFFF) - low, low)
+  threshold = np.where(hit, low, np.uint32(0xFFFF)).astype(np.uint32)
+  assert np.all((base >= 0) & (base < 2**16))
+  return (base.astype(np.uint32) | (threshold << np.uint32(16))).astype(np.uint32)
+
+
+def kernel_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """What the fused CPU kernel's 8-bit step reads: the signed and unsigned maps, then their packed code tables."""
+  return (
+    np.ascontiguousarray(_MAPS[True], np.float32),
+    np.ascontiguousarray(_MAPS[False], np.float32),
+    _packed_table(True),
+    _packed_table(False),
+  )
+
+
 def _codes(scaled: jax.Array, signed: bool) -> jax.Array:
   """``searchsorted(bounds, scaled, side="left")`` for `scaled` in [-1, 1], by two table lookups."""
   base, nxt = (jnp.asarray(t) for t in _TABLES[signed])

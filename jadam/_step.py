@@ -78,7 +78,7 @@ def update_and_apply(
   Where `tx` is Adam by structure (see the README's "The fast path": jadam's
   stages, also inside `optax.chain`, `clip_by_global_norm`, `apply_if_finite`,
   `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
-  moments) and the backend is the CPU, the step is one compiled kernel that
+  or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one compiled kernel that
   reads and writes each buffer once, with the same new parameters and state as
   ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
   other backends, or where the kernel cannot be built, the generic path runs.

@@ -351,3 +351,286 @@ def test_benchmark_rows_run(capsys):
   assert 2.0 < row["state_bytes_per_param"] <= 2.1
   adam8bit_fidelity.main(["--n", "4096", "--steps", "3"])
   assert "| jadam.adam8bit vs jadam.adam |" in capsys.readouterr().out
+
+
+# --- the fused CPU kernel (jadam/_kernels: jadam_adam_f32_q8) ------------------------
+
+
+def _kernel():
+  from jadam._kernels import build
+
+  if not build.load():
+    pytest.skip(f"the fused kernel is unavailable here: {build.error()}")
+
+
+def _kernel_leaves(seed=0):
+  """Flat leaves with a partial last block, per-row leaves, a 3-d flat leaf, a one-element leaf, a small leaf."""
+  shapes = {"flat": (5000,), "rows": (8, 4096), "cube": (3, 5, 11), "one": (1,), "small": (7,), "vec": (70001,)}
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {name: jax.random.normal(k, s) for (name, s), k in zip(shapes.items(), keys)}
+
+
+def _kernel_grads(params, t):
+  # scales over decades inside each block, signs both ways, some exact zeros
+  return jax.tree.map(
+    lambda p: jnp.sin(3.0 * p + t) * jnp.exp(-6.0 * jnp.abs(p)) * (1.0 + t % 3) * (p > -2.0).astype(p.dtype), params
+  )
+
+
+def _fused_update(tx):
+  from jadam import _step
+
+  return jax.jit(lambda g, s, p: _step.update_and_apply(tx, g, s, p, fused=True))
+
+
+def _calls(fn, *args):
+  text = fn.lower(*args).as_text()
+  return text.count("@jadam_adam_f32_q8"), len(re.findall(r"@jadam_adam_f32\(", text))
+
+
+def _is_moment(x):
+  return isinstance(x, _quantize.QuantizedMoment)
+
+
+def _assert_bitwise(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))  # bits (-0.0, NaN)
+
+
+KERNEL_CONFIGS = {
+  "adam8bit": lambda bs: jadam.adam8bit(1e-2, block_size=bs, min_8bit_size=64),
+  "adam8bit_l2_maximize": lambda bs: jadam.adam8bit(
+    1e-2, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2, maximize=True, block_size=bs, min_8bit_size=0
+  ),
+  "adamw8bit": lambda bs: jadam.adamw8bit(1e-2, weight_decay=0.1, block_size=bs, min_8bit_size=64),
+  "clip_adamw8bit": lambda bs: optax.chain(
+    optax.clip_by_global_norm(1.0), jadam.adamw8bit(1e-2, eps_root=1e-12, block_size=bs, min_8bit_size=64)
+  ),
+  "torch_adamw8bit_groups": lambda bs: jadam.torch.AdamW8bit(
+    [{"params": "rows|flat|vec", "lr": 1e-2}, {"params": "cube|one|small", "weight_decay": 0.1, "min_8bit_size": 0}],
+    lr=1e-3,
+  ),
+}
+
+
+@pytest.mark.parametrize("block_size", [64, 256, 2048])
+@pytest.mark.parametrize("config", list(KERNEL_CONFIGS))
+def test_kernel_is_the_generic_step_bit_for_bit(config, block_size):
+  """The fused 8-bit step gives the generic step's codes, scales and parameters, bit for bit, step after step.
+
+  The reference is the generic path op by op (eager), whose float32 rounding is the one the kernel reproduces;
+  under jit XLA may contract a multiply-add (see tests/test_kernels.py), so that comparison is to a few ulps.
+  """
+  _kernel()
+  if config.startswith("torch") and block_size != 256:
+    pytest.skip("bitsandbytes' front has one block size, 256")
+  tx = KERNEL_CONFIGS[config](block_size)
+  params = _kernel_leaves()
+  state = tx.init(params)
+  fused = _fused_update(tx)
+  q8, f32 = _calls(fused, params, state, params)
+  # both formats in one tree where some leaves are below min_8bit_size: the 8-bit call and the float32 one
+  moments = [x for x in jax.tree.leaves(state, is_leaf=_is_moment) if _is_moment(x)]
+  small = any(c.dtype != jnp.uint8 for m in moments for c in jax.tree.leaves(m.codes))
+  assert q8 >= 1 and (f32 >= 1) == small
+  for t in range(3):
+    grads = _kernel_grads(params, t)
+    got = fused(grads, state, params)
+    updates, want_state = tx.update(grads, state, params)
+    _assert_bitwise(got, (optax.apply_updates(params, updates), want_state))
+    params, state = got
+  codes = jax.tree.leaves(state)
+  assert any(c.dtype == jnp.uint8 and np.any(np.asarray(c) > 0) for c in codes)
+
+
+def test_kernel_within_an_ulp_or_so_of_the_jitted_generic_step():
+  _kernel()
+  tx = jadam.adamw8bit(1e-2, min_8bit_size=64)
+  params = _kernel_leaves(1)
+  state = tx.init(params)
+  grads = _kernel_grads(params, 0)
+  got_p, got_s = _fused_update(tx)(grads, state, params)
+  from jadam import _step
+
+  want_p, want_s = jax.jit(lambda g, s, p: _step.update_and_apply(tx, g, s, p, fused=False))(grads, state, params)
+  for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(want_p)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=4 * float(np.spacing(np.float32(np.max(np.abs(b))))))
+  for a, b in zip(jax.tree.leaves(got_s), jax.tree.leaves(want_s)):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype == np.uint8:  # a code may sit on a boundary that a contracted multiply-add crosses
+      assert np.mean(a != b) < 1e-3 and np.max(np.abs(a.astype(int) - b.astype(int))) <= 1
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_kernel_apply_if_finite_rejects_and_accepts():
+  """A rejected step keeps codes and scales; a second error in a row is accepted, inf and all, as the generic step
+  (op by op: optax.apply_if_finite's lax.cond would compile the inner step, contractions and all).
+
+  Not compared: steps after one that took an inf into the moments (a block of NaNs next to an inf: which of the
+  two XLA's reduction keeps is its own business, and such a state is lost anyway).
+  """
+  _kernel()
+  inner = jadam.adam8bit(1e-2, weight_decay=1e-2, min_8bit_size=64)
+  tx = optax.apply_if_finite(inner, 1)
+  params = _kernel_leaves(2)
+  state = tx.init(params)
+  fused = _fused_update(tx)
+  assert _calls(fused, params, state, params)[0] >= 1
+  for t in range(3):
+    grads = _kernel_grads(params, t)
+    if t in (1, 2):  # a NaN in a partial last block, in a full one and in whole blocks (a row); then an inf
+      grads = {k: g.at[0].set(jnp.nan if t == 1 else jnp.inf) for k, g in grads.items()}
+    got = fused(grads, state, params)
+    if t == 1:  # rejected: nothing moves (apply_updates adds zeros), codes and scales as they were
+      want = (jax.tree.map(lambda p: p + 0, params), state.inner_state)
+    else:
+      updates, new_inner = inner.update(grads, state.inner_state, params)
+      want = (optax.apply_updates(params, updates), new_inner)
+    _assert_bitwise((got[0], got[1].inner_state), want)
+    assert int(got[1].notfinite_count) == (1 if t == 1 else 2 if t == 2 else 0)
+    params, state = got
+    params = jax.tree.map(lambda p: jnp.where(jnp.isfinite(p), p, 0.5), params)
+  # a NaN accepted at once (max_consecutive_errors=0): NaN blocks coded as the generic step codes them
+  tx = optax.apply_if_finite(inner, 0)
+  grads = {k: g.at[0].set(jnp.nan) for k, g in _kernel_grads(params, 3).items()}
+  got = _fused_update(tx)(grads, tx.init(params)._replace(inner_state=state.inner_state), params)
+  updates, new_inner = inner.update(grads, state.inner_state, params)
+  _assert_bitwise((got[0], got[1].inner_state), (optax.apply_updates(params, updates), new_inner))
+
+
+def test_kernel_inject_hyperparams_with_a_schedule():
+  _kernel()
+  static = ("block_size", "min_8bit_size", "amsgrad", "maximize")
+  tx = optax.inject_hyperparams(jadam.adam8bit, static_args=static)(
+    learning_rate=optax.linear_schedule(1e-2, 1e-3, 5), b1=0.8, block_size=128, min_8bit_size=64
+  )
+  params = _kernel_leaves(3)
+  state = tx.init(params)
+  fused = _fused_update(tx)
+  assert _calls(fused, params, state, params)[0] >= 1
+  for t in range(4):
+    grads = _kernel_grads(params, t)
+    got = fused(grads, state, params)
+    updates, want_state = tx.update(grads, state, params)
+    want = (optax.apply_updates(params, updates), want_state)
+    # the moments bit for bit; the schedule's learning rate may fold an ulp differently under jit (as for float32)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      a, b = np.asarray(a), np.asarray(b)
+      if a.dtype == np.uint8 or a.size != 1 and a.shape not in [p.shape for p in params.values()]:
+        np.testing.assert_array_equal(a, b)  # codes and scales
+      else:
+        np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-9)
+    params, state = got
+
+
+def test_kernel_update_step_donates_in_place_without_retracing():
+  _kernel()
+  traces = []
+  tx = jadam.adam8bit(1e-3, min_8bit_size=64)
+
+  def loss(params, x):
+    traces.append(1)
+    return sum(jnp.sum(jnp.sin(p) * x) for p in jax.tree.leaves(params))
+
+  params = _kernel_leaves(4)
+  state = tx.init(params)
+  hlo = jadam.make_update_step(tx).lower(params, state, params).compile().as_text()
+  assert 'custom_call_target="jadam_adam_f32_q8"' in hlo and " copy(" not in hlo
+  train = jadam.make_train_step(loss, tx)
+  want_p, want_s = params, state
+  got_p, got_s = jax.tree.map(jnp.copy, (params, state))
+  x = jnp.float32(0.5)
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      got_p, got_s, _ = train(got_p, got_s, x)
+  assert len(traces) == 1
+  for _ in range(3):
+    grads = jax.grad(loss)(want_p, x)
+    updates, want_s = tx.update(grads, want_s, want_p)
+    want_p = optax.apply_updates(want_p, updates)
+  for a, b in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((want_p, want_s))):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype == np.uint8:
+      assert np.mean(a != b) < 1e-3
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_refusals_fall_back_to_the_generic_step():
+  _kernel()
+  params = {"w": jnp.ones((4, 256))}
+  for tx, why in (
+    (jadam.adam8bit(1e-3, amsgrad=True, min_8bit_size=0), "8-bit moments with amsgrad"),
+    (jadam.adam(1e-3, mu_dtype=jadam.Quantized(), nu_dtype=jnp.float32), "8-bit moments for one moment only"),
+  ):
+    from jadam import _step
+
+    auto = jax.jit(lambda g, s, p, tx=tx: _step._apply(tx, g, s, p, fused=None, multi_device_ok=True))
+    assert "jadam_adam_f32_q8" not in auto.lower(params, tx.init(params), params).as_text()
+    with pytest.raises(ValueError, match=re.escape(why)):
+      _fused_update(tx).lower(params, tx.init(params), params)
+
+
+def test_kernel_step_exports_as_pure_xla():
+  _kernel()
+  tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adamw8bit(1e-2, min_8bit_size=64))
+  params = _kernel_leaves(5)
+  state = tx.init(params)
+  grads = _kernel_grads(params, 0)
+  fused = _fused_update(tx)
+  assert _calls(fused, grads, state, params)[0] >= 1
+  for platforms in (("cpu",), ("cuda", "tpu")):
+    exp = jax.export.export(fused, platforms=platforms)(grads, state, params)
+    assert not [line for line in exp.mlir_module().splitlines() if "custom_call @jadam" in line]
+  got = jax.export.export(fused, platforms=("cpu",))(grads, state, params).call(grads, state, params)
+  want = fused(grads, state, params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype == np.uint8:
+      assert np.mean(a != b) < 1e-3
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_reads_every_code_back_as_the_map():
+  """Old codes 0..255 everywhere (the 64-wide, 16-wide and scalar paths of the kernel), any scales: bit for bit."""
+  _kernel()
+  tx = jadam.adamw8bit(1e-2, block_size=256, min_8bit_size=0)
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.asarray(rng.standard_normal(256 * 9 + 113), jnp.float32), "b": jnp.ones((3, 512))}
+  state = tx.init(params)
+
+  def filled(q, signed):
+    codes = jax.tree.map(lambda c: jnp.asarray(rng.permutation(c.size) % 256, jnp.uint8).reshape(c.shape), q.codes)
+    absmax = jax.tree.map(
+      lambda a: jnp.asarray(rng.uniform(0, 2, a.shape) * (1 if signed else 1e-2), jnp.float32), q.absmax
+    )
+    return _quantize.QuantizedMoment(codes=codes, absmax=absmax)
+
+  fill = lambda s: s._replace(mu=filled(s.mu, True), nu=filled(s.nu, False))
+  state = tuple(fill(s) if isinstance(s, jadam.ScaleByMomentsState) else s for s in state)
+  assert any(isinstance(s, jadam.ScaleByMomentsState) for s in state)
+  grads = _kernel_grads(params, 0)
+  got = _fused_update(tx)(grads, state, params)
+  updates, want_state = tx.update(grads, state, params)
+  _assert_bitwise(got, (optax.apply_updates(params, updates), want_state))
+
+
+def test_kernel_threads_split_at_block_boundaries():
+  """Above the kernel's parallel threshold (2^18 values) the blocks are shared out between threads: same bits."""
+  _kernel()
+  tx = jadam.adamw8bit(1e-2, block_size=128, min_8bit_size=64)
+  keys = jax.random.split(jax.random.key(7), 2)
+  params = {"big": jax.random.normal(keys[0], (300_001,)), "rows": jax.random.normal(keys[1], (600, 512))}
+  state = tx.init(params)
+  fused = _fused_update(tx)
+  for t in range(2):
+    grads = _kernel_grads(params, t)
+    got = fused(grads, state, params)
+    updates, want_state = tx.update(grads, state, params)
+    _assert_bitwise(got, (optax.apply_updates(params, updates), want_state))
+    params, state = got

@@ -14,6 +14,7 @@ def test_step_time_quick(capsys):
     assert title in out
   assert "| jadam.adam |" in out and "| optax.adam |" in out
   assert "configurations, 10,000" in out and "| torch.AdamW two groups |" in out and "| yes |" in out
+  assert "| jadam.adam8bit (fused kernel) |" in out and "| adam8bit |" in out
 
 
 def test_step_time_quick_with_torch(capsys):

@@ -10,6 +10,10 @@
 // dtype); then 4 buffers per leaf (g, p, m, v), 5 with amsgrad (+ v_max);
 // results are 3 per leaf (p, m, v), 4 with amsgrad, aliased by the caller to
 // the donated inputs. The attribute `mode` says which stages are present.
+//
+// Variants below: float32 parameters with bfloat16 moments (JadamAdamF32Bf16)
+// and with 8-bit block-quantized moments (JadamAdamF32Q8, 16 bytes a value:
+// g, p and two codes read, p and two codes written, plus the blocks' scales).
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +27,10 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -467,6 +475,511 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
   return ffi::Error::Success();
 }
 
+
+// --- float32 parameters, 8-bit block-quantized moments (jadam/_quantize.py) ----------------------------------
+//
+// Call frame: scalars (float32), then per leaf g, p (float32), m codes (uint8), m absmax (float32), v codes
+// (uint8), v absmax (float32); results p, m codes, m absmax, v codes, v absmax per leaf, aliased. Attribute
+// `block_size`: block b of a leaf covers its flat elements [b * block_size, (b + 1) * block_size) (the last one
+// possibly partial) and has the absmax of flat index b, whatever the absmax array's shape.
+//
+// One pass per block, as jadam's generic path computes it: the old moments dequantized (map[code] * absmax), the
+// new ones formed in float32 (_ema), the parameter updated from those float32 moments (the stages after
+// scale_by_moments read the values that were just requantized, not the stored ones), then each moment's block
+// requantized: absmax = max |x| (NaNs ignored in whole blocks, as XLA:CPU's row reduction does: -inf for a block
+// of NaNs; a NaN makes a partial last block's absmax NaN, as its reduction to a scalar does), inv = 1 / max(absmax, 1e-38), y = clip(x * inv, -1, 1), code =
+// searchsorted(bounds, y) by the key tables of _quantize._lookup_tables, and a positive v never below code 1.
+//
+// The maps and the code tables come from Python (JadamSetQuantTables, called once when the library is loaded), so
+// that _quantize.py stays their one definition. Code table entry: the low 16 bits are `base` (the boundaries below
+// the key's interval), the high 16 bits a threshold on the low 16 bits of y (reversed for negative y) that holds
+// the interval's boundary, if any: code = base + (low16'(y) > threshold).
+
+struct QuantTables {
+  alignas(64) float map_s[256];
+  alignas(64) float map_u[256];
+  alignas(64) uint8_t planes_s[4][256];  // byte k of each map value, for the 64-wide lookup
+  alignas(64) uint8_t planes_u[4][256];
+  uint32_t code_s[1 << 16];
+  uint32_t code_u[1 << 16];
+};
+QuantTables g_quant;
+std::atomic<bool> g_quant_ready{false};
+
+inline uint32_t Code(float y, const uint32_t* table) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, 4);
+  const uint32_t e = table[bits >> 16];
+  const uint32_t low = (bits ^ ((bits >> 31) ? 0xFFFFu : 0u)) & 0xFFFFu;
+  return (e & 0xFFFFu) + (low > (e >> 16) ? 1u : 0u);
+}
+
+#if defined(__AVX512F__)
+// map[idx] for 16 indices in [0, 256): eight two-register permutes (the low 5 bits) and a blend tree over bits 5-7;
+// faster than a gather on CPUs whose gathers are microcoded (AMD Zen 4). `map` is 64-byte aligned.
+inline __m512 Lookup256(const float* map, __m512i idx) {
+  __m512 r[8];
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_permutex2var_ps(_mm512_load_ps(map + 32 * k), idx, _mm512_load_ps(map + 32 * k + 16));
+  }
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  const __m512 s0 = _mm512_mask_blend_ps(b5, r[0], r[1]), s1 = _mm512_mask_blend_ps(b5, r[2], r[3]);
+  const __m512 s2 = _mm512_mask_blend_ps(b5, r[4], r[5]), s3 = _mm512_mask_blend_ps(b5, r[6], r[7]);
+  return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, s0, s1), _mm512_mask_blend_ps(b6, s2, s3));
+}
+#endif
+
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+// map[code] for 64 codes, as four vectors of 16 floats in order: each byte of the float is a 256-entry byte table
+// (two 128-byte permutes and a blend on the code's top bit), and the four byte planes are interleaved back into
+// floats. The unpacks work within 128-bit lanes, so the codes are shuffled first: out[r] lane L slot s comes from
+// position 16L + 4r + s, which must hold code 16r + 4L + s.
+struct Shuffle64 {
+  alignas(64) uint8_t idx[64];
+  constexpr Shuffle64() : idx() {
+    for (int l = 0; l < 4; ++l)
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) idx[16 * l + 4 * r + s] = static_cast<uint8_t>(16 * r + 4 * l + s);
+  }
+};
+constexpr Shuffle64 kShuffle64;
+
+inline void Lookup256x64(const uint8_t (*planes)[256], const uint8_t* codes, __m512 out[4]) {
+  const __m512i c = _mm512_permutexvar_epi8(_mm512_load_si512(kShuffle64.idx), _mm512_loadu_si512(codes));
+  const __mmask64 top = _mm512_movepi8_mask(c);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(planes[k]), c, _mm512_load_si512(planes[k] + 64));
+    const __m512i hi =
+        _mm512_permutex2var_epi8(_mm512_load_si512(planes[k] + 128), c, _mm512_load_si512(planes[k] + 192));
+    b[k] = _mm512_mask_blend_epi8(top, lo, hi);
+  }
+  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h));
+}
+#endif
+
+inline float Clip1(float x) { return std::isnan(x) ? x : std::min(std::max(x, -1.0f), 1.0f); }  // jnp.clip
+
+struct LeafQ {
+  const float* g;
+  float* p;
+  uint8_t* cm;
+  float* am;
+  uint8_t* cv;
+  float* av;
+  int64_t size;
+};
+
+struct TaskQ {
+  int64_t leaf, lo, hi;  // blocks [lo, hi) of a leaf
+};
+
+struct JobQ {
+  std::vector<LeafQ> leaves;
+  std::vector<TaskQ> tasks;
+  int64_t bs = 0;
+  int bits = 0;
+  bool skip = false;
+  float s[kNumScalars];
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  // One block: pass 1 puts the new moments into tm, tv and updates the parameters in place; pass 2 requantizes.
+  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void Block(const LeafQ& l, int64_t b, float* __restrict tm, float* __restrict tv) const {
+    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
+    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
+    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
+    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
+    const int64_t off = b * bs, n = std::min(bs, l.size - off);
+    const float* __restrict g = l.g + off;
+    float* __restrict p = l.p + off;
+    uint8_t* __restrict cm = l.cm + off;
+    uint8_t* __restrict cv = l.cv + off;
+    const float am = l.am[b], av = l.av[b];
+    const float* map_s = g_quant.map_s;
+    const float* map_u = g_quant.map_u;
+    // the blocks' maxima, NaNs ignored (XLA:CPU's max reduction: maxnum from -inf)
+    float mx_m = -INFINITY, mx_v = -INFINITY;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (!kExact) {
+      const __m512 v_omb1 = _mm512_set1_ps(omb1), v_b1 = _mm512_set1_ps(b1), v_omb2 = _mm512_set1_ps(omb2);
+      const __m512 v_b2 = _mm512_set1_ps(b2), v_r1 = _mm512_set1_ps(r1), v_r2 = _mm512_set1_ps(r2);
+      const __m512 v_eps_root = _mm512_set1_ps(eps_root), v_eps = _mm512_set1_ps(eps);
+      const __m512 v_neg_lr = _mm512_set1_ps(neg_lr), v_wd = _mm512_set1_ps(wd), v_rn = _mm512_set1_ps(rn);
+      const __m512 v_max_norm = _mm512_set1_ps(max_norm), v_factor = _mm512_set1_ps(factor);
+      const __m512 v_sign = _mm512_set1_ps(sign), v_am = _mm512_set1_ps(am), v_av = _mm512_set1_ps(av);
+      __m512 vmx_m = _mm512_set1_ps(-INFINITY), vmx_v = _mm512_set1_ps(-INFINITY);
+      // 16 values: the map values of their old codes in, the parameters and the new moments out
+      auto step16 = [&](int64_t i, __m512 m_map, __m512 v_map) {
+        __m512 gi = _mm512_loadu_ps(g + i);
+        const __m512 pi = _mm512_loadu_ps(p + i);
+        if (kClipped) gi = _mm512_mul_ps(_mm512_mul_ps(gi, v_rn), v_max_norm);
+        gi = _mm512_mul_ps(gi, v_sign);
+        if (kCoupledL2) gi = _mm512_add_ps(gi, _mm512_mul_ps(v_wd, pi));
+        const __m512 mo = _mm512_mul_ps(m_map, v_am);  // _quantize.dequantize: map[code] * absmax
+        const __m512 vo = _mm512_mul_ps(v_map, v_av);
+        const __m512 mi = _mm512_add_ps(_mm512_mul_ps(v_omb1, gi), _mm512_mul_ps(v_b1, mo));
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v_omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(v_b2, vo));
+        const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, v_r2), v_eps_root)), v_eps);
+        __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, v_r1), den);
+        if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(v_wd, pi));
+        __m512 po;
+        if (kShrink) {
+          po = _mm512_add_ps(pi, _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(pi, v_factor), _mm512_mul_ps(v_neg_lr, u)), pi));
+        } else {
+          po = _mm512_add_ps(pi, _mm512_mul_ps(v_neg_lr, u));
+        }
+        _mm512_storeu_ps(p + i, po);
+        _mm512_storeu_ps(tm + i, mi);
+        _mm512_storeu_ps(tv + i, vi);
+        // x86 max returns the second operand when one is NaN: a NaN value leaves the running maximum as it is
+        vmx_m = _mm512_max_ps(_mm512_abs_ps(mi), vmx_m);
+        vmx_v = _mm512_max_ps(_mm512_abs_ps(vi), vmx_v);
+      };
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+      for (; i + 64 <= n; i += 64) {
+        __m512 mq[4], vq[4];
+        Lookup256x64(g_quant.planes_s, cm + i, mq);
+        Lookup256x64(g_quant.planes_u, cv + i, vq);
+        for (int r = 0; r < 4; ++r) step16(i + 16 * r, mq[r], vq[r]);
+      }
+#endif
+      for (; i + 16 <= n; i += 16) {
+        const __m512i km = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + i)));
+        const __m512i kv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cv + i)));
+        step16(i, Lookup256(map_s, km), Lookup256(map_u, kv));
+      }
+      mx_m = _mm512_reduce_max_ps(vmx_m);
+      mx_v = _mm512_reduce_max_ps(vmx_v);
+    }
+#endif
+    for (; i < n; ++i) {
+      float gi = g[i];
+      const float pi = p[i];
+      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
+      gi = gi * sign;
+      if (kCoupledL2) gi = gi + wd * pi;
+      const float mo = map_s[cm[i]] * am;  // _quantize.dequantize
+      const float vo = map_u[cv[i]] * av;
+      const float mi = omb1 * gi + b1 * mo;
+      const float vi = omb2 * (gi * gi) + b2 * vo;
+      float u = kExact ? (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps)
+                       : (mi * r1) / (std::sqrt(vi * r2 + eps_root) + eps);
+      if (kDecoupledL2) u = u + wd * pi;
+      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
+      tm[i] = mi;
+      tv[i] = vi;
+      const float am_i = std::fabs(mi), av_i = std::fabs(vi);
+      mx_m = am_i > mx_m ? am_i : mx_m;
+      mx_v = av_i > mx_v ? av_i : mx_v;
+    }
+    if (n < bs) {  // the partial last block of a flat leaf: _quantize._block_max reduces it alone, NaN-propagating
+      for (int64_t j = 0; j < n; ++j) {
+        if (std::isnan(tm[j])) mx_m = std::fabs(tm[j]);
+        if (std::isnan(tv[j])) mx_v = std::fabs(tv[j]);
+      }
+    }
+    // Pass 2: requantize. _quantize.quantize: x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+    const float inv_m = 1.0f / std::max(mx_m, 1e-38f);
+    const float inv_v = 1.0f / std::max(mx_v, 1e-38f);
+    l.am[b] = mx_m;
+    l.av[b] = mx_v;
+    const uint32_t* code_s = g_quant.code_s;
+    const uint32_t* code_u = g_quant.code_u;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    {
+      const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
+      const __m512 v_inv_m = _mm512_set1_ps(inv_m), v_inv_v = _mm512_set1_ps(inv_v);
+      const __m512i low16 = _mm512_set1_epi32(0xFFFF), ione = _mm512_set1_epi32(1);
+      auto code = [&](__m512 y, const uint32_t* table) {
+        const __m512i bits = _mm512_castps_si512(y);
+        const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
+        const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), low16);
+        const __m512i base = _mm512_and_si512(e, low16);
+        const __mmask16 up = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32(e, 16));
+        return _mm512_mask_add_epi32(base, up, base, ione);
+      };
+      for (; j + 16 <= n; j += 16) {
+        // max(-1, x) then min(1, .): x86 returns the second operand when one is NaN, so a NaN stays NaN (jnp.clip)
+        const __m512 ym = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tm + j), v_inv_m)));
+        const __m512 yv = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tv + j), v_inv_v)));
+        const __m512i qm = code(ym, code_s);
+        __m512i qv = code(yv, code_u);
+        qv = _mm512_mask_max_epu32(qv, _mm512_cmp_ps_mask(yv, zero, _CMP_GT_OQ), qv, ione);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cm + j), _mm512_cvtepi32_epi8(qm));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cv + j), _mm512_cvtepi32_epi8(qv));
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      const float ym = Clip1(tm[j] * inv_m);
+      const float yv = Clip1(tv[j] * inv_v);
+      cm[j] = static_cast<uint8_t>(Code(ym, code_s));
+      const uint32_t qv = Code(yv, code_u);
+      cv[j] = static_cast<uint8_t>(yv > 0.0f ? std::max(qv, 1u) : qv);
+    }
+  }
+
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  // Whole blocks of a multiple of 64 values, software-pipelined: the requantization of block b (its code search,
+  // gathers) interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
+  // work overlap; the same operations on the same values as Block.
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  struct Update {
+    __m512 omb1, b1, omb2, b2, r1, r2, eps_root, eps, neg_lr, wd, rn, max_norm, factor, sign, am, av, mx_m, mx_v;
+    const float* g;
+    float* p;
+    const uint8_t* cm;
+    const uint8_t* cv;
+    float* tm;
+    float* tv;
+    Update(const float* s, const LeafQ& l, int64_t b, int64_t bs, float* tm_, float* tv_) {
+      omb1 = _mm512_set1_ps(s[kOneMinusB1]), b1 = _mm512_set1_ps(s[kB1]);
+      omb2 = _mm512_set1_ps(s[kOneMinusB2]), b2 = _mm512_set1_ps(s[kB2]);
+      r1 = _mm512_set1_ps(1.0f / s[kC1]), r2 = _mm512_set1_ps(1.0f / s[kC2]);
+      eps_root = _mm512_set1_ps(s[kEpsRoot]), eps = _mm512_set1_ps(s[kEps]), neg_lr = _mm512_set1_ps(s[kNegLr]);
+      wd = _mm512_set1_ps(s[kWeightDecay]), rn = _mm512_set1_ps(1.0f / s[kClipNorm]);
+      max_norm = _mm512_set1_ps(s[kClipMax]), factor = _mm512_set1_ps(s[kDecayFactor]), sign = _mm512_set1_ps(s[kSign]);
+      am = _mm512_set1_ps(l.am[b]), av = _mm512_set1_ps(l.av[b]);
+      mx_m = _mm512_set1_ps(-INFINITY), mx_v = _mm512_set1_ps(-INFINITY);
+      const int64_t off = b * bs;
+      g = l.g + off, p = l.p + off, cm = l.cm + off, cv = l.cv + off, tm = tm_, tv = tv_;
+    }
+    inline void Step16(int64_t i, __m512 m_map, __m512 v_map) {
+      __m512 gi = _mm512_loadu_ps(g + i);
+      const __m512 pi = _mm512_loadu_ps(p + i);
+      if (kClipped) gi = _mm512_mul_ps(_mm512_mul_ps(gi, rn), max_norm);
+      gi = _mm512_mul_ps(gi, sign);
+      if (kCoupledL2) gi = _mm512_add_ps(gi, _mm512_mul_ps(wd, pi));
+      const __m512 mo = _mm512_mul_ps(m_map, am);
+      const __m512 vo = _mm512_mul_ps(v_map, av);
+      const __m512 mi = _mm512_add_ps(_mm512_mul_ps(omb1, gi), _mm512_mul_ps(b1, mo));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(b2, vo));
+      const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, r2), eps_root)), eps);
+      __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, r1), den);
+      if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(wd, pi));
+      __m512 po;
+      if (kShrink) {
+        po = _mm512_add_ps(pi, _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(pi, factor), _mm512_mul_ps(neg_lr, u)), pi));
+      } else {
+        po = _mm512_add_ps(pi, _mm512_mul_ps(neg_lr, u));
+      }
+      _mm512_storeu_ps(p + i, po);
+      _mm512_storeu_ps(tm + i, mi);
+      _mm512_storeu_ps(tv + i, vi);
+      mx_m = _mm512_max_ps(_mm512_abs_ps(mi), mx_m);
+      mx_v = _mm512_max_ps(_mm512_abs_ps(vi), mx_v);
+    }
+    inline void Step64(int64_t i) {
+      __m512 mq[4], vq[4];
+      Lookup256x64(g_quant.planes_s, cm + i, mq);
+      Lookup256x64(g_quant.planes_u, cv + i, vq);
+      for (int r = 0; r < 4; ++r) Step16(i + 16 * r, mq[r], vq[r]);
+    }
+  };
+
+  struct Requantize {
+    __m512 inv_m, inv_v;
+    const float* tm;
+    const float* tv;
+    uint8_t* cm;
+    uint8_t* cv;
+    // Finishes the block's maxima, stores the scales, and gets ready to code the block.
+    Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_) {
+      const float m = _mm512_reduce_max_ps(mx_m), v = _mm512_reduce_max_ps(mx_v);
+      l.am[b] = m;
+      l.av[b] = v;
+      inv_m = _mm512_set1_ps(1.0f / std::max(m, 1e-38f));
+      inv_v = _mm512_set1_ps(1.0f / std::max(v, 1e-38f));
+      tm = tm_, tv = tv_, cm = l.cm + b * bs, cv = l.cv + b * bs;
+    }
+    static inline __m512i Code16(__m512 y, const uint32_t* table) {
+      const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+      const __m512i bits = _mm512_castps_si512(y);
+      const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
+      const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), low16);
+      const __m512i base = _mm512_and_si512(e, low16);
+      const __mmask16 up = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32(e, 16));
+      return _mm512_mask_add_epi32(base, up, base, _mm512_set1_epi32(1));
+    }
+    inline void Step16(int64_t j) {
+      const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
+      const __m512 ym = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tm + j), inv_m)));
+      const __m512 yv = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tv + j), inv_v)));
+      const __m512i qm = Code16(ym, g_quant.code_s);
+      __m512i qv = Code16(yv, g_quant.code_u);
+      const __mmask16 pos = _mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ);
+      qv = _mm512_mask_max_epu32(qv, pos, qv, _mm512_set1_epi32(1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cm + j), _mm512_cvtepi32_epi8(qm));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cv + j), _mm512_cvtepi32_epi8(qv));
+    }
+  };
+
+  // Blocks [lo, hi), all whole and a multiple of 64 long; tm, tv hold two blocks each.
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void Pipelined(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
+    using U = Update<kClipped, kCoupledL2, kDecoupledL2, kShrink>;
+    U up(s, l, lo, bs, tm, tv);
+    for (int64_t i = 0; i < bs; i += 64) up.Step64(i);
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t cur = (b - lo) & 1;
+      Requantize rq(l, b, bs, up.mx_m, up.mx_v, tm + cur * bs, tv + cur * bs);
+      if (b + 1 < hi) {
+        up = U(s, l, b + 1, bs, tm + (1 - cur) * bs, tv + (1 - cur) * bs);
+        for (int64_t i = 0; i < bs; i += 64) {
+          up.Step64(i);
+          for (int r = 0; r < 4; ++r) rq.Step16(i + 16 * r);
+        }
+      } else {
+        for (int64_t j = 0; j < bs; j += 16) rq.Step16(j);
+      }
+    }
+  }
+#endif
+
+  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void RangeT(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
+    if (l.size == 1) {  // as AdamOne: true divisions on a one-element leaf
+      Block<true, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, 0, tm, tv);
+      return;
+    }
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+    if (bs % 64 == 0) {
+      const int64_t whole = std::min(hi, l.size / bs);  // blocks before a partial last one
+      if (whole > lo) Pipelined<kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, whole, tm, tv);
+      for (int64_t b = std::max(lo, whole); b < hi; ++b) {
+        Block<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, b, tm, tv);
+      }
+      return;
+    }
+#endif
+    for (int64_t b = lo; b < hi; ++b) Block<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, b, tm, tv);
+  }
+
+  template <bool kClipped, bool kCoupledL2>
+  void RangeD(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
+    const bool dec = bits & kDecoupled, shrink = bits & kTorchDecay;
+    if (dec && shrink) return RangeT<kClipped, kCoupledL2, true, true>(l, lo, hi, tm, tv);
+    if (dec) return RangeT<kClipped, kCoupledL2, true, false>(l, lo, hi, tm, tv);
+    if (shrink) return RangeT<kClipped, kCoupledL2, false, true>(l, lo, hi, tm, tv);
+    return RangeT<kClipped, kCoupledL2, false, false>(l, lo, hi, tm, tv);
+  }
+
+  void Run(const TaskQ& t, float* tm, float* tv) const {
+    const LeafQ& l = leaves[t.leaf];
+    if (skip) {  // a rejected step: codes and scales stay, the parameters get + 0
+      const int64_t lo = t.lo * bs, hi = std::min(l.size, t.hi * bs);
+      SkipRange<float>(l.p + lo, hi - lo);
+      return;
+    }
+    const bool clip = bits & kClip, coupled = bits & kCoupled;
+    if (clip && coupled) return RangeD<true, true>(l, t.lo, t.hi, tm, tv);
+    if (clip) return RangeD<true, false>(l, t.lo, t.hi, tm, tv);
+    if (coupled) return RangeD<false, true>(l, t.lo, t.hi, tm, tv);
+    return RangeD<false, false>(l, t.lo, t.hi, tm, tv);
+  }
+
+  void Work() {
+    std::vector<float> tmp(4 * static_cast<size_t>(bs));  // the new m and v of two blocks (Pipelined)
+    int64_t ran = 0;
+    const int64_t n = static_cast<int64_t>(tasks.size());
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      Run(tasks[c], tmp.data(), tmp.data() + 2 * bs);
+      ++ran;
+    }
+    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+  }
+};
+
+ffi::Error AdamQ8Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode,
+                      int64_t block_size) {
+  if (!g_quant_ready.load(std::memory_order_acquire)) {
+    return ffi::Error::Internal("jadam_adam_f32_q8: the quantization tables were not set (JadamSetQuantTables)");
+  }
+  if (block_size < 1 || (block_size & (block_size - 1))) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_q8: block_size must be a positive power of two");
+  }
+  if (args.size() < 1 || (args.size() - 1) % 6 != 0 || rets.size() != 5 * ((args.size() - 1) / 6)) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_q8: expected 1 + 6n arguments and 5n results");
+  }
+  if (mode & kAmsgrad) return ffi::Error::InvalidArgument("jadam_adam_f32_q8: no amsgrad");
+  const size_t n_leaves = (args.size() - 1) / 6;
+  auto scalars = args.get<ffi::AnyBuffer>(0);
+  if (!scalars.has_value() || scalars->element_type() != ffi::DataType::F32 ||
+      scalars->element_count() != kNumScalars) {
+    return ffi::Error::InvalidArgument("jadam_adam_f32_q8: bad scalar buffer");
+  }
+  auto job = std::make_shared<JobQ>();
+  const float* s = reinterpret_cast<const float*>(scalars->untyped_data());
+  std::copy(s, s + kNumScalars, job->s);
+  job->bs = block_size;
+  job->bits = mode & ~kClip;
+  if ((mode & kClip) && s[kClipOn] != 0.0f) job->bits |= kClip;
+  job->skip = s[kApply] == 0.0f;
+  using DT = ffi::DataType;
+  const DT want[6] = {DT::F32, DT::F32, DT::U8, DT::F32, DT::U8, DT::F32};
+  const size_t width[6] = {4, 4, 1, 4, 1, 4};
+  // Tasks of whole blocks, about kChunk elements each.
+  const int64_t per_task = std::max<int64_t>(1, kChunk / block_size);
+  int64_t total = 0;
+  for (size_t i = 0; i < n_leaves; ++i) {
+    void* in[6];
+    int64_t size = -1;
+    for (int k = 0; k < 6; ++k) {
+      auto b = args.get<ffi::AnyBuffer>(1 + 6 * i + k);
+      if (!b.has_value() || b->element_type() != want[k]) {
+        return ffi::Error::InvalidArgument("jadam_adam_f32_q8: bad leaf argument");
+      }
+      const int64_t count = static_cast<int64_t>(b->element_count());
+      if (k == 0) size = count;
+      const int64_t expect = (k == 3 || k == 5) ? (size + block_size - 1) / block_size : size;
+      if (count != expect) return ffi::Error::InvalidArgument("jadam_adam_f32_q8: leaf sizes differ");
+      in[k] = b->untyped_data();
+    }
+    void* out[5];
+    for (int k = 0; k < 5; ++k) {
+      auto r = rets.get<ffi::AnyBuffer>(5 * i + k);
+      const int64_t expect = (k == 2 || k == 4) ? (size + block_size - 1) / block_size : size;
+      if (!r.has_value() || (*r)->element_type() != want[k + 1] ||
+          static_cast<int64_t>((*r)->element_count()) != expect) {
+        return ffi::Error::InvalidArgument("jadam_adam_f32_q8: bad leaf result");
+      }
+      out[k] = (*r)->untyped_data();
+      if (out[k] != in[k + 1]) std::memcpy(out[k], in[k + 1], expect * width[k + 1]);
+    }
+    if (size == 0) continue;
+    const int64_t leaf = static_cast<int64_t>(job->leaves.size());
+    job->leaves.push_back(LeafQ{static_cast<const float*>(in[0]), static_cast<float*>(out[0]),
+                                static_cast<uint8_t*>(out[1]), static_cast<float*>(out[2]),
+                                static_cast<uint8_t*>(out[3]), static_cast<float*>(out[4]), size});
+    const int64_t blocks = (size + block_size - 1) / block_size;
+    for (int64_t lo = 0; lo < blocks; lo += per_task) job->tasks.push_back(TaskQ{leaf, lo, std::min(blocks, lo + per_task)});
+    total += size;
+  }
+  if (job->tasks.empty()) return ffi::Error::Success();
+  const int64_t threads = pool.num_threads();
+  const int64_t n_tasks = static_cast<int64_t>(job->tasks.size());
+  if (total < kParallelThreshold || threads <= 1 || n_tasks == 1) {
+    job->Work();
+    return ffi::Error::Success();
+  }
+  const int64_t helpers = std::min<int64_t>(threads, n_tasks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < n_tasks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32Bf16, AdamBf16Impl,
@@ -489,3 +1002,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF64, AdamImpl<ffi::DataType::F64>,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<int32_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32Q8, AdamQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int64_t>("block_size"));
+
+// The 8-bit kernel's maps (256 float32 each, signed then unsigned) and code tables (65536 uint32 each), from
+// jadam._quantize.kernel_tables(); called once, before the first 8-bit step.
+extern "C" __attribute__((visibility("default"))) void JadamSetQuantTables(const float* map_s, const float* map_u,
+                                                                          const uint32_t* code_s,
+                                                                          const uint32_t* code_u) {
+  std::memcpy(g_quant.map_s, map_s, sizeof(g_quant.map_s));
+  std::memcpy(g_quant.map_u, map_u, sizeof(g_quant.map_u));
+  std::memcpy(g_quant.code_s, code_s, sizeof(g_quant.code_s));
+  std::memcpy(g_quant.code_u, code_u, sizeof(g_quant.code_u));
+  for (int j = 0; j < 256; ++j) {
+    uint32_t bs, bu;
+    std::memcpy(&bs, map_s + j, 4);
+    std::memcpy(&bu, map_u + j, 4);
+    for (int k = 0; k < 4; ++k) {
+      g_quant.planes_s[k][j] = static_cast<uint8_t>(bs >> (8 * k));
+      g_quant.planes_u[k][j] = static_cast<uint8_t>(bu >> (8 * k));
+    }
+  }
+  g_quant_ready.store(true, std::memory_order_release);
+}

@@ -38,12 +38,18 @@ import jaxlib
 
 # Compiled together into one library; each source's text is part of the cache key.
 SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc")]
-TARGETS = {"float32": "jadam_adam_f32", "float64": "jadam_adam_f64", "bfloat16": "jadam_adam_f32_bf16"}
+TARGETS = {
+  "float32": "jadam_adam_f32",
+  "float64": "jadam_adam_f64",
+  "bfloat16": "jadam_adam_f32_bf16",
+  "8bit": "jadam_adam_f32_q8",
+}
 SPARSE_TARGETS = {"float32": "jadam_sparse_adam_f32", "float64": "jadam_sparse_adam_f64"}
 _SYMBOLS = {
   "jadam_adam_f32": "JadamAdamF32",
   "jadam_adam_f64": "JadamAdamF64",
   "jadam_adam_f32_bf16": "JadamAdamF32Bf16",
+  "jadam_adam_f32_q8": "JadamAdamF32Q8",
   "jadam_sparse_adam_f32": "JadamSparseAdamF32",
   "jadam_sparse_adam_f64": "JadamSparseAdamF64",
 }
@@ -205,6 +211,15 @@ def _build_and_load(cxx: str) -> ctypes.CDLL:
     return ctypes.cdll.LoadLibrary(str(out))
 
 
+def _set_quant_tables(lib: ctypes.CDLL) -> None:
+  """Hands the 8-bit kernel jadam._quantize's maps and code tables (copied into the library)."""
+  from jadam import _quantize  # pylint: disable=g-import-not-at-top
+
+  tables = _quantize.kernel_tables()
+  lib.JadamSetQuantTables.restype = None
+  lib.JadamSetQuantTables(*(t.ctypes.data_as(ctypes.c_void_p) for t in tables))
+
+
 def load() -> bool:
   """Builds (once) and registers the CPU kernels; False where jadam must use its XLA path."""
   with _lock:
@@ -219,6 +234,7 @@ def load() -> bool:
       if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
       lib = _build_and_load(cxx)
+      _set_quant_tables(lib)
       for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path

@@ -21,12 +21,16 @@ and either serves it or says why not (:class:`Unserved`), whoever built it:
   front becomes a kernel scalar (one reduction pass for the norm);
 - `apply_if_finite` (a rejected step leaves p, m and v as they are),
   `inject_hyperparams`, `partition` (one kernel call per group's leaves);
+- moments in the parameters' dtype, in bfloat16 (stochastic rounding), or in
+  8 bits (`jadam.Quantized` for both, without AMSGrad: one pass per block
+  dequantizes, updates and requantizes; leaves below `min_size` keep float
+  moments and take the float kernel in the same step);
 - `jadam.sparse_adam`'s chain on row-sparse gradients: `sparse_step.py`'s
   kernel, one call per table.
 
 **Exportable.** The primitive lowers to the C++ custom call only when lowering
 for the CPU outside `jax.export`; for `jax.export` and every other platform it
-lowers to the same arithmetic in plain XLA (`_xla_leaf`), so an exported
+lowers to the same arithmetic in plain XLA (`_xla_leaf`, `_xla_leaf_8bit`), so an exported
 module holds no jadam custom call and a GPU or TPU lowering is pure XLA.
 """
 
@@ -43,7 +47,7 @@ import optax
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from jadam import _common, _lowp, _moments, _penalty, _scale
+from jadam import _common, _lowp, _moments, _penalty, _quantize, _scale
 from jadam._kernels import build as _build
 
 # The kernel's scalar layout (enum Scalar in adam_cpu.cc).
@@ -69,9 +73,10 @@ class Unserved(Exception):
 
 
 # --- the primitive -------------------------------------------------------------
-# adam_step_p.bind(scalars, count, *leaves, mode, streams): `leaves` are g, p, m, v (and AMSGrad's maximum) per
-# leaf; `count` (uint32) is the step count for the stochastic rounding of bfloat16 moments, whose leaves' positions
-# `streams` lists (empty where the moments have the parameters' dtype).
+# adam_step_p.bind(scalars, count, *leaves, mode, streams, block_size): `leaves` are g, p, m, v (and AMSGrad's
+# maximum) per leaf; `count` (uint32) is the step count for the stochastic rounding of bfloat16 moments, whose
+# leaves' positions `streams` lists (empty where the moments have the parameters' dtype). With `block_size` > 0
+# the moments are 8-bit (jadam.Quantized): the leaves are g, p, m codes, m absmax, v codes, v absmax.
 def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   """The kernel's arithmetic for one leaf, in XLA: the export and non-CPU lowering."""
   gi = g
@@ -101,30 +106,70 @@ def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   return out
 
 
-def _per_leaf(mode: int) -> int:
+def _xla_leaf_8bit(s, g, p, mc, ma, vc, va, *, mode: int, block_size: int):
+  """The 8-bit kernel's arithmetic for one leaf, in XLA: jadam._quantize's dequantize, update, requantize."""
+  gi = g
+  if mode & CLIP:
+    gi = jnp.where(s[_CLIP_ON] != 0, (gi / s[_CLIP_NORM]) * s[_CLIP_MAX], gi)
+  if mode & NEGATE:
+    gi = -gi
+  if mode & COUPLED:
+    gi = gi + s[_WD] * p
+  m = _quantize.dequantize(_quantize.QuantizedArray(mc, ma), block_size, signed=True)
+  v = _quantize.dequantize(_quantize.QuantizedArray(vc, va), block_size, signed=False)
+  mi = s[_OMB1] * gi + s[_B1] * m
+  vi = s[_OMB2] * (gi * gi) + s[_B2] * v
+  # the step reads the float32 moments, not the requantized ones (as scale_by_moments passes them on)
+  u = (mi / s[_C1]) / (jnp.sqrt(vi / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
+  if mode & DECOUPLED:
+    u = u + s[_WD] * p
+  ok = s[_APPLY] != 0
+  delta = s[_NEG_LR] * u
+  if mode & TORCH_DECAY:
+    delta = (p * s[_FACTOR] + delta) - p
+  qm = _quantize.quantize(mi, block_size, signed=True)
+  qv = _quantize.quantize(vi, block_size, signed=False)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  return [
+    jnp.where(ok, p + delta, p + 0),
+    keep(qm.codes, mc),
+    keep(qm.absmax, ma),
+    keep(qv.codes, vc),
+    keep(qv.absmax, va),
+  ]
+
+
+def _per_leaf(mode: int, block_size: int = 0) -> int:
+  if block_size:
+    return 6
   return 5 if mode & AMSGRAD else 4
 
 
-def _xla_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...]):
-  k = _per_leaf(mode)
+def _xla_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...], block_size: int):
+  k = _per_leaf(mode, block_size)
   out = []
   for j in range(0, len(leaves), k):
+    if block_size:
+      out += _xla_leaf_8bit(scalars, *leaves[j : j + k], mode=mode, block_size=block_size)
+      continue
     g, p, m, v, *rest = leaves[j : j + k]
     stream = streams[j // k] if streams else None
     out += _xla_leaf(scalars, count, g, p, m, v, rest[0] if rest else None, mode=mode, stream=stream)
   return out
 
 
-def _kernel_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...]):
-  k = _per_leaf(mode)
+def _kernel_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...], block_size: int):
+  k = _per_leaf(mode, block_size)
   n = len(leaves) // k
   out_types = [
-    jax.ShapeDtypeStruct(leaves[k * j + i].shape, leaves[k * j + i].dtype)
-    for j in range(n)
-    for i in (1, 2, 3, 4)[: k - 1]
+    jax.ShapeDtypeStruct(leaves[k * j + i].shape, leaves[k * j + i].dtype) for j in range(n) for i in range(1, k)
   ]
   head = [scalars]
-  if streams:  # the hash offsets of each leaf's two streams, as _lowp.hash_bits forms them
+  attrs = {"mode": np.int32(mode)}
+  if block_size:  # 8-bit moments: codes and scales per leaf, blocks of block_size flat elements
+    target = _build.TARGETS["8bit"]
+    attrs["block_size"] = np.int64(block_size)
+  elif streams:  # the hash offsets of each leaf's two streams, as _lowp.hash_bits forms them
     target = _build.TARGETS["bfloat16"]
     offsets = [_lowp.stream_offset(st) for j in streams for st in (2 * j, 2 * j + 1)]
     head.append(jnp.concatenate([jnp.reshape(count, (1,)), jnp.asarray(offsets, jnp.uint32)]))
@@ -132,7 +177,7 @@ def _kernel_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...]):
     target = _build.TARGETS[jnp.dtype(scalars.dtype).name]
   aliases = {len(head) + k * j + 1 + i: (k - 1) * j + i for j in range(n) for i in range(k - 1)}
   call = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases, vmap_method="sequential")
-  return call(*head, *leaves, mode=np.int32(mode))
+  return call(*head, *leaves, **attrs)
 
 
 adam_step_p = jex_core.Primitive("jadam_adam_step")
@@ -140,9 +185,9 @@ adam_step_p.multiple_results = True
 
 
 @adam_step_p.def_abstract_eval
-def _abstract_eval(scalars, count, *leaves, mode, streams):
+def _abstract_eval(scalars, count, *leaves, mode, streams, block_size):
   del scalars, count, streams
-  k = _per_leaf(mode)
+  k = _per_leaf(mode, block_size)
   return [
     jax.core.ShapedArray(leaves[j + i].shape, leaves[j + i].dtype)
     for j in range(0, len(leaves), k)
@@ -151,8 +196,8 @@ def _abstract_eval(scalars, count, *leaves, mode, streams):
 
 
 @adam_step_p.def_impl
-def _impl(*args, mode, streams):
-  return jax.jit(functools.partial(adam_step_p.bind, mode=mode, streams=streams))(*args)
+def _impl(*args, mode, streams, block_size):
+  return jax.jit(functools.partial(adam_step_p.bind, mode=mode, streams=streams, block_size=block_size))(*args)
 
 
 def _for_export(ctx) -> bool:
@@ -161,18 +206,19 @@ def _for_export(ctx) -> bool:
   return params is None or bool(getattr(params, "for_export", True))
 
 
-def _cpu_lowering(ctx, *args, mode, streams):
+def _cpu_lowering(ctx, *args, mode, streams, block_size):
   impl = _xla_impl if _for_export(ctx) or not _build.loaded() else _kernel_impl
-  return mlir.lower_fun(functools.partial(impl, mode=mode, streams=streams), multiple_results=True)(ctx, *args)
+  fun = functools.partial(impl, mode=mode, streams=streams, block_size=block_size)
+  return mlir.lower_fun(fun, multiple_results=True)(ctx, *args)
 
 
 mlir.register_lowering(adam_step_p, mlir.lower_fun(_xla_impl, multiple_results=True))
 mlir.register_lowering(adam_step_p, _cpu_lowering, platform="cpu")
 
 
-def _batch(args, dims, *, mode, streams):
+def _batch(args, dims, *, mode, streams, block_size):
   axes = list(dims)  # None where not mapped
-  out = jax.vmap(functools.partial(_xla_impl, mode=mode, streams=streams), in_axes=axes)(*args)
+  out = jax.vmap(functools.partial(_xla_impl, mode=mode, streams=streams, block_size=block_size), in_axes=axes)(*args)
   return out, [0] * len(out)
 
 
@@ -480,24 +526,35 @@ def _run_core(items, core: _Core, grads, params, ctx):
   states = [s for _, s in items]
   mstate = states[core.moments]
   ps, treedef = jax.tree.flatten(params)
+  # 8-bit moments (jadam.Quantized for both, one block size): codes and scales; leaves below min_size keep float
+  # moments in the codes' tree and take the float kernel
+  block_size = _quantized_block_size(core, mstate)
   try:
     gs = treedef.flatten_up_to(grads)
-    ms = treedef.flatten_up_to(mstate.mu)
-    vs = treedef.flatten_up_to(mstate.nu)
+    if block_size:
+      ms, vs = treedef.flatten_up_to(mstate.mu.codes), treedef.flatten_up_to(mstate.nu.codes)
+      mas, vas = treedef.flatten_up_to(mstate.mu.absmax), treedef.flatten_up_to(mstate.nu.absmax)
+    else:
+      ms, vs = treedef.flatten_up_to(mstate.mu), treedef.flatten_up_to(mstate.nu)
+      mas = vas = [None] * len(ps)
     xs = treedef.flatten_up_to(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else [None] * len(ps)
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients or the moments are not shaped like the parameters ({e})") from None
-  if not all(d is None or isinstance(d, (str, type, np.dtype)) for d in (core.hp["mu_dtype"], core.hp["nu_dtype"])):
-    raise Unserved("moments stored in a format other than a dtype (e.g. jadam.Quantized 8-bit blocks)")
   # bfloat16 moments, both stored with jadam._lowp's stochastic rounding: the float32 kernel's bfloat16 variant
-  bf16 = _lowp.stochastic_store(core.hp["mu_dtype"]) and _lowp.stochastic_store(core.hp["nu_dtype"])
+  bf16 = not block_size and all(_lowp.stochastic_store(core.hp[k]) for k in ("mu_dtype", "nu_dtype"))
   if bf16 and core.mode & AMSGRAD:
     raise Unserved("bfloat16 moments with amsgrad")
-  for leaves in zip(gs, ps, ms, vs, xs):
+  eight = [False] * len(ps)  # which leaves have 8-bit moments
+  for i, leaves in enumerate(zip(gs, ps, ms, vs, xs, mas, vas)):
     leaves = [x for x in leaves if x is not None]
     if not all(_tracing_ok(x) for x in leaves):
       raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
     shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
+    if block_size:
+      eight[i] = _check_8bit_leaf(gs[i], ps[i], ms[i], vs[i], mas[i], vas[i], block_size)
+      if eight[i]:
+        continue
+      leaves = leaves[:4]
     if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
       raise Unserved(
         f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)"
@@ -524,37 +581,51 @@ def _run_core(items, core: _Core, grads, params, ctx):
 
   counts = _counts(core, states)
   new_p, new_m, new_v, new_x = list(ps), list(ms), list(vs), list(xs)
+  new_ma, new_va = list(mas), list(vas)
   g_norm = optax.tree.norm(grads) if core.mode & CLIP else None
   for dtype in _DTYPES:
     for with_decay in (True, False):
-      idx = [
-        i
-        for i, p in enumerate(ps)
-        if jnp.result_type(p) == dtype and decayed[i] == with_decay and np.prod(jnp.shape(p))
-      ]
-      if not idx:
-        continue
-      mode = core.mode if with_decay else core.mode & ~DECOUPLED
-      scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
-      if not _tracing_ok(scalars):
-        raise Unserved("a hyperparameter under grad or vmap")
-      k = _per_leaf(mode)
-      for start in range(0, len(idx), _LEAVES_PER_CALL):
-        chunk = idx[start : start + _LEAVES_PER_CALL]
-        args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
-        for i in chunk:
-          args += [gs[i], ps[i], ms[i], vs[i]] + ([xs[i]] if mode & AMSGRAD else [])
-        out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else ())
-        for j, i in enumerate(chunk):
-          res = out[(k - 1) * j : (k - 1) * (j + 1)]
-          new_p[i], new_m[i], new_v[i] = res[:3]
-          if mode & AMSGRAD:
-            new_x[i] = res[3]
+      for q in (False, True):  # one call per format: float moments, then 8-bit ones
+        idx = [
+          i
+          for i, p in enumerate(ps)
+          if jnp.result_type(p) == dtype and decayed[i] == with_decay and eight[i] == q and np.prod(jnp.shape(p))
+        ]
+        if not idx:
+          continue
+        mode = core.mode if with_decay else core.mode & ~DECOUPLED
+        scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
+        if not _tracing_ok(scalars):
+          raise Unserved("a hyperparameter under grad or vmap")
+        bs = block_size if q else 0
+        k = _per_leaf(mode, bs)
+        for start in range(0, len(idx), _LEAVES_PER_CALL):
+          chunk = idx[start : start + _LEAVES_PER_CALL]
+          args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
+          for i in chunk:
+            if q:
+              args += [gs[i], ps[i], ms[i], mas[i], vs[i], vas[i]]
+            else:
+              args += [gs[i], ps[i], ms[i], vs[i]] + ([xs[i]] if mode & AMSGRAD else [])
+          out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else (), block_size=bs)
+          for j, i in enumerate(chunk):
+            res = out[(k - 1) * j : (k - 1) * (j + 1)]
+            if q:
+              new_p[i], new_m[i], new_ma[i], new_v[i], new_va[i] = res
+              continue
+            new_p[i], new_m[i], new_v[i] = res[:3]
+            if mode & AMSGRAD:
+              new_x[i] = res[3]
 
   unflat = functools.partial(jax.tree.unflatten, treedef)
   out = list(states)
   sel = lambda new, old: _select(ctx, new, old)
-  out[core.moments] = mstate._replace(count=sel(counts["new"], mstate.count), mu=unflat(new_m), nu=unflat(new_v))
+  if block_size:
+    mu = _quantize.QuantizedMoment(codes=unflat(new_m), absmax=unflat(new_ma))
+    nu = _quantize.QuantizedMoment(codes=unflat(new_v), absmax=unflat(new_va))
+  else:
+    mu, nu = unflat(new_m), unflat(new_v)
+  out[core.moments] = mstate._replace(count=sel(counts["new"], mstate.count), mu=mu, nu=nu)
   if core.mode & AMSGRAD:
     out[core.hp["max_nu"]] = _moments.MaxNuState(nu_max=unflat(new_x))
   lr_i = core.hp["lr"]
@@ -569,6 +640,41 @@ def _run_core(items, core: _Core, grads, params, ctx):
     d = states[core.hp["decay"]]
     out[core.hp["decay"]] = d._replace(count=sel(optax.safe_increment(d.count), d.count))
   return unflat(new_p), out[core.start :]
+
+
+def _quantized_block_size(core: _Core, mstate) -> int:
+  """The block size of 8-bit moments (both jadam.Quantized, one block size), 0 for dtypes; else Unserved."""
+  mu_dtype, nu_dtype = core.hp["mu_dtype"], core.hp["nu_dtype"]
+  quantized = [isinstance(d, _quantize.Quantized) for d in (mu_dtype, nu_dtype)]
+  if not any(quantized):
+    if not all(d is None or isinstance(d, (str, type, np.dtype)) for d in (mu_dtype, nu_dtype)):
+      raise Unserved(f"moments stored in a format other than a dtype ({mu_dtype}, {nu_dtype})")
+    return 0
+  if not all(quantized) or mu_dtype.block_size != nu_dtype.block_size:
+    raise Unserved("8-bit moments for one moment only, or with two block sizes")
+  if core.mode & AMSGRAD:
+    raise Unserved("8-bit moments with amsgrad")
+  if not all(isinstance(x, _quantize.QuantizedMoment) for x in (mstate.mu, mstate.nu)):
+    raise Unserved("8-bit moments whose state is not a QuantizedMoment (call init first)")
+  return mu_dtype.block_size
+
+
+def _check_8bit_leaf(g, p, mc, vc, ma, va, block_size: int) -> bool:
+  """Whether a leaf has 8-bit moments the kernel serves (False: float moments, checked as jadam.adam's)."""
+  codes = [jnp.result_type(c) == jnp.uint8 for c in (mc, vc)]
+  if not any(codes):
+    return False
+  shape, dtype = jnp.shape(p), jnp.result_type(p)
+  if not all(codes):
+    raise Unserved(f"a {dtype}{list(shape)} leaf with one moment in 8 bits and the other not")
+  if dtype != jnp.float32 or jnp.result_type(g) != jnp.float32:
+    raise Unserved(f"a {dtype} parameter with 8-bit moments: the kernel serves float32 ones")
+  want = _quantize.absmax_shape(shape, block_size)
+  if any(jnp.shape(x) != shape for x in (g, mc, vc)) or any(
+    jnp.shape(a) != want or jnp.result_type(a) != jnp.float32 for a in (ma, va)
+  ):
+    raise Unserved(f"8-bit moments not shaped as a {list(shape)} parameter's (block size {block_size})")
+  return True
 
 
 def _counts(core: _Core, states) -> dict:

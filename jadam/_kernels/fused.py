@@ -200,14 +200,14 @@ def _impl(*args, mode, streams, block_size):
   return jax.jit(functools.partial(adam_step_p.bind, mode=mode, streams=streams, block_size=block_size))(*args)
 
 
-def _for_export(ctx) -> bool:
+def for_export(ctx) -> bool:
   """Whether this lowering is `jax.export`'s (which refuses custom calls without compatibility guarantees)."""
   params = getattr(ctx.module_context, "lowering_parameters", None)
   return params is None or bool(getattr(params, "for_export", True))
 
 
 def _cpu_lowering(ctx, *args, mode, streams, block_size):
-  impl = _xla_impl if _for_export(ctx) or not _build.loaded() else _kernel_impl
+  impl = _xla_impl if for_export(ctx) or not _build.loaded() else _kernel_impl
   fun = functools.partial(impl, mode=mode, streams=streams, block_size=block_size)
   return mlir.lower_fun(fun, multiple_results=True)(ctx, *args)
 
@@ -293,7 +293,7 @@ class _Ctx(NamedTuple):
   require: bool  # fused=True: keep many small leaves on the kernel too
 
 
-def _select(ctx: _Ctx, new: Any, old: Any) -> Any:
+def select(ctx: _Ctx, new: Any, old: Any) -> Any:
   if ctx.apply is None:
     return new
   return jax.tree.map(lambda n, o: jnp.where(ctx.apply, n, o), new, old)
@@ -335,7 +335,7 @@ def _run_if_finite(fn, state, grads, params, ctx):
     inner_state=inner_state,
   )
   # an enclosing apply_if_finite that rejects the step keeps this one's counters too
-  kept = _select(ctx, new_state._replace(inner_state=None), state._replace(inner_state=None))
+  kept = select(ctx, new_state._replace(inner_state=None), state._replace(inner_state=None))
   return new_params, kept._replace(inner_state=inner_state)
 
 
@@ -365,7 +365,7 @@ def _run_inject(fn, state, grads, params, ctx):
   new = type(state)(
     count=optax.safe_increment(state.count), hyperparams=hparams, hyperparams_states=hp_states, inner_state=inner_state
   )
-  kept = _select(ctx, new._replace(inner_state=None), state._replace(inner_state=None))
+  kept = select(ctx, new._replace(inner_state=None), state._replace(inner_state=None))
   return new_params, kept._replace(inner_state=inner_state)
 
 
@@ -505,13 +505,13 @@ def _run_chain(items, rebuild, grads, params, ctx):
   for i in range(core.start):  # stages in front of Adam's: as they are
     f, s = items[i]
     g, new = f(g, s, params)
-    new_states[i] = _select(ctx, new, s)
+    new_states[i] = select(ctx, new, s)
   new_params, core_states = _run_core(items, core, g, params, ctx)
   new_states[core.start :] = core_states
   return new_params, rebuild(new_states)
 
 
-def _tracing_ok(x: Any) -> bool:
+def tracing_ok(x: Any) -> bool:
   """Concrete arrays and `jit`'s tracers only: under `grad`, `vmap` and the like, go generic."""
   if not isinstance(x, jax.core.Tracer):
     return isinstance(x, (jax.Array, np.ndarray))
@@ -547,7 +547,7 @@ def _run_core(items, core: _Core, grads, params, ctx):
   eight = [False] * len(ps)  # which leaves have 8-bit moments
   for i, leaves in enumerate(zip(gs, ps, ms, vs, xs, mas, vas)):
     leaves = [x for x in leaves if x is not None]
-    if not all(_tracing_ok(x) for x in leaves):
+    if not all(tracing_ok(x) for x in leaves):
       raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
     shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
     if block_size:
@@ -595,7 +595,7 @@ def _run_core(items, core: _Core, grads, params, ctx):
           continue
         mode = core.mode if with_decay else core.mode & ~DECOUPLED
         scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
-        if not _tracing_ok(scalars):
+        if not tracing_ok(scalars):
           raise Unserved("a hyperparameter under grad or vmap")
         bs = block_size if q else 0
         k = _per_leaf(mode, bs)
@@ -619,7 +619,7 @@ def _run_core(items, core: _Core, grads, params, ctx):
 
   unflat = functools.partial(jax.tree.unflatten, treedef)
   out = list(states)
-  sel = lambda new, old: _select(ctx, new, old)
+  sel = lambda new, old: select(ctx, new, old)
   if block_size:
     mu = _quantize.QuantizedMoment(codes=unflat(new_m), absmax=unflat(new_ma))
     nu = _quantize.QuantizedMoment(codes=unflat(new_v), absmax=unflat(new_va))

@@ -100,7 +100,7 @@ def _impl(*args, unique):
 
 
 def _cpu_lowering(ctx, *args, unique):
-  impl = _xla_impl if _fused._for_export(ctx) or not _build.loaded() else _kernel_impl
+  impl = _xla_impl if _fused.for_export(ctx) or not _build.loaded() else _kernel_impl
   return mlir.lower_fun(functools.partial(impl, unique=unique), multiple_results=True)(ctx, *args)
 
 
@@ -172,7 +172,7 @@ def run_chain(items, rebuild, grads, params, ctx) -> tuple[Any, Any]:
   for i in range(core["start"]):  # stages in front of sparse_adam's: as they are
     f, s = items[i]
     g, new = f(g, s, params)
-    new_states[i] = _fused._select(ctx, new, s)
+    new_states[i] = _fused.select(ctx, new, s)
   new_params, new_states[core["moments"]], new_states[core["lr"]] = _run_core(
     core, g, new_states[core["moments"]], new_states[core["lr"]], params, ctx
   )
@@ -186,7 +186,7 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
     counts, mus, nus = (treedef.flatten_up_to(x) for x in (mstate.count, mstate.mu, mstate.nu))
   except (ValueError, TypeError) as e:
     raise _fused.Unserved(f"the gradients, the state and the parameters are different trees ({e})") from None
-  sel = functools.partial(_fused._select, ctx)
+  sel = functools.partial(_fused.select, ctx)
   lr = core["learning_rate"](lr_state.count)
   new_p, new_counts, new_m, new_v = list(ps), list(counts), list(mus), list(nus)
   for j, ((path, g), p, t, m, v) in enumerate(zip(leaves, ps, counts, mus, nus)):
@@ -194,7 +194,7 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
       continue  # left as it is, as scale_by_sparse_moments leaves it
     _sparse.check_gradient(_STAGE, jax.tree_util.keystr(path) or "the root", g, m)  # the generic path's errors
     arrays = (g.data, g.indices, p, m, v)
-    if not all(_fused._tracing_ok(x) for x in arrays):
+    if not all(_fused.tracing_ok(x) for x in arrays):
       raise _fused.Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
     dtype = jnp.result_type(p)
     if dtype not in _DTYPES or any(jnp.result_type(x) != dtype for x in (g.data, m, v)) or jnp.shape(p) != g.shape:
@@ -203,7 +203,7 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
         " moments: the kernel serves float32 and float64 tables whose values and moments have their dtype"
       )
     scalars = _scalars(core, t, lr, dtype, ctx)
-    if not _fused._tracing_ok(scalars):
+    if not _fused.tracing_ok(scalars):
       raise _fused.Unserved("a hyperparameter under grad or vmap")
     if g.data.shape[0]:  # an empty gradient changes nothing but the count
       ids = g.indices[:, 0].astype(jnp.int32)  # as _sparse.coalesce reads them

@@ -77,15 +77,30 @@ class Unserved(Exception):
 # maximum) per leaf; `count` (uint32) is the step count for the stochastic rounding of bfloat16 moments, whose
 # leaves' positions `streams` lists (empty where the moments have the parameters' dtype). With `block_size` > 0
 # the moments are 8-bit (jadam.Quantized): the leaves are g, p, m codes, m absmax, v codes, v absmax.
+def _xla_grad(s, g, p, *, mode: int):
+  """The gradient as the moments see it: clipped, negated (maximize), plus coupled L2, in XLA."""
+  if mode & CLIP:
+    g = jnp.where(s[_CLIP_ON] != 0, (g / s[_CLIP_NORM]) * s[_CLIP_MAX], g)
+  if mode & NEGATE:
+    g = -g
+  if mode & COUPLED:
+    g = g + s[_WD] * p
+  return g
+
+
+def _xla_params(s, u, p, *, mode: int):
+  """The new parameters from the direction `u`: decoupled L2, the learning rate, torch's decay, a rejected step."""
+  if mode & DECOUPLED:
+    u = u + s[_WD] * p
+  delta = s[_NEG_LR] * u
+  if mode & TORCH_DECAY:
+    delta = (p * s[_FACTOR] + delta) - p
+  return jnp.where(s[_APPLY] != 0, p + delta, p + 0)
+
+
 def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   """The kernel's arithmetic for one leaf, in XLA: the export and non-CPU lowering."""
-  gi = g
-  if mode & CLIP:
-    gi = jnp.where(s[_CLIP_ON] != 0, (gi / s[_CLIP_NORM]) * s[_CLIP_MAX], gi)
-  if mode & NEGATE:
-    gi = -gi
-  if mode & COUPLED:
-    gi = gi + s[_WD] * p
+  gi = _xla_grad(s, g, p, mode=mode)
   mi = s[_OMB1] * gi + s[_B1] * m.astype(gi.dtype)
   vi = s[_OMB2] * (gi * gi) + s[_B2] * v.astype(gi.dtype)
   if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._lowp)
@@ -94,13 +109,8 @@ def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   vx = jnp.maximum(vi, vmax) if mode & AMSGRAD else vi
   # divisions as the stages write them: XLA makes them reciprocal products as it does there
   u = (mi.astype(gi.dtype) / s[_C1]) / (jnp.sqrt(vx.astype(gi.dtype) / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
-  if mode & DECOUPLED:
-    u = u + s[_WD] * p
   ok = s[_APPLY] != 0
-  delta = s[_NEG_LR] * u
-  if mode & TORCH_DECAY:
-    delta = (p * s[_FACTOR] + delta) - p
-  out = [jnp.where(ok, p + delta, p + 0), jnp.where(ok, mi, m), jnp.where(ok, vi, v)]
+  out = [_xla_params(s, u, p, mode=mode), jnp.where(ok, mi, m), jnp.where(ok, vi, v)]
   if mode & AMSGRAD:
     out.append(jnp.where(ok, vx, vmax))
   return out
@@ -108,30 +118,19 @@ def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
 
 def _xla_leaf_8bit(s, g, p, mc, ma, vc, va, *, mode: int, block_size: int):
   """The 8-bit kernel's arithmetic for one leaf, in XLA: jadam._quantize's dequantize, update, requantize."""
-  gi = g
-  if mode & CLIP:
-    gi = jnp.where(s[_CLIP_ON] != 0, (gi / s[_CLIP_NORM]) * s[_CLIP_MAX], gi)
-  if mode & NEGATE:
-    gi = -gi
-  if mode & COUPLED:
-    gi = gi + s[_WD] * p
+  gi = _xla_grad(s, g, p, mode=mode)
   m = _quantize.dequantize(_quantize.QuantizedArray(mc, ma), block_size, signed=True)
   v = _quantize.dequantize(_quantize.QuantizedArray(vc, va), block_size, signed=False)
   mi = s[_OMB1] * gi + s[_B1] * m
   vi = s[_OMB2] * (gi * gi) + s[_B2] * v
   # the step reads the float32 moments, not the requantized ones (as scale_by_moments passes them on)
   u = (mi / s[_C1]) / (jnp.sqrt(vi / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
-  if mode & DECOUPLED:
-    u = u + s[_WD] * p
   ok = s[_APPLY] != 0
-  delta = s[_NEG_LR] * u
-  if mode & TORCH_DECAY:
-    delta = (p * s[_FACTOR] + delta) - p
   qm = _quantize.quantize(mi, block_size, signed=True)
   qv = _quantize.quantize(vi, block_size, signed=False)
   keep = lambda new, old: jnp.where(ok, new, old)
   return [
-    jnp.where(ok, p + delta, p + 0),
+    _xla_params(s, u, p, mode=mode),
     keep(qm.codes, mc),
     keep(qm.absmax, ma),
     keep(qv.codes, vc),

@@ -591,149 +591,8 @@ struct JobQ {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  // One block: pass 1 puts the new moments into tm, tv and updates the parameters in place; pass 2 requantizes.
-  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  void Block(const LeafQ& l, int64_t b, float* __restrict tm, float* __restrict tv) const {
-    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
-    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
-    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
-    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
-    const int64_t off = b * bs, n = std::min(bs, l.size - off);
-    const float* __restrict g = l.g + off;
-    float* __restrict p = l.p + off;
-    uint8_t* __restrict cm = l.cm + off;
-    uint8_t* __restrict cv = l.cv + off;
-    const float am = l.am[b], av = l.av[b];
-    const float* map_s = g_quant.map_s;
-    const float* map_u = g_quant.map_u;
-    // the blocks' maxima, NaNs ignored (XLA:CPU's max reduction: maxnum from -inf)
-    float mx_m = -INFINITY, mx_v = -INFINITY;
-    int64_t i = 0;
 #if defined(__AVX512F__)
-    if (!kExact) {
-      const __m512 v_omb1 = _mm512_set1_ps(omb1), v_b1 = _mm512_set1_ps(b1), v_omb2 = _mm512_set1_ps(omb2);
-      const __m512 v_b2 = _mm512_set1_ps(b2), v_r1 = _mm512_set1_ps(r1), v_r2 = _mm512_set1_ps(r2);
-      const __m512 v_eps_root = _mm512_set1_ps(eps_root), v_eps = _mm512_set1_ps(eps);
-      const __m512 v_neg_lr = _mm512_set1_ps(neg_lr), v_wd = _mm512_set1_ps(wd), v_rn = _mm512_set1_ps(rn);
-      const __m512 v_max_norm = _mm512_set1_ps(max_norm), v_factor = _mm512_set1_ps(factor);
-      const __m512 v_sign = _mm512_set1_ps(sign), v_am = _mm512_set1_ps(am), v_av = _mm512_set1_ps(av);
-      __m512 vmx_m = _mm512_set1_ps(-INFINITY), vmx_v = _mm512_set1_ps(-INFINITY);
-      // 16 values: the map values of their old codes in, the parameters and the new moments out
-      auto step16 = [&](int64_t i, __m512 m_map, __m512 v_map) {
-        __m512 gi = _mm512_loadu_ps(g + i);
-        const __m512 pi = _mm512_loadu_ps(p + i);
-        if (kClipped) gi = _mm512_mul_ps(_mm512_mul_ps(gi, v_rn), v_max_norm);
-        gi = _mm512_mul_ps(gi, v_sign);
-        if (kCoupledL2) gi = _mm512_add_ps(gi, _mm512_mul_ps(v_wd, pi));
-        const __m512 mo = _mm512_mul_ps(m_map, v_am);  // _quantize.dequantize: map[code] * absmax
-        const __m512 vo = _mm512_mul_ps(v_map, v_av);
-        const __m512 mi = _mm512_add_ps(_mm512_mul_ps(v_omb1, gi), _mm512_mul_ps(v_b1, mo));
-        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v_omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(v_b2, vo));
-        const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, v_r2), v_eps_root)), v_eps);
-        __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, v_r1), den);
-        if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(v_wd, pi));
-        __m512 po;
-        if (kShrink) {
-          po = _mm512_add_ps(pi, _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(pi, v_factor), _mm512_mul_ps(v_neg_lr, u)), pi));
-        } else {
-          po = _mm512_add_ps(pi, _mm512_mul_ps(v_neg_lr, u));
-        }
-        _mm512_storeu_ps(p + i, po);
-        _mm512_storeu_ps(tm + i, mi);
-        _mm512_storeu_ps(tv + i, vi);
-        // x86 max returns the second operand when one is NaN: a NaN value leaves the running maximum as it is
-        vmx_m = _mm512_max_ps(_mm512_abs_ps(mi), vmx_m);
-        vmx_v = _mm512_max_ps(_mm512_abs_ps(vi), vmx_v);
-      };
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-      for (; i + 64 <= n; i += 64) {
-        __m512 mq[4], vq[4];
-        Lookup256x64(g_quant.planes_s, cm + i, mq);
-        Lookup256x64(g_quant.planes_u, cv + i, vq);
-        for (int r = 0; r < 4; ++r) step16(i + 16 * r, mq[r], vq[r]);
-      }
-#endif
-      for (; i + 16 <= n; i += 16) {
-        const __m512i km = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + i)));
-        const __m512i kv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cv + i)));
-        step16(i, Lookup256(map_s, km), Lookup256(map_u, kv));
-      }
-      mx_m = _mm512_reduce_max_ps(vmx_m);
-      mx_v = _mm512_reduce_max_ps(vmx_v);
-    }
-#endif
-    for (; i < n; ++i) {
-      float gi = g[i];
-      const float pi = p[i];
-      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
-      gi = gi * sign;
-      if (kCoupledL2) gi = gi + wd * pi;
-      const float mo = map_s[cm[i]] * am;  // _quantize.dequantize
-      const float vo = map_u[cv[i]] * av;
-      const float mi = omb1 * gi + b1 * mo;
-      const float vi = omb2 * (gi * gi) + b2 * vo;
-      float u = kExact ? (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps)
-                       : (mi * r1) / (std::sqrt(vi * r2 + eps_root) + eps);
-      if (kDecoupledL2) u = u + wd * pi;
-      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
-      tm[i] = mi;
-      tv[i] = vi;
-      const float am_i = std::fabs(mi), av_i = std::fabs(vi);
-      mx_m = am_i > mx_m ? am_i : mx_m;
-      mx_v = av_i > mx_v ? av_i : mx_v;
-    }
-    if (n < bs) {  // the partial last block of a flat leaf: _quantize._block_max reduces it alone, NaN-propagating
-      for (int64_t j = 0; j < n; ++j) {
-        if (std::isnan(tm[j])) mx_m = std::fabs(tm[j]);
-        if (std::isnan(tv[j])) mx_v = std::fabs(tv[j]);
-      }
-    }
-    // Pass 2: requantize. _quantize.quantize: x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
-    const float inv_m = 1.0f / std::max(mx_m, 1e-38f);
-    const float inv_v = 1.0f / std::max(mx_v, 1e-38f);
-    l.am[b] = mx_m;
-    l.av[b] = mx_v;
-    const uint32_t* code_s = g_quant.code_s;
-    const uint32_t* code_u = g_quant.code_u;
-    int64_t j = 0;
-#if defined(__AVX512F__)
-    {
-      const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
-      const __m512 v_inv_m = _mm512_set1_ps(inv_m), v_inv_v = _mm512_set1_ps(inv_v);
-      const __m512i low16 = _mm512_set1_epi32(0xFFFF), ione = _mm512_set1_epi32(1);
-      auto code = [&](__m512 y, const uint32_t* table) {
-        const __m512i bits = _mm512_castps_si512(y);
-        const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
-        const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), low16);
-        const __m512i base = _mm512_and_si512(e, low16);
-        const __mmask16 up = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32(e, 16));
-        return _mm512_mask_add_epi32(base, up, base, ione);
-      };
-      for (; j + 16 <= n; j += 16) {
-        // max(-1, x) then min(1, .): x86 returns the second operand when one is NaN, so a NaN stays NaN (jnp.clip)
-        const __m512 ym = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tm + j), v_inv_m)));
-        const __m512 yv = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tv + j), v_inv_v)));
-        const __m512i qm = code(ym, code_s);
-        __m512i qv = code(yv, code_u);
-        qv = _mm512_mask_max_epu32(qv, _mm512_cmp_ps_mask(yv, zero, _CMP_GT_OQ), qv, ione);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(cm + j), _mm512_cvtepi32_epi8(qm));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(cv + j), _mm512_cvtepi32_epi8(qv));
-      }
-    }
-#endif
-    for (; j < n; ++j) {
-      const float ym = Clip1(tm[j] * inv_m);
-      const float yv = Clip1(tv[j] * inv_v);
-      cm[j] = static_cast<uint8_t>(Code(ym, code_s));
-      const uint32_t qv = Code(yv, code_u);
-      cv[j] = static_cast<uint8_t>(yv > 0.0f ? std::max(qv, 1u) : qv);
-    }
-  }
-
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-  // Whole blocks of a multiple of 64 values, software-pipelined: the requantization of block b (its code search,
-  // gathers) interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
-  // work overlap; the same operations on the same values as Block.
+  // 16 values at a time: the update (from the map values of the old codes) and the requantization of a block.
   template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
   struct Update {
     __m512 omb1, b1, omb2, b2, r1, r2, eps_root, eps, neg_lr, wd, rn, max_norm, factor, sign, am, av, mx_m, mx_v;
@@ -780,12 +639,14 @@ struct JobQ {
       mx_m = _mm512_max_ps(_mm512_abs_ps(mi), mx_m);
       mx_v = _mm512_max_ps(_mm512_abs_ps(vi), mx_v);
     }
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
     inline void Step64(int64_t i) {
       __m512 mq[4], vq[4];
       Lookup256x64(g_quant.planes_s, cm + i, mq);
       Lookup256x64(g_quant.planes_u, cv + i, vq);
       for (int r = 0; r < 4; ++r) Step16(i + 16 * r, mq[r], vq[r]);
     }
+#endif
   };
 
   struct Requantize {
@@ -795,8 +656,9 @@ struct JobQ {
     uint8_t* cm;
     uint8_t* cv;
     // Finishes the block's maxima, stores the scales, and gets ready to code the block.
-    Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_) {
-      const float m = _mm512_reduce_max_ps(mx_m), v = _mm512_reduce_max_ps(mx_v);
+    Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_)
+        : Requantize(l, b, bs, _mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v), tm_, tv_) {}
+    Requantize(const LeafQ& l, int64_t b, int64_t bs, float m, float v, const float* tm_, const float* tv_) {
       l.am[b] = m;
       l.av[b] = v;
       inv_m = _mm512_set1_ps(1.0f / std::max(m, 1e-38f));
@@ -825,7 +687,95 @@ struct JobQ {
     }
   };
 
-  // Blocks [lo, hi), all whole and a multiple of 64 long; tm, tv hold two blocks each.
+#endif
+
+  // One block: pass 1 puts the new moments into tm, tv and updates the parameters in place; pass 2 requantizes.
+  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
+  void Block(const LeafQ& l, int64_t b, float* __restrict tm, float* __restrict tv) const {
+    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
+    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
+    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
+    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
+    const int64_t off = b * bs, n = std::min(bs, l.size - off);
+    const float* __restrict g = l.g + off;
+    float* __restrict p = l.p + off;
+    uint8_t* __restrict cm = l.cm + off;
+    uint8_t* __restrict cv = l.cv + off;
+    const float am = l.am[b], av = l.av[b];
+    const float* map_s = g_quant.map_s;
+    const float* map_u = g_quant.map_u;
+    // the blocks' maxima, NaNs ignored (XLA:CPU's max reduction: maxnum from -inf)
+    float mx_m = -INFINITY, mx_v = -INFINITY;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (!kExact) {
+      Update<kClipped, kCoupledL2, kDecoupledL2, kShrink> up(s, l, b, bs, tm, tv);
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+      for (; i + 64 <= n; i += 64) up.Step64(i);
+#endif
+      for (; i + 16 <= n; i += 16) {
+        const __m512i km = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + i)));
+        const __m512i kv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cv + i)));
+        up.Step16(i, Lookup256(map_s, km), Lookup256(map_u, kv));
+      }
+      mx_m = _mm512_reduce_max_ps(up.mx_m);
+      mx_v = _mm512_reduce_max_ps(up.mx_v);
+    }
+#endif
+    for (; i < n; ++i) {
+      float gi = g[i];
+      const float pi = p[i];
+      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
+      gi = gi * sign;
+      if (kCoupledL2) gi = gi + wd * pi;
+      const float mo = map_s[cm[i]] * am;  // _quantize.dequantize
+      const float vo = map_u[cv[i]] * av;
+      const float mi = omb1 * gi + b1 * mo;
+      const float vi = omb2 * (gi * gi) + b2 * vo;
+      float u = kExact ? (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps)
+                       : (mi * r1) / (std::sqrt(vi * r2 + eps_root) + eps);
+      if (kDecoupledL2) u = u + wd * pi;
+      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
+      tm[i] = mi;
+      tv[i] = vi;
+      const float am_i = std::fabs(mi), av_i = std::fabs(vi);
+      mx_m = am_i > mx_m ? am_i : mx_m;
+      mx_v = av_i > mx_v ? av_i : mx_v;
+    }
+    if (n < bs) {  // the partial last block of a flat leaf: _quantize._block_max reduces it alone, NaN-propagating
+      for (int64_t j = 0; j < n; ++j) {
+        if (std::isnan(tm[j])) mx_m = std::fabs(tm[j]);
+        if (std::isnan(tv[j])) mx_v = std::fabs(tv[j]);
+      }
+    }
+    // Pass 2: requantize. _quantize.quantize: x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+    const float inv_m = 1.0f / std::max(mx_m, 1e-38f);
+    const float inv_v = 1.0f / std::max(mx_v, 1e-38f);
+    l.am[b] = mx_m;
+    l.av[b] = mx_v;
+    const uint32_t* code_s = g_quant.code_s;
+    const uint32_t* code_u = g_quant.code_u;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    {
+      Requantize rq(l, b, bs, mx_m, mx_v, tm, tv);
+      for (; j + 16 <= n; j += 16) rq.Step16(j);
+    }
+#endif
+    for (; j < n; ++j) {
+      const float ym = Clip1(tm[j] * inv_m);
+      const float yv = Clip1(tv[j] * inv_v);
+      cm[j] = static_cast<uint8_t>(Code(ym, code_s));
+      const uint32_t qv = Code(yv, code_u);
+      cv[j] = static_cast<uint8_t>(yv > 0.0f ? std::max(qv, 1u) : qv);
+    }
+  }
+
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  // Whole blocks of a multiple of 64 values, software-pipelined: the requantization of block b (its code search,
+  // gathers) interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
+  // work overlap; the same operations on the same values as Block. Blocks [lo, hi), all whole and a multiple of 64
+  // long; tm, tv hold two blocks each.
   template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
   void Pipelined(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
     using U = Update<kClipped, kCoupledL2, kDecoupledL2, kShrink>;

@@ -64,8 +64,9 @@ def _assert_close(got, want, ulps):
     lambda: jadam.adam(1e-2, weight_decay=1e-2),
     lambda: optax.chain(optax.clip_by_global_norm(1.0), jadam.adamw(1e-2, amsgrad=True)),
     lambda: jadam.torch.AdamW(lr=1e-2, maximize=True),
+    lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),
   ],
-  ids=["adam", "clip_adamw_amsgrad", "torch_adamw_maximize"],
+  ids=["adam", "clip_adamw_amsgrad", "torch_adamw_maximize", "apply_if_finite"],
 )
 def test_helpers_export_as_pure_xla(platforms, make_tx):
   if jax.default_backend() == "cpu" and not _kernels.load():

@@ -392,3 +392,29 @@ def test_fused_and_donate_must_be_flags(helper):
   if helper != "update_and_apply":
     with pytest.raises(TypeError, match=r"donate must be a bool; got int 1"):
       call(donate=1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+def test_all_finite_check_matches_numpy(dtype):
+  """optax.apply_if_finite's check on the kernel: every float dtype, one- and many-task sizes, the bad value
+  first, last and in between; complex and integer leaves beside it take XLA's check."""
+  from jadam._kernels import fused
+
+  if not _kernels.load():
+    pytest.skip(f"kernel unavailable: {_kernels.error()}")
+  with jax.enable_x64(dtype == "float64"):
+    check = jax.jit(fused.all_finite)
+    others = {"int": jnp.arange(3), "complex": jnp.ones(2, jnp.complex64)}
+    assert "jadam_all_finite" in check.lower({"x": jnp.ones(4, dtype), **others}).as_text()
+    for n in (1, 1000, 3_000_001):  # the last spans several tasks, run on the thread pool
+      for bad in (None, 0, n // 2, n - 1):
+        for value in (np.inf, -np.inf, np.nan):
+          x = np.linspace(-2.0, 2.0, n)
+          if bad is not None:
+            x[bad] = value
+          x = jnp.asarray(x, dtype)
+          want = bool(np.all(np.isfinite(np.asarray(x, np.float64))))
+          assert bool(check({"x": x, **others})) == want, (n, bad, value)
+          if bad is None:
+            break
+    assert not bool(check({"x": jnp.ones(4, dtype), "c": jnp.array([1 + 1j, np.nan], jnp.complex64)}))

@@ -1,6 +1,6 @@
 """jadam's compiled CPU kernels, built at first use with the system C++ compiler.
 
-The sources ship with the package (`SOURCES`: `adam_cpu.cc`, `sparse_adam_cpu.cc`);
+The sources ship with the package (`SOURCES`: `adam_cpu.cc`, `sparse_adam_cpu.cc`, `finite_cpu.cc`);
 :func:`load` compiles them once into one library in a per-user cache, keyed by
 a hash of every source, the compiler, the
 flags, the jaxlib version and the CPU, and registers its handlers as XLA FFI
@@ -37,7 +37,7 @@ import jax
 import jaxlib
 
 # Compiled together into one library; each source's text is part of the cache key.
-SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc")]
+SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")]
 TARGETS = {
   "float32": "jadam_adam_f32",
   "float64": "jadam_adam_f64",
@@ -45,6 +45,7 @@ TARGETS = {
   "8bit": "jadam_adam_f32_q8",
 }
 SPARSE_TARGETS = {"float32": "jadam_sparse_adam_f32", "float64": "jadam_sparse_adam_f64"}
+ALL_FINITE_TARGET = "jadam_all_finite"
 _SYMBOLS = {
   "jadam_adam_f32": "JadamAdamF32",
   "jadam_adam_f64": "JadamAdamF64",
@@ -52,6 +53,7 @@ _SYMBOLS = {
   "jadam_adam_f32_q8": "JadamAdamF32Q8",
   "jadam_sparse_adam_f32": "JadamSparseAdamF32",
   "jadam_sparse_adam_f64": "JadamSparseAdamF64",
+  "jadam_all_finite": "JadamAllFinite",
 }
 FLAGS = (
   "-std=c++17",

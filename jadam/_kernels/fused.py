@@ -19,7 +19,7 @@ and either serves it or says why not (:class:`Unserved`), whoever built it:
   [max_nu] bias_correct normalize [add_l2 (masked or not)] scale_by_lr``;
   any stages in front run as they are, `clip_by_global_norm` directly in
   front becomes a kernel scalar (one reduction pass for the norm);
-- `apply_if_finite` (a rejected step leaves p, m and v as they are),
+- `apply_if_finite` (its check, `all(isfinite(g))`, one parallel pass of `finite_cpu.cc`; a rejected step leaves p, m and v as they are),
   `inject_hyperparams`, `partition` (one kernel call per group's leaves);
 - moments in the parameters' dtype, in bfloat16 (stochastic rounding), or in
   8 bits (`jadam.Quantized` for both, without AMSGrad: one pass per block
@@ -224,6 +224,50 @@ def _batch(args, dims, *, mode, streams, block_size):
 batching.primitive_batchers[adam_step_p] = _batch
 
 
+# --- optax.apply_if_finite's check ----------------------------------------------
+# all_finite_p.bind(*leaves): `jnp.all(jnp.isfinite(x))` over all the leaves (floating point, real), one bool.
+_FINITE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
+
+
+def _all_finite_xla(*leaves):
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite_kernel(*leaves):
+  flag = jax.ffi.ffi_call(_build.ALL_FINITE_TARGET, jax.ShapeDtypeStruct((1,), jnp.uint8))(*leaves)
+  return flag[0] != 0
+
+
+all_finite_p = jex_core.Primitive("jadam_all_finite")
+all_finite_p.def_abstract_eval(lambda *leaves: jax.core.ShapedArray((), jnp.bool_))
+all_finite_p.def_impl(lambda *leaves: jax.jit(all_finite_p.bind)(*leaves))
+mlir.register_lowering(all_finite_p, mlir.lower_fun(_all_finite_xla, multiple_results=False))
+
+
+def _all_finite_cpu_lowering(ctx, *leaves):
+  impl = _all_finite_xla if for_export(ctx) or not _build.loaded() else _all_finite_kernel
+  return mlir.lower_fun(impl, multiple_results=False)(ctx, *leaves)
+
+
+mlir.register_lowering(all_finite_p, _all_finite_cpu_lowering, platform="cpu")
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """``jnp.all(jnp.isfinite(x))`` over every leaf of `tree`, as `optax.apply_if_finite` checks its gradients.
+
+  The float32, float64, bfloat16 and float16 leaves are read once, in parallel, by a CPU kernel
+  (`finite_cpu.cc`; XLA:CPU reduces on one thread); other leaves (complex, integer) by XLA. A boolean, so
+  the answer does not depend on the order of the reduction.
+  """
+  leaves = jax.tree.leaves(tree)
+  fast = [x for x in leaves if jnp.result_type(x) in _FINITE_DTYPES and tracing_ok(x) and np.size(x)]
+  fast_ids = {id(x) for x in fast}
+  rest = [x for x in leaves if id(x) not in fast_ids]
+  checks = [all_finite_p.bind(*fast)] if fast else []
+  checks += [jnp.all(jnp.isfinite(x)) for x in rest]
+  return jnp.all(jnp.array(checks)) if checks else jnp.array(True)
+
+
 # --- recognising the structure -------------------------------------------------
 def _closure(fn: Any) -> dict[str, Any]:
   code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
@@ -322,7 +366,7 @@ def _run_if_finite(fn, state, grads, params, ctx):
   env = _closure(fn)
   inner, max_errors = env["inner"], env["max_consecutive_errors"]
   # optax.apply_if_finite's own arithmetic, as it does it
-  isfinite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(grads)]))
+  isfinite = all_finite(grads)  # optax's jnp.all(jnp.isfinite(...)) over the leaves, as one parallel pass
   notfinite_count = jnp.where(isfinite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count))
   ok = jnp.logical_or(isfinite, notfinite_count > max_errors)
   inner_ctx = ctx._replace(apply=ok if ctx.apply is None else jnp.logical_and(ctx.apply, ok))

@@ -22,11 +22,11 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "pool.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -148,14 +148,12 @@ struct Job {
   std::vector<Leaf<T>> leaves;
   std::vector<int64_t> starts;  // starts[i]: global index of leaf i's first element
   int64_t total = 0;
-  int64_t chunk = 0;
-  int64_t num_chunks = 0;
+  int64_t chunk = 0;  // elements a task
+  jadam::Tasks tasks;
   RangeFn<T> range = nullptr;
   int bits = 0;
   bool skip = false;
   T scalars[kNumScalars];
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   void Run(int64_t lo, int64_t hi) {
     auto it = std::upper_bound(starts.begin(), starts.end(), lo);
@@ -178,14 +176,8 @@ struct Job {
     }
   }
 
-  // Claims chunks until none is left.
   void Work() {
-    int64_t ran = 0;
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      Run(c * chunk, std::min(total, (c + 1) * chunk));
-      ++ran;
-    }
-    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+    tasks.Drain([this](int64_t c) { Run(c * chunk, std::min(total, (c + 1) * chunk)); });
   }
 };
 
@@ -249,23 +241,10 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
-  int64_t threads = pool.num_threads();
-  if (job->total < kParallelThreshold || threads <= 1) {
-    job->Run(0, job->total);
-    return ffi::Error::Success();
-  }
-  job->chunk = kChunk;
-  job->num_chunks = (job->total + kChunk - 1) / kChunk;
-  // Helpers that start after every chunk is claimed return at once, so the
-  // caller never waits for a task to be scheduled, only for claimed chunks.
-  const int64_t helpers = std::min<int64_t>(threads, job->num_chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([job] { job->Work(); });
-  }
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) {
-    std::this_thread::yield();
-  }
+  const bool parallel = job->total >= kParallelThreshold;  // below, one task on the calling thread
+  job->chunk = parallel ? kChunk : job->total;
+  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
+  jadam::RunOnPool(pool, job, parallel);
   return ffi::Error::Success();
 }
 
@@ -314,13 +293,12 @@ struct LeafB {
 struct JobB {
   std::vector<LeafB> leaves;
   std::vector<int64_t> starts;
-  int64_t total = 0, chunk = 0, num_chunks = 0;
+  int64_t total = 0, chunk = 0;  // chunk: elements a task
+  jadam::Tasks tasks;
   int bits = 0;
   bool skip = false;
   uint32_t t_term = 0;
   float s[kNumScalars];
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
   void RangeT(const LeafB& l, int64_t lo, int64_t n) const {
@@ -400,12 +378,7 @@ struct JobB {
   }
 
   void Work() {
-    int64_t ran = 0;
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      Run(c * chunk, std::min(total, (c + 1) * chunk));
-      ++ran;
-    }
-    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+    tasks.Drain([this](int64_t c) { Run(c * chunk, std::min(total, (c + 1) * chunk)); });
   }
 };
 
@@ -461,17 +434,10 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
-  const int64_t threads = pool.num_threads();
-  if (job->total < kParallelThreshold || threads <= 1) {
-    job->Run(0, job->total);
-    return ffi::Error::Success();
-  }
-  job->chunk = kChunk;
-  job->num_chunks = (job->total + kChunk - 1) / kChunk;
-  const int64_t helpers = std::min<int64_t>(threads, job->num_chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  const bool parallel = job->total >= kParallelThreshold;  // below, one task on the calling thread
+  job->chunk = parallel ? kChunk : job->total;
+  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
+  jadam::RunOnPool(pool, job, parallel);
   return ffi::Error::Success();
 }
 
@@ -583,13 +549,12 @@ struct TaskQ {
 
 struct JobQ {
   std::vector<LeafQ> leaves;
-  std::vector<TaskQ> tasks;
+  std::vector<TaskQ> ranges;  // task c runs ranges[c]
+  jadam::Tasks tasks;
   int64_t bs = 0;
   int bits = 0;
   bool skip = false;
   float s[kNumScalars];
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
 #if defined(__AVX512F__)
   // 16 values at a time: the update (from the map values of the old codes) and the requantization of a block.
@@ -841,13 +806,7 @@ struct JobQ {
 
   void Work() {
     std::vector<float> tmp(4 * static_cast<size_t>(bs));  // the new m and v of two blocks (Pipelined)
-    int64_t ran = 0;
-    const int64_t n = static_cast<int64_t>(tasks.size());
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      Run(tasks[c], tmp.data(), tmp.data() + 2 * bs);
-      ++ran;
-    }
-    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+    tasks.Drain([&](int64_t c) { Run(ranges[c], tmp.data(), tmp.data() + 2 * bs); });
   }
 };
 
@@ -913,20 +872,12 @@ ffi::Error AdamQ8Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remain
                                 static_cast<uint8_t*>(out[1]), static_cast<float*>(out[2]),
                                 static_cast<uint8_t*>(out[3]), static_cast<float*>(out[4]), size});
     const int64_t blocks = (size + block_size - 1) / block_size;
-    for (int64_t lo = 0; lo < blocks; lo += per_task) job->tasks.push_back(TaskQ{leaf, lo, std::min(blocks, lo + per_task)});
+    for (int64_t lo = 0; lo < blocks; lo += per_task) job->ranges.push_back(TaskQ{leaf, lo, std::min(blocks, lo + per_task)});
     total += size;
   }
-  if (job->tasks.empty()) return ffi::Error::Success();
-  const int64_t threads = pool.num_threads();
-  const int64_t n_tasks = static_cast<int64_t>(job->tasks.size());
-  if (total < kParallelThreshold || threads <= 1 || n_tasks == 1) {
-    job->Work();
-    return ffi::Error::Success();
-  }
-  const int64_t helpers = std::min<int64_t>(threads, n_tasks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < n_tasks) std::this_thread::yield();
+  if (job->ranges.empty()) return ffi::Error::Success();
+  job->tasks.n = static_cast<int64_t>(job->ranges.size());
+  jadam::RunOnPool(pool, job, total >= kParallelThreshold);
   return ffi::Error::Success();
 }
 

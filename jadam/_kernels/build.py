@@ -1,6 +1,7 @@
 """jadam's compiled CPU kernels, built at first use with the system C++ compiler.
 
-The sources ship with the package (`SOURCES`: `adam_cpu.cc`, `sparse_adam_cpu.cc`, `finite_cpu.cc`);
+The sources ship with the package (`SOURCES`: `adam_cpu.cc`, `sparse_adam_cpu.cc`, `finite_cpu.cc`, and
+the header `pool.h` they share);
 :func:`load` compiles them once into one library in a per-user cache, keyed by
 a hash of every source, the compiler, the
 flags, the jaxlib version and the CPU, and registers its handlers as XLA FFI
@@ -38,6 +39,7 @@ import jaxlib
 
 # Compiled together into one library; each source's text is part of the cache key.
 SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")]
+HEADERS = [Path(__file__).with_name("pool.h")]  # included by the sources; part of the cache key too
 TARGETS = {
   "float32": "jadam_adam_f32",
   "float64": "jadam_adam_f64",
@@ -169,7 +171,7 @@ def _key(cxx: str) -> str:
   return hashlib.sha256(
     "\0".join(
       [
-        *(f"{source.name}\0{source.read_text()}" for source in SOURCES),
+        *(f"{source.name}\0{source.read_text()}" for source in SOURCES + HEADERS),
         cxx,
         version,
         " ".join(FLAGS),

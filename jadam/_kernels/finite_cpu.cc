@@ -12,10 +12,10 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "pool.h"
 
 namespace ffi = xla::ffi;
 
@@ -44,20 +44,15 @@ struct Part {
 };
 
 struct FiniteJob {
-  std::vector<Part> parts;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  std::vector<Part> parts;  // task c reads parts[c]
+  jadam::Tasks tasks;
   std::atomic<bool> bad{false};
 
   void Work() {
-    int64_t ran = 0;
-    const int64_t n = static_cast<int64_t>(parts.size());
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+    tasks.Drain([this](int64_t c) {
       // once a value is known not to be finite, the other parts need not be read
       if (!bad.load(std::memory_order_relaxed) && parts[c].NonFinite()) bad.store(true, std::memory_order_relaxed);
-      ++ran;
-    }
-    if (ran) done.fetch_add(ran, std::memory_order_acq_rel);
+    });
   }
 };
 
@@ -91,16 +86,8 @@ ffi::Error AllFiniteImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rem
     }
     total_bytes += n * width;
   }
-  const int64_t n_parts = static_cast<int64_t>(job->parts.size());
-  const int64_t threads = pool.num_threads();
-  if (total_bytes < kParallelBytes || threads <= 1 || n_parts <= 1) {
-    job->Work();
-  } else {
-    const int64_t helpers = std::min<int64_t>(threads, n_parts) - 1;
-    for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-    job->Work();
-    while (job->done.load(std::memory_order_acquire) < n_parts) std::this_thread::yield();
-  }
+  job->tasks.n = static_cast<int64_t>(job->parts.size());
+  jadam::RunOnPool(pool, job, total_bytes >= kParallelBytes);
   *static_cast<uint8_t*>((*out)->untyped_data()) = job->bad.load() ? 0 : 1;
   return ffi::Error::Success();
 }

@@ -143,6 +143,37 @@ RangeFn<T> PickRuntime(int bits, std::index_sequence<I...>) {
   return table[bits & 63];
 }
 
+// Leaves laid end to end (starts[i]: leaf i's first element): calls f(leaf, off, n) for each piece of [lo, hi).
+template <typename LeafT, typename F>
+void ForEachPiece(const std::vector<LeafT>& leaves, const std::vector<int64_t>& starts, int64_t lo, int64_t hi, F&& f) {
+  auto it = std::upper_bound(starts.begin(), starts.end(), lo);
+  size_t leaf = static_cast<size_t>(it - starts.begin()) - 1;
+  while (lo < hi) {
+    const LeafT& l = leaves[leaf];
+    const int64_t off = lo - starts[leaf];
+    const int64_t n = std::min(hi, starts[leaf] + l.size) - lo;
+    if (n > 0) {
+      f(l, off, n);
+      lo += n;
+    }
+    ++leaf;
+  }
+}
+
+// Below this many elements a step runs on the calling thread alone.
+constexpr int64_t kParallelThreshold = 1 << 18;
+constexpr int64_t kChunk = 1 << 16;
+
+// Runs a job over its `total` elements in tasks of `chunk` elements (kChunk; all of them in one task on the
+// calling thread below kParallelThreshold): the float and bfloat16 kernels' jobs.
+template <typename Job>
+void RunChunked(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job) {
+  const bool parallel = job->total >= kParallelThreshold;
+  job->chunk = parallel ? kChunk : job->total;
+  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
+  jadam::RunOnPool(pool, job, parallel);
+}
+
 template <typename T>
 struct Job {
   std::vector<Leaf<T>> leaves;
@@ -156,34 +187,21 @@ struct Job {
   T scalars[kNumScalars];
 
   void Run(int64_t lo, int64_t hi) {
-    auto it = std::upper_bound(starts.begin(), starts.end(), lo);
-    size_t leaf = static_cast<size_t>(it - starts.begin()) - 1;
-    while (lo < hi) {
-      const Leaf<T>& l = leaves[leaf];
-      const int64_t off = lo - starts[leaf];
-      const int64_t n = std::min(hi, starts[leaf] + l.size) - lo;
-      if (n > 0) {
-        if (skip) {
-          SkipRange<T>(l.p + off, n);
-        } else if (l.size == 1) {
-          AdamOne<T>(l.g, l.p, l.m, l.v, l.vmax, bits, scalars);
-        } else {
-          range(l.g + off, l.p + off, l.m + off, l.v + off, l.vmax ? l.vmax + off : nullptr, n, scalars);
-        }
-        lo += n;
+    ForEachPiece(leaves, starts, lo, hi, [this](const Leaf<T>& l, int64_t off, int64_t n) {
+      if (skip) {
+        SkipRange<T>(l.p + off, n);
+      } else if (l.size == 1) {
+        AdamOne<T>(l.g, l.p, l.m, l.v, l.vmax, bits, scalars);
+      } else {
+        range(l.g + off, l.p + off, l.m + off, l.v + off, l.vmax ? l.vmax + off : nullptr, n, scalars);
       }
-      ++leaf;
-    }
+    });
   }
 
   void Work() {
     tasks.Drain([this](int64_t c) { Run(c * chunk, std::min(total, (c + 1) * chunk)); });
   }
 };
-
-// Below this many elements a step runs on the calling thread alone.
-constexpr int64_t kParallelThreshold = 1 << 18;
-constexpr int64_t kChunk = 1 << 16;
 
 template <ffi::DataType kDtype>
 ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode) {
@@ -241,10 +259,7 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
-  const bool parallel = job->total >= kParallelThreshold;  // below, one task on the calling thread
-  job->chunk = parallel ? kChunk : job->total;
-  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
-  jadam::RunOnPool(pool, job, parallel);
+  RunChunked(pool, job);
   return ffi::Error::Success();
 }
 
@@ -359,22 +374,13 @@ struct JobB {
   }
 
   void Run(int64_t lo, int64_t hi) {
-    auto it = std::upper_bound(starts.begin(), starts.end(), lo);
-    size_t leaf = static_cast<size_t>(it - starts.begin()) - 1;
-    while (lo < hi) {
-      const LeafB& l = leaves[leaf];
-      const int64_t off = lo - starts[leaf];
-      const int64_t n = std::min(hi, starts[leaf] + l.size) - lo;
-      if (n > 0) {
-        if (skip) {
-          SkipRange<float>(l.p + off, n);
-        } else {
-          Range(l, off, n);
-        }
-        lo += n;
+    ForEachPiece(leaves, starts, lo, hi, [this](const LeafB& l, int64_t off, int64_t n) {
+      if (skip) {
+        SkipRange<float>(l.p + off, n);
+      } else {
+        Range(l, off, n);
       }
-      ++leaf;
-    }
+    });
   }
 
   void Work() {
@@ -434,10 +440,7 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
-  const bool parallel = job->total >= kParallelThreshold;  // below, one task on the calling thread
-  job->chunk = parallel ? kChunk : job->total;
-  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
-  jadam::RunOnPool(pool, job, parallel);
+  RunChunked(pool, job);
   return ffi::Error::Success();
 }
 

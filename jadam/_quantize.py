@@ -206,13 +206,84 @@ def _packed_table(signed: bool) -> np.ndarray:
   return (base.astype(np.uint32) | (threshold << np.uint32(16))).astype(np.uint32)
 
 
-def kernel_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """What the fused CPU kernel's 8-bit step reads: the signed and unsigned maps, then their packed code tables."""
+# The fused kernel's arithmetic code search (see _search_table) trusts its floor of t only farther than this from an
+# integer; nearer, it looks the code up. Its error is under 2e-5 (the fit's, asserted below, and the float32 fma's).
+_SEARCH_WINDOW = 2.0**-14
+
+
+def _search_table(signed: bool) -> np.ndarray:
+  r"""The fused CPU kernel's table for finding codes by arithmetic instead of by memory lookups.
+
+  Between consecutive decades the map is a linear grid (:func:`dynamic_map`), so on
+  :math:`a = |y|` the code is an affine function's floor,
+
+  .. math::
+      q(a) = \min(\lfloor S_d a + B_d \rfloor, \text{cap}_d),
+
+  with :math:`S_d, B_d` fitted so that each boundary inside decade :math:`d`
+  lands on an integer. The decade :math:`d` is the number of separators
+  (boundaries between decades, below the first code, below 1) under `a`: each
+  binade :math:`[2^k, 2^{k+1})`, :math:`k \ge -31`, holds at most one, so `d` is
+  a lookup on the exponent and one comparison, ``d0[k] + (a > thr[k])``. Where
+  :math:`S_d a + B_d` falls within `_SEARCH_WINDOW` of an integer the kernel
+  takes the exact lookup (`_packed_table`) instead. On y < 0 (signed map) the
+  kernel returns :math:`254 - \min(q(|y|), 254)`, the mirror image.
+
+  Layout, as uint32 words: d0 (int32, 32, indexed by the biased exponent mod 32,
+  exponents below -31 taken as -31), thr (float32, 32), S, B (float32, 16 each,
+  by decade: 0 below the first code, 1..7 the decades, 8 at 1), cap (int32, 16),
+  the window (float32).
+  """
+  codes, bounds = _MAPS[signed], _BOUNDS[signed]
+  zero = 127 if signed else 0
+  top = len(codes) - 1  # 1.0
+  positive = np.arange(zero + 1, top)
+  decade = np.floor(np.log10(codes[positive].astype(np.float64))).astype(int) + 7  # 10^(i-6) * (0.1, 1)
+  s = np.zeros(16, np.float32)
+  b = np.zeros(16, np.float32)
+  cap = np.zeros(16, np.int32)
+  b[0], cap[0] = zero + 0.5, zero
+  separators = [bounds[zero]]  # between 0 and the first positive code
+  for i in range(7):
+    members = positive[decade == i]
+    first, n = int(members[0]), len(members)
+    separators.append(bounds[first + n - 1])  # above the decade's last code
+    inner = bounds[first : first + n - 1].astype(np.float64)  # inner[j - 1] lies between codes first+j-1, first+j
+    target = np.arange(first + 1, first + n, dtype=np.float64)
+    slope = n / (0.9 * 10.0 ** (i - 6)) if n > 1 else 0.0
+    s[i + 1] = slope
+    b[i + 1] = np.mean(target - slope * inner) if n > 1 else first + 0.5
+    cap[i + 1] = first + n - 1
+    fit = np.abs(np.float64(s[i + 1]) * inner + np.float64(b[i + 1]) - target)
+    assert n == 1 or fit.max() < 2e-5, "the affine fit of a decade's boundaries"
+    assert np.float64(s[i + 1]) * bounds[first - 1] + b[i + 1] >= first + 0.1, "the decade's lower separator"
+  s[8], b[8], cap[8] = 0.0, top + 0.5, top
+  separators = np.asarray(separators, np.float32)
+  d0 = np.zeros(32, np.int32)
+  thr = np.full(32, np.inf, np.float32)
+  for k in range(-31, 1):
+    lo, hi = np.float32(2.0**k), np.float32(2.0 ** (k + 1))
+    inside = separators[(separators >= lo) & (separators < hi)]
+    assert len(inside) <= 1, "two separators in one binade"
+    slot = (k + 127) % 32
+    d0[slot] = np.count_nonzero(separators < lo) if k > -31 else 0
+    if len(inside):
+      thr[slot] = inside[0]
+  assert separators[0] > 2.0**-30, "a separator below the exponents the kernel tells apart"
+  words = [d0.view(np.uint32), thr.view(np.uint32), s.view(np.uint32), b.view(np.uint32), cap.view(np.uint32)]
+  return np.concatenate([*words, np.asarray([_SEARCH_WINDOW], np.float32).view(np.uint32)])
+
+
+def kernel_tables() -> tuple[np.ndarray, ...]:
+  """What the fused CPU kernel's 8-bit step reads: the signed and unsigned maps, their packed code tables, then their
+  arithmetic search tables."""
   return (
     np.ascontiguousarray(_MAPS[True], np.float32),
     np.ascontiguousarray(_MAPS[False], np.float32),
     _packed_table(True),
     _packed_table(False),
+    _search_table(True),
+    _search_table(False),
   )
 
 

@@ -376,6 +376,40 @@ def _kernel():
     pytest.skip(f"the fused kernel is unavailable here: {build.error()}")
 
 
+def _floats_around(centres, ulps):
+  """Every float32 within `ulps` ulps of each of `centres` (positive), in [0, 1]."""
+  bits = np.asarray(centres, np.float32).view(np.int32)[:, None] + np.arange(-ulps, ulps + 1, dtype=np.int32)
+  y = np.clip(bits, 0, None).astype(np.int32).view(np.float32).reshape(-1)
+  return y[y <= 1.0]
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_kernel_code_search_is_searchsorted(signed):
+  """The kernel codes by arithmetic (_quantize._search_table), and by the exact table lookup only within rounding of
+  a boundary: its codes are searchsorted(bounds, y) on every float within 4096 ulps of each boundary and of the
+  binades' edges, on both signs where the map is signed, on 0, 1, NaN and tiny values, on a log-uniform sample and
+  on a sweep of [-1, 1] by a stride of 1009 floats. (The whole of [-1, 1], 2.1e9 floats, was checked once, with no
+  difference.)"""
+  _kernel()
+  from jadam._kernels import build
+
+  bounds = _quantize._BOUNDS[signed]
+  rng = np.random.default_rng(0)
+  edges = 2.0 ** np.arange(-40, 1, dtype=np.float64)
+  sample = (10.0 ** rng.uniform(-9, 0, 1 << 20)).astype(np.float32)
+  sweep = np.arange(0, 0x3F800001, 1009, dtype=np.int64).astype(np.int32).view(np.float32)
+  special = np.asarray([0.0, 1.0, np.nextafter(1, 0), 1e-38, 1e-45, 2.0**-31, 2.0**-30, np.nan], np.float32)
+  y = np.concatenate([_floats_around(bounds[bounds > 0], 4096), _floats_around(edges, 64), sample, sweep, special])
+  if signed:
+    y = np.concatenate([y, -y])
+  y = rng.permutation(y)  # vectors mixing near-boundary values with others, so a fallback covers all 16
+  got = build.quant_codes(y, signed)
+  want = np.searchsorted(bounds, y, side="left")  # NaN sorts last: code 255, as the table
+  assert got.shape == y.shape
+  wrong = np.flatnonzero(got != want)
+  assert wrong.size == 0, (y[wrong[:5]], got[wrong[:5]], want[wrong[:5]])
+
+
 def _kernel_leaves(seed=0):
   """Flat leaves with a partial last block, per-row leaves, a 3-d flat leaf, a one-element leaf, a small leaf."""
   shapes = {"flat": (5000,), "rows": (8, 4096), "cube": (3, 5, 11), "one": (1,), "small": (7,), "vec": (70001,)}

@@ -457,18 +457,32 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
 // scale_by_moments read the values that were just requantized, not the stored ones), then each moment's block
 // requantized: absmax = max |x| (NaNs ignored in whole blocks, as XLA:CPU's row reduction does: -inf for a block
 // of NaNs; a NaN makes a partial last block's absmax NaN, as its reduction to a scalar does), inv = 1 / max(absmax, 1e-38), y = clip(x * inv, -1, 1), code =
-// searchsorted(bounds, y) by the key tables of _quantize._lookup_tables, and a positive v never below code 1.
+// searchsorted(bounds, y), and a positive v never below code 1. The scalar path finds the code by the key tables of
+// _quantize._lookup_tables (two memory lookups); the vector path by arithmetic in registers (_quantize._search_table,
+// Search16), and by those tables only for the rare vectors that hold a value within rounding of a boundary.
 //
-// The maps and the code tables come from Python (JadamSetQuantTables, called once when the library is loaded), so
+// The maps and the tables come from Python (JadamSetQuantTables, called once when the library is loaded), so
 // that _quantize.py stays their one definition. Code table entry: the low 16 bits are `base` (the boundaries below
 // the key's interval), the high 16 bits a threshold on the low 16 bits of y (reversed for negative y) that holds
 // the interval's boundary, if any: code = base + (low16'(y) > threshold).
+
+// The arithmetic code search of _quantize._search_table: on a = |y|, decade d = d0[exponent] + (a > thr[exponent]),
+// code = min(floor(s[d] * a + b[d]), cap[d]), trusted only where s[d] * a + b[d] is at least `window` from an integer.
+struct SearchTable {
+  alignas(64) int32_t d0[32];
+  alignas(64) float thr[32];
+  alignas(64) float s[16];
+  alignas(64) float b[16];
+  alignas(64) int32_t cap[16];
+  float window;
+};
 
 struct QuantTables {
   alignas(64) float map_s[256];
   alignas(64) float map_u[256];
   alignas(64) uint8_t planes_s[4][256];  // byte k of each map value, for the 64-wide lookup
   alignas(64) uint8_t planes_u[4][256];
+  SearchTable search_s, search_u;
   uint32_t code_s[1 << 16];
   uint32_t code_u[1 << 16];
 };
@@ -497,6 +511,49 @@ inline __m512 Lookup256(const float* map, __m512i idx) {
   const __m512 s0 = _mm512_mask_blend_ps(b5, r[0], r[1]), s1 = _mm512_mask_blend_ps(b5, r[2], r[3]);
   const __m512 s2 = _mm512_mask_blend_ps(b5, r[4], r[5]), s3 = _mm512_mask_blend_ps(b5, r[6], r[7]);
   return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, s0, s1), _mm512_mask_blend_ps(b6, s2, s3));
+}
+
+// Code(y, table) for 16 values: two lookups in the 65536-entry table, by gathers (microcoded, slow on AMD Zen 4).
+inline __m512i Code16(__m512 y, const uint32_t* table) {
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
+  const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), low16);
+  const __m512i base = _mm512_and_si512(e, low16);
+  const __mmask16 up = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32(e, 16));
+  return _mm512_mask_add_epi32(base, up, base, _mm512_set1_epi32(1));
+}
+
+// The same codes by arithmetic (SearchTable), in registers: the lanes where it cannot vouch for its answer (within
+// the window of a boundary, NaN; for the signed map a = thr exactly, where y < 0 ties the other way; for the
+// unsigned map y < 0) are added to `near`, and the caller takes Code16 for those vectors.
+template <bool kSigned>
+inline __m512i Search16(__m512 y, const SearchTable& t, __mmask16& near) {
+  const __m512 a = kSigned ? _mm512_abs_ps(y) : y;
+  const __m512i bits = _mm512_castps_si512(a);
+  const __m512i e = _mm512_max_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(96));  // mod 32 below
+  const __m512i d0 = _mm512_permutex2var_epi32(_mm512_load_si512(t.d0), e, _mm512_load_si512(t.d0 + 16));
+  const __m512 thr = _mm512_permutex2var_ps(_mm512_load_ps(t.thr), e, _mm512_load_ps(t.thr + 16));
+  const __m512i d = _mm512_mask_add_epi32(d0, _mm512_cmp_ps_mask(a, thr, _CMP_GT_OQ), d0, _mm512_set1_epi32(1));
+  const __m512 x = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(d, _mm512_load_ps(t.s)),
+                                   _mm512_permutexvar_ps(d, _mm512_load_ps(t.b)));
+  __m512i k = _mm512_min_epi32(_mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                               _mm512_permutexvar_epi32(d, _mm512_load_si512(t.cap)));
+#if defined(__AVX512DQ__)
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // x - round(x)
+#else
+  const __m512 r = _mm512_sub_ps(x, _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  near |= _mm512_cmp_ps_mask(_mm512_abs_ps(r), _mm512_set1_ps(t.window), _CMP_NGE_UQ);
+  const __mmask16 neg = _mm512_cmplt_epi32_mask(_mm512_castps_si512(y), _mm512_setzero_si512());
+  if (kSigned) {
+    near |= _mm512_cmp_ps_mask(a, thr, _CMP_EQ_OQ);
+    const __m512i last = _mm512_set1_epi32(254);
+    k = _mm512_mask_sub_epi32(k, neg, last, _mm512_min_epi32(k, last));
+  } else {
+    near |= neg;
+  }
+  return k;
 }
 #endif
 
@@ -633,26 +690,44 @@ struct JobQ {
       inv_v = _mm512_set1_ps(1.0f / std::max(v, 1e-38f));
       tm = tm_, tv = tv_, cm = l.cm + b * bs, cv = l.cv + b * bs;
     }
-    static inline __m512i Code16(__m512 y, const uint32_t* table) {
-      const __m512i low16 = _mm512_set1_epi32(0xFFFF);
-      const __m512i bits = _mm512_castps_si512(y);
-      const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
-      const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), low16);
-      const __m512i base = _mm512_and_si512(e, low16);
-      const __mmask16 up = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32(e, 16));
-      return _mm512_mask_add_epi32(base, up, base, _mm512_set1_epi32(1));
-    }
-    inline void Step16(int64_t j) {
-      const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
-      const __m512 ym = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tm + j), inv_m)));
-      const __m512 yv = _mm512_min_ps(one, _mm512_max_ps(neg_one, _mm512_mul_ps(_mm512_loadu_ps(tv + j), inv_v)));
-      const __m512i qm = Code16(ym, g_quant.code_s);
-      __m512i qv = Code16(yv, g_quant.code_u);
+    // The codes of values j..j+15, as int32 lanes.
+    inline void Codes16(int64_t j, __m512i& qm, __m512i& qv) const {
+      // y = x * inv is not clipped to [-1, 1] here: |x| <= absmax, so |y| exceeds 1 by rounding only, and Search16
+      // codes (1, 2) as it codes 1; the exact lookup below gets the clipped values.
+      const __m512 ym = _mm512_mul_ps(_mm512_loadu_ps(tm + j), inv_m);
+      const __m512 yv = _mm512_mul_ps(_mm512_loadu_ps(tv + j), inv_v);
+      __mmask16 near = 0;
+      qm = Search16<true>(ym, g_quant.search_s, near);
+      qv = Search16<false>(yv, g_quant.search_u, near);
+      if (near) {  // within rounding of a boundary (or NaN, or a negative v): the exact lookup, for all 16
+        const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
+        qm = Code16(_mm512_min_ps(one, _mm512_max_ps(neg_one, ym)), g_quant.code_s);
+        qv = Code16(_mm512_min_ps(one, _mm512_max_ps(neg_one, yv)), g_quant.code_u);
+      }
       const __mmask16 pos = _mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ);
       qv = _mm512_mask_max_epu32(qv, pos, qv, _mm512_set1_epi32(1));
+    }
+    inline void Step16(int64_t j) {
+      __m512i qm, qv;
+      Codes16(j, qm, qv);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(cm + j), _mm512_cvtepi32_epi8(qm));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(cv + j), _mm512_cvtepi32_epi8(qv));
     }
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+    inline void Step64(int64_t j) {
+      __m512i qm[4], qv[4];
+      for (int r = 0; r < 4; ++r) Codes16(j + 16 * r, qm[r], qv[r]);
+      Store64(cm + j, qm);
+      Store64(cv + j, qv);
+    }
+    // 64 codes (four vectors of int32 in [0, 256)) as 64 bytes, by two saturating packs, which work within 128-bit
+    // lanes (lane L of the packed bytes holds q[k][4L..4L+3] at dword 4L + k) and one dword permute.
+    static inline void Store64(uint8_t* out, const __m512i q[4]) {
+      const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]), _mm512_packus_epi32(q[2], q[3]));
+      const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      _mm512_storeu_si512(out, _mm512_permutexvar_epi32(order, bytes));
+    }
+#endif
   };
 
 #endif
@@ -740,8 +815,8 @@ struct JobQ {
   }
 
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-  // Whole blocks of a multiple of 64 values, software-pipelined: the requantization of block b (its code search,
-  // gathers) interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
+  // Whole blocks of a multiple of 64 values, software-pipelined: the requantization of block b (its code search)
+  // interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
   // work overlap; the same operations on the same values as Block. Blocks [lo, hi), all whole and a multiple of 64
   // long; tm, tv hold two blocks each.
   template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
@@ -756,10 +831,10 @@ struct JobQ {
         up = U(s, l, b + 1, bs, tm + (1 - cur) * bs, tv + (1 - cur) * bs);
         for (int64_t i = 0; i < bs; i += 64) {
           up.Step64(i);
-          for (int r = 0; r < 4; ++r) rq.Step16(i + 16 * r);
+          rq.Step64(i);
         }
       } else {
-        for (int64_t j = 0; j < bs; j += 16) rq.Step16(j);
+        for (int64_t j = 0; j < bs; j += 64) rq.Step64(j);
       }
     }
   }
@@ -915,15 +990,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamF32Q8, AdamQ8Impl,
                                   .Attr<int32_t>("mode")
                                   .Attr<int64_t>("block_size"));
 
-// The 8-bit kernel's maps (256 float32 each, signed then unsigned) and code tables (65536 uint32 each), from
-// jadam._quantize.kernel_tables(); called once, before the first 8-bit step.
+// The 8-bit kernel's maps (256 float32 each, signed then unsigned), code tables (65536 uint32 each) and search tables
+// (113 uint32 words each, as SearchTable), from jadam._quantize.kernel_tables(); called once, before the first 8-bit
+// step.
 extern "C" __attribute__((visibility("default"))) void JadamSetQuantTables(const float* map_s, const float* map_u,
                                                                           const uint32_t* code_s,
-                                                                          const uint32_t* code_u) {
+                                                                          const uint32_t* code_u,
+                                                                          const uint32_t* search_s,
+                                                                          const uint32_t* search_u) {
+  static_assert(sizeof(SearchTable) >= 113 * 4 && offsetof(SearchTable, window) == 112 * 4, "SearchTable layout");
   std::memcpy(g_quant.map_s, map_s, sizeof(g_quant.map_s));
   std::memcpy(g_quant.map_u, map_u, sizeof(g_quant.map_u));
   std::memcpy(g_quant.code_s, code_s, sizeof(g_quant.code_s));
   std::memcpy(g_quant.code_u, code_u, sizeof(g_quant.code_u));
+  std::memcpy(&g_quant.search_s, search_s, 113 * 4);
+  std::memcpy(&g_quant.search_u, search_u, 113 * 4);
   for (int j = 0; j < 256; ++j) {
     uint32_t bs, bu;
     std::memcpy(&bs, map_s + j, 4);
@@ -934,4 +1015,23 @@ extern "C" __attribute__((visibility("default"))) void JadamSetQuantTables(const
     }
   }
   g_quant_ready.store(true, std::memory_order_release);
+}
+
+// For the tests: the codes the 8-bit step gives the values y (already scaled and clipped to [-1, 1]), with the map
+// `is_signed` picks, by the same search as the step (16 at a time where it can, then one by one), without the
+// positive-v rule.
+extern "C" __attribute__((visibility("default"))) void JadamQuantCodes(const float* y, int64_t n, int is_signed,
+                                                                      uint8_t* out) {
+  const uint32_t* table = is_signed ? g_quant.code_s : g_quant.code_u;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(y + i);
+    __mmask16 near = 0;
+    __m512i q = is_signed ? Search16<true>(v, g_quant.search_s, near) : Search16<false>(v, g_quant.search_u, near);
+    if (near) q = Code16(v, table);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+  }
+#endif
+  for (; i < n; ++i) out[i] = static_cast<uint8_t>(Code(y[i], table));
 }

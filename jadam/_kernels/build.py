@@ -36,6 +36,7 @@ from pathlib import Path
 
 import jax
 import jaxlib
+import numpy as np
 
 # Compiled together into one library; each source's text is part of the cache key.
 SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")]
@@ -264,3 +265,21 @@ def loaded() -> bool:
 def error() -> str:
   """Why the kernels are unavailable (after a failed :func:`load`)."""
   return str(_state.get("error", "not loaded"))
+
+
+def quant_codes(y: np.ndarray, signed: bool) -> np.ndarray:
+  """The 8-bit kernel's codes for values `y` already scaled into [-1, 1] (no positive-v rule), by its own code
+  search; for tests. Requires :func:`load`."""
+  if not load():
+    raise RuntimeError(f"the fused CPU kernel is unavailable: {error()}")
+  y = np.ascontiguousarray(y, np.float32)
+  out = np.empty(y.shape, np.uint8)
+  fn = _state["lib"].JadamQuantCodes
+  fn.restype = None
+  fn(
+    y.ctypes.data_as(ctypes.c_void_p),
+    ctypes.c_int64(y.size),
+    ctypes.c_int(int(signed)),
+    out.ctypes.data_as(ctypes.c_void_p),
+  )
+  return out

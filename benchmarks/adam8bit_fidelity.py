@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jadam
-from jadam import _quantize
+from jadam._storage import quantize as _quantize
 
 
 def gradients(n: int, steps: int, seed: int = 0, decades: float = 6.0) -> np.ndarray:

@@ -11,7 +11,7 @@ a (4096, 64) block of gradient values:
 - jadam sparse: ``jadam.make_update_step(jadam.sparse_adam())`` on the
   row-sparse `BCOO` gradient (coalescing included), parameters and state
   donated. On the CPU this is the fused SparseAdam kernel
-  (`jadam/_kernels/sparse_adam_cpu.cc`): one call groups the ids by row, sums
+  (`jadam/_kernels/csrc/sparse_adam_cpu.cc`): one call groups the ids by row, sums
   the duplicates and updates each touched row of the table, m and v in place.
 - jadam sparse, coalesced gradient: the same step on a gradient whose indices
   are already unique (flagged ``unique_indices``, as

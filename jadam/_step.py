@@ -29,7 +29,7 @@ everything else takes the generic path. `jax.export` and lowerings for other
 platforms get the kernel's arithmetic in plain XLA.
 
 Row-sparse gradients (`jadam.sparse_adam` on `BCOO` gradients, see
-`jadam._sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):
+`jadam._stages.sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):
 one call per table groups the ids, sums the duplicates and updates each
 touched row of the table and its moments in place, where the generic path is a
 dozen small gathers, scatters and a sort. Where it cannot serve, the generic
@@ -44,7 +44,8 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam import _common, _sparse
+from jadam._core import common as _common
+from jadam._stages import sparse as _sparse
 from jadam._kernels import fused as _fused
 
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common
-from jadam._moments import Moments, expect_moments, expect_updates, max_nu
-from jadam._penalty import decoupled_decay
+from jadam._core import common as _common
+from jadam._stages.moments import Moments, expect_moments, expect_updates, max_nu
+from jadam._stages.penalty import decoupled_decay
 
 
 class KerasMomentsState(NamedTuple):

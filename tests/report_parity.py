@@ -74,7 +74,7 @@ def bias_correction_ulps():
   """jadam's float32 1 - b**t against torch's (double on the host, rounded once), t = 1..20000."""
   import jax.numpy as jnp
 
-  from jadam import _common
+  from jadam._core import common as _common
 
   steps = np.arange(1, 20_001)
   lines = ["| b | jadam f32 ulps (t <= 20000) | naive f32 1 - b**t ulps |", "| --- | --- | --- |"]

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jadam
-from jadam import _quantize
+from jadam._storage import quantize as _quantize
 
 
 def _bnb():

@@ -110,7 +110,7 @@ def test_docstring_examples_run(module):
 
 
 def test_alias_docstrings_have_examples():
-  result = doctest.testmod(importlib.import_module("jadam._alias"), optionflags=doctest.ELLIPSIS)
+  result = doctest.testmod(importlib.import_module("jadam._optimizers"), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
 
 

@@ -28,7 +28,7 @@ import pytest
 
 import jadam
 from _bits import assert_bitwise_equal, bits
-from jadam import _lowp
+from jadam._storage import bf16 as _lowp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40

@@ -92,8 +92,8 @@ def test_early_stopping_errors():
 
 
 def test_reduce_lr_on_plateau_and_early_stopping_share_one_rule():
-  """The torch scheduler's comparison is jadam._plateau.is_better: the same answers on the same inputs."""
-  from jadam import _plateau
+  """The torch scheduler's comparison is jadam._tuning.plateau.is_better: the same answers on the same inputs."""
+  from jadam._tuning import plateau as _plateau
 
   plateau = jadam.torch.ReduceLROnPlateau(0.1, mode="max", threshold=0.1, threshold_mode="rel")
   for v, best in [(1.0, 0.9), (1.1, 1.0), (0.5, 1.0), (np.nan, 1.0)]:

@@ -58,7 +58,7 @@ CONFIGS = {
   "maximize": lambda: jadam.adam(1e-2, weight_decay=1e-2, maximize=True),
   "adamw_mask": lambda: jadam.adamw(1e-2, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
   "float32_moments": lambda: jadam.adam(1e-2, mu_dtype=jnp.float32, nu_dtype=jnp.float32),
-  # bfloat16 moments: the same stochastic rounding bits as jadam._lowp
+  # bfloat16 moments: the same stochastic rounding bits as jadam._storage.bf16
   "bf16_moments": lambda: jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
   "clip_adamw_bf16_moments": lambda: optax.chain(
     optax.clip_by_global_norm(1.0), jadam.adamw(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jadam
-from jadam import _lowp
+from jadam._storage import bf16 as _lowp
 
 
 def _bf16_neighbours(x):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import _parity
-from jadam import _common
+from jadam._core import common as _common
 
 STEPS = 500
 NAMES = sorted(_parity.CONFIGS)

@@ -39,8 +39,8 @@ import jaxlib
 import numpy as np
 
 # Compiled together into one library; each source's text is part of the cache key.
-SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")]
-HEADERS = [Path(__file__).with_name("pool.h")]  # included by the sources; part of the cache key too
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")]
+HEADERS = [Path(__file__).parent / "csrc" / "pool.h"]  # included by the sources; part of the cache key too
 TARGETS = {
   "float32": "jadam_adam_f32",
   "float64": "jadam_adam_f64",
@@ -217,8 +217,8 @@ def _build_and_load(cxx: str) -> ctypes.CDLL:
 
 
 def _set_quant_tables(lib: ctypes.CDLL) -> None:
-  """Hands the 8-bit kernel jadam._quantize's maps and code tables (copied into the library)."""
-  from jadam import _quantize  # pylint: disable=g-import-not-at-top
+  """Hands the 8-bit kernel jadam._storage.quantize's maps and code tables (copied into the library)."""
+  from jadam._storage import quantize as _quantize  # pylint: disable=g-import-not-at-top
 
   tables = _quantize.kernel_tables()
   lib.JadamSetQuantTables.restype = None

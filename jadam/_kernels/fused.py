@@ -47,7 +47,12 @@ import optax
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from jadam import _common, _lowp, _moments, _penalty, _quantize, _scale
+from jadam._core import common as _common
+from jadam._storage import bf16 as _lowp
+from jadam._stages import moments as _moments
+from jadam._stages import penalty as _penalty
+from jadam._storage import quantize as _quantize
+from jadam._stages import scale as _scale
 from jadam._kernels import build as _build
 
 # The kernel's scalar layout (enum Scalar in adam_cpu.cc).
@@ -103,7 +108,7 @@ def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   gi = _xla_grad(s, g, p, mode=mode)
   mi = s[_OMB1] * gi + s[_B1] * m.astype(gi.dtype)
   vi = s[_OMB2] * (gi * gi) + s[_B2] * v.astype(gi.dtype)
-  if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._lowp)
+  if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._storage.bf16)
     mi = _lowp.round_to_bfloat16(mi, count, 2 * stream)
     vi = _lowp.round_to_bfloat16(vi, count, 2 * stream + 1)
   vx = jnp.maximum(vi, vmax) if mode & AMSGRAD else vi
@@ -117,7 +122,7 @@ def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
 
 
 def _xla_leaf_8bit(s, g, p, mc, ma, vc, va, *, mode: int, block_size: int):
-  """The 8-bit kernel's arithmetic for one leaf, in XLA: jadam._quantize's dequantize, update, requantize."""
+  """The 8-bit kernel's arithmetic for one leaf, in XLA: jadam._storage.quantize's dequantize, update, requantize."""
   gi = _xla_grad(s, g, p, mode=mode)
   m = _quantize.dequantize(_quantize.QuantizedArray(mc, ma), block_size, signed=True)
   v = _quantize.dequantize(_quantize.QuantizedArray(vc, va), block_size, signed=False)
@@ -583,7 +588,7 @@ def _run_core(items, core: _Core, grads, params, ctx):
     xs = treedef.flatten_up_to(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else [None] * len(ps)
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients or the moments are not shaped like the parameters ({e})") from None
-  # bfloat16 moments, both stored with jadam._lowp's stochastic rounding: the float32 kernel's bfloat16 variant
+  # bfloat16 moments, both stored with jadam._storage.bf16's stochastic rounding: the float32 kernel's bfloat16 variant
   bf16 = not block_size and all(_lowp.stochastic_store(core.hp[k]) for k in ("mu_dtype", "nu_dtype"))
   if bf16 and core.mode & AMSGRAD:
     raise Unserved("bfloat16 moments with amsgrad")

@@ -1,6 +1,6 @@
 """The fused SparseAdam step: `jadam.sparse_adam`'s stages found by structure, one kernel call per table.
 
-The generic row-sparse step (`jadam._sparse`) is a dozen small XLA operations
+The generic row-sparse step (`jadam._stages.sparse`) is a dozen small XLA operations
 per table: a sort of the ids and a binary search to coalesce them, a
 scatter-add of the values, gathers of the touched rows of m, v and the table,
 the arithmetic, and three scatters back. Each is a loop over a (k, d) block
@@ -42,7 +42,9 @@ from jax.experimental.sparse import BCOO
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from jadam import _common, _scale, _sparse
+from jadam._core import common as _common
+from jadam._stages import scale as _scale
+from jadam._stages import sparse as _sparse
 from jadam._kernels import build as _build
 from jadam._kernels import fused as _fused
 

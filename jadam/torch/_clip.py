@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from jadam import _common
-from jadam._moments import expect_updates
+from jadam._core import common as _common
+from jadam._stages.moments import expect_updates
 
 _NONFINITE = (
   "The total norm of order {} for gradients from `parameters` is non-finite, so it cannot be clipped. To disable"

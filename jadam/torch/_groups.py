@@ -5,13 +5,14 @@ from __future__ import annotations
 import numbers
 import re
 import weakref
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import numpy as np
 import optax
 
-from jadam import _common
+from jadam._core import common as _common
+from jadam._core.common import path_string
 
 Build = Callable[[dict], optax.GradientTransformation]
 UNSET = object()  # a group that gives no "lr" of its own
@@ -40,30 +41,6 @@ def spec_of(tx: Any) -> Spec | None:
 def _remember(tx: optax.GradientTransformation, spec: Spec) -> optax.GradientTransformation:
   _SPECS[tx.update] = spec
   return tx
-
-
-def path_string(path: Sequence[Any]) -> str:
-  """A key path as the `/`-joined string that group patterns match: ``"encoder/layers/0/kernel"``.
-
-  Flax NNX's boxes (a trailing ``.value`` attribute of an `nnx.Variable`) are
-  left out, so an NNX model's `nnx.state(model, nnx.Param)` gives the same
-  paths as its Linen or plain-dict twin.
-  """
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-    path = path[:-1]
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
 
 
 def _matcher(spec: Any, index: int) -> Matcher:

@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _alias, _common, _correct, _penalty
-from jadam._moments import scale_by_moments
-from jadam._penalty import add_l2
-from jadam._scale import normalize, scale_by_lr
+from jadam import _optimizers as _alias
+from jadam._core import common as _common
+from jadam._stages import correct as _correct
+from jadam._stages import penalty as _penalty
+from jadam._stages.moments import scale_by_moments
+from jadam._stages.penalty import add_l2
+from jadam._stages.scale import normalize, scale_by_lr
 from jadam.torch import _groups
 from jadam.torch._schedulers import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 

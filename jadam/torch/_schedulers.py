@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _common, _plateau
+from jadam._core import common as _common
+from jadam._tuning import plateau as _plateau
 
 
 def _is_number(x: Any) -> bool:

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _common
-from jadam._correct import NesterovCorrectState
-from jadam._moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
-from jadam._scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
-from jadam._sparse import ScaleBySparseMomentsState
+from jadam._core import common as _common
+from jadam._stages.correct import NesterovCorrectState
+from jadam._stages.moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
+from jadam._stages.scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
+from jadam._stages.sparse import ScaleBySparseMomentsState
 from jadam.torch import _groups
 from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau, ReduceLROnPlateauState
 
@@ -965,7 +965,7 @@ def _moment_leaves(moment: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
   """bitsandbytes' Adam8bit/AdamW8bit `state_dict()` as the state of jadam.torch's: codes and scales copied."""
-  from jadam import _quantize
+  from jadam._storage import quantize as _quantize
 
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _common
+from jadam._core import common as _common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ class QuantizedMoment(NamedTuple):
 
 
 def check_dtype(name: str, dtype: Any) -> None:
-  """`jadam._common.check_dtype`, which also accepts a :class:`Quantized` spec."""
+  """`jadam._core.common.check_dtype`, which also accepts a :class:`Quantized` spec."""
   if not isinstance(dtype, Quantized):
     _common.check_dtype(name, dtype)
 

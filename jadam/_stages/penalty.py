@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common
-from jadam._moments import expect_updates
+from jadam._core import common as _common
+from jadam._stages.moments import expect_updates
 
 
 class AddL2State(NamedTuple):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import sparse
 
-from jadam import _common
-from jadam._moments import expect_moments, expect_updates
+from jadam._core import common as _common
+from jadam._stages.moments import expect_moments, expect_updates
 
 
 def normalize(

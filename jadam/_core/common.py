@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -422,3 +422,27 @@ def named_chain(
 
   update_fn.jadam_chain = (tx, check)  # for jadam._kernels.fused, which runs the chain's stages itself
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def path_string(path: Sequence[Any]) -> str:
+  """A key path as the `/`-joined string that group patterns match: ``"encoder/layers/0/kernel"``.
+
+  Flax NNX's boxes (a trailing ``.value`` attribute of an `nnx.Variable`) are
+  left out, so an NNX model's `nnx.state(model, nnx.Param)` gives the same
+  paths as its Linen or plain-dict twin.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  return "/".join(parts)

@@ -42,8 +42,8 @@ import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
 
-from jadam import _common
-from jadam._moments import Moments, expect_updates
+from jadam._core import common as _common
+from jadam._stages.moments import Moments, expect_updates
 
 BCOO = jsparse.BCOO
 
@@ -401,13 +401,12 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
     Array([   3,    7, 1000], dtype=int32)
   """
   _common.check_flag("has_aux", has_aux)
-  from jadam.torch._groups import path_string  # jadam.torch imports the aliases, which import this module
 
   def wrapped(params, ids, *args):
     if not isinstance(ids, dict):
       raise TypeError(f"ids must be a dict from a table's path to its ids; got {type(ids).__name__}.")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [path_string(p) for p, _ in leaves]
+    names = [_common.path_string(p) for p, _ in leaves]
     unknown = sorted(set(ids) - set(names))
     if unknown:
       raise ValueError(f"ids names tables {unknown} that are not in params; its paths are {names[:8]}.")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _common
+from jadam._core import common as _common
 
 _M1 = np.uint32(0x9E3779B1)  # golden-ratio multiplier (Weyl sequence over the index)
 _M2 = np.uint32(0x85EBCA77)
@@ -99,7 +99,7 @@ def store(
   """`values` cast to the dtypes of `state`, bfloat16 leaves rounded stochastically.
 
   Leaves where `updates` is not a float array keep their `state` leaf, as
-  :func:`jadam._common.tree_map_float` does with ``keep=2``. Each leaf gets its
+  :func:`jadam._core.common.tree_map_float` does with ``keep=2``. Each leaf gets its
   own stream of bits (the leaf's position in the tree).
   """
   leaf = itertools.count()

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common
-from jadam._moments import expect_moments
+from jadam._core import common as _common
+from jadam._stages.moments import expect_moments
 
 
 def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _common
-from jadam._early_stopping import EarlyStopping, EarlyStoppingState
+from jadam._core import common as _common
+from jadam._tuning.early_stopping import EarlyStopping, EarlyStoppingState
 from jadam.torch._schedulers import ReduceLROnPlateau, ReduceLROnPlateauState
 
 Config = dict[str, Any]

@@ -4,7 +4,7 @@ Every stage that produces :class:`Moments` lives here: `scale_by_moments`
 (Adam's exponential averages), `scale_by_inf_moments` (Adamax's infinity
 norm) and `accumulate_squares` (Adagrad's sum), and the two stages that
 rewrite them before a correction: `max_nu` (AMSGrad) and `center` (centred
-RMSProp). `jadam._correct` corrects them; `jadam._scale` divides them back
+RMSProp). `jadam._stages.correct` corrects them; `jadam._stages.scale` divides them back
 into parameter-shaped updates.
 """
 
@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _common, _lowp, _quantize
+from jadam._core import common as _common
+from jadam._storage import bf16 as _lowp
+from jadam._storage import quantize as _quantize
 
 Dtype = Any
 
@@ -111,7 +113,7 @@ def scale_by_moments(
       never decays under round-to-nearest. An explicit ``jnp.bfloat16`` for
       either moment is stored with unbiased stochastic rounding (deterministic
       bits from the element index and the step; see
-      :func:`jadam._lowp.round_to_bfloat16`), so it decays as
+      :func:`jadam._storage.bf16.round_to_bfloat16`), so it decays as
       :math:`\beta^t` on average at 2 bytes a value. A :class:`jadam.Quantized`
       spec stores the moment in 8 bits, one uint8 code per value and one float32
       scale per block, as bitsandbytes does (signed map for :math:`m`, unsigned
@@ -174,7 +176,7 @@ def _store(updates, values, state, count, stream, dtype, again=None):
 
   An explicit bfloat16 `dtype` rounds stochastically: round-to-nearest would
   freeze a bfloat16 second moment (0.999 v rounds to v), unbiased rounding
-  (:func:`jadam._lowp.round_to_bfloat16`) decays it as 0.999^t on average.
+  (:func:`jadam._storage.bf16.round_to_bfloat16`) decays it as 0.999^t on average.
   The next stages then read the stored value, widened back, so the step sees
   what the state holds and XLA keeps no float32 copy of the moment in memory.
   Default dtypes (None) keep plain casts and pass `values` on unchanged, and

@@ -7,11 +7,22 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam import _common, _quantize, _scale, _sparse
-from jadam._correct import bias_correct, nesterov_correct, rectify
-from jadam._moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
-from jadam._penalty import add_l2, decoupled_decay
-from jadam._scale import flip_sign, normalize, normalize_inf, scale_by_asgd, scale_by_delta, scale_by_lr, scale_by_rprop
+from jadam._core import common as _common
+from jadam._storage import quantize as _quantize
+from jadam._stages import scale as _scale
+from jadam._stages import sparse as _sparse
+from jadam._stages.correct import bias_correct, nesterov_correct, rectify
+from jadam._stages.moments import accumulate_squares, center, max_nu, scale_by_inf_moments, scale_by_moments
+from jadam._stages.penalty import add_l2, decoupled_decay
+from jadam._stages.scale import (
+  flip_sign,
+  normalize,
+  normalize_inf,
+  scale_by_asgd,
+  scale_by_delta,
+  scale_by_lr,
+  scale_by_rprop,
+)
 
 Dtype = Any
 Mask = Any | Callable[[optax.Params], Any] | None

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jadam import _common, _plateau
+from jadam._core import common as _common
+from jadam._tuning import plateau as _plateau
 
 
 class EarlyStoppingState(NamedTuple):

@@ -1,0 +1,1 @@
+"""The stages: each formula of the optimizers, stated once."""

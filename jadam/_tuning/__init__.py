@@ -1,0 +1,1 @@
+"""Tuning: the plateau rule, early stopping, sweeps."""

@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,examples]"
+	$(PY) -m pip install -q -e ".[test,examples,docs]"
 	touch $@
 
-.PHONY: test mnist bench
+.PHONY: test mnist bench docs
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
@@ -23,3 +23,7 @@ mnist: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.step_time $(ARGS)
+
+# The documentation site (Sphinx, offline), warnings and broken cross-references as errors.
+docs: $(VENV)/.installed
+	$(PY) -m sphinx -b html -n -W --keep-going docs docs/_build/html

@@ -113,7 +113,7 @@ def scale_by_moments(
       never decays under round-to-nearest. An explicit ``jnp.bfloat16`` for
       either moment is stored with unbiased stochastic rounding (deterministic
       bits from the element index and the step; see
-      :func:`jadam._storage.bf16.round_to_bfloat16`), so it decays as
+      ``jadam._storage.bf16.round_to_bfloat16``), so it decays as
       :math:`\beta^t` on average at 2 bytes a value. A :class:`jadam.Quantized`
       spec stores the moment in 8 bits, one uint8 code per value and one float32
       scale per block, as bitsandbytes does (signed map for :math:`m`, unsigned
@@ -176,7 +176,7 @@ def _store(updates, values, state, count, stream, dtype, again=None):
 
   An explicit bfloat16 `dtype` rounds stochastically: round-to-nearest would
   freeze a bfloat16 second moment (0.999 v rounds to v), unbiased rounding
-  (:func:`jadam._storage.bf16.round_to_bfloat16`) decays it as 0.999^t on average.
+  (``jadam._storage.bf16.round_to_bfloat16``) decays it as 0.999^t on average.
   The next stages then read the stored value, widened back, so the step sees
   what the state holds and XLA keeps no float32 copy of the moment in memory.
   Default dtypes (None) keep plain casts and pass `values` on unchanged, and

@@ -770,8 +770,7 @@ def AdamW8bit(
   r"""bitsandbytes' `bnb.optim.AdamW8bit`: :func:`Adam8bit` with `weight_decay=1e-2` by default.
 
   Args:
-    params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args,
-      min_8bit_size, is_paged: as in :func:`Adam8bit`.
+    params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged: as in :func:`Adam8bit`.
 
   Returns:
     An :class:`optax.GradientTransformation`.

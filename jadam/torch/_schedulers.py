@@ -618,8 +618,8 @@ class CyclicLR(LRScheduler):
   Args:
     base_lr: :math:`\eta_{base}`, the initial learning rate (PyTorch sets every
       group's lr to it).
-    max_lr, step_size_up, step_size_down, mode, gamma, scale_fn, scale_mode,
-    cycle_momentum, base_momentum, max_momentum: PyTorch's, with its defaults.
+    max_lr: PyTorch's, with its defaults, as are step_size_up, step_size_down, mode, gamma,
+      scale_fn, scale_mode, cycle_momentum, base_momentum and max_momentum.
       `scale_fn` is called with float jax scalars (see :class:`LambdaLR`).
   """
 
@@ -657,7 +657,7 @@ class CyclicLR(LRScheduler):
 
   @property
   def lr(self) -> float:
-    """The initial learning rate: `base_lr`."""
+    """The initial learning rate, `base_lr`."""
     return self.base_lr
 
   def rebase(self, lr: float) -> "CyclicLR":

@@ -21,7 +21,7 @@ extensions = [
   "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "reliability.md", "**/generated"]
+exclude_patterns = ["_build"]
 root_doc = "index"
 default_role = "code"  # `x` in a docstring is code, as in Markdown
 

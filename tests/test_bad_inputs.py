@@ -2,7 +2,7 @@
 
 Each case names what it calls, the exception type it must raise (exactly that
 type) and a regular expression its message must match: the argument, or the
-stage and the trees, that are wrong. README.md and docs/reliability.md state
+stage and the trees, that are wrong. docs/guides/reliability.md states
 how many cases there are; a test keeps them true.
 """
 
@@ -742,7 +742,7 @@ def test_case_names_are_unique():
   assert len(set(names)) == len(names)
 
 
-@pytest.mark.parametrize("document", ["README.md", "docs/reliability.md"])
+@pytest.mark.parametrize("document", ["docs/guides/reliability.md"])
 def test_the_documents_count_the_cases(document):
   counts = re.findall(r"(\d+) bad inputs", (ROOT / document).read_text())
   assert counts and all(int(n) == len(CASES) for n in counts), (counts, len(CASES))

@@ -1,6 +1,6 @@
 """Determinism: the same seed and inputs give the same bits, run to run, compile to compile and process to process.
 
-What is and is not bitwise (docs/reliability.md):
+What is and is not bitwise (docs/guides/reliability.md):
 
 - Two runs of the same program (jitted, or both eager) give bit-identical
   parameters and state, compiled twice in this process or once in a new one;

@@ -1,6 +1,6 @@
 """Non-finite gradients: `optax.apply_if_finite` around a jadam optimizer skips them exactly.
 
-The policy (docs/reliability.md): a step whose gradient holds a NaN or an Inf
+The policy (docs/guides/reliability.md): a step whose gradient holds a NaN or an Inf
 anywhere leaves the parameters, every moment and every step count as they
 were, as if the step had not been taken; `max_consecutive_errors` such steps in
 a row are skipped, and the next one is applied, so that a run whose gradients

@@ -18,31 +18,39 @@ import argparse
 import dataclasses
 import time
 
+from examples import _cli
 from examples.embeddings import train
 
 
 def parse_args(argv=None) -> tuple[train.Config, str]:
   base = train.Config()
-  p = argparse.ArgumentParser(
-    prog="python -m examples.embeddings",
-    description=__doc__.split("\n\n")[0].strip("`"),
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("Examples:", 1)[1],
-  )
+  p = _cli.parser("python -m examples.embeddings", __doc__)
   p.add_argument("--corpus", default=None, help="a text file, one document a line (default: gensim's sample)")
-  p.add_argument("--runs", nargs="+", choices=("sparse", "dense"), default=list(base.runs))
-  p.add_argument("--epochs", type=int, default=base.epochs)
-  p.add_argument("--lr", type=float, default=base.learning_rate)
-  p.add_argument("--dim", type=int, default=base.dim)
-  p.add_argument("--hidden", type=int, default=base.hidden)
-  p.add_argument("--batch-size", type=int, default=base.batch_size)
-  p.add_argument("--context", type=int, default=base.context)
-  p.add_argument("--min-count", type=int, default=base.min_count)
+  p.add_argument(
+    "--runs",
+    nargs="+",
+    choices=("sparse", "dense"),
+    default=list(base.runs),
+    help="which runs, from the same start (default: sparse dense)",
+  )
+  p.add_argument("--epochs", type=int, default=base.epochs, help="passes over the training windows")
+  p.add_argument("--lr", type=float, default=base.learning_rate, help="learning rate of every optimizer")
+  p.add_argument("--dim", type=int, default=base.dim, help="embedding width")
+  p.add_argument("--hidden", type=int, default=base.hidden, help="hidden layer width")
+  p.add_argument("--batch-size", type=int, default=base.batch_size, help="training batch size")
+  p.add_argument("--context", type=int, default=base.context, help="context words per prediction")
+  p.add_argument("--min-count", type=int, default=base.min_count, help="rarer words share one row")
   p.add_argument("--shortlist", type=int, default=base.shortlist, help="output classes (frequent words + <unk>)")
-  p.add_argument("--seed", type=int, default=base.seed)
-  p.add_argument("--eval-every", type=int, default=base.eval_every)
-  p.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
-  p.add_argument("--workdir", default=None, help="default: workdir/embeddings-<time>")
+  p.add_argument("--seed", type=int, default=base.seed, help="initialisation and batch-order seed")
+  p.add_argument("--eval-every", type=int, default=base.eval_every, help="steps between validation evaluations")
+  p.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (default: none)")
+  p.add_argument("--workdir", default=None, help="metrics.json, metrics.png (default: workdir/embeddings-<time>)")
+  p.add_argument(
+    "--progress",
+    action=argparse.BooleanOptionalAction,
+    default=base.progress,
+    help="progress within each run (default: a bar on a terminal, else a line every few seconds)",
+  )
   a = p.parse_args(argv)
   config = dataclasses.replace(
     base,
@@ -59,6 +67,7 @@ def parse_args(argv=None) -> tuple[train.Config, str]:
     seed=a.seed,
     eval_every=a.eval_every,
     max_steps=a.max_steps,
+    progress=a.progress,
   )
   return config, a.workdir or time.strftime("workdir/embeddings-%Y%m%d-%H%M%S")
 
@@ -72,4 +81,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run("python -m examples.embeddings", main)

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 import jadam
+from examples._progress import Progress
 from examples.embeddings import input_pipeline
 
 TABLE = "embed/embedding"
@@ -50,6 +51,7 @@ class Config:
   eval_every: int = 500
   runs: tuple[str, ...] = ("sparse", "dense")
   max_steps: int | None = None  # stop early (tests)
+  progress: bool | None = None  # None: a bar on a terminal, else a line every few seconds
 
 
 class LanguageModel(nnx.Module):
@@ -138,9 +140,9 @@ def _plot(histories: dict[str, Any], path: pathlib.Path, title: str) -> None:
 
 def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Runs each of `config.runs`; writes ``metrics.json`` and ``metrics.png`` to `workdir` and returns the metrics."""
-  from tqdm.auto import tqdm
-
   workdir = pathlib.Path(workdir)
+  if (workdir / "metrics.json").exists():  # before training, not after
+    raise FileExistsError(f"{workdir} holds a previous run's metrics.json: pass a new --workdir")
   workdir.mkdir(parents=True, exist_ok=True)
   corpus = pathlib.Path(config.corpus) if config.corpus else input_pipeline.default_corpus()
   data = input_pipeline.load(corpus, context=config.context, min_count=config.min_count, shortlist=config.shortlist)
@@ -172,7 +174,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     rng = np.random.default_rng(config.seed)  # the same batches for every run
     history = {"train_step": [], "train_loss": [], "eval_step": [], "valid_ppl": []}
     smooth, t, times = None, 0, []
-    bar = tqdm(total=total_steps, desc=kind, unit="step", dynamic_ncols=True)
+    bar = Progress(None, total_steps, kind, enabled=config.progress)  # a bar on a terminal, else a line every few s
     while t < total_steps:
       for batch in input_pipeline.batches(data.train, config.batch_size, rng):
         t0 = time.perf_counter()

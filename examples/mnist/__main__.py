@@ -17,6 +17,7 @@ import ast
 import dataclasses
 from typing import Any
 
+from examples import _cli
 from examples.mnist import train
 from examples.mnist.configs import default
 
@@ -37,13 +38,8 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
   base = default.get_config()
-  p = argparse.ArgumentParser(
-    prog="python -m examples.mnist",
-    description="Train Flax's MNIST CNN with a jadam optimizer.",
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("Examples:", 1)[1],
-  )
-  p.add_argument("--api", choices=("nnx", "linen"), default=base.api)
+  p = _cli.parser("python -m examples.mnist", __doc__, "Train Flax's MNIST CNN with a jadam optimizer.")
+  p.add_argument("--api", choices=("nnx", "linen"), default=base.api, help="Flax's NNX or Linen model and step")
   p.add_argument(
     "--optimizer",
     default=base.optimizer,
@@ -64,40 +60,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
     help="cosine decay from --lr to 0 over --epochs (default), or constant",
   )
   hp = p.add_argument_group("optimizer hyperparameters (only those given are passed)")
-  hp.add_argument("--b1", type=float)
-  hp.add_argument("--b2", type=float)
-  hp.add_argument("--eps", type=float)
-  hp.add_argument("--weight-decay", type=float)
-  hp.add_argument("--momentum", type=float)
-  hp.add_argument("--amsgrad", action="store_true", default=None)
-  hp.add_argument("--nesterov", action="store_true", default=None)
+  own = "(default: the optimizer's own)"
+  hp.add_argument("--b1", type=float, help=f"first-moment decay {own}")
+  hp.add_argument("--b2", type=float, help=f"second-moment decay {own}")
+  hp.add_argument("--eps", type=float, help=f"the denominator's epsilon {own}")
+  hp.add_argument("--weight-decay", type=float, help=f"weight decay {own}")
+  hp.add_argument("--momentum", type=float, help=f"momentum, for sgd and rmsprop {own}")
+  hp.add_argument("--amsgrad", action="store_true", default=None, help="AMSGrad's running maximum of v (default: off)")
+  hp.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum, for sgd (default: off)")
   hp.add_argument(
     "--opt",
     metavar="NAME=VALUE",
     type=_key_value,
     action="append",
     default=[],
-    help="any other argument of the optimizer, e.g. --opt centered=True",
+    help="any other argument of the optimizer, e.g. --opt centered=True (default: none)",
   )
-  p.add_argument("--epochs", type=int, default=base.epochs)
-  p.add_argument("--batch-size", type=int, default=base.batch_size)
-  p.add_argument("--eval-batch-size", type=int, default=base.eval_batch_size)
-  p.add_argument("--seed", type=int, default=base.seed)
+  p.add_argument("--epochs", type=int, default=base.epochs, help="passes over the training set")
+  p.add_argument("--batch-size", type=int, default=base.batch_size, help="training batch size")
+  p.add_argument("--eval-batch-size", type=int, default=base.eval_batch_size, help="evaluation batch size")
+  p.add_argument("--seed", type=int, default=base.seed, help="initialisation and shuffling seed")
   p.add_argument(
     "--data-dir",
     default=base.data_dir,
     help="folder with the four IDX files (default: cache, download, or the shipped sample)",
   )
-  p.add_argument("--no-download", dest="download", action="store_false")
-  p.add_argument("--workdir", default="workdir")
-  p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+  p.add_argument(
+    "--no-download", dest="download", action="store_false", help="never try the mirrors (default: download if missing)"
+  )
+  p.add_argument("--workdir", default="workdir", help="metrics, plot and checkpoints; refused if it holds a run")
+  p.add_argument(
+    "--resume", action="store_true", help="continue from the last checkpoint in --workdir (default: a new run)"
+  )
   p.add_argument(
     "--progress",
     action=argparse.BooleanOptionalAction,
     default=base.progress,
-    help="progress bars (default: only on a terminal)",
+    help="progress within each epoch (default: a bar on a terminal, else a line every few seconds)",
   )
-  p.add_argument("--no-plot", dest="plot", action="store_false")
+  p.add_argument("--no-plot", dest="plot", action="store_false", help="write no metrics.png (default: write it)")
   p.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -140,4 +141,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run("python -m examples.mnist", main)

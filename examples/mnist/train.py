@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 import jadam
+from examples._progress import Progress
 from examples.mnist import input_pipeline, models, optimizers
 from examples.mnist.configs.default import Config
 
@@ -187,18 +188,13 @@ def train_epoch(
   task: Task, state: Any, data: input_pipeline.Dataset, config: Config, epoch: int
 ) -> tuple[Any, dict[str, float]]:
   """One pass over the shuffled training set (order fixed by seed and epoch)."""
-  from tqdm.auto import tqdm
-
   steps = len(data) // config.batch_size
-  disable = None if config.progress is None else not config.progress
-  bar = tqdm(
+  bar = Progress(  # a bar on a terminal, else a line every few seconds
     input_pipeline.train_batches(data, config.batch_size, config.seed, epoch),
     total=steps,
     desc=f"epoch {epoch}/{config.epochs}",
-    unit="step",
-    disable=disable,
+    enabled=config.progress,
     file=sys.stderr,
-    leave=False,
   )
   totals = jnp.zeros(3, jnp.float32)
   for step, (images, labels) in enumerate(bar, 1):

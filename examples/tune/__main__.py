@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 
+from examples import _cli
 from examples.mnist import optimizers
 from examples.tune import train
 from examples.tune.configs import default
@@ -32,32 +34,62 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
   base = default.get_config()
-  p = argparse.ArgumentParser(
-    prog="python -m examples.tune",
-    description="Sweep one optimizer's hyperparameters on MNIST in one vmapped program.",
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("Examples:", 1)[1],
+  p = _cli.parser(
+    "python -m examples.tune", __doc__, "Sweep one optimizer's hyperparameters on MNIST in one vmapped program."
   )
-  p.add_argument("--optimizer", default=base.optimizer, choices=list(optimizers.OPTIMIZERS))
+  p.add_argument(
+    "--optimizer",
+    default=base.optimizer,
+    choices=list(optimizers.OPTIMIZERS),
+    metavar="NAME",
+    help=f"one of {', '.join(optimizers.OPTIMIZERS)}",
+  )
   hp = p.add_argument_group("values to sweep (comma-separated; the grid is their product)")
   for name in train.HYPERPARAMETERS:
     flag = "--" + name.replace("_", "-")
     default_values = base.grid.get(name)
-    shown = "" if default_values is None else f" (default {','.join(f'{v:g}' for v in default_values)})"
+    shown = (
+      " (default: the optimizer's own)"
+      if default_values is None
+      else f" (default: {','.join(f'{v:g}' for v in default_values)})"
+    )
     hp.add_argument(flag, type=_floats, default=None, help=f"{name} values{shown}")
-  p.add_argument("--model", choices=("cnn", "mlp"), default=base.model)
-  p.add_argument("--epochs", type=int, default=base.epochs)
-  p.add_argument("--patience", type=int, default=base.patience, help="early stopping on validation loss")
-  p.add_argument("--plateau-patience", type=int, default=base.plateau_patience, help="ReduceLROnPlateau's patience")
+  p.add_argument(
+    "--model",
+    choices=("cnn", "mlp"),
+    default=base.model,
+    help="the 784-256-10 MLP or Flax's CNN (on CPU: --sequential)",
+  )
+  p.add_argument("--epochs", type=int, default=base.epochs, help="passes over the training set")
+  p.add_argument(
+    "--patience", type=int, default=base.patience, help="early stopping on validation loss (default: none)"
+  )
+  p.add_argument(
+    "--plateau-patience", type=int, default=base.plateau_patience, help="ReduceLROnPlateau's patience (default: none)"
+  )
   p.add_argument("--plateau-factor", type=float, default=base.plateau_factor, help="ReduceLROnPlateau's factor")
-  p.add_argument("--batch-size", type=int, default=base.batch_size)
-  p.add_argument("--val-fraction", type=float, default=base.val_fraction)
-  p.add_argument("--seed", type=int, default=base.seed)
-  p.add_argument("--data-dir", default=base.data_dir, help="folder with the four IDX files")
-  p.add_argument("--no-download", dest="download", action="store_false")
-  p.add_argument("--workdir", default="workdir/tune")
-  p.add_argument("--sequential", action="store_true", help="train the configurations one after another")
-  p.add_argument("--no-plot", dest="plot", action="store_false")
+  p.add_argument("--batch-size", type=int, default=base.batch_size, help="training batch size")
+  p.add_argument("--val-fraction", type=float, default=base.val_fraction, help="the training set's last part, held out")
+  p.add_argument("--seed", type=int, default=base.seed, help="initialisation and shuffling seed")
+  p.add_argument(
+    "--data-dir",
+    default=base.data_dir,
+    help="folder with the four IDX files (default: cache, download, or the shipped sample)",
+  )
+  p.add_argument(
+    "--no-download", dest="download", action="store_false", help="never try the mirrors (default: download if missing)"
+  )
+  p.add_argument("--workdir", default=None, help="sweep.json, sweep.png, checkpoints (default: workdir/tune-<time>)")
+  p.add_argument(
+    "--sequential", action="store_true", help="train the configurations one after another (default: all at once)"
+  )
+  p.add_argument(
+    "--progress",
+    action=argparse.BooleanOptionalAction,
+    default=base.progress,
+    help="progress within each epoch (default: a bar on a terminal, else a line every few seconds)",
+  )
+  p.add_argument("--no-plot", dest="plot", action="store_false", help="write no sweep.png (default: write it)")
   p.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -79,10 +111,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
     download=a.download,
     sequential=a.sequential,
     plot=a.plot,
+    progress=a.progress,
     train_limit=a.train_limit,
     test_limit=a.test_limit,
   )
-  return config, a.workdir
+  return config, a.workdir or time.strftime("workdir/tune-%Y%m%d-%H%M%S")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,4 +124,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run("python -m examples.tune", main)

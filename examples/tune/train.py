@@ -14,6 +14,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 
 import jadam
+from examples._progress import Progress
 from examples.mnist import input_pipeline, models, optimizers
 from examples.tune.configs.default import Config
 
@@ -165,7 +167,8 @@ def train_configs(
     if all(s is not None for s in stopped):
       break
     t0 = time.perf_counter()
-    for images, labels in input_pipeline.train_batches(data["train"], config.batch_size, config.seed, epoch):
+    batches = input_pipeline.train_batches(data["train"], config.batch_size, config.seed, epoch)
+    for images, labels in Progress(batches, steps, f"epoch {epoch}/{config.epochs}", enabled=config.progress and log):
       params, state, _, _ = train_step(params, state, images, labels)
     jax.block_until_ready(params)
     seconds.append(time.perf_counter() - t0)
@@ -236,8 +239,9 @@ def _final(losses: list[float]) -> float:
   return losses[-1] if losses and math.isfinite(losses[-1]) else math.inf
 
 
-def plot(results: dict[str, Any], path: pathlib.Path, title: str) -> None:
-  """Heatmap of the best validation accuracy over the two widest axes, and each configuration's curve."""
+def plot(results: dict[str, Any], path: pathlib.Path, title: str, best: int | None = None) -> None:
+  """What the table ranks by, final validation loss, over the two widest axes (the lowest over the other axes),
+  each configuration's curve, and the chosen configuration `best` marked in both."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -249,17 +253,23 @@ def plot(results: dict[str, Any], path: pathlib.Path, title: str) -> None:
   xs = sorted({c[axes[0]] for c in configs}, key=lambda v: str(v) if isinstance(v, tuple) else v)
   ys = sorted({c[axes[1]] for c in configs}, key=lambda v: str(v) if isinstance(v, tuple) else v) if axes[1] else [None]
   grid = np.full((len(ys), len(xs)), np.nan)
+  cell = lambda c: (ys.index(c[axes[1]]) if axes[1] else 0, xs.index(c[axes[0]]))
   for i, c in enumerate(configs):
-    acc = max(results["val_accuracy"][i]) if results["val_accuracy"][i] else np.nan
-    x, y = xs.index(c[axes[0]]), ys.index(c[axes[1]]) if axes[1] else 0
-    grid[y, x] = np.nanmax([grid[y, x], 100 * acc])
+    final = _final(results["val_loss"][i])
+    grid[cell(c)] = np.nanmin([grid[cell(c)], final if math.isfinite(final) else np.nan])
   fig, (ax_map, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.8))
-  im = ax_map.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+  im = ax_map.imshow(grid, cmap="viridis_r", origin="lower", aspect="auto")  # yellow: lowest loss
   for (y, x), v in np.ndenumerate(grid):
-    ax_map.text(x, y, f"{v:.2f}", ha="center", va="center", color="w" if v < np.nanmean(grid) else "k", fontsize=9)
+    ax_map.text(x, y, f"{v:.4f}", ha="center", va="center", color="k" if v < np.nanmean(grid) else "w", fontsize=9)
+  if best is not None:
+    y, x = cell(configs[best])
+    ax_map.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
+    ax_map.text(x, y + 0.3, "chosen", ha="center", va="center", color="red", fontsize=8, fontweight="bold")
   ax_map.set_xticks(range(len(xs)), [str(v) for v in xs])
   ax_map.set_yticks(range(len(ys)), [str(v) for v in ys])
-  ax_map.set(xlabel=axes[0], ylabel=axes[1] or "", title="best validation accuracy (%), best over other axes")
+  ax_map.set(
+    xlabel=axes[0], ylabel=axes[1] or "", title="final validation loss (ranks the table), lowest over other axes"
+  )
   fig.colorbar(im, ax=ax_map)
   # One colour per value of the widest axis, so that 24 curves stay readable.
   colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(xs)))
@@ -271,6 +281,8 @@ def plot(results: dict[str, Any], path: pathlib.Path, title: str) -> None:
       f"{axes[0]}={c[axes[0]]}" if i == min(j for j, d in enumerate(configs) if d[axes[0]] == c[axes[0]]) else None
     )
     ax_curve.plot(range(1, len(losses) + 1), losses, style, marker="o", ms=3, alpha=0.7, color=colours[x], label=label)
+    if i == best:
+      ax_curve.plot(range(1, len(losses) + 1), losses, "-", color="red", lw=2.5, zorder=3, label=f"chosen: {_short(c)}")
   ax_curve.legend(fontsize=8)
   ax_curve.set(xlabel="epoch", ylabel="validation loss", title="validation loss (dotted: stopped early)")
   ax_curve.set_yscale("log")
@@ -297,9 +309,19 @@ def sweep_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     What ``sweep.json`` holds, plus ``"results"`` (with the final parameters and state).
   """
   workdir = pathlib.Path(workdir)
+  previous = [n for n in ("sweep.json", "checkpoints", "config_0") if (workdir / n).exists()]
+  if previous:  # before training: orbax would refuse to write over the checkpoints only at the end
+    raise FileExistsError(f"{workdir} holds a previous sweep ({', '.join(previous)}): pass a new --workdir")
   workdir.mkdir(parents=True, exist_ok=True)
   data, source = load_data(config)
   configs = jadam.sweep_grid(optimizer_grid(config))
+  if config.model == "cnn" and not config.sequential and len(configs) > 1 and jax.default_backend() == "cpu":
+    print(
+      "warning: a vmapped CNN sweep on CPU is far slower than --sequential (XLA:CPU runs the vmapped convolutions"
+      " as grouped ones, with no fast path: 23x in benchmarks.sweep)",
+      file=sys.stderr,
+      flush=True,
+    )
   mode = "one after another" if config.sequential else "all at once (vmapped)"
   print(
     f"MNIST ({source.origin}: {len(data['train'])} train / {len(data['val'])} validation /"
@@ -358,5 +380,9 @@ def sweep_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     flush=True,
   )
   if config.plot:
-    plot(results, workdir / "sweep.png", f"MNIST {config.model}, {config.optimizer}, {config.epochs} epochs")
+    title = (
+      f"MNIST {config.model}, {config.optimizer}, {config.epochs} epochs, {out['mode']};"
+      f" data: {source.origin}, {len(data['train'])} train / {len(data['val'])} validation images"
+    )
+    plot(results, workdir / "sweep.png", title, best=best)
   return {**out, "results": results}

@@ -32,7 +32,7 @@ class Config:
   # For tests and quick runs: use only the first N examples (None: all).
   train_limit: int | None = None
   test_limit: int | None = None
-  progress: bool | None = None  # tqdm bars; None: only on a terminal
+  progress: bool | None = None  # None: a bar on a terminal, else a line every few seconds
   log_every: int = 20  # steps between updates of the bar's running figures
   plot: bool = True
 

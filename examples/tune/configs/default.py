@@ -18,8 +18,8 @@ class Config:
     default_factory=lambda: {"lr": (3e-4, 1e-3, 3e-3), "b1": (0.8, 0.9), "b2": (0.99, 0.999)}
   )
   # "mlp" (784-256-10) or "cnn" (Flax's MNIST CNN). The MLP by default: on CPU,
-  # XLA runs a vmapped convolution as a grouped one with no fast path (README,
-  # "Tuning Adam"): sweep the CNN with --sequential there, or on an accelerator.
+  # XLA runs a vmapped convolution as a grouped one with no fast path (docs/guides/
+  # tuning.md): sweep the CNN with --sequential there, or on an accelerator.
   model: str = "mlp"
   epochs: int = 3
   patience: int | None = None  # early stopping on validation loss; None: never
@@ -35,6 +35,7 @@ class Config:
   train_limit: int | None = None  # for tests: the first N training examples (before the split)
   test_limit: int | None = None
   plot: bool = True
+  progress: bool | None = None  # within each epoch; None: a bar on a terminal, else a line every few seconds
   checkpoint: bool = True  # the last epoch's parameters and sweep state, with jadam.save_state
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # fixed optimizer arguments
 

@@ -3,6 +3,7 @@ the output is not a terminal; expected errors as one line; no run over a previou
 
 import importlib
 import io
+import pathlib
 
 import pytest
 
@@ -96,3 +97,11 @@ def test_embeddings_refuses_a_previous_runs_workdir(tmp_path):
   (tmp_path / "metrics.json").write_text("{}")
   with pytest.raises(FileExistsError, match="pass a new --workdir"):
     train.train_and_evaluate(train.Config(max_steps=1), tmp_path)
+
+
+def test_tune_replots_the_docs_sweep(tmp_path):
+  pytest.importorskip("matplotlib")
+  from examples.tune import train
+
+  train.replot(pathlib.Path(__file__).parent.parent / "docs" / "tune_mnist_mlp.json", tmp_path / "sweep.png")
+  assert (tmp_path / "sweep.png").stat().st_size > 10_000

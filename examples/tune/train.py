@@ -296,6 +296,27 @@ def plot(results: dict[str, Any], path: pathlib.Path, title: str, best: int | No
   plt.close(fig)
 
 
+def _title(out: dict[str, Any]) -> str:
+  """What ran, and on which data: the shipped sample or the full MNIST (from --data-dir, the cache or a download)."""
+  data = out["data"]
+  origins = {"sample": "the shipped MNIST sample", "data_dir": "MNIST from --data-dir", "download": "MNIST, downloaded"}
+  origin = origins.get(data["origin"], f"MNIST from the {data['origin']}")
+  epochs = out["settings"]["epochs"]
+  return (
+    f"{out['model']}, {out['optimizer']}, {epochs} epochs, {out['mode']}; {origin}:"
+    f" {data['train_examples']} train / {data['val_examples']} validation images"
+  )
+
+
+def replot(sweep_json: str | pathlib.Path, png: str | pathlib.Path) -> None:
+  """Draw a previous run's ``sweep.png`` again from its ``sweep.json`` (no training)."""
+  out = json.loads(pathlib.Path(sweep_json).read_text())
+  keys = ("val_loss", "val_accuracy", "stopped_epoch", "test_accuracy")
+  results = {k: [c[k] for c in out["configs"]] for k in keys}
+  results["configs"] = [{k: c[k] for k in out["hyperparameters"]} for c in out["configs"]]
+  plot(results, pathlib.Path(png), _title(out), best=out["best"])
+
+
 def load_data(config: Config) -> tuple[dict[str, input_pipeline.Dataset], input_pipeline.Source]:
   source = input_pipeline.load(config.data_dir, allow_download=config.download)
   train, val = split(source.train.take(config.train_limit), config.val_fraction)
@@ -380,9 +401,5 @@ def sweep_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     flush=True,
   )
   if config.plot:
-    title = (
-      f"MNIST {config.model}, {config.optimizer}, {config.epochs} epochs, {out['mode']};"
-      f" data: {source.origin}, {len(data['train'])} train / {len(data['val'])} validation images"
-    )
-    plot(results, workdir / "sweep.png", title, best=best)
+    plot(results, workdir / "sweep.png", _title(out), best=best)
   return {**out, "results": results}

@@ -27,7 +27,9 @@ def _public(module) -> set[str]:
   if hasattr(module, "__all__"):
     return set(module.__all__)
   # jadam.keras has no __all__: its public names are those it defines.
-  return {n for n, v in vars(module).items() if not n.startswith("_") and getattr(v, "__module__", "") == module.__name__}
+  return {
+    n for n, v in vars(module).items() if not n.startswith("_") and getattr(v, "__module__", "") == module.__name__
+  }
 
 
 def _documented() -> list[str]:

@@ -105,3 +105,28 @@ def test_tune_replots_the_docs_sweep(tmp_path):
 
   train.replot(pathlib.Path(__file__).parent.parent / "docs" / "tune_mnist_mlp.json", tmp_path / "sweep.png")
   assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_tune_warns_that_a_vmapped_cnn_sweep_on_cpu_is_slower(tmp_path, monkeypatch, capsys):
+  import types
+
+  from examples.tune import train
+  from examples.tune.configs import default
+
+  data = {"train": [0] * 10, "val": [0], "test": [0]}
+  monkeypatch.setattr(train, "load_data", lambda config: (data, types.SimpleNamespace(origin="sample")))
+  monkeypatch.setattr(train.jax, "default_backend", lambda: "cpu")
+
+  def stop(*args, **kwargs):
+    raise _Stop
+
+  monkeypatch.setattr(train, "train_configs", stop)
+  for sequential, warned in ((False, True), (True, False)):
+    config = default.Config(model="cnn", sequential=sequential)
+    with pytest.raises(_Stop):
+      train.sweep_and_evaluate(config, tmp_path / str(sequential))
+    assert ("--sequential" in capsys.readouterr().err) == warned

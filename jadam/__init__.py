@@ -71,6 +71,15 @@ from jadam._tuning.sweep import Sweep as Sweep
 from jadam._tuning.sweep import SweepState as SweepState
 from jadam._tuning.sweep import sweep as sweep
 from jadam._tuning.sweep import sweep_grid as sweep_grid
+# Adafactor and Muon (issue 23)
+from jadam._optimizers import adafactor as adafactor
+from jadam._optimizers import muon as muon
+from jadam._stages.factored import ScaleByFactoredMomentsState as ScaleByFactoredMomentsState
+from jadam._stages.factored import clip_by_rms as clip_by_rms
+from jadam._stages.factored import relative_step as relative_step
+from jadam._stages.factored import scale_by_factored_moments as scale_by_factored_moments
+from jadam._stages.factored import scale_by_param_rms as scale_by_param_rms
+from jadam._stages.orthogonal import orthogonalize as orthogonalize
 
 # Public submodules (jadam.keras.Adam, jadam.torch.Adam), left out of __all__: `from jadam import *`
 # must not shadow PyTorch's `torch` or Keras's `keras`.
@@ -145,4 +154,13 @@ __all__ = (
   "sweep_grid",
   "update_and_apply",
   "value_and_sparse_grad",
+  # Adafactor and Muon (issue 23)
+  "adafactor",
+  "muon",
+  "ScaleByFactoredMomentsState",
+  "clip_by_rms",
+  "relative_step",
+  "scale_by_factored_moments",
+  "scale_by_param_rms",
+  "orthogonalize",
 )

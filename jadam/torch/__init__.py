@@ -61,6 +61,10 @@ from jadam.torch._state_dict import load_state_dict as load_state_dict
 from jadam.torch._state_dict import scheduler_state_dict as scheduler_state_dict
 from jadam.torch._state_dict import state_dict as state_dict
 
+# Adafactor and Muon (issue 23)
+from jadam.torch._optim import Adafactor as Adafactor
+from jadam.torch._optim import Muon as Muon
+
 __all__ = (
   "ASGD",
   "Adadelta",
@@ -102,4 +106,7 @@ __all__ = (
   "path_string",
   "scheduler_state_dict",
   "state_dict",
+  # Adafactor and Muon (issue 23)
+  "Adafactor",
+  "Muon",
 )

@@ -70,7 +70,8 @@ def problem(shapes, steps, seed=0):
   rng = np.random.default_rng(seed)
   params = {k: rng.normal(size=s) for k, s in shapes.items()}
   curv = {k: rng.uniform(0.1, 1.0, size=s) for k, s in shapes.items()}
-  noise = {k: rng.normal(size=(steps, *s)) * 10.0 ** rng.uniform(-2, 1) for k, s in shapes.items()}
+  # Drawn for 256 steps whatever `steps` is, so that a run cut in two sees the noise of the whole run.
+  noise = {k: rng.normal(size=(max(steps, 256), *s))[:steps] * 10.0 ** rng.uniform(-2, 1) for k, s in shapes.items()}
   return params, curv, noise
 
 

@@ -172,7 +172,7 @@ def _number(x: Any) -> float | None:
 
 def _at(x: Any, count: int) -> Any:
   """A hyperparameter's value at step `count`, as a Python number (bools stay bools)."""
-  if isinstance(x, (bool, str)) or x is None:
+  if isinstance(x, (bool, str, int)) or x is None:  # an int stays one (Muon's ns_steps feeds range())
     return x
   if isinstance(x, (tuple, list)):
     return tuple(_at(v, count) for v in x)
@@ -900,8 +900,9 @@ def _to_torch(a: np.ndarray):
   import torch
 
   if a.dtype == jnp.bfloat16:
-    return torch.from_numpy(np.ascontiguousarray(a.astype(np.float32))).to(torch.bfloat16)
-  return torch.from_numpy(np.ascontiguousarray(a).copy())
+    return torch.from_numpy(np.array(a, np.float32, order="C")).to(torch.bfloat16)
+  # np.array, not np.ascontiguousarray, which makes a 0-d array (a scalar parameter's state) 1-d.
+  return torch.from_numpy(np.array(a, order="C"))
 
 
 def scheduler_state_dict(

@@ -922,7 +922,7 @@ def adafactor(
             && \text{(\texttt{clip\_by\_rms})}\\
         \theta_t &= \theta_{t-1}(1 - \alpha\lambda)
             - \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\min(\alpha, 1/\sqrt t)\, \hat U_t
-            && \text{(\texttt{scale\_by\_param\_rms}, \texttt{scale\_by\_lr}, \texttt{decoupled\_decay})}
+            && \text{(\texttt{scale\_by\_param\_rms}, \texttt{scale\_by\_relative\_step}, \texttt{decoupled\_decay})}
       \end{align*}
 
   Matrices (and the last two axes of higher-rank parameters) keep only row
@@ -969,7 +969,7 @@ def adafactor(
     normalize(0.0),
     _factored.clip_by_rms(clipping_threshold),
     _factored.scale_by_param_rms(eps_scale),
-    scale_by_lr(_factored.relative_step(learning_rate)),
+    _factored.scale_by_relative_step(learning_rate),
     decoupled_decay(weight_decay, learning_rate),
   )
 

@@ -4,8 +4,8 @@ r"""Adafactor's stages: factored second moments, update clipping by RMS, steps r
 moment is rebuilt from a row and a column average (Shazeer & Stern's factored
 estimate), so the existing :func:`jadam.normalize` divides by its root; then
 :func:`clip_by_rms` bounds the update's RMS, :func:`scale_by_param_rms`
-multiplies by the parameters' RMS, and :func:`jadam.scale_by_lr` with
-:func:`relative_step` applies Adafactor's step size. :func:`jadam.adafactor` is
+multiplies by the parameters' RMS, and :func:`scale_by_relative_step` applies
+Adafactor's step size. :func:`jadam.adafactor` is
 the chain, with `torch.optim.Adafactor`'s semantics.
 """
 
@@ -20,6 +20,7 @@ import optax
 
 from jadam._core import common as _common
 from jadam._stages.moments import Moments, expect_updates
+from jadam._stages.scale import scale_by_lr
 
 
 class ScaleByFactoredMomentsState(NamedTuple):
@@ -274,3 +275,21 @@ def relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> _common.Sched
     return jnp.minimum(lr, 1 / jnp.sqrt(t))
 
   return schedule
+
+
+def scale_by_relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> optax.GradientTransformation:
+  r"""Multiply the updates by :math:`-\rho_t = -\min(\alpha_t, 1/\sqrt{t})`, Adafactor's step size in PyTorch.
+
+  .. math::
+      \Delta\theta_t = -\min(\alpha_t, 1/\sqrt{t})\, u_t.
+
+  :func:`jadam.scale_by_lr` of :func:`relative_step`'s schedule (its state is
+  :class:`jadam.ScaleByLrState`).
+
+  Args:
+    learning_rate: :math:`\alpha \ge 0`: a float, a scalar array or a schedule.
+
+  Returns:
+    An :class:`optax.GradientTransformation` on parameter-shaped updates.
+  """
+  return scale_by_lr(relative_step(learning_rate))

@@ -68,6 +68,7 @@ from jadam.torch._optim import Muon as Muon
 __all__ = (
   "ASGD",
   "Adadelta",
+  "Adafactor",
   "Adagrad",
   "Adam",
   "Adam8bit",
@@ -85,6 +86,7 @@ __all__ = (
   "LinearLR",
   "MultiStepLR",
   "MultiplicativeLR",
+  "Muon",
   "NAdam",
   "OneCycleLR",
   "PolynomialLR",
@@ -106,7 +108,4 @@ __all__ = (
   "path_string",
   "scheduler_state_dict",
   "state_dict",
-  # Adafactor and Muon (issue 23)
-  "Adafactor",
-  "Muon",
 )

@@ -166,3 +166,19 @@ def test_recipe_refuses_bad_arguments_and_complex_params():
     tx.update({"w": jnp.ones(3)}, jadam.adam().init({"w": jnp.ones(3)}), {"w": jnp.ones(3)})
   with pytest.raises(ValueError, match="params"):
     tx.update({"w": jnp.ones(3)}, tx.init({"w": jnp.ones(3)}))
+
+
+def test_compiles_once_and_keeps_the_state_s_shapes_and_dtypes():
+  params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+  tx = jadam.adafactor(learning_rate=optax.linear_schedule(0.1, 0.01, 10))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state):
+    updates, state = tx.update(params, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = first = tx.init(params)
+  for _ in range(4):
+    params, state = step(params, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, first)

@@ -271,3 +271,11 @@ def test_recipe_refuses_bad_arguments():
     jadam.momentum(0.9, dampening=0.5, ema=True)
   with pytest.raises(TypeError, match="ema"):
     jadam.momentum(0.9, ema=1)
+
+
+def test_bfloat16_params_stay_bfloat16_and_zero_grads_stay_finite():
+  params = {"w": jnp.ones((4, 3), jnp.bfloat16)}
+  tx = jadam.muon()
+  updates, state = tx.update({"w": jnp.zeros((4, 3), jnp.bfloat16)}, tx.init(params), params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+  assert bool(jnp.all(jnp.isfinite(updates["w"].astype(jnp.float32))))  # eps keeps 0 / max(0, eps) finite

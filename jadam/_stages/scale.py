@@ -158,9 +158,10 @@ def momentum(
     nesterov: Nesterov's variant; as in PyTorch it needs dampening 0.
     accumulator_dtype: Storage dtype of :math:`b`; by default the parameter's.
     ema: `torch.optim.Muon`'s momentum instead, an exponential moving average
-      (see :func:`_ema_momentum`): :math:`b_t = \mu b_{t-1} + (1-\mu) u_t`
-      from :math:`b_0 = 0`, and Nesterov's :math:`(1-\mu) u_t + \mu b_t`
-      (dampening must be 0: the average damps by :math:`1 - \mu` itself).
+      with `torch.lerp`'s rounding: :math:`b_t = \mu b_{t-1} + (1-\mu) u_t`
+      from :math:`b_0 = 0` (no undamped first step), and Nesterov's
+      :math:`(1-\mu) u_t + \mu b_t` (dampening must be 0: the average damps
+      by :math:`1 - \mu` itself). The state is the same :class:`MomentumState`.
 
   Returns:
     An :class:`optax.GradientTransformation` on parameter-shaped updates.

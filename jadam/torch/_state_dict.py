@@ -462,7 +462,9 @@ def load_state_dict(
 
   Every moment (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``,
   ``square_avg``, ``grad_avg``, ``momentum_buffer``, ``exp_inf``,
-  ``mu_product``, ``acc_delta``, ``prev``, ``step_size``, ``ax``) is copied
+  ``mu_product``, ``acc_delta``, ``prev``, ``step_size``, ``ax``; Adafactor's
+  ``row_var`` and ``col_var`` for parameters of two or more dimensions and
+  ``variance`` for the others) is copied
   into the stage that holds it, transposed as `names` says; PyTorch's ``step``
   becomes every stage's step count, which is also the position of a scheduler
   given as `lr` (SparseAdam's per-table ``step`` becomes each table's count).

@@ -72,6 +72,16 @@ from jadam._tuning.sweep import SweepState as SweepState
 from jadam._tuning.sweep import sweep as sweep
 from jadam._tuning.sweep import sweep_grid as sweep_grid
 
+# Adafactor and Muon (issue 23)
+from jadam._optimizers import adafactor as adafactor
+from jadam._optimizers import muon as muon
+from jadam._stages.factored import ScaleByFactoredMomentsState as ScaleByFactoredMomentsState
+from jadam._stages.factored import clip_by_rms as clip_by_rms
+from jadam._stages.factored import scale_by_factored_moments as scale_by_factored_moments
+from jadam._stages.factored import scale_by_param_rms as scale_by_param_rms
+from jadam._stages.factored import scale_by_relative_step as scale_by_relative_step
+from jadam._stages.orthogonal import orthogonalize as orthogonalize
+
 # Public submodules (jadam.keras.Adam, jadam.torch.Adam), left out of __all__: `from jadam import *`
 # must not shadow PyTorch's `torch` or Keras's `keras`.
 from jadam import keras as keras
@@ -94,6 +104,7 @@ __all__ = (
   "RowMoments",
   "ScaleByAsgdState",
   "ScaleByDeltaState",
+  "ScaleByFactoredMomentsState",
   "ScaleByInfMomentsState",
   "ScaleByLrState",
   "ScaleByMomentsState",
@@ -103,6 +114,7 @@ __all__ = (
   "SweepState",
   "accumulate_squares",
   "adadelta",
+  "adafactor",
   "adagrad",
   "adam",
   "adam8bit",
@@ -114,6 +126,7 @@ __all__ = (
   "asgd",
   "bias_correct",
   "center",
+  "clip_by_rms",
   "decoupled_decay",
   "early_stopping",
   "flip_sign",
@@ -121,10 +134,12 @@ __all__ = (
   "make_update_step",
   "max_nu",
   "momentum",
+  "muon",
   "nadam",
   "nesterov_correct",
   "normalize",
   "normalize_inf",
+  "orthogonalize",
   "radam",
   "rectify",
   "restore_state",
@@ -134,9 +149,12 @@ __all__ = (
   "save_state",
   "scale_by_asgd",
   "scale_by_delta",
+  "scale_by_factored_moments",
   "scale_by_inf_moments",
   "scale_by_lr",
   "scale_by_moments",
+  "scale_by_param_rms",
+  "scale_by_relative_step",
   "scale_by_rprop",
   "scale_by_sparse_moments",
   "sgd",

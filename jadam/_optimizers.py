@@ -8,7 +8,8 @@ import jax
 import optax
 
 from jadam._core import common as _common
-from jadam._storage import quantize as _quantize
+from jadam._stages import factored as _factored
+from jadam._stages import orthogonal as _orthogonal
 from jadam._stages import scale as _scale
 from jadam._stages import sparse as _sparse
 from jadam._stages.correct import bias_correct, nesterov_correct, rectify
@@ -23,6 +24,7 @@ from jadam._stages.scale import (
   scale_by_lr,
   scale_by_rprop,
 )
+from jadam._storage import quantize as _quantize
 
 Dtype = Any
 Mask = Any | Callable[[optax.Params], Any] | None
@@ -892,4 +894,148 @@ def adamw8bit(
     spec,
     decoupled=True,
     mask=mask,
+  )
+
+
+# --- Adafactor and Muon (issue 23) --------------------------------------------------------------------------
+def adafactor(
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  beta2_decay: optax.ScalarOrSchedule = -0.8,
+  eps: optax.ScalarOrSchedule | None = None,
+  eps_scale: optax.ScalarOrSchedule = 1e-3,
+  clipping_threshold: optax.ScalarOrSchedule = 1.0,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""Adafactor, with the semantics and defaults of `torch.optim.Adafactor`.
+
+  .. math::
+      \begin{align*}
+        g_t &\leftarrow \pm g_t && \text{(maximize)}\\
+        \hat V_t &= \text{factored } (R_t C_t / \max(\bar R_t, \epsilon_1)) \text{ or full } V_t,
+            \text{ decay } 1 - t^{\tau}, \text{ floored at } \epsilon_1^2
+            && \text{(\texttt{scale\_by\_factored\_moments})}\\
+        U_t &= g_t / \sqrt{\hat V_t}
+            && \text{(\texttt{normalize(0)})}\\
+        \hat U_t &= U_t / \max(1, \operatorname{RMS}(U_t) / d)
+            && \text{(\texttt{clip\_by\_rms})}\\
+        \theta_t &= \theta_{t-1}(1 - \alpha\lambda)
+            - \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\min(\alpha, 1/\sqrt t)\, \hat U_t
+            && \text{(\texttt{scale\_by\_param\_rms}, \texttt{scale\_by\_relative\_step}, \texttt{decoupled\_decay})}
+      \end{align*}
+
+  Matrices (and the last two axes of higher-rank parameters) keep only row
+  and column averages of :math:`g^2`: :math:`m + n` numbers for an
+  :math:`m \times n` weight instead of :math:`mn`. Vectors and scalars keep a
+  full second moment. There is no first moment.
+
+  Where it differs from `optax.adafactor` (which follows the paper and T5):
+  :math:`\epsilon_1` is a floor (of the row factors' mean, and squared, of
+  :math:`\hat V`), not added to :math:`g^2`, and defaults to the dtype's
+  machine epsilon (Optax: 1e-30 added); the relative step is
+  :math:`\min(\alpha, 1/\sqrt t)` with the learning rate :math:`\alpha`
+  (Optax: the learning rate multiplies a separate decay schedule, and the
+  paper caps at 0.01); the decay is :math:`1 - t^{\tau}` from :math:`t = 1`
+  (Optax: :math:`1 - (t+1)^{-0.8}` with an offset); weight decay is PyTorch's
+  decoupled :math:`\theta(1 - \alpha\lambda)` (Optax: added to the update
+  after scaling, by `weight_decay_rate`); every parameter of two or more
+  dimensions is factored (Optax: only where both of the two largest axes are
+  at least `min_dim_size_to_factor` = 128, which may be other than the last
+  two); there is no momentum option.
+
+  Args:
+    learning_rate: :math:`\alpha \ge 0`: the relative step's cap and the decay's rate.
+    beta2_decay: :math:`\tau \le 0`.
+    eps: :math:`\epsilon_1 \ge 0`, or None for each parameter dtype's machine epsilon
+      (PyTorch's ``eps[0]``).
+    eps_scale: :math:`\epsilon_2 \ge 0`, the floor of the parameters' RMS (PyTorch's ``eps[1]``).
+    clipping_threshold: :math:`d \ge 1` (PyTorch's `d`).
+    weight_decay: :math:`\lambda \ge 0`, decoupled.
+    maximize: Ascend the objective instead.
+
+  Returns:
+    An :class:`optax.GradientTransformation`; its update needs `params`.
+
+  References:
+    Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+    <https://arxiv.org/abs/1804.04235>`_, 2018.
+  """
+  _common.check_hyperparameter("clipping_threshold", clipping_threshold, low=1.0)
+  return _common.named_chain(
+    "jadam.adafactor",
+    *torch_front(maximize, None),
+    _factored.scale_by_factored_moments(beta2_decay, eps=eps),
+    normalize(0.0),
+    _factored.clip_by_rms(clipping_threshold),
+    _factored.scale_by_param_rms(eps_scale),
+    _factored.scale_by_relative_step(learning_rate),
+    decoupled_decay(weight_decay, learning_rate),
+  )
+
+
+def muon(
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  momentum: optax.ScalarOrSchedule = 0.95,
+  *,
+  nesterov: bool = True,
+  weight_decay: optax.ScalarOrSchedule = 0.1,
+  ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+  ns_steps: int = 5,
+  eps: optax.ScalarOrSchedule = 1e-7,
+  adjust_lr_fn: str | None = "original",
+  ns_dtype: Dtype | None = jax.numpy.bfloat16,
+) -> optax.GradientTransformation:
+  r"""Muon, with the semantics and defaults of `torch.optim.Muon`: for 2-D (hidden-layer) weights only.
+
+  .. math::
+      \begin{align*}
+        B_t &= \mu B_{t-1} + (1 - \mu) g_t, \quad
+        \tilde B_t = \begin{cases} (1-\mu) g_t + \mu B_t & \text{nesterov}\\ B_t \end{cases}
+            && \text{(\texttt{momentum(ema=True)})}\\
+        O_t &= \mathrm{NS}^{(a,b,c)}_k\bigl(\tilde B_t / \max(\lVert\tilde B_t\rVert_F, \epsilon)\bigr)
+            && \text{(\texttt{orthogonalize})}\\
+        \theta_t &= \theta_{t-1}(1 - \alpha\lambda) - \alpha\, s(A, B)\, O_t
+            && \text{(\texttt{scale\_by\_lr}, \texttt{decoupled\_decay})}
+      \end{align*}
+
+  with :math:`s(A, B) = \sqrt{\max(1, A/B)}` (``adjust_lr_fn="original"``,
+  Keller Jordan's) or :math:`0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``,
+  Moonshot's, which lets Muon reuse AdamW's learning rate and decay). The
+  momentum is PyTorch's code (an exponential moving average), not the sum
+  :math:`\mu B + g` that its docstring writes; the Newton–Schulz iteration runs
+  in bfloat16, as PyTorch's does (`ns_dtype`).
+
+  Muon is for the hidden 2-D weights; the usual recipe gives everything else
+  (biases, norms, embeddings, the output layer) AdamW::
+
+      labels = lambda params: jax.tree.map_with_path(
+          lambda path, p: "muon" if p.ndim == 2 and "head" not in jax.tree_util.keystr(path) else "adamw", params)
+      tx = optax.partition({"muon": jadam.muon(0.02), "adamw": jadam.adamw(3e-4)}, labels)
+
+  Args:
+    learning_rate: :math:`\alpha \ge 0`.
+    momentum: :math:`\mu \in [0, 1]`.
+    nesterov: Nesterov's look-ahead (PyTorch's default True).
+    weight_decay: :math:`\lambda \ge 0`, decoupled (PyTorch's default 0.1).
+    ns_coefficients: :math:`(a, b, c)`.
+    ns_steps: :math:`k < 100`.
+    eps: :math:`\epsilon`, the floor of the Frobenius norm.
+    adjust_lr_fn: ``"original"`` (PyTorch's default, also its None),
+      ``"match_rms_adamw"``, or None here for no adjustment.
+    ns_dtype: the dtype of the Newton–Schulz iteration (bfloat16 as PyTorch; None: the parameters').
+
+  Returns:
+    An :class:`optax.GradientTransformation`; its init refuses parameters that are not 2-D.
+
+  References:
+    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+    <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+  """
+  return _common.named_chain(
+    "jadam.muon",
+    _scale.momentum(momentum, nesterov=nesterov, ema=True),
+    _orthogonal.orthogonalize(ns_coefficients, ns_steps, eps, shape_scaling=adjust_lr_fn, ns_dtype=ns_dtype),
+    scale_by_lr(learning_rate),
+    decoupled_decay(weight_decay, learning_rate),
   )

@@ -6,6 +6,7 @@ Examples:
   python -m examples.mnist --api linen --epochs 1
   python -m examples.mnist --optimizer adamw --lr 3e-3 --weight-decay 1e-2
   python -m examples.mnist --optimizer sgd --lr 0.1 --momentum 0.9
+  python -m examples.mnist --optimizer muon                   # Muon (0.02) for the hidden 2-D weights, AdamW the rest
   python -m examples.mnist --data-dir ~/data/fashion-mnist   # any four IDX files
   python -m examples.mnist --workdir runs/a --resume
 """

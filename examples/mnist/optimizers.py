@@ -10,10 +10,53 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
+import jax
 import optax
 
 import jadam
+
+NUM_CLASSES = 10  # the output layer's width: its kernel is the one 2-D weight that is not hidden
+
+
+def muon(
+  learning_rate: optax.ScalarOrSchedule = 0.02,
+  momentum: float = 0.95,
+  *,
+  weight_decay: float = 0.1,
+  adamw_lr_ratio: float = 0.05,
+  adamw_weight_decay: float = 0.0,
+  adjust_lr_fn: str | None = "original",
+  ns_dtype: Any = jax.numpy.bfloat16,
+) -> optax.GradientTransformation:
+  """The usual Muon recipe: :func:`jadam.muon` for the hidden 2-D weights, :func:`jadam.adamw` for the rest.
+
+  Hidden 2-D weights are the dense kernels but the output layer's (which
+  maps to the classes); the convolution kernels (4-D), the biases and the
+  output layer take AdamW, at `adamw_lr_ratio` times Muon's rate (0.05: 1e-3
+  for Muon's 0.02), following the same schedule. PyTorch writes this as two
+  optimizers, `torch.optim.Muon` and `torch.optim.AdamW`; Optax as one
+  `optax.partition`.
+  """
+
+  def adamw_rate(count):
+    return adamw_lr_ratio * (learning_rate(count) if callable(learning_rate) else learning_rate)
+
+  def labels(params):
+    hidden = lambda p: jax.numpy.ndim(p) == 2 and jax.numpy.shape(p)[-1] != NUM_CLASSES
+    return jax.tree.map(lambda p: "muon" if hidden(p) else "adamw", params)
+
+  return optax.partition(
+    {
+      "muon": jadam.muon(
+        learning_rate, momentum, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype
+      ),
+      "adamw": jadam.adamw(adamw_rate, weight_decay=adamw_weight_decay),
+    },
+    labels,
+  )
+
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
   # jadam's recipes
@@ -27,6 +70,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
   "rmsprop": jadam.rmsprop,
   "adagrad": jadam.adagrad,
   "sgd": jadam.sgd,
+  "adafactor": jadam.adafactor,
+  "muon": muon,  # with AdamW for what is not a hidden 2-D weight (above)
   # PyTorch's names and arguments (jadam.torch)
   "Adam": jadam.torch.Adam,
   "AdamW": jadam.torch.AdamW,
@@ -38,6 +83,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
   "RMSprop": jadam.torch.RMSprop,
   "Adagrad": jadam.torch.Adagrad,
   "SGD": jadam.torch.SGD,
+  "Adafactor": jadam.torch.Adafactor,
 }
 
 

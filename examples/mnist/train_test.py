@@ -194,6 +194,20 @@ def test_make_optimizer_resolves_names_and_hyperparameters():
     assert name not in train.optimizer_names()
 
 
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_muon_runs_with_adamw_for_what_is_not_a_hidden_matrix(tmp_path, api):
+  """`--optimizer muon`: jadam.muon on the hidden dense kernel only, jadam.adamw on the rest; one tiny epoch."""
+  config, _ = cli.parse_args(["--optimizer", "muon", "--epochs", "1", "--workdir", str(tmp_path)])
+  assert config.optimizer == "muon"
+  tx = train.make_optimizer("muon", 0.02)
+  labels = train.make_task(api, tx, 0).state[1].inner_states  # optax.partition's state: one per label
+  assert set(labels) == {"muon", "adamw"}
+  muon_leaves = [x for x in jax.tree.leaves(labels["muon"].inner_state) if getattr(x, "ndim", 0) == 2]
+  assert [x.shape for x in muon_leaves] == [(7 * 7 * 64, 256)]  # the momentum buffer of the hidden dense kernel
+  out = train.train_and_evaluate(_config(api=api, optimizer="muon", learning_rate=0.02, epochs=1, plot=False), tmp_path)
+  assert np.isfinite(out["history"][0]["train_loss"]) and 0.0 <= out["test_accuracy"] <= 1.0
+
+
 def test_command_line():
   config, workdir = cli.parse_args(
     [

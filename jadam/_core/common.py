@@ -446,3 +446,16 @@ def path_string(path: Sequence[Any]) -> str:
     else:
       parts.append(str(key))
   return "/".join(parts)
+
+
+# --- Adafactor and Muon (issue 23) ------------------------------------------------
+def torch_lerp(start: jax.Array, end: jax.Array, weight: jax.typing.ArrayLike) -> jax.Array:
+  r"""`torch.lerp(start, end, weight)` as PyTorch rounds it: :math:`s + w(e - s)` for :math:`|w| < 1/2`,
+  :math:`e - (e - s)(1 - w)` otherwise.
+
+  Algebraically :math:`(1 - w)s + we`; the two forms keep the rounding error
+  small at either end (:math:`w = 1` gives `end` exactly). `weight` is cast to
+  the arrays' dtype first, as PyTorch's kernel casts its scalar.
+  """
+  w = jnp.asarray(weight).astype(start.dtype)
+  return jnp.where(jnp.abs(w) < 0.5, start + w * (end - start), end - (end - start) * (1 - w))

@@ -139,6 +139,7 @@ def momentum(
   dampening: optax.ScalarOrSchedule = 0.0,
   nesterov: bool = False,
   accumulator_dtype=None,
+  ema: bool = False,
 ) -> optax.GradientTransformation:
   r"""Heavy-ball (or Nesterov) momentum with PyTorch's dampening.
 
@@ -156,6 +157,11 @@ def momentum(
     dampening: :math:`\tau \in [0, 1]`, of the same kinds.
     nesterov: Nesterov's variant; as in PyTorch it needs dampening 0.
     accumulator_dtype: Storage dtype of :math:`b`; by default the parameter's.
+    ema: `torch.optim.Muon`'s momentum instead, an exponential moving average
+      with `torch.lerp`'s rounding: :math:`b_t = \mu b_{t-1} + (1-\mu) u_t`
+      from :math:`b_0 = 0` (no undamped first step), and Nesterov's
+      :math:`(1-\mu) u_t + \mu b_t` (dampening must be 0: the average damps
+      by :math:`1 - \mu` itself). The state is the same :class:`MomentumState`.
 
   Returns:
     An :class:`optax.GradientTransformation` on parameter-shaped updates.
@@ -170,6 +176,9 @@ def momentum(
   _common.check_dtype("accumulator_dtype", accumulator_dtype)
   if nesterov and _common.concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
+  _common.check_flag("ema", ema)
+  if ema:
+    return _ema_momentum(decay, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
   decay_fn, damp_fn = _common.as_schedule(decay, "momentum"), _common.as_schedule(dampening, "dampening")
 
   def init_fn(params):
@@ -511,5 +520,53 @@ def scale_by_asgd(
     direction = _common.tree_map_float(lambda g, p: (p - new_param(g, p)).astype(g.dtype), updates, params)
     ax = _common.tree_map_float(average, updates, params, state.ax, keep=2)
     return direction, ScaleByAsgdState(count=optax.safe_increment(c), ax=ax)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- Muon's momentum (issue 23) --------------------------------------------------
+def _ema_momentum(
+  decay: optax.ScalarOrSchedule, dampening: optax.ScalarOrSchedule, *, nesterov: bool, accumulator_dtype=None
+) -> optax.GradientTransformation:
+  r"""`jadam.momentum(..., ema=True)`: `torch.optim.Muon`'s momentum, with `torch.lerp`'s rounding.
+
+  .. math::
+      b_t = b_{t-1} + (1 - \mu)(u_t - b_{t-1}), \quad b_0 = 0, \qquad
+      u_t \leftarrow \begin{cases} u_t + \mu (b_t - u_t) & \text{nesterov} \\ b_t & \text{otherwise.}\end{cases}
+
+  The same :class:`MomentumState` as :func:`momentum` (PyTorch's `momentum_buffer`).
+  """
+  if _common.concrete_value(dampening) not in (None, 0.0) or callable(dampening):
+    raise ValueError("momentum(..., ema=True) takes no dampening: the average damps by 1 - momentum itself.")
+  decay_fn = _common.as_schedule(decay, "momentum")
+  stage = "jadam.momentum"
+
+  def init_fn(params):
+    return MomentumState(
+      count=jnp.zeros([], jnp.int32), trace=_common.state_zeros(params, accumulator_dtype, widen=False)
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    expect_updates(updates, stage)
+    _common.check_state(stage, state, MomentumState)
+    _common.check_tree(stage, updates, "the state's trace", state.trace, _common.STATE_HINT)
+    mu = decay_fn(state.count)
+
+    def accumulate(g, b):
+      dtype = _common.compute_dtype(g.dtype)
+      m = _common.cast_hyperparameter(mu, dtype)
+      # 1 - mu in double for a Python float, as torch's `buf.lerp_(grad, 1 - momentum)`.
+      return _common.torch_lerp(b.astype(dtype), g.astype(dtype), 1 - m)
+
+    trace = _common.tree_map_float(accumulate, updates, state.trace)
+    out = trace
+    if nesterov:
+      out = _common.tree_map_float(
+        lambda g, b: _common.torch_lerp(g.astype(b.dtype), b, _common.cast_hyperparameter(mu, b.dtype)), updates, trace
+      )
+    out = _common.tree_map_float(lambda g, u: u.astype(g.dtype), updates, out)
+    stored = _common.tree_map_float(lambda g, b, s: b.astype(s.dtype), updates, trace, state.trace, keep=2)
+    return out, MomentumState(count=optax.safe_increment(state.count), trace=stored)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -61,9 +61,14 @@ from jadam.torch._state_dict import load_state_dict as load_state_dict
 from jadam.torch._state_dict import scheduler_state_dict as scheduler_state_dict
 from jadam.torch._state_dict import state_dict as state_dict
 
+# Adafactor and Muon (issue 23)
+from jadam.torch._optim import Adafactor as Adafactor
+from jadam.torch._optim import Muon as Muon
+
 __all__ = (
   "ASGD",
   "Adadelta",
+  "Adafactor",
   "Adagrad",
   "Adam",
   "Adam8bit",
@@ -81,6 +86,7 @@ __all__ = (
   "LinearLR",
   "MultiStepLR",
   "MultiplicativeLR",
+  "Muon",
   "NAdam",
   "OneCycleLR",
   "PolynomialLR",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from typing import Any, Callable
 
@@ -14,7 +15,9 @@ import optax
 from jadam import _optimizers as _alias
 from jadam._core import common as _common
 from jadam._stages import correct as _correct
+from jadam._stages import orthogonal as _orthogonal
 from jadam._stages import penalty as _penalty
+from jadam._stages import scale as _scale
 from jadam._stages.moments import scale_by_moments
 from jadam._stages.penalty import add_l2
 from jadam._stages.scale import normalize, scale_by_lr
@@ -779,3 +782,178 @@ def AdamW8bit(
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
   _bnb_only("AdamW8bit", args, optim_bits)
   return _front("AdamW8bit", SPECS["AdamW8bit"], params, defaults)
+
+
+# --- Adafactor and Muon (issue 23) --------------------------------------------------------------------------
+def _at_most(what: str, bound: float) -> Callable[[Any], Any]:
+  """PyTorch's `if not bound >= x: raise ValueError(f"{what} should be <= bound but is: {x}")`."""
+
+  def check(x):
+    v = _value(x)
+    if v is not None and not v <= bound:
+      raise ValueError(f"{what} should be <= {bound} but is: {x}")
+    return x
+
+  return check
+
+
+def _adafactor_eps(x: Any) -> tuple:
+  eps1, eps2 = _pair("eps", "(epsilon1 or None, epsilon2)")(x)
+  for what, v in (("epsilon1", eps1), ("epsilon2", eps2)):
+    n = None if v is None and what == "epsilon1" else _value(v)
+    if v is None and what == "epsilon2":
+      raise TypeError("eps[1] (epsilon2) must be a number; only eps[0] may be None.")
+    if n is not None and not 0.0 <= n:
+      raise ValueError(f"{what} should be >= 0 but is: {v}")
+  return eps1, eps2
+
+
+def _d(x: Any) -> Any:
+  v = _value(x)
+  if v is not None and not 1.0 <= v:
+    raise ValueError(f"Clipping threshold d should be >= 1 but is: {x}")
+  return x
+
+
+def _lr_not_plateau(optimizer: str, why: str) -> Callable[[Any], Any]:
+  def check(x):
+    if isinstance(x, ReduceLROnPlateau):
+      raise TypeError(f"{optimizer}: ReduceLROnPlateau is not supported: {why}; pass a schedule or scheduler.")
+    return _lr(x)
+
+  return check
+
+
+def _adjust_lr_fn(x: Any) -> str:
+  if x is not None and x not in ("original", "match_rms_adamw"):
+    raise ValueError(f"Adjust learning rate function {x} is not supported")
+  return "original" if x is None else x
+
+
+def _ns_coefficients(x: Any) -> tuple:
+  if not isinstance(x, (tuple, list)) or len(x) != 3:
+    raise ValueError(f"Coefficients must be a tuple of exactly 3 values; got {x!r}.")
+  return tuple(x)
+
+
+def _ns_steps(x: Any) -> int:
+  if isinstance(x, bool) or not isinstance(x, int):
+    raise TypeError(f"ns_steps must be an int; got {x!r}.")
+  if x >= 100:
+    raise ValueError("Number of steps must be less than 100 for computational efficiency")
+  return x
+
+
+def _make_muon(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  """Muon; under ReduceLROnPlateau its decoupled decay takes the additive form (the rate lives in the plateau)."""
+  if not isinstance(hp["lr"], ReduceLROnPlateau):
+    return spec.alias(hp["lr"], **kw)
+  ns_dtype = spec.alias.keywords["ns_dtype"]  # Muon() binds it
+  return optax.chain(
+    _scale.momentum(kw["momentum"], nesterov=kw["nesterov"], ema=True),
+    _orthogonal.orthogonalize(
+      kw["ns_coefficients"], kw["ns_steps"], kw["eps"], shape_scaling=kw["adjust_lr_fn"], ns_dtype=ns_dtype
+    ),
+    add_l2(kw["weight_decay"]),
+    scale_by_lr(1.0),
+    hp["lr"].transform(),
+  )
+
+
+SPECS["Adafactor"] = Spec(
+  _alias.adafactor,
+  (
+    ("beta2_decay", _at_most("beta2_decay", 0.0), "beta2_decay"),
+    ("eps", _adafactor_eps, ("eps", "eps_scale")),
+    ("d", _d, "clipping_threshold"),
+    _WD,
+    _MAXIMIZE,
+  ),
+  lr_check=_lr_not_plateau("Adafactor", "its rate enters min(lr, 1/sqrt(t)), not a product"),
+)
+SPECS["Muon"] = Spec(
+  _alias.muon,
+  (
+    ("weight_decay", _nonneg("weight decay"), "weight_decay"),
+    ("momentum", _nonneg("momentum"), "momentum"),
+    ("nesterov", _bool("nesterov"), "nesterov"),
+    ("ns_coefficients", _ns_coefficients, "ns_coefficients"),
+    ("eps", _any, "eps"),
+    ("ns_steps", _ns_steps, "ns_steps"),
+    ("adjust_lr_fn", _adjust_lr_fn, "adjust_lr_fn"),
+  ),
+  momentum="momentum",
+  make=_make_muon,
+)
+
+
+def Adafactor(
+  params: Params = None,
+  lr: Any = 1e-2,
+  beta2_decay: Any = -0.8,
+  eps: tuple[Any, Any] = (None, 1e-3),
+  d: Any = 1.0,
+  weight_decay: Any = 0.0,
+  *,
+  foreach: bool | None = None,
+  maximize: bool = False,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Adafactor`: :func:`jadam.adafactor` (factored second moments, relative step :math:`\min(\alpha, 1/\sqrt t)`).
+
+  Arguments, defaults and argument checks are PyTorch's: ``eps = (epsilon1, epsilon2)``
+  (epsilon1 None: each parameter dtype's machine epsilon), `d` the clipping
+  threshold, `weight_decay` decoupled (:math:`\theta(1 - \alpha\lambda)`); see
+  :func:`Adam` for `params` (parameter groups) and `lr`, which may be a
+  schedule or a `jadam.torch` scheduler, but not ReduceLROnPlateau (the rate
+  enters :math:`\min(\alpha, 1/\sqrt t)`, which no multiplier can follow).
+  State dicts carry PyTorch's `step`, `row_var`, `col_var` and `variance`.
+  """
+  defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize)
+  del foreach
+  return _front("Adafactor", SPECS["Adafactor"], params, defaults)
+
+
+def Muon(
+  params: Params = None,
+  lr: Any = 1e-3,
+  weight_decay: Any = 0.1,
+  momentum: Any = 0.95,
+  nesterov: bool = True,
+  ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+  eps: Any = 1e-7,
+  ns_steps: int = 5,
+  adjust_lr_fn: str | None = None,
+  *,
+  ns_dtype: Any = jnp.bfloat16,
+) -> optax.GradientTransformation:
+  r"""`torch.optim.Muon`: :func:`jadam.muon`, for 2-D parameters only (its init refuses others).
+
+  Arguments, defaults and argument checks are PyTorch's (`adjust_lr_fn` None is
+  ``"original"``); see :func:`Adam` for `params` (parameter groups) and `lr`.
+  As in PyTorch, give the parameters that are not hidden 2-D weights another
+  optimizer: where PyTorch runs two optimizers, jadam partitions one tree::
+
+      tx = optax.partition(
+          {"muon": jadam.torch.Muon(lr=0.02), "adamw": jadam.torch.AdamW(lr=3e-4, weight_decay=0.01)},
+          lambda params: jax.tree.map(lambda p: "muon" if p.ndim == 2 else "adamw", params))
+
+  Args:
+    ns_dtype: jadam's only addition, keyword-only: the dtype of the
+      Newton–Schulz iteration, bfloat16 as PyTorch hard-codes; None runs it in
+      the parameters' dtype.
+
+  State dicts carry PyTorch's `momentum_buffer` (and no step, as PyTorch's).
+  """
+  defaults = dict(
+    lr=lr,
+    weight_decay=weight_decay,
+    momentum=momentum,
+    nesterov=nesterov,
+    ns_coefficients=ns_coefficients,
+    eps=eps,
+    ns_steps=ns_steps,
+    adjust_lr_fn=adjust_lr_fn,
+  )
+  _common.check_dtype("ns_dtype", ns_dtype)
+  spec = dataclasses.replace(SPECS["Muon"], alias=functools.partial(_alias.muon, ns_dtype=ns_dtype))
+  return _front("Muon", spec, params, defaults)

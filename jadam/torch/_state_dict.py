@@ -33,6 +33,7 @@ import optax
 
 from jadam._core import common as _common
 from jadam._stages.correct import NesterovCorrectState
+from jadam._stages.factored import ScaleByFactoredMomentsState
 from jadam._stages.moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
 from jadam._stages.scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
 from jadam._stages.sparse import ScaleBySparseMomentsState
@@ -171,7 +172,7 @@ def _number(x: Any) -> float | None:
 
 def _at(x: Any, count: int) -> Any:
   """A hyperparameter's value at step `count`, as a Python number (bools stay bools)."""
-  if isinstance(x, bool) or x is None:
+  if isinstance(x, (bool, str, int)) or x is None:  # an int stays one (Muon's ns_steps feeds range())
     return x
   if isinstance(x, (tuple, list)):
     return tuple(_at(v, count) for v in x)
@@ -365,6 +366,37 @@ _KNOWN = frozenset(
 )
 
 
+# --- Adafactor and Muon (issue 23) ---------------------------------------------------------------------------
+_LAYOUT["Adafactor"] = (
+  ("step", ScaleByFactoredMomentsState, "count", _always),
+  ("row_var", ScaleByFactoredMomentsState, "row_var", _always),
+  ("col_var", ScaleByFactoredMomentsState, "col_var", _always),
+  ("variance", ScaleByFactoredMomentsState, "variance", _always),
+)
+_LAYOUT["Muon"] = (("momentum_buffer", MomentumState, "trace", _always),)  # PyTorch's Muon keeps no step
+_FLAGS_OF["Adafactor"] = ("foreach",)
+_FLAGS_OF["Muon"] = ()
+_KNOWN = _KNOWN | {ScaleByFactoredMomentsState}
+# Keys PyTorch keeps only for parameters of some ranks: Adafactor factors those of two or more dimensions.
+_RANKS: dict[str, Callable[[int], bool]] = {
+  "row_var": lambda ndim: ndim >= 2,
+  "col_var": lambda ndim: ndim >= 2,
+  "variance": lambda ndim: ndim < 2,
+}
+
+
+def _has(key: str, ndim: int) -> bool:
+  """Whether PyTorch keeps `key` for a parameter of `ndim` dimensions."""
+  return _RANKS.get(key, _always)(ndim)
+
+
+def _ndims(params: Any) -> dict[str, int]:
+  return {_groups.path_string(q): np.ndim(leaf) for q, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+# --- end Adafactor and Muon -----------------------------------------------------------------------------------
+
+
 def _is_count(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray)) and x.shape == () and jnp.issubdtype(x.dtype, jnp.integer)
 
@@ -409,7 +441,7 @@ def _as_numpy(t: Any, where: str) -> np.ndarray:
 def _close(a: Any, b: Any, rtol: float | None = None) -> bool:
   if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
     return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_close, a, b))
-  if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+  if isinstance(a, (bool, str)) or isinstance(b, (bool, str)) or a is None or b is None:
     return a == b
   a, b = float(a), float(b)
   if rtol is None:
@@ -430,7 +462,9 @@ def load_state_dict(
 
   Every moment (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``,
   ``square_avg``, ``grad_avg``, ``momentum_buffer``, ``exp_inf``,
-  ``mu_product``, ``acc_delta``, ``prev``, ``step_size``, ``ax``) is copied
+  ``mu_product``, ``acc_delta``, ``prev``, ``step_size``, ``ax``; Adafactor's
+  ``row_var`` and ``col_var`` for parameters of two or more dimensions and
+  ``variance`` for the others) is copied
   into the stage that holds it, transposed as `names` says; PyTorch's ``step``
   becomes every stage's step count, which is also the position of a scheduler
   given as `lr` (SparseAdam's per-table ``step`` becomes each table's count).
@@ -530,6 +564,7 @@ def load_state_dict(
     raise ValueError(f"{what}: the state dict has state for parameter ids {unknown_ids} of no param group.")
   taken: dict[str, int] = {}
   odd = []  # parameters whose state keys are not tx's: reported after the hyperparameters
+  ndims = _ndims(params)
   for label, hp, paths in groups:
     expect = {key for key, _, _, kept in layout if kept(hp)}
     for p in paths:
@@ -537,7 +572,7 @@ def load_state_dict(
       if not entry:
         taken[p] = 0
         continue
-      if set(entry) != expect:
+      if set(entry) != {key for key in expect if _has(key, ndims[p])}:
         odd.append((p, sorted(entry), sorted(expect)))
       if "step" in entry:
         s = float(_as_numpy(entry["step"], f"{names[p].name}'s step"))
@@ -632,7 +667,7 @@ def load_state_dict(
       leaves = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(tree)}
       for p in paths:
         entry = per_param.get(index[p])
-        if not entry:
+        if not entry or not _has(key, ndims[p]):
           continue
         a = _as_numpy(entry[key], f"{names[p].name}'s {key}")
         perm = names[p].perm
@@ -778,6 +813,7 @@ def state_dict(
   layout = _LAYOUT[spec.name]
   step = _step_of(state)
   sdtype = _scalar_dtype()
+  ndims = _ndims(params)
   out_state: dict[int, dict[str, Any]] = {}
   out_groups = []
   pid = 0
@@ -841,6 +877,8 @@ def state_dict(
       if spec.name in _PER_TABLE and fields["step"].get(p, 0) == 0:
         continue  # a table that never had a gradient has no state in PyTorch
       for key, v in fields.items():
+        if not _has(key, ndims[p]):
+          continue
         if spec.name in _PER_TABLE and key == "step":
           entry[key] = v[p]
         elif isinstance(v, torch.Tensor):
@@ -864,8 +902,9 @@ def _to_torch(a: np.ndarray):
   import torch
 
   if a.dtype == jnp.bfloat16:
-    return torch.from_numpy(np.ascontiguousarray(a.astype(np.float32))).to(torch.bfloat16)
-  return torch.from_numpy(np.ascontiguousarray(a).copy())
+    return torch.from_numpy(np.array(a, np.float32, order="C")).to(torch.bfloat16)
+  # np.array, not np.ascontiguousarray, which makes a 0-d array (a scalar parameter's state) 1-d.
+  return torch.from_numpy(np.array(a, order="C"))
 
 
 def scheduler_state_dict(

@@ -56,7 +56,10 @@ nitpick_ignore_regex = [
     r"py:.*",
     r"(Any|Callable|Sequence|Mapping|Iterable|Iterator|NamedTuple|ArrayLike|Array|PyTree|Updates|Params|Mask|Dtype|Config)",
   ),
-  (r"py:.*", r"(int|float|bool|str|bytes|tuple|list|dict|object|None|type|callable|optional|os\.PathLike|pathlib\..*)"),
+  (
+    r"py:.*",
+    r"(int|float|bool|str|bytes|tuple|tuple\[.*|list|dict|object|None|type|callable|optional|os\.PathLike|pathlib\..*)",
+  ),
   (r"py:.*", r"(ValueError|TypeError|RuntimeError|KeyError|FileNotFoundError|FileExistsError)"),
 ]
 

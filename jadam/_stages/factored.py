@@ -71,7 +71,7 @@ def scale_by_factored_moments(
 
   and for a vector or scalar :math:`V_t = V_{t-1} + w_t(g_t^2 - V_{t-1})`,
   :math:`\hat V_t = \max(V_t, \epsilon_1^2)`; :math:`R_0 = C_0 = V_0 = 0`. The
-  averages are `torch.lerp`'s (:func:`jadam._core.common.torch_lerp`), as
+  averages are `torch.lerp`'s (``torch_lerp`` in ``jadam._core.common``), as
   `torch.optim.Adafactor` updates them. :math:`\epsilon_1` enters where
   PyTorch puts it: as a floor under the row factors' mean and, squared, under
   :math:`\hat V_t` (so :func:`jadam.normalize` with ``eps=0`` divides by
@@ -283,7 +283,7 @@ def scale_by_relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> opta
   .. math::
       \Delta\theta_t = -\min(\alpha_t, 1/\sqrt{t})\, u_t.
 
-  :func:`jadam.scale_by_lr` of :func:`relative_step`'s schedule (its state is
+  :func:`jadam.scale_by_lr` of ``relative_step``'s schedule (its state is
   :class:`jadam.ScaleByLrState`).
 
   Args:

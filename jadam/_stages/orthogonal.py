@@ -82,10 +82,10 @@ def orthogonalize(
       O = \mathrm{NS}^{(a,b,c)}_k\bigl(U / \max(\lVert U\rVert_F, \epsilon)\bigr), \qquad
       u \leftarrow s(A, B)\, O,
 
-  where :math:`\mathrm{NS}_k` is :func:`newton_schulz`, which drives every
+  where :math:`\mathrm{NS}_k` is ``newton_schulz``, which drives every
   singular value of :math:`U` towards (roughly) one: :math:`O \approx
   U_\Sigma V^\top` for :math:`U = U_\Sigma \Sigma V^\top`. :math:`s` is
-  :func:`shape_scale`, Muon's learning-rate adjustment for an :math:`A \times
+  ``shape_scale``, Muon's learning-rate adjustment for an :math:`A \times
   B` matrix (1 when `shape_scaling` is None).
 
   Only 2-D leaves are accepted (a `ValueError` names any other): Muon is for

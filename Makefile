@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,examples]"
 	touch $@
 
-.PHONY: test mnist bench
+.PHONY: test mnist bench test-isa wheel-smoke
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
@@ -23,3 +23,22 @@ mnist: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.step_time $(ARGS)
+
+# The kernel tests on the AVX2 path (what a CPU without AVX-512 takes), and with XLA limited to AVX2 too;
+# tests/test_isa.py, in `make test`, runs a bitwise check on every path this CPU can execute.
+test-isa: $(VENV)/.installed
+	JADAM_KERNEL_ISA=avx2 $(PY) -m pytest -q tests/test_kernels.py
+	JADAM_KERNEL_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(PY) -m pytest -q tests/test_kernels.py tests/test_sweep.py
+
+# The package as a user gets it: the sdist, the wheel built from it, the wheel installed into a fresh virtual
+# environment, and .ci/wheel_smoke.py run from an empty directory with an empty HOME and no compiler on PATH.
+SMOKE := $(CURDIR)/workdir/wheel-smoke
+wheel-smoke: $(VENV)/.installed
+	rm -rf dist $(SMOKE)
+	$(PY) -m build --outdir dist .
+	ls -l dist
+	python3 -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/python -m pip install -q dist/jadam-*.whl
+	mkdir -p $(SMOKE)/home $(SMOKE)/run
+	cd $(SMOKE)/run && env -i PATH=$(SMOKE)/venv/bin HOME=$(SMOKE)/home JAX_PLATFORMS=cpu \
+	  $(SMOKE)/venv/bin/python $(CURDIR)/.ci/wheel_smoke.py $(CURDIR)

@@ -223,7 +223,8 @@ def _configs(n: int, steps: int, with_torch: bool, names: list[str] | None = Non
     with jax.numpy_dtype_promotion("standard"):
       try:
         jadam.make_update_step(tx, fused=True).lower(params, tx.init(params), grads)
-        served = "yes"
+        chosen = jadam.make_update_step(tx).lower(params, tx.init(params), grads).as_text()  # the default's choice
+        served = "yes" if "@jadam_" in chosen else f"no: slower than XLA on the {_kernel_build.isa()} path"
       except ValueError as e:
         served = "no: " + str(e).split("serve this step: ")[-1][:60]
       fused = _jax_opt_contender("fused", tx, params, grads)

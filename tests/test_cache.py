@@ -158,8 +158,8 @@ def test_a_hung_compiler_times_out_to_the_xla_path(seed, tmp_path):
   hang = tmp_path / "hang"
   hang.write_text('#!/bin/sh\n[ "$1" = --version ] && exec echo hang 1.0\nexec sleep 600\n')
   hang.chmod(0o700)
-  # a new compiler is a new cache key: the probe's build hangs first, and times out the same way
-  assert _probe(tmp_path / "c", CXX=str(hang), JADAM_BUILD_TIMEOUT="2")[:4] == (False, True, False, 1)  # tried, gave up
+  # a new compiler is a new cache key: the probe's build hangs first, and times out the same way (tried, gave up)
+  assert _probe(tmp_path / "c", CXX=str(hang), JADAM_BUILD_TIMEOUT="2")[:4] == (False, True, False, 1)
 
 
 def test_a_cache_writable_by_others_is_refused(seed, tmp_path):

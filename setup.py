@@ -97,6 +97,14 @@ class BuildKernels(build_ext):
     info = {"sources": _sources_digest(), "libraries": libraries}
     (out_dir / "_build_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
 
+  def copy_extensions_to_source(self) -> None:
+    """``pip install -e .``: the libraries and their record, next to the sources."""
+    super().copy_extensions_to_source()
+    if self.extensions:
+      built = Path(self.build_lib) / "jadam" / "_kernels" / "_build_info.json"
+      package_dir = self.get_finalized_command("build_py").get_package_dir("jadam._kernels")
+      self.copy_file(str(built), os.path.join(package_dir, "_build_info.json"), level=self.verbose)
+
   def get_outputs(self) -> list[str]:
     outputs = super().get_outputs()
     if self.extensions:

@@ -24,10 +24,9 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.step_time $(ARGS)
 
-# The kernel tests on the AVX2 path (what a CPU without AVX-512 takes), and with XLA limited to AVX2 too;
-# tests/test_isa.py, in `make test`, runs a bitwise check on every path this CPU can execute.
+# The kernel tests and the sweep's program-versus-program tests as on a CPU without AVX-512: the kernel's AVX2
+# path and XLA limited to AVX2 (tests/test_isa.py, in `make test`, checks every path this CPU can run bitwise).
 test-isa: $(VENV)/.installed
-	JADAM_KERNEL_ISA=avx2 $(PY) -m pytest -q tests/test_kernels.py
 	JADAM_KERNEL_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(PY) -m pytest -q tests/test_kernels.py tests/test_sweep.py
 
 # The package as a user gets it: the sdist, the wheel built from it, the wheel installed into a fresh virtual

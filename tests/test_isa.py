@@ -2,7 +2,7 @@
 
 Each variant runs in its own process (a process loads one library), forced with JADAM_KERNEL_ISA, on a few
 configurations whose leaves exercise the vector loops' tails: the float kernel (plain, AMSGrad, decoupled decay
-under a clip), bfloat16 moments, 8-bit moments, float64, and the finite check of `optax.apply_if_finite`.
+under a clip), bfloat16 moments, 8-bit moments, float64; and the finite check of `optax.apply_if_finite`.
 The reference is the generic step op by op (eager), whose float32 rounding every variant reproduces
 (`-ffp-contract=off`: no variant may fuse a multiply-add that the XLA path does not).
 """
@@ -34,7 +34,6 @@ _CHECK = """
       "clip_adamw": optax.chain(optax.clip_by_global_norm(1.0), jadam.adamw(1e-2, weight_decay=0.1)),
       "bf16_moments": jadam.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
       "adam8bit": jadam.adam8bit(1e-2, block_size=256, min_8bit_size=64),
-      "if_finite": optax.apply_if_finite(jadam.adam(1e-2), 3),
     }
     shapes = {"a": (1000,), "b": (37,), "c": (3, 4097), "d": (70001,)}
 
@@ -61,6 +60,15 @@ _CHECK = """
       check(tx, jnp.float32)
     with jax.enable_x64(True):
       check(jadam.adam(1e-2, amsgrad=True), jnp.float64)
+    from jadam._kernels import fused as _fused
+    finite = jax.jit(_fused.all_finite)
+    leaves = {"a": jnp.ones(1000), "d": jnp.ones(70001)}
+    assert "@jadam_all_finite" in finite.lower(leaves).as_text()
+    assert bool(finite(leaves))
+    for where in (0, 999, 70000):
+      leaf = "a" if where < 1000 else "d"
+      for bad in (jnp.nan, jnp.inf):
+        assert not bool(finite({**leaves, leaf: leaves[leaf].at[where].set(bad)}))
     print(build.isa())
 """
 

@@ -116,3 +116,18 @@ def test_the_probe_names_only_variants_that_exist(runs):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert _kernels.describe().count("kernel ISA path") == 1
+
+
+def test_the_helpers_keep_xla_where_the_kernel_is_slower_on_this_path(runs, monkeypatch):
+  """On the AVX2 path AMSGrad's kernel is slower than XLA (build._SLOWER_THAN_XLA): fused=None takes XLA there,
+  fused=True still the kernel; plain Adam takes the kernel."""
+  import jax.numpy as jnp
+
+  import jadam
+
+  monkeypatch.setitem(_kernels._state, "isa", "avx2")
+  p = jnp.linspace(-1.0, 1.0, 1000)
+  for tx, default in ((jadam.adam(1e-2, amsgrad=True), False), (jadam.adam(1e-2), True)):
+    hlo = {f: jadam.make_update_step(tx, fused=f).lower(p, tx.init(p), p).as_text() for f in (None, True)}
+    assert ("@jadam_adam_f32" in hlo[None]) == default
+    assert "@jadam_adam_f32" in hlo[True]

@@ -3,13 +3,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,examples,docs]"
 	touch $@
 
-.PHONY: test mnist bench docs
+.PHONY: test mnist bench docs test-isa wheel-smoke
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
@@ -27,3 +27,21 @@ bench: $(VENV)/.installed
 # The documentation site (Sphinx, offline), warnings and broken cross-references as errors.
 docs: $(VENV)/.installed
 	$(PY) -m sphinx -b html -n -W --keep-going docs docs/_build/html
+
+# The kernel tests and the sweep's program-versus-program tests as on a CPU without AVX-512: the kernel's AVX2
+# path and XLA limited to AVX2 (tests/test_isa.py, in `make test`, checks every path this CPU can run bitwise).
+test-isa: $(VENV)/.installed
+	JADAM_KERNEL_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(PY) -m pytest -q tests/test_kernels.py tests/test_sweep.py
+
+# The package as a user gets it: the sdist, the wheel built from it, the wheel installed into a fresh virtual
+# environment, and .ci/wheel_smoke.py run from an empty directory with an empty HOME and no compiler on PATH.
+SMOKE := $(CURDIR)/workdir/wheel-smoke
+wheel-smoke: $(VENV)/.installed
+	rm -rf dist $(SMOKE)
+	$(PY) -m build --outdir dist .
+	ls -l dist
+	python3 -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/python -m pip install -q dist/jadam-*.whl
+	mkdir -p $(SMOKE)/home $(SMOKE)/run
+	cd $(SMOKE)/run && env -i PATH=$(SMOKE)/venv/bin HOME=$(SMOKE)/home JAX_PLATFORMS=cpu \
+	  $(SMOKE)/venv/bin/python $(CURDIR)/.ci/wheel_smoke.py $(CURDIR)

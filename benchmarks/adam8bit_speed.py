@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jadam
+from jadam._kernels import build as _kernel_build
 
 
 def _time(run, steps: int) -> float:
@@ -76,6 +78,7 @@ def main(argv=None):
   except ImportError:
     bnb = torch = None
   print(f"# 8-bit Adam step time, seconds per step (median of {args.steps}), {jax.devices()[0].platform}\n")
+  print(f"CPU and kernel: {_kernel_build.describe()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
   print("| parameters | optimizer | s/step | vs jadam.adam (XLA) | vs jadam.adam (fused) |")
   print("|---|---|---|---|---|")
   for size in args.sizes:

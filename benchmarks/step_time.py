@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jadam  # noqa: E402
+from jadam._kernels import build as _kernel_build  # noqa: E402
 
 try:  # torch is optional: its rows are skipped where it is absent
   import torch
@@ -222,7 +223,8 @@ def _configs(n: int, steps: int, with_torch: bool, names: list[str] | None = Non
     with jax.numpy_dtype_promotion("standard"):
       try:
         jadam.make_update_step(tx, fused=True).lower(params, tx.init(params), grads)
-        served = "yes"
+        chosen = jadam.make_update_step(tx).lower(params, tx.init(params), grads).as_text()  # the default's choice
+        served = "yes" if "@jadam_" in chosen else f"no: slower than XLA on the {_kernel_build.isa()} path"
       except ValueError as e:
         served = "no: " + str(e).split("serve this step: ")[-1][:60]
       fused = _jax_opt_contender("fused", tx, params, grads)
@@ -387,6 +389,7 @@ def main(argv=None):
     f"# jadam step-time benchmark\n\njax {jax.__version__} on {dev.platform}: {dev.device_kind}; "
     f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
   )
+  print(f"CPU and kernel: {_kernel_build.describe()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   if with_torch:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {_torch_device()}")
   print(f"steps per contender: {args.steps} (interleaved rounds); triad on {int(args.triad_size):,} float32\n")

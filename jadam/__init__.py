@@ -6,6 +6,9 @@ chain of them::
     add_l2 -> scale_by_moments -> [max_nu] -> bias_correct -> normalize -> scale_by_lr
 """
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
+
+
 from jadam._optimizers import adadelta as adadelta
 from jadam._optimizers import adagrad as adagrad
 from jadam._optimizers import adam as adam

@@ -372,7 +372,10 @@ def test_disabled_by_environment_falls_back_silently():
 
 
 def test_failed_build_falls_back_with_one_warning(tmp_path):
-  res = _run(_FALLBACK, CXX="/bin/false", JADAM_CACHE_DIR=str(tmp_path))
+  if not _kernels.development():
+    pytest.skip("an installed jadam builds nothing at run time")
+  dev = "\n    from jadam._kernels import build\n    build.packaged = lambda: None  # the development build\n"
+  res = _run(dev + _FALLBACK, CXX="/bin/false", JADAM_CACHE_DIR=str(tmp_path))
   assert res.returncode == 0, res.stderr
   assert res.stdout.split() == ["generic", "1"]
   assert not list(tmp_path.rglob("*.so"))

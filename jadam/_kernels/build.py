@@ -1,36 +1,44 @@
-"""jadam's compiled CPU kernels, built at first use with the system C++ compiler.
+"""jadam's compiled CPU kernels: which library serves this CPU, and how it is loaded and registered.
 
-The sources ship with the package (`SOURCES`: `adam_cpu.cc`, `sparse_adam_cpu.cc`, `finite_cpu.cc`, and
-the header `pool.h` they share);
-:func:`load` compiles them once into one library in a per-user cache, keyed by
-a hash of every source, the compiler, the
-flags, the jaxlib version and the CPU, and registers its handlers as XLA FFI
-targets for the CPU platform. Nothing is downloaded. Where there is no
-compiler, the build fails, or ``JADAM_NO_KERNELS=1`` is set, :func:`load`
-returns False (warning once, except when disabled on purpose) and jadam keeps
-its pure-XLA path.
+**Installed** (a wheel, ``pip install .``, or ``pip install -e .``, which compiles in place): the package holds one
+library per instruction-set variant (:mod:`jadam._kernels.variants`: ``avx512vbmi``, ``avx512``, ``avx2``,
+``portable`` on x86-64; ``portable`` elsewhere), the CPU probe ``libjadam_cpu.so`` and ``_build_info.json``, which
+records each library's sha256. :func:`load` asks the probe which variants this CPU and its OS can run, takes the
+fastest (or the one ``JADAM_KERNEL_ISA`` names, if the CPU can run it), checks its sha256 and that the file is
+whole, and registers its handlers as XLA FFI targets for the CPU. Nothing is compiled or written at run time, and
+no compiler is needed.
 
-The cache cannot crash a process: a library is loaded only if its sha256 is the
-one recorded (in ``<library>.sha256``, written atomically after a successful
-build) and checked before it is mapped, so a file cut short (a full disk, an
-interrupted copy) or left by another build is compiled again instead of
-killing the process with SIGBUS. Concurrent first uses take an `fcntl` lock:
-one process builds, the others wait and load its library. Where the cache
-directory cannot be written, a per-user directory under the temporary
-directory serves.
+**Development checkout** (sources next to the package, no libraries built from these sources): the variant this
+CPU takes is compiled at first use into a private per-user cache, ``$JADAM_CACHE_DIR``, else
+``$XDG_CACHE_HOME/jadam/kernels``, else ``~/.cache/jadam/kernels``. That directory is created 0700 and used only if
+it, and every directory above it, is owned by the user (or root) and writable by no one else (a sticky directory
+such as ``/tmp`` excepted); otherwise there is no kernel, with a warning. One process builds, under a lock taken
+only to build and waited for at most ``JADAM_BUILD_TIMEOUT`` seconds (default 300; the compiler gets as long), after
+which the step takes the XLA path with a warning. A library is loaded only from bytes whose sha256 is the one
+recorded at its build and whose ELF segments all lie within the file (a file cut short would kill the process
+with SIGBUS when mapped); on Linux those very bytes are loaded, from an anonymous in-memory file, so the cache file
+cannot change between the check and the load.
+
+Where there is no library, the build fails, or ``JADAM_NO_KERNELS=1`` is set, :func:`load` returns False (warning
+once, except when disabled on purpose) and jadam keeps its pure-XLA path.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
+import json
 import os
-import platform
+import shlex
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -38,9 +46,10 @@ import jax
 import jaxlib
 import numpy as np
 
-# Compiled together into one library; each source's text is part of the cache key.
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")]
-HEADERS = [Path(__file__).parent / "csrc" / "pool.h"]  # included by the sources; part of the cache key too
+from jadam._kernels import variants as _variants
+
+_HERE = Path(__file__).resolve().parent
+_CSRC = _HERE / "csrc"
 TARGETS = {
   "float32": "jadam_adam_f32",
   "float64": "jadam_adam_f64",
@@ -58,162 +67,168 @@ _SYMBOLS = {
   "jadam_sparse_adam_f64": "JadamSparseAdamF64",
   "jadam_all_finite": "JadamAllFinite",
 }
-FLAGS = (
-  "-std=c++17",
-  "-O3",
-  "-march=native",
-  "-ffp-contract=off",
-  "-fno-math-errno",
-  "-fPIC",
-  "-shared",
-  "-Wno-return-type",
-)
+ISA_ENV = "JADAM_KERNEL_ISA"
+_FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512vbmi": 4}  # JadamCpuFeatures() in csrc/cpu_features.cc
+
+# Where, on each variant, the kernel is slower than the XLA path it replaces (benchmarks.step_time --only configs,
+# benchmarks.adam8bit_speed, XLA limited to the same ISA): the step helpers keep the XLA path there unless
+# fused=True. Keys: (amsgrad, moments) with moments "float", "bfloat16" or "8bit". Measured on an AMD EPYC (Zen 4,
+# 2 cores, loaded), 10M float32 parameters: on the AVX2 path AMSGrad's kernel took 2.7x XLA's step (the other
+# configurations 0.24-0.98x; 8-bit 0.52x XLA's 8-bit step); the portable path is the same code in narrower
+# vectors, so no faster there.
+_SLOWER_THAN_XLA: dict[str, frozenset[tuple[bool, str]]] = {
+  "avx512vbmi": frozenset(),
+  "avx512": frozenset(),
+  "avx2": frozenset({(True, "float")}),
+  "portable": frozenset({(True, "float")}),
+}
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool once tried; "lib": the loaded library; "error": why not
+_state: dict[str, object] = {}  # "ok": bool once tried; "lib", "isa", "origin"; "error": why not
 
 
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
+class _Refused(Exception):
+  """No kernel here, for a reason worth a warning."""
 
 
-def _cpu_id() -> str:
-  """What -march=native depends on: the CPU's model and flags (Linux), else the machine."""
+# --- which variant -------------------------------------------------------------------------------------------------
+
+
+def packaged() -> dict | None:
+  """``_build_info.json`` of libraries compiled from these very sources, or None (not built, or stale sources)."""
   try:
-    with open("/proc/cpuinfo") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
-    return "".join(lines)
-  except OSError:
-    return platform.machine() + platform.processor()
+    info = json.loads((_HERE / "_build_info.json").read_text())
+  except (OSError, ValueError):
+    return None
+  if _CSRC.is_dir() and info.get("sources") != sources_digest():
+    return None  # a development checkout whose C++ changed since it was built in place
+  return info
 
 
-def cache_dir() -> Path:
-  root = (
-    os.environ.get("JADAM_CACHE_DIR")
-    or os.environ.get("XDG_CACHE_HOME")
-    or os.path.join(os.path.expanduser("~"), ".cache")
-  )
-  return Path(root) / "jadam" / "kernels"
+def development() -> bool:
+  """Whether this is a source checkout (it may build its kernels at first use); never an installed wheel."""
+  root = _HERE.parent.parent
+  return (root / "pyproject.toml").is_file() and (root / "setup.py").is_file() and _CSRC.is_dir()
 
 
-def _writable_dir() -> Path:
-  """The cache directory, or a per-user one in the temporary directory where it cannot be written."""
-  for d in (cache_dir(), Path(tempfile.gettempdir()) / f"jadam-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-    try:
-      d.mkdir(parents=True, exist_ok=True)
-      probe = tempfile.NamedTemporaryFile(dir=d, prefix=".probe-")
-      probe.close()
-      return d
-    except OSError:
-      continue
-  raise RuntimeError(f"neither {cache_dir()} nor the temporary directory can be written")
-
-
-def _sha256(path: Path) -> str:
+def sources_digest() -> str:
+  """The sha256 of every C++ source and header with its name, as setup.py records it in ``_build_info.json``."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
+  for name in sorted((_variants.PROBE_SOURCE, *_variants.KERNEL_SOURCES, *_variants.HEADERS)):
+    h.update(name.encode() + b"\0" + (_CSRC / name).read_bytes() + b"\0")
   return h.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+def supported() -> list[str]:
+  """The variants this CPU and its OS can run, fastest first (``portable`` always)."""
+  if "supported" not in _state:
+    features = _probe().JadamCpuFeatures()
+    _state["supported"] = [v for v in _variants.for_machine() if features & _FEATURE_BITS.get(v, 0) or v == "portable"]
+  return list(_state["supported"])
 
 
-class _FileLock:
-  """An exclusive `fcntl` lock on a file next to the library: one process builds, the others wait and load it."""
+def isa() -> str:
+  """The variant this process uses: ``JADAM_KERNEL_ISA`` where this CPU can run it, else the fastest it can.
 
-  def __init__(self, path: Path):
-    self.path = path
-    self.fd = None
-
-  def __enter__(self):
-    try:
-      import fcntl  # pylint: disable=g-import-not-at-top
-    except ImportError:  # not POSIX: no lock, the atomic renames still keep the files whole
-      return self
-    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(self.fd, fcntl.LOCK_EX)
-    return self
-
-  def __exit__(self, *exc):
-    if self.fd is not None:
-      import fcntl  # pylint: disable=g-import-not-at-top
-
-      fcntl.flock(self.fd, fcntl.LOCK_UN)
-      os.close(self.fd)
-
-
-def _recorded(out: Path, key: str) -> bool:
-  """Whether `out` is the library recorded after its build: the sidecar names this key and the file's sha256."""
-  try:
-    recorded = out.with_name(out.name + ".sha256").read_text().split()
-  except OSError:
-    return False
-  return len(recorded) == 2 and recorded[1] == key and out.is_file() and _sha256(out) == recorded[0]
-
-
-def _key(cxx: str) -> str:
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-  return hashlib.sha256(
-    "\0".join(
-      [
-        *(f"{source.name}\0{source.read_text()}" for source in SOURCES + HEADERS),
-        cxx,
-        version,
-        " ".join(FLAGS),
-        jaxlib.__version__,
-        jax.ffi.include_dir(),
-        _cpu_id(),
-        sys.platform,
-      ]
-    ).encode()
-  ).hexdigest()[:24]
-
-
-def _build_and_load(cxx: str) -> ctypes.CDLL:
-  """The library for this source, compiler and CPU: loaded from the cache if its checksum is the recorded one, else
-  (missing, cut short, from another build) compiled again; under a file lock, so concurrent first uses build once.
-
-  The checksum is checked before `dlopen`: a truncated file mapped into memory would kill the process with SIGBUS.
+  Forcing a variant the CPU cannot run (or one that does not exist) warns and takes the fastest one instead:
+  an illegal instruction would kill the process.
   """
-  key = _key(cxx)
-  d = _writable_dir()
-  out = d / f"adam_cpu-{key}.so"
-  with _FileLock(d / f"adam_cpu-{key}.lock"):
-    if not _recorded(out, key):
-      _state["built"] = True
-      fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=d)
-      os.close(fd)
-      try:
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-          raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-        digest = _sha256(Path(tmp))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # atomic: a reader sees the old file or the new one, never half of one
-      finally:
-        if os.path.exists(tmp):
-          os.unlink(tmp)
-      _write_atomically(out.with_name(out.name + ".sha256"), f"{digest} {key}\n".encode())
-      if not _recorded(out, key):
-        raise RuntimeError(f"{out} changed while it was being recorded")
-    return ctypes.cdll.LoadLibrary(str(out))
+  if "isa" not in _state:
+    runs = supported()
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if want and want not in runs:
+      known = list(_variants.for_machine())
+      why = "this CPU cannot run it" if want in known else f"it is not one of {known}"
+      warnings.warn(f"jadam: {ISA_ENV}={want!r} ignored ({why}); using {runs[0]!r}", RuntimeWarning, stacklevel=2)
+    _state["isa"] = want if want in runs else runs[0]
+  return str(_state["isa"])
+
+
+def kernel_prefers(*, amsgrad: bool, moments: str) -> bool:
+  """Whether the kernel is faster than the XLA path for this configuration on this process's variant.
+
+  `moments` is ``"float"``, ``"bfloat16"`` or ``"8bit"``. Read where the step helpers choose the kernel
+  (``fused=None``); ``fused=True`` runs the kernel regardless.
+  """
+  return (bool(amsgrad), moments) not in _SLOWER_THAN_XLA.get(isa(), frozenset())
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def _elf_whole(data: bytes) -> bool:
+  """Whether every part of a 64-bit ELF file that the loader maps or reads lies within `data`.
+
+  A file cut short maps without complaint and kills the process with SIGBUS when a missing page is touched;
+  a digest only says the bytes are the recorded ones, so check the structure too. Not ELF (macOS): True.
+  """
+  if data[:4] != b"\x7fELF":
+    return sys.platform != "linux"
+  if len(data) < 64 or data[4] != 2 or data[5] != 1:  # 64-bit, little-endian: what we build
+    return False
+  phoff, shoff = struct.unpack_from("<QQ", data, 32)
+  phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+  if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data):
+    return False
+  for i in range(phnum):
+    p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+    if p_type == 1 and p_offset + p_filesz > len(data):  # PT_LOAD
+      return False
+  return True
+
+
+def _load_bytes(data: bytes, digest: str, name: str, path: Path | None) -> ctypes.CDLL:
+  """dlopen the library `data`, after checking its sha256 and its ELF structure.
+
+  With `path` (the installed package's own file) the file is loaded by name; without, `data` itself is loaded
+  from an anonymous in-memory file (Linux), else from a fresh private copy, so that no other file can be
+  substituted between the check and the load.
+  """
+  if _sha256(data) != digest:
+    raise _Refused(f"{name} is not the library recorded at its build (sha256 differs)")
+  if not _elf_whole(data):
+    raise _Refused(f"{name} is damaged (cut short)")
+  if path is not None:
+    return ctypes.CDLL(str(path))
+  if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+    fd = os.memfd_create(name, 0)
+    os.write(fd, data)
+    _state.setdefault("fds", []).append(fd)  # kept open: the mapping outlives it anyway, the name stays unique
+    return ctypes.CDLL(f"/proc/self/fd/{fd}")
+  fd, tmp = tempfile.mkstemp(suffix=".so")  # 0600, a fresh name
+  with os.fdopen(fd, "wb") as f:
+    f.write(data)
+  try:
+    return ctypes.CDLL(tmp)
+  finally:
+    os.unlink(tmp)
+
+
+def _load_packaged(info: dict, variant: str) -> ctypes.CDLL:
+  name = _variants.library_name(variant)
+  digest = info.get("libraries", {}).get(name)
+  if digest is None:
+    raise _Refused(f"the installed jadam has no {name}")
+  path = _HERE / name
+  return _load_bytes(path.read_bytes(), digest, name, path)
+
+
+def _probe() -> ctypes.CDLL:
+  if "probe" not in _state:
+    info = packaged()
+    if info is not None:
+      lib = _load_packaged(info, "cpu")
+    elif development():
+      lib = _dev_build("cpu")
+    else:
+      raise _Refused("the installed jadam has no kernel libraries (it was built without them)")
+    lib.JadamCpuFeatures.restype = ctypes.c_int
+    _state["probe"] = lib
+  return _state["probe"]
 
 
 def _set_quant_tables(lib: ctypes.CDLL) -> None:
@@ -226,7 +241,8 @@ def _set_quant_tables(lib: ctypes.CDLL) -> None:
 
 
 def load() -> bool:
-  """Builds (once) and registers the CPU kernels; False where jadam must use its XLA path."""
+  """Loads (in a development checkout: builds, once) and registers the CPU kernels; False where jadam must use its
+  XLA path."""
   with _lock:
     if "ok" in _state:
       return bool(_state["ok"])
@@ -235,10 +251,12 @@ def load() -> bool:
       _state["error"] = "disabled by JADAM_NO_KERNELS"
       return False
     try:
-      cxx = _compiler()
-      if cxx is None:
-        raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
-      lib = _build_and_load(cxx)
+      variant = isa()
+      info = packaged()
+      if info is not None:
+        lib, origin = _load_packaged(info, variant), "package"
+      else:
+        lib, origin = _dev_build(variant), "development build"
       _set_quant_tables(lib)
       for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -252,19 +270,222 @@ def load() -> bool:
         stacklevel=3,
       )
       return False
-    _state["lib"] = lib
-    _state["ok"] = True
+    _state.update(lib=lib, origin=origin, ok=True)
     return True
 
 
 def loaded() -> bool:
-  """Whether the kernels are registered (without trying to build them)."""
+  """Whether the kernels are registered (without trying to load them)."""
   return bool(_state.get("ok"))
 
 
 def error() -> str:
   """Why the kernels are unavailable (after a failed :func:`load`)."""
   return str(_state.get("error", "not loaded"))
+
+
+def describe() -> str:
+  """One line for benchmarks and bug reports: the CPU, the variant, where the library came from."""
+  cpu = cpu_model()
+  if not load():
+    return f"{cpu}; kernel unavailable ({error()})"
+  return f"{cpu}; kernel ISA path {isa()} (this CPU runs {', '.join(supported())}); from the {_state['origin']}"
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux's /proc/cpuinfo; elsewhere the platform's processor string)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=g-import-not-at-top
+
+  return platform.processor() or platform.machine()
+
+
+# --- the development build -----------------------------------------------------------------------------------------
+
+
+def _compiler() -> list[str] | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(shlex.split(name)[0]):
+      return [shutil.which(shlex.split(name)[0]), *shlex.split(name)[1:]]
+  return None
+
+
+def _timeout() -> float:
+  return float(os.environ.get("JADAM_BUILD_TIMEOUT", "300"))
+
+
+def cache_dir() -> Path:
+  root = (
+    os.environ.get("JADAM_CACHE_DIR")
+    or os.environ.get("XDG_CACHE_HOME")
+    or os.path.join(os.path.expanduser("~"), ".cache")
+  )
+  return Path(root) / "jadam" / "kernels"
+
+
+def _check_private(path: Path) -> None:
+  """Raises _Refused unless `path` is a directory of this user's that no one else can write, nor replace: every
+  directory above it owned by the user or root and writable by no one else, or sticky (as /tmp)."""
+  uid = os.getuid()
+  st = os.lstat(path)
+  if not stat.S_ISDIR(st.st_mode):
+    raise _Refused(f"the kernel cache {path} is not a directory")
+  if st.st_uid != uid:
+    raise _Refused(f"the kernel cache {path} is owned by uid {st.st_uid}, not by this user ({uid})")
+  if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    raise _Refused(f"the kernel cache {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+  for parent in path.parents:
+    st = os.stat(parent)
+    if st.st_uid not in (uid, 0):
+      raise _Refused(f"{parent}, above the kernel cache, is owned by uid {st.st_uid}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+      raise _Refused(f"{parent}, above the kernel cache, is writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _private_dir() -> Path:
+  """The kernel cache, created 0700 where missing and checked private (or _Refused)."""
+  if not hasattr(os, "getuid"):
+    raise _Refused("no per-user cache on this platform (no getuid)")
+  d = Path(os.path.abspath(cache_dir()))
+  missing = [p for p in (d, *d.parents) if not p.exists()]
+  for p in reversed(missing):
+    try:
+      os.mkdir(p, 0o700)
+    except FileExistsError:
+      pass
+  _check_private(d)  # lstat: a symbolic link there is refused, not followed
+  return d
+
+
+def _key(cxx: list[str], variant: str) -> str:
+  version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=True, timeout=_timeout()).stdout
+  flags = _variants.for_machine().get(variant, ())
+  return _sha256(
+    "\0".join(
+      [sources_digest(), variant, *_variants.COMMON_FLAGS, *flags, *cxx, version, jaxlib.__version__, sys.platform]
+    ).encode()
+  )[:24]
+
+
+class _BuildLock:
+  """An exclusive `fcntl` lock, waited for at most `timeout` seconds (then _Refused)."""
+
+  def __init__(self, path: Path, timeout: float):
+    self.path, self.timeout, self.fd = path, timeout, None
+
+  def __enter__(self):
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    deadline = time.monotonic() + self.timeout
+    while True:
+      try:
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return self
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          os.close(self.fd)
+          raise _Refused(
+            f"another process has been building the kernel for over {self.timeout:g} s (lock {self.path};"
+            " JADAM_BUILD_TIMEOUT sets the wait)"
+          ) from None
+        time.sleep(0.1)
+
+  def __exit__(self, *exc):
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    fcntl.flock(self.fd, fcntl.LOCK_UN)
+    os.close(self.fd)
+
+
+def _recorded(out: Path, key: str) -> bytes | None:
+  """The library's bytes if they are the ones recorded after its build (the sidecar names this key and their
+  sha256) and whole; else None."""
+  try:
+    recorded = out.with_name(out.name + ".sha256").read_text().split()
+    data = out.read_bytes()
+  except OSError:
+    return None
+  ok = len(recorded) == 2 and recorded[1] == key and _sha256(data) == recorded[0] and _elf_whole(data)
+  return data if ok else None
+
+
+def _compile(cxx: list[str], variant: str, out: Path, timeout: float) -> bytes:
+  """Compiles `variant` (or the probe, "cpu") into `out`, each source in parallel; its bytes."""
+  flags = [*_variants.COMMON_FLAGS, *_variants.for_machine().get(variant, ())]
+  sources = [_variants.PROBE_SOURCE] if variant == "cpu" else list(_variants.KERNEL_SOURCES)
+  include = ["-I", jax.ffi.include_dir(), "-I", str(_CSRC)]
+  deadline = time.monotonic() + timeout
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    objects = [os.path.join(tmp, f"{i}.o") for i in range(len(sources))]
+    cmds = [[*cxx, *flags, *include, "-c", str(_CSRC / s), "-o", o] for s, o in zip(sources, objects, strict=True)]
+    cmds.append([*cxx, *flags, *_variants.LINK_FLAGS, *objects, "-o", os.path.join(tmp, "lib.so")])
+
+    def run(cmd):
+      left = max(deadline - time.monotonic(), 1.0)
+      try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+      except subprocess.TimeoutExpired:
+        raise _Refused(f"the compiler took over {timeout:g} s (JADAM_BUILD_TIMEOUT): {shlex.join(cmd)}") from None
+
+    def check(cmd, res):
+      if res.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{res.stderr[-2000:]}")
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      for cmd, res in zip(cmds[:-1], list(pool.map(run, cmds[:-1])), strict=True):
+        check(cmd, res)
+    check(cmds[-1], run(cmds[-1]))
+    data = Path(tmp, "lib.so").read_bytes()
+    fd, part = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(part, out)  # atomic: a reader sees the old file or the new one, never half of one
+  return data
+
+
+def _dev_build(variant: str) -> ctypes.CDLL:
+  """The library of `variant` (or the probe, "cpu") built from this checkout's sources, from the private cache:
+  recorded there already, else compiled (under the build lock, one process at a time) and recorded."""
+  if not development():
+    raise _Refused("the installed jadam has no kernel libraries and builds none at run time")
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
+  d = _private_dir()
+  key = _key(cxx, variant)
+  out = d / f"{_variants.library_name(variant)[:-3]}-{key}.so"
+  name = out.name
+  data = _recorded(out, key)
+  if data is None:
+    with _BuildLock(d / f"{name}.lock", _timeout()):
+      data = _recorded(out, key)  # built by another process while this one waited
+      if data is None:
+        _state["built"] = True
+        data = _compile(cxx, variant, out, _timeout())
+        digest = _sha256(data)  # kept in memory: what is loaded below is checked against it, not the sidecar
+        _write_atomically(out.with_name(name + ".sha256"), f"{digest} {key}\n".encode())
+        return _load_bytes(data, digest, name, None)
+  return _load_bytes(data, _sha256(data), name, None)  # _recorded checked the bytes against the sidecar
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 def quant_codes(y: np.ndarray, signed: bool) -> np.ndarray:

@@ -613,6 +613,10 @@ def _run_core(items, core: _Core, grads, params, ctx):
         f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
         " other than the parameters' or bfloat16 for both)"
       )
+  if not ctx.require and not _build.kernel_prefers(
+    amsgrad=bool(core.mode & AMSGRAD), moments=_moments_kind(bf16, block_size)
+  ):
+    raise Unserved(f"on this CPU's {_build.isa()} path the kernel is slower than XLA for this configuration")
   if not ctx.require and len(ps) > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in ps) < _SMALL_LEAF * len(ps):
     raise Unserved(f"{len(ps)} small leaves: the generic path is faster there")
 
@@ -688,6 +692,10 @@ def _run_core(items, core: _Core, grads, params, ctx):
     d = states[core.hp["decay"]]
     out[core.hp["decay"]] = d._replace(count=sel(optax.safe_increment(d.count), d.count))
   return unflat(new_p), out[core.start :]
+
+
+def _moments_kind(bf16: bool, block_size: int) -> str:
+  return "8bit" if block_size else "bfloat16" if bf16 else "float"
 
 
 def _quantized_block_size(core: _Core, mstate) -> int:

@@ -62,6 +62,20 @@ class TorchName(NamedTuple):
 # PyTorch's per-parameter state keys, optimizer by optimizer: (key, jadam state type, field, kept(hp)).
 # Field "count" is the stage's step count, torch's `step` tensor. Scalar fields (mu_product) hold one
 # number for the whole group; PyTorch keeps a copy in every parameter's state.
+
+
+def _require_torch():
+  """PyTorch, which the state-dict bridge needs and jadam does not require: a clear error where it is missing."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+      "jadam.torch's state-dict bridge converts to and from torch tensors and needs PyTorch:"
+      " pip install 'jadam[torch]' (or torch itself)"
+    ) from e
+  return torch
+
+
 def _always(hp):
   return True
 
@@ -314,7 +328,7 @@ def _torch_groups(spec: _groups.Spec, params: Any, names: dict[str, TorchName]) 
 
 
 def _scalar_dtype():
-  import torch
+  torch = _require_torch()
 
   return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
@@ -415,7 +429,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
   """
   import pickle
 
-  import torch
+  torch = _require_torch()
 
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -801,7 +815,7 @@ def state_dict(
   Returns:
     ``{"state": {id: {key: tensor}}, "param_groups": [...]}`` with CPU tensors.
   """
-  import torch
+  torch = _require_torch()
 
   what = "jadam.torch.state_dict"
   spec = _spec(tx, what)
@@ -899,7 +913,7 @@ def state_dict(
 
 
 def _to_torch(a: np.ndarray):
-  import torch
+  torch = _require_torch()
 
   if a.dtype == jnp.bfloat16:
     return torch.from_numpy(np.array(a, np.float32, order="C")).to(torch.bfloat16)
@@ -964,7 +978,7 @@ _BNB_FIXED = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}  # its AdEMAMix ke
 def _bnb_qmap(signed: bool):
   """bitsandbytes' `create_dynamic_map(signed)` to the bit, as its state dicts hold it (jadam's
   `dynamic_map` differs by an ulp at a few points: torch.linspace rounds otherwise than NumPy's)."""
-  import torch
+  torch = _require_torch()
 
   data = []
   for i in range(7):
@@ -1130,7 +1144,7 @@ def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
 
 def _state_dict_8bit(what, spec, state, params, names):
   """jadam.torch's Adam8bit/AdamW8bit state as bitsandbytes' `state_dict()`."""
-  import torch
+  torch = _require_torch()
 
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)

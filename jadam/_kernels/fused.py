@@ -127,7 +127,7 @@ def _xla_leaf_8bit(s, g, p, mc, ma, vc, va, *, mode: int, block_size: int):
   m = _quantize.dequantize(_quantize.QuantizedArray(mc, ma), block_size, signed=True)
   v = _quantize.dequantize(_quantize.QuantizedArray(vc, va), block_size, signed=False)
   mi = s[_OMB1] * gi + s[_B1] * m
-  vi = s[_OMB2] * (gi * gi) + s[_B2] * v
+  vi = (s[_OMB2] * gi) * gi + s[_B2] * v  # 8-bit v: ((1 - b2) g) g, finite where it fits (moments._ema_leaf)
   # the step reads the float32 moments, not the requantized ones (as scale_by_moments passes them on)
   u = (mi / s[_C1]) / (jnp.sqrt(vi / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
   ok = s[_APPLY] != 0

@@ -455,8 +455,8 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
 // One pass per block, as jadam's generic path computes it: the old moments dequantized (map[code] * absmax), the
 // new ones formed in float32 (_ema), the parameter updated from those float32 moments (the stages after
 // scale_by_moments read the values that were just requantized, not the stored ones), then each moment's block
-// requantized: absmax = max |x| (NaNs ignored in whole blocks, as XLA:CPU's row reduction does: -inf for a block
-// of NaNs; a NaN makes a partial last block's absmax NaN, as its reduction to a scalar does), inv = 1 / max(absmax, 1e-38), y = clip(x * inv, -1, 1), code =
+// requantized: absmax = min(max |x| over the block's non-NaN values (0 for a block of NaNs), 2^126), so that a
+// NaN or an inf never spreads over its block, inv = 1 / max(absmax, 1e-38), y = clip(x * inv, -1, 1), code =
 // searchsorted(bounds, y), and a positive v never below code 1. The scalar path finds the code by the key tables of
 // _quantize._lookup_tables (two memory lookups); the vector path by arithmetic in registers (_quantize._search_table,
 // Search16), and by those tables only for the rare vectors that hold a value within rounding of a boundary.
@@ -468,6 +468,10 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
 
 // The arithmetic code search of _quantize._search_table: on a = |y|, decade d = d0[exponent] + (a > thr[exponent]),
 // code = min(floor(s[d] * a + b[d]), cap[d]), trusted only where s[d] * a + b[d] is at least `window` from an integer.
+// The largest block scale (_quantize.SCALE_MAX): an inf in a block leaves its other values finite, and the scale's
+// reciprocal 2^-126 is a normal float, which flushing subnormals to zero keeps.
+constexpr float kScaleMax = 0x1p126f;
+
 struct SearchTable {
   alignas(64) int32_t d0[32];
   alignas(64) float thr[32];
@@ -635,7 +639,7 @@ struct JobQ {
       wd = _mm512_set1_ps(s[kWeightDecay]), rn = _mm512_set1_ps(1.0f / s[kClipNorm]);
       max_norm = _mm512_set1_ps(s[kClipMax]), factor = _mm512_set1_ps(s[kDecayFactor]), sign = _mm512_set1_ps(s[kSign]);
       am = _mm512_set1_ps(l.am[b]), av = _mm512_set1_ps(l.av[b]);
-      mx_m = _mm512_set1_ps(-INFINITY), mx_v = _mm512_set1_ps(-INFINITY);
+      mx_m = _mm512_setzero_ps(), mx_v = _mm512_setzero_ps();  // NaNs ignored: max_ps returns its second operand
       const int64_t off = b * bs;
       g = l.g + off, p = l.p + off, cm = l.cm + off, cv = l.cv + off, tm = tm_, tv = tv_;
     }
@@ -648,7 +652,7 @@ struct JobQ {
       const __m512 mo = _mm512_mul_ps(m_map, am);
       const __m512 vo = _mm512_mul_ps(v_map, av);
       const __m512 mi = _mm512_add_ps(_mm512_mul_ps(omb1, gi), _mm512_mul_ps(b1, mo));
-      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(b2, vo));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi), _mm512_mul_ps(b2, vo));
       const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, r2), eps_root)), eps);
       __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, r1), den);
       if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(wd, pi));
@@ -684,6 +688,7 @@ struct JobQ {
     Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_)
         : Requantize(l, b, bs, _mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v), tm_, tv_) {}
     Requantize(const LeafQ& l, int64_t b, int64_t bs, float m, float v, const float* tm_, const float* tv_) {
+      m = std::min(m, kScaleMax), v = std::min(v, kScaleMax);
       l.am[b] = m;
       l.av[b] = v;
       inv_m = _mm512_set1_ps(1.0f / std::max(m, 1e-38f));
@@ -747,8 +752,8 @@ struct JobQ {
     const float am = l.am[b], av = l.av[b];
     const float* map_s = g_quant.map_s;
     const float* map_u = g_quant.map_u;
-    // the blocks' maxima, NaNs ignored (XLA:CPU's max reduction: maxnum from -inf)
-    float mx_m = -INFINITY, mx_v = -INFINITY;
+    // the blocks' maxima from 0, NaNs ignored (_quantize.quantize: a NaN stays in its own value)
+    float mx_m = 0.0f, mx_v = 0.0f;
     int64_t i = 0;
 #if defined(__AVX512F__)
     if (!kExact) {
@@ -774,7 +779,7 @@ struct JobQ {
       const float mo = map_s[cm[i]] * am;  // _quantize.dequantize
       const float vo = map_u[cv[i]] * av;
       const float mi = omb1 * gi + b1 * mo;
-      const float vi = omb2 * (gi * gi) + b2 * vo;
+      const float vi = (omb2 * gi) * gi + b2 * vo;  // ((1 - b2) g) g: finite wherever v can hold it
       float u = kExact ? (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps)
                        : (mi * r1) / (std::sqrt(vi * r2 + eps_root) + eps);
       if (kDecoupledL2) u = u + wd * pi;
@@ -785,13 +790,9 @@ struct JobQ {
       mx_m = am_i > mx_m ? am_i : mx_m;
       mx_v = av_i > mx_v ? av_i : mx_v;
     }
-    if (n < bs) {  // the partial last block of a flat leaf: _quantize._block_max reduces it alone, NaN-propagating
-      for (int64_t j = 0; j < n; ++j) {
-        if (std::isnan(tm[j])) mx_m = std::fabs(tm[j]);
-        if (std::isnan(tv[j])) mx_v = std::fabs(tv[j]);
-      }
-    }
-    // Pass 2: requantize. _quantize.quantize: x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+    // Pass 2: requantize. _quantize.quantize: absmax capped at kScaleMax (an inf stays in its own value),
+    // x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+    mx_m = std::min(mx_m, kScaleMax), mx_v = std::min(mx_v, kScaleMax);
     const float inv_m = 1.0f / std::max(mx_m, 1e-38f);
     const float inv_v = 1.0f / std::max(mx_v, 1e-38f);
     l.am[b] = mx_m;

@@ -101,7 +101,10 @@ def scale_by_moments(
   with :math:`1 - \beta` formed in double when :math:`\beta` is a Python float
   (as PyTorch does), and stored in `mu_dtype` / `nu_dtype`.
 
-  An 8-bit :math:`v`
+  Non-finite values follow PyTorch's arithmetic: where :math:`m_{t-1}` is
+  infinite, :math:`m_t` is PyTorch's ``m.lerp_(g, 1 - b1)`` (NaN for
+  :math:`\beta_1 > 1/2`: an infinite gradient makes its parameter infinite,
+  then NaN, as in `torch.optim.RAdam`). An 8-bit :math:`v`
   (:class:`jadam.Quantized`) adds :math:`((1 - \beta_2) g) g`, PyTorch's
   ``addcmul`` order, which stays finite wherever :math:`v` can (:math:`g^2`
   overflows float32 from :math:`|g| = 1.8 \cdot 10^{19}`); see

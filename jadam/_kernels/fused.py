@@ -106,7 +106,7 @@ def _xla_params(s, u, p, *, mode: int):
 def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   """The kernel's arithmetic for one leaf, in XLA: the export and non-CPU lowering."""
   gi = _xla_grad(s, g, p, mode=mode)
-  mi = s[_OMB1] * gi + s[_B1] * m.astype(gi.dtype)
+  mi = _moments.first_moment(gi, m.astype(gi.dtype), s[_OMB1], s[_B1])  # PyTorch's lerp where m is not finite
   vi = s[_OMB2] * (gi * gi) + s[_B2] * v.astype(gi.dtype)
   if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._storage.bf16)
     mi = _lowp.round_to_bfloat16(mi, count, 2 * stream)

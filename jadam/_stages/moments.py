@@ -230,15 +230,20 @@ def _ema_leaf(
     return ((1 - d) * g) * g + d * m.astype(dtype)
   # A complex g is squared part by part (PyTorch's view_as_real rule; see _common.componentwise).
   x = _common.componentwise(lambda a: a * a, g) if square else g
-  m = m.astype(dtype)
-  new = (1 - d) * x + d * m
   if square:
-    return new
-  # The first moment where the old one is not finite: PyTorch's m.lerp_(g, 1 - d), which gives NaN for an infinite
-  # m (m + w (g - m) = inf - inf) where the sum above keeps inf; elsewhere the sum, bit for bit as before.
-  w = 1 - d
-  lerp = jnp.where(w < 0.5, m + w * (x - m), x - (x - m) * (1 - w))
-  return jnp.where(jnp.isfinite(m), new, lerp)
+    return (1 - d) * x + d * m.astype(dtype)
+  return first_moment(x, m.astype(dtype), 1 - d, d)
+
+
+def first_moment(g: jax.Array, m: jax.Array, w: jax.typing.ArrayLike, d: jax.typing.ArrayLike) -> jax.Array:
+  """:math:`w g + d m` (:math:`w = 1 - d`); where `m` is not finite, PyTorch's ``m.lerp_(g, w)``.
+
+  The lerp (``m + w (g - m)`` for :math:`w < 1/2`, else ``g - (g - m)(1 - w)``) gives NaN for an infinite `m`
+  where the sum keeps it infinite: an infinite gradient makes its parameter infinite, then NaN, as in PyTorch
+  (`torch.optim.RAdam` shows it). Elsewhere the sum, bit for bit; the fused kernel computes the same.
+  """
+  lerp = jnp.where(w < 0.5, m + w * (g - m), g - (g - m) * (1 - w))
+  return jnp.where(jnp.isfinite(m), w * g + d * m, lerp)
 
 
 class MaxNuState(NamedTuple):

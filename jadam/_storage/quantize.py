@@ -339,7 +339,7 @@ SCALE_MAX = 2.0**126
 def quantize(
   x: jax.Array, block_size: int, *, signed: bool, again: Callable[[], jax.Array] | None = None
 ) -> QuantizedArray:
-  """Block-wise 8-bit codes of `x` (computed in float32) and the blocks' absolute maxima.
+  r"""Block-wise 8-bit codes of `x` (computed in float32) and the blocks' absolute maxima.
 
   Nearest code to :math:`x / a_b` (ties to the lower code), as bitsandbytes'
   `quantize_blockwise`; a block of zeros keeps :math:`a_b = 0` and code of 0.

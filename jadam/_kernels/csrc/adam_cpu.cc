@@ -60,6 +60,15 @@ struct Leaf {
   int64_t size;
 };
 
+// _ema's first moment, jadam._stages.moments.first_moment: (1 - d) g + d m; where m is not finite, PyTorch's lerp
+// (m + w (g - m) for w < 1/2, else g - (g - m)(1 - w)), NaN for an infinite m. Both computed, one kept (it vectorizes).
+template <typename T>
+inline T FirstMoment(T g, T m, T omb1, T b1) {
+  const T sum = omb1 * g + b1 * m;
+  const T lerp = omb1 < T(0.5) ? m + omb1 * (g - m) : g - (g - m) * (T(1) - omb1);
+  return std::isfinite(m) ? sum : lerp;
+}
+
 template <typename T, bool kCoupledL2, bool kDecoupledL2, bool kClipped, bool kAms, bool kShrink>
 void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __restrict v, T* __restrict vmax,
                int64_t n, const T* s) {
@@ -75,7 +84,7 @@ void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __res
     if (kClipped) gi = (gi * rn) * max_norm;            // optax.clip_by_global_norm, t / norm as XLA has it
     gi = gi * sign;                                     // flip_sign: -1 (exact), else 1
     if (kCoupledL2) gi = gi + wd * pi;                  // add_l2 before the moments
-    const T mi = omb1 * gi + b1 * m[i];                 // _ema: (1 - d) g + d m
+    const T mi = FirstMoment(gi, m[i], omb1, b1);       // _ema: (1 - d) g + d m
     const T vi = omb2 * (gi * gi) + b2 * v[i];          // _ema: (1 - d) g^2 + d v
     T vx = vi;
     if (kAms) {                                         // max_nu: jnp.maximum, NaN-propagating
@@ -106,7 +115,7 @@ void AdamOne(const T* g, T* p, T* m, T* v, T* vmax, int bits, const T* s) {
   if (bits & kClip) gi = (gi / s[kClipNorm]) * s[kClipMax];
   if (bits & kNegate) gi = -gi;
   if (bits & kCoupled) gi = gi + s[kWeightDecay] * pi;
-  const T mi = s[kOneMinusB1] * gi + s[kB1] * m[0];
+  const T mi = FirstMoment(gi, m[0], s[kOneMinusB1], s[kB1]);
   const T vi = s[kOneMinusB2] * (gi * gi) + s[kB2] * v[0];
   T vx = vi;
   if (bits & kAmsgrad) {
@@ -332,7 +341,7 @@ struct JobB {
       if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
       gi = gi * sign;
       if (kCoupledL2) gi = gi + wd * pi;
-      const float mi = omb1 * gi + b1 * Bf16ToF32(m[i]);
+      const float mi = FirstMoment(gi, Bf16ToF32(m[i]), omb1, b1);
       const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(v[i]);
       const uint32_t idx = static_cast<uint32_t>(i);
       const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term_, off_m) >> 16);

@@ -6,12 +6,14 @@ save zero-size arrays, which parameter trees may hold. :func:`save_state`
 therefore stores a tree as its non-empty array leaves plus a description of
 every leaf (key path, shape, dtype, or ``None``), and :func:`restore_state`
 compares that description with the tree it restores into before it reads a
-single array. No pickle is involved: arrays go through orbax's tensorstore
+single array, and each array it reads with the SHA-256 digest recorded when it
+was written. No pickle is involved: arrays go through orbax's tensorstore
 format, the description through JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 
 _FORMAT = "jadam.checkpoint/1"
+_CHECKSUMS = "jadam.checksums/1"  # the digests' own record, beside the arrays and the description
 
 
 def _orbax():
@@ -68,6 +71,28 @@ def _show(entry: dict[str, Any] | None) -> str:
   return "None" if entry is None else f"{entry['dtype']}[{','.join(map(str, entry['shape']))}]"
 
 
+def _digest(value: Any) -> str:
+  """SHA-256 of an array's values: its global array brought to the host, in C order, native byte order."""
+  host = np.ascontiguousarray(np.asarray(jax.device_get(value)))
+  return hashlib.sha256(host.view(np.uint8).reshape(-1).data).hexdigest()
+
+
+def _verify(path: str, description: list[dict[str, Any]], record: Any, arrays: dict[str, Any]) -> None:
+  """Raises unless every restored array has the digest that :func:`save_state` recorded for it."""
+  sums = record.get("sha256") if isinstance(record, dict) and record.get("format") == _CHECKSUMS else None
+  if not isinstance(sums, dict):
+    raise ValueError(f"the checkpoint at {path} has an unreadable 'checksums' item ({str(record)[:80]}).")
+  for key, value in arrays.items():
+    leaf = description[int(key)]["path"] or "the root"
+    if key not in sums:
+      raise ValueError(f"the checkpoint at {path} records no checksum for {leaf}: it was altered after saving.")
+    if _digest(value) != sums[key]:
+      raise ValueError(
+        f"the checkpoint at {path} is corrupt: the values read for {leaf} do not have the SHA-256 checksum"
+        " recorded when it was saved (a changed data file, or a storage fault). Nothing was restored."
+      )
+
+
 def save_state(directory: str | os.PathLike, tree: Any) -> None:
   """Save a pytree of arrays (an optimizer state, a `TrainState`, an `nnx.State`) with orbax.
 
@@ -77,6 +102,9 @@ def save_state(directory: str | os.PathLike, tree: Any) -> None:
   shape and dtype, and where it is ``None``), so that :func:`restore_state` can
   refuse a tree that does not match. Zero-size arrays, ``None`` leaves and
   empty states (`optax.EmptyState`) are recorded in the description only.
+  The SHA-256 digest of every stored array (its global values brought to the
+  host, sharded arrays included) is recorded beside them, in a JSON item of its
+  own, for :func:`restore_state` to verify: orbax keeps no checksum of the data.
   Nothing is pickled.
 
   Args:
@@ -106,6 +134,9 @@ def save_state(directory: str | os.PathLike, tree: Any) -> None:
   items = {"structure": ocp.args.JsonSave({"format": _FORMAT, "leaves": description})}
   if arrays:  # an EmptyState alone has none
     items["arrays"] = ocp.args.StandardSave(arrays)
+    # orbax keeps no checksum of the data: a flipped bit would restore as a wrong value without a word
+    sums = {key: _digest(value) for key, value in arrays.items()}
+    items["checksums"] = ocp.args.JsonSave({"format": _CHECKSUMS, "sha256": sums})
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   checkpointer.save(os.path.abspath(os.fspath(directory)), args=ocp.args.Composite(**items))
 
@@ -150,6 +181,9 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
     ValueError: the checkpoint was not written by :func:`save_state`, or it
       does not match `like`; the message names the first key path that
       differs, with what `like` expects there and what the checkpoint holds.
+      Also when an array read back does not have the SHA-256 digest recorded
+      when it was saved (a changed data file: the message names its key
+      path), or the digests are missing; nothing is returned then.
   """
   ocp = _orbax()
   path = os.path.abspath(os.fspath(directory))
@@ -183,6 +217,13 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
   arrays = {}
   if wanted:
     arrays = checkpointer.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(wanted)))["arrays"]
+    if not os.path.isdir(os.path.join(path, "checksums")):
+      raise ValueError(
+        f"the checkpoint at {path} has no 'checksums' item, so its arrays cannot be verified: it was written by"
+        " an older jadam or altered after saving. Nothing was restored."
+      )
+    record = checkpointer.restore(path, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+    _verify(path, header["leaves"], record, arrays)
 
   def rebuild(i, leaf):
     entry = expected[i]["leaf"]

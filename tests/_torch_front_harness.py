@@ -137,3 +137,65 @@ def max_ulps(got, want):
     ulp = np.spacing(scale)
     worst = max(worst, float(np.max(np.abs(got[k].astype(np.float64) - w.astype(np.float64)) / ulp)))
   return worst
+
+
+# --- non-finite gradients: the pattern of NaN / inf / finite parameters ---------------------------------------------
+NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def nonfinite_gradients(size: int, steps: int = 4, seed: int = 0):
+  """`(params0, {case: [gradient per step]})`, float32: a NaN, +inf or -inf in one element or in all, at the first
+  step (before any moment exists) or the second (after one clean step)."""
+  rng = np.random.default_rng(seed)
+  params0 = rng.normal(size=size).astype(np.float32)
+  clean = [rng.normal(size=size).astype(np.float32) for _ in range(steps)]
+  cases = {}
+  for name, value in NONFINITE.items():
+    for where in ("one", "all"):
+      for at in (0, 1):
+        grads = [g.copy() for g in clean]
+        if where == "one":
+          grads[at][size // 2] = value
+        else:
+          grads[at][:] = value
+        cases[f"{name} in {where} at step {at}"] = grads
+  return params0, cases
+
+
+def pattern(x):
+  """0 finite, 1 infinite, 2 NaN, elementwise."""
+  x = np.asarray(x)
+  return np.where(np.isnan(x), 2, np.where(np.isinf(x), 1, 0))
+
+
+def torch_patterns(make_opt, params0, grads, *, sparse=False):
+  """The pattern of torch's parameters after each step."""
+  import torch
+
+  p = torch.nn.Parameter(torch.tensor(params0))
+  opt = make_opt([p])
+  out = []
+  for g in grads:
+    grad = torch.tensor(g)
+    p.grad = grad.to_sparse() if sparse else grad
+    opt.step()
+    out.append(pattern(p.detach().numpy()))
+  return out
+
+
+def jax_patterns(step, init, params0, grads, *, sparse=False):
+  """The same with a jadam step ``step(grads, state, params) -> (params, state)``."""
+  from jax.experimental.sparse import BCOO
+
+  params = {"w": jnp.asarray(params0)}
+  state = init(params)
+  out = []
+  for g in grads:
+    if sparse:
+      rows = np.arange(g.shape[0])
+      leaf = BCOO((jnp.asarray(g), jnp.asarray(rows)[:, None]), shape=g.shape)
+    else:
+      leaf = jnp.asarray(g)
+    params, state = step({"w": leaf}, state, params)
+    out.append(pattern(params["w"]))
+  return out

@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import sparse as jsparse
 import optax
 import pytest
 
@@ -49,6 +50,16 @@ def chain_update(*stages):
 def replaced(state, i, new):
   """A chain's state with its i-th stage's state replaced."""
   return (*state[:i], new, *state[i + 1 :])
+
+
+def _with_x64(call):
+  """`call` run with jax_enable_x64 (int64 ids exist only there)."""
+
+  def run():
+    with jax.enable_x64(True):
+      return call()
+
+  return run
 
 
 STATE = r"Was the state made by this optimizer's init for these parameters\?"
@@ -709,6 +720,45 @@ UPDATES = [
     chain_update(jadam.scale_by_moments(), jadam.bias_correct(), jk.keras_step()),
     TypeError,
     r"jadam.keras.keras_step corrects the moments itself",
+  ),
+  # sweeps
+  (
+    "sweep learning_rate beyond float32",
+    lambda: jadam.sweep(jadam.adam, {"learning_rate": [1e-3, 1e39]}),
+    ValueError,
+    r"configs\[1\]: learning_rate=1e\+39 is injected as float32, which holds it as inf",
+  ),
+  (
+    "sweep eps below float32",
+    lambda: jadam.sweep(jadam.adam, {"eps": [1e-50]}),
+    ValueError,
+    r"configs\[0\]: eps=1e-50 is injected as float32, which holds it as 0.0",
+  ),
+  (
+    "sweep with nothing to sweep",
+    lambda: jadam.sweep(jadam.adam, {}),
+    ValueError,
+    r"nothing to sweep: the configurations name no hyperparameter",
+  ),
+  # row-sparse ids
+  (
+    "value_and_sparse_grad id -1 outside jit",
+    lambda: jadam.value_and_sparse_grad(lambda p, i: jnp.sum(p["t"][i["t"]]))(
+      {"t": jnp.ones((4, 2))}, {"t": jnp.array([2, -1])}
+    ),
+    ValueError,
+    r"jadam.value_and_sparse_grad: ids\['t'\] has row indices out of range for a table of 4 rows: \[-1\]",
+  ),
+  (
+    "sparse_adam int64 id beyond int32",
+    _with_x64(
+      lambda: jadam.sparse_adam().update(
+        {"t": jsparse.BCOO((jnp.ones((1, 2), jnp.float32), jnp.asarray([[2**32 + 3]], jnp.int64)), shape=(4, 2))},
+        jadam.sparse_adam().init({"t": jnp.zeros((4, 2), jnp.float32)}),
+      )
+    ),
+    ValueError,
+    r"has row indices out of range for a table of 4 rows: \[4294967299\]",
   ),
   # checkpoints
   (

@@ -330,6 +330,40 @@ def test_restored_arrays_take_the_sharding_of_like(tmp_path):
   assert_bitwise_equal(restored, state)
 
 
+def _flip_a_byte_of_the_data(checkpoint: pathlib.Path) -> None:
+  """Flips one bit in the middle of the largest file orbax wrote for the arrays (its data chunks)."""
+  files = [f for f in (checkpoint / "arrays").rglob("*") if f.is_file() and f.parent.name == "d"]
+  data = max(files, key=lambda f: f.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_flipped_bit_in_the_data_is_refused_naming_the_leaf(sharded, tmp_path):
+  # orbax keeps no checksum of its data: without jadam's digests the flipped bit restores as a wrong value
+  w = jnp.asarray(np.random.default_rng(0).normal(size=4096), jnp.float32)  # stored raw: zstd cannot shrink it
+  if sharded:
+    mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+    w = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  params = {"w": w}
+  tx = jadam.adam(1e-3)
+  state = jax.jit(tx.update)(params, tx.init(params), params)[1]
+  jadam.save_state(tmp_path / "ckpt", state)
+  _flip_a_byte_of_the_data(tmp_path / "ckpt")
+  with pytest.raises(ValueError, match=r"corrupt: the values read for \[1\]\.(mu|nu)\['w'\]"):
+    jadam.restore_state(tmp_path / "ckpt", tx.init(params))
+
+
+def test_a_checkpoint_without_its_checksums_is_refused(tmp_path):
+  jadam.save_state(tmp_path / "ckpt", PARAMS)
+  import shutil
+
+  shutil.rmtree(tmp_path / "ckpt" / "checksums")
+  with pytest.raises(ValueError, match="no 'checksums' item"):
+    jadam.restore_state(tmp_path / "ckpt", PARAMS)
+
+
 def test_save_and_restore_never_pickle(tmp_path, monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("pickle was called")

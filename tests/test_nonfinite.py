@@ -130,3 +130,58 @@ def test_a_skipped_step_turns_negative_zero_parameters_positive():
   new_params, _, _ = step(nan, tx.init(params), params)
   np.testing.assert_array_equal(np.asarray(new_params["b"]), np.asarray(params["b"]))  # equal as numbers
   assert list(np.signbit(np.asarray(new_params["b"]))) == [False, False, False, True]
+
+
+# --- Without apply_if_finite: the parameters a non-finite gradient reaches are torch.optim's -----------------------
+# Every jadam.torch optimizer against torch.optim (the 8-bit ones against torch.optim.Adam / AdamW: bitsandbytes
+# turns a whole block NaN for an infinite gradient, jadam keeps it in its own parameter, as torch.optim.Adam does).
+TORCH_FRONT = {
+  "Adam": ("Adam", {}),
+  "Adam amsgrad weight_decay": ("Adam", dict(amsgrad=True, weight_decay=0.1)),
+  "Adam maximize": ("Adam", dict(maximize=True)),
+  "AdamW": ("AdamW", {}),
+  "SGD": ("SGD", dict(lr=0.1)),
+  "SGD nesterov weight_decay": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+  "SGD dampening": ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5)),
+  "RMSprop": ("RMSprop", {}),
+  "RMSprop centered momentum": ("RMSprop", dict(centered=True, momentum=0.5, weight_decay=0.1)),
+  "Adagrad": ("Adagrad", {}),
+  "Adagrad lr_decay": ("Adagrad", dict(lr_decay=0.1, weight_decay=0.1)),
+  "Adamax": ("Adamax", {}),
+  "NAdam": ("NAdam", {}),
+  "NAdam decoupled": ("NAdam", dict(decoupled_weight_decay=True, weight_decay=0.1)),
+  "RAdam": ("RAdam", {}),
+  "RAdam decoupled": ("RAdam", dict(decoupled_weight_decay=True, weight_decay=0.1)),
+  "Adadelta": ("Adadelta", {}),
+  "Adadelta weight_decay": ("Adadelta", dict(weight_decay=0.1)),
+  "Rprop": ("Rprop", {}),
+  "Rprop maximize": ("Rprop", dict(maximize=True)),
+  "ASGD": ("ASGD", {}),
+  "ASGD averaging weight_decay": ("ASGD", dict(t0=1, weight_decay=0.1)),
+  "SparseAdam": ("SparseAdam", {}),
+  "Adam8bit": ("Adam8bit", dict(min_8bit_size=0)),
+  "AdamW8bit": ("AdamW8bit", dict(min_8bit_size=0)),
+}
+_TORCH_OF = {"Adam8bit": "Adam", "AdamW8bit": "AdamW"}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_FRONT))
+def test_nonfinite_gradients_reach_the_parameters_torch_reaches(name):
+  """NaN, +inf, -inf in one element or all, at the first or second step: after each of four steps, every parameter
+  is NaN, infinite or finite exactly where torch.optim's is (float32, jitted, the fused kernel where it serves)."""
+  torch = pytest.importorskip("torch")
+  import _torch_front_harness as harness
+
+  cls, kw = TORCH_FRONT[name]
+  sparse = cls == "SparseAdam"
+  size = 300 if cls.endswith("8bit") else 6  # 8-bit: a whole block of 256 and a partial one
+  torch_kw = {k: v for k, v in kw.items() if k != "min_8bit_size"}
+  make_opt = lambda ps: getattr(torch.optim, _TORCH_OF.get(cls, cls))(ps, **torch_kw)
+  tx = getattr(jadam.torch, cls)(**kw)
+  step = jax.jit(lambda g, s, p: jadam.update_and_apply(tx, g, s, p))
+  params0, cases = harness.nonfinite_gradients(size)
+  for case, grads in cases.items():
+    want = harness.torch_patterns(make_opt, params0, grads, sparse=sparse)
+    got = harness.jax_patterns(step, tx.init, params0, grads, sparse=sparse)
+    for t, (g, w) in enumerate(zip(got, want)):
+      assert np.array_equal(g, w), f"{name}, {case}, after step {t}: jadam {g.tolist()[:8]}, torch {w.tolist()[:8]}"

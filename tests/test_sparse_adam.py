@@ -289,6 +289,22 @@ class BadInputTest(chex.TestCase):
     changed = np.flatnonzero(np.asarray(p["t"]).any(axis=1))
     assert changed.tolist() == [1]  # -1 did not wrap to the last row
 
+  def test_ids_beyond_int32_never_change_a_row(self):
+    # int64 ids 2**32 + 3 and -2**32 + 5 narrow to rows 3 and 5 in int32: the range is checked before narrowing
+    with jax.enable_x64(True):
+      params = {"t": jnp.zeros((10, 2), jnp.float32)}
+      state = self.tx.init(params)
+      ids = jnp.asarray([[1], [2**32 + 3], [-(2**32) + 5]], jnp.int64)
+      grad = {"t": BCOO((jnp.ones((3, 2), jnp.float32), ids), shape=(10, 2))}
+      with pytest.raises(ValueError, match="out of range"):
+        jadam.update_and_apply(self.tx, grad, state, params)
+      for fused in (False, True):
+        p, s = jax.jit(lambda g, s, p: jadam.update_and_apply(self.tx, g, s, p, fused=fused))(grad, state, params)
+        assert np.flatnonzero(np.asarray(p["t"]).any(axis=1)).tolist() == [1], fused
+        assert np.flatnonzero(np.asarray(s[0].nu["t"]).any(axis=1)).tolist() == [1], fused
+      p = jax.jit(jadam.apply_updates)(params, grad)  # the scatter alone
+      assert np.flatnonzero(np.asarray(p["t"]).any(axis=1)).tolist() == [1]
+
   def test_mismatched_table_shape(self):
     with pytest.raises(ValueError, match=r"shape \(12, 2\).*shape \(10, 2\)"):
       self.tx.update(self._grad([1], shape=(12, 2)), self.state, self.params)
@@ -344,6 +360,34 @@ class ValueAndSparseGradTest(chex.TestCase):
     assert isinstance(g, BCOO) and g.shape == (100, 8) and g.nse == ids.size
     np.testing.assert_allclose(g.todense(), dense["embed"]["embedding"].get_value(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(grads["out"]["kernel"].get_value(), dense["out"]["kernel"].get_value(), rtol=1e-5)
+
+  def test_out_of_range_ids_are_padding_in_the_value_and_the_gradient(self):
+    # under jit an id outside [0, V) (-1, V + 2, and an int64 2**32 + 3) reads a row of zeros and gets no gradient,
+    # so the loss and its gradient describe the same function; outside jit it raises, as sparse_adam does
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=3), jnp.float32)
+
+    def loss(params, ids):
+      return jnp.sum(jnp.tanh(params["t"][ids["t"]] @ params["w"]) ** 2)
+
+    f = jadam.value_and_sparse_grad(loss)
+    with jax.enable_x64(True):
+      for ids in ([0, -1, 2, 2], [5, 8, 1, -6], [2**32 + 3, 3, 6]):
+        ids = np.asarray(ids, np.int64)
+        valid = (ids >= 0) & (ids < 6)
+
+        def reference(params):  # the rows read as zeros where the id is out of range
+          rows = jnp.where(valid[:, None], params["t"][np.where(valid, ids, 0)], 0.0)
+          return jnp.sum(jnp.tanh(rows @ params["w"]) ** 2)
+
+        want, want_g = jax.value_and_grad(reference)({"t": table, "w": w})
+        value, grads = jax.jit(f)({"t": table, "w": w}, {"t": jnp.asarray(ids)})
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        np.testing.assert_allclose(grads["t"].todense(), want_g["t"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(grads["w"], want_g["w"], rtol=1e-5, atol=1e-7)
+        with pytest.raises(ValueError, match="out of range"):
+          f({"t": table, "w": w}, {"t": jnp.asarray(ids)})
 
   def test_never_materialises_the_dense_gradient(self):
     nnx, model = self._model(123_457)

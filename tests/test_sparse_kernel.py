@@ -282,6 +282,22 @@ class SparseKernelTest(chex.TestCase):
     with pytest.raises(ValueError, match="out of range"):
       jadam.update_and_apply(tx, {"t": BCOO((jnp.ones((1, 2)), jnp.array([[11]])), shape=(10, 2))}, state, params)
 
+  def test_ids_beyond_int32_are_padding_in_the_kernel_and_its_lowering(self):
+    # int64 ids 2**32 + 3 and -2**32 + 5 would narrow to rows 3 and 5: the kernel and the XLA lowering drop them
+    with jax.enable_x64(True):
+      tx = jadam.sparse_adam(1e-2)
+      params = {"t": jnp.zeros((10, 2), jnp.float32)}
+      state = tx.init(params)
+      ids = jnp.asarray([[1], [2**32 + 3], [-(2**32) + 5]], jnp.int64)
+      grads = {"t": BCOO((jnp.ones((3, 2), jnp.float32), ids), shape=(10, 2))}
+      step = _kernel_step(tx)
+      assert _kernel_in(step.lower(grads, state, params).as_text())
+      exported = jax.export.export(step, platforms=("cpu",))(grads, state, params)
+      for run in (step, exported.call):
+        p, s = run(grads, state, params)
+        assert np.flatnonzero(np.asarray(p["t"]).any(axis=1)).tolist() == [1]
+        assert np.flatnonzero(np.asarray(s[-4].nu["t"]).any(axis=1)).tolist() == [1]
+
   def test_export_is_pure_xla_and_agrees(self):
     tx = jadam.sparse_adam(1e-2, maximize=True)
     params = _params(jnp.float32)

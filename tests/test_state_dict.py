@@ -7,6 +7,8 @@ a run continued on the other side must follow the uninterrupted one to rounding.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -747,3 +749,9 @@ def test_bitsandbytes_8bit_refusals():
     adamw = torch.optim.AdamW(list(ts.values()))
     with pytest.raises(ValueError, match="not a state dict of bitsandbytes' AdamW8bit"):
       jt.load_state_dict(jt.AdamW8bit(), params, adamw.state_dict(), names=names)
+    for bad in (-5, 2.7, float("nan")):  # a step that is not a count, as torch.optim's state dicts are checked
+      odd = copy.deepcopy(sd)
+      for entry in odd["state"].values():
+        entry["step"] = bad
+      with pytest.raises(ValueError, match=r"has step .*, not a count"):
+        jt.load_state_dict(jt.AdamW8bit(), params, odd, names=names)

@@ -266,6 +266,28 @@ def test_errors_name_the_argument():
     sweep.observe(state, jnp.ones(3))
 
 
+def test_values_that_do_not_survive_the_injected_dtype_are_refused():
+  # float64 numbers that float32 turns into inf or 0 (or a subnormal, which loses its digits)
+  for grid, what in [
+    ({"learning_rate": [1e-3, 1e39]}, "learning_rate=1e\\+39"),
+    ({"eps": [1e-50]}, "eps=1e-50"),
+    ({"eps": [1e-40]}, "eps=1e-40"),
+  ]:
+    with pytest.raises(ValueError, match=rf"{what}.*float32"):
+      jadam.sweep(jadam.adam, grid)
+  with pytest.raises(ValueError, match=r"betas\[1\]=1e-50.*float32"):  # a swept tuple, element by element
+    jadam.sweep(jadam.torch.Adam, {"betas": [(0.9, 1e-50)]})
+  with pytest.raises(ValueError, match="float64.*1e-320"):
+    jadam.sweep(jadam.adam, {"eps": [1e-320]}, hyperparam_dtype=jnp.float64)
+  jadam.sweep(jadam.adam, {"eps": [1e-30, 0.0], "learning_rate": [3e38]})  # representable: accepted
+
+
+def test_an_empty_sweep_says_it_has_nothing_to_sweep():
+  for kw in [dict(grid={}), dict(configs=[{}]), dict(configs=[{}, {}])]:
+    with pytest.raises(ValueError, match="nothing to sweep"):
+      jadam.sweep(jadam.adam, **kw)
+
+
 def test_plateau_without_a_swept_rate_injects_the_default():
   sweep = jadam.sweep(jadam.adam, {"b1": [0.8, 0.9]}, plateau=jadam.torch.ReduceLROnPlateau(1.0, patience=0))
   assert sweep.configs == [{"b1": 0.8, "learning_rate": 1e-3}, {"b1": 0.9, "learning_rate": 1e-3}]

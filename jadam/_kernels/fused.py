@@ -106,7 +106,7 @@ def _xla_params(s, u, p, *, mode: int):
 def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
   """The kernel's arithmetic for one leaf, in XLA: the export and non-CPU lowering."""
   gi = _xla_grad(s, g, p, mode=mode)
-  mi = s[_OMB1] * gi + s[_B1] * m.astype(gi.dtype)
+  mi = _moments.first_moment(gi, m.astype(gi.dtype), s[_OMB1], s[_B1])  # PyTorch's lerp where m is not finite
   vi = s[_OMB2] * (gi * gi) + s[_B2] * v.astype(gi.dtype)
   if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._storage.bf16)
     mi = _lowp.round_to_bfloat16(mi, count, 2 * stream)
@@ -127,7 +127,7 @@ def _xla_leaf_8bit(s, g, p, mc, ma, vc, va, *, mode: int, block_size: int):
   m = _quantize.dequantize(_quantize.QuantizedArray(mc, ma), block_size, signed=True)
   v = _quantize.dequantize(_quantize.QuantizedArray(vc, va), block_size, signed=False)
   mi = s[_OMB1] * gi + s[_B1] * m
-  vi = s[_OMB2] * (gi * gi) + s[_B2] * v
+  vi = (s[_OMB2] * gi) * gi + s[_B2] * v  # 8-bit v: ((1 - b2) g) g, finite where it fits (moments._ema_leaf)
   # the step reads the float32 moments, not the requantized ones (as scale_by_moments passes them on)
   u = (mi / s[_C1]) / (jnp.sqrt(vi / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
   ok = s[_APPLY] != 0

@@ -208,7 +208,7 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
     if not _fused.tracing_ok(scalars):
       raise _fused.Unserved("a hyperparameter under grad or vmap")
     if g.data.shape[0]:  # an empty gradient changes nothing but the count
-      ids = g.indices[:, 0].astype(jnp.int32)  # as _sparse.coalesce reads them
+      ids = _sparse.row_ids(g.indices[:, 0], g.shape[0])  # as _sparse.coalesce reads them: padding before int32
       new_p[j], new_m[j], new_v[j] = sparse_adam_step_p.bind(
         scalars, ids, g.data, p, m, v, unique=bool(g.unique_indices)
       )

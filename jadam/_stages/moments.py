@@ -101,6 +101,16 @@ def scale_by_moments(
   with :math:`1 - \beta` formed in double when :math:`\beta` is a Python float
   (as PyTorch does), and stored in `mu_dtype` / `nu_dtype`.
 
+  Non-finite values follow PyTorch's arithmetic: where :math:`m_{t-1}` is
+  infinite, :math:`m_t` is PyTorch's ``m.lerp_(g, 1 - b1)`` (NaN for
+  :math:`\beta_1 > 1/2`: an infinite gradient makes its parameter infinite,
+  then NaN, as in `torch.optim.RAdam`). An 8-bit :math:`v`
+  (:class:`jadam.Quantized`) adds :math:`((1 - \beta_2) g) g`, PyTorch's
+  ``addcmul`` order, which stays finite wherever :math:`v` can (:math:`g^2`
+  overflows float32 from :math:`|g| = 1.8 \cdot 10^{19}`); see
+  :func:`jadam._storage.quantize.quantize` for how a block keeps a NaN or an
+  inf in its own value.
+
   Args:
     b1: Decay of the first moment: a float in [0, 1), a scalar array or a
       schedule. ``None`` keeps no first moment: :math:`m_t = g_t` and no state
@@ -151,7 +161,15 @@ def scale_by_moments(
     nu_old = _quantize.load(state.nu, nu_dtype, signed=False)  # 8-bit moments: dequantized, updated, requantized
     _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", nu_old, _common.STATE_HINT)
     beta2 = b2_fn(state.count)  # step t reads the schedule at t - 1, as optax does
-    nu = _ema(updates, nu_old, beta2, square=True)
+    if isinstance(nu_dtype, _quantize.Quantized):  # 8-bit leaves: ((1 - b2) g) g (see _ema_leaf)
+      nu = _common.tree_map_float(
+        lambda g, v, c: _ema_leaf(g, v, beta2, square=True, scaled=_quantize.is_codes(c)),
+        updates,
+        nu_old,
+        state.nu.codes,
+      )
+    else:
+      nu = _ema(updates, nu_old, beta2, square=True)
     if b1_fn is None:
       beta1, mu, mu_state = 0.0, updates, None
     else:
@@ -159,7 +177,7 @@ def scale_by_moments(
       mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
       again = lambda g, m: _ema_leaf(g, m, beta1, square=False)
       mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again)
-    again = lambda g, v: _ema_leaf(g, v, beta2, square=True)
+    again = lambda g, v: _ema_leaf(g, v, beta2, square=True, scaled=True)  # called for 8-bit leaves only
     nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
@@ -199,13 +217,33 @@ def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayL
   return _common.tree_map_float(lambda g, m: _ema_leaf(g, m, decay, square=square), updates, moment)
 
 
-def _ema_leaf(g: jax.Array, m: jax.Array, decay: jax.typing.ArrayLike, *, square: bool) -> jax.Array:
+def _ema_leaf(
+  g: jax.Array, m: jax.Array, decay: jax.typing.ArrayLike, *, square: bool, scaled: bool = False
+) -> jax.Array:
   dtype = _common.compute_dtype(g.dtype)
   g = g.astype(dtype)
   d = _common.cast_hyperparameter(decay, dtype)
+  if square and scaled:
+    # An 8-bit v (a real leaf): (1 - d) g^2 as ((1 - d) g) g, PyTorch's addcmul order, which stays finite wherever
+    # v can hold it (|g| up to about 5.8e20 for d = 0.999; g * g overflows from 1.8e19), so that one huge but
+    # finite gradient cannot make its block's scale inf (and the block NaN). The fused kernel computes the same.
+    return ((1 - d) * g) * g + d * m.astype(dtype)
   # A complex g is squared part by part (PyTorch's view_as_real rule; see _common.componentwise).
   x = _common.componentwise(lambda a: a * a, g) if square else g
-  return (1 - d) * x + d * m.astype(dtype)
+  if square:
+    return (1 - d) * x + d * m.astype(dtype)
+  return first_moment(x, m.astype(dtype), 1 - d, d)
+
+
+def first_moment(g: jax.Array, m: jax.Array, w: jax.typing.ArrayLike, d: jax.typing.ArrayLike) -> jax.Array:
+  """:math:`w g + d m` (:math:`w = 1 - d`); where `m` is not finite, PyTorch's ``m.lerp_(g, w)``.
+
+  The lerp (``m + w (g - m)`` for :math:`w < 1/2`, else ``g - (g - m)(1 - w)``) gives NaN for an infinite `m`
+  where the sum keeps it infinite: an infinite gradient makes its parameter infinite, then NaN, as in PyTorch
+  (`torch.optim.RAdam` shows it). Elsewhere the sum, bit for bit; the fused kernel computes the same.
+  """
+  lerp = jnp.where(w < 0.5, m + w * (g - m), g - (g - m) * (1 - w))
+  return jnp.where(jnp.isfinite(m), w * g + d * m, lerp)
 
 
 class MaxNuState(NamedTuple):

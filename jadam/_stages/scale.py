@@ -360,6 +360,11 @@ class ScaleByRpropState(NamedTuple):
   step_size: optax.Updates  # each element's step size
 
 
+def _torch_sign(x: jax.Array) -> jax.Array:
+  """PyTorch's `sign`: 1, -1 or 0, and 0 for NaN (`jnp.sign` gives NaN), so that Rprop skips a NaN gradient."""
+  return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
 def scale_by_rprop(
   learning_rate: jax.typing.ArrayLike = 1e-2,
   etas: tuple[float, float] = (0.5, 1.2),
@@ -376,6 +381,10 @@ def scale_by_rprop(
       \end{align*}
 
   as `torch.optim.Rprop` does (the zeroed gradient is the one remembered).
+  :math:`\operatorname{sign}` is PyTorch's, 0 for NaN: an element whose
+  gradient is NaN does not move and keeps its step size (its NaN is remembered,
+  so the next step's :math:`\eta` is 1 too), as in PyTorch; an infinite
+  gradient has its sign.
 
   Args:
     learning_rate: the initial step size :math:`s_0 > 0`: a number (PyTorch
@@ -415,11 +424,11 @@ def scale_by_rprop(
     _common.check_tree("jadam.scale_by_rprop", updates, "the state's prev", state.prev, _common.STATE_HINT)
 
     def one(g, prev, size):
-      sign = jnp.sign(g * prev)
+      sign = _torch_sign(g * prev)
       factor = jnp.where(sign > 0, plus, jnp.where(sign < 0, minus, 1.0)).astype(g.dtype)
       size = jnp.clip(size * factor, lo, hi)
       g = jnp.where(sign < 0, jnp.zeros_like(g), g)
-      return jnp.sign(g) * size, g, size
+      return _torch_sign(g) * size, g, size
 
     def leaf(g, prev, size):
       parts = [
@@ -478,8 +487,9 @@ def scale_by_asgd(
 
   Returns:
     An :class:`optax.GradientTransformation` whose updates are
-    :math:`\theta_{t-1} - \theta_t` (positive: follow with ``scale_by_lr(1.0)``);
-    it needs `params`.
+    :math:`\theta_{t-1} - \theta_t` (positive: follow with ``scale_by_lr(1.0)``),
+    0 where the two are equal, so that an infinite parameter stays infinite
+    (not :math:`\infty - \infty`) as in PyTorch; it needs `params`.
 
   References:
     Polyak & Juditsky, `Acceleration of Stochastic Approximation by Averaging
@@ -517,7 +527,13 @@ def scale_by_asgd(
       new = new_param(g, p).astype(ax.dtype)
       return jnp.where(mu == 1, new, ax + (new - ax) * mu.astype(ax.dtype))
 
-    direction = _common.tree_map_float(lambda g, p: (p - new_param(g, p)).astype(g.dtype), updates, params)
+    def direction(g, p):
+      new = new_param(g, p)
+      # 0 where the parameter does not change: also where it is an infinity that stays (p - p would be NaN), as
+      # PyTorch's in-place p * (1 - lambda eta) - eta g keeps it infinite; elsewhere p - new, bit for bit as before
+      return jnp.where(new == p, jnp.zeros_like(p), p - new).astype(g.dtype)
+
+    direction = _common.tree_map_float(direction, updates, params)
     ax = _common.tree_map_float(average, updates, params, state.ax, keep=2)
     return direction, ScaleByAsgdState(count=optax.safe_increment(c), ax=ax)
 

@@ -91,7 +91,7 @@ def _check_range(stage: str, where: str, idx: jax.Array, rows: int) -> None:
   bad = (values < 0) | (values > rows)
   if bad.any():
     raise ValueError(
-      f"{stage}: the gradient at {where} has row indices out of range for a table of {rows} rows:"
+      f"{stage}: {where} has row indices out of range for a table of {rows} rows:"
       f" {values[bad][:5].tolist()} (valid: 0 to {rows - 1}; {rows} marks padding)."
     )
 
@@ -100,7 +100,17 @@ def check_gradient(stage: str, where: str, g: Any, table: Any) -> None:
   """Raises what :func:`scale_by_sparse_moments` raises for a gradient `g` of `table` (its moment): a dense
   gradient, one not row-sparse, non-integer indices, another shape, and (outside jit) indices out of range."""
   _check_sparse_grad(stage, where, g, table)
-  _check_range(stage, where, g.indices, g.shape[0])
+  _check_range(stage, f"the gradient at {where}", g.indices, g.shape[0])
+
+
+def row_ids(indices: jax.Array, rows: int) -> jax.Array:
+  """The `(k,)` integer `indices` as int32 row ids, each outside :math:`[0, V)` made :math:`V` (padding).
+
+  The range is checked in the ids' own dtype, before the narrowing to int32: an int64 id
+  :math:`2^{32} + 3` is padding, never row 3."""
+  if jnp.iinfo(indices.dtype).bits < 32:
+    indices = indices.astype(jnp.int32)  # exact; and `rows` may not fit an int8
+  return jnp.where((indices >= 0) & (indices < rows), indices, rows).astype(jnp.int32)
 
 
 def _unique(idx: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
@@ -125,10 +135,9 @@ def coalesce(g: BCOO) -> tuple[jax.Array, jax.Array]:
   times slower on CPU).
   """
   rows = g.shape[0]
-  idx = g.indices[:, 0].astype(jnp.int32)
+  idx = row_ids(g.indices[:, 0], rows)
   k = idx.shape[0]
-  valid = (idx >= 0) & (idx < rows)
-  idx = jnp.where(valid, idx, rows)
+  valid = idx < rows
   expand = lambda mask: mask.reshape((k,) + (1,) * (g.data.ndim - 1))
   if g.unique_indices:
     return idx, jnp.where(expand(valid), g.data, jnp.zeros_like(g.data))
@@ -347,8 +356,7 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
     if is_sparse(u):
       _check_sparse_grad("jadam.apply_updates", "an update", u, p)
       rows = u.shape[0]
-      idx = u.indices[:, 0]
-      idx = jnp.where((idx >= 0) & (idx < rows), idx, rows)
+      idx = row_ids(u.indices[:, 0], rows)
       return p.at[idx].add(u.data.astype(p.dtype), mode="drop")
     return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
@@ -390,6 +398,14 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
     `grads` is shaped like `params`, with a `BCOO` of :math:`n` entries
     (duplicates summed, the rest padding) for each table.
 
+  Raises:
+    ValueError: outside `jit`, for an id below 0 or above :math:`V`. Under
+      `jit` (where ids cannot be checked without a host round trip) an id
+      outside :math:`[0, V)` is padding in both directions: its lookup reads a
+      row of zeros (it does not wrap around, as ``table[-1]`` would) and its row
+      gets no gradient, so the value and the gradient are of the same function.
+      An id equal to :math:`V` is padding in both cases.
+
   Examples:
     >>> import jax.numpy as jnp, jadam
     >>> params = {"table": jnp.ones((1000, 4)), "w": jnp.ones(4)}
@@ -418,7 +434,8 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
       if not jnp.issubdtype(i.dtype, jnp.integer):
         raise TypeError(f"ids[{name!r}] must be integers; got {i.dtype}.")
       n, vocab = i.size, table.shape[0]
-      flat = i.reshape(-1).astype(jnp.int32)
+      _check_range("jadam.value_and_sparse_grad", f"ids[{name!r}]", i, vocab)
+      flat = row_ids(i.reshape(-1), vocab)  # out of range: padding, read as zeros and given no gradient
       unique, inverse = _unique(flat, vocab) if n else (flat, flat)
       rows_of[name] = unique
       tables[name] = _rows_of(table, unique, is_sorted=True)

@@ -329,13 +329,28 @@ def _per_value(scales: jax.Array, shape: tuple[int, ...], block_size: int) -> ja
   return wide.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
+# The largest block scale, 2^126 (8.5e38): a block holding an inf (or a v beyond it) keeps this scale, so that its
+# other values decode to finite numbers (not 0 * inf); the larger value itself is coded as 1, the scale. 2^126 and
+# not float32's maximum: its reciprocal, 2^-126, is still a normal float32, which a CPU that flushes subnormals to
+# zero (XLA's setting) keeps; 1 / 3.4e38 would flush to 0 and code the whole block as zero.
+SCALE_MAX = 2.0**126
+
+
 def quantize(
   x: jax.Array, block_size: int, *, signed: bool, again: Callable[[], jax.Array] | None = None
 ) -> QuantizedArray:
-  """Block-wise 8-bit codes of `x` (computed in float32) and the blocks' absolute maxima.
+  r"""Block-wise 8-bit codes of `x` (computed in float32) and the blocks' absolute maxima.
 
   Nearest code to :math:`x / a_b` (ties to the lower code), as bitsandbytes'
   `quantize_blockwise`; a block of zeros keeps :math:`a_b = 0` and code of 0.
+
+  Non-finite values stay in their own value, never spread over their block:
+  :math:`a_b = \min(\max_{i \in b,\, x_i \ne \text{NaN}} |x_i|,\ 2^{126})`,
+  the largest magnitude of the block with NaNs ignored (0 for a block of NaNs,
+  as bitsandbytes' CPU quantizer ignores them), capped at :math:`2^{126}`
+  (`SCALE_MAX`) so that an inf does not make :math:`a_b` infinite and every
+  other value of the block :math:`0 \cdot \infty`. A NaN is coded (as 255,
+  the table's code for NaN) but the parameter that read it is NaN already.
 
   `again`, if given, computes `x` anew from the inputs it was made from, behind
   an optimization barrier: the maxima are reduced from `x` and the codes from
@@ -344,7 +359,10 @@ def quantize(
   temporary per moment, twice the 8-bit state).
   """
   shape = x.shape
-  absmax = _block_max(jnp.abs(x.astype(jnp.float32)), block_size)
+  magnitude = jnp.abs(x.astype(jnp.float32))
+  # NaNs ignored and the scale capped at SCALE_MAX: a NaN or an inf stays in its own value
+  magnitude = jnp.where(jnp.isnan(magnitude), np.float32(0.0), magnitude)
+  absmax = jnp.minimum(_block_max(magnitude, block_size), np.float32(SCALE_MAX))
   y = (x if again is None else again()).astype(jnp.float32)
   # bitsandbytes: x * (1 / max(absmax, 1e-38)), clamped to [-1, 1].
   inv = 1.0 / jnp.maximum(absmax, np.float32(1e-38))
@@ -400,7 +418,8 @@ def zeros(params: optax.Params, spec: Quantized, *, widen: bool) -> QuantizedMom
   return QuantizedMoment(codes=jax.tree.map(codes, params), absmax=jax.tree.map(absmax, params))
 
 
-def _is_codes(c: Any) -> bool:
+def is_codes(c: Any) -> bool:
+  """Whether a moment leaf holds 8-bit codes (uint8), not a float moment."""
   return c is not None and jnp.result_type(c) == jnp.uint8
 
 
@@ -415,7 +434,7 @@ def load(moment: Any, spec: Any, *, signed: bool) -> optax.Updates:
     )
 
   def one(c, a):
-    return dequantize(QuantizedArray(c, a), spec.block_size, signed=signed) if _is_codes(c) else c
+    return dequantize(QuantizedArray(c, a), spec.block_size, signed=signed) if is_codes(c) else c
 
   return jax.tree.map(one, moment.codes, moment.absmax, is_leaf=lambda x: x is None)
 
@@ -445,7 +464,7 @@ def store(
   def one(g, v, c, a):
     if not _common.is_float_leaf(g):
       return _Pair(c, a), v
-    if _is_codes(c):
+    if is_codes(c):
       again = None
       if recompute is not None:
 

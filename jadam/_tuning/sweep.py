@@ -83,6 +83,20 @@ def _check_value(name: str, value: Any) -> None:
       raise TypeError(f"{name} must take numbers in a sweep; got {type(v).__name__} {v!r}.")
 
 
+def _check_representable(i: int, values: Mapping[str, Any], dtype: Any) -> None:
+  """Refuses a value that the cast to `dtype` (where it is injected) turns into inf, zero or a subnormal."""
+  tiny = float(jnp.finfo(dtype).tiny)
+  for key, v in values.items():
+    cast = float(np.asarray(v, np.float64).astype(dtype))
+    if (np.isfinite(v) and not np.isfinite(cast)) or (v != 0 and abs(cast) < tiny):
+      name = key if "__" not in key else f"{key.rsplit('__', 1)[0]}[{_index(key)}]"
+      raise ValueError(
+        f"configs[{i}]: {name}={v!r} is injected as {jnp.dtype(dtype).name}, which holds it as {cast!r}: outside"
+        f" {jnp.dtype(dtype).name}'s normal range ({tiny:g} to {float(jnp.finfo(dtype).max):g}). Pass"
+        " hyperparam_dtype=jnp.float64 (under jax_enable_x64) or a representable value."
+      )
+
+
 def sweep(
   factory: Callable[..., optax.GradientTransformation],
   grid: Mapping[str, Sequence[Any]] | None = None,
@@ -146,9 +160,12 @@ def sweep(
     metrics.
 
   Raises:
-    ValueError: no configuration, both or neither of `grid` and `configs`,
+    ValueError: no configuration, or none that names a hyperparameter
+      (nothing to sweep), both or neither of `grid` and `configs`,
       configurations with different names, a name the factory does not take,
-      a value it refuses (each configuration is built once to check it).
+      a value it refuses (each configuration is built once to check it), a
+      value that the cast to `hyperparam_dtype` makes inf, zero or subnormal
+      (``learning_rate=1e39`` or ``eps=1e-50`` in float32).
     TypeError: a flag or a non-number among the values.
 
   Examples:
@@ -174,6 +191,11 @@ def sweep(
   if not configs:
     raise ValueError("a sweep needs at least one configuration.")
   names = list(configs[0])
+  if not names:
+    raise ValueError(
+      f"nothing to sweep: the configurations name no hyperparameter ({configs[:2]}...). Give grid values per"
+      " hyperparameter, e.g. {'learning_rate': [1e-3, 3e-3]}."
+    )
   for i, config in enumerate(configs):
     if set(config) != set(names):
       raise ValueError(f"configs[{i}] has the names {sorted(config)}, configs[0] {sorted(names)}: they must agree.")
@@ -227,6 +249,9 @@ def sweep(
 
   flat = [{k: v for name, value in c.items() for k, v in _flatten(name, value).items()} for c in configs]
   flat_names = list(flat[0])
+  value_dtype = hyperparam_dtype or _common.float_dtype()
+  for i, values in enumerate(flat):
+    _check_representable(i, values, value_dtype)
 
   def injectable(**values):
     return build(values)
@@ -238,7 +263,6 @@ def sweep(
   inject = optax.inject_hyperparams(injectable, hyperparam_dtype=hyperparam_dtype)
   template = inject(**flat[0])  # its update reads every hyperparameter from the state
   n = len(configs)
-  value_dtype = hyperparam_dtype or _common.float_dtype()
   stacked = {k: jnp.asarray(np.array([f[k] for f in flat], np.float64), value_dtype) for k in flat_names}
   rule = None
   if plateau is not None:  # the same rule with steps_per_epoch=1: observe is called once an epoch

@@ -589,10 +589,7 @@ def load_state_dict(
       if set(entry) != {key for key in expect if _has(key, ndims[p])}:
         odd.append((p, sorted(entry), sorted(expect)))
       if "step" in entry:
-        s = float(_as_numpy(entry["step"], f"{names[p].name}'s step"))
-        if s != int(s) or s < 0:
-          raise ValueError(f"{what}: parameter {names[p].name!r} has step {s}, not a count.")
-        taken[p] = int(s)
+        taken[p] = _step_count(what, names[p].name, entry["step"])
       else:
         taken[p] = -1  # stepped, count unknown (SGD)
   counts = {v for v in taken.values() if v >= 0}
@@ -1016,6 +1013,14 @@ def _moment_leaves(moment: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   return codes, absmax
 
 
+def _step_count(what: str, name: str, value: Any) -> int:
+  """A parameter's saved `step` as an int, refused unless it is a non-negative whole number."""
+  s = float(_as_numpy(value, f"{name}'s step"))
+  if not np.isfinite(s) or s != int(s) or s < 0:
+    raise ValueError(f"{what}: parameter {name!r} has step {s}, not a count.")
+  return int(s)
+
+
 def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
   """bitsandbytes' Adam8bit/AdamW8bit `state_dict()` as the state of jadam.torch's: codes and scales copied."""
   from jadam._storage import quantize as _quantize
@@ -1043,7 +1048,7 @@ def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
         f"{what}: parameter {names[p].name!r} has state {sorted(entry)}; bitsandbytes' {spec.name} keeps"
         f" ['step', {_BNB!r}]: is this another optimizer's state dict?"
       )
-    taken[p] = int(entry["step"]) if entry else 0
+    taken[p] = _step_count(what, names[p].name, entry["step"]) if entry else 0
   counts = set(taken.values())
   if len(counts) > 1:
     raise ValueError(

@@ -60,6 +60,15 @@ struct Leaf {
   int64_t size;
 };
 
+// _ema's first moment, jadam._stages.moments.first_moment: (1 - d) g + d m; where m is not finite, PyTorch's lerp
+// (m + w (g - m) for w < 1/2, else g - (g - m)(1 - w)), NaN for an infinite m. Both computed, one kept (it vectorizes).
+template <typename T>
+inline T FirstMoment(T g, T m, T omb1, T b1) {
+  const T sum = omb1 * g + b1 * m;
+  const T lerp = omb1 < T(0.5) ? m + omb1 * (g - m) : g - (g - m) * (T(1) - omb1);
+  return std::isfinite(m) ? sum : lerp;
+}
+
 template <typename T, bool kCoupledL2, bool kDecoupledL2, bool kClipped, bool kAms, bool kShrink>
 void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __restrict v, T* __restrict vmax,
                int64_t n, const T* s) {
@@ -75,7 +84,7 @@ void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __res
     if (kClipped) gi = (gi * rn) * max_norm;            // optax.clip_by_global_norm, t / norm as XLA has it
     gi = gi * sign;                                     // flip_sign: -1 (exact), else 1
     if (kCoupledL2) gi = gi + wd * pi;                  // add_l2 before the moments
-    const T mi = omb1 * gi + b1 * m[i];                 // _ema: (1 - d) g + d m
+    const T mi = FirstMoment(gi, m[i], omb1, b1);       // _ema: (1 - d) g + d m
     const T vi = omb2 * (gi * gi) + b2 * v[i];          // _ema: (1 - d) g^2 + d v
     T vx = vi;
     if (kAms) {                                         // max_nu: jnp.maximum, NaN-propagating
@@ -106,7 +115,7 @@ void AdamOne(const T* g, T* p, T* m, T* v, T* vmax, int bits, const T* s) {
   if (bits & kClip) gi = (gi / s[kClipNorm]) * s[kClipMax];
   if (bits & kNegate) gi = -gi;
   if (bits & kCoupled) gi = gi + s[kWeightDecay] * pi;
-  const T mi = s[kOneMinusB1] * gi + s[kB1] * m[0];
+  const T mi = FirstMoment(gi, m[0], s[kOneMinusB1], s[kB1]);
   const T vi = s[kOneMinusB2] * (gi * gi) + s[kB2] * v[0];
   T vx = vi;
   if (bits & kAmsgrad) {
@@ -332,7 +341,7 @@ struct JobB {
       if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
       gi = gi * sign;
       if (kCoupledL2) gi = gi + wd * pi;
-      const float mi = omb1 * gi + b1 * Bf16ToF32(m[i]);
+      const float mi = FirstMoment(gi, Bf16ToF32(m[i]), omb1, b1);
       const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(v[i]);
       const uint32_t idx = static_cast<uint32_t>(i);
       const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term_, off_m) >> 16);
@@ -455,8 +464,8 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
 // One pass per block, as jadam's generic path computes it: the old moments dequantized (map[code] * absmax), the
 // new ones formed in float32 (_ema), the parameter updated from those float32 moments (the stages after
 // scale_by_moments read the values that were just requantized, not the stored ones), then each moment's block
-// requantized: absmax = max |x| (NaNs ignored in whole blocks, as XLA:CPU's row reduction does: -inf for a block
-// of NaNs; a NaN makes a partial last block's absmax NaN, as its reduction to a scalar does), inv = 1 / max(absmax, 1e-38), y = clip(x * inv, -1, 1), code =
+// requantized: absmax = min(max |x| over the block's non-NaN values (0 for a block of NaNs), 2^126), so that a
+// NaN or an inf never spreads over its block, inv = 1 / max(absmax, 1e-38), y = clip(x * inv, -1, 1), code =
 // searchsorted(bounds, y), and a positive v never below code 1. The scalar path finds the code by the key tables of
 // _quantize._lookup_tables (two memory lookups); the vector path by arithmetic in registers (_quantize._search_table,
 // Search16), and by those tables only for the rare vectors that hold a value within rounding of a boundary.
@@ -468,6 +477,10 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
 
 // The arithmetic code search of _quantize._search_table: on a = |y|, decade d = d0[exponent] + (a > thr[exponent]),
 // code = min(floor(s[d] * a + b[d]), cap[d]), trusted only where s[d] * a + b[d] is at least `window` from an integer.
+// The largest block scale (_quantize.SCALE_MAX): an inf in a block leaves its other values finite, and the scale's
+// reciprocal 2^-126 is a normal float, which flushing subnormals to zero keeps.
+constexpr float kScaleMax = 0x1p126f;
+
 struct SearchTable {
   alignas(64) int32_t d0[32];
   alignas(64) float thr[32];
@@ -635,7 +648,7 @@ struct JobQ {
       wd = _mm512_set1_ps(s[kWeightDecay]), rn = _mm512_set1_ps(1.0f / s[kClipNorm]);
       max_norm = _mm512_set1_ps(s[kClipMax]), factor = _mm512_set1_ps(s[kDecayFactor]), sign = _mm512_set1_ps(s[kSign]);
       am = _mm512_set1_ps(l.am[b]), av = _mm512_set1_ps(l.av[b]);
-      mx_m = _mm512_set1_ps(-INFINITY), mx_v = _mm512_set1_ps(-INFINITY);
+      mx_m = _mm512_setzero_ps(), mx_v = _mm512_setzero_ps();  // NaNs ignored: max_ps returns its second operand
       const int64_t off = b * bs;
       g = l.g + off, p = l.p + off, cm = l.cm + off, cv = l.cv + off, tm = tm_, tv = tv_;
     }
@@ -648,7 +661,7 @@ struct JobQ {
       const __m512 mo = _mm512_mul_ps(m_map, am);
       const __m512 vo = _mm512_mul_ps(v_map, av);
       const __m512 mi = _mm512_add_ps(_mm512_mul_ps(omb1, gi), _mm512_mul_ps(b1, mo));
-      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)), _mm512_mul_ps(b2, vo));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi), _mm512_mul_ps(b2, vo));
       const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, r2), eps_root)), eps);
       __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, r1), den);
       if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(wd, pi));
@@ -684,6 +697,7 @@ struct JobQ {
     Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_)
         : Requantize(l, b, bs, _mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v), tm_, tv_) {}
     Requantize(const LeafQ& l, int64_t b, int64_t bs, float m, float v, const float* tm_, const float* tv_) {
+      m = std::min(m, kScaleMax), v = std::min(v, kScaleMax);
       l.am[b] = m;
       l.av[b] = v;
       inv_m = _mm512_set1_ps(1.0f / std::max(m, 1e-38f));
@@ -747,8 +761,8 @@ struct JobQ {
     const float am = l.am[b], av = l.av[b];
     const float* map_s = g_quant.map_s;
     const float* map_u = g_quant.map_u;
-    // the blocks' maxima, NaNs ignored (XLA:CPU's max reduction: maxnum from -inf)
-    float mx_m = -INFINITY, mx_v = -INFINITY;
+    // the blocks' maxima from 0, NaNs ignored (_quantize.quantize: a NaN stays in its own value)
+    float mx_m = 0.0f, mx_v = 0.0f;
     int64_t i = 0;
 #if defined(__AVX512F__)
     if (!kExact) {
@@ -774,7 +788,7 @@ struct JobQ {
       const float mo = map_s[cm[i]] * am;  // _quantize.dequantize
       const float vo = map_u[cv[i]] * av;
       const float mi = omb1 * gi + b1 * mo;
-      const float vi = omb2 * (gi * gi) + b2 * vo;
+      const float vi = (omb2 * gi) * gi + b2 * vo;  // ((1 - b2) g) g: finite wherever v can hold it
       float u = kExact ? (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps)
                        : (mi * r1) / (std::sqrt(vi * r2 + eps_root) + eps);
       if (kDecoupledL2) u = u + wd * pi;
@@ -785,13 +799,9 @@ struct JobQ {
       mx_m = am_i > mx_m ? am_i : mx_m;
       mx_v = av_i > mx_v ? av_i : mx_v;
     }
-    if (n < bs) {  // the partial last block of a flat leaf: _quantize._block_max reduces it alone, NaN-propagating
-      for (int64_t j = 0; j < n; ++j) {
-        if (std::isnan(tm[j])) mx_m = std::fabs(tm[j]);
-        if (std::isnan(tv[j])) mx_v = std::fabs(tv[j]);
-      }
-    }
-    // Pass 2: requantize. _quantize.quantize: x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+    // Pass 2: requantize. _quantize.quantize: absmax capped at kScaleMax (an inf stays in its own value),
+    // x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+    mx_m = std::min(mx_m, kScaleMax), mx_v = std::min(mx_v, kScaleMax);
     const float inv_m = 1.0f / std::max(mx_m, 1e-38f);
     const float inv_v = 1.0f / std::max(mx_v, 1e-38f);
     l.am[b] = mx_m;

@@ -581,7 +581,6 @@ UPDATES = [
   ),
   ("torch Adadelta rho", lambda: jt.Adadelta(rho=1.5), ValueError, r"Invalid rho value: 1.5"),
   ("torch Rprop etas", lambda: jt.Rprop(etas=(1.2, 0.5)), ValueError, r"Invalid eta values: 1.2, 0.5"),
-  ("torch Rprop schedule", lambda: jt.Rprop(lr=jt.StepLR(0.1, 3)), TypeError, r"Rprop's lr must be a number"),
   ("torch ASGD weight_decay", lambda: jt.ASGD(weight_decay=-1.0), ValueError, r"Invalid weight_decay value: -1.0"),
   # missing params or extra arguments
   (

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jadam import _lbfgs
 from jadam import _optimizers as _alias
 from jadam._core import common as _common
 from jadam._stages import correct as _correct
@@ -215,6 +216,35 @@ def _etas(x: Any) -> tuple:
 
 
 _any = lambda x: x
+
+
+# --- LBFGS (issue 23) --------------------------------------------------------------------------------
+
+
+def _positive_int(name: str) -> Callable[[Any], int]:
+  def check(x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+      raise ValueError(f"LBFGS's {name} must be a positive int; got {x!r}.")
+    return int(x)
+
+  return check
+
+
+def _line_search(x: Any) -> Any:
+  if x not in (None, "strong_wolfe"):
+    raise ValueError(f"only 'strong_wolfe' is supported (or None); got line_search_fn={x!r}.")  # torch: at step()
+  return x
+
+
+def _lbfgs_lr(x: Any) -> Any:
+  if isinstance(x, ReduceLROnPlateau):
+    raise TypeError(
+      "jadam.torch.LBFGS does not take a ReduceLROnPlateau: its lr is the inner iterations' step length, not a"
+      " scale of the update. Pass a number or a schedule."
+    )
+  return _lr(x)
+
+
 _EPS = ("eps", _nonneg("epsilon value"), "eps")
 _BETAS = ("betas", _check_betas, ("b1", "b2"))
 _WD = ("weight_decay", _nonneg("weight_decay value"), "weight_decay")
@@ -437,6 +467,18 @@ SPECS = {
     _alias.asgd,
     (("lambd", _any, "lambd"), ("alpha", _any, "alpha"), ("t0", _any, "t0"), _WD, _MAXIMIZE),
     make=_make_asgd,
+  ),
+  "LBFGS": Spec(
+    _lbfgs.lbfgs,
+    (
+      ("max_iter", _positive_int("max_iter"), "max_iter"),
+      ("max_eval", _positive_int("max_eval"), "max_eval"),
+      ("tolerance_grad", _any, "tolerance_grad"),
+      ("tolerance_change", _any, "tolerance_change"),
+      ("history_size", _positive_int("history_size"), "history_size"),
+      ("line_search_fn", _line_search, "line_search_fn"),
+    ),
+    lr_check=_lbfgs_lr,
   ),
   "SparseAdam": Spec(
     _alias.sparse_adam,
@@ -846,3 +888,51 @@ def AdamW8bit(
   defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, min_8bit_size=min_8bit_size)
   _bnb_only("AdamW8bit", args, optim_bits)
   return _front("AdamW8bit", SPECS["AdamW8bit"], params, defaults)
+
+
+def LBFGS(
+  params: Params = None,
+  lr: Any = 1,
+  max_iter: int = 20,
+  max_eval: int | None = None,
+  tolerance_grad: float = 1e-7,
+  tolerance_change: float = 1e-9,
+  history_size: int = 100,
+  line_search_fn: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""`torch.optim.LBFGS`: :func:`jadam.lbfgs`; one ``update`` is one PyTorch ``step(closure)``.
+
+  PyTorch's closure becomes Optax's line-search convention::
+
+      # torch                                   # jadam
+      def closure():                            value, grads = jax.value_and_grad(f)(params)
+        opt.zero_grad(); loss = f(model)        updates, state = tx.update(
+        loss.backward(); return loss                grads, state, params, value=value, value_fn=f)
+      opt.step(closure)                         params = optax.apply_updates(params, updates)
+
+  (``optax.value_and_grad_from_state(f)(params, state=state)`` in place of
+  ``jax.value_and_grad`` reuses the evaluation the step ended with.)
+  Arguments and defaults are PyTorch's (`max_eval` defaults to
+  ``max_iter * 5 // 4``). As in PyTorch there is one parameter group: `params`
+  may be None or the parameter pytree, not a list of groups. `lr` may be a
+  number, a schedule or a `jadam.torch` scheduler of the update count; a
+  ReduceLROnPlateau is refused. An unknown `line_search_fn` is refused here
+  (PyTorch refuses it at the first `step`).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+  """
+  if _groups._is_group_list(params):
+    raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+  if max_eval is None:
+    max_eval = max_iter * 5 // 4
+  defaults = dict(
+    lr=lr,
+    max_iter=max_iter,
+    max_eval=max_eval,
+    tolerance_grad=tolerance_grad,
+    tolerance_change=tolerance_change,
+    history_size=history_size,
+    line_search_fn=line_search_fn,
+  )
+  return _front("LBFGS", SPECS["LBFGS"], params, defaults)

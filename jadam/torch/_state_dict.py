@@ -485,6 +485,7 @@ def load_state_dict(
     return _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps)
   if spec.name == "LBFGS":
     return _load_lbfgs(what, tx, spec, params, state_dict, names)
+  _refuse_asgd_plateau(what, spec)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   saved = list(state_dict["param_groups"])
@@ -776,6 +777,7 @@ def state_dict(
     return _state_dict_8bit(what, spec, state, params, names)
   if spec.name == "LBFGS":
     return _state_dict_lbfgs(what, spec, state, params, names)
+  _refuse_asgd_plateau(what, spec)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   stages = _stages(state)
@@ -1137,6 +1139,15 @@ def _state_dict_8bit(what, spec, state, params, names):
   return {"state": out_state, "param_groups": out_groups}
 
 
+def _refuse_asgd_plateau(what: str, spec: _groups.Spec) -> None:
+  """ASGD's eta under ReduceLROnPlateau reads the previous step's rate, which PyTorch's state dicts do not keep."""
+  if spec.name == "ASGD" and any(isinstance(hp["lr"], ReduceLROnPlateau) for hp in spec.groups):
+    raise NotImplementedError(
+      f"{what}: jadam.torch.ASGD with a ReduceLROnPlateau has no state dict mapping yet (its eta reads the rate"
+      " of the step before, which the plateau's state dict does not hold)."
+    )
+
+
 # ----------------------------------------------------------------------------------------------------- LBFGS
 # PyTorch keeps LBFGS's state, global to its one group, under its first parameter: counts, the flat
 # vectors of all parameters (in the order of its parameter list: jadam's jax.tree.leaves order), the
@@ -1228,7 +1239,7 @@ def _state_dict_lbfgs(what, spec, state, params, names):
   group = {key: hp[key] for key in _LBFGS_GROUP}
   group["lr"] = _at(hp["lr"], int(state.count))
   _lbfgs_group(what, spec, [{**group, "params": list(range(n_params))}], n_params, names)
-  tensor = lambda a: _to_torch(np.asarray(a))
+  tensor = lambda a: _to_torch(np.asarray(a)).reshape(np.shape(a))  # 0-d stays 0-d: torch's alpha= needs a number
   n_iter, k = int(state.n_iter), int(state.num_old)
   saved: dict[str, Any] = {"func_evals": int(state.func_evals), "n_iter": n_iter}
   if n_iter > 0:

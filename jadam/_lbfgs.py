@@ -11,7 +11,7 @@ buffers, so the whole step compiles under `jax.jit`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -365,7 +365,7 @@ def lbfgs(
   if max_eval is None:
     max_eval = max_iter * 5 // 4
   if isinstance(max_eval, bool) or not isinstance(max_eval, int):
-    raise ValueError(f"max_eval must be an int or None; got {max_eval!r}.")
+    raise TypeError(f"max_eval must be an int or None; got {max_eval!r}.")
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
   lr_fn = _common.as_schedule(learning_rate, "learning_rate")
   stage = "jadam.lbfgs"

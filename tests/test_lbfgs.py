@@ -250,7 +250,7 @@ def test_stationary_start_returns_at_once_as_torch():
 def test_state_dict_round_trips_and_continues_torch(line_search_fn):
   """torch -> jadam -> torch is exact; torch continuing from jadam's state dict equals jadam continuing."""
   kwargs = dict(max_iter=4, history_size=3, line_search_fn=line_search_fn)
-  f_t, f, tree, x0 = PROBLEMS["rosen4"]
+  f_t, f, tree, _ = PROBLEMS["rosen4"]
   run = _torch_run("rosen4", kwargs, steps=6)
   with jax.enable_x64(True):
     tx = _jadam(kwargs)

@@ -24,6 +24,8 @@ from jadam._optimizers import rprop as rprop
 from jadam._optimizers import sgd as sgd
 from jadam._optimizers import sparse_adam as sparse_adam
 from jadam._checkpoint import restore_state as restore_state
+from jadam._lbfgs import LbfgsState as LbfgsState
+from jadam._lbfgs import lbfgs as lbfgs
 from jadam._checkpoint import save_state as save_state
 from jadam._stages.correct import NesterovCorrectState as NesterovCorrectState
 from jadam._stages.correct import bias_correct as bias_correct
@@ -98,6 +100,7 @@ __all__ = (
   "DecoupledDecayState",
   "EarlyStopping",
   "EarlyStoppingState",
+  "LbfgsState",
   "MaxNuState",
   "Moments",
   "MomentumState",
@@ -133,6 +136,7 @@ __all__ = (
   "decoupled_decay",
   "early_stopping",
   "flip_sign",
+  "lbfgs",
   "make_train_step",
   "make_update_step",
   "max_nu",

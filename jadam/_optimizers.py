@@ -348,7 +348,11 @@ def sgd(
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = torch_front(maximize, weight_decay)
   if momentum is not None:  # as torch, which ignores dampening without momentum
-    stages.append(_scale.momentum(momentum, dampening=dampening, nesterov=nesterov))
+    # A row-sparse gradient: as torch, no momentum passes it on; a momentum buffer makes it dense.
+    sparse_ok = _sparse.dense_rows(
+      _scale.momentum(momentum, dampening=dampening, nesterov=nesterov), pass_through=_common.is_zero(momentum)
+    )
+    stages.append(sparse_ok)
   else:
     _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
   return _common.named_chain("jadam.sgd", *stages, scale_by_lr(learning_rate))
@@ -411,7 +415,7 @@ def adagrad(
   return _common.named_chain(
     "jadam.adagrad",
     *torch_front(maximize, weight_decay),
-    accumulate_squares(initial_accumulator_value),
+    _sparse.accumulate_rows_of(accumulate_squares(initial_accumulator_value)),  # row-sparse grads: torch's rule
     normalize(eps),
     scale_by_lr(lr),
   )

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import sparse as jsparse
 import optax
 import pytest
+from jax.experimental.sparse import BCOO
 
 import jadam
 
@@ -25,6 +26,7 @@ MISSING = {"w": P["w"]}
 RESHAPED = {**P, "b": jnp.zeros(4, jnp.float32)}
 BROADCAST = {**P, "b": jnp.zeros((1, 3), jnp.float32)}  # would broadcast silently into the state's (3,)
 NAN, INF = float("nan"), float("inf")
+SPARSE = BCOO((jnp.ones((1, 2)), jnp.array([[1]])), shape=(4, 2))  # a row-sparse gradient of a (4, 2) table
 
 
 def update(tx, grads=P, params=P, init=P, state=None, **extra):
@@ -592,7 +594,14 @@ UPDATES = [
   ),
   ("torch Adadelta rho", lambda: jt.Adadelta(rho=1.5), ValueError, r"Invalid rho value: 1.5"),
   ("torch Rprop etas", lambda: jt.Rprop(etas=(1.2, 0.5)), ValueError, r"Invalid eta values: 1.2, 0.5"),
-  ("torch Rprop schedule", lambda: jt.Rprop(lr=jt.StepLR(0.1, 3)), TypeError, r"Rprop's lr must be a number"),
+  (
+    "torch SGD weight_decay with a sparse gradient",
+    update(
+      jt.SGD(weight_decay=0.1), grads={"t": SPARSE}, params={"t": jnp.zeros((4, 2))}, init={"t": jnp.zeros((4, 2))}
+    ),
+    ValueError,
+    r"weight_decay is not compatible with sparse gradients",
+  ),
   ("torch ASGD weight_decay", lambda: jt.ASGD(weight_decay=-1.0), ValueError, r"Invalid weight_decay value: -1.0"),
   # missing params or extra arguments
   (

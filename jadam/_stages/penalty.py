@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import sparse
 
 from jadam._core import common as _common
 from jadam._stages.moments import expect_updates
@@ -61,6 +62,7 @@ def add_l2(
     if static_zero:
       _common.check_state("jadam.add_l2", state, AddL2State)
       return updates, AddL2State(count=optax.safe_increment(state.count))
+    _refuse_rows(updates)
     if params is None:
       raise ValueError("jadam.add_l2 needs the parameters: call update(grads, state, params).")
     _common.check_state("jadam.add_l2", state, AddL2State)
@@ -78,6 +80,19 @@ def add_l2(
   update_fn.jadam_stage = ("add_l2", dict(weight_decay=wd_fn))
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
+
+
+def _refuse_rows(updates: Any) -> None:
+  """A row-sparse (`BCOO`) gradient and a weight decay that may be nonzero: PyTorch refuses the pair."""
+  leaves = jax.tree_util.tree_leaves_with_path(updates, is_leaf=_common.is_update_leaf)
+  where = [jax.tree_util.keystr(p) or "the root" for p, g in leaves if isinstance(g, sparse.BCOO)]
+  if where:
+    raise ValueError(
+      f"jadam.add_l2: weight_decay is not compatible with sparse gradients (the gradient at {where[0]} is a"
+      " row-sparse BCOO), as in PyTorch (Adagrad: 'weight_decay option is not compatible with sparse"
+      " gradients'; SGD: 'add(sparse, dense) is not supported'). Pass weight_decay=0 (a Python number) for"
+      " the tables, e.g. in their own parameter group."
+    )
 
 
 class DecoupledDecayState(NamedTuple):

@@ -43,7 +43,7 @@ import optax
 from jax.experimental import sparse as jsparse
 
 from jadam._core import common as _common
-from jadam._stages.moments import Moments, expect_updates
+from jadam._stages.moments import AccumulateSquaresState, Moments, expect_updates
 
 BCOO = jsparse.BCOO
 
@@ -146,6 +146,36 @@ def coalesce(g: BCOO) -> tuple[jax.Array, jax.Array]:
   unique, inverse = _unique(idx, rows)
   data = jnp.zeros_like(g.data).at[inverse].add(g.data)
   return unique, jnp.where(expand(unique < rows), data, jnp.zeros_like(data))
+
+
+def to_dense(g: BCOO) -> jax.Array:
+  """`g` as a dense array, duplicates summed as :func:`coalesce` sums them (padding dropped): :math:`O(V d)`."""
+  rows, data = coalesce(g)
+  return jnp.zeros(g.shape, data.dtype).at[rows].set(data, mode="drop")
+
+
+def accumulate_rows(g: BCOO, total: jax.Array) -> tuple[BCOO, BCOO, jax.Array]:
+  r"""Adagrad's sum of squares on the rows of a row-sparse gradient, as `torch.optim.Adagrad` does.
+
+  .. math::
+      v_{t,R} = v_{t-1,R} + g_{t,R}^2,
+
+  with :math:`R` the coalesced rows of `g` (duplicates summed first, as torch's
+  ``grad.coalesce()``); the other rows of `total` keep their bits.
+
+  Returns:
+    ``(grad, nu, total)``: the coalesced gradient and the new sums of its rows,
+    as `BCOO`\ s with the same rows and flags as `g` (so that stages mapping
+    over them see one structure), and the new `total`.
+  """
+  rows, data = coalesce(g)
+  is_sorted = not g.unique_indices
+  dtype = _common.compute_dtype(total.dtype)
+  gd = data.astype(dtype)
+  nu = _rows_of(total, rows, is_sorted=is_sorted).astype(dtype) + _common.componentwise(lambda a: a * a, gd)
+  flags = dict(shape=g.shape, indices_sorted=g.indices_sorted, unique_indices=g.unique_indices)
+  idx = rows.astype(g.indices.dtype)[:, None]
+  return BCOO((data, idx), **flags), BCOO((nu, idx), **flags), _put_rows(total, rows, nu, is_sorted=is_sorted)
 
 
 def _rows_of(x: jax.Array, idx: jax.Array, *, is_sorted: bool = False) -> jax.Array:
@@ -279,6 +309,99 @@ def scale_by_sparse_moments(
 
   update_fn.jadam_stage = ("scale_by_sparse_moments", dict(b1=b1_fn, b2=b2_fn))  # for the fused kernel's glue
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _without_rows(updates: Any, replace: Callable[[str, BCOO], Any]) -> tuple[Any, list]:
+  """`updates` with each `BCOO` leaf `g` at `path` replaced by `replace(path, g)`, and the leaves it replaced."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_common.is_update_leaf)
+  out = [replace(jax.tree_util.keystr(p) or "the root", g) if is_sparse(g) else g for p, g in leaves]
+  return jax.tree_util.tree_unflatten(treedef, out), [g if is_sparse(g) else None for _, g in leaves]
+
+
+def dense_rows(inner: optax.GradientTransformation, *, pass_through: bool) -> optax.GradientTransformation:
+  r"""`inner`, a dense stage on parameter-shaped updates, given row-sparse (`BCOO`) gradients as PyTorch takes them.
+
+  With `pass_through`, each `BCOO` goes by `inner` untouched and `inner`'s
+  state for that leaf is left as it was (`inner` sees a `None` gradient): what
+  `torch.optim.SGD` does with a sparse gradient and no momentum. Otherwise each
+  `BCOO` is made dense first (duplicates summed), as PyTorch's momentum buffer
+  makes it: :math:`b_t = \mu b_{t-1} + (1-	au) g_t` holds every row any step
+  touched, so the update is dense too.
+
+  Args:
+    inner: a stage whose update takes parameter-shaped updates (e.g. :func:`jadam.momentum`).
+    pass_through: leave row-sparse gradients to the stages after this one.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with `inner`'s state.
+  """
+
+  def update_fn(updates, state, params=None):
+    if not has_sparse(updates):
+      return inner.update(updates, state, params)
+
+    def replace(where, g):
+      check_gradient("jadam.dense_rows", where, g, None)
+      return None if pass_through else to_dense(g)
+
+    dense, rows = _without_rows(updates, replace)
+    out, state = inner.update(dense, state, params)
+    if pass_through:
+      leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=_common.is_update_leaf)
+      out = jax.tree_util.tree_unflatten(treedef, [g if r is None else r for g, r in zip(leaves, rows)])
+    return out, state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
+def accumulate_rows_of(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  r""":func:`jadam.accumulate_squares` (`inner`) that also takes row-sparse (`BCOO`) gradients: torch's sparse Adagrad.
+
+  For a `BCOO` gradient, with :math:`R` its coalesced rows (duplicates summed):
+
+  .. math::
+      v_{t,R} = v_{t-1,R} + g_{t,R}^2, \qquad v_{t,r} = v_{t-1,r} 	ext{ elsewhere (bit for bit)},
+
+  and the :class:`jadam.Moments` passed on hold, for that leaf, `BCOO`\ s of
+  the rows :math:`R` (`mu` and `grad` the coalesced gradient, `nu` the new sums),
+  with the gradient's rows and flags: :func:`jadam.normalize` then divides their
+  values and the update stays row-sparse,
+  :math:`-lpha_t\, g_{t,R} / (\sqrt{v_{t,R}} + \epsilon)`. Dense leaves go as in `inner`.
+
+  Args:
+    inner: ``jadam.accumulate_squares(...)``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with `inner`'s state.
+  """
+
+  def update_fn(updates, state, params=None):
+    if not has_sparse(updates):
+      return inner.update(updates, state, params)
+    stage = "jadam.accumulate_squares"
+    expect_updates(updates, stage)
+    _common.check_state(stage, state, AccumulateSquaresState)
+    _common.check_tree(stage, updates, "the state's sum_of_squares", state.sum_of_squares, _common.STATE_HINT)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_common.is_update_leaf)
+    mus, nus, kept = [], [], []
+    for (path, g), s in zip(leaves, treedef.flatten_up_to(state.sum_of_squares)):
+      if is_sparse(g):
+        check_gradient(stage, jax.tree_util.keystr(path) or "the root", g, s)
+        grad, nu, s = accumulate_rows(g, s)
+        mus.append(grad), nus.append(nu), kept.append(s)
+      elif _common.is_float_leaf(g):
+        gc = g.astype(_common.compute_dtype(g.dtype))
+        nu = s.astype(gc.dtype) + _common.componentwise(lambda a: a * a, gc)
+        mus.append(g), nus.append(nu), kept.append(nu.astype(s.dtype))
+      else:
+        mus.append(g), nus.append(g), kept.append(s)
+    unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    count = optax.safe_increment(state.count)
+    mu = unflat(mus)
+    moments = Moments(mu=mu, nu=unflat(nus), count=count, b1=0.0, b2=0.0, grad=mu)
+    return moments, AccumulateSquaresState(count=count, sum_of_squares=unflat(kept))
+
+  return optax.GradientTransformation(inner.init, update_fn)
 
 
 def _is_row_moments(x: Any) -> bool:

@@ -31,6 +31,7 @@ from jadam.torch._optim import Adam8bit as Adam8bit
 from jadam.torch._optim import AdamW as AdamW
 from jadam.torch._optim import AdamW8bit as AdamW8bit
 from jadam.torch._optim import Adamax as Adamax
+from jadam.torch._optim import LBFGS as LBFGS
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
@@ -81,6 +82,7 @@ __all__ = (
   "CosineAnnealingWarmRestarts",
   "CyclicLR",
   "ExponentialLR",
+  "LBFGS",
   "LRScheduler",
   "LambdaLR",
   "LinearLR",

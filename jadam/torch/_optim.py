@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jadam import _lbfgs
 from jadam import _optimizers as _alias
 from jadam._core import common as _common
 from jadam._stages import correct as _correct
@@ -216,19 +218,36 @@ def _etas(x: Any) -> tuple:
   return x
 
 
-def _number_lr(x: Any) -> Any:
-  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or callable(x):
-    raise TypeError("Rprop's lr must be a number: it only sets the initial step sizes, so a schedule has no effect.")
-  return _lr(x)
-
-
-def _lr_no_plateau(x: Any) -> Any:
-  if isinstance(x, ReduceLROnPlateau):
-    raise TypeError("ASGD's rate enters its own decay formula: ReduceLROnPlateau is not supported; pass a schedule.")
-  return _lr(x)
-
-
 _any = lambda x: x
+
+
+# --- LBFGS (issue 23) --------------------------------------------------------------------------------
+
+
+def _positive_int(name: str) -> Callable[[Any], int]:
+  def check(x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+      raise ValueError(f"LBFGS's {name} must be a positive int; got {x!r}.")
+    return int(x)
+
+  return check
+
+
+def _line_search(x: Any) -> Any:
+  if x not in (None, "strong_wolfe"):
+    raise ValueError(f"only 'strong_wolfe' is supported (or None); got line_search_fn={x!r}.")  # torch: at step()
+  return x
+
+
+def _lbfgs_lr(x: Any) -> Any:
+  if isinstance(x, ReduceLROnPlateau):
+    raise TypeError(
+      "jadam.torch.LBFGS does not take a ReduceLROnPlateau: its lr is the inner iterations' step length, not a"
+      " scale of the update. Pass a number or a schedule."
+    )
+  return _lr(x)
+
+
 _EPS = ("eps", _nonneg("epsilon value"), "eps")
 _BETAS = ("betas", _check_betas, ("b1", "b2"))
 _WD = ("weight_decay", _nonneg("weight_decay value"), "weight_decay")
@@ -312,6 +331,79 @@ def _make_nadam_radam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransform
   return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
 
 
+# --- Rprop with a scheduler, ASGD with ReduceLROnPlateau (issue 23) ----------------------------------
+
+
+def _make_rprop(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  """Rprop: a scheduler sets the initial step sizes (its rate at step 0) and nothing else, as in PyTorch.
+
+  PyTorch's Rprop reads the group's lr once, when the first `step()` fills its
+  state, after the scheduler's construction has set it: a LinearLR with
+  `start_factor=0.5` halves the initial step sizes; later scheduler steps change
+  nothing. A warning says so (PyTorch says nothing).
+  """
+  lr = hp["lr"]
+  if _value(lr) is not None:
+    return spec.alias(lr, **kw)
+  warnings.warn(
+    "jadam.torch.Rprop: lr is a schedule or scheduler. As in PyTorch, Rprop reads the rate only once, to set"
+    " the initial step sizes (the schedule's value at step 0); its later values have no effect.",
+    UserWarning,
+    stacklevel=4,
+  )
+
+  def first_rate():
+    return lr.lr if isinstance(lr, ReduceLROnPlateau) else lr(jnp.zeros([], jnp.int32))
+
+  # Built at init, in the precision of the run (x64 may be on there and not here); update reads no rate.
+  def init_fn(params):
+    return spec.alias(first_rate(), **kw).init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # a ReduceLROnPlateau's metric: read by nothing
+    return spec.alias(1.0, **kw).update(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class AsgdOnPlateauState(NamedTuple):
+  """State of `jadam.torch.ASGD(lr=ReduceLROnPlateau(...))`."""
+
+  asgd: Any  # jadam.asgd's state
+  plateau: Any  # ReduceLROnPlateauState: the rate of the coming update, and the plateau's counters
+  last_lr: jax.Array  # the rate of the previous update, which ASGD's eta reads
+
+
+def _make_asgd(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
+  r"""ASGD; with ReduceLROnPlateau, the plateau's rate enters ASGD's step size one step late, as in PyTorch.
+
+  PyTorch's ASGD moves by the `eta` it stored at the end of the previous step,
+  :math:`\eta_{t} = \alpha_{t-1} / (1 + \lambda \alpha_{t-1} (t-1))^{a}`, with
+  :math:`\alpha_{t-1}` the group's lr during that step; `scheduler.step(metric)`
+  after step :math:`t-1` changes the lr of step :math:`t`, which reaches `eta`
+  at step :math:`t+1`. The rate never scales the update otherwise.
+  """
+  plateau = hp["lr"]
+  if not isinstance(plateau, ReduceLROnPlateau):
+    return spec.alias(plateau, **kw)
+  schedule = plateau.transform()
+
+  def init_fn(params):
+    p = schedule.init(params)
+    return AsgdOnPlateauState(asgd=spec.alias(1.0, **kw).init(params), plateau=p, last_lr=p.lr)
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del extra_args
+    _common.check_state("jadam.torch.ASGD", state, AsgdOnPlateauState)
+    last = state.last_lr
+    # eta after c steps reads the rate at count c - 1 (the first step, count 0, reads it too): `last`.
+    updates, inner = spec.alias(lambda count: last, **kw).update(updates, state.asgd, params)
+    _, fed = schedule.update({}, state.plateau, value=value)  # the plateau's rule only: it scales nothing here
+    return updates, AsgdOnPlateauState(asgd=inner, plateau=fed, last_lr=state.plateau.lr)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 _ADAM = Spec(
   _alias.adam,
   (_EPS, _BETAS, _WD, ("amsgrad", _bool("amsgrad"), "amsgrad"), _MAXIMIZE, (*_DECOUPLED[:2], None)),
@@ -372,12 +464,24 @@ SPECS = {
   "Rprop": Spec(
     _alias.rprop,
     (("etas", _etas, "etas"), ("step_sizes", _pair("step_sizes", "(min, max)"), "step_sizes"), _MAXIMIZE),
-    lr_check=_number_lr,
+    make=_make_rprop,
   ),
   "ASGD": Spec(
     _alias.asgd,
     (("lambd", _any, "lambd"), ("alpha", _any, "alpha"), ("t0", _any, "t0"), _WD, _MAXIMIZE),
-    lr_check=_lr_no_plateau,
+    make=_make_asgd,
+  ),
+  "LBFGS": Spec(
+    _lbfgs.lbfgs,
+    (
+      ("max_iter", _positive_int("max_iter"), "max_iter"),
+      ("max_eval", _positive_int("max_eval"), "max_eval"),
+      ("tolerance_grad", _any, "tolerance_grad"),
+      ("tolerance_change", _any, "tolerance_change"),
+      ("history_size", _positive_int("history_size"), "history_size"),
+      ("line_search_fn", _line_search, "line_search_fn"),
+    ),
+    lr_check=_lbfgs_lr,
   ),
   "SparseAdam": Spec(
     _alias.sparse_adam,
@@ -658,8 +762,10 @@ def Rprop(
 ) -> optax.GradientTransformation:
   r"""`torch.optim.Rprop`: :func:`jadam.rprop` (the learning rate is the initial step size).
 
-  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups). `lr` must be
-  a number: PyTorch reads it once, to start the step sizes, so a scheduler would have no effect.
+  Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups). PyTorch reads
+  `lr` once, to start the step sizes: a scheduler (or schedule) is accepted, as PyTorch accepts one, with
+  a warning; its rate at step 0 starts the step sizes (a `LinearLR(start_factor=0.5)` halves them, as in
+  PyTorch) and its later rates have no effect.
   """
   del capturable, foreach, differentiable
   defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
@@ -681,7 +787,9 @@ def ASGD(
   r"""`torch.optim.ASGD`: :func:`jadam.asgd`; the averaged parameters (`ax`) are in the state.
 
   Arguments and defaults are PyTorch's; see :func:`Adam` for `params` (parameter groups) and `lr`
-  (a schedule is read as PyTorch reads the group's rate each step).
+  (a schedule is read as PyTorch reads the group's rate each step). The rate enters only ASGD's step
+  size :math:`\eta_{t+1} = \alpha_t / (1 + \lambda \alpha_t t)^{a}`, one step late, with a
+  :class:`ReduceLROnPlateau` too (then pass the metric: ``update(grads, state, params, value=metric)``).
   """
   del foreach, differentiable, capturable
   defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, maximize=maximize)
@@ -957,3 +1065,51 @@ def Muon(
   _common.check_dtype("ns_dtype", ns_dtype)
   spec = dataclasses.replace(SPECS["Muon"], alias=functools.partial(_alias.muon, ns_dtype=ns_dtype))
   return _front("Muon", spec, params, defaults)
+
+
+def LBFGS(
+  params: Params = None,
+  lr: Any = 1,
+  max_iter: int = 20,
+  max_eval: int | None = None,
+  tolerance_grad: float = 1e-7,
+  tolerance_change: float = 1e-9,
+  history_size: int = 100,
+  line_search_fn: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""`torch.optim.LBFGS`: :func:`jadam.lbfgs`; one ``update`` is one PyTorch ``step(closure)``.
+
+  PyTorch's closure becomes Optax's line-search convention::
+
+      # torch                                   # jadam
+      def closure():                            value, grads = jax.value_and_grad(f)(params)
+        opt.zero_grad(); loss = f(model)        updates, state = tx.update(
+        loss.backward(); return loss                grads, state, params, value=value, value_fn=f)
+      opt.step(closure)                         params = optax.apply_updates(params, updates)
+
+  (``optax.value_and_grad_from_state(f)(params, state=state)`` in place of
+  ``jax.value_and_grad`` reuses the evaluation the step ended with.)
+  Arguments and defaults are PyTorch's (`max_eval` defaults to
+  ``max_iter * 5 // 4``). As in PyTorch there is one parameter group: `params`
+  may be None or the parameter pytree, not a list of groups. `lr` may be a
+  number, a schedule or a `jadam.torch` scheduler of the update count; a
+  ReduceLROnPlateau is refused. An unknown `line_search_fn` is refused here
+  (PyTorch refuses it at the first `step`).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+  """
+  if _groups._is_group_list(params):
+    raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+  if max_eval is None:
+    max_eval = max_iter * 5 // 4
+  defaults = dict(
+    lr=lr,
+    max_iter=max_iter,
+    max_eval=max_eval,
+    tolerance_grad=tolerance_grad,
+    tolerance_change=tolerance_change,
+    history_size=history_size,
+    line_search_fn=line_search_fn,
+  )
+  return _front("LBFGS", SPECS["LBFGS"], params, defaults)

@@ -204,7 +204,7 @@ def _spec(tx: Any, what: str) -> _groups.Spec:
       f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
       f" transformation; got {tx!r}. Chain other transformations around it after converting its state."
     )
-  if spec.name not in _LAYOUT and spec.name not in _EIGHT_BIT:
+  if spec.name not in _LAYOUT and spec.name not in _EIGHT_BIT and spec.name != "LBFGS":
     raise NotImplementedError(f"{what}: no state_dict mapping for jadam.torch.{spec.name} yet.")
   return spec
 
@@ -531,6 +531,9 @@ def load_state_dict(
     )
   if spec.name in _EIGHT_BIT:
     return _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps)
+  if spec.name == "LBFGS":
+    return _load_lbfgs(what, tx, spec, params, state_dict, names)
+  _refuse_asgd_plateau(what, spec)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   saved = list(state_dict["param_groups"])
@@ -818,6 +821,9 @@ def state_dict(
   spec = _spec(tx, what)
   if spec.name in _EIGHT_BIT:
     return _state_dict_8bit(what, spec, state, params, names)
+  if spec.name == "LBFGS":
+    return _state_dict_lbfgs(what, spec, state, params, names)
+  _refuse_asgd_plateau(what, spec)
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   stages = _stages(state)
@@ -1189,3 +1195,127 @@ def _state_dict_8bit(what, spec, state, params, names):
           quant[f"state{n}"] = _to_torch(c)
       out_state[i] = {"step": step, _BNB: quant}
   return {"state": out_state, "param_groups": out_groups}
+
+
+def _refuse_asgd_plateau(what: str, spec: _groups.Spec) -> None:
+  """ASGD's eta under ReduceLROnPlateau reads the previous step's rate, which PyTorch's state dicts do not keep."""
+  if spec.name == "ASGD" and any(isinstance(hp["lr"], ReduceLROnPlateau) for hp in spec.groups):
+    raise NotImplementedError(
+      f"{what}: jadam.torch.ASGD with a ReduceLROnPlateau has no state dict mapping yet (its eta reads the rate"
+      " of the step before, which the plateau's state dict does not hold)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- LBFGS
+# PyTorch keeps LBFGS's state, global to its one group, under its first parameter: counts, the flat
+# vectors of all parameters (in the order of its parameter list: jadam's jax.tree.leaves order), the
+# history as lists (oldest first) and `al`, the two-loop recursion's scratch (None where never written).
+
+_LBFGS_GROUP = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn")
+
+
+def _lbfgs_group(what: str, spec: _groups.Spec, saved: list, n_params: int, names: Any) -> None:
+  """Checks that `saved` (the state dict's param groups) are those of `tx`: one group, its hyperparameters."""
+  if names is not None:
+    raise ValueError(f"{what}: LBFGS flattens its parameters in order; `names` is not supported for it.")
+  if len(saved) != 1:
+    raise ValueError(f"{what}: LBFGS has one param group; the state dict has {len(saved)}.")
+  group, hp = saved[0], spec.groups[0]
+  keys = set(group) - {"params", "param_names"} - _SCHEDULER_KEYS
+  if keys != set(_LBFGS_GROUP):
+    raise ValueError(f"{what}: this is not a state dict of torch.optim.LBFGS: its param group has {sorted(keys)}.")
+  for key in _LBFGS_GROUP:
+    mine = hp[key]
+    if key == "lr" and _number(mine) is None:
+      continue  # a schedule: its value depends on the step, which PyTorch's LBFGS state does not count
+    if not (mine == group[key] if key == "line_search_fn" else _close(mine, group[key])):
+      raise ValueError(f"{what}: the state dict's {key} is {group[key]!r}, tx's is {mine!r}.")
+  if len(group["params"]) != n_params:
+    raise ValueError(f"{what}: the state dict's group has {len(group['params'])} parameters, params has {n_params}.")
+
+
+def _load_lbfgs(what, tx, spec, params, state_dict, names):
+  """`torch.optim.LBFGS(...).state_dict()` as the :class:`jadam.LbfgsState` that continues it."""
+  from jadam._lbfgs import LbfgsState
+
+  _lbfgs_group(what, spec, list(state_dict["param_groups"]), len(jax.tree.leaves(params)), names)
+  state = tx.init(params)
+  if not isinstance(state, LbfgsState):
+    raise TypeError(f"{what}: tx's state is not an LbfgsState; pass jadam.torch.LBFGS(...) itself.")
+  saved = dict(state_dict["state"].get(state_dict["param_groups"][0]["params"][0], {}))
+  n, m, dtype = state.d.shape[0], state.ro.shape[0], state.d.dtype
+  vec = lambda key: _lbfgs_vector(what, key, saved[key], n, dtype)
+  scalar = lambda x: jnp.asarray(float(_as_numpy(x, what)), dtype)
+  history = {key: list(saved.get(key, [])) for key in ("old_dirs", "old_stps", "ro")}
+  k = len(history["ro"])
+  if k > m or any(len(v) != k for v in history.values()):
+    raise ValueError(
+      f"{what}: the state dict holds {k} curvature pairs, more than tx's history_size {m}, or lists"
+      " of different lengths."
+    )
+  out = state._replace(
+    func_evals=jnp.asarray(int(saved.get("func_evals", 0)), jnp.int32),
+    n_iter=jnp.asarray(int(saved.get("n_iter", 0)), jnp.int32),
+    num_old=jnp.asarray(k, jnp.int32),
+  )
+  if "d" not in saved:  # no iteration yet (or the first step found a stationary point)
+    return out
+  pad = lambda rows, width: jnp.stack(rows + [jnp.zeros(width, dtype)] * (m - k)) if m else jnp.zeros((0,) + width)
+  al = [jnp.nan if a is None else float(_as_numpy(a, what)) for a in saved.get("al", [None] * m)]
+  if len(al) != m:
+    raise ValueError(f"{what}: the state dict's al has {len(al)} entries; tx's history_size is {m}.")
+  return out._replace(
+    d=vec("d"),
+    t=scalar(saved["t"]),
+    old_dirs=pad([_lbfgs_vector(what, "old_dirs", v, n, dtype) for v in history["old_dirs"]], (n,)),
+    old_stps=pad([_lbfgs_vector(what, "old_stps", v, n, dtype) for v in history["old_stps"]], (n,)),
+    ro=jnp.asarray([float(_as_numpy(r, what)) for r in history["ro"]] + [0.0] * (m - k), dtype),
+    H_diag=scalar(saved["H_diag"]),
+    prev_flat_grad=vec("prev_flat_grad"),
+    prev_loss=scalar(saved["prev_loss"]),
+    al=jnp.asarray(al, dtype),
+  )
+
+
+def _lbfgs_vector(what: str, key: str, t: Any, n: int, dtype: Any) -> jax.Array:
+  a = _as_numpy(t, f"{what}: {key}")
+  if a.shape != (n,):
+    raise ValueError(f"{what}: the state dict's {key} has shape {a.shape}; the parameters flatten to ({n},).")
+  return jnp.asarray(a, dtype)
+
+
+def _state_dict_lbfgs(what, spec, state, params, names):
+  """A :class:`jadam.LbfgsState` as `torch.optim.LBFGS`'s state dict."""
+  import torch
+
+  from jadam._lbfgs import LbfgsState
+
+  if not isinstance(state, LbfgsState):
+    raise TypeError(f"{what}: state is not an LbfgsState; pass the state of jadam.torch.LBFGS(...).")
+  n_params = len(jax.tree.leaves(params))
+  hp = spec.groups[0]
+  group = {key: hp[key] for key in _LBFGS_GROUP}
+  group["lr"] = _at(hp["lr"], int(state.count))
+  _lbfgs_group(what, spec, [{**group, "params": list(range(n_params))}], n_params, names)
+  tensor = lambda a: _to_torch(np.asarray(a)).reshape(np.shape(a))  # 0-d stays 0-d: torch's alpha= needs a number
+  n_iter, k = int(state.n_iter), int(state.num_old)
+  saved: dict[str, Any] = {"func_evals": int(state.func_evals), "n_iter": n_iter}
+  if n_iter > 0:
+    saved.update(
+      d=tensor(state.d),
+      t=tensor(state.t),
+      old_dirs=[tensor(state.old_dirs[i]) for i in range(k)],
+      old_stps=[tensor(state.old_stps[i]) for i in range(k)],
+      ro=[tensor(state.ro[i]) for i in range(k)],
+      H_diag=tensor(state.H_diag),
+      prev_flat_grad=tensor(state.prev_flat_grad),
+      prev_loss=float(state.prev_loss),
+    )
+  if n_iter > 1:  # PyTorch makes `al` at its second iteration
+    saved["al"] = [
+      None if np.isnan(a) else torch.tensor(float(a), dtype=saved["d"].dtype) for a in np.asarray(state.al)
+    ]
+  return {
+    "state": {0: saved} if n_iter or int(state.func_evals) else {},
+    "param_groups": [{**group, "params": list(range(n_params))}],
+  }

@@ -54,6 +54,9 @@ def run(
   """
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the device count is set per process
   env["JAX_PLATFORMS"] = "cpu"
+  # The children import what this process imports (this worktree's jadam, not an installed one): python puts
+  # the script's directory first on sys.path, not the working directory that `python -m pytest` adds.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
   with tempfile.TemporaryDirectory() as out:
     port = free_port()
     logs_open = contextlib.ExitStack()  # closed after the processes are reaped and their logs read

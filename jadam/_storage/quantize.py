@@ -385,16 +385,24 @@ def zeros(params: optax.Params, spec: Quantized, *, widen: bool) -> QuantizedMom
     return jnp.zeros_like(p)
 
   def absmax(p):
-    if not _quantizes(p, spec):
-      return jnp.zeros((), jnp.float32)
-    shape = absmax_shape(np.shape(p), spec.block_size)
+    shape = absmax_shape(np.shape(p), spec.block_size) if _quantizes(p, spec) else ()
     z = jnp.zeros(shape, jnp.float32)
     sharding = None if isinstance(p, jax.core.Tracer) else getattr(p, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and _blocks(np.shape(p), spec.block_size)[0]:
-      try:  # per-row blocks: the scales take the parameter's partition spec
-        return jax.device_put(z, jax.sharding.NamedSharding(sharding.mesh, sharding.spec))
-      except ValueError:  # a shard of the last axis that is not a multiple of block_size
-        return z
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return z
+    # On the parameter's mesh, never on one device (a multi-process step refuses those): per-row scales take the
+    # parameter's spec, flat ones its first axis's, where the shards hold whole blocks; else replicated.
+    parts = tuple(sharding.spec) + (None,) * (np.ndim(p) - len(sharding.spec))
+    whole_blocks = math.prod(sharding.shard_shape(np.shape(p))) % spec.block_size == 0
+    if shape and _blocks(np.shape(p), spec.block_size)[0]:
+      fits = parts
+    else:
+      fits = parts[:1] if shape and whole_blocks and not any(parts[1:]) else ()
+    for candidate in (fits, ()):
+      try:
+        return jax.device_put(z, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*candidate)))
+      except ValueError:  # a shard that is not whole blocks
+        continue
     return z
 
   return QuantizedMoment(codes=jax.tree.map(codes, params), absmax=jax.tree.map(absmax, params))

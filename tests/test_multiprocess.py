@@ -6,12 +6,15 @@ returns its arrays, which the test compares across processes and with a one-proc
 this (pytest's) process.
 """
 
+import os
+
 import _processes
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -87,10 +90,49 @@ def _train(name, devices):
   return flat
 
 
+def _fsdp(mesh, leaf):
+  for axis, size in enumerate(leaf.shape):
+    if size % mesh.size == 0:
+      return NamedSharding(mesh, P(*[None] * axis, "data"))
+  return NamedSharding(mesh, P())
+
+
+def _gathered(x):
+  """A global array's values, in every process (FSDP shards live in both)."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _resume(devices, directory):
+  """FSDP steps of jadam.adam from an eager `tx.init`, saved after 2, restored into an eager `like`, resumed.
+
+  Returns the parameters after step 3 with and without the interruption.
+  """
+  mesh = Mesh(np.array(devices), ("data",))
+  shardings = jax.tree.map(lambda p: _fsdp(mesh, p), _params())
+  tx = jadam.adam(1e-2)
+  params = jax.tree.map(_put, _params(), shardings)
+  state = tx.init(params)  # eager: the step counts on the default device, uncommitted
+  step = jadam.make_train_step(_loss, tx, fused=False, donate=False)  # fused=False: as in _train
+  ids, ys = _batches()
+  split = NamedSharding(mesh, P("data"))
+  batch = [({"table": _put(ids[t], split)}, _put(ys[t], split)) for t in range(STEPS)]
+  for t in range(STEPS - 1):
+    params, state, _ = step(params, state, *batch[t])
+  jadam.save_state(os.path.join(directory, "step_2"), state)
+  want, _, _ = step(params, state, *batch[-1])
+  restored = jadam.restore_state(os.path.join(directory, "step_2"), like=tx.init(params))
+  got, _, _ = step(params, restored, *batch[-1])
+  flat = {f"resumed{jax.tree_util.keystr(p)}": _gathered(x) for p, x in jax.tree_util.tree_leaves_with_path(got)}
+  return flat | {
+    f"straight{jax.tree_util.keystr(p)}": _gathered(x) for p, x in jax.tree_util.tree_leaves_with_path(want)
+  }
+
+
 def worker_train(out):
-  """Every optimizer of `_OPTIMIZERS` in one pair of processes (starting them is most of the time)."""
+  """Every optimizer of `_OPTIMIZERS`, and `_resume`, in one pair of processes (starting them is most of the time)."""
   assert jax.process_count() == 2 and jax.device_count() == 4
-  return {f"{name}:{k}": v for name in _OPTIMIZERS for k, v in _train(name, jax.devices()).items()}
+  found = {f"{name}:{k}": v for name in _OPTIMIZERS for k, v in _train(name, jax.devices()).items()}
+  return found | {f"resume:{k}": v for k, v in _resume(jax.devices(), out).items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +157,7 @@ def _close_at_leaf_scale(got, want, rtol):
 
 @pytest.mark.parametrize("name", sorted(_OPTIMIZERS))
 def test_data_parallel_two_processes_equal_one(name, two_processes):
-  first, second = ({k.split(":", 1)[1]: v for k, v in r.items() if k.startswith(name + ":")} for r in two_processes)
+  first, second = (_of(r, name) for r in two_processes)
   assert first and first.keys() == second.keys()
   for key in first:  # the same program on the same global values: the same bits in both processes
     np.testing.assert_array_equal(first[key], second[key], err_msg=key)
@@ -127,3 +169,19 @@ def test_data_parallel_two_processes_equal_one(name, two_processes):
   _close_at_leaf_scale(first, params, rtol=1e-6)
   if name != "adam8bit":  # 8-bit moments: one ulp of the gradient may round a code to its neighbour
     _close_at_leaf_scale(first, want, rtol=1e-5)
+
+
+def _of(run, prefix):
+  return {k.split(":", 1)[1]: v for k, v in run.items() if k.startswith(prefix + ":")}
+
+
+def test_checkpoint_saved_and_resumed_across_two_processes(two_processes, tmp_path):
+  """FSDP over both processes: save after 2 steps, restore into an eager `like`, resume = never stopped = one process."""
+  first, second = (_of(r, "resume") for r in two_processes)
+  assert first and first.keys() == second.keys()
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+  for key in [k for k in first if k.startswith("resumed")]:
+    np.testing.assert_array_equal(first[key], first[key.replace("resumed", "straight")], err_msg=key)
+  want = _resume(jax.devices()[:1], str(tmp_path))
+  _close_at_leaf_scale(first, want, rtol=1e-6)

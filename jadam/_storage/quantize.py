@@ -288,11 +288,20 @@ def kernel_tables() -> tuple[np.ndarray, ...]:
   )
 
 
+def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """``table[index]``, shaped and sharded as `index`.
+
+  The output sharding is named: under explicit sharding (`AxisType.Explicit`) a lookup into a replicated
+  table by sharded indices has none of its own to infer.
+  """
+  return jnp.asarray(table).at[index].get(out_sharding=jax.typeof(index).sharding)
+
+
 def _codes(scaled: jax.Array, signed: bool) -> jax.Array:
   """``searchsorted(bounds, scaled, side="left")`` for `scaled` in [-1, 1], by two table lookups."""
-  base, nxt = (jnp.asarray(t) for t in _TABLES[signed])
+  base, nxt = _TABLES[signed]
   key = (jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> 16).astype(jnp.int32)
-  return base[key] + (nxt[key] < scaled).astype(jnp.int32)
+  return _lookup(base, key) + (_lookup(nxt, key) < scaled).astype(jnp.int32)
 
 
 def _blocks(shape: tuple[int, ...], block_size: int) -> tuple[bool, int]:
@@ -361,7 +370,7 @@ def quantize(
 
 def dequantize(q: QuantizedArray, block_size: int, *, signed: bool, dtype: Any = jnp.float32) -> jax.Array:
   """:math:`c_{q_i} a_b` in `dtype` (float32 at least), shaped as the codes."""
-  values = jnp.asarray(_MAPS[signed])[q.codes.astype(jnp.int32)]
+  values = _lookup(_MAPS[signed], q.codes.astype(jnp.int32))
   return (values * _per_value(q.absmax, q.codes.shape, block_size)).astype(dtype)
 
 

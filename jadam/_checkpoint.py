@@ -230,6 +230,11 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
     if entry is None:
       return None
     value = arrays[str(i)] if str(i) in arrays else np.zeros(entry["shape"], jax.numpy.dtype(entry["dtype"]))
+    if isinstance(leaf, jax.Array) and not leaf.committed:
+      # An eager init's step count (jnp.zeros) is on the default device, uncommitted, so that jit moves it to the
+      # mesh of the arrays beside it; placed on that one device it would be refused beside them ("incompatible
+      # devices"). It stays uncommitted: rebuilt from host values.
+      return jax.numpy.asarray(np.asarray(value))
     if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
       sharding = getattr(leaf, "sharding", None)
       return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)

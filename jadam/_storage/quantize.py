@@ -288,11 +288,20 @@ def kernel_tables() -> tuple[np.ndarray, ...]:
   )
 
 
+def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """``table[index]``, shaped and sharded as `index`.
+
+  The output sharding is named: under explicit sharding (`AxisType.Explicit`) a lookup into a replicated
+  table by sharded indices has none of its own to infer.
+  """
+  return jnp.asarray(table).at[index].get(out_sharding=jax.typeof(index).sharding)
+
+
 def _codes(scaled: jax.Array, signed: bool) -> jax.Array:
   """``searchsorted(bounds, scaled, side="left")`` for `scaled` in [-1, 1], by two table lookups."""
-  base, nxt = (jnp.asarray(t) for t in _TABLES[signed])
+  base, nxt = _TABLES[signed]
   key = (jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> 16).astype(jnp.int32)
-  return base[key] + (nxt[key] < scaled).astype(jnp.int32)
+  return _lookup(base, key) + (_lookup(nxt, key) < scaled).astype(jnp.int32)
 
 
 def _blocks(shape: tuple[int, ...], block_size: int) -> tuple[bool, int]:
@@ -379,7 +388,7 @@ def quantize(
 
 def dequantize(q: QuantizedArray, block_size: int, *, signed: bool, dtype: Any = jnp.float32) -> jax.Array:
   """:math:`c_{q_i} a_b` in `dtype` (float32 at least), shaped as the codes."""
-  values = jnp.asarray(_MAPS[signed])[q.codes.astype(jnp.int32)]
+  values = _lookup(_MAPS[signed], q.codes.astype(jnp.int32))
   return (values * _per_value(q.absmax, q.codes.shape, block_size)).astype(dtype)
 
 
@@ -403,16 +412,24 @@ def zeros(params: optax.Params, spec: Quantized, *, widen: bool) -> QuantizedMom
     return jnp.zeros_like(p)
 
   def absmax(p):
-    if not _quantizes(p, spec):
-      return jnp.zeros((), jnp.float32)
-    shape = absmax_shape(np.shape(p), spec.block_size)
+    shape = absmax_shape(np.shape(p), spec.block_size) if _quantizes(p, spec) else ()
     z = jnp.zeros(shape, jnp.float32)
     sharding = None if isinstance(p, jax.core.Tracer) else getattr(p, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and _blocks(np.shape(p), spec.block_size)[0]:
-      try:  # per-row blocks: the scales take the parameter's partition spec
-        return jax.device_put(z, jax.sharding.NamedSharding(sharding.mesh, sharding.spec))
-      except ValueError:  # a shard of the last axis that is not a multiple of block_size
-        return z
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return z
+    # On the parameter's mesh, never on one device (a multi-process step refuses those): per-row scales take the
+    # parameter's spec, flat ones its first axis's, where the shards hold whole blocks; else replicated.
+    parts = tuple(sharding.spec) + (None,) * (np.ndim(p) - len(sharding.spec))
+    whole_blocks = math.prod(sharding.shard_shape(np.shape(p))) % spec.block_size == 0
+    if shape and _blocks(np.shape(p), spec.block_size)[0]:
+      fits = parts
+    else:
+      fits = parts[:1] if shape and whole_blocks and not any(parts[1:]) else ()
+    for candidate in (fits, ()):
+      try:
+        return jax.device_put(z, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*candidate)))
+      except ValueError:  # a shard that is not whole blocks
+        continue
     return z
 
   return QuantizedMoment(codes=jax.tree.map(codes, params), absmax=jax.tree.map(absmax, params))

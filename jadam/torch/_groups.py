@@ -127,7 +127,9 @@ def grouped(
     # A row-sparse gradient (BCOO) is one leaf: its label is its table's; a None gradient keeps its label too.
     out = jax.tree_util.tree_map_with_path(label, tree, is_leaf=_common.is_update_leaf)
     used = set(jax.tree.leaves(out))
-    for i, spec in enumerate(specs):
+    # No leaves at all: optax.tree_map_params's placeholder for the params (or an empty tree), which no group can
+    # select; a group that misses is told on the real parameters.
+    for i, spec in enumerate(specs if used else ()):
       if f"group{i}" not in used:
         paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)][:4]
         raise ValueError(

@@ -108,7 +108,7 @@ def scale_by_moments(
   (:class:`jadam.Quantized`) adds :math:`((1 - \beta_2) g) g`, PyTorch's
   ``addcmul`` order, which stays finite wherever :math:`v` can (:math:`g^2`
   overflows float32 from :math:`|g| = 1.8 \cdot 10^{19}`); see
-  :func:`jadam._storage.quantize.quantize` for how a block keeps a NaN or an
+  ``jadam._storage.quantize.quantize`` for how a block keeps a NaN or an
   inf in its own value.
 
   Args:

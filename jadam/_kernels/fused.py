@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +50,9 @@ from jax.interpreters import batching, mlir
 from jadam._core import common as _common
 from jadam._storage import bf16 as _lowp
 from jadam._stages import moments as _moments
-from jadam._stages import penalty as _penalty
 from jadam._storage import quantize as _quantize
-from jadam._stages import scale as _scale
 from jadam._kernels import build as _build
+from jadam._kernels.base import Ctx, Unserved, for_export, select, tracing_ok
 
 # The kernel's scalar layout (enum Scalar in adam_cpu.cc).
 _N_SCALARS = 16
@@ -71,10 +70,6 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 # the saved pass (fused 81 ms, XLA 71 ms, measured interleaved), so such trees
 # take the generic path unless the kernel is required.
 _MANY_LEAVES, _SMALL_LEAF = 256, 1 << 15
-
-
-class Unserved(Exception):
-  """The kernel cannot serve this transformation; the message says why."""
 
 
 # --- the primitive -------------------------------------------------------------
@@ -204,12 +199,6 @@ def _impl(*args, mode, streams, block_size):
   return jax.jit(functools.partial(adam_step_p.bind, mode=mode, streams=streams, block_size=block_size))(*args)
 
 
-def for_export(ctx) -> bool:
-  """Whether this lowering is `jax.export`'s (which refuses custom calls without compatibility guarantees)."""
-  params = getattr(ctx.module_context, "lowering_parameters", None)
-  return params is None or bool(getattr(params, "for_export", True))
-
-
 def _cpu_lowering(ctx, *args, mode, streams, block_size):
   impl = _xla_impl if for_export(ctx) or not _build.loaded() else _kernel_impl
   fun = functools.partial(impl, mode=mode, streams=streams, block_size=block_size)
@@ -273,179 +262,11 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.array(checks)) if checks else jnp.array(True)
 
 
-# --- recognising the structure -------------------------------------------------
-def _closure(fn: Any) -> dict[str, Any]:
-  code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-  if code is None:
-    return {}
-  out = {}
-  for name, cell in zip(code.co_freevars, cells):
-    try:
-      out[name] = cell.cell_contents
-    except ValueError:  # an empty cell
-      pass
-  return out
-
-
-def _is(fn: Any, module: str, qualname: str) -> bool:
-  return getattr(fn, "__module__", "").startswith(module) and getattr(fn, "__qualname__", "") == qualname
-
-
-def _unwrap(fn: Any) -> Any:
-  """Through Optax's extra-args adapter: the update function it calls."""
-  while _is(fn, "optax", "with_extra_args_support.<locals>.update"):
-    fn = _closure(fn)["tx"].update
-  return fn
-
-
-def _stage(fn: Any) -> tuple[str, dict] | None:
-  tag = getattr(fn, "jadam_stage", None)
-  return tag if isinstance(tag, tuple) and len(tag) == 2 else None
-
-
-def _is_chain(fn: Any) -> bool:
-  return _is(fn, "optax", "chain.<locals>.update_fn") and "update_fns" in _closure(fn)
-
-
-def _flatten(fn: Any, state: Any, grads: Any, params: Any) -> tuple[list[tuple[Any, Any]], Callable[[list[Any]], Any]]:
-  """Nested chains as one list of (update function, state), and how to rebuild the state from new ones.
-
-  A jadam alias (`_common.named_chain`) is opened after its own checks (its
-  state's stage types; no `None` gradient where the params hold arrays).
-  """
-  fn = _unwrap(fn)
-  chained = getattr(fn, "jadam_chain", None)
-  if chained is not None:
-    inner, check = chained
-    check(grads, state, params)
-    fn = _unwrap(inner.update)
-  if not _is_chain(fn):
-    return [(fn, state)], lambda new: new[0]
-  fns = _closure(fn)["update_fns"]
-  if not isinstance(state, tuple) or len(state) != len(fns):
-    raise Unserved("a chain's state does not match its stages (call init first)")
-  parts = [_flatten(f, s, grads, params) for f, s in zip(fns, state)]
-
-  def rebuild(new):
-    out, k = [], 0
-    for items, back in parts:
-      out.append(back(new[k : k + len(items)]))
-      k += len(items)
-    return tuple(out)
-
-  return [x for items, _ in parts for x in items], rebuild
-
-
-class _Ctx(NamedTuple):
-  apply: Any  # None, or a traced bool: whether the step is taken (apply_if_finite)
-  require: bool  # fused=True: keep many small leaves on the kernel too
-
-
-def select(ctx: _Ctx, new: Any, old: Any) -> Any:
-  if ctx.apply is None:
-    return new
-  return jax.tree.map(lambda n, o: jnp.where(ctx.apply, n, o), new, old)
-
-
-def _run(fn: Any, state: Any, grads: Any, params: Any, ctx: _Ctx) -> tuple[Any, Any]:
-  """``(new_params, new_state)`` of ``fn`` then ``optax.apply_updates``, through the kernel, or raises Unserved."""
-  fn = _unwrap(fn)
-  if _is(fn, "jadam.torch", "grouped.<locals>.update_fn"):  # jadam.torch's groups: a check, then partition
-    inner = _closure(fn)
-    if params is not None and "name" in inner:
-      _common.check_tree(f"jadam.torch.{inner['name']}", grads, "the params", params, _common.PARAMS_HINT)
-    return _run(inner["tx"].update, state, grads, params, ctx)
-  if isinstance(state, optax.ApplyIfFiniteState) and _is(fn, "optax", "apply_if_finite.<locals>.update"):
-    return _run_if_finite(fn, state, grads, params, ctx)
-  if _is_inject(fn, state):
-    return _run_inject(fn, state, grads, params, ctx)
-  if isinstance(state, optax.PartitionState) and _is(fn, "optax", "partition.<locals>.update_fn"):
-    return _run_partition(fn, state, grads, params, ctx)
-  items, rebuild = _flatten(fn, state, grads, params)
-  if len(items) == 1 and items[0][0] is not fn:
-    return _run(items[0][0], items[0][1], grads, params, ctx)
-  return _run_chain(items, rebuild, grads, params, ctx)
-
-
-def _run_if_finite(fn, state, grads, params, ctx):
-  env = _closure(fn)
-  inner, max_errors = env["inner"], env["max_consecutive_errors"]
-  # optax.apply_if_finite's own arithmetic, as it does it
-  isfinite = all_finite(grads)  # optax's jnp.all(jnp.isfinite(...)) over the leaves, as one parallel pass
-  notfinite_count = jnp.where(isfinite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count))
-  ok = jnp.logical_or(isfinite, notfinite_count > max_errors)
-  inner_ctx = ctx._replace(apply=ok if ctx.apply is None else jnp.logical_and(ctx.apply, ok))
-  new_params, inner_state = _run(inner.update, state.inner_state, grads, params, inner_ctx)
-  new_state = optax.ApplyIfFiniteState(
-    notfinite_count=notfinite_count,
-    last_finite=isfinite,
-    total_notfinite=jnp.where(isfinite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
-    inner_state=inner_state,
-  )
-  # an enclosing apply_if_finite that rejects the step keeps this one's counters too
-  kept = select(ctx, new_state._replace(inner_state=None), state._replace(inner_state=None))
-  return new_params, kept._replace(inner_state=inner_state)
-
-
-def _is_inject(fn, state) -> bool:
-  fields = ("count", "hyperparams", "hyperparams_states", "inner_state")
-  return (
-    getattr(fn, "__module__", "").startswith("optax")
-    and getattr(type(state), "_fields", None) == fields
-    and {"inner_factory", "sched_hps", "other_hps"} <= set(_closure(fn))
-  )
-
-
-def _run_inject(fn, state, grads, params, ctx):
-  env = _closure(fn)
-  convert = fn.__globals__.get("_convert_floats")
-  if convert is None:
-    raise Unserved("an unknown version of optax.inject_hyperparams")
-  dtype = env.get("hyperparam_dtype")
-  if dtype is None:
-    dtype = optax.tree.dtype(params, "highest")
-  # optax.inject_hyperparams's update, as it does it
-  hparams = {k: convert(v, dtype) for k, v in state.hyperparams.items()}
-  hparams.update({k: convert(f(state.hyperparams_states[k]), dtype) for k, f in env["sched_hps"].items()})
-  hp_states = {k: f.update(state.hyperparams_states[k]) for k, f in env["sched_hps"].items()}
-  inner = env["inner_factory"](**env["other_hps"], **hparams)
-  new_params, inner_state = _run(inner.update, state.inner_state, grads, params, ctx)
-  new = type(state)(
-    count=optax.safe_increment(state.count), hyperparams=hparams, hyperparams_states=hp_states, inner_state=inner_state
-  )
-  kept = select(ctx, new._replace(inner_state=None), state._replace(inner_state=None))
-  return new_params, kept._replace(inner_state=inner_state)
-
-
 def _mask_tree(mask, tree):
   return mask(tree) if callable(mask) else mask
 
 
-def _masked(tree, mask_tree):
-  return jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), mask_tree, tree)
-
-
-def _run_partition(fn, state, grads, params, ctx):
-  env = _closure(fn)
-  transforms, param_labels = env["transforms"], env["param_labels"]
-  if params is None:
-    raise Unserved("the kernel needs the parameters")
-  labels = param_labels(grads) if callable(param_labels) else param_labels
-  new_params, inner_states = params, {}
-  for group, tx in transforms.items():
-    mask_tree = jax.tree.map(lambda label, g=group: label == g, labels)
-    masked_state = state.inner_states[group]
-    if not isinstance(masked_state, optax.MaskedState):
-      raise Unserved("a partition's state is not MaskedStates")
-    group_params, inner = _run(
-      tx.update, masked_state.inner_state, _masked(grads, mask_tree), _masked(params, mask_tree), ctx
-    )
-    new_params = jax.tree.map(lambda m, new, old: new if m else old, mask_tree, group_params, new_params)
-    inner_states[group] = optax.MaskedState(inner_state=inner)
-  return new_params, optax.PartitionState(inner_states)
-
-
-class _Core(NamedTuple):
+class Core(NamedTuple):
   """Adam's stages at the end of a chain, with their states' positions."""
 
   moments: int  # the item index of scale_by_moments
@@ -455,99 +276,8 @@ class _Core(NamedTuple):
   start: int  # the first item of the core (clip included)
 
 
-def _parse_core(items) -> _Core:
-  kinds = [(_stage(f) or (None, {}))[0] for f, _ in items]
-
-  def tag(i):
-    return _stage(items[i][0])[1]
-
-  def add_l2_at(i):
-    """add_l2's hyperparameters and mask at item i (plain or in optax.masked), or None."""
-    f, s = items[i]
-    if kinds[i] == "add_l2":
-      return tag(i), None
-    if _is(f, "optax", "masked.<locals>.update_fn") and isinstance(s, optax.MaskedState):
-      env = _closure(f)
-      inner = _unwrap(env["inner"].update)
-      if (_stage(inner) or (None,))[0] == "add_l2":
-        return _stage(inner)[1], env["mask"]
-    return None
-
-  i = len(items) - 1
-  hp, mode = {}, 0
-  if i >= 0 and kinds[i] == "decoupled_decay":
-    if tag(i)["convention"] != "torch":
-      raise Unserved(f"decoupled_decay(convention={tag(i)['convention']!r}): the kernel has PyTorch's rounding")
-    hp.update(decay_wd=tag(i)["weight_decay"], decay_lr=tag(i)["learning_rate"], decay=i)
-    mode |= TORCH_DECAY
-    i -= 1
-  if i < 0 or kinds[i] != "scale_by_lr":
-    raise Unserved("the transformation does not end in jadam.scale_by_lr (Adam's last stage)")
-  hp.update(learning_rate=tag(i)["learning_rate"], lr=i)
-  decay = add_l2_at(i - 1) if i >= 1 else None
-  i -= 1
-  if decay is not None:
-    hp.update(weight_decay=decay[0]["weight_decay"], l2=i, mask=decay[1])
-    mode |= DECOUPLED
-    i -= 1
-  if i < 0 or kinds[i] != "normalize":
-    raise Unserved("no jadam.normalize before scale_by_lr: not Adam's stages")
-  hp.update(eps=tag(i)["eps"], eps_root=tag(i)["eps_root"])
-  i -= 1
-  if i < 0 or kinds[i] != "bias_correct" or tag(i)["into_step"]:
-    raise Unserved("no jadam.bias_correct() (into_step=False) before normalize")
-  i -= 1
-  if i >= 0 and kinds[i] == "max_nu":
-    mode |= AMSGRAD
-    hp["max_nu"] = i
-    i -= 1
-  if i < 0 or kinds[i] != "scale_by_moments" or tag(i)["b1"] is None:
-    raise Unserved("no jadam.scale_by_moments (with b1) before bias_correct")
-  moments = i
-  hp.update(b1=tag(i)["b1"], b2=tag(i)["b2"], mu_dtype=tag(i)["mu_dtype"], nu_dtype=tag(i)["nu_dtype"])
-  i -= 1
-  if i >= 0 and add_l2_at(i) is not None:
-    if mode & DECOUPLED or add_l2_at(i)[1] is not None:
-      raise Unserved("both a coupled and a decoupled add_l2, or a masked coupled add_l2")
-    hp.update(weight_decay=add_l2_at(i)[0]["weight_decay"], l2=i, mask=None)
-    mode |= COUPLED
-    i -= 1
-  if i >= 0 and kinds[i] == "flip_sign":
-    mode |= NEGATE
-    i -= 1
-  clip = None
-  if i >= 0 and _is(items[i][0], "optax", "clip_by_global_norm.<locals>.update_fn"):
-    clip = _closure(items[i][0])["max_norm"]
-    mode |= CLIP
-    i -= 1
-  return _Core(moments=moments, hp=hp, mode=mode, clip=clip, start=i + 1)
-
-
-def _check_states(items, core: _Core) -> None:
-  want = {core.moments: _moments.ScaleByMomentsState, core.hp["lr"]: _scale.ScaleByLrState}
-  if "max_nu" in core.hp:
-    want[core.hp["max_nu"]] = _moments.MaxNuState
-  for i, cls in want.items():
-    if not isinstance(items[i][1], cls):
-      raise Unserved(f"the state of {_stage(items[i][0])[0]} is {type(items[i][1]).__name__}, not {cls.__name__}")
-  if "decay" in core.hp and not isinstance(items[core.hp["decay"]][1], _penalty.DecoupledDecayState):
-    raise Unserved("decoupled_decay's state is not DecoupledDecayState")
-  if "l2" in core.hp:
-    s = items[core.hp["l2"]][1]
-    s = s.inner_state if isinstance(s, optax.MaskedState) else s
-    if not isinstance(s, _penalty.AddL2State):
-      raise Unserved(f"add_l2's state is {type(s).__name__}")
-
-
-def _run_chain(items, rebuild, grads, params, ctx):
-  from jadam._kernels import sparse_step  # pylint: disable=g-import-not-at-top (it imports this module)
-
-  if sparse_step.is_sparse_chain(items):  # jadam.sparse_adam's stages: the row-sparse kernel
-    return sparse_step.run_chain(items, rebuild, grads, params, ctx)
-  core = _parse_core(items)
-  _check_states(items, core)
-  if params is None:
-    raise Unserved("the kernel needs the parameters (update(grads, state, params))")
+def run_chain(items, rebuild, core: Core, grads, params, ctx: Ctx):
+  """``(new_params, new_state)`` of a flattened chain that `jadam._kernels.plan` found to end in Adam's stages."""
   new_states = [s for _, s in items]
   g = grads
   for i in range(core.start):  # stages in front of Adam's: as they are
@@ -559,18 +289,7 @@ def _run_chain(items, rebuild, grads, params, ctx):
   return new_params, rebuild(new_states)
 
 
-def tracing_ok(x: Any) -> bool:
-  """Concrete arrays and `jit`'s tracers only: under `grad`, `vmap` and the like, go generic."""
-  if not isinstance(x, jax.core.Tracer):
-    return isinstance(x, (jax.Array, np.ndarray))
-  try:
-    from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    return False
-  return type(x) is partial_eval.DynamicJaxprTracer
-
-
-def _run_core(items, core: _Core, grads, params, ctx):
+def _run_core(items, core: Core, grads, params, ctx):
   states = [s for _, s in items]
   mstate = states[core.moments]
   ps, treedef = jax.tree.flatten(params)
@@ -690,7 +409,7 @@ def _run_core(items, core: _Core, grads, params, ctx):
   return unflat(new_p), out[core.start :]
 
 
-def _quantized_block_size(core: _Core, mstate) -> int:
+def _quantized_block_size(core: Core, mstate) -> int:
   """The block size of 8-bit moments (both jadam.Quantized, one block size), 0 for dtypes; else Unserved."""
   mu_dtype, nu_dtype = core.hp["mu_dtype"], core.hp["nu_dtype"]
   quantized = [isinstance(d, _quantize.Quantized) for d in (mu_dtype, nu_dtype)]
@@ -725,7 +444,7 @@ def _check_8bit_leaf(g, p, mc, vc, ma, va, block_size: int) -> bool:
   return True
 
 
-def _counts(core: _Core, states) -> dict:
+def _counts(core: Core, states) -> dict:
   count = states[core.moments].count
   out = {"moments": count, "new": optax.safe_increment(count), "lr": states[core.hp["lr"]].count}
   if "l2" in core.hp:
@@ -736,7 +455,7 @@ def _counts(core: _Core, states) -> dict:
   return out
 
 
-def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
+def _scalars(core: Core, counts: dict, dtype, ctx: Ctx, g_norm, mode: int):
   """The kernel's scalars in `dtype`, formed as the generic stages form them."""
   hp = core.hp
   count, new_count = counts["moments"], counts["new"]
@@ -766,45 +485,3 @@ def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
   values = [1 - d1, d1, 1 - d2, d2, c1, c2, cast(e_root), cast(e), -cast(lr), cast(wd), norm, max_norm, clip_on, apply]
   values += [factor, -1.0 if mode & NEGATE else 1.0]
   return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
-
-
-def _in_mesh_context() -> bool:
-  """Inside `shard_map` or a mesh context, the per-device program is not ours to replace."""
-  try:
-    return not jax.sharding.get_abstract_mesh().empty
-  except Exception:  # noqa: BLE001 - an unknown jax: be safe
-    return True
-
-
-def step(
-  tx: optax.GradientTransformation, grads: Any, state: Any, params: Any, *, multi_device_ok: bool, require: bool
-) -> tuple[Any, Any]:
-  """The fused step ``(new_params, new_state)``; raises :class:`Unserved` where the generic path must run.
-
-  `multi_device_ok` is set by callers that have checked the inputs live on one
-  device (a custom call is not partitioned by GSPMD: it would gather them).
-  `require` (``fused=True``) also serves trees of many small leaves.
-  """
-  if jax.default_backend() != "cpu":
-    raise Unserved(f"the default backend is {jax.default_backend()}; the kernel runs on the CPU")
-  if _in_mesh_context():
-    raise Unserved("inside shard_map or a mesh context")
-  if not multi_device_ok and not _one_device(jax.tree.leaves((grads, state, params))):
-    raise Unserved("several devices: a custom call is not partitioned (pass fused=True if the inputs live on one)")
-  if not _build.load():
-    raise Unserved(f"the kernel is unavailable: {_build.error()}")
-  return _run(tx.update, state, grads, params, _Ctx(apply=None, require=require))
-
-
-def _one_device(leaves: list[Any]) -> bool:
-  """Whether the computation runs on one device: one device in all, or concrete arrays on one."""
-  if jax.device_count() == 1:
-    return True
-  return all(not isinstance(x, jax.core.Tracer) and single_device(x) for x in leaves)
-
-
-def single_device(x: Any) -> bool:
-  sharding = getattr(x, "sharding", None)
-  if sharding is None:
-    return True
-  return type(sharding) is jax.sharding.SingleDeviceSharding or len(sharding.device_set) == 1

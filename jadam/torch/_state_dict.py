@@ -182,8 +182,8 @@ def _at(x: Any, count: int) -> Any:
   return float(x)
 
 
-def _spec(tx: Any, what: str) -> _groups.Spec:
-  spec = _groups.spec_of(tx)
+def _spec(tx: Any, what: str) -> _groups.Groups:
+  spec = _groups.groups_of(tx)
   if spec is None:
     raise TypeError(
       f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
@@ -298,7 +298,7 @@ def flax_names(params: Any, module: Any) -> dict[str, TorchName]:
 # ----------------------------------------------------------------------------------------------------- groups
 
 
-def _torch_groups(spec: _groups.Spec, params: Any, names: dict[str, TorchName]) -> list[tuple[str, dict, list[str]]]:
+def _torch_groups(spec: _groups.Groups, params: Any, names: dict[str, TorchName]) -> list[tuple[str, dict, list[str]]]:
   """PyTorch's param groups as (jadam label, hyperparameters, leaf paths in PyTorch's order)."""
   if spec.labels is None:
     return [("default", spec.groups[0], list(names))]

@@ -51,15 +51,21 @@ from jadam._core import common as _common
 from jadam._storage import bf16 as _lowp
 from jadam._stages import moments as _moments
 from jadam._storage import quantize as _quantize
+from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
 from jadam._kernels.base import Ctx, Unserved, for_export, select, tracing_ok
 
-# The kernel's scalar layout (enum Scalar in adam_cpu.cc).
-_N_SCALARS = 16
-_OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = range(10)
-_CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR, _SIGN = range(10, _N_SCALARS)
-# enum Mode in adam_cpu.cc: which stages are present.
-COUPLED, DECOUPLED, NEGATE, CLIP, AMSGRAD, TORCH_DECAY = 1, 2, 4, 8, 16, 32
+# The kernel's scalar layout and mode bits, from the one ABI table (checked against adam_cpu.cc by tests/test_abi.py).
+_N_SCALARS = _abi.N_SCALARS
+_OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = (
+  _abi.S[k] for k in ("OMB1", "B1", "OMB2", "B2", "C1", "C2", "EPS_ROOT", "EPS", "NEG_LR", "WD")
+)
+_CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR, _SIGN = (
+  _abi.S[k] for k in ("CLIP_NORM", "CLIP_MAX", "CLIP_ON", "APPLY", "FACTOR", "SIGN")
+)
+COUPLED, DECOUPLED, NEGATE, CLIP, AMSGRAD, TORCH_DECAY = (
+  _abi.MODE[k] for k in ("COUPLED", "DECOUPLED", "NEGATE", "CLIP", "AMSGRAD", "TORCH_DECAY")
+)
 # Leaves per custom call: XLA's fusion passes are quadratic in a call's
 # operands (2,000 leaves in one call take minutes to compile).
 _LEAVES_PER_CALL = 32
@@ -289,124 +295,153 @@ def run_chain(items, rebuild, core: Core, grads, params, ctx: Ctx):
   return new_params, rebuild(new_states)
 
 
-def _run_core(items, core: Core, grads, params, ctx):
-  states = [s for _, s in items]
+class _Leaves(NamedTuple):
+  """The flat leaves of one step, by role (lists as long as the parameters'; None where a role is absent)."""
+
+  g: list
+  p: list
+  m: list  # the first moment (8-bit: its codes)
+  v: list  # the second moment (8-bit: its codes)
+  x: list  # AMSGrad's maximum
+  ma: list  # 8-bit: the first moment's scales
+  va: list  # 8-bit: the second moment's scales
+
+
+def _gather(core: Core, states, grads, params, block_size: int) -> tuple[_Leaves, Any]:
+  """The step's leaves, flattened as the parameters, and the parameters' treedef; else Unserved."""
   mstate = states[core.moments]
   ps, treedef = jax.tree.flatten(params)
-  # 8-bit moments (jadam.Quantized for both, one block size): codes and scales; leaves below min_size keep float
-  # moments in the codes' tree and take the float kernel
-  block_size = _quantized_block_size(core, mstate)
+  none = [None] * len(ps)
   try:
-    gs = treedef.flatten_up_to(grads)
-    if block_size:
-      ms, vs = treedef.flatten_up_to(mstate.mu.codes), treedef.flatten_up_to(mstate.nu.codes)
-      mas, vas = treedef.flatten_up_to(mstate.mu.absmax), treedef.flatten_up_to(mstate.nu.absmax)
+    flat = treedef.flatten_up_to
+    if block_size:  # 8-bit moments: codes and scales; leaves below min_size keep float moments in the codes' tree
+      ms, vs, mas, vas = (flat(x) for x in (mstate.mu.codes, mstate.nu.codes, mstate.mu.absmax, mstate.nu.absmax))
     else:
-      ms, vs = treedef.flatten_up_to(mstate.mu), treedef.flatten_up_to(mstate.nu)
-      mas = vas = [None] * len(ps)
-    xs = treedef.flatten_up_to(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else [None] * len(ps)
+      ms, vs, mas, vas = flat(mstate.mu), flat(mstate.nu), none, none
+    xs = flat(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else none
+    gs = flat(grads)
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients or the moments are not shaped like the parameters ({e})") from None
+  return _Leaves(gs, ps, ms, vs, xs, mas, vas), treedef
+
+
+def _check_leaf(leaves: list, bf16: bool) -> None:
+  """A leaf with float moments: g, p, m, v (and AMSGrad's maximum) as the kernel takes them, else Unserved."""
+  shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
+  if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
+    raise Unserved(f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)")
+  want = [dtype, dtype, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)] if bf16 else [dtype] * len(leaves)
+  if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want)):
+    raise Unserved(
+      f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
+      " other than the parameters' or bfloat16 for both)"
+    )
+
+
+def _check_leaves(lv: _Leaves, block_size: int, bf16: bool) -> list[bool]:
+  """Which leaves have 8-bit moments; Unserved where a leaf is not one the kernel serves."""
+  eight = [False] * len(lv.p)
+  for i, leaves in enumerate(zip(*lv)):
+    leaves = [x for x in leaves if x is not None]
+    if not all(tracing_ok(x) for x in leaves):
+      raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
+    if block_size:
+      eight[i] = _check_8bit_leaf(lv.g[i], lv.p[i], lv.m[i], lv.v[i], lv.ma[i], lv.va[i], block_size)
+      if eight[i]:
+        continue
+      leaves = leaves[:4]
+    _check_leaf(leaves, bf16)
+  return eight
+
+
+def _decayed(core: Core, grads, params, n: int) -> list[bool]:
+  """The leaves a masked decoupled add_l2 decays (the others take the kernel without decay)."""
+  if core.hp.get("mask") is None:
+    return [True] * n
+  mask_tree = _mask_tree(core.hp["mask"], grads)
+  flat = []
+  for m, sub in zip(jax.tree.leaves(mask_tree), jax.tree.structure(mask_tree).flatten_up_to(params)):
+    flat += [bool(m)] * len(jax.tree.leaves(sub))
+  if len(flat) != n:
+    raise Unserved("the decay mask does not match the parameters")
+  return flat
+
+
+def _run_core(items, core: Core, grads, params, ctx):
+  states = [s for _, s in items]
+  block_size = _quantized_block_size(core, states[core.moments])
+  lv, treedef = _gather(core, states, grads, params, block_size)
   # bfloat16 moments, both stored with jadam._storage.bf16's stochastic rounding: the float32 kernel's bfloat16 variant
   bf16 = not block_size and all(_lowp.stochastic_store(core.hp[k]) for k in ("mu_dtype", "nu_dtype"))
   if bf16 and core.mode & AMSGRAD:
     raise Unserved("bfloat16 moments with amsgrad")
-  eight = [False] * len(ps)  # which leaves have 8-bit moments
-  for i, leaves in enumerate(zip(gs, ps, ms, vs, xs, mas, vas)):
-    leaves = [x for x in leaves if x is not None]
-    if not all(tracing_ok(x) for x in leaves):
-      raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
-    shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
-    if block_size:
-      eight[i] = _check_8bit_leaf(gs[i], ps[i], ms[i], vs[i], mas[i], vas[i], block_size)
-      if eight[i]:
-        continue
-      leaves = leaves[:4]
-    if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
-      raise Unserved(
-        f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)"
-      )
-    want = [dtype, dtype, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)] if bf16 else [dtype] * len(leaves)
-    if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want)):
-      raise Unserved(
-        f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
-        " other than the parameters' or bfloat16 for both)"
-      )
-  if not ctx.require and len(ps) > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in ps) < _SMALL_LEAF * len(ps):
-    raise Unserved(f"{len(ps)} small leaves: the generic path is faster there")
-
-  # the masks of a masked decoupled add_l2: leaves outside it take the kernel without decay
-  decayed = [True] * len(ps)
-  if core.hp.get("mask") is not None:
-    mask_tree = _mask_tree(core.hp["mask"], grads)
-    flat = []
-    for m, sub in zip(jax.tree.leaves(mask_tree), jax.tree.structure(mask_tree).flatten_up_to(params)):
-      flat += [bool(m)] * len(jax.tree.leaves(sub))
-    decayed = flat
-    if len(decayed) != len(ps):
-      raise Unserved("the decay mask does not match the parameters")
-
+  eight = _check_leaves(lv, block_size, bf16)
+  n = len(lv.p)
+  if not ctx.require and n > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in lv.p) < _SMALL_LEAF * n:
+    raise Unserved(f"{n} small leaves: the generic path is faster there")
+  decayed = _decayed(core, grads, params, n)
   counts = _counts(core, states)
-  new_p, new_m, new_v, new_x = list(ps), list(ms), list(vs), list(xs)
-  new_ma, new_va = list(mas), list(vas)
+  new = _Leaves(*(list(x) for x in lv))
   g_norm = optax.tree.norm(grads) if core.mode & CLIP else None
   for dtype in _DTYPES:
     for with_decay in (True, False):
       for q in (False, True):  # one call per format: float moments, then 8-bit ones
         idx = [
           i
-          for i, p in enumerate(ps)
+          for i, p in enumerate(lv.p)
           if jnp.result_type(p) == dtype and decayed[i] == with_decay and eight[i] == q and np.prod(jnp.shape(p))
         ]
-        if not idx:
-          continue
-        mode = core.mode if with_decay else core.mode & ~DECOUPLED
-        scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
-        if not tracing_ok(scalars):
-          raise Unserved("a hyperparameter under grad or vmap")
-        bs = block_size if q else 0
-        k = _per_leaf(mode, bs)
-        for start in range(0, len(idx), _LEAVES_PER_CALL):
-          chunk = idx[start : start + _LEAVES_PER_CALL]
-          args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
-          for i in chunk:
-            if q:
-              args += [gs[i], ps[i], ms[i], mas[i], vs[i], vas[i]]
-            else:
-              args += [gs[i], ps[i], ms[i], vs[i]] + ([xs[i]] if mode & AMSGRAD else [])
-          out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else (), block_size=bs)
-          for j, i in enumerate(chunk):
-            res = out[(k - 1) * j : (k - 1) * (j + 1)]
-            if q:
-              new_p[i], new_m[i], new_ma[i], new_v[i], new_va[i] = res
-              continue
-            new_p[i], new_m[i], new_v[i] = res[:3]
-            if mode & AMSGRAD:
-              new_x[i] = res[3]
+        if idx:
+          mode = core.mode if with_decay else core.mode & ~DECOUPLED
+          scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
+          if not tracing_ok(scalars):
+            raise Unserved("a hyperparameter under grad or vmap")
+          _call(lv, new, idx, scalars, counts, mode, block_size if q else 0, bf16)
+  return jax.tree.unflatten(treedef, new.p), _new_states(core, states, new, treedef, counts, block_size, ctx)
 
+
+def _call(lv: _Leaves, new: _Leaves, idx: list[int], scalars, counts: dict, mode: int, bs: int, bf16: bool) -> None:
+  """The kernel over the leaves `idx` (one format, dtype and mode), in calls of _LEAVES_PER_CALL; fills `new`."""
+  k = _per_leaf(mode, bs)
+  roles = ("g", "p", "m", "ma", "v", "va") if bs else ("g", "p", "m", "v") + (("x",) if mode & AMSGRAD else ())
+  outs = roles[1:]  # the kernel returns every role but the gradient, in order
+  for start in range(0, len(idx), _LEAVES_PER_CALL):
+    chunk = idx[start : start + _LEAVES_PER_CALL]
+    args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
+    args += [getattr(lv, r)[i] for i in chunk for r in roles]
+    out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else (), block_size=bs)
+    for j, i in enumerate(chunk):
+      for r, value in zip(outs, out[(k - 1) * j : (k - 1) * (j + 1)]):
+        getattr(new, r)[i] = value
+
+
+def _counted(state, ctx: Ctx):
+  """A stage's state with its count incremented (kept where the step is rejected)."""
+  return state._replace(count=select(ctx, optax.safe_increment(state.count), state.count))
+
+
+def _new_states(core: Core, states, new: _Leaves, treedef, counts: dict, block_size: int, ctx: Ctx) -> list:
+  """The kernel's stages' new states, from the moments' new leaves and the counts."""
   unflat = functools.partial(jax.tree.unflatten, treedef)
   out = list(states)
-  sel = lambda new, old: select(ctx, new, old)
   if block_size:
-    mu = _quantize.QuantizedMoment(codes=unflat(new_m), absmax=unflat(new_ma))
-    nu = _quantize.QuantizedMoment(codes=unflat(new_v), absmax=unflat(new_va))
+    mu = _quantize.QuantizedMoment(codes=unflat(new.m), absmax=unflat(new.ma))
+    nu = _quantize.QuantizedMoment(codes=unflat(new.v), absmax=unflat(new.va))
   else:
-    mu, nu = unflat(new_m), unflat(new_v)
-  out[core.moments] = mstate._replace(count=sel(counts["new"], mstate.count), mu=mu, nu=nu)
+    mu, nu = unflat(new.m), unflat(new.v)
+  mstate = states[core.moments]
+  out[core.moments] = mstate._replace(count=select(ctx, counts["new"], mstate.count), mu=mu, nu=nu)
   if core.mode & AMSGRAD:
-    out[core.hp["max_nu"]] = _moments.MaxNuState(nu_max=unflat(new_x))
-  lr_i = core.hp["lr"]
-  out[lr_i] = states[lr_i]._replace(count=sel(optax.safe_increment(states[lr_i].count), states[lr_i].count))
+    out[core.hp["max_nu"]] = _moments.MaxNuState(nu_max=unflat(new.x))
+  out[core.hp["lr"]] = _counted(states[core.hp["lr"]], ctx)
   if "l2" in core.hp:
-    l2_i = core.hp["l2"]
-    s = states[l2_i]
-    inner = s.inner_state if isinstance(s, optax.MaskedState) else s
-    inner = inner._replace(count=sel(optax.safe_increment(inner.count), inner.count))
-    out[l2_i] = optax.MaskedState(inner_state=inner) if isinstance(s, optax.MaskedState) else inner
+    s = states[core.hp["l2"]]
+    masked = isinstance(s, optax.MaskedState)
+    inner = _counted(s.inner_state if masked else s, ctx)
+    out[core.hp["l2"]] = optax.MaskedState(inner_state=inner) if masked else inner
   if "decay" in core.hp:
-    d = states[core.hp["decay"]]
-    out[core.hp["decay"]] = d._replace(count=sel(optax.safe_increment(d.count), d.count))
-  return unflat(new_p), out[core.start :]
+    out[core.hp["decay"]] = _counted(states[core.hp["decay"]], ctx)
+  return out[core.start :]
 
 
 def _quantized_block_size(core: Core, mstate) -> int:
@@ -482,6 +517,7 @@ def _scalars(core: Core, counts: dict, dtype, ctx: Ctx, g_norm, mode: int):
       fd = _common.float_dtype()
       factor = 1.0 - _common.cast_hyperparameter(dlr, fd) * _common.cast_hyperparameter(dwd, fd)
     factor = jnp.asarray(factor).astype(dtype)
-  values = [1 - d1, d1, 1 - d2, d2, c1, c2, cast(e_root), cast(e), -cast(lr), cast(wd), norm, max_norm, clip_on, apply]
-  values += [factor, -1.0 if mode & NEGATE else 1.0]
-  return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
+  values = dict(OMB1=1 - d1, B1=d1, OMB2=1 - d2, B2=d2, C1=c1, C2=c2, EPS_ROOT=cast(e_root), EPS=cast(e))
+  values.update(NEG_LR=-cast(lr), WD=cast(wd), CLIP_NORM=norm, CLIP_MAX=max_norm, CLIP_ON=clip_on, APPLY=apply)
+  values.update(FACTOR=factor, SIGN=-1.0 if mode & NEGATE else 1.0)
+  return jnp.stack([jnp.asarray(values[name]).astype(dtype) for _, name in _abi.SCALARS])

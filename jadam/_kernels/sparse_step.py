@@ -44,11 +44,14 @@ from jax.interpreters import batching, mlir
 
 from jadam._core import common as _common
 from jadam._stages import sparse as _sparse
+from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
 from jadam._kernels.base import Unserved, for_export, select, tracing_ok
 
-# The kernel's scalar layout (enum SparseScalar in sparse_adam_cpu.cc).
-_OMB1, _OMB2, _SCALE, _EPS_ROOT, _EPS, _NEG_LR, _SIGN, _APPLY = range(8)
+# The kernel's scalar layout, from the one ABI table (checked against sparse_adam_cpu.cc by tests/test_abi.py).
+_OMB1, _OMB2, _SCALE, _EPS_ROOT, _EPS, _NEG_LR, _SIGN, _APPLY = (
+  _abi.SPARSE[k] for k in ("OMB1", "OMB2", "SCALE", "EPS_ROOT", "EPS", "NEG_LR", "SIGN", "APPLY")
+)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 _STAGE = "jadam.scale_by_sparse_moments"
 
@@ -181,6 +184,6 @@ def _scalars(core: dict, count, lr, dtype, ctx):
   step = new_count - 1  # normalize
   e, e_root = core["eps"](step), core["eps_root"](step)
   apply = 1.0 if ctx.apply is None else ctx.apply
-  values = [1 - cast(beta1), 1 - cast(beta2), scale, cast(e_root), cast(e), -cast(lr)]
-  values += [-1.0 if core["negate"] else 1.0, apply]
-  return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
+  values = dict(OMB1=1 - cast(beta1), OMB2=1 - cast(beta2), SCALE=scale, EPS_ROOT=cast(e_root), EPS=cast(e))
+  values.update(NEG_LR=-cast(lr), SIGN=-1.0 if core["negate"] else 1.0, APPLY=apply)
+  return jnp.stack([jnp.asarray(values[name]).astype(dtype) for _, name in _abi.SPARSE_SCALARS])

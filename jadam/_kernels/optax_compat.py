@@ -22,6 +22,7 @@ names optax has used since 0.2.5.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -75,19 +76,19 @@ def chain_parts(fn: Any) -> list[Any] | None:
   return list(fns)
 
 
-def named_chain_rebuild(fn: Any) -> Callable[[list[Any]], Any] | None:
-  """How `optax.named_chain`'s state (a dict by name) is rebuilt from its parts' states; None for `optax.chain`."""
+def named_chain_rebuild(fn: Any, state: Any) -> Callable[[list[Any]], Any] | None:
+  """How `optax.named_chain`'s state (a mapping by name) is rebuilt from its parts' states; None for `optax.chain`."""
   if not _is(fn, "named_chain.<locals>.update_fn"):
     return None
   names = [name for name, _ in closure(fn)["transforms"]]
-  return lambda new: dict(zip(names, new))
+  return lambda new: type(state)(zip(names, new))
 
 
 def chain_states(fn: Any, state: Any) -> list[Any]:
   """The states of a chain's parts, in order."""
   if _is(fn, "named_chain.<locals>.update_fn"):
     names = [name for name, _ in closure(fn)["transforms"]]
-    if not isinstance(state, dict) or list(state) != names:
+    if not isinstance(state, Mapping) or list(state) != names:
       raise Unserved("an optax.named_chain's state does not match its stages (call init first)")
     return [state[name] for name in names]
   if not isinstance(state, tuple):

@@ -132,8 +132,9 @@ def run(fn: Any, state: Any, grads: Any, params: Any, ctx: Ctx) -> tuple[Any, An
   if done is not None:
     return done
   items, rebuild = flatten(fn, state, grads, params)
-  if len(items) == 1 and items[0][0] is not fn:
-    return run(items[0][0], items[0][1], grads, params, ctx)
+  if len(items) == 1 and items[0][0] is not fn:  # a chain of one: its part, then the chain's state around it
+    new_params, new_state = run(items[0][0], items[0][1], grads, params, ctx)
+    return new_params, rebuild([new_state])
   if params is None:
     raise Unserved("the kernel needs the parameters (update(grads, state, params))")
   if "scale_by_sparse_moments" in [name_of(f) for f, _ in items]:  # jadam.sparse_adam's: the row-sparse kernel
@@ -160,7 +161,7 @@ def flatten(fn: Any, state: Any, grads: Any, params: Any) -> tuple[Items, Callab
   if len(states) != len(parts):
     raise Unserved("a chain's state does not match its stages (call init first)")
   subs = [flatten(f, s, grads, params) for f, s in zip(parts, states)]
-  back = _compat.named_chain_rebuild(fn) or tuple
+  back = _compat.named_chain_rebuild(fn, state) or tuple
 
   def rebuild(new):
     out, k = [], 0

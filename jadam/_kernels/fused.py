@@ -1,4 +1,4 @@
-"""The fused Adam step: Adam's stages found by structure, run as one pass over memory.
+"""The fused Adam step: Adam's stages, as the planner found them, run as one pass over memory.
 
 XLA:CPU has no multi-output fusion, so the generic step makes three passes
 (new m, new v, new parameters: 40 bytes a float32 parameter, where 28 would
@@ -8,25 +8,26 @@ path does, operation for operation, with the scalars (learning rate, decays,
 bias corrections, eps, the clip factor) formed in JAX as the stages form them,
 so schedules and traced hyperparameters work unchanged.
 
-**Found by structure.** jadam's stages tag their update functions with what
-they are and their hyperparameters (``update_fn.jadam_stage``); Optax's
-combinators are recognised by their state types and their update functions
-(`optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`,
-`partition`/`masked`). :func:`plan` walks a transformation alongside its state
-and either serves it or says why not (:class:`Unserved`), whoever built it:
+**Planned, never guessed.** `jadam._kernels.plan` reads the stages' registry
+records (every argument of each) and optax's combinators through
+`jadam._kernels.optax_compat`, and hands this module a :class:`Core` only for
+what the kernel computes exactly; anything else runs as its stages. Served:
 
 - a chain ending in Adam's stages: ``[flip_sign] [add_l2] scale_by_moments
-  [max_nu] bias_correct normalize [add_l2 (masked or not)] scale_by_lr``;
-  any stages in front run as they are, `clip_by_global_norm` directly in
-  front becomes a kernel scalar (one reduction pass for the norm);
-- `apply_if_finite` (its check, `all(isfinite(g))`, one parallel pass of `finite_cpu.cc`; a rejected step leaves p, m and v as they are),
+  [max_nu] bias_correct normalize [add_l2 (masked or not)] scale_by_lr
+  [decoupled_decay]``; any stages in front run as they are,
+  `clip_by_global_norm` directly in front becomes a kernel scalar (one
+  reduction pass for the norm);
+- inside `apply_if_finite` (its check, `all(isfinite(g))`, one parallel pass of
+  `finite_cpu.cc`; a rejected step leaves p, m and v as they are),
   `inject_hyperparams`, `partition` (one kernel call per group's leaves);
 - moments in the parameters' dtype, in bfloat16 (stochastic rounding), or in
   8 bits (`jadam.Quantized` for both, without AMSGrad: one pass per block
   dequantizes, updates and requantizes; leaves below `min_size` keep float
-  moments and take the float kernel in the same step);
-- `jadam.sparse_adam`'s chain on row-sparse gradients: `sparse_step.py`'s
-  kernel, one call per table.
+  moments and take the float kernel in the same step).
+
+The scalars' layout and the mode bits come from `jadam._kernels.abi`, the one
+table shared with the C++.
 
 **Exportable.** The primitive lowers to the C++ custom call only when lowering
 for the CPU outside `jax.export`; for `jax.export` and every other platform it

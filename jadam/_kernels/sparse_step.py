@@ -15,13 +15,11 @@ scalars (1 - b1, 1 - b2, the folded bias correction, eps, -lr) are formed in
 JAX as the stages form them, so schedules, `inject_hyperparams` and traced
 hyperparameters work unchanged.
 
-**Found by structure.** `fused.py`'s walker (`apply_if_finite`,
-`inject_hyperparams`, `partition`, `jadam.torch`'s groups, chains) hands a
-chain to :func:`run_chain` when it holds `scale_by_sparse_moments`; served is
-a chain ending in ``[flip_sign] scale_by_sparse_moments
+**Planned.** `jadam._kernels.plan` hands :func:`run_chain` a chain whose last
+stages its registry records say are ``[flip_sign] scale_by_sparse_moments
 rowwise(bias_correct(into_step=True)) rowwise(normalize) scale_by_lr``
-(`jadam.sparse_adam`), with any stages in front run as they are. Anything else
-raises `fused.Unserved` and the generic path runs.
+(`jadam.sparse_adam`), with every argument one the kernel implements; any
+stages in front run as they are. Anything else runs as its stages.
 
 **Exportable.** As for the dense kernel, the primitive lowers to the custom
 call only on the CPU outside `jax.export`; elsewhere to the generic path's

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jadam._core import registry as _registry
+
 _FORMAT = "jadam.checkpoint/1"
 _CHECKSUMS = "jadam.checksums/1"  # the digests' own record, beside the arrays and the description
 
@@ -93,13 +95,44 @@ def _verify(path: str, description: list[dict[str, Any]], record: Any, arrays: d
       )
 
 
+# --- which optimizer wrote a state -------------------------------------------------------
+def _identities(tree: Any) -> dict[str, dict[str, Any]]:
+  """The identity of every optimizer state in `tree` (`jadam._core.registry.OptimizerState`), by key path."""
+  is_state = lambda x: isinstance(x, _registry.OptimizerState)
+  found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_state)[0]
+  return {
+    jax.tree_util.keystr(path): {"optimizer": x.identity.optimizer, "stages": list(x.identity.stages)}
+    for path, x in found
+    if is_state(x)
+  }
+
+
+def _check_identities(path: str, stored: dict[str, Any], expected: dict[str, Any], *, names_only: bool) -> None:
+  """Raises where the checkpoint's optimizer at a key path is not the one `like` holds there (both known).
+
+  With `names_only`, only another optimizer raises (one optimizer in another
+  configuration is left to the leaf-by-leaf comparison, which says where).
+  """
+  for where in sorted(set(stored) & set(expected)):
+    s, e = stored[where], expected[where]
+    if s["optimizer"] != e["optimizer"] or (s != e and not names_only):
+      at = f" at {where}" if where else ""
+      raise ValueError(
+        f"the checkpoint at {path} does not match the tree to restore into: it holds a state written by"
+        f" {s['optimizer']} (stages {', '.join(s['stages'])}){at}, and the tree to restore into is a state of"
+        f" {e['optimizer']} (stages {', '.join(e['stages'])}). Restore it into {s['optimizer']}'s own state."
+        " Nothing was restored."
+      )
+
+
 def save_state(directory: str | os.PathLike, tree: Any) -> None:
   """Save a pytree of arrays (an optimizer state, a `TrainState`, an `nnx.State`) with orbax.
 
   Writes `directory`, which must not exist yet, atomically (orbax writes to a
   temporary directory and renames it). The tree's leaves go through orbax's
   array format; its structure is described in JSON (each leaf's key path,
-  shape and dtype, and where it is ``None``), so that :func:`restore_state` can
+  shape and dtype, and where it is ``None``, and which optimizer and stage
+  types wrote each optimizer state in it), so that :func:`restore_state` can
   refuse a tree that does not match. Zero-size arrays, ``None`` leaves and
   empty states (`optax.EmptyState`) are recorded in the description only.
   The SHA-256 digest of every stored array (its global values brought to the
@@ -131,7 +164,8 @@ def save_state(directory: str | os.PathLike, tree: Any) -> None:
   description = [{"path": path, "leaf": _describe(leaf)} for path, leaf in leaves]
   # Only non-empty arrays go to orbax, which refuses zero-size ones; the rest is rebuilt from the description.
   arrays = {str(i): _as_array(leaf) for i, (_, leaf) in enumerate(leaves) if _stored(description[i]["leaf"])}
-  items = {"structure": ocp.args.JsonSave({"format": _FORMAT, "leaves": description})}
+  header = {"format": _FORMAT, "leaves": description, "optimizers": _identities(tree)}
+  items = {"structure": ocp.args.JsonSave(header)}
   if arrays:  # an EmptyState alone has none
     items["arrays"] = ocp.args.StandardSave(arrays)
     # orbax keeps no checksum of the data: a flipped bit would restore as a wrong value without a word
@@ -178,8 +212,9 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
 
   Raises:
     FileNotFoundError: there is no checkpoint at `directory`.
-    ValueError: the checkpoint was not written by :func:`save_state`, or it
-      does not match `like`; the message names the first key path that
+    ValueError: the checkpoint was not written by :func:`save_state`, it
+      holds another optimizer's state than `like` (the message names both),
+      or it does not match `like`; the message names the first key path that
       differs, with what `like` expects there and what the checkpoint holds.
       Also when an array read back does not have the SHA-256 digest recorded
       when it was saved (a changed data file: the message names its key
@@ -198,6 +233,8 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
     raise ValueError(
       f"{path} is not a checkpoint written by jadam.save_state (its format is {found!r}, not {_FORMAT!r})."
     )
+  stored_ids, expected_ids = header.get("optimizers", {}), _identities(like)
+  _check_identities(path, stored_ids, expected_ids, names_only=True)
   leaves, treedef = _leaves(like)
   expected = [{"path": p, "leaf": _describe(leaf)} for p, leaf in leaves]
   mismatch = _first_mismatch(header["leaves"], expected)
@@ -205,6 +242,7 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
     raise ValueError(
       f"the checkpoint at {path} does not match the tree to restore into: {mismatch}. Nothing was restored."
     )
+  _check_identities(path, stored_ids, expected_ids, names_only=False)
 
   def target(leaf):
     if isinstance(leaf, jax.Array):

@@ -19,6 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 
 _CURVATURE = 1e-10  # PyTorch keeps a pair (y, s) only if y.s exceeds this
 
@@ -282,6 +283,7 @@ def _direction(s: LbfgsState, flat_grad: jax.Array, history_size: int) -> LbfgsS
   )
 
 
+@_registry.stage("lbfgs", state=LbfgsState)
 def lbfgs(
   learning_rate: optax.ScalarOrSchedule = 1.0,
   *,

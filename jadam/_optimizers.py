@@ -8,6 +8,7 @@ import jax
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages import factored as _factored
 from jadam._stages import orthogonal as _orthogonal
 from jadam._stages import scale as _scale
@@ -159,7 +160,7 @@ def _adam_chain(
   if not decoupled:
     _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   max_dtype = None if isinstance(nu_dtype, _quantize.Quantized) else nu_dtype
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     name,
     *torch_front(maximize, None if decoupled else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
@@ -294,7 +295,7 @@ def rmsprop(
   """
   _common.check_flag("centered", centered)
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.rmsprop",
     *torch_front(maximize, weight_decay),
     scale_by_moments(alpha if centered else None, alpha),
@@ -355,7 +356,7 @@ def sgd(
     stages.append(sparse_ok)
   else:
     _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
-  return _common.named_chain("jadam.sgd", *stages, scale_by_lr(learning_rate))
+  return _registry.optimizer_chain("jadam.sgd", *stages, scale_by_lr(learning_rate))
 
 
 def adagrad(
@@ -412,7 +413,7 @@ def adagrad(
       return base / (1 + t * _common.cast_hyperparameter(decay_fn(count), dtype))
 
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.adagrad",
     *torch_front(maximize, weight_decay),
     _sparse.accumulate_rows_of(accumulate_squares(initial_accumulator_value)),  # row-sparse grads: torch's rule
@@ -474,7 +475,7 @@ def adamax(
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
   """
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.adamax",
     *torch_front(maximize, weight_decay),
     scale_by_inf_moments(b1, b2, eps, mu_dtype=mu_dtype),
@@ -535,7 +536,7 @@ def nadam(
   """
   _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.nadam",
     *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
@@ -592,7 +593,7 @@ def radam(
   """
   _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.radam",
     *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
     scale_by_moments(b1, b2, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
@@ -633,7 +634,7 @@ def adadelta(
     Zeiler, 2012.
   """
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.adadelta",
     *torch_front(maximize, weight_decay),
     scale_by_moments(None, rho),
@@ -671,7 +672,7 @@ def rprop(
     An :class:`optax.GradientTransformation`.
   """
   _common.check_flag("maximize", maximize)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.rprop", *torch_front(maximize, None), scale_by_rprop(learning_rate, etas, step_sizes), scale_by_lr(1.0)
   )
 
@@ -710,7 +711,7 @@ def asgd(
     An :class:`optax.GradientTransformation`.
   """
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.asgd",
     *torch_front(maximize, weight_decay),
     scale_by_asgd(learning_rate, lambd, alpha, t0),
@@ -788,7 +789,7 @@ def sparse_adam(
   """
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
   _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.sparse_adam",
     *torch_front(maximize, None),
     _sparse.scale_by_sparse_moments(b1, b2),
@@ -966,7 +967,7 @@ def adafactor(
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
   _common.check_hyperparameter("clipping_threshold", clipping_threshold, low=1.0)
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.adafactor",
     *torch_front(maximize, None),
     _factored.scale_by_factored_moments(beta2_decay, eps=eps),
@@ -1036,7 +1037,7 @@ def muon(
     Jordan et al., `Muon: An optimizer for hidden layers in neural networks
     <https://kellerjordan.github.io/posts/muon/>`_, 2024.
   """
-  return _common.named_chain(
+  return _registry.optimizer_chain(
     "jadam.muon",
     _scale.momentum(momentum, nesterov=nesterov, ema=True),
     _orthogonal.orthogonalize(ns_coefficients, ns_steps, eps, shape_scaling=adjust_lr_fn, ns_dtype=ns_dtype),

@@ -23,7 +23,7 @@ On CPU, XLA cannot fuse the three results of an Adam step (new m, v and
 parameters) into one loop: it makes three passes, 40 bytes a parameter. Where
 a transformation's structure is Adam's (jadam's stages, possibly inside
 `optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`
-or `partition`: see `jadam._kernels.fused`) the helpers here therefore call a
+or `partition`: see `jadam._kernels.plan`) the helpers here therefore call a
 compiled single-pass kernel instead, with the same results and the same state;
 everything else takes the generic path. `jax.export` and lowerings for other
 platforms get the kernel's arithmetic in plain XLA.
@@ -46,7 +46,8 @@ import optax
 
 from jadam._core import common as _common
 from jadam._stages import sparse as _sparse
-from jadam._kernels import fused as _fused
+from jadam._kernels import base as _base
+from jadam._kernels import plan as _plan
 
 
 def _check_tx(tx: Any) -> None:
@@ -123,8 +124,8 @@ def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: boo
   """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
   if fused is not False:
     try:
-      return _fused.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
-    except _fused.Unserved as e:
+      return _plan.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
+    except _base.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
   if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
@@ -146,7 +147,7 @@ class _Step:
     functools.update_wrapper(self, fused_fn)
 
   def _pick(self, args):
-    if jax.device_count() == 1 or all(_fused.single_device(x) for x in jax.tree.leaves(args)):
+    if jax.device_count() == 1 or all(_base.single_device(x) for x in jax.tree.leaves(args)):
       return self._fused
     return self._generic
 

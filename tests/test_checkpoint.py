@@ -233,7 +233,9 @@ MISMATCHES = {
   "other_optimizer": (
     jadam.adam(1e-3),
     jadam.sgd(1e-3, momentum=0.9).init(PARAMS),
-    r"leaf 2 is \[1\]\.trace\['b'\] in the tree to restore into, \[1\]\.mu\['b'\] in the checkpoint",
+    r"it holds a state written by jadam.adam \(stages AddL2State, ScaleByMomentsState, EmptyState, EmptyState,"
+    r" ScaleByLrState\), and the tree to restore into is a state of jadam.sgd \(stages AddL2State, MomentumState,"
+    r" ScaleByLrState\)",
   ),
   "extra_leaf": (
     jadam.adam(1e-3),

@@ -345,16 +345,6 @@ def is_zero(value: Any) -> bool:
   return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
 
 
-# --- One optimizer's state, and only its own -------------------------------------
-# The sequence of a chain's state types, made by `named_chain`, names the optimizer
-# that made it: the first alias built with that sequence.
-_MADE_BY: dict[tuple[str, ...], str] = {}
-
-
-def _state_types(state: Any) -> tuple[str, ...]:
-  return tuple(type(s).__name__ for s in state)
-
-
 def check_grads_present(name: str, updates: Any, params: Any) -> None:
   """Raises a `ValueError` where a gradient is `None` but the parameter is an array.
 
@@ -374,54 +364,6 @@ def check_grads_present(name: str, updates: Any, params: Any) -> None:
         " optax.apply_updates cannot add None to it. Pass a zero gradient for a frozen parameter, or leave it out"
         " of the optimizer with optax.partition(..., optax.set_to_zero())."
       )
-
-
-def named_chain(
-  name: str, *stages: optax.GradientTransformation, none_grads: bool = False
-) -> optax.GradientTransformationExtraArgs:
-  """`optax.chain(*stages)` whose update refuses another optimizer's state and `None` gradients.
-
-  Two optimizers with as many stages give states that `optax.chain` accepts
-  for each other; each stage checks its own state's type, but stateless
-  stages (`EmptyState`) cannot. The chain checks the sequence of its state's
-  types (static, so free under `jit`) against its own, and names the
-  optimizer that made the state it received. The state's tree is exactly
-  `optax.chain`'s.
-
-  Args:
-    name: the optimizer, for messages, e.g. ``"jadam.adam"``.
-    *stages: the transformations, in order.
-    none_grads: accept a `None` gradient where the params hold an array (an
-      optimizer that skips such leaves, as `torch.optim.SparseAdam` does, and
-      whose updates go through :func:`jadam.apply_updates`).
-  """
-  tx = optax.chain(*stages)
-  try:
-    mine = _state_types(tx.init({}))
-  except Exception:  # noqa: BLE001 - a mask callable that cannot read an empty tree: no check
-    mine = None
-  if mine is not None:
-    _MADE_BY.setdefault(mine, name)
-
-  def check(updates, state, params):
-    if mine is not None:
-      theirs = _state_types(state) if isinstance(state, tuple) else (type(state).__name__,)
-      if theirs != mine:
-        maker = _MADE_BY.get(theirs, "another optimizer")
-        raise TypeError(
-          f"{name}'s update received a state made by {maker}'s init: its stages' states are"
-          f" ({', '.join(theirs)}), where {name}'s are ({', '.join(mine)}). Pass the state that {name}'s own"
-          " init returned."
-        )
-    if params is not None and not none_grads:
-      check_grads_present(name, updates, params)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    check(updates, state, params)
-    return tx.update(updates, state, params, **extra_args)
-
-  update_fn.jadam_chain = (tx, check)  # for jadam._kernels.fused, which runs the chain's stages itself
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def path_string(path: Sequence[Any]) -> str:

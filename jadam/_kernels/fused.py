@@ -1,4 +1,4 @@
-"""The fused Adam step: Adam's stages found by structure, run as one pass over memory.
+"""The fused Adam step: Adam's stages, as the planner found them, run as one pass over memory.
 
 XLA:CPU has no multi-output fusion, so the generic step makes three passes
 (new m, new v, new parameters: 40 bytes a float32 parameter, where 28 would
@@ -8,25 +8,26 @@ path does, operation for operation, with the scalars (learning rate, decays,
 bias corrections, eps, the clip factor) formed in JAX as the stages form them,
 so schedules and traced hyperparameters work unchanged.
 
-**Found by structure.** jadam's stages tag their update functions with what
-they are and their hyperparameters (``update_fn.jadam_stage``); Optax's
-combinators are recognised by their state types and their update functions
-(`optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`,
-`partition`/`masked`). :func:`plan` walks a transformation alongside its state
-and either serves it or says why not (:class:`Unserved`), whoever built it:
+**Planned, never guessed.** `jadam._kernels.plan` reads the stages' registry
+records (every argument of each) and optax's combinators through
+`jadam._kernels.optax_compat`, and hands this module a :class:`Core` only for
+what the kernel computes exactly; anything else runs as its stages. Served:
 
 - a chain ending in Adam's stages: ``[flip_sign] [add_l2] scale_by_moments
-  [max_nu] bias_correct normalize [add_l2 (masked or not)] scale_by_lr``;
-  any stages in front run as they are, `clip_by_global_norm` directly in
-  front becomes a kernel scalar (one reduction pass for the norm);
-- `apply_if_finite` (its check, `all(isfinite(g))`, one parallel pass of `finite_cpu.cc`; a rejected step leaves p, m and v as they are),
+  [max_nu] bias_correct normalize [add_l2 (masked or not)] scale_by_lr
+  [decoupled_decay]``; any stages in front run as they are,
+  `clip_by_global_norm` directly in front becomes a kernel scalar (one
+  reduction pass for the norm);
+- inside `apply_if_finite` (its check, `all(isfinite(g))`, one parallel pass of
+  `finite_cpu.cc`; a rejected step leaves p, m and v as they are),
   `inject_hyperparams`, `partition` (one kernel call per group's leaves);
 - moments in the parameters' dtype, in bfloat16 (stochastic rounding), or in
   8 bits (`jadam.Quantized` for both, without AMSGrad: one pass per block
   dequantizes, updates and requantizes; leaves below `min_size` keep float
-  moments and take the float kernel in the same step);
-- `jadam.sparse_adam`'s chain on row-sparse gradients: `sparse_step.py`'s
-  kernel, one call per table.
+  moments and take the float kernel in the same step).
+
+The scalars' layout and the mode bits come from `jadam._kernels.abi`, the one
+table shared with the C++.
 
 **Exportable.** The primitive lowers to the C++ custom call only when lowering
 for the CPU outside `jax.export`; for `jax.export` and every other platform it
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,17 +51,22 @@ from jax.interpreters import batching, mlir
 from jadam._core import common as _common
 from jadam._storage import bf16 as _lowp
 from jadam._stages import moments as _moments
-from jadam._stages import penalty as _penalty
 from jadam._storage import quantize as _quantize
-from jadam._stages import scale as _scale
+from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
+from jadam._kernels.base import Ctx, Unserved, for_export, select, tracing_ok
 
-# The kernel's scalar layout (enum Scalar in adam_cpu.cc).
-_N_SCALARS = 16
-_OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = range(10)
-_CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR, _SIGN = range(10, _N_SCALARS)
-# enum Mode in adam_cpu.cc: which stages are present.
-COUPLED, DECOUPLED, NEGATE, CLIP, AMSGRAD, TORCH_DECAY = 1, 2, 4, 8, 16, 32
+# The kernel's scalar layout and mode bits, from the one ABI table (checked against adam_cpu.cc by tests/test_abi.py).
+_N_SCALARS = _abi.N_SCALARS
+_OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = (
+  _abi.S[k] for k in ("OMB1", "B1", "OMB2", "B2", "C1", "C2", "EPS_ROOT", "EPS", "NEG_LR", "WD")
+)
+_CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR, _SIGN = (
+  _abi.S[k] for k in ("CLIP_NORM", "CLIP_MAX", "CLIP_ON", "APPLY", "FACTOR", "SIGN")
+)
+COUPLED, DECOUPLED, NEGATE, CLIP, AMSGRAD, TORCH_DECAY = (
+  _abi.MODE[k] for k in ("COUPLED", "DECOUPLED", "NEGATE", "CLIP", "AMSGRAD", "TORCH_DECAY")
+)
 # Leaves per custom call: XLA's fusion passes are quadratic in a call's
 # operands (2,000 leaves in one call take minutes to compile).
 _LEAVES_PER_CALL = 32
@@ -71,10 +77,6 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 # the saved pass (fused 81 ms, XLA 71 ms, measured interleaved), so such trees
 # take the generic path unless the kernel is required.
 _MANY_LEAVES, _SMALL_LEAF = 256, 1 << 15
-
-
-class Unserved(Exception):
-  """The kernel cannot serve this transformation; the message says why."""
 
 
 # --- the primitive -------------------------------------------------------------
@@ -204,12 +206,6 @@ def _impl(*args, mode, streams, block_size):
   return jax.jit(functools.partial(adam_step_p.bind, mode=mode, streams=streams, block_size=block_size))(*args)
 
 
-def for_export(ctx) -> bool:
-  """Whether this lowering is `jax.export`'s (which refuses custom calls without compatibility guarantees)."""
-  params = getattr(ctx.module_context, "lowering_parameters", None)
-  return params is None or bool(getattr(params, "for_export", True))
-
-
 def _cpu_lowering(ctx, *args, mode, streams, block_size):
   impl = _xla_impl if for_export(ctx) or not _build.loaded() else _kernel_impl
   fun = functools.partial(impl, mode=mode, streams=streams, block_size=block_size)
@@ -273,179 +269,11 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.array(checks)) if checks else jnp.array(True)
 
 
-# --- recognising the structure -------------------------------------------------
-def _closure(fn: Any) -> dict[str, Any]:
-  code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-  if code is None:
-    return {}
-  out = {}
-  for name, cell in zip(code.co_freevars, cells):
-    try:
-      out[name] = cell.cell_contents
-    except ValueError:  # an empty cell
-      pass
-  return out
-
-
-def _is(fn: Any, module: str, qualname: str) -> bool:
-  return getattr(fn, "__module__", "").startswith(module) and getattr(fn, "__qualname__", "") == qualname
-
-
-def _unwrap(fn: Any) -> Any:
-  """Through Optax's extra-args adapter: the update function it calls."""
-  while _is(fn, "optax", "with_extra_args_support.<locals>.update"):
-    fn = _closure(fn)["tx"].update
-  return fn
-
-
-def _stage(fn: Any) -> tuple[str, dict] | None:
-  tag = getattr(fn, "jadam_stage", None)
-  return tag if isinstance(tag, tuple) and len(tag) == 2 else None
-
-
-def _is_chain(fn: Any) -> bool:
-  return _is(fn, "optax", "chain.<locals>.update_fn") and "update_fns" in _closure(fn)
-
-
-def _flatten(fn: Any, state: Any, grads: Any, params: Any) -> tuple[list[tuple[Any, Any]], Callable[[list[Any]], Any]]:
-  """Nested chains as one list of (update function, state), and how to rebuild the state from new ones.
-
-  A jadam alias (`_common.named_chain`) is opened after its own checks (its
-  state's stage types; no `None` gradient where the params hold arrays).
-  """
-  fn = _unwrap(fn)
-  chained = getattr(fn, "jadam_chain", None)
-  if chained is not None:
-    inner, check = chained
-    check(grads, state, params)
-    fn = _unwrap(inner.update)
-  if not _is_chain(fn):
-    return [(fn, state)], lambda new: new[0]
-  fns = _closure(fn)["update_fns"]
-  if not isinstance(state, tuple) or len(state) != len(fns):
-    raise Unserved("a chain's state does not match its stages (call init first)")
-  parts = [_flatten(f, s, grads, params) for f, s in zip(fns, state)]
-
-  def rebuild(new):
-    out, k = [], 0
-    for items, back in parts:
-      out.append(back(new[k : k + len(items)]))
-      k += len(items)
-    return tuple(out)
-
-  return [x for items, _ in parts for x in items], rebuild
-
-
-class _Ctx(NamedTuple):
-  apply: Any  # None, or a traced bool: whether the step is taken (apply_if_finite)
-  require: bool  # fused=True: keep many small leaves on the kernel too
-
-
-def select(ctx: _Ctx, new: Any, old: Any) -> Any:
-  if ctx.apply is None:
-    return new
-  return jax.tree.map(lambda n, o: jnp.where(ctx.apply, n, o), new, old)
-
-
-def _run(fn: Any, state: Any, grads: Any, params: Any, ctx: _Ctx) -> tuple[Any, Any]:
-  """``(new_params, new_state)`` of ``fn`` then ``optax.apply_updates``, through the kernel, or raises Unserved."""
-  fn = _unwrap(fn)
-  if _is(fn, "jadam.torch", "grouped.<locals>.update_fn"):  # jadam.torch's groups: a check, then partition
-    inner = _closure(fn)
-    if params is not None and "name" in inner:
-      _common.check_tree(f"jadam.torch.{inner['name']}", grads, "the params", params, _common.PARAMS_HINT)
-    return _run(inner["tx"].update, state, grads, params, ctx)
-  if isinstance(state, optax.ApplyIfFiniteState) and _is(fn, "optax", "apply_if_finite.<locals>.update"):
-    return _run_if_finite(fn, state, grads, params, ctx)
-  if _is_inject(fn, state):
-    return _run_inject(fn, state, grads, params, ctx)
-  if isinstance(state, optax.PartitionState) and _is(fn, "optax", "partition.<locals>.update_fn"):
-    return _run_partition(fn, state, grads, params, ctx)
-  items, rebuild = _flatten(fn, state, grads, params)
-  if len(items) == 1 and items[0][0] is not fn:
-    return _run(items[0][0], items[0][1], grads, params, ctx)
-  return _run_chain(items, rebuild, grads, params, ctx)
-
-
-def _run_if_finite(fn, state, grads, params, ctx):
-  env = _closure(fn)
-  inner, max_errors = env["inner"], env["max_consecutive_errors"]
-  # optax.apply_if_finite's own arithmetic, as it does it
-  isfinite = all_finite(grads)  # optax's jnp.all(jnp.isfinite(...)) over the leaves, as one parallel pass
-  notfinite_count = jnp.where(isfinite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count))
-  ok = jnp.logical_or(isfinite, notfinite_count > max_errors)
-  inner_ctx = ctx._replace(apply=ok if ctx.apply is None else jnp.logical_and(ctx.apply, ok))
-  new_params, inner_state = _run(inner.update, state.inner_state, grads, params, inner_ctx)
-  new_state = optax.ApplyIfFiniteState(
-    notfinite_count=notfinite_count,
-    last_finite=isfinite,
-    total_notfinite=jnp.where(isfinite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
-    inner_state=inner_state,
-  )
-  # an enclosing apply_if_finite that rejects the step keeps this one's counters too
-  kept = select(ctx, new_state._replace(inner_state=None), state._replace(inner_state=None))
-  return new_params, kept._replace(inner_state=inner_state)
-
-
-def _is_inject(fn, state) -> bool:
-  fields = ("count", "hyperparams", "hyperparams_states", "inner_state")
-  return (
-    getattr(fn, "__module__", "").startswith("optax")
-    and getattr(type(state), "_fields", None) == fields
-    and {"inner_factory", "sched_hps", "other_hps"} <= set(_closure(fn))
-  )
-
-
-def _run_inject(fn, state, grads, params, ctx):
-  env = _closure(fn)
-  convert = fn.__globals__.get("_convert_floats")
-  if convert is None:
-    raise Unserved("an unknown version of optax.inject_hyperparams")
-  dtype = env.get("hyperparam_dtype")
-  if dtype is None:
-    dtype = optax.tree.dtype(params, "highest")
-  # optax.inject_hyperparams's update, as it does it
-  hparams = {k: convert(v, dtype) for k, v in state.hyperparams.items()}
-  hparams.update({k: convert(f(state.hyperparams_states[k]), dtype) for k, f in env["sched_hps"].items()})
-  hp_states = {k: f.update(state.hyperparams_states[k]) for k, f in env["sched_hps"].items()}
-  inner = env["inner_factory"](**env["other_hps"], **hparams)
-  new_params, inner_state = _run(inner.update, state.inner_state, grads, params, ctx)
-  new = type(state)(
-    count=optax.safe_increment(state.count), hyperparams=hparams, hyperparams_states=hp_states, inner_state=inner_state
-  )
-  kept = select(ctx, new._replace(inner_state=None), state._replace(inner_state=None))
-  return new_params, kept._replace(inner_state=inner_state)
-
-
 def _mask_tree(mask, tree):
   return mask(tree) if callable(mask) else mask
 
 
-def _masked(tree, mask_tree):
-  return jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), mask_tree, tree)
-
-
-def _run_partition(fn, state, grads, params, ctx):
-  env = _closure(fn)
-  transforms, param_labels = env["transforms"], env["param_labels"]
-  if params is None:
-    raise Unserved("the kernel needs the parameters")
-  labels = param_labels(grads) if callable(param_labels) else param_labels
-  new_params, inner_states = params, {}
-  for group, tx in transforms.items():
-    mask_tree = jax.tree.map(lambda label, g=group: label == g, labels)
-    masked_state = state.inner_states[group]
-    if not isinstance(masked_state, optax.MaskedState):
-      raise Unserved("a partition's state is not MaskedStates")
-    group_params, inner = _run(
-      tx.update, masked_state.inner_state, _masked(grads, mask_tree), _masked(params, mask_tree), ctx
-    )
-    new_params = jax.tree.map(lambda m, new, old: new if m else old, mask_tree, group_params, new_params)
-    inner_states[group] = optax.MaskedState(inner_state=inner)
-  return new_params, optax.PartitionState(inner_states)
-
-
-class _Core(NamedTuple):
+class Core(NamedTuple):
   """Adam's stages at the end of a chain, with their states' positions."""
 
   moments: int  # the item index of scale_by_moments
@@ -455,99 +283,8 @@ class _Core(NamedTuple):
   start: int  # the first item of the core (clip included)
 
 
-def _parse_core(items) -> _Core:
-  kinds = [(_stage(f) or (None, {}))[0] for f, _ in items]
-
-  def tag(i):
-    return _stage(items[i][0])[1]
-
-  def add_l2_at(i):
-    """add_l2's hyperparameters and mask at item i (plain or in optax.masked), or None."""
-    f, s = items[i]
-    if kinds[i] == "add_l2":
-      return tag(i), None
-    if _is(f, "optax", "masked.<locals>.update_fn") and isinstance(s, optax.MaskedState):
-      env = _closure(f)
-      inner = _unwrap(env["inner"].update)
-      if (_stage(inner) or (None,))[0] == "add_l2":
-        return _stage(inner)[1], env["mask"]
-    return None
-
-  i = len(items) - 1
-  hp, mode = {}, 0
-  if i >= 0 and kinds[i] == "decoupled_decay":
-    if tag(i)["convention"] != "torch":
-      raise Unserved(f"decoupled_decay(convention={tag(i)['convention']!r}): the kernel has PyTorch's rounding")
-    hp.update(decay_wd=tag(i)["weight_decay"], decay_lr=tag(i)["learning_rate"], decay=i)
-    mode |= TORCH_DECAY
-    i -= 1
-  if i < 0 or kinds[i] != "scale_by_lr":
-    raise Unserved("the transformation does not end in jadam.scale_by_lr (Adam's last stage)")
-  hp.update(learning_rate=tag(i)["learning_rate"], lr=i)
-  decay = add_l2_at(i - 1) if i >= 1 else None
-  i -= 1
-  if decay is not None:
-    hp.update(weight_decay=decay[0]["weight_decay"], l2=i, mask=decay[1])
-    mode |= DECOUPLED
-    i -= 1
-  if i < 0 or kinds[i] != "normalize":
-    raise Unserved("no jadam.normalize before scale_by_lr: not Adam's stages")
-  hp.update(eps=tag(i)["eps"], eps_root=tag(i)["eps_root"])
-  i -= 1
-  if i < 0 or kinds[i] != "bias_correct" or tag(i)["into_step"]:
-    raise Unserved("no jadam.bias_correct() (into_step=False) before normalize")
-  i -= 1
-  if i >= 0 and kinds[i] == "max_nu":
-    mode |= AMSGRAD
-    hp["max_nu"] = i
-    i -= 1
-  if i < 0 or kinds[i] != "scale_by_moments" or tag(i)["b1"] is None:
-    raise Unserved("no jadam.scale_by_moments (with b1) before bias_correct")
-  moments = i
-  hp.update(b1=tag(i)["b1"], b2=tag(i)["b2"], mu_dtype=tag(i)["mu_dtype"], nu_dtype=tag(i)["nu_dtype"])
-  i -= 1
-  if i >= 0 and add_l2_at(i) is not None:
-    if mode & DECOUPLED or add_l2_at(i)[1] is not None:
-      raise Unserved("both a coupled and a decoupled add_l2, or a masked coupled add_l2")
-    hp.update(weight_decay=add_l2_at(i)[0]["weight_decay"], l2=i, mask=None)
-    mode |= COUPLED
-    i -= 1
-  if i >= 0 and kinds[i] == "flip_sign":
-    mode |= NEGATE
-    i -= 1
-  clip = None
-  if i >= 0 and _is(items[i][0], "optax", "clip_by_global_norm.<locals>.update_fn"):
-    clip = _closure(items[i][0])["max_norm"]
-    mode |= CLIP
-    i -= 1
-  return _Core(moments=moments, hp=hp, mode=mode, clip=clip, start=i + 1)
-
-
-def _check_states(items, core: _Core) -> None:
-  want = {core.moments: _moments.ScaleByMomentsState, core.hp["lr"]: _scale.ScaleByLrState}
-  if "max_nu" in core.hp:
-    want[core.hp["max_nu"]] = _moments.MaxNuState
-  for i, cls in want.items():
-    if not isinstance(items[i][1], cls):
-      raise Unserved(f"the state of {_stage(items[i][0])[0]} is {type(items[i][1]).__name__}, not {cls.__name__}")
-  if "decay" in core.hp and not isinstance(items[core.hp["decay"]][1], _penalty.DecoupledDecayState):
-    raise Unserved("decoupled_decay's state is not DecoupledDecayState")
-  if "l2" in core.hp:
-    s = items[core.hp["l2"]][1]
-    s = s.inner_state if isinstance(s, optax.MaskedState) else s
-    if not isinstance(s, _penalty.AddL2State):
-      raise Unserved(f"add_l2's state is {type(s).__name__}")
-
-
-def _run_chain(items, rebuild, grads, params, ctx):
-  from jadam._kernels import sparse_step  # pylint: disable=g-import-not-at-top (it imports this module)
-
-  if sparse_step.is_sparse_chain(items):  # jadam.sparse_adam's stages: the row-sparse kernel
-    return sparse_step.run_chain(items, rebuild, grads, params, ctx)
-  core = _parse_core(items)
-  _check_states(items, core)
-  if params is None:
-    raise Unserved("the kernel needs the parameters (update(grads, state, params))")
+def run_chain(items, rebuild, core: Core, grads, params, ctx: Ctx):
+  """``(new_params, new_state)`` of a flattened chain that `jadam._kernels.plan` found to end in Adam's stages."""
   new_states = [s for _, s in items]
   g = grads
   for i in range(core.start):  # stages in front of Adam's: as they are
@@ -559,146 +296,164 @@ def _run_chain(items, rebuild, grads, params, ctx):
   return new_params, rebuild(new_states)
 
 
-def tracing_ok(x: Any) -> bool:
-  """Concrete arrays and `jit`'s tracers only: under `grad`, `vmap` and the like, go generic."""
-  if not isinstance(x, jax.core.Tracer):
-    return isinstance(x, (jax.Array, np.ndarray))
-  try:
-    from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    return False
-  return type(x) is partial_eval.DynamicJaxprTracer
+class _Leaves(NamedTuple):
+  """The flat leaves of one step, by role (lists as long as the parameters'; None where a role is absent)."""
+
+  g: list
+  p: list
+  m: list  # the first moment (8-bit: its codes)
+  v: list  # the second moment (8-bit: its codes)
+  x: list  # AMSGrad's maximum
+  ma: list  # 8-bit: the first moment's scales
+  va: list  # 8-bit: the second moment's scales
 
 
-def _run_core(items, core: _Core, grads, params, ctx):
-  states = [s for _, s in items]
+def _gather(core: Core, states, grads, params, block_size: int) -> tuple[_Leaves, Any]:
+  """The step's leaves, flattened as the parameters, and the parameters' treedef; else Unserved."""
   mstate = states[core.moments]
   ps, treedef = jax.tree.flatten(params)
-  # 8-bit moments (jadam.Quantized for both, one block size): codes and scales; leaves below min_size keep float
-  # moments in the codes' tree and take the float kernel
-  block_size = _quantized_block_size(core, mstate)
+  none = [None] * len(ps)
   try:
-    gs = treedef.flatten_up_to(grads)
-    if block_size:
-      ms, vs = treedef.flatten_up_to(mstate.mu.codes), treedef.flatten_up_to(mstate.nu.codes)
-      mas, vas = treedef.flatten_up_to(mstate.mu.absmax), treedef.flatten_up_to(mstate.nu.absmax)
+    flat = treedef.flatten_up_to
+    if block_size:  # 8-bit moments: codes and scales; leaves below min_size keep float moments in the codes' tree
+      ms, vs, mas, vas = (flat(x) for x in (mstate.mu.codes, mstate.nu.codes, mstate.mu.absmax, mstate.nu.absmax))
     else:
-      ms, vs = treedef.flatten_up_to(mstate.mu), treedef.flatten_up_to(mstate.nu)
-      mas = vas = [None] * len(ps)
-    xs = treedef.flatten_up_to(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else [None] * len(ps)
+      ms, vs, mas, vas = flat(mstate.mu), flat(mstate.nu), none, none
+    xs = flat(states[core.hp["max_nu"]].nu_max) if core.mode & AMSGRAD else none
+    gs = flat(grads)
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients or the moments are not shaped like the parameters ({e})") from None
+  return _Leaves(gs, ps, ms, vs, xs, mas, vas), treedef
+
+
+def _check_leaf(leaves: list, bf16: bool) -> None:
+  """A leaf with float moments: g, p, m, v (and AMSGrad's maximum) as the kernel takes them, else Unserved."""
+  shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
+  if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
+    raise Unserved(f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)")
+  want = [dtype, dtype, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)] if bf16 else [dtype] * len(leaves)
+  if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want)):
+    raise Unserved(
+      f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
+      " other than the parameters' or bfloat16 for both)"
+    )
+
+
+def _check_leaves(lv: _Leaves, block_size: int, bf16: bool) -> list[bool]:
+  """Which leaves have 8-bit moments; Unserved where a leaf is not one the kernel serves."""
+  eight = [False] * len(lv.p)
+  for i, leaves in enumerate(zip(*lv)):
+    leaves = [x for x in leaves if x is not None]
+    if not all(tracing_ok(x) for x in leaves):
+      raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
+    if block_size:
+      eight[i] = _check_8bit_leaf(lv.g[i], lv.p[i], lv.m[i], lv.v[i], lv.ma[i], lv.va[i], block_size)
+      if eight[i]:
+        continue
+      leaves = leaves[:4]
+    _check_leaf(leaves, bf16)
+  return eight
+
+
+def _decayed(core: Core, grads, params, n: int) -> list[bool]:
+  """The leaves a masked decoupled add_l2 decays (the others take the kernel without decay)."""
+  if core.hp.get("mask") is None:
+    return [True] * n
+  mask_tree = _mask_tree(core.hp["mask"], grads)
+  flat = []
+  for m, sub in zip(jax.tree.leaves(mask_tree), jax.tree.structure(mask_tree).flatten_up_to(params)):
+    flat += [bool(m)] * len(jax.tree.leaves(sub))
+  if len(flat) != n:
+    raise Unserved("the decay mask does not match the parameters")
+  return flat
+
+
+def _run_core(items, core: Core, grads, params, ctx):
+  states = [s for _, s in items]
+  block_size = _quantized_block_size(core, states[core.moments])
+  lv, treedef = _gather(core, states, grads, params, block_size)
   # bfloat16 moments, both stored with jadam._storage.bf16's stochastic rounding: the float32 kernel's bfloat16 variant
   bf16 = not block_size and all(_lowp.stochastic_store(core.hp[k]) for k in ("mu_dtype", "nu_dtype"))
   if bf16 and core.mode & AMSGRAD:
     raise Unserved("bfloat16 moments with amsgrad")
-  eight = [False] * len(ps)  # which leaves have 8-bit moments
-  for i, leaves in enumerate(zip(gs, ps, ms, vs, xs, mas, vas)):
-    leaves = [x for x in leaves if x is not None]
-    if not all(tracing_ok(x) for x in leaves):
-      raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
-    shape, dtype = jnp.shape(leaves[1]), jnp.result_type(leaves[1])
-    if block_size:
-      eight[i] = _check_8bit_leaf(gs[i], ps[i], ms[i], vs[i], mas[i], vas[i], block_size)
-      if eight[i]:
-        continue
-      leaves = leaves[:4]
-    if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
-      raise Unserved(
-        f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)"
-      )
-    want = [dtype, dtype, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)] if bf16 else [dtype] * len(leaves)
-    if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want)):
-      raise Unserved(
-        f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
-        " other than the parameters' or bfloat16 for both)"
-      )
+  eight = _check_leaves(lv, block_size, bf16)
   if not ctx.require and not _build.kernel_prefers(
     amsgrad=bool(core.mode & AMSGRAD), moments=_moments_kind(bf16, block_size)
   ):
     raise Unserved(f"on this CPU's {_build.isa()} path the kernel is slower than XLA for this configuration")
-  if not ctx.require and len(ps) > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in ps) < _SMALL_LEAF * len(ps):
-    raise Unserved(f"{len(ps)} small leaves: the generic path is faster there")
-
-  # the masks of a masked decoupled add_l2: leaves outside it take the kernel without decay
-  decayed = [True] * len(ps)
-  if core.hp.get("mask") is not None:
-    mask_tree = _mask_tree(core.hp["mask"], grads)
-    flat = []
-    for m, sub in zip(jax.tree.leaves(mask_tree), jax.tree.structure(mask_tree).flatten_up_to(params)):
-      flat += [bool(m)] * len(jax.tree.leaves(sub))
-    decayed = flat
-    if len(decayed) != len(ps):
-      raise Unserved("the decay mask does not match the parameters")
-
+  n = len(lv.p)
+  if not ctx.require and n > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in lv.p) < _SMALL_LEAF * n:
+    raise Unserved(f"{n} small leaves: the generic path is faster there")
+  decayed = _decayed(core, grads, params, n)
   counts = _counts(core, states)
-  new_p, new_m, new_v, new_x = list(ps), list(ms), list(vs), list(xs)
-  new_ma, new_va = list(mas), list(vas)
+  new = _Leaves(*(list(x) for x in lv))
   g_norm = optax.tree.norm(grads) if core.mode & CLIP else None
   for dtype in _DTYPES:
     for with_decay in (True, False):
       for q in (False, True):  # one call per format: float moments, then 8-bit ones
         idx = [
           i
-          for i, p in enumerate(ps)
+          for i, p in enumerate(lv.p)
           if jnp.result_type(p) == dtype and decayed[i] == with_decay and eight[i] == q and np.prod(jnp.shape(p))
         ]
-        if not idx:
-          continue
-        mode = core.mode if with_decay else core.mode & ~DECOUPLED
-        scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
-        if not tracing_ok(scalars):
-          raise Unserved("a hyperparameter under grad or vmap")
-        bs = block_size if q else 0
-        k = _per_leaf(mode, bs)
-        for start in range(0, len(idx), _LEAVES_PER_CALL):
-          chunk = idx[start : start + _LEAVES_PER_CALL]
-          args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
-          for i in chunk:
-            if q:
-              args += [gs[i], ps[i], ms[i], mas[i], vs[i], vas[i]]
-            else:
-              args += [gs[i], ps[i], ms[i], vs[i]] + ([xs[i]] if mode & AMSGRAD else [])
-          out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else (), block_size=bs)
-          for j, i in enumerate(chunk):
-            res = out[(k - 1) * j : (k - 1) * (j + 1)]
-            if q:
-              new_p[i], new_m[i], new_ma[i], new_v[i], new_va[i] = res
-              continue
-            new_p[i], new_m[i], new_v[i] = res[:3]
-            if mode & AMSGRAD:
-              new_x[i] = res[3]
+        if idx:
+          mode = core.mode if with_decay else core.mode & ~DECOUPLED
+          scalars = _scalars(core, counts, dtype, ctx, g_norm, mode)
+          if not tracing_ok(scalars):
+            raise Unserved("a hyperparameter under grad or vmap")
+          _call(lv, new, idx, scalars, counts, mode, block_size if q else 0, bf16)
+  return jax.tree.unflatten(treedef, new.p), _new_states(core, states, new, treedef, counts, block_size, ctx)
 
+
+def _call(lv: _Leaves, new: _Leaves, idx: list[int], scalars, counts: dict, mode: int, bs: int, bf16: bool) -> None:
+  """The kernel over the leaves `idx` (one format, dtype and mode), in calls of _LEAVES_PER_CALL; fills `new`."""
+  k = _per_leaf(mode, bs)
+  roles = ("g", "p", "m", "ma", "v", "va") if bs else ("g", "p", "m", "v") + (("x",) if mode & AMSGRAD else ())
+  outs = roles[1:]  # the kernel returns every role but the gradient, in order
+  for start in range(0, len(idx), _LEAVES_PER_CALL):
+    chunk = idx[start : start + _LEAVES_PER_CALL]
+    args = [scalars, jnp.asarray(counts["moments"]).astype(jnp.uint32)]
+    args += [getattr(lv, r)[i] for i in chunk for r in roles]
+    out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else (), block_size=bs)
+    for j, i in enumerate(chunk):
+      for r, value in zip(outs, out[(k - 1) * j : (k - 1) * (j + 1)]):
+        getattr(new, r)[i] = value
+
+
+def _counted(state, ctx: Ctx):
+  """A stage's state with its count incremented (kept where the step is rejected)."""
+  return state._replace(count=select(ctx, optax.safe_increment(state.count), state.count))
+
+
+def _new_states(core: Core, states, new: _Leaves, treedef, counts: dict, block_size: int, ctx: Ctx) -> list:
+  """The kernel's stages' new states, from the moments' new leaves and the counts."""
   unflat = functools.partial(jax.tree.unflatten, treedef)
   out = list(states)
-  sel = lambda new, old: select(ctx, new, old)
   if block_size:
-    mu = _quantize.QuantizedMoment(codes=unflat(new_m), absmax=unflat(new_ma))
-    nu = _quantize.QuantizedMoment(codes=unflat(new_v), absmax=unflat(new_va))
+    mu = _quantize.QuantizedMoment(codes=unflat(new.m), absmax=unflat(new.ma))
+    nu = _quantize.QuantizedMoment(codes=unflat(new.v), absmax=unflat(new.va))
   else:
-    mu, nu = unflat(new_m), unflat(new_v)
-  out[core.moments] = mstate._replace(count=sel(counts["new"], mstate.count), mu=mu, nu=nu)
+    mu, nu = unflat(new.m), unflat(new.v)
+  mstate = states[core.moments]
+  out[core.moments] = mstate._replace(count=select(ctx, counts["new"], mstate.count), mu=mu, nu=nu)
   if core.mode & AMSGRAD:
-    out[core.hp["max_nu"]] = _moments.MaxNuState(nu_max=unflat(new_x))
-  lr_i = core.hp["lr"]
-  out[lr_i] = states[lr_i]._replace(count=sel(optax.safe_increment(states[lr_i].count), states[lr_i].count))
+    out[core.hp["max_nu"]] = _moments.MaxNuState(nu_max=unflat(new.x))
+  out[core.hp["lr"]] = _counted(states[core.hp["lr"]], ctx)
   if "l2" in core.hp:
-    l2_i = core.hp["l2"]
-    s = states[l2_i]
-    inner = s.inner_state if isinstance(s, optax.MaskedState) else s
-    inner = inner._replace(count=sel(optax.safe_increment(inner.count), inner.count))
-    out[l2_i] = optax.MaskedState(inner_state=inner) if isinstance(s, optax.MaskedState) else inner
+    s = states[core.hp["l2"]]
+    masked = isinstance(s, optax.MaskedState)
+    inner = _counted(s.inner_state if masked else s, ctx)
+    out[core.hp["l2"]] = optax.MaskedState(inner_state=inner) if masked else inner
   if "decay" in core.hp:
-    d = states[core.hp["decay"]]
-    out[core.hp["decay"]] = d._replace(count=sel(optax.safe_increment(d.count), d.count))
-  return unflat(new_p), out[core.start :]
+    out[core.hp["decay"]] = _counted(states[core.hp["decay"]], ctx)
+  return out[core.start :]
 
 
 def _moments_kind(bf16: bool, block_size: int) -> str:
   return "8bit" if block_size else "bfloat16" if bf16 else "float"
 
 
-def _quantized_block_size(core: _Core, mstate) -> int:
+def _quantized_block_size(core: Core, mstate) -> int:
   """The block size of 8-bit moments (both jadam.Quantized, one block size), 0 for dtypes; else Unserved."""
   mu_dtype, nu_dtype = core.hp["mu_dtype"], core.hp["nu_dtype"]
   quantized = [isinstance(d, _quantize.Quantized) for d in (mu_dtype, nu_dtype)]
@@ -733,7 +488,7 @@ def _check_8bit_leaf(g, p, mc, vc, ma, va, block_size: int) -> bool:
   return True
 
 
-def _counts(core: _Core, states) -> dict:
+def _counts(core: Core, states) -> dict:
   count = states[core.moments].count
   out = {"moments": count, "new": optax.safe_increment(count), "lr": states[core.hp["lr"]].count}
   if "l2" in core.hp:
@@ -744,7 +499,7 @@ def _counts(core: _Core, states) -> dict:
   return out
 
 
-def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
+def _scalars(core: Core, counts: dict, dtype, ctx: Ctx, g_norm, mode: int):
   """The kernel's scalars in `dtype`, formed as the generic stages form them."""
   hp = core.hp
   count, new_count = counts["moments"], counts["new"]
@@ -771,48 +526,7 @@ def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
       fd = _common.float_dtype()
       factor = 1.0 - _common.cast_hyperparameter(dlr, fd) * _common.cast_hyperparameter(dwd, fd)
     factor = jnp.asarray(factor).astype(dtype)
-  values = [1 - d1, d1, 1 - d2, d2, c1, c2, cast(e_root), cast(e), -cast(lr), cast(wd), norm, max_norm, clip_on, apply]
-  values += [factor, -1.0 if mode & NEGATE else 1.0]
-  return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
-
-
-def _in_mesh_context() -> bool:
-  """Inside `shard_map` or a mesh context, the per-device program is not ours to replace."""
-  try:
-    return not jax.sharding.get_abstract_mesh().empty
-  except Exception:  # noqa: BLE001 - an unknown jax: be safe
-    return True
-
-
-def step(
-  tx: optax.GradientTransformation, grads: Any, state: Any, params: Any, *, multi_device_ok: bool, require: bool
-) -> tuple[Any, Any]:
-  """The fused step ``(new_params, new_state)``; raises :class:`Unserved` where the generic path must run.
-
-  `multi_device_ok` is set by callers that have checked the inputs live on one
-  device (a custom call is not partitioned by GSPMD: it would gather them).
-  `require` (``fused=True``) also serves trees of many small leaves.
-  """
-  if jax.default_backend() != "cpu":
-    raise Unserved(f"the default backend is {jax.default_backend()}; the kernel runs on the CPU")
-  if _in_mesh_context():
-    raise Unserved("inside shard_map or a mesh context")
-  if not multi_device_ok and not _one_device(jax.tree.leaves((grads, state, params))):
-    raise Unserved("several devices: a custom call is not partitioned (pass fused=True if the inputs live on one)")
-  if not _build.load():
-    raise Unserved(f"the kernel is unavailable: {_build.error()}")
-  return _run(tx.update, state, grads, params, _Ctx(apply=None, require=require))
-
-
-def _one_device(leaves: list[Any]) -> bool:
-  """Whether the computation runs on one device: one device in all, or concrete arrays on one."""
-  if jax.device_count() == 1:
-    return True
-  return all(not isinstance(x, jax.core.Tracer) and single_device(x) for x in leaves)
-
-
-def single_device(x: Any) -> bool:
-  sharding = getattr(x, "sharding", None)
-  if sharding is None:
-    return True
-  return type(sharding) is jax.sharding.SingleDeviceSharding or len(sharding.device_set) == 1
+  values = dict(OMB1=1 - d1, B1=d1, OMB2=1 - d2, B2=d2, C1=c1, C2=c2, EPS_ROOT=cast(e_root), EPS=cast(e))
+  values.update(NEG_LR=-cast(lr), WD=cast(wd), CLIP_NORM=norm, CLIP_MAX=max_norm, CLIP_ON=clip_on, APPLY=apply)
+  values.update(FACTOR=factor, SIGN=-1.0 if mode & NEGATE else 1.0)
+  return jnp.stack([jnp.asarray(values[name]).astype(dtype) for _, name in _abi.SCALARS])

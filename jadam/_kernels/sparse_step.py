@@ -15,13 +15,11 @@ scalars (1 - b1, 1 - b2, the folded bias correction, eps, -lr) are formed in
 JAX as the stages form them, so schedules, `inject_hyperparams` and traced
 hyperparameters work unchanged.
 
-**Found by structure.** `fused.py`'s walker (`apply_if_finite`,
-`inject_hyperparams`, `partition`, `jadam.torch`'s groups, chains) hands a
-chain to :func:`run_chain` when it holds `scale_by_sparse_moments`; served is
-a chain ending in ``[flip_sign] scale_by_sparse_moments
+**Planned.** `jadam._kernels.plan` hands :func:`run_chain` a chain whose last
+stages its registry records say are ``[flip_sign] scale_by_sparse_moments
 rowwise(bias_correct(into_step=True)) rowwise(normalize) scale_by_lr``
-(`jadam.sparse_adam`), with any stages in front run as they are. Anything else
-raises `fused.Unserved` and the generic path runs.
+(`jadam.sparse_adam`), with every argument one the kernel implements; any
+stages in front run as they are. Anything else runs as its stages.
 
 **Exportable.** As for the dense kernel, the primitive lowers to the custom
 call only on the CPU outside `jax.export`; elsewhere to the generic path's
@@ -43,13 +41,15 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from jadam._core import common as _common
-from jadam._stages import scale as _scale
 from jadam._stages import sparse as _sparse
+from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
-from jadam._kernels import fused as _fused
+from jadam._kernels.base import Unserved, for_export, select, tracing_ok
 
-# The kernel's scalar layout (enum SparseScalar in sparse_adam_cpu.cc).
-_OMB1, _OMB2, _SCALE, _EPS_ROOT, _EPS, _NEG_LR, _SIGN, _APPLY = range(8)
+# The kernel's scalar layout, from the one ABI table (checked against sparse_adam_cpu.cc by tests/test_abi.py).
+_OMB1, _OMB2, _SCALE, _EPS_ROOT, _EPS, _NEG_LR, _SIGN, _APPLY = (
+  _abi.SPARSE[k] for k in ("OMB1", "OMB2", "SCALE", "EPS_ROOT", "EPS", "NEG_LR", "SIGN", "APPLY")
+)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 _STAGE = "jadam.scale_by_sparse_moments"
 
@@ -102,7 +102,7 @@ def _impl(*args, unique):
 
 
 def _cpu_lowering(ctx, *args, unique):
-  impl = _xla_impl if _fused.for_export(ctx) or not _build.loaded() else _kernel_impl
+  impl = _xla_impl if for_export(ctx) or not _build.loaded() else _kernel_impl
   return mlir.lower_fun(functools.partial(impl, unique=unique), multiple_results=True)(ctx, *args)
 
 
@@ -118,63 +118,15 @@ def _batch(args, dims, *, unique):
 batching.primitive_batchers[sparse_adam_step_p] = _batch
 
 
-# --- recognising the structure -------------------------------------------------
-def _kind(fn: Any) -> tuple[str | None, dict]:
-  tag = getattr(fn, "jadam_stage", None)
-  return tag if isinstance(tag, tuple) and len(tag) == 2 else (None, {})
-
-
-def is_sparse_chain(items: list[tuple[Any, Any]]) -> bool:
-  """Whether a flattened chain holds `scale_by_sparse_moments` (then :func:`run_chain` serves it or says why not)."""
-  return any(_kind(f)[0] == "scale_by_sparse_moments" for f, _ in items)
-
-
-def _parse(items) -> dict:
-  """The positions and hyperparameters of sparse_adam's stages at the end of `items`, or raises Unserved."""
-  kinds = [_kind(f) for f, _ in items]
-  n = len(kinds)
-
-  def inner(i):
-    tag = kinds[i][1].get("inner") if kinds[i][0] == "rowwise" else None
-    return tag if isinstance(tag, tuple) and len(tag) == 2 else (None, {})
-
-  if n < 4 or kinds[-1][0] != "scale_by_lr":
-    raise _fused.Unserved("a sparse chain that does not end in jadam.scale_by_lr")
-  if inner(n - 2)[0] != "normalize":
-    raise _fused.Unserved("no rowwise(jadam.normalize) before scale_by_lr: not sparse_adam's stages")
-  if inner(n - 3)[0] != "bias_correct" or not inner(n - 3)[1].get("into_step"):
-    raise _fused.Unserved("no rowwise(jadam.bias_correct(into_step=True)) before rowwise(normalize)")
-  if kinds[n - 4][0] != "scale_by_sparse_moments":
-    raise _fused.Unserved("no jadam.scale_by_sparse_moments before the rowwise stages")
-  core = dict(
-    moments=n - 4,
-    lr=n - 1,
-    b1=kinds[n - 4][1]["b1"],
-    b2=kinds[n - 4][1]["b2"],
-    eps=inner(n - 2)[1]["eps"],
-    eps_root=inner(n - 2)[1]["eps_root"],
-    learning_rate=kinds[n - 1][1]["learning_rate"],
-    negate=n >= 5 and kinds[n - 5][0] == "flip_sign",
-  )
-  core["start"] = n - 5 if core["negate"] else n - 4
-  if not isinstance(items[n - 4][1], _sparse.ScaleBySparseMomentsState):
-    raise _fused.Unserved(f"scale_by_sparse_moments's state is {type(items[n - 4][1]).__name__}")
-  if not isinstance(items[n - 1][1], _scale.ScaleByLrState):
-    raise _fused.Unserved(f"scale_by_lr's state is {type(items[n - 1][1]).__name__}")
-  return core
-
-
-def run_chain(items, rebuild, grads, params, ctx) -> tuple[Any, Any]:
-  """``(new_params, new_state)`` of a sparse_adam chain, one kernel call per table, or raises Unserved."""
-  core = _parse(items)
-  if params is None:
-    raise _fused.Unserved("the kernel needs the parameters (update(grads, state, params))")
+def run_chain(items, rebuild, core: dict, grads, params, ctx) -> tuple[Any, Any]:
+  """``(new_params, new_state)`` of a sparse_adam chain (`jadam._kernels.plan.parse_sparse`), one kernel call per
+  table, or raises Unserved."""
   new_states = [s for _, s in items]
   g = grads
   for i in range(core["start"]):  # stages in front of sparse_adam's: as they are
     f, s = items[i]
     g, new = f(g, s, params)
-    new_states[i] = _fused.select(ctx, new, s)
+    new_states[i] = select(ctx, new, s)
   new_params, new_states[core["moments"]], new_states[core["lr"]] = _run_core(
     core, g, new_states[core["moments"]], new_states[core["lr"]], params, ctx
   )
@@ -187,8 +139,8 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
     ps = treedef.flatten_up_to(params)
     counts, mus, nus = (treedef.flatten_up_to(x) for x in (mstate.count, mstate.mu, mstate.nu))
   except (ValueError, TypeError) as e:
-    raise _fused.Unserved(f"the gradients, the state and the parameters are different trees ({e})") from None
-  sel = functools.partial(_fused.select, ctx)
+    raise Unserved(f"the gradients, the state and the parameters are different trees ({e})") from None
+  sel = functools.partial(select, ctx)
   lr = core["learning_rate"](lr_state.count)
   new_p, new_counts, new_m, new_v = list(ps), list(counts), list(mus), list(nus)
   for j, ((path, g), p, t, m, v) in enumerate(zip(leaves, ps, counts, mus, nus)):
@@ -196,17 +148,17 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
       continue  # left as it is, as scale_by_sparse_moments leaves it
     _sparse.check_gradient(_STAGE, jax.tree_util.keystr(path) or "the root", g, m)  # the generic path's errors
     arrays = (g.data, g.indices, p, m, v)
-    if not all(_fused.tracing_ok(x) for x in arrays):
-      raise _fused.Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
+    if not all(tracing_ok(x) for x in arrays):
+      raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
     dtype = jnp.result_type(p)
     if dtype not in _DTYPES or any(jnp.result_type(x) != dtype for x in (g.data, m, v)) or jnp.shape(p) != g.shape:
-      raise _fused.Unserved(
+      raise Unserved(
         f"a {dtype}{list(jnp.shape(p))} table with {jnp.result_type(g.data)} values and {jnp.result_type(m)}"
         " moments: the kernel serves float32 and float64 tables whose values and moments have their dtype"
       )
     scalars = _scalars(core, t, lr, dtype, ctx)
-    if not _fused.tracing_ok(scalars):
-      raise _fused.Unserved("a hyperparameter under grad or vmap")
+    if not tracing_ok(scalars):
+      raise Unserved("a hyperparameter under grad or vmap")
     if g.data.shape[0]:  # an empty gradient changes nothing but the count
       ids = _sparse.row_ids(g.indices[:, 0], g.shape[0])  # as _sparse.coalesce reads them: padding before int32
       new_p[j], new_m[j], new_v[j] = sparse_adam_step_p.bind(
@@ -230,6 +182,6 @@ def _scalars(core: dict, count, lr, dtype, ctx):
   step = new_count - 1  # normalize
   e, e_root = core["eps"](step), core["eps_root"](step)
   apply = 1.0 if ctx.apply is None else ctx.apply
-  values = [1 - cast(beta1), 1 - cast(beta2), scale, cast(e_root), cast(e), -cast(lr)]
-  values += [-1.0 if core["negate"] else 1.0, apply]
-  return jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
+  values = dict(OMB1=1 - cast(beta1), OMB2=1 - cast(beta2), SCALE=scale, EPS_ROOT=cast(e_root), EPS=cast(e))
+  values.update(NEG_LR=-cast(lr), SIGN=-1.0 if core["negate"] else 1.0, APPLY=apply)
+  return jnp.stack([jnp.asarray(values[name]).astype(dtype) for _, name in _abi.SPARSE_SCALARS])

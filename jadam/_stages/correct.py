@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.moments import expect_moments
 
 
+@_registry.stage("bias_correct", state=optax.EmptyState)
 def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
   r"""Correct the moments for their zero initialisation.
 
@@ -65,7 +67,6 @@ def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
     nu = _common.tree_map_float(lambda v: _divide(v, c2), moments.nu)
     return moments._replace(mu=mu, nu=nu, bias_corrected=True), state
 
-  update_fn.jadam_stage = ("bias_correct", dict(into_step=into_step))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -94,6 +95,7 @@ class NesterovCorrectState(NamedTuple):
   mu_product: jax.Array  # shape=(), the default float dtype: prod_{i<=t} mu_i
 
 
+@_registry.stage("nesterov_correct", state=NesterovCorrectState)
 def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.GradientTransformation:
   r"""NAdam's momentum schedule, Nesterov look-ahead and bias correction.
 
@@ -159,6 +161,7 @@ def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.Gra
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_registry.stage("rectify", state=optax.EmptyState)
 def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
   r"""RAdam's rectified direction: Adam's once the variance is tractable, SGD with momentum before.
 

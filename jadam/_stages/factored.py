@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.moments import Moments, expect_updates
-from jadam._stages.scale import scale_by_lr
+from jadam._stages.scale import ScaleByLrState, scale_by_lr
 
 
 class ScaleByFactoredMomentsState(NamedTuple):
@@ -50,6 +51,7 @@ def _unzip(tree: Any, n: int) -> tuple[Any, ...]:
   return tuple(jax.tree.map(lambda t, i=i: t[i], tree, is_leaf=_is_tuple) for i in range(n))
 
 
+@_registry.stage("scale_by_factored_moments", state=ScaleByFactoredMomentsState)
 def scale_by_factored_moments(
   beta2_decay: optax.ScalarOrSchedule = -0.8,
   *,
@@ -166,6 +168,7 @@ def scale_by_factored_moments(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_registry.stage("clip_by_rms", state=optax.ScaleByScheduleState)
 def clip_by_rms(threshold: optax.ScalarOrSchedule = 1.0) -> optax.GradientTransformation:
   r"""Scale each leaf's update down so that its root mean square is at most `threshold`.
 
@@ -206,6 +209,7 @@ def clip_by_rms(threshold: optax.ScalarOrSchedule = 1.0) -> optax.GradientTransf
   )
 
 
+@_registry.stage("scale_by_param_rms", state=optax.ScaleByScheduleState)
 def scale_by_param_rms(min_scale: optax.ScalarOrSchedule = 1e-3) -> optax.GradientTransformation:
   r"""Multiply each leaf's update by the root mean square of its parameter, at least `min_scale`.
 
@@ -277,6 +281,7 @@ def relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> _common.Sched
   return schedule
 
 
+@_registry.stage("scale_by_relative_step", state=ScaleByLrState)
 def scale_by_relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> optax.GradientTransformation:
   r"""Multiply the updates by :math:`-\rho_t = -\min(\alpha_t, 1/\sqrt{t})`, Adafactor's step size in PyTorch.
 

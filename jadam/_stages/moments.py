@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._storage import bf16 as _lowp
 from jadam._storage import quantize as _quantize
 
@@ -84,6 +85,7 @@ class ScaleByMomentsState(NamedTuple):
   nu: optax.Updates
 
 
+@_registry.stage("scale_by_moments", state=ScaleByMomentsState)
 def scale_by_moments(
   b1: optax.ScalarOrSchedule | None = 0.9,
   b2: optax.ScalarOrSchedule = 0.999,
@@ -183,8 +185,6 @@ def scale_by_moments(
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
 
-  # What jadam._kernels.fused reads to recognise the stage (its hyperparameters; no provenance).
-  update_fn.jadam_stage = ("scale_by_moments", dict(b1=b1_fn, b2=b2_fn, mu_dtype=mu_dtype, nu_dtype=nu_dtype))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -252,6 +252,7 @@ class MaxNuState(NamedTuple):
   nu_max: optax.Updates
 
 
+@_registry.stage("max_nu", state=MaxNuState)
 def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
   r"""AMSGrad: replace the second moment by its running maximum.
 
@@ -291,7 +292,6 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
     nu_max = _common.tree_map_float(lambda v, s: v.astype(s.dtype), nu, state.nu_max, keep=1)
     return moments._replace(nu=nu), MaxNuState(nu_max=nu_max)
 
-  update_fn.jadam_stage = ("max_nu", dict(nu_dtype=nu_dtype))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -303,6 +303,7 @@ class ScaleByInfMomentsState(NamedTuple):
   nu: optax.Updates  # u_t, the weighted infinity norm
 
 
+@_registry.stage("scale_by_inf_moments", state=ScaleByInfMomentsState)
 def scale_by_inf_moments(
   b1: optax.ScalarOrSchedule = 0.9,
   b2: optax.ScalarOrSchedule = 0.999,
@@ -371,6 +372,7 @@ def scale_by_inf_moments(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_registry.stage("center", state=optax.EmptyState)
 def center() -> optax.GradientTransformation:
   r"""Centre the second moment on the first, as centred RMSProp does.
 
@@ -412,6 +414,7 @@ class AccumulateSquaresState(NamedTuple):
   sum_of_squares: optax.Updates
 
 
+@_registry.stage("accumulate_squares", state=AccumulateSquaresState)
 def accumulate_squares(
   initial_accumulator_value: jax.typing.ArrayLike = 0.0, *, nu_dtype: Dtype | None = None
 ) -> optax.GradientTransformation:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.moments import expect_updates
 
 Dtype = Any
@@ -68,6 +69,7 @@ def newton_schulz(
   return x.T if tall else x
 
 
+@_registry.stage("orthogonalize", state=optax.ScaleByScheduleState)
 def orthogonalize(
   ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
   ns_steps: int = 5,

@@ -11,6 +11,7 @@ import optax
 from jax.experimental import sparse
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.moments import expect_updates
 
 
@@ -20,6 +21,7 @@ class AddL2State(NamedTuple):
   count: jax.Array  # shape=(), int32: for a scheduled weight_decay
 
 
+@_registry.stage("add_l2", state=AddL2State)
 def add_l2(
   weight_decay: optax.ScalarOrSchedule,
   mask: Any | Callable[[optax.Params], Any] | None = None,
@@ -77,7 +79,6 @@ def add_l2(
     updates = _common.tree_map_float(add, updates, params)
     return updates, AddL2State(count=optax.safe_increment(state.count))
 
-  update_fn.jadam_stage = ("add_l2", dict(weight_decay=wd_fn))
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
 
@@ -104,6 +105,7 @@ class DecoupledDecayState(NamedTuple):
 _CONVENTIONS = ("torch", "keras")
 
 
+@_registry.stage("decoupled_decay", state=DecoupledDecayState)
 def decoupled_decay(
   weight_decay: optax.ScalarOrSchedule,
   learning_rate: optax.ScalarOrSchedule,
@@ -175,5 +177,4 @@ def decoupled_decay(
 
     return _common.tree_map_float(decay, updates, params), DecoupledDecayState(count=optax.safe_increment(state.count))
 
-  update_fn.jadam_stage = ("decoupled_decay", dict(weight_decay=wd_fn, learning_rate=lr_fn, convention=convention))
   return optax.GradientTransformation(init_fn, update_fn)

@@ -10,9 +10,11 @@ import optax
 from jax.experimental import sparse
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.moments import expect_moments, expect_updates
 
 
+@_registry.stage("normalize", state=optax.EmptyState)
 def normalize(
   eps: optax.ScalarOrSchedule = 1e-8, *, eps_root: optax.ScalarOrSchedule = 0.0
 ) -> optax.GradientTransformation:
@@ -64,7 +66,6 @@ def normalize(
 
     return _common.tree_map_float(divide, moments.mu, moments.nu, moments.grad), state
 
-  update_fn.jadam_stage = ("normalize", dict(eps=eps_fn, eps_root=eps_root_fn))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -74,6 +75,7 @@ class ScaleByLrState(NamedTuple):
   count: jax.Array  # shape=(), int32: steps taken so far
 
 
+@_registry.stage("scale_by_lr", state=ScaleByLrState)
 def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
   r"""Multiply the updates by :math:`-\alpha_t`, the learning rate, for `optax.apply_updates`.
 
@@ -122,7 +124,6 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
       count=optax.safe_increment(state.count)
     )
 
-  update_fn.jadam_stage = ("scale_by_lr", dict(learning_rate=lr_fn))
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -133,6 +134,7 @@ class MomentumState(NamedTuple):
   trace: optax.Updates
 
 
+@_registry.stage("momentum", state=MomentumState)
 def momentum(
   decay: optax.ScalarOrSchedule = 0.9,
   *,
@@ -220,6 +222,7 @@ def momentum(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_registry.stage("flip_sign", state=optax.EmptyState)
 def flip_sign() -> optax.GradientTransformation:
   r"""Negate the updates, PyTorch's `maximize=True`.
 
@@ -238,10 +241,10 @@ def flip_sign() -> optax.GradientTransformation:
     expect_updates(updates, "jadam.flip_sign")
     return _common.tree_map_float(jnp.negative, updates), state
 
-  update_fn.jadam_stage = ("flip_sign", {})
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+@_registry.stage("normalize_inf", state=optax.EmptyState)
 def normalize_inf() -> optax.GradientTransformation:
   r"""Divide the first moment by the infinity norm: Adamax's direction.
 
@@ -283,6 +286,7 @@ class ScaleByDeltaState(NamedTuple):
   acc_delta: optax.Updates  # the running average of the squared steps, E[dx^2]
 
 
+@_registry.stage("scale_by_delta", state=ScaleByDeltaState)
 def scale_by_delta(
   rho: optax.ScalarOrSchedule = 0.9, eps: optax.ScalarOrSchedule = 1e-6
 ) -> optax.GradientTransformation:
@@ -365,6 +369,7 @@ def _torch_sign(x: jax.Array) -> jax.Array:
   return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
 
 
+@_registry.stage("scale_by_rprop", state=ScaleByRpropState)
 def scale_by_rprop(
   learning_rate: jax.typing.ArrayLike = 1e-2,
   etas: tuple[float, float] = (0.5, 1.2),
@@ -457,6 +462,7 @@ class ScaleByAsgdState(NamedTuple):
   ax: optax.Updates  # the averaged parameters (PyTorch's state["ax"]): evaluate with these
 
 
+@_registry.stage("scale_by_asgd", state=ScaleByAsgdState)
 def scale_by_asgd(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   lambd: float = 1e-4,

@@ -43,6 +43,7 @@ import optax
 from jax.experimental import sparse as jsparse
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.moments import AccumulateSquaresState, Moments, expect_updates
 
 BCOO = jsparse.BCOO
@@ -222,6 +223,7 @@ class ScaleBySparseMomentsState(NamedTuple):
   nu: optax.Updates
 
 
+@_registry.stage("scale_by_sparse_moments", state=ScaleBySparseMomentsState)
 def scale_by_sparse_moments(
   b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999
 ) -> optax.GradientTransformation:
@@ -307,7 +309,6 @@ def scale_by_sparse_moments(
     new_state = ScaleBySparseMomentsState(count=unflat(new_counts), mu=unflat(new_mus), nu=unflat(new_nus))
     return unflat(out), new_state
 
-  update_fn.jadam_stage = ("scale_by_sparse_moments", dict(b1=b1_fn, b2=b2_fn))  # for the fused kernel's glue
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -408,6 +409,7 @@ def _is_row_moments(x: Any) -> bool:
   return x is None or isinstance(x, RowMoments)
 
 
+@_registry.stage("rowwise", state=optax.EmptyState)
 def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   r"""Runs a stateless stage of :class:`jadam.Moments` (e.g. :func:`jadam.bias_correct`) on each table's rows.
 
@@ -448,7 +450,6 @@ def rowwise(inner: optax.GradientTransformation) -> optax.GradientTransformation
 
     return jax.tree.map(one, updates, is_leaf=_is_row_moments), state
 
-  update_fn.jadam_stage = ("rowwise", dict(inner=getattr(getattr(inner, "update", None), "jadam_stage", None)))
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
@@ -576,16 +577,16 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
       out.append(g)
     return value, jax.tree_util.tree_unflatten(treedef, out)
 
-  wrapped.jadam_value_and_grad = has_aux  # make_train_step takes it as its gradient function
-  return wrapped
+  return _registry.mark_function(wrapped, "value_and_sparse_grad", has_aux=has_aux)  # make_train_step's gradient
 
 
 def value_and_grad_of(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
   """`make_train_step`'s gradient: `loss_fn` itself if :func:`value_and_sparse_grad` made it, else
   ``jax.value_and_grad(loss_fn)``."""
-  marked = getattr(loss_fn, "jadam_value_and_grad", None)
-  if marked is None:
+  record = _registry.lookup(loss_fn)
+  if record is None or record.name != "value_and_sparse_grad":
     return jax.value_and_grad(loss_fn, has_aux=has_aux)
+  marked = record.hparams["has_aux"]
   if marked != has_aux:
     raise ValueError(f"make_train_step(has_aux={has_aux}) got a value_and_sparse_grad(has_aux={marked}) function.")
   return loss_fn

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import types
 import re
-import weakref
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._core.common import path_string
 
 Build = Callable[[dict], optax.GradientTransformation]
@@ -19,28 +20,41 @@ UNSET = object()  # a group that gives no "lr" of its own
 Matcher = Callable[[str, Any], bool]
 
 
-class Spec(NamedTuple):
-  """What a `jadam.torch` optimizer was built from, for `jadam.torch.state_dict` and `load_state_dict`."""
+class Groups(NamedTuple):
+  """What a `jadam.torch` optimizer was built from, for `jadam.torch.state_dict` and `load_state_dict`.
+
+  A view of its registry record (`jadam._core.registry`, name ``"torch_groups"``).
+  """
 
   name: str  # torch's class name, e.g. "AdamW"
   groups: tuple[dict, ...]  # hyperparameters of group0, group1, ..., then of the "default" group
   labels: Callable[[Any], Any] | None  # the partition's labels; None: a single group
 
 
-_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tx.update -> Spec
-
-
-def spec_of(tx: Any) -> Spec | None:
-  """The `Spec` of a transformation made by a `jadam.torch` optimizer, else None."""
-  try:
-    return _SPECS.get(getattr(tx, "update", None))
-  except TypeError:  # not weakly referenceable: not ours
+def groups_of(tx: Any) -> Groups | None:
+  """The `Groups` of a transformation made by a `jadam.torch` optimizer, else None."""
+  record = _registry.lookup(tx)
+  if record is None or record.name != "torch_groups":
     return None
+  hp = record.hparams
+  return Groups(hp["optimizer"], hp["groups"], hp["labels"])
 
 
-def _remember(tx: optax.GradientTransformation, spec: Spec) -> optax.GradientTransformation:
-  _SPECS[tx.update] = spec
-  return tx
+def _front(name: str, inner: optax.GradientTransformation, groups: tuple[dict, ...], labels: Any):
+  """`inner` behind the door's own update, filed as `name`'s groups; with groups (`labels`), the update first
+  checks that the params are the gradients' tree."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # optax.partition masks the params with the updates' labels: mismatched trees would fail inside jax.tree.map.
+    if params is not None and labels is not None:
+      _common.check_tree(f"jadam.torch.{name}", updates, "the params", params, _common.PARAMS_HINT)
+    return inner.update(updates, state, params, **extra_args)
+
+  out = optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  hparams = {"optimizer": name, "groups": groups, "labels": labels, "inner": inner}
+  return _registry.register(
+    out, _registry.Record("torch_groups", types.MappingProxyType(hparams), types.MappingProxyType({}), None)
+  )
 
 
 def _matcher(spec: Any, index: int) -> Matcher:
@@ -87,7 +101,7 @@ def grouped(
   with_lr = lambda hp, own, i, n: {**hp, "lr": rebase(defaults["lr"], own, i, n)} if "lr" in defaults else hp
   if params is None or (not _is_group_list(params) and not _looks_like_hyperparameter(params)):
     hp = with_lr(dict(defaults), UNSET, 0, 0)
-    return _remember(build(hp), Spec(name, (hp,), None))
+    return _front(name, build(hp), (hp,), None)
   if _looks_like_hyperparameter(params):
     raise TypeError(
       f"{name}'s first argument is PyTorch's `params`: None, the parameter pytree"
@@ -138,16 +152,7 @@ def grouped(
         )
     return out
 
-  tx = optax.partition(transforms, labels)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    # optax.partition masks the params with the updates' labels: mismatched trees would fail inside jax.tree.map.
-    if params is not None:
-      _common.check_tree(f"jadam.torch.{name}", updates, "the params", params, _common.PARAMS_HINT)
-    return tx.update(updates, state, params, **extra_args)
-
-  out = optax.GradientTransformationExtraArgs(tx.init, update_fn)
-  return _remember(out, Spec(name, (*hps, default_hp), labels))
+  return _front(name, optax.partition(transforms, labels), (*hps, default_hp), labels)
 
 
 def _looks_like_hyperparameter(x: Any) -> bool:

@@ -197,8 +197,8 @@ def _at(x: Any, count: int) -> Any:
   return float(x)
 
 
-def _spec(tx: Any, what: str) -> _groups.Spec:
-  spec = _groups.spec_of(tx)
+def _spec(tx: Any, what: str) -> _groups.Groups:
+  spec = _groups.groups_of(tx)
   if spec is None:
     raise TypeError(
       f"{what}: tx must be a jadam.torch optimizer itself (e.g. jadam.torch.AdamW(...)), not wrapped in another"
@@ -313,7 +313,7 @@ def flax_names(params: Any, module: Any) -> dict[str, TorchName]:
 # ----------------------------------------------------------------------------------------------------- groups
 
 
-def _torch_groups(spec: _groups.Spec, params: Any, names: dict[str, TorchName]) -> list[tuple[str, dict, list[str]]]:
+def _torch_groups(spec: _groups.Groups, params: Any, names: dict[str, TorchName]) -> list[tuple[str, dict, list[str]]]:
   """PyTorch's param groups as (jadam label, hyperparameters, leaf paths in PyTorch's order)."""
   if spec.labels is None:
     return [("default", spec.groups[0], list(names))]
@@ -1197,7 +1197,7 @@ def _state_dict_8bit(what, spec, state, params, names):
   return {"state": out_state, "param_groups": out_groups}
 
 
-def _refuse_asgd_plateau(what: str, spec: _groups.Spec) -> None:
+def _refuse_asgd_plateau(what: str, spec: _groups.Groups) -> None:
   """ASGD's eta under ReduceLROnPlateau reads the previous step's rate, which PyTorch's state dicts do not keep."""
   if spec.name == "ASGD" and any(isinstance(hp["lr"], ReduceLROnPlateau) for hp in spec.groups):
     raise NotImplementedError(
@@ -1214,7 +1214,7 @@ def _refuse_asgd_plateau(what: str, spec: _groups.Spec) -> None:
 _LBFGS_GROUP = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn")
 
 
-def _lbfgs_group(what: str, spec: _groups.Spec, saved: list, n_params: int, names: Any) -> None:
+def _lbfgs_group(what: str, spec: _groups.Groups, saved: list, n_params: int, names: Any) -> None:
   """Checks that `saved` (the state dict's param groups) are those of `tx`: one group, its hyperparameters."""
   if names is not None:
     raise ValueError(f"{what}: LBFGS flattens its parameters in order; `names` is not supported for it.")

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from jadam._core import common as _common
+from jadam._core import registry as _registry
 from jadam._stages.correct import NesterovCorrectState
 from jadam._stages.factored import ScaleByFactoredMomentsState
 from jadam._stages.moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
@@ -343,6 +344,8 @@ def _walk(node: Any, fn: Callable[[Any, str], Any], label: str = "default") -> A
     if type(node) not in _KNOWN:  # e.g. optax.InjectHyperparamsState around a chain
       node = type(node)(*(_walk(v, fn, label) if isinstance(v, tuple) else v for v in node))
     return fn(node, label)
+  if isinstance(node, _registry.OptimizerState):  # a recipe's chain: its identity kept
+    return _registry.OptimizerState([_walk(v, fn, label) for v in node], node.identity)
   if isinstance(node, (tuple, list)):
     return type(node)(_walk(v, fn, label) for v in node)
   return node

@@ -7,12 +7,10 @@ state dict, bitsandbytes 15 more from jadam's; each row is the distance from
 bitsandbytes' uninterrupted 45 steps, relative to the distance travelled, for:
 the hand-over; jadam alone for 45 steps (the two libraries' own rounding
 difference); and a hand-over that restarts the moments from zero. The problem
-is `tests/test_state_dict.py`'s (`test_bitsandbytes_8bit_both_ways`).
+is `tests/torch/test_state_dict.py`'s (`test_bitsandbytes_8bit_both_ways`).
 """
 
 from __future__ import annotations
-
-import sys
 
 
 def main() -> None:
@@ -23,9 +21,9 @@ def main() -> None:
   import jadam
   import jadam.torch as jt
 
-  sys.path.insert(0, "tests")
   import bitsandbytes as bnb
-  from test_state_dict import BNB_SHAPES, TorchName, bnb_run
+
+  from tests.torch.test_state_dict import BNB_SHAPES, TorchName, bnb_run
 
   n, rng = 15, np.random.default_rng(0)
   params0 = {k: rng.normal(size=s).astype(np.float32) for k, s in BNB_SHAPES.items()}

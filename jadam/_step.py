@@ -44,7 +44,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages import sparse as _sparse
 from jadam._kernels import fused as _fused
 
@@ -165,7 +165,7 @@ class _Step:
 
 def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
   _check_fused(fused)
-  _common.check_flag("donate", donate)
+  _hparams.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
   if fused is False:
     return jax.jit(make(False), donate_argnums=donate_argnums)
@@ -242,7 +242,7 @@ def make_train_step(
     The jitted step function.
   """
   _check_tx(tx)
-  _common.check_flag("has_aux", has_aux)
+  _hparams.check_flag("has_aux", has_aux)
   grad_fn = _sparse.value_and_grad_of(loss_fn, has_aux)  # jax.value_and_grad, or jadam.value_and_sparse_grad's
 
   def make(use_kernel):

@@ -48,6 +48,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._storage import bf16 as _lowp
 from jadam._stages import moments as _moments
 from jadam._stages import penalty as _penalty
@@ -747,7 +748,7 @@ def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
   e, e_root = hp["eps"](step), hp["eps_root"](step)
   lr = hp["learning_rate"](counts["lr"])  # scale_by_lr
   wd = hp["weight_decay"](counts["l2"]) if "l2" in hp else 0.0  # add_l2
-  cast = lambda x: _common.cast_hyperparameter(x, dtype)
+  cast = lambda x: _hparams.cast_hyperparameter(x, dtype)
   d1, d2 = cast(beta1), cast(beta2)
   norm, max_norm, clip_on = 1.0, 1.0, 0.0
   if mode & CLIP:  # optax.clip_by_global_norm: select(norm < max_norm, g, (g / norm) * max_norm)
@@ -761,7 +762,7 @@ def _scalars(core: _Core, counts: dict, dtype, ctx: _Ctx, g_norm, mode: int):
       factor = 1.0 - dlr * dwd  # in double, as PyTorch
     else:
       fd = _common.float_dtype()
-      factor = 1.0 - _common.cast_hyperparameter(dlr, fd) * _common.cast_hyperparameter(dwd, fd)
+      factor = 1.0 - _hparams.cast_hyperparameter(dlr, fd) * _hparams.cast_hyperparameter(dwd, fd)
     factor = jnp.asarray(factor).astype(dtype)
   values = [1 - d1, d1, 1 - d2, d2, c1, c2, cast(e_root), cast(e), -cast(lr), cast(wd), norm, max_norm, clip_on, apply]
   values += [factor, -1.0 if mode & NEGATE else 1.0]

@@ -43,6 +43,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages import scale as _scale
 from jadam._stages import sparse as _sparse
 from jadam._kernels import build as _build
@@ -222,7 +223,7 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
 def _scalars(core: dict, count, lr, dtype, ctx):
   """The kernel's scalars for one table in `dtype`, formed as the generic stages form them."""
   beta1, beta2 = core["b1"](count), core["b2"](count)  # scale_by_sparse_moments, at the table's own count
-  cast = functools.partial(_common.cast_hyperparameter, dtype=dtype)
+  cast = functools.partial(_hparams.cast_hyperparameter, dtype=dtype)
   new_count = optax.safe_increment(count)
   c1 = _common.one_minus_power(beta1, new_count)  # bias_correct(into_step=True)
   c2 = _common.one_minus_power(beta2, new_count)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._storage import bf16 as _lowp
 from jadam._storage import quantize as _quantize
 
@@ -128,12 +129,12 @@ def scale_by_moments(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 1.
   """
-  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
-  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _quantize.check_dtype("mu_dtype", mu_dtype)
   _quantize.check_dtype("nu_dtype", nu_dtype)
-  b1_fn = None if b1 is None else _common.as_schedule(b1, "b1")
-  b2_fn = _common.as_schedule(b2, "b2")
+  b1_fn = None if b1 is None else _hparams.as_schedule(b1, "b1")
+  b2_fn = _hparams.as_schedule(b2, "b2")
 
   def zeros(params, dtype, widen):
     if isinstance(dtype, _quantize.Quantized):
@@ -202,7 +203,7 @@ def _ema(updates: optax.Updates, moment: optax.Updates, decay: jax.typing.ArrayL
 def _ema_leaf(g: jax.Array, m: jax.Array, decay: jax.typing.ArrayLike, *, square: bool) -> jax.Array:
   dtype = _common.compute_dtype(g.dtype)
   g = g.astype(dtype)
-  d = _common.cast_hyperparameter(decay, dtype)
+  d = _hparams.cast_hyperparameter(decay, dtype)
   # A complex g is squared part by part (PyTorch's view_as_real rule; see _common.componentwise).
   x = _common.componentwise(lambda a: a * a, g) if square else g
   return (1 - d) * x + d * m.astype(dtype)
@@ -296,12 +297,12 @@ def scale_by_inf_moments(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
   """
-  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _hparams.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   _common.check_dtype("mu_dtype", mu_dtype)
-  b1_fn, b2_fn = _common.as_schedule(b1, "b1"), _common.as_schedule(b2, "b2")
-  eps_fn = _common.as_schedule(eps, "eps")
+  b1_fn, b2_fn = _hparams.as_schedule(b1, "b1"), _hparams.as_schedule(b2, "b2")
+  eps_fn = _hparams.as_schedule(eps, "eps")
 
   def init_fn(params):
     return ScaleByInfMomentsState(
@@ -321,7 +322,7 @@ def scale_by_inf_moments(
     def norm(g, u):
       dtype = _common.compute_dtype(g.dtype)
       real = _common.real_dtype(dtype)
-      b, eps_ = _common.cast_hyperparameter(beta2, real), _common.cast_hyperparameter(e, real)
+      b, eps_ = _hparams.cast_hyperparameter(beta2, real), _hparams.cast_hyperparameter(e, real)
       return _common.componentwise(lambda x, y: jnp.maximum(b * y, jnp.abs(x) + eps_), g.astype(dtype), u.astype(dtype))
 
     nu = _common.tree_map_float(norm, updates, state.nu)
@@ -397,8 +398,8 @@ def accumulate_squares(
     Duchi, Hazan & Singer, `Adaptive Subgradient Methods
     <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
   """
-  _common.check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
-  if callable(initial_accumulator_value):
+  _hparams.check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
+  if _hparams.is_schedule(initial_accumulator_value):
     raise TypeError("initial_accumulator_value must be a number, not a schedule.")
   _common.check_dtype("nu_dtype", nu_dtype)
 
@@ -407,7 +408,7 @@ def accumulate_squares(
       if not _common.is_float_leaf(p):
         return p
       dtype = _common.state_dtype(p, nu_dtype, widen=True)
-      v0 = _common.cast_hyperparameter(initial_accumulator_value, _common.real_dtype(dtype))
+      v0 = _hparams.cast_hyperparameter(initial_accumulator_value, _common.real_dtype(dtype))
       if jnp.issubdtype(dtype, jnp.complexfloating):
         v0 = jax.lax.complex(jnp.asarray(v0, _common.real_dtype(dtype)), jnp.asarray(v0, _common.real_dtype(dtype)))
       return jnp.full_like(p, v0, dtype)  # a complex parameter starts both parts' sums at v0, as torch

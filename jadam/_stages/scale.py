@@ -10,6 +10,7 @@ import optax
 from jax.experimental import sparse
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages.moments import expect_moments, expect_updates
 
 
@@ -35,9 +36,9 @@ def normalize(
     An :class:`optax.GradientTransformation` from :class:`Moments` to
     parameter-shaped updates. It uses `count` from the moments for schedules.
   """
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  _common.check_hyperparameter("eps_root", eps_root, low=0.0, wide_dtype=True)
-  eps_fn, eps_root_fn = _common.as_schedule(eps, "eps"), _common.as_schedule(eps_root, "eps_root")
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _hparams.check_hyperparameter("eps_root", eps_root, low=0.0, wide_dtype=True)
+  eps_fn, eps_root_fn = _hparams.as_schedule(eps, "eps"), _hparams.as_schedule(eps_root, "eps_root")
 
   def init_fn(params):
     del params
@@ -52,7 +53,7 @@ def normalize(
     def divide(m, v, g):
       dtype = _common.compute_dtype(m.dtype)
       real = _common.real_dtype(dtype)
-      root, eps_ = _common.cast_hyperparameter(e_root, real), _common.cast_hyperparameter(e, real)
+      root, eps_ = _hparams.cast_hyperparameter(e_root, real), _hparams.cast_hyperparameter(e, real)
 
       def one(m, v):  # on real numbers: each part of a complex leaf alone (PyTorch's view_as_real)
         u = m / (jnp.sqrt(v + root) + eps_)
@@ -90,8 +91,8 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
     Integer and boolean leaves get a zero update of their dtype (they do not
     move); `None` and float0 leaves go through as they came.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+  _hparams.check_learning_rate(learning_rate)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
 
   def init_fn(params):
     del params
@@ -105,7 +106,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
     def scale(u):
       dtype = _common.compute_dtype(u.dtype)
-      return (-_common.cast_hyperparameter(lr, dtype) * u.astype(dtype)).astype(u.dtype)
+      return (-_hparams.cast_hyperparameter(lr, dtype) * u.astype(dtype)).astype(u.dtype)
 
     def scale_or_zero(u):
       if isinstance(u, sparse.BCOO):  # a row-sparse update (jadam.sparse_adam): scale its values, keep its rows
@@ -164,13 +165,13 @@ def momentum(
     Sutskever et al., `On the importance of initialization and momentum
     <https://proceedings.mlr.press/v28/sutskever13.html>`_, ICML 2013.
   """
-  _common.check_hyperparameter("momentum", decay, low=0.0, high=1.0)
-  _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
-  _common.check_flag("nesterov", nesterov)
+  _hparams.check_hyperparameter("momentum", decay, low=0.0, high=1.0)
+  _hparams.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
+  _hparams.check_flag("nesterov", nesterov)
   _common.check_dtype("accumulator_dtype", accumulator_dtype)
-  if nesterov and _common.concrete_value(dampening) not in (None, 0.0):
+  if nesterov and _hparams.concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
-  decay_fn, damp_fn = _common.as_schedule(decay, "momentum"), _common.as_schedule(dampening, "dampening")
+  decay_fn, damp_fn = _hparams.as_schedule(decay, "momentum"), _hparams.as_schedule(dampening, "dampening")
 
   def init_fn(params):
     zeros = jax.tree.map(
@@ -192,8 +193,8 @@ def momentum(
     def accumulate(g, b):
       dtype = _common.compute_dtype(g.dtype)
       g = g.astype(dtype)
-      m = _common.cast_hyperparameter(mu, dtype)
-      new = m * b.astype(dtype) + (1 - _common.cast_hyperparameter(tau, dtype)) * g
+      m = _hparams.cast_hyperparameter(mu, dtype)
+      new = m * b.astype(dtype) + (1 - _hparams.cast_hyperparameter(tau, dtype)) * g
       # mu = 0 is no momentum at all in PyTorch: dampening does not apply
       # (a traced mu, under optax.inject_hyperparams, cannot be tested in Python).
       return jnp.where(first | (m == 0), g, new)
@@ -202,7 +203,7 @@ def momentum(
     out = trace
     if nesterov:
       out = _common.tree_map_float(
-        lambda g, b: g.astype(b.dtype) + _common.cast_hyperparameter(mu, b.dtype) * b, updates, trace
+        lambda g, b: g.astype(b.dtype) + _hparams.cast_hyperparameter(mu, b.dtype) * b, updates, trace
       )
     out = _common.tree_map_float(lambda g, u: u.astype(g.dtype), updates, out)
     stored = _common.tree_map_float(lambda g, b, s: b.astype(s.dtype), updates, trace, state.trace, keep=2)
@@ -298,9 +299,9 @@ def scale_by_delta(
   References:
     Zeiler, `ADADELTA: An Adaptive Learning Rate Method <https://arxiv.org/abs/1212.5701>`_, 2012.
   """
-  _common.check_hyperparameter("rho", rho, low=0.0, high=1.0, wide_dtype=True)
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  rho_fn, eps_fn = _common.as_schedule(rho, "rho"), _common.as_schedule(eps, "eps")
+  _hparams.check_hyperparameter("rho", rho, low=0.0, high=1.0, wide_dtype=True)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  rho_fn, eps_fn = _hparams.as_schedule(rho, "rho"), _hparams.as_schedule(eps, "eps")
 
   def init_fn(params):
     return ScaleByDeltaState(acc_delta=_common.state_zeros(params, None, widen=True))
@@ -318,7 +319,7 @@ def scale_by_delta(
     def both(g, v, a):
       dtype = _common.compute_dtype(g.dtype)
       real = _common.real_dtype(dtype)
-      rr, ee = _common.cast_hyperparameter(r, real), _common.cast_hyperparameter(e, real)
+      rr, ee = _hparams.cast_hyperparameter(r, real), _hparams.cast_hyperparameter(e, real)
 
       def one(g, v, a):
         delta = jnp.sqrt(a + ee) / jnp.sqrt(v + ee) * g
@@ -382,8 +383,8 @@ def scale_by_rprop(
     Riedmiller & Braun, `A direct adaptive method for faster backpropagation learning: the RPROP
     algorithm <https://doi.org/10.1109/ICNN.1993.298623>`_, 1993.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  if callable(learning_rate):
+  _hparams.check_learning_rate(learning_rate)
+  if _hparams.is_schedule(learning_rate):
     raise TypeError("learning_rate must be a number for Rprop (it only sets the initial step sizes), not a schedule.")
   minus, plus = etas
   lo, hi = step_sizes
@@ -476,10 +477,10 @@ def scale_by_asgd(
     Polyak & Juditsky, `Acceleration of Stochastic Approximation by Averaging
     <https://doi.org/10.1137/0330046>`_, 1992.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  _hparams.check_learning_rate(learning_rate)
   for name, x in (("lambd", lambd), ("alpha", alpha), ("t0", t0)):
-    _common.check_hyperparameter(name, x)
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+    _hparams.check_hyperparameter(name, x)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
   stage = "jadam.scale_by_asgd"
 
   def init_fn(params):
@@ -493,11 +494,11 @@ def scale_by_asgd(
     _common.check_tree(stage, updates, "the params", params, _common.PARAMS_HINT)
     dtype = _common.float_dtype()
     c = state.count
-    prev_lr = _common.cast_hyperparameter(lr_fn(jnp.maximum(c - 1, 0)), dtype)
-    lam, a = _common.cast_hyperparameter(lambd, dtype), _common.cast_hyperparameter(alpha, dtype)
+    prev_lr = _hparams.cast_hyperparameter(lr_fn(jnp.maximum(c - 1, 0)), dtype)
+    lam, a = _hparams.cast_hyperparameter(lambd, dtype), _hparams.cast_hyperparameter(alpha, dtype)
     tc = c.astype(dtype)
-    eta = jnp.where(c == 0, _common.cast_hyperparameter(lr_fn(c), dtype), prev_lr / (1 + lam * prev_lr * tc) ** a)
-    mu = 1 / jnp.maximum(tc - _common.cast_hyperparameter(t0, dtype), 1.0)  # t - 1 - t0 at step t = c + 1
+    eta = jnp.where(c == 0, _hparams.cast_hyperparameter(lr_fn(c), dtype), prev_lr / (1 + lam * prev_lr * tc) ** a)
+    mu = 1 / jnp.maximum(tc - _hparams.cast_hyperparameter(t0, dtype), 1.0)  # t - 1 - t0 at step t = c + 1
     shrink = 1 - lam * eta
 
     # Real scalars cast to a complex leaf's dtype multiply each part exactly (their imaginary part is 0).

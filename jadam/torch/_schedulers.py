@@ -19,11 +19,10 @@ import copy
 import dataclasses
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jadam._core import common as _common
@@ -822,14 +821,7 @@ class ChainedScheduler(_Composite):
     return out
 
 
-class ReduceLROnPlateauState(NamedTuple):
-  """State of :meth:`ReduceLROnPlateau.transform`."""
-
-  count: jax.Array  # shape=(), int32: optimizer steps taken
-  lr: jax.Array  # the current learning rate
-  best: jax.Array
-  num_bad_epochs: jax.Array  # int32
-  cooldown_counter: jax.Array  # int32
+ReduceLROnPlateauState = _plateau.ReduceLROnPlateauState  # the core's, re-exported by jadam.torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -878,13 +870,22 @@ class ReduceLROnPlateau:
 
   def __post_init__(self):
     _check_lr("lr", self.lr)
-    if self.factor >= 1.0:
-      raise ValueError("Factor should be < 1.0.")
-    if self.mode not in ("min", "max"):
-      raise ValueError("mode " + str(self.mode) + " is unknown!")
-    if self.threshold_mode not in ("rel", "abs"):
-      raise ValueError("threshold mode " + str(self.threshold_mode) + " is unknown!")
+    _ = self.rule  # PyTorch's checks of factor, mode and threshold_mode, in its order
     _check_steps(self.steps_per_epoch)
+
+  @property
+  def rule(self) -> _plateau.PlateauRule:
+    """The rule itself, without the learning rate: what :func:`jadam.sweep` runs per configuration."""
+    return _plateau.PlateauRule(
+      mode=self.mode,
+      factor=self.factor,
+      patience=self.patience,
+      threshold=self.threshold,
+      threshold_mode=self.threshold_mode,
+      cooldown=self.cooldown,
+      min_lr=self.min_lr,
+      eps=self.eps,
+    )
 
   def per_epoch(self, steps_per_epoch: int) -> "ReduceLROnPlateau":
     """Read the metric once every `steps_per_epoch` updates (at the end of each epoch)."""
@@ -902,57 +903,8 @@ class ReduceLROnPlateau:
     )
 
   def _is_better(self, a, best):
-    return _plateau.is_better(a, best, mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
+    return self.rule.is_better(a, best)
 
   def transform(self) -> optax.GradientTransformationExtraArgs:
-    """Scale updates by the current learning rate, then update it from `value`."""
-
-    def init_fn(params):
-      del params
-      dtype = _common.float_dtype()
-      worse = math.inf if self.mode == "min" else -math.inf
-      zero = jnp.zeros([], jnp.int32)
-      return ReduceLROnPlateauState(
-        count=zero,
-        lr=jnp.asarray(self.lr, dtype),
-        best=jnp.asarray(worse, dtype),
-        num_bad_epochs=zero,
-        cooldown_counter=zero,
-      )
-
-    def update_fn(updates, state, params=None, *, value=None, **extra_args):
-      del params, extra_args
-      _common.check_state("jadam.torch.ReduceLROnPlateau", state, ReduceLROnPlateauState)
-      if value is None:
-        raise TypeError("ReduceLROnPlateau needs the metric: call update(grads, state, params, value=metric).")
-
-      def scale(u):
-        dtype = _common.compute_dtype(u.dtype)
-        return (state.lr.astype(dtype) * u.astype(dtype)).astype(u.dtype)
-
-      if np.ndim(value) != 0:  # it would broadcast into the learning rate, then into the parameters
-        raise ValueError(
-          f"ReduceLROnPlateau's value (the metric) must be a scalar; got an array of shape {np.shape(value)}."
-          " Pass the loss itself, e.g. value=loss.mean()."
-        )
-      updates = _common.tree_map_float(scale, updates)
-      current = jnp.asarray(value).astype(state.best.dtype)
-      better = self._is_better(current, state.best)
-      best = jnp.where(better, current, state.best)
-      bad = jnp.where(better, 0, state.num_bad_epochs + 1)
-      in_cooldown = state.cooldown_counter > 0
-      cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
-      bad = jnp.where(in_cooldown, 0, bad)
-      reduce = bad > self.patience
-      new_lr = jnp.maximum(state.lr * self.factor, jnp.asarray(self.min_lr, state.lr.dtype))
-      lr = jnp.where(jnp.logical_and(reduce, state.lr - new_lr > self.eps), new_lr, state.lr)
-      cooldown_counter = jnp.where(reduce, self.cooldown, cooldown_counter)
-      bad = jnp.where(reduce, 0, bad)
-      count = optax.safe_increment(state.count)
-      fed = ReduceLROnPlateauState(count, lr, best, bad.astype(jnp.int32), cooldown_counter.astype(jnp.int32))
-      held = state._replace(count=count)
-      epoch_end = count % self.steps_per_epoch == 0
-      new_state = jax.tree.map(lambda a, b: jnp.where(epoch_end, a, b), fed, held)
-      return updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    """Scale updates by the current learning rate, then update it from `value` (:meth:`PlateauRule.transform`)."""
+    return self.rule.transform(self.lr, steps_per_epoch=self.steps_per_epoch, name="jadam.torch.ReduceLROnPlateau")

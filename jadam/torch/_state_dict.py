@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages.correct import NesterovCorrectState
 from jadam._stages.moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
 from jadam._stages.scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
@@ -164,9 +165,9 @@ _RTOL = 1e-9  # hyperparameters: PyTorch's recursive schedules and jadam's close
 
 def _number(x: Any) -> float | None:
   """A hyperparameter's value if it is a concrete number (not a schedule)."""
-  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or (callable(x) and not isinstance(x, (jax.Array, np.ndarray))):
+  if _hparams.is_schedule(x):  # jadam.torch's schedulers are callables too
     return None
-  return _common.concrete_value(x)
+  return _hparams.concrete_value(x)
 
 
 def _at(x: Any, count: int) -> Any:
@@ -177,7 +178,7 @@ def _at(x: Any, count: int) -> Any:
     return tuple(_at(v, count) for v in x)
   if isinstance(x, ReduceLROnPlateau):
     raise AssertionError("handled by the caller")
-  if callable(x) and not isinstance(x, (jax.Array, np.ndarray)):
+  if _hparams.is_schedule(x):
     return float(x(jnp.asarray(count, jnp.int32)))
   return float(x)
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 
 def main() -> None:
+  import bitsandbytes as bnb
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import jadam
   import jadam.torch as jt
-
-  import bitsandbytes as bnb
-
   from tests.torch.test_state_dict import BNB_SHAPES, TorchName, bnb_run
 
   n, rng = 15, np.random.default_rng(0)
@@ -50,7 +48,10 @@ def main() -> None:
   print(f"{'leaf':<6} {'shape':<10} {'hand-over':>10} {'jadam alone':>12} {'restart':>10}")
   for k, shape in BNB_SHAPES.items():
     d = np.linalg.norm(want[k] - params0[k])
-    e = lambda x: np.linalg.norm(np.asarray(x[k]) - want[k]) / d  # noqa: E731
+
+    def e(x, k=k, d=d):
+      return np.linalg.norm(np.asarray(x[k]) - want[k]) / d
+
     print(f"{k:<6} {str(shape):<10} {e(handed):>10.2e} {e(alone):>12.2e} {e(restarted):>10.2e}")
 
 

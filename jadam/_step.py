@@ -39,14 +39,15 @@ row-sparse path (:func:`jadam.apply_updates`'s scatter) runs.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
 
 from jadam._core import hparams as _hparams
-from jadam._stages import sparse as _sparse
 from jadam._kernels import fused as _fused
+from jadam._stages import sparse as _sparse
 
 
 def _check_tx(tx: Any) -> None:
@@ -79,8 +80,8 @@ def update_and_apply(
   Where `tx` is Adam by structure (see the README's "The fast path": jadam's
   stages, also inside `optax.chain`, `clip_by_global_norm`, `apply_if_finite`,
   `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
-  or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one compiled kernel that
-  reads and writes each buffer once, with the same new parameters and state as
+  or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one
+  compiled kernel that reads and writes each buffer once, with the same new parameters and state as
   ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
   other backends, or where the kernel cannot be built, the generic path runs.
   Row-sparse (`BCOO`) gradients are added by a scatter into the touched rows

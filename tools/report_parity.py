@@ -11,7 +11,6 @@ test; tests/parity/test_torch_parity.py asserts the bounds.
 """
 
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -48,7 +47,10 @@ def main():
       o32 = _parity.max_ulps(got32, _parity.run_optax(c.optax(), prob, np.float32, teacher=teach))
       o32_free = _parity.max_ulps(got32, _parity.run_optax(c.optax(), prob, np.float32))
     rows.append((name, ref, t64, o64, t32, o32, t32_free, o32_free))
-  f = lambda x, fmt: "-" if x is None else format(x, fmt)
+
+  def f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
   print("float64: max relative difference of the parameters over 500 steps.")
   print("float32: max ulps of the parameters; 'per step' starts every step from jadam's parameters and")
   print("gradient (the optimizer states run on their own), 'free' lets each run follow its own trajectory.")
@@ -78,7 +80,7 @@ def bias_correction_ulps():
   steps = np.arange(1, 20_001)
   lines = ["| b | jadam f32 ulps (t <= 20000) | naive f32 1 - b**t ulps |", "| --- | --- | --- |"]
   for b in (0.9, 0.99, 0.999, 0.9999):
-    got = np.asarray(jax.jit(jax.vmap(lambda t: _common.one_minus_power(b, t)))(jnp.asarray(steps, jnp.int32)))
+    got = np.asarray(jax.jit(jax.vmap(lambda t, b=b: _common.one_minus_power(b, t)))(jnp.asarray(steps, jnp.int32)))
     want = np.asarray([1 - b ** int(t) for t in steps], np.float64).astype(np.float32)
     naive = (1 - np.float32(b) ** steps.astype(np.float32)).astype(np.float32)
     lines.append(f"| {b} | {_parity.max_ulps(got, want)} | {_parity.max_ulps(naive, want)} |")
@@ -93,15 +95,20 @@ def stage_recipes():
   from tests.helpers import reference
 
   lr, b1, b2, eps = 1e-2, 0.85, 0.995, 1e-7
-  amsgrad_optax = lambda: optax.chain(
-    jadam.scale_by_moments(b1, b2), jadam.bias_correct(), jadam.max_nu(), jadam.normalize(eps), jadam.scale_by_lr(lr)
-  )
-  keras = lambda: optax.chain(
-    jadam.scale_by_moments(0.9, 0.999),
-    jadam.bias_correct(into_step=True),
-    jadam.normalize(1e-7),
-    jadam.scale_by_lr(1e-3),
-  )
+
+  def amsgrad_optax():
+    return optax.chain(
+      jadam.scale_by_moments(b1, b2), jadam.bias_correct(), jadam.max_nu(), jadam.normalize(eps), jadam.scale_by_lr(lr)
+    )
+
+  def keras():
+    return optax.chain(
+      jadam.scale_by_moments(0.9, 0.999),
+      jadam.bias_correct(into_step=True),
+      jadam.normalize(1e-7),
+      jadam.scale_by_lr(1e-3),
+    )
+
   lines = ["| recipe | f64 vs reference | f64 vs optax | f32 ulps/step vs optax |", "| --- | --- | --- | --- |"]
   prob = _parity.problem(500)
   with jax.enable_x64(True):

@@ -7,7 +7,6 @@ ulps of each leaf's scale after 1, 10, 50 and 500 steps.
 """
 
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -21,11 +20,14 @@ from tests.torch.test_torch_front import CASES, _name  # noqa: E402
 
 
 def main():
-  print(f"| setting | float64 max rel. diff (500 steps) | float32 ulps after 1 / 10 / 50 / 500 steps |")
+  print("| setting | float64 max rel. diff (500 steps) | float32 ulps after 1 / 10 / 50 / 500 steps |")
   print("| --- | --- | --- |")
   worst64, worst32 = 0.0, 0.0
   for name, kw in CASES:
-    make = lambda groups: getattr(torch.optim, name)(groups, foreach=False, **kw)
+
+    def make(groups, name=name, kw=kw):
+      return getattr(torch.optim, name)(groups, foreach=False, **kw)
+
     want = H.run_torch(make, 500, np.float64)
     with jax.enable_x64(True):
       got = H.run_jax(getattr(jadam.torch, name)(**kw), 500, np.float64)

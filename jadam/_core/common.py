@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
   mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_update_leaf)
   theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_update_leaf)
   if mine_def == theirs_def:
-    for (path, u), (_, o) in zip(mine, theirs):
+    for (path, u), (_, o) in zip(mine, theirs, strict=True):
       if u is not None and (o is None or np.shape(u) != np.shape(o)):
         raise ValueError(
           f"{stage}: the updates and {name} differ at {jax.tree_util.keystr(path)}: the updates have"
@@ -234,12 +235,15 @@ def check_grads_present(name: str, updates: Any, params: Any) -> None:
   there, far from its cause. A leaf to freeze takes a zero gradient, or is
   left out with `optax.masked` / `optax.set_to_zero` under `optax.partition`.
   """
-  is_none = lambda x: x is None
+
+  def is_none(x):
+    return x is None
+
   grads, grads_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   values, values_def = jax.tree_util.tree_flatten(params, is_leaf=is_none)
   if grads_def != values_def:
     return  # the stages' check_tree says how the trees differ
-  for (path, g), p in zip(grads, values):
+  for (path, g), p in zip(grads, values, strict=True):
     if g is None and p is not None:
       raise ValueError(
         f"{name}: the gradient at {jax.tree_util.keystr(path)} is None, but the params hold {_aval(p)} there, and"

@@ -110,7 +110,7 @@ def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
 
 
 def check_flag(name: str, value: Any) -> None:
-  """Raises a `TypeError` unless `value` is a bool (flags choose the chain in Python: 1 or "yes" would pass silently)."""
+  """Raises a `TypeError` unless `value` is a bool (flags choose the chain in Python: 1 or "yes" would slip by)."""
   if not isinstance(value, bool):
     raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}.")
 

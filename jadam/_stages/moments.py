@@ -50,7 +50,7 @@ class Moments:
   bias_corrected: bool = False  # static: set by bias_correct
   step_scale: jax.typing.ArrayLike | None = None  # bias_correct(into_step=True)
 
-  def _replace(self, **changes: Any) -> "Moments":
+  def _replace(self, **changes: Any) -> Moments:
     """A copy with `changes`, as `NamedTuple._replace`."""
     return dataclasses.replace(self, **changes)
 
@@ -158,9 +158,15 @@ def scale_by_moments(
     else:
       beta1 = b1_fn(state.count)
       mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
-      again = lambda g, m: _ema_leaf(g, m, beta1, square=False)
+
+      def again(g, m):
+        return _ema_leaf(g, m, beta1, square=False)
+
       mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again)
-    again = lambda g, v: _ema_leaf(g, v, beta2, square=True)
+
+    def again(g, v):
+      return _ema_leaf(g, v, beta2, square=True)
+
     nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
@@ -327,7 +333,10 @@ def scale_by_inf_moments(
 
     nu = _common.tree_map_float(norm, updates, state.nu)
     count = optax.safe_increment(state.count)
-    keep = lambda new, old: _common.tree_map_float(lambda g, x, s: x.astype(s.dtype), updates, new, old, keep=2)
+
+    def keep(new, old):
+      return _common.tree_map_float(lambda g, x, s: x.astype(s.dtype), updates, new, old, keep=2)
+
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=0.0, grad=updates)
     return moments, ScaleByInfMomentsState(count=count, mu=keep(mu, state.mu), nu=keep(nu, state.nu))
 

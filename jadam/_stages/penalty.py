@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,14 +148,18 @@ def decoupled_decay(
     _common.check_tree(stage, updates, "the params", params, _common.PARAMS_HINT)
     lr, wd = lr_fn(state.count), wd_fn(state.count)
     if convention == "keras":
-      shrink = lambda p: p - p * _hparams.cast_hyperparameter(wd, p.dtype) * _hparams.cast_hyperparameter(lr, p.dtype)
+
+      def shrink(p):
+        return p - p * _hparams.cast_hyperparameter(wd, p.dtype) * _hparams.cast_hyperparameter(lr, p.dtype)
     else:
       if isinstance(lr, numbers.Number) and isinstance(wd, numbers.Number):
         factor = 1.0 - lr * wd  # in double, as PyTorch
       else:
         dtype = _common.float_dtype()
         factor = 1.0 - _hparams.cast_hyperparameter(lr, dtype) * _hparams.cast_hyperparameter(wd, dtype)
-      shrink = lambda p: p * jnp.asarray(factor).astype(p.dtype)
+
+      def shrink(p):
+        return p * jnp.asarray(factor).astype(p.dtype)
 
     def decay(u, p):
       return ((shrink(p) + u.astype(p.dtype)) - p).astype(u.dtype)

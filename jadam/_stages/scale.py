@@ -1,4 +1,4 @@
-"""The stages that turn moments into a step: divide (`normalize`, `normalize_inf`), add momentum, flip, scale by the learning rate."""
+"""The stages that turn moments into a step: divide (`normalize`, `normalize_inf`), add momentum, flip, scale by lr."""
 
 from __future__ import annotations
 
@@ -330,14 +330,19 @@ def scale_by_delta(
         return jax.lax.complex(dr, di), jax.lax.complex(ar, ai)
       return one(g, v, a)
 
-    cast = lambda x: x.astype(_common.compute_dtype(x.dtype))
+    def cast(x):
+      return x.astype(_common.compute_dtype(x.dtype))
+
     pairs = _common.tree_map_float(
       lambda g, v, a: both(cast(g), v.astype(cast(g).dtype), a.astype(cast(g).dtype)),
       moments.grad,
       moments.nu,
       state.acc_delta,
     )
-    is_pair = lambda x: type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+
+    def is_pair(x):
+      return type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+
     deltas = jax.tree.map(lambda g, x: x[0].astype(g.dtype) if is_pair(x) else x, moments.grad, pairs, is_leaf=is_pair)
     acc = jax.tree.map(lambda s, x: x[1].astype(s.dtype) if is_pair(x) else s, state.acc_delta, pairs, is_leaf=is_pair)
     return deltas, ScaleByDeltaState(acc_delta=acc)
@@ -419,15 +424,18 @@ def scale_by_rprop(
       ]
       if len(parts) == 1:
         return parts[0]
-      return tuple(jax.lax.complex(a, b) for a, b in zip(*parts))
+      return tuple(jax.lax.complex(a, b) for a, b in zip(*parts, strict=True))
 
     out = _common.tree_map_float(
       lambda g, p, s: leaf(g, p.astype(g.dtype), s.astype(g.dtype)), updates, state.prev, state.step_size
     )
-    is_triple = lambda x: type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
-    pick = lambda i, old: jax.tree.map(
-      lambda o, x: x[i].astype(o.dtype) if is_triple(x) else o, old, out, is_leaf=is_triple
-    )
+
+    def is_triple(x):
+      return type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+
+    def pick(i, old):
+      return jax.tree.map(lambda o, x: x[i].astype(o.dtype) if is_triple(x) else o, old, out, is_leaf=is_triple)
+
     return pick(0, updates), ScaleByRpropState(prev=pick(1, state.prev), step_size=pick(2, state.step_size))
 
   return optax.GradientTransformation(init_fn, update_fn)

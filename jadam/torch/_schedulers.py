@@ -19,7 +19,8 @@ import copy
 import dataclasses
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ class LRScheduler:
     epoch = count // self.steps_per_epoch
     return jnp.asarray(self._at(epoch.astype(_common.float_dtype())), _common.float_dtype())
 
-  def per_epoch(self, steps_per_epoch: int) -> "LRScheduler":
+  def per_epoch(self, steps_per_epoch: int) -> LRScheduler:
     """The same scheduler, stepped once every `steps_per_epoch` optimizer steps.
 
     PyTorch code that calls `scheduler.step()` once per epoch of N batches maps
@@ -94,7 +95,7 @@ class LRScheduler:
     object.__setattr__(out, "steps_per_epoch", steps_per_epoch)
     return out
 
-  def rebase(self, lr: float) -> "LRScheduler":
+  def rebase(self, lr: float) -> LRScheduler:
     """The same scheduler for a param group whose initial learning rate is `lr`."""
     out = copy.copy(self)
     _check_lr("lr", lr)
@@ -341,11 +342,11 @@ class OneCycleLR(LRScheduler):
     object.__setattr__(self, "steps_per_epoch", 1)
     super().__post_init__()
 
-  def rebase(self, lr: float) -> "OneCycleLR":
+  def rebase(self, lr: float) -> OneCycleLR:
     del lr  # PyTorch's OneCycleLR sets every group's rate from max_lr
     return self
 
-  def for_group(self, index: int, n_groups: int) -> "OneCycleLR":
+  def for_group(self, index: int, n_groups: int) -> OneCycleLR:
     """The scheduler of param group `index` (of `n_groups`): entry `index` of a list `max_lr`, as PyTorch."""
     out = copy.copy(self)
     object.__setattr__(out, "max_lr", _per_group("max_lr", self.max_lr, index, n_groups))
@@ -584,7 +585,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
     if self.T_mult == 1:
       t_cur, t_i = jnp.mod(epoch, t0), t0
     else:
-      start = lambda k: t0 * (m**k - 1.0) / (m - 1.0)  # the step at which period k begins
+
+      def start(k):
+        return t0 * (m**k - 1.0) / (m - 1.0)  # the step at which period k begins
+
       n = jnp.floor(jnp.log(epoch / t0 * (m - 1.0) + 1.0) / math.log(m))
       n = jnp.where(start(n + 1.0) <= epoch, n + 1.0, n)  # the logarithm may round across a restart
       n = jnp.where(start(n) > epoch, n - 1.0, n)
@@ -659,11 +663,11 @@ class CyclicLR(LRScheduler):
     """The initial learning rate: `base_lr`."""
     return self.base_lr
 
-  def rebase(self, lr: float) -> "CyclicLR":
+  def rebase(self, lr: float) -> CyclicLR:
     del lr  # PyTorch's CyclicLR sets every group's rate from base_lr
     return self
 
-  def for_group(self, index: int, n_groups: int) -> "CyclicLR":
+  def for_group(self, index: int, n_groups: int) -> CyclicLR:
     """The scheduler of param group `index`: entry `index` of list `base_lr` / `max_lr` (and momenta), as PyTorch."""
     out = copy.copy(self)
     for name in ("base_lr", "max_lr", "base_momentum", "max_momentum"):
@@ -731,7 +735,7 @@ class _Composite(LRScheduler):
   def lr(self) -> float:
     return self.schedulers[0].lr
 
-  def rebase(self, lr: float) -> "_Composite":
+  def rebase(self, lr: float) -> _Composite:
     out = copy.copy(self)
     object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
     return out
@@ -778,7 +782,7 @@ class SequentialLR(_Composite):
 
   def _at(self, epoch):
     out = self.schedulers[0]._at(epoch)
-    for m, s in zip(self.milestones, self.schedulers[1:]):
+    for m, s in zip(self.milestones, self.schedulers[1:], strict=True):
       out = jnp.where(epoch >= m, s._at(epoch - m), out)
     return out
 
@@ -887,11 +891,11 @@ class ReduceLROnPlateau:
       eps=self.eps,
     )
 
-  def per_epoch(self, steps_per_epoch: int) -> "ReduceLROnPlateau":
+  def per_epoch(self, steps_per_epoch: int) -> ReduceLROnPlateau:
     """Read the metric once every `steps_per_epoch` updates (at the end of each epoch)."""
     return dataclasses.replace(self, steps_per_epoch=steps_per_epoch)
 
-  def rebase(self, lr: float) -> "ReduceLROnPlateau":
+  def rebase(self, lr: float) -> ReduceLROnPlateau:
     """The same rule for a param group whose initial learning rate is `lr`."""
     return dataclasses.replace(self, lr=lr)
 

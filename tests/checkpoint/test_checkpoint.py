@@ -65,7 +65,7 @@ OPTIMIZERS = {
 def _loss(params, target):
   return sum(
     0.5 * jnp.sum(jnp.square(p.astype(jnp.float32) - t.astype(jnp.float32)))
-    for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(target))
+    for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(target), strict=True)
   )
 
 
@@ -83,7 +83,7 @@ def _make_step(tx):
 
 def _run(step, params, state, noise, start, stop):
   for t in range(start, stop):
-    params, state = step(params, state, jax.tree.map(lambda n: n[t], noise))
+    params, state = step(params, state, jax.tree.map(lambda n, t=t: n[t], noise))
   return params, state
 
 

@@ -359,7 +359,8 @@ UPDATES = [
     "adam params with an extra leaf",
     update(jadam.adam(weight_decay=0.1), params=EXTRA),
     ValueError,
-    rf"jadam.add_l2: the updates and the params are different trees: \['c'\] is in the params but not in the updates.*{PARAMS}",
+    rf"jadam.add_l2: the updates and the params are different trees: \['c'\] is in the params but not in the updates"
+    rf".*{PARAMS}",
   ),
   (
     "adam params missing a leaf",
@@ -371,7 +372,8 @@ UPDATES = [
     "adam params of another shape",
     update(jadam.adam(weight_decay=0.1), params=RESHAPED),
     ValueError,
-    r"jadam.add_l2: the updates and the params differ at \['b'\]: the updates have float32\[3\], the params float32\[4\]",
+    r"jadam.add_l2: the updates and the params differ at \['b'\]: the updates have float32\[3\],"
+    r" the params float32\[4\]",
   ),
   (
     "adam params a list",

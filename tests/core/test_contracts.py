@@ -134,7 +134,7 @@ def test_inject_hyperparams_inner_state_is_the_plain_state(name, zero):
       p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
     inner = states[1].inner_state
     assert jax.tree.structure(inner) == jax.tree.structure(states[0])
-    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(inner)):
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(inner), strict=True):
       assert jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-300)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), p1, p2)

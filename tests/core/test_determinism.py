@@ -27,8 +27,8 @@ import optax
 import pytest
 
 import jadam
-from tests.helpers.bits import assert_bitwise_equal, bits
 from jadam._storage import bf16 as _lowp
+from tests.helpers.bits import assert_bitwise_equal, bits
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -38,7 +38,9 @@ OPTIMIZERS = {
   "sgd": "jadam.sgd(1e-2, momentum=0.9, nesterov=True)",
   "rmsprop": "jadam.rmsprop(1e-2, centered=True, momentum=0.5)",
   "radam": "jadam.radam(1e-2)",
-  "torch_adamw_groups": "jadam.torch.AdamW([{'params': 'b.*', 'lr': 1e-3}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=40))",
+  "torch_adamw_groups": (
+    "jadam.torch.AdamW([{'params': 'b.*', 'lr': 1e-3}], lr=jadam.torch.CosineAnnealingLR(1e-2, T_max=40))"
+  ),
 }
 
 # The training run, as source: the parent runs it and a child process runs the same text.
@@ -120,7 +122,7 @@ def test_jit_and_eager_agree_to_a_couple_of_ulps_per_step(name):
   state = update(grads[0], tx.init(params), params)[1]  # moments and momentum not zero
   eager = tx.update(grads[1], state, params)
   jitted = update(grads[1], state, params)
-  for (path, e), j in zip(jax.tree_util.tree_leaves_with_path(eager), jax.tree.leaves(jitted)):
+  for (path, e), j in zip(jax.tree_util.tree_leaves_with_path(eager), jax.tree.leaves(jitted), strict=True):
     e, j = np.asarray(e), np.asarray(j)
     assert e.dtype == j.dtype and e.shape == j.shape
     if not np.issubdtype(e.dtype, np.floating) and e.dtype.name != "bfloat16":

@@ -176,7 +176,10 @@ def test_complex_params_are_their_real_and_imaginary_parts():
     rng = np.random.default_rng(0)
     p0 = jnp.asarray(rng.uniform(1, 2, 3) + 1j * rng.uniform(1, 2, 3))
     grads = [jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)) for _ in range(30)]
-    as_real = lambda z: jnp.stack([jnp.real(z), jnp.imag(z)])
+
+    def as_real(z):
+      return jnp.stack([jnp.real(z), jnp.imag(z)])
+
     results = []
     for tx, promotion, view in ((jadam.adam(1e-2), "strict", lambda z: z), (optax.adam(1e-2), "standard", as_real)):
       with jax.numpy_dtype_promotion(promotion):

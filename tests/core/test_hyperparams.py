@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import parity as _parity
 import jadam
+from tests.helpers import parity as _parity
 from tests.helpers import reference
 
 # Schedules as plain math of a float step, so NumPy (the reference) and jax read the same numbers.
@@ -295,7 +295,7 @@ def test_injected_zero_momentum_ignores_dampening_as_torch():
     tx = optax.inject_hyperparams(jadam.sgd)(learning_rate=1e-2, momentum=0.0, dampening=0.5)
     theta = jnp.asarray(p0)
     state, step = tx.init(theta), jax.jit(tx.update)
-    for g, want in zip(grads, reference.sgd(grads, p0, lr=1e-2, momentum=0.0, dampening=0.5)):
+    for g, want in zip(grads, reference.sgd(grads, p0, lr=1e-2, momentum=0.0, dampening=0.5), strict=True):
       u, state = step(jnp.asarray(g), state, theta)
       theta = optax.apply_updates(theta, u)
       chex.assert_trees_all_close(theta, want, rtol=1e-12, atol=0)

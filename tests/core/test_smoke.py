@@ -17,7 +17,7 @@ def test_adam_one_run_matches_reference_float64():
     params = jnp.asarray(params0)
     state = tx.init(params)
     update = jax.jit(tx.update)
-    for g, want in zip(grads, reference.adam(grads, params0, lr=1e-2)):
+    for g, want in zip(grads, reference.adam(grads, params0, lr=1e-2), strict=True):
       u, state = update(jnp.asarray(g), state, params)
       params = params + u
       np.testing.assert_allclose(np.asarray(params), want, rtol=1e-13)

@@ -14,7 +14,8 @@ tools/report_parity.py all read it.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,10 @@ def run_torch(make: Callable[[list], Any], prob: Problem, dtype, *, teacher=None
   import torch
 
   tdtype = {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
-  as_t = lambda x: torch.tensor(np.asarray(x, np.dtype(dtype)), dtype=tdtype)
+
+  def as_t(x):
+    return torch.tensor(np.asarray(x, np.dtype(dtype)), dtype=tdtype)
+
   theta = as_t(prob.params)
   a, b, noise = as_t(prob.a), as_t(prob.b), as_t(prob.noise)
   if teacher is not None:

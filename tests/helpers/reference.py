@@ -44,7 +44,10 @@ def adam(
     hand, to model a very long run): the first step is t = t0 + 1.
   """
   grads, theta = _as64(grads, params)
-  f = lambda x, t: x(t - 1) if callable(x) else x
+
+  def f(x, t):
+    return x(t - 1) if callable(x) else x
+
   m = np.zeros_like(theta)
   v = np.zeros_like(theta)
   vmax = np.zeros_like(theta)

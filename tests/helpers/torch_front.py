@@ -125,7 +125,9 @@ def max_rel_diff(got, want):
 
 
 def max_ulps(got, want):
-  """max over leaves, steps and elements of |got - want| in float32 ulps of the leaf's scale (its largest |want| in the run).
+  """max over leaves, steps and elements of |got - want| in float32 ulps of the leaf's scale.
+
+  The scale is the leaf's largest |want| in the run.
 
   Normwise, not elementwise: an element crossing zero has an ulp of 1e-45, and
   counting in it would measure the crossing, not the optimizer.

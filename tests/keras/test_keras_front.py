@@ -34,14 +34,14 @@ def _run_keras(make, dtype):
     def run(tv, ov):
       def step(carry, n_t):
         tv, ov = carry
-        grads = [c * p + n for c, p, n in zip(cs, tv, n_t)]
+        grads = [c * p + n for c, p, n in zip(cs, tv, n_t, strict=True)]
         tv, ov = opt.stateless_apply(ov, grads, tv)
         return (tv, ov), tv
 
       return jax.lax.scan(step, (tv, ov), ns)[1]
 
     out = run([v.value for v in variables], [v.value for v in opt.variables])
-  return {k: np.asarray(v) for k, v in zip(H.PATHS, out)}
+  return {k: np.asarray(v) for k, v in zip(H.PATHS, out, strict=True)}
 
 
 # Keras keeps its learning rate in a float32 variable; jadam gets that same number.
@@ -78,7 +78,7 @@ def test_float64_matches_numpy_reference():
     state = tx.init(params)
     update = jax.jit(tx.update)
     want = reference.adam(np.asarray(grads), np.asarray(params), lr=1e-2, eps=1e-7, keras=True)
-    for g, w in zip(grads, want):
+    for g, w in zip(grads, want, strict=True):
       u, state = update(g, state, params)
       params = params + u
       np.testing.assert_allclose(np.asarray(params), w, rtol=1e-12)

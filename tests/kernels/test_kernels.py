@@ -103,7 +103,7 @@ def _assert_close(got, want, prev, ulps=8):
 
 def _leaves(shapes, seed=0):
   keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {f"w{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
+  return {f"w{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes, strict=True))}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,7 +126,7 @@ class FusedStepTest(parameterized.TestCase):
     state = tx.init(params)
     assert _kernel_in(fused.lower(jax.tree.map(jnp.cos, params), state, params).as_text())
     for t in range(30 if self._testMethodName.endswith(("_adam", "_adamw", "adam_schedules")) else 6):
-      grads = jax.tree.map(lambda p: jnp.sin(3.0 * p + t) * (1.0 + t % 3), params)
+      grads = jax.tree.map(lambda p, t=t: jnp.sin(3.0 * p + t) * (1.0 + t % 3), params)
       got, got_state = fused(grads, state, params)
       updates, want_state = tx.update(grads, state, params)  # eager: op by op
       want = optax.apply_updates(params, updates)
@@ -138,12 +138,16 @@ class FusedStepTest(parameterized.TestCase):
       if "schedule" not in self._testMethodName:
         chex.assert_trees_all_equal((got, got_state), (want, want_state))
       else:
-        for a, b, c in zip(*(jax.tree.leaves(x) for x in ((got, got_state), (want, want_state), (params, state)))):
+        for a, b, c in zip(
+          *(jax.tree.leaves(x) for x in ((got, got_state), (want, want_state), (params, state))), strict=True
+        ):
           _assert_close(a, b, c)
       # against the jitted generic step, which XLA rewrites a little (fusion, folding); with bfloat16 moments an
       # ulp of float32 there can flip a stochastic rounding, so the eager bits above are the comparison
       if "bf16" not in self._testMethodName:
-        for a, b, c in zip(*(jax.tree.leaves(x) for x in ((got, got_state), (jit_p, jit_state), (params, state)))):
+        for a, b, c in zip(
+          *(jax.tree.leaves(x) for x in ((got, got_state), (jit_p, jit_state), (params, state))), strict=True
+        ):
           _assert_close(a, b, c)
       params, state = got, got_state  # the trajectory continues from the fused step
 
@@ -172,7 +176,7 @@ class FusedStepTest(parameterized.TestCase):
     for _ in range(5):
       got_p, got_s, got_loss = fused_train(got_p, got_s, x)
       want_p, want_s, want_loss = generic_train(want_p, want_s, x)
-    for a, b in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((want_p, want_s))):
+    for a, b in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((want_p, want_s)), strict=True):
       assert a.dtype == b.dtype and a.shape == b.shape
     chex.assert_trees_all_close((got_p, got_s), (want_p, want_s), rtol=1e-5, atol=1e-7)
     assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
@@ -190,7 +194,9 @@ class FusedStepTest(parameterized.TestCase):
     assert "jadam_adam_f32" in step.lower(True, *hp, params, state, grads).as_text()
     got, got_state = step(True, *hp, params, state, grads)
     want, want_state = step(False, *hp, params, state, grads)
-    for a, b, c in zip(*(jax.tree.leaves(x) for x in ((got, got_state), (want, want_state), (params, state)))):
+    for a, b, c in zip(
+      *(jax.tree.leaves(x) for x in ((got, got_state), (want, want_state), (params, state))), strict=True
+    ):
       _assert_close(a, b, c)
 
   def test_apply_if_finite_rejects_and_accepts_as_optax_does(self):
@@ -201,7 +207,7 @@ class FusedStepTest(parameterized.TestCase):
     state, inner_state = tx.init(params), inner.init(params)
     assert _kernel_in(fused.lower(params, state, params).as_text())
     for t in range(5):
-      grads = jax.tree.map(lambda p: jnp.sin(3.0 * p + t), params)
+      grads = jax.tree.map(lambda p, t=t: jnp.sin(3.0 * p + t), params)
       if t in (2, 3):
         grads["w3"] = grads["w3"].at[5].set(jnp.nan if t == 2 else jnp.inf)
       got, got_state = fused(grads, state, params)
@@ -312,7 +318,7 @@ class FusedStepTest(parameterized.TestCase):
           norms = np.linalg.norm(g64, axis=1, keepdims=True)
           g64 = np.where(norms < max_norm, g64, g64 / norms * max_norm)
         want = reference.adam(g64, np.asarray(params), **kwargs)
-        for g, w in zip(grads, want):
+        for g, w in zip(grads, want, strict=True):
           p, state = step(p, state, g)
           np.testing.assert_allclose(p, w, rtol=1e-12, atol=1e-14)
 
@@ -361,7 +367,8 @@ _FALLBACK = """
       got, _ = step(jnp.array(p), tx.init(p), jnp.cos(p))
     u, _ = tx.update(jnp.cos(p), tx.init(p), p)
     assert bool(jnp.allclose(got, optax.apply_updates(p, u), rtol=1e-6))
-    print("kernel" if "jadam_adam" in hlo else "generic", sum("fused CPU Adam kernel" in str(w.message) for w in caught))
+    warned = sum("fused CPU Adam kernel" in str(w.message) for w in caught)
+    print("kernel" if "jadam_adam" in hlo else "generic", warned)
 """
 
 

@@ -88,7 +88,7 @@ def _generic_step(tx):
 
 def _assert_ulps(got, want, prev, ulps=4):
   """No element further than `ulps` ulps of the leaf's largest value (before or after) from the other."""
-  for a, b, c in zip(*(jax.tree.leaves(x) for x in (got, want, prev))):
+  for a, b, c in zip(*(jax.tree.leaves(x) for x in (got, want, prev)), strict=True):
     a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
     assert a.dtype == b.dtype and a.shape == b.shape
     if a.size and jnp.issubdtype(a.dtype, jnp.floating):
@@ -204,7 +204,7 @@ class SparseKernelTest(chex.TestCase):
       optax.inject_hyperparams(jadam.sparse_adam)(learning_rate=optax.linear_schedule(1e-2, 1e-3, 20), b2=0.99),
       jadam.torch.SparseAdam(lr=1e-2),
     ]
-    for tx, exact in zip(txs, (False, False, True)):
+    for tx, exact in zip(txs, (False, False, True), strict=True):
       _run(tx, jnp.float32, 8, out_of_range=False, seed=3, exact=exact)
 
   def test_apply_if_finite_rejects_and_accepts_as_the_generic_path(self):

@@ -12,8 +12,8 @@ from absl.testing import parameterized
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tests.helpers import parity as _parity
 import jadam
+from tests.helpers import parity as _parity
 from tests.helpers import reference
 
 STEPS = 500
@@ -60,7 +60,7 @@ class AdamReferenceTest(chex.TestCase):
       tx = jadam.adam(1e-2, **kwargs)
       theta = jnp.asarray(p0)
       state, update = self.variant(tx.init)(theta), self.variant(tx.update)
-      for g, want in zip(grads, reference.adam(grads, p0, lr=1e-2, **ref_kwargs)):
+      for g, want in zip(grads, reference.adam(grads, p0, lr=1e-2, **ref_kwargs), strict=True):
         u, state = update(jnp.asarray(g), state, theta)
         theta = optax.apply_updates(theta, u)
         chex.assert_trees_all_close(theta, want, rtol=1e-12, atol=0)
@@ -246,7 +246,7 @@ class PmapTest(chex.TestCase):
 
       theta, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
       plain_theta, plain_state = theta, state
-      for g, want in zip(grads, reference.adam(grads, p0, lr=1e-2, amsgrad="torch", weight_decay=0.1)):
+      for g, want in zip(grads, reference.adam(grads, p0, lr=1e-2, amsgrad="torch", weight_decay=0.1), strict=True):
         theta, state = step(jnp.asarray(g), state, theta)
         u, plain_state = tx.update(jnp.asarray(g), plain_state, plain_theta)
         plain_theta = optax.apply_updates(plain_theta, u)

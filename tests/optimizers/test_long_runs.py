@@ -31,7 +31,7 @@ def _counts(state):
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
 def test_adam_at_the_int32_limit_matches_the_reference(x64, amsgrad):
-  """From count max - 2, five steps: the count saturates at the maximum, the bias corrections are 1, the updates right."""
+  """From count max - 2, five steps: the count saturates at the maximum, the corrections are 1, the updates right."""
   rng = np.random.default_rng(0)
   grads, p0 = rng.normal(size=(5, 4)), rng.uniform(1.0, 2.0, 4)
   with jax.enable_x64(x64):

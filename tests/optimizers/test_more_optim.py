@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import torch_front as H
 import jadam
+from tests.helpers import torch_front as H
 from tests.torch.test_complex import _run_jax as _run_complex_jax
 from tests.torch.test_complex import _run_torch as _run_complex_torch
 

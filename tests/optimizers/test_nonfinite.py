@@ -101,7 +101,7 @@ def test_after_max_consecutive_errors_the_bad_step_is_applied():
   params = _params()
   state = tx.init(params)
   nan = {**_gradient(params, params), "w": jnp.full((3, 4), jnp.nan, jnp.float32)}
-  for t in range(2):
+  for _ in range(2):
     params, state, _ = step(nan, state, params)
     assert not np.any(np.isnan(np.asarray(params["w"])))
   params, state, _ = step(nan, state, params)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import parity as _parity
 from jadam._core import common as _common
+from tests.helpers import parity as _parity
 
 STEPS = 500
 NAMES = sorted(_parity.CONFIGS)

@@ -8,8 +8,8 @@ import optax
 import pytest
 from absl.testing import parameterized
 
-from tests.helpers import reference_extra as reference
 import jadam
+from tests.helpers import reference_extra as reference
 
 CONFIGS = [
   ("adamax", dict(), dict()),
@@ -46,7 +46,7 @@ class ReferenceTest(chex.TestCase):
       tx = getattr(jadam, name)(learning_rate=1e-2, **kw)
       state, update = self.variant(tx.init)(params), self.variant(tx.update)
       want = getattr(reference, name)(np.asarray(grads), np.asarray(params), lr=1e-2, **ref_kw)
-      for g, w in zip(grads, want):
+      for g, w in zip(grads, want, strict=True):
         u, state = update(g, state, params)
         params = params + u
         np.testing.assert_allclose(np.asarray(params), w, rtol=1e-12, atol=1e-12 * np.max(np.abs(w)))

@@ -124,7 +124,7 @@ class SparseAdamTorchTest(chex.TestCase):
       step = self.variant(lambda tx_, g, s, p: jadam.update_and_apply(tx_, g, s, p), static_argnums=0)
       ours, state = _jadam_run(tx, init, schedule, step)
       ref = _torch_run(init, schedule, maximize=maximize)
-      for t, (o, r) in enumerate(zip(ours, ref)):
+      for t, (o, r) in enumerate(zip(ours, ref, strict=True)):
         for k in SHAPES:
           assert _max_rel(o[k], r[k]) <= 1e-12, (t, k, _max_rel(o[k], r[k]))
       # the last two rows of each table never had a gradient: bit-identical to the start
@@ -249,7 +249,7 @@ class SparsePathsTest(chex.TestCase):
     for rows in (10_000, 200_000):
       params = {"t": jax.ShapeDtypeStruct((rows, 64), jnp.float32)}
       grads = {"t": BCOO((jnp.zeros((256, 64)), jnp.zeros((256, 1), jnp.int32)), shape=(rows, 64))}
-      grads = jax.eval_shape(lambda: grads)
+      grads = jax.eval_shape(lambda grads=grads: grads)
       compiled = jadam.make_update_step(tx).lower(params, jax.eval_shape(tx.init, params), grads).compile()
       mem = compiled.memory_analysis()
       if mem is None:

@@ -8,8 +8,8 @@ import optax
 import pytest
 from absl.testing import parameterized
 
-from tests.helpers import parity as _parity
 import jadam
+from tests.helpers import parity as _parity
 from tests.helpers import reference
 
 STEPS = 500
@@ -87,7 +87,10 @@ def test_max_nu_before_bias_correct_is_torch_amsgrad():
 
 def test_max_nu_after_bias_correct_is_optax_amsgrad():
   prob = _parity.problem(STEPS)
-  make_optax = lambda: optax.amsgrad(LR, B1, B2, EPS)
+
+  def make_optax():
+    return optax.amsgrad(LR, B1, B2, EPS)
+
   with jax.enable_x64(True):
     got = _parity.run_jax(_by_hand(amsgrad="optax", wd=0.0), prob, np.float64)
     other = _parity.run_jax(_by_hand(amsgrad="torch", wd=0.0), prob, np.float64)
@@ -128,7 +131,10 @@ class IntoStepTest(chex.TestCase):
       thetas = np.asarray(thetas)
       chex.assert_trees_all_close(thetas, reference.adam(grads, p0, lr=1e-3, eps=eps, keras=True), rtol=1e-12, atol=0)
       standard = reference.adam(grads, p0, lr=1e-3, eps=eps)
-      first = lambda th: np.abs(th[0] - p0)  # the size of the first step
+
+      def first(th):
+        return np.abs(th[0] - p0)  # the size of the first step
+
       rel = np.max(np.abs(first(thetas) - first(standard)) / first(standard))
       if scale == 1.0:
         assert rel < 1e-4  # eps is small next to |g|: the two forms nearly agree
@@ -247,9 +253,15 @@ def _run_keras(prob, steps, teacher=None):
 def test_into_step_matches_live_keras_float32(scale):
   """keras.optimizers.Adam (JAX backend) against bias_correct(into_step=True), in float32 ulps."""
   prob = _parity.problem(200, scale=scale)
-  chain = lambda into_step: optax.chain(
-    jadam.scale_by_moments(B1, B2), jadam.bias_correct(into_step=into_step), jadam.normalize(EPS), jadam.scale_by_lr(LR)
-  )
+
+  def chain(into_step):
+    return optax.chain(
+      jadam.scale_by_moments(B1, B2),
+      jadam.bias_correct(into_step=into_step),
+      jadam.normalize(EPS),
+      jadam.scale_by_lr(LR),
+    )
+
   got, grads = _parity.run_jax(chain(True), prob, np.float32, with_grads=True)
   assert _parity.max_ulps(got, _run_keras(prob, 200, teacher=(got, grads))) <= 2
   if scale == 1.0:

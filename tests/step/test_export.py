@@ -47,7 +47,7 @@ def _helpers(tx):
 
 def _assert_close(got, want, ulps):
   """Each leaf within `ulps` ulps of its largest value (the exported step is XLA's, which may contract differently)."""
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape
     if a.size and jnp.issubdtype(a.dtype, jnp.floating):

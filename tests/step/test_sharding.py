@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jadam
 
@@ -112,7 +113,7 @@ def test_fsdp_state_follows_params_and_update_has_no_collectives(name):
   state = tx.init(params)  # zeros_like keeps each parameter's sharding
 
   for tree in (moments_of(state).mu, moments_of(state).nu):
-    for leaf, param in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+    for leaf, param in zip(jax.tree.leaves(tree), jax.tree.leaves(params), strict=True):
       assert leaf.shape == param.shape
       assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), (leaf.sharding, param.sharding)
 
@@ -128,10 +129,10 @@ def test_fsdp_state_follows_params_and_update_has_no_collectives(name):
     assert not _COLLECTIVES.search(hlo), [line for line in hlo.splitlines() if _COLLECTIVES.search(line)]
 
   new_params, new_state = step(params, state, grads)
-  for new, sharding in zip(jax.tree.leaves(new_params), jax.tree.leaves(shardings)):
+  for new, sharding in zip(jax.tree.leaves(new_params), jax.tree.leaves(shardings), strict=True):
     assert new.sharding.is_equivalent_to(sharding, new.ndim)
   for tree in (moments_of(new_state).mu, moments_of(new_state).nu):
-    for new, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    for new, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
       assert new.sharding.is_equivalent_to(sharding, new.ndim)
 
 
@@ -166,6 +167,6 @@ def test_jitted_init_with_state_shardings_from_optax_tree_map_params():
   params = jax.jit(_params, out_shardings=param_shardings)()
   state = jax.jit(tx.init, out_shardings=state_shardings)(params)
   nu = state[1][1].nu
-  for leaf, param in zip(jax.tree.leaves(nu), jax.tree.leaves(params)):
+  for leaf, param in zip(jax.tree.leaves(nu), jax.tree.leaves(params), strict=True):
     assert leaf.dtype == jnp.bfloat16
     assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim)

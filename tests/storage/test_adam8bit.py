@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jadam
 from jadam._storage import quantize as _quantize
@@ -56,7 +57,7 @@ def test_codes_are_the_nearest(signed):
 
 
 def test_round_trip_against_bitsandbytes():
-  """Same blocks: bitsandbytes' codes and scales read back by jadam give bitsandbytes' values; jadam's error is no larger."""
+  """Same blocks: bitsandbytes' codes and scales read back by jadam give its values; jadam's error is no larger."""
   torch = pytest.importorskip("torch")
   F = _bnb().functional
   rng = np.random.default_rng(1)
@@ -232,7 +233,7 @@ def test_apply_if_finite_keeps_the_codes():
   _, state = tx.update(params, state, params)
   bad = {"w": params["w"].at[0, 0].set(jnp.nan)}
   _, after = tx.update(bad, state, params)
-  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(after.inner_state)):
+  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(after.inner_state), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -273,7 +274,7 @@ def test_checkpoint_round_trip_and_float32_mismatch(tmp_path):
   _, state = _run(tx, [params] * 2, params)
   jadam.save_state(os.fspath(tmp_path / "s"), state)
   restored = jadam.restore_state(os.fspath(tmp_path / "s"), tx.init(params))
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match=re.escape(".mu")) as e:
@@ -359,7 +360,7 @@ def test_benchmark_rows_run(capsys):
 def _assert_nearly_equal(got, want, *, rtol, atol=0.0, max_code_step=None):
   """Two steps' trees that may differ by rounding: 8-bit codes on under 0.1% of the entries (and by at most
   `max_code_step` where given), every other leaf within `rtol` and `atol`."""
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype == np.uint8:
       assert np.mean(a != b) < 1e-3
@@ -421,7 +422,7 @@ def _kernel_leaves(seed=0):
   """Flat leaves with a partial last block, per-row leaves, a 3-d flat leaf, a one-element leaf, a small leaf."""
   shapes = {"flat": (5000,), "rows": (8, 4096), "cube": (3, 5, 11), "one": (1,), "small": (7,), "vec": (70001,)}
   keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {name: jax.random.normal(k, s) for (name, s), k in zip(shapes.items(), keys)}
+  return {name: jax.random.normal(k, s) for (name, s), k in zip(shapes.items(), keys, strict=True)}
 
 
 def _kernel_grads(params, t):
@@ -448,7 +449,7 @@ def _is_moment(x):
 
 def _assert_bitwise(got, want):
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))  # bits (-0.0, NaN)
@@ -514,7 +515,7 @@ def test_kernel_within_an_ulp_or_so_of_the_jitted_generic_step():
   from jadam import _step
 
   want_p, want_s = jax.jit(lambda g, s, p: _step.update_and_apply(tx, g, s, p, fused=False))(grads, state, params)
-  for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(want_p)):
+  for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(want_p), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=4 * float(np.spacing(np.float32(np.max(np.abs(b))))))
   # a code may sit on a boundary that a contracted multiply-add crosses
   _assert_nearly_equal(got_s, want_s, rtol=1e-6, max_code_step=1)
@@ -572,7 +573,7 @@ def test_kernel_inject_hyperparams_with_a_schedule():
     updates, want_state = tx.update(grads, state, params)
     want = (optax.apply_updates(params, updates), want_state)
     # the moments bit for bit; the schedule's learning rate may fold an ulp differently under jit (as for float32)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       a, b = np.asarray(a), np.asarray(b)
       if a.dtype == np.uint8 or a.size != 1 and a.shape not in [p.shape for p in params.values()]:
         np.testing.assert_array_equal(a, b)  # codes and scales
@@ -655,7 +656,9 @@ def test_kernel_reads_every_code_back_as_the_map():
     )
     return _quantize.QuantizedMoment(codes=codes, absmax=absmax)
 
-  fill = lambda s: s._replace(mu=filled(s.mu, True), nu=filled(s.nu, False))
+  def fill(s):
+    return s._replace(mu=filled(s.mu, True), nu=filled(s.nu, False))
+
   state = tuple(fill(s) if isinstance(s, jadam.ScaleByMomentsState) else s for s in state)
   assert any(isinstance(s, jadam.ScaleByMomentsState) for s in state)
   _fused_step_is_generic(tx, _fused_update(tx), _kernel_grads(params, 0), state, params)

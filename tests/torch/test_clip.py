@@ -9,8 +9,8 @@ import optax
 import pytest
 from jax.experimental import checkify
 
-from tests.helpers import torch_front as H
 import jadam
+from tests.helpers import torch_front as H
 
 torch = pytest.importorskip("torch")
 
@@ -26,10 +26,10 @@ def _grads(seed, scale):
 
 def _torch_clip(grads, fn):
   ts = [torch.tensor(g, requires_grad=True) for g in grads.values()]
-  for t, g in zip(ts, grads.values()):
+  for t, g in zip(ts, grads.values(), strict=True):
     t.grad = torch.tensor(g)
   out = fn(ts)
-  return {k: t.grad.numpy() for k, t in zip(grads, ts)}, out
+  return {k: t.grad.numpy() for k, t in zip(grads, ts, strict=True)}, out
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf, "inf"])

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import torch_front as _torch_front_harness
 import jadam
+from tests.helpers import torch_front as _torch_front_harness
 
 STEPS = 100
 SHAPES = {"a": (3, 2), "b": (4,)}
@@ -31,7 +31,10 @@ CASES = [
 
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
-  cplx = lambda *s: rng.normal(size=s) + 1j * rng.normal(size=s)
+
+  def cplx(*s):
+    return rng.normal(size=s) + 1j * rng.normal(size=s)
+
   params = {k: cplx(*s) for k, s in SHAPES.items()}
   curv = {k: rng.uniform(0.1, 1.0, size=s) for k, s in SHAPES.items()}
   noise = {k: cplx(STEPS, *s) for k, s in SHAPES.items()}
@@ -126,8 +129,13 @@ def test_aliases_converge_on_a_complex_least_squares(name):
   a = jnp.asarray(rng.normal(size=(6, 3)) + 1j * rng.normal(size=(6, 3)), jnp.complex64)
   z_star = jnp.asarray([1 - 2j, 0.5 + 0.5j, -1 + 0.25j], jnp.complex64)
   y = a @ z_star
-  loss = lambda z: jnp.sum(jnp.abs(a @ z - y) ** 2)
-  grad = lambda z: jnp.conj(jax.grad(loss)(z))  # jax gives the conjugate of the steepest-ascent direction
+
+  def loss(z):
+    return jnp.sum(jnp.abs(a @ z - y) ** 2)
+
+  def grad(z):
+    return jnp.conj(jax.grad(loss)(z))  # jax gives the conjugate of the steepest-ascent direction
+
   tx = ALIASES[name]()
   z = jnp.zeros(3, jnp.complex64)
 

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import torch_front as H
 import jadam
+from tests.helpers import torch_front as H
 
 torch = pytest.importorskip("torch")
 S = torch.optim.lr_scheduler
@@ -69,7 +69,10 @@ def test_cyclic_lr_takes_lists_per_group():
 
 def test_optax_schedule_default_scales_a_groups_float_lr():
   """An Optax schedule s as the default lr: a group with lr g gets g s(t)/s(0), torch's LambdaLR(s(t)/s(0))."""
-  schedule = lambda count: 1e-2 * 0.9 ** (jnp.asarray(count).astype(jnp.float64) / 10)  # optax's form, in float64
+
+  def schedule(count):
+    return 1e-2 * 0.9 ** (jnp.asarray(count).astype(jnp.float64) / 10)  # optax's form, in float64
+
   _compare(
     lambda g: torch.optim.Adam(g, lr=1e-2),
     lambda o: S.LambdaLR(o, lambda e: 0.9 ** (e / 10)),

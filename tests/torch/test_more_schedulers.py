@@ -1,4 +1,4 @@
-"""The rest of torch.optim.lr_scheduler against live torch: the learning rates, to 1e-12, over >= 3 cycles or milestones."""
+"""The rest of torch.optim.lr_scheduler against live torch: the rates, to 1e-12, over >= 3 cycles or milestones."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -137,8 +137,9 @@ def test_children_are_checked():
 
 def test_cyclic_lr_drives_sgd_momentum_as_torch():
   """A jadam.torch optimizer given a CyclicLR cycles its momentum too, as torch's CyclicLR does."""
-  from tests.helpers import torch_front as H
   import jax
+
+  from tests.helpers import torch_front as H
 
   steps = 150
   want = H.run_torch(

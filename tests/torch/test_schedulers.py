@@ -90,7 +90,7 @@ def test_per_epoch(case):
 
 def test_one_cycle_momentum_matches_torch():
   for kw in (dict(), dict(three_phase=True, anneal_strategy="linear", base_momentum=0.8, max_momentum=0.99)):
-    _, want = _torch_lrs(lambda o: S.OneCycleLR(o, max_lr=0.5, total_steps=N, **kw), 0.1, with_momentum=True)
+    _, want = _torch_lrs(lambda o, kw=kw: S.OneCycleLR(o, max_lr=0.5, total_steps=N, **kw), 0.1, with_momentum=True)
     _assert_close(_jadam_lrs(jadam.torch.OneCycleLR(0.5, total_steps=N, **kw).momentum), want)
 
 

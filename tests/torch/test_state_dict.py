@@ -177,7 +177,7 @@ def test_torch_to_jadam_to_torch(case):
     assert set(back["state"][i]) == set(entry)
     for key, t in entry.items():
       assert back["state"][i][key].dtype == t.dtype and torch.equal(back["state"][i][key], t), (i, key)
-  for g, h in zip(back["param_groups"], sd["param_groups"]):
+  for g, h in zip(back["param_groups"], sd["param_groups"], strict=True):
     assert g == h
 
   # Continue in jadam, then hand back to torch.
@@ -483,7 +483,7 @@ def test_one_cycle_with_cycled_momentum():
   params = to_jax(mid, NAMES)
   state = jt.load_state_dict(tx, params, first.opt.state_dict(), names=NAMES, scheduler=first.sched.state_dict())
   back = jt.state_dict(tx, state, params, names=NAMES)
-  for g, h in zip(back["param_groups"], first.opt.state_dict()["param_groups"]):
+  for g, h in zip(back["param_groups"], first.opt.state_dict()["param_groups"], strict=True):
     assert g.keys() == h.keys()
     for k in g:
       assert g[k] == (h[k] if h[k] is None or isinstance(h[k], (bool, list)) else pytest.approx(h[k], rel=1e-12)), k

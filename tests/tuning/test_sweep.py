@@ -30,7 +30,7 @@ def _loss(params, x, y):
 def _alone(tx, params, xs, ys):
   state = tx.init(params)
   update = jax.jit(tx.update)
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     grads = jax.grad(_loss)(params, x, y)
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
@@ -55,7 +55,7 @@ def _together(sweep, params, xs, ys):
   state = sweep.tx.init(params)
   update = jax.jit(sweep.tx.update)
   grad = jax.vmap(jax.grad(_loss), in_axes=(0, None, None))
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     updates, state = update(grad(params, x, y), state, params)
     params = optax.apply_updates(params, updates)
   return params, state
@@ -93,7 +93,7 @@ def test_each_configuration_is_the_same_configuration_alone(factory, grid):
   for i, config in enumerate(sweep.configs):
     kwargs = {k: tuple(F32(x) for x in v) if isinstance(v, tuple) else F32(v) for k, v in config.items()}
     want = _alone_run(factory, kwargs, params, xs, ys)
-    chex.assert_trees_all_close(jax.tree.map(lambda p: p[i], got_params), want, rtol=2e-6, atol=1e-7)
+    chex.assert_trees_all_close(jax.tree.map(lambda p, i=i: p[i], got_params), want, rtol=2e-6, atol=1e-7)
     for k, v in config.items():
       if not isinstance(v, tuple):
         assert state.inner.hyperparams[k][i] == F32(v)
@@ -101,13 +101,16 @@ def test_each_configuration_is_the_same_configuration_alone(factory, grid):
 
 def test_scheduled_peak_per_configuration():
   params, xs, ys = _problem()
-  cosine = lambda peak: optax.cosine_decay_schedule(peak, 20)
+
+  def cosine(peak):
+    return optax.cosine_decay_schedule(peak, 20)
+
   sweep = jadam.sweep(jadam.adam, {"learning_rate": [1e-2, 1e-1]}, schedules={"learning_rate": cosine})
   with jax.numpy_dtype_promotion("standard"):  # optax's cosine mixes the int32 count with floats
     got, _ = _together(sweep, params, xs, ys)
     for i, peak in enumerate([1e-2, 1e-1]):
       want, _ = _alone(jadam.adam(cosine(F32(peak))), params, xs, ys)
-      chex.assert_trees_all_close(jax.tree.map(lambda p: p[i], got), want, rtol=2e-6, atol=1e-7)
+      chex.assert_trees_all_close(jax.tree.map(lambda p, i=i: p[i], got), want, rtol=2e-6, atol=1e-7)
     constant, _ = _together(jadam.sweep(jadam.adam, {"learning_rate": [1e-2, 1e-1]}), params, xs, ys)
   assert not np.allclose(got["w"], constant["w"])  # the schedule was applied
 
@@ -119,14 +122,14 @@ def test_a_stopped_configuration_is_frozen():
   state = sweep.tx.init(p)
   update = jax.jit(sweep.tx.update)
   grad = jax.vmap(jax.grad(_loss), in_axes=(0, None, None))
-  for x, y in zip(xs[:3], ys[:3]):
+  for x, y in zip(xs[:3], ys[:3], strict=True):
     updates, state = update(grad(p, x, y), state, p)
     p = optax.apply_updates(p, updates)
   state = sweep.observe(state, jnp.array([1.0, 1.0, 1.0]))  # first epoch: every one improves on inf
   state = sweep.observe(state, jnp.array([0.5, 2.0, 0.4]))  # the second stops (patience 0)
   np.testing.assert_array_equal(state.stopping.stopped_epoch, [0, 2, 0])
   frozen_p, frozen_state = jax.tree.map(lambda a: np.asarray(a[1]), (p, state.inner))
-  for x, y in zip(xs[3:], ys[3:]):
+  for x, y in zip(xs[3:], ys[3:], strict=True):
     updates, state = update(grad(p, x, y), state, p)
     np.testing.assert_array_equal(updates["w"][1], 0.0)
     p = optax.apply_updates(p, updates)
@@ -150,7 +153,7 @@ def test_composes_with_make_train_step_in_one_compile():
   step = jadam.make_train_step(loss_fn, sweep.tx, has_aux=True)
   p = jax.tree.map(jnp.array, sweep.broadcast(params))
   state = sweep.tx.init(p)
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     p, state, total, losses = step(p, state, x, y)
   assert losses.shape == (4,) and np.isclose(total, losses.sum())
   assert len(traces) <= 2  # one trace (a second only if the step keeps a fused and a generic variant)

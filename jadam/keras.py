@@ -25,7 +25,7 @@ from jadam._stages.penalty import decoupled_decay
 class KerasMomentsState(NamedTuple):
   """State for :func:`scale_by_keras_moments`."""
 
-  count: jax.Array  # shape=(), int32
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32
   mu: optax.Updates
   nu: optax.Updates
 
@@ -86,7 +86,7 @@ def scale_by_keras_moments(
 class KerasStepState(NamedTuple):
   """State for :func:`keras_step`."""
 
-  count: jax.Array  # shape=(), int32: for a scheduled learning rate
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: for a scheduled learning rate
 
 
 def keras_step(

@@ -60,7 +60,7 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
   """
   mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_update_leaf)
   theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_update_leaf)
-  if mine_def == theirs_def:
+  if mine_def == theirs_def:  # type: ignore[operator]  # jaxlib's PyTreeDef has no stub here
     for (path, u), (_, o) in zip(mine, theirs, strict=True):
       if u is not None and (o is None or np.shape(u) != np.shape(o)):
         raise ValueError(
@@ -241,7 +241,7 @@ def check_grads_present(name: str, updates: Any, params: Any) -> None:
 
   grads, grads_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   values, values_def = jax.tree_util.tree_flatten(params, is_leaf=is_none)
-  if grads_def != values_def:
+  if grads_def != values_def:  # type: ignore[operator]  # jaxlib's PyTreeDef has no stub here
     return  # the stages' check_tree says how the trees differ
   for (path, g), p in zip(grads, values, strict=True):
     if g is None and p is not None:

@@ -137,7 +137,7 @@ def as_schedule(value: optax.ScalarOrSchedule, name: str = "a hyperparameter") -
   return lambda count: value
 
 
-def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.typing.ArrayLike:
+def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array | complex:
   """`value` ready to meet an array of `dtype` under strict dtype promotion.
 
   Python numbers stay weakly typed (and exact in double until they meet the

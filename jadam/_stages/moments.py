@@ -80,7 +80,7 @@ def expect_updates(updates: Any, stage: str) -> None:
 class ScaleByMomentsState(NamedTuple):
   """State for :func:`scale_by_moments`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   mu: optax.Updates  # None when b1 is None
   nu: optax.Updates
 
@@ -153,21 +153,22 @@ def scale_by_moments(
     _common.check_tree("jadam.scale_by_moments", updates, "the state's nu", nu_old, _common.STATE_HINT)
     beta2 = b2_fn(state.count)  # step t reads the schedule at t - 1, as optax does
     nu = _ema(updates, nu_old, beta2, square=True)
+    beta1: jax.typing.ArrayLike
     if b1_fn is None:
       beta1, mu, mu_state = 0.0, updates, None
     else:
       beta1 = b1_fn(state.count)
       mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
 
-      def again(g, m):
+      def again_mu(g, m):
         return _ema_leaf(g, m, beta1, square=False)
 
-      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again)
+      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again_mu)
 
-    def again(g, v):
+    def again_nu(g, v):
       return _ema_leaf(g, v, beta2, square=True)
 
-    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again)
+    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again_nu)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
@@ -267,7 +268,7 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
 class ScaleByInfMomentsState(NamedTuple):
   """State for :func:`scale_by_inf_moments`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   mu: optax.Updates
   nu: optax.Updates  # u_t, the weighted infinity norm
 
@@ -380,7 +381,7 @@ def center() -> optax.GradientTransformation:
 class AccumulateSquaresState(NamedTuple):
   """State for :func:`accumulate_squares`."""
 
-  count: jax.Array  # shape=(), int32
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32
   sum_of_squares: optax.Updates
 
 

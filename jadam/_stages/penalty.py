@@ -18,7 +18,7 @@ from jadam._stages.moments import expect_updates
 class AddL2State(NamedTuple):
   """State for :func:`add_l2`."""
 
-  count: jax.Array  # shape=(), int32: for a scheduled weight_decay
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: for a scheduled weight_decay
 
 
 def add_l2(
@@ -85,7 +85,7 @@ def add_l2(
 class DecoupledDecayState(NamedTuple):
   """State for :func:`decoupled_decay`."""
 
-  count: jax.Array  # shape=(), int32: for scheduled rates
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: for scheduled rates
 
 
 _CONVENTIONS = ("torch", "keras")

@@ -72,7 +72,7 @@ def normalize(
 class ScaleByLrState(NamedTuple):
   """State for :func:`scale_by_lr`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
 
 
 def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
@@ -130,7 +130,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 class MomentumState(NamedTuple):
   """State for :func:`momentum`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   trace: optax.Updates
 
 
@@ -444,7 +444,7 @@ def scale_by_rprop(
 class ScaleByAsgdState(NamedTuple):
   """State for :func:`scale_by_asgd`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   ax: optax.Updates  # the averaged parameters (PyTorch's state["ax"]): evaluate with these
 
 

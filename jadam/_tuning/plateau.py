@@ -40,8 +40,8 @@ def worst(mode: str) -> float:
 
 
 def is_better(
-  value: jax.typing.ArrayLike, best: jax.typing.ArrayLike, *, mode: str, threshold: float, threshold_mode: str
-) -> jax.Array:
+  value: jax.Array | float, best: jax.Array | float, *, mode: str, threshold: float, threshold_mode: str
+) -> jax.Array | bool:
   r"""Whether `value` improves on `best`: PyTorch's ``ReduceLROnPlateau.is_better``.
 
   .. math::
@@ -68,7 +68,7 @@ def rule_of(plateau: object) -> PlateauRule | None:
 class ReduceLROnPlateauState(NamedTuple):
   """State of :meth:`PlateauRule.transform` (and of :meth:`jadam.torch.ReduceLROnPlateau.transform`)."""
 
-  count: jax.Array  # shape=(), int32: optimizer steps taken
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: optimizer steps taken
   lr: jax.Array  # the current learning rate
   best: jax.Array
   num_bad_epochs: jax.Array  # int32
@@ -109,7 +109,7 @@ class PlateauRule:
     if self.threshold_mode not in ("rel", "abs"):
       raise ValueError("threshold mode " + str(self.threshold_mode) + " is unknown!")
 
-  def is_better(self, value: jax.typing.ArrayLike, best: jax.typing.ArrayLike) -> jax.Array:
+  def is_better(self, value: jax.Array | float, best: jax.Array | float) -> jax.Array | bool:
     """:func:`is_better` with this rule's mode and threshold."""
     return is_better(value, best, mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
 

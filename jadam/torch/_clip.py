@@ -26,7 +26,7 @@ def _norm_type(norm_type: Any) -> float:
     return math.inf
   if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
     raise TypeError(f"norm_type must be a positive number or 'inf'; got {norm_type!r}.")
-  if not (norm_type > 0):
+  if not (float(norm_type) > 0):
     raise ValueError(f"norm_type must be positive (or inf); got {norm_type!r}.")
   return float(norm_type)
 

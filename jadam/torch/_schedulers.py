@@ -20,7 +20,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,10 @@ class LRScheduler:
   # A real field (keyword-only, after each subclass's own): equality and hash tell
   # `StepLR(1e-3, 2)` from `StepLR(1e-3, 2).per_epoch(100)`, as a static-argument jit cache needs.
   steps_per_epoch: int = dataclasses.field(default=1, kw_only=True)
+
+  if TYPE_CHECKING:  # what every subclass defines, declared for the type checker only
+
+    def _factor(self, epoch: jax.Array) -> jax.Array: ...
 
   def __post_init__(self):
     _check_steps(self.steps_per_epoch)
@@ -354,7 +358,7 @@ class OneCycleLR(LRScheduler):
 
   def _phases(self, start_value, peak_value, end_value):
     """PyTorch's phases: (end_step, start, end) for each."""
-    n, pct = self.total_steps, self.pct_start
+    n, pct = cast(int, self.total_steps), self.pct_start  # set by __post_init__
     if self.three_phase:
       return [
         (float(pct * n) - 1, start_value, peak_value),
@@ -369,8 +373,10 @@ class OneCycleLR(LRScheduler):
     return (end - start) * pct + start
 
   def _follow(self, step, phases):
-    step = jnp.minimum(step, self.total_steps)
-    out, start_step, chosen = None, 0.0, None
+    step = jnp.minimum(step, cast(int, self.total_steps))
+    out: Any = None
+    chosen: Any = None
+    start_step = 0.0
     for i, (end_step, a, b) in enumerate(phases):
       value = self._anneal(a, b, (step - start_step) / (end_step - start_step))
       if out is None:
@@ -582,6 +588,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
   def _at(self, epoch):
     t0, m = float(self.T_0), float(self.T_mult)
+    t_i: float | jax.Array
     if self.T_mult == 1:
       t_cur, t_i = jnp.mod(epoch, t0), t0
     else:
@@ -733,7 +740,7 @@ class _Composite(LRScheduler):
 
   @property
   def lr(self) -> float:
-    return self.schedulers[0].lr
+    return self.schedulers[0].lr  # type: ignore[attr-defined]  # every scheduler has an lr (a field or a property)
 
   def rebase(self, lr: float) -> _Composite:
     out = copy.copy(self)

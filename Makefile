@@ -9,10 +9,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,examples]"
 	touch $@
 
-.PHONY: test mnist bench
+.PHONY: test lint test-min mnist bench
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# The linter and the type checker (configured in pyproject.toml); not yet part of `make test`.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The core parity, fast-path and export tests with pyproject.toml's lower bounds pinned exactly (in .venv-min).
+test-min:
+	tools/test_min_versions.sh
 
 # A new workdir a run, so that running it again never meets old checkpoints
 # (ARGS="--workdir DIR --resume" continues one).

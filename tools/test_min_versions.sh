@@ -45,8 +45,8 @@ fi
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|optax|flax|chex|numpy) '
 
 # The NumPy float64 parity, the committed torch goldens, the fused kernel against
-# the stages (bit for bit: the test that sets the jax and optax minimums), the
-# fast path and export (the MNIST model lowered for CUDA only, not TPU too).
+# the stages (bit for bit: the test that set the jax minimum), the
+# fast path and export (lowered for CUDA; the TPU lowerings are the same code path).
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=5 \
   tests/core/test_smoke.py \
   tests/parity/test_golden.py \
@@ -54,4 +54,4 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=5 \
   tests/step/test_fast.py \
   tests/step/test_export.py \
   tests/kernels/test_kernels.py \
-  -k "not (mnist_train_step and tpu)"
+  -k "not tpu"

@@ -9,10 +9,19 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[test,examples,docs]"
 	touch $@
 
-.PHONY: test mnist bench docs test-isa wheel-smoke
+.PHONY: test lint test-min mnist bench docs test-isa wheel-smoke
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# The linter and the type checker (configured in pyproject.toml); not yet part of `make test`.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The core parity, fast-path and export tests with pyproject.toml's lower bounds pinned exactly (in .venv-min).
+test-min:
+	tools/test_min_versions.sh
 
 # A new workdir a run, so that running it again never meets old checkpoints
 # (ARGS="--workdir DIR --resume" continues one).
@@ -29,9 +38,9 @@ docs: $(VENV)/.installed
 	$(PY) -m sphinx -b html -n -W --keep-going docs docs/_build/html
 
 # The kernel tests and the sweep's program-versus-program tests as on a CPU without AVX-512: the kernel's AVX2
-# path and XLA limited to AVX2 (tests/test_isa.py, in `make test`, checks every path this CPU can run bitwise).
+# path and XLA limited to AVX2 (tests/kernels/test_isa.py, in `make test`, checks every path this CPU can run bitwise).
 test-isa: $(VENV)/.installed
-	JADAM_KERNEL_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(PY) -m pytest -q tests/test_kernels.py tests/test_sweep.py
+	JADAM_KERNEL_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(PY) -m pytest -q tests/kernels/test_kernels.py tests/tuning/test_sweep.py
 
 # The package as a user gets it: the sdist, the wheel built from it, the wheel installed into a fresh virtual
 # environment, and .ci/wheel_smoke.py run from an empty directory with an empty HOME and no compiler on PATH.

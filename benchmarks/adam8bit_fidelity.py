@@ -79,7 +79,10 @@ def round_trip(n: int, seed: int = 1) -> list[tuple[str, float, float, float]]:
     back = np.asarray(_quantize.dequantize(q, 256, signed=signed))
     qb, st = F.quantize_blockwise(torch.from_numpy(x), code=F.create_dynamic_map(signed=signed), blocksize=256)
     back_b = F.dequantize_blockwise(qb, st).numpy()
-    err = lambda y: float(np.linalg.norm(y - x) / np.linalg.norm(x))
+
+    def err(y, x=x):
+      return float(np.linalg.norm(y - x) / np.linalg.norm(x))
+
     rows.append((what, err(back), err(back_b), float(np.mean(np.asarray(q.codes) == qb.numpy()))))
   return rows
 

@@ -13,7 +13,7 @@ PY=${PYTHON:-python}
 BUDGET=${BUDGET:-270}
 $PY -c "import jax; print('jax', jax.__version__, 'backend', jax.default_backend(), jax.devices())"
 status=0
-timeout 180 $PY -m pytest -q -x -p no:cacheprovider tests/test_fast.py tests/test_export.py tests/test_sharding.py || status=$?
+timeout 180 $PY -m pytest -q -x -p no:cacheprovider tests/step/test_fast.py tests/step/test_export.py tests/step/test_sharding.py || status=$?
 timeout "$BUDGET" $PY -m benchmarks.step_time --only vector,configs --sizes "${SIZES:-1e7,5e7}" \
   --config-sizes "${SIZES:-1e7,5e7}" \
   --steps "${STEPS:-12}" || status=$?

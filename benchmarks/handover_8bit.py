@@ -7,25 +7,21 @@ state dict, bitsandbytes 15 more from jadam's; each row is the distance from
 bitsandbytes' uninterrupted 45 steps, relative to the distance travelled, for:
 the hand-over; jadam alone for 45 steps (the two libraries' own rounding
 difference); and a hand-over that restarts the moments from zero. The problem
-is `tests/test_state_dict.py`'s (`test_bitsandbytes_8bit_both_ways`).
+is `tests/torch/test_state_dict.py`'s (`test_bitsandbytes_8bit_both_ways`).
 """
 
 from __future__ import annotations
 
-import sys
-
 
 def main() -> None:
+  import bitsandbytes as bnb
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import jadam
   import jadam.torch as jt
-
-  sys.path.insert(0, "tests")
-  import bitsandbytes as bnb
-  from test_state_dict import BNB_SHAPES, TorchName, bnb_run
+  from tests.torch.test_state_dict import BNB_SHAPES, TorchName, bnb_run
 
   n, rng = 15, np.random.default_rng(0)
   params0 = {k: rng.normal(size=s).astype(np.float32) for k, s in BNB_SHAPES.items()}
@@ -52,7 +48,10 @@ def main() -> None:
   print(f"{'leaf':<6} {'shape':<10} {'hand-over':>10} {'jadam alone':>12} {'restart':>10}")
   for k, shape in BNB_SHAPES.items():
     d = np.linalg.norm(want[k] - params0[k])
-    e = lambda x: np.linalg.norm(np.asarray(x[k]) - want[k]) / d  # noqa: E731
+
+    def e(x, k=k, d=d):
+      return np.linalg.norm(np.asarray(x[k]) - want[k]) / d
+
     print(f"{k:<6} {str(shape):<10} {e(handed):>10.2e} {e(alone):>12.2e} {e(restarted):>10.2e}")
 
 

@@ -94,7 +94,10 @@ def main(argv=None):
     cmd = [sys.executable, "-m", "benchmarks.memory", "--size", str(n), "--one", name] + (["--xla"] if args.xla else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows.append(json.loads(out.strip().splitlines()[-1]))
-  mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+
+  def mib(b):
+    return "-" if b is None else f"{b / 2**20:,.0f}"
+
   path = "pure-XLA step (fused=False)" if args.xla else "default step (the fused kernel on CPU)"
   print(f"# optimizer memory, {n:,} float32 parameters ({rows[0]['device']}, {path})\n")
   print("| optimizer | state B/param | compiled step MiB | measured peak growth MiB | vs jadam fp32 |")

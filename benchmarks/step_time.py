@@ -37,7 +37,7 @@ import argparse
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # torch's OpenMP threads spin after each op by default and would steal the
 # cores from XLA's threads in the next contender's step: make them sleep.
@@ -164,7 +164,7 @@ def tree_shapes(blocks: int) -> list[tuple[int, ...]]:
 def _optimizer_workload(shapes, with_torch=True, bf16=True, eight=False):
   key = jax.random.key(0)
   keys = jax.random.split(key, len(shapes))
-  grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+  grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes, strict=True)]
   params = [jnp.zeros(s, jnp.float32) for s in shapes]
   if len(shapes) == 1:
     grads, params = grads[0], params[0]
@@ -358,7 +358,10 @@ def table(title: str, contenders: list[Contender], triad_gbs: float | None, *, o
     if optimizer_only:
       gbs = BYTES_PER_PARAM * c.n_params / (med * 1e-3) / 1e9
       row += f" {gbs:.1f} | {gbs / triad_gbs:.0%} |" if triad_gbs else f" {gbs:.1f} | - |"
-    vs = lambda other: f"{med / (ref[other] * 1e3):.2f}" if other in ref else "-"
+
+    def vs(other, med=med):
+      return f"{med / (ref[other] * 1e3):.2f}" if other in ref else "-"
+
     row += f" {vs('optax.adam')} | {vs('torch Adam fused=True')} |"
     row += f" {c.state_bytes:.2f} |" if c.state_bytes is not None else " - |"
     lines.append(row)

@@ -9,10 +9,10 @@ configurations' losses. *Sequential*: each configuration alone, as one would
 run it without a sweep: ``jadam.adam(**config)`` with its own
 ``make_train_step`` (the fused CPU kernel where it applies). Each side is
 compiled and warmed up first, then timed over ``--steps`` steps on one fixed
-batch already on the device, ``--repeats`` times interleaved (the best kept); the time of an epoch is that per-step time times
-the steps of an epoch of full MNIST's training split (54,000 images, after the
-tuning example's validation split, ``// batch``). Compile times are printed
-apart. A benchmark, not a test: it asserts nothing.
+batch already on the device, ``--repeats`` times interleaved (the best kept); the
+time of an epoch is that per-step time times the steps of an epoch of full
+MNIST's training split (54,000 images, after the tuning example's validation
+split, ``// batch``). Compile times are printed apart. A benchmark, not a test: it asserts nothing.
 """
 
 from __future__ import annotations

@@ -9,7 +9,18 @@ chain of them::
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
 
 
+# Public submodules (jadam.keras.Adam, jadam.torch.Adam), left out of __all__: `from jadam import *`
+# must not shadow PyTorch's `torch` or Keras's `keras`.
+from jadam import keras as keras
+from jadam import torch as torch
+from jadam._checkpoint import restore_state as restore_state
+from jadam._checkpoint import save_state as save_state
+from jadam._lbfgs import LbfgsState as LbfgsState
+from jadam._lbfgs import lbfgs as lbfgs
 from jadam._optimizers import adadelta as adadelta
+
+# Adafactor and Muon (issue 23)
+from jadam._optimizers import adafactor as adafactor
 from jadam._optimizers import adagrad as adagrad
 from jadam._optimizers import adam as adam
 from jadam._optimizers import adam8bit as adam8bit
@@ -17,23 +28,22 @@ from jadam._optimizers import adamax as adamax
 from jadam._optimizers import adamw as adamw
 from jadam._optimizers import adamw8bit as adamw8bit
 from jadam._optimizers import asgd as asgd
+from jadam._optimizers import muon as muon
 from jadam._optimizers import nadam as nadam
 from jadam._optimizers import radam as radam
 from jadam._optimizers import rmsprop as rmsprop
 from jadam._optimizers import rprop as rprop
 from jadam._optimizers import sgd as sgd
 from jadam._optimizers import sparse_adam as sparse_adam
-from jadam._checkpoint import restore_state as restore_state
-from jadam._lbfgs import LbfgsState as LbfgsState
-from jadam._lbfgs import lbfgs as lbfgs
-from jadam._checkpoint import save_state as save_state
 from jadam._stages.correct import NesterovCorrectState as NesterovCorrectState
 from jadam._stages.correct import bias_correct as bias_correct
 from jadam._stages.correct import nesterov_correct as nesterov_correct
 from jadam._stages.correct import rectify as rectify
-from jadam._tuning.early_stopping import EarlyStopping as EarlyStopping
-from jadam._tuning.early_stopping import EarlyStoppingState as EarlyStoppingState
-from jadam._tuning.early_stopping import early_stopping as early_stopping
+from jadam._stages.factored import ScaleByFactoredMomentsState as ScaleByFactoredMomentsState
+from jadam._stages.factored import clip_by_rms as clip_by_rms
+from jadam._stages.factored import scale_by_factored_moments as scale_by_factored_moments
+from jadam._stages.factored import scale_by_param_rms as scale_by_param_rms
+from jadam._stages.factored import scale_by_relative_step as scale_by_relative_step
 from jadam._stages.moments import AccumulateSquaresState as AccumulateSquaresState
 from jadam._stages.moments import MaxNuState as MaxNuState
 from jadam._stages.moments import Moments as Moments
@@ -44,12 +54,11 @@ from jadam._stages.moments import center as center
 from jadam._stages.moments import max_nu as max_nu
 from jadam._stages.moments import scale_by_inf_moments as scale_by_inf_moments
 from jadam._stages.moments import scale_by_moments as scale_by_moments
+from jadam._stages.orthogonal import orthogonalize as orthogonalize
 from jadam._stages.penalty import AddL2State as AddL2State
 from jadam._stages.penalty import DecoupledDecayState as DecoupledDecayState
 from jadam._stages.penalty import add_l2 as add_l2
 from jadam._stages.penalty import decoupled_decay as decoupled_decay
-from jadam._storage.quantize import Quantized as Quantized
-from jadam._storage.quantize import QuantizedMoment as QuantizedMoment
 from jadam._stages.scale import MomentumState as MomentumState
 from jadam._stages.scale import ScaleByAsgdState as ScaleByAsgdState
 from jadam._stages.scale import ScaleByDeltaState as ScaleByDeltaState
@@ -72,25 +81,15 @@ from jadam._stages.sparse import value_and_sparse_grad as value_and_sparse_grad
 from jadam._step import make_train_step as make_train_step
 from jadam._step import make_update_step as make_update_step
 from jadam._step import update_and_apply as update_and_apply
+from jadam._storage.quantize import Quantized as Quantized
+from jadam._storage.quantize import QuantizedMoment as QuantizedMoment
+from jadam._tuning.early_stopping import EarlyStopping as EarlyStopping
+from jadam._tuning.early_stopping import EarlyStoppingState as EarlyStoppingState
+from jadam._tuning.early_stopping import early_stopping as early_stopping
 from jadam._tuning.sweep import Sweep as Sweep
 from jadam._tuning.sweep import SweepState as SweepState
 from jadam._tuning.sweep import sweep as sweep
 from jadam._tuning.sweep import sweep_grid as sweep_grid
-
-# Adafactor and Muon (issue 23)
-from jadam._optimizers import adafactor as adafactor
-from jadam._optimizers import muon as muon
-from jadam._stages.factored import ScaleByFactoredMomentsState as ScaleByFactoredMomentsState
-from jadam._stages.factored import clip_by_rms as clip_by_rms
-from jadam._stages.factored import scale_by_factored_moments as scale_by_factored_moments
-from jadam._stages.factored import scale_by_param_rms as scale_by_param_rms
-from jadam._stages.factored import scale_by_relative_step as scale_by_relative_step
-from jadam._stages.orthogonal import orthogonalize as orthogonalize
-
-# Public submodules (jadam.keras.Adam, jadam.torch.Adam), left out of __all__: `from jadam import *`
-# must not shadow PyTorch's `torch` or Keras's `keras`.
-from jadam import keras as keras
-from jadam import torch as torch
 
 __version__ = "0.1.0"
 

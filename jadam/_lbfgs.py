@@ -19,6 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 
 _CURVATURE = 1e-10  # PyTorch keeps a pair (y, s) only if y.s exceeds this
@@ -368,8 +369,8 @@ def lbfgs(
     max_eval = max_iter * 5 // 4
   if isinstance(max_eval, bool) or not isinstance(max_eval, int):
     raise TypeError(f"max_eval must be an int or None; got {max_eval!r}.")
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+  _hparams.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
   stage = "jadam.lbfgs"
 
   def init_fn(params):
@@ -411,7 +412,7 @@ def lbfgs(
     if flat_grad.shape != x0.shape or state.d.shape != x0.shape:
       raise ValueError(f"{stage}: the gradients, the parameters and the state hold different numbers of values.")
     dtype = x0.dtype
-    lr = _common.cast_hyperparameter(lr_fn(state.count), dtype)
+    lr = _hparams.cast_hyperparameter(lr_fn(state.count), dtype)
     value_and_grad = jax.value_and_grad(lambda v: value_fn(unravel(v)))
 
     def evaluate(x):

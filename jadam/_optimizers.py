@@ -8,6 +8,7 @@ import jax
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages import factored as _factored
 from jadam._stages import orthogonal as _orthogonal
@@ -39,7 +40,7 @@ def torch_front(maximize: bool, weight_decay: optax.ScalarOrSchedule | None) -> 
   on a number: `optax.inject_hyperparams` turns the number into an array and
   must find the same state. `None` (decoupled decay elsewhere) leaves it out.
   """
-  _common.check_flag("maximize", maximize)
+  _hparams.check_flag("maximize", maximize)
   stages = [flip_sign()] if maximize else []
   if weight_decay is not None:
     stages.append(add_l2(weight_decay))
@@ -156,9 +157,9 @@ def _adam_chain(
   moments are 8-bit blocks (a running maximum cannot be requantized per step
   without drifting up).
   """
-  _common.check_flag("amsgrad", amsgrad)
+  _hparams.check_flag("amsgrad", amsgrad)
   if not decoupled:
-    _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+    _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   max_dtype = None if isinstance(nu_dtype, _quantize.Quantized) else nu_dtype
   return _registry.optimizer_chain(
     name,
@@ -293,8 +294,8 @@ def rmsprop(
     Tieleman & Hinton, Lecture 6.5, COURSERA: Neural Networks for Machine
     Learning, 2012; Graves, 2013 (centred).
   """
-  _common.check_flag("centered", centered)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_flag("centered", centered)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.rmsprop",
     *torch_front(maximize, weight_decay),
@@ -343,19 +344,19 @@ def sgd(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _common.check_flag("nesterov", nesterov)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  if nesterov and (momentum is None or _common.is_zero(momentum)):
+  _hparams.check_flag("nesterov", nesterov)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  if nesterov and (momentum is None or _hparams.is_zero(momentum)):
     raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
   stages = torch_front(maximize, weight_decay)
   if momentum is not None:  # as torch, which ignores dampening without momentum
     # A row-sparse gradient: as torch, no momentum passes it on; a momentum buffer makes it dense.
     sparse_ok = _sparse.dense_rows(
-      _scale.momentum(momentum, dampening=dampening, nesterov=nesterov), pass_through=_common.is_zero(momentum)
+      _scale.momentum(momentum, dampening=dampening, nesterov=nesterov), pass_through=_hparams.is_zero(momentum)
     )
     stages.append(sparse_ok)
   else:
-    _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
+    _hparams.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
   return _registry.optimizer_chain("jadam.sgd", *stages, scale_by_lr(learning_rate))
 
 
@@ -398,21 +399,21 @@ def adagrad(
   References:
     Duchi, Hazan & Singer, JMLR 2011.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  _common.check_hyperparameter("lr_decay", lr_decay, low=0.0)
+  _hparams.check_learning_rate(learning_rate)
+  _hparams.check_hyperparameter("lr_decay", lr_decay, low=0.0)
   lr = learning_rate
-  if not _common.is_zero(lr_decay):
-    lr_fn, decay_fn = _common.as_schedule(learning_rate, "learning_rate"), _common.as_schedule(lr_decay, "lr_decay")
+  if not _hparams.is_zero(lr_decay):
+    lr_fn, decay_fn = _hparams.as_schedule(learning_rate, "learning_rate"), _hparams.as_schedule(lr_decay, "lr_decay")
 
     def lr(count):
       # Cast both: a float32 array (as optax.inject_hyperparams makes) times a
       # float64 t under jax.enable_x64 is refused by strict promotion.
       dtype = _common.float_dtype()
       t = count.astype(dtype)
-      base = _common.cast_hyperparameter(lr_fn(count), dtype)
-      return base / (1 + t * _common.cast_hyperparameter(decay_fn(count), dtype))
+      base = _hparams.cast_hyperparameter(lr_fn(count), dtype)
+      return base / (1 + t * _hparams.cast_hyperparameter(decay_fn(count), dtype))
 
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.adagrad",
     *torch_front(maximize, weight_decay),
@@ -474,7 +475,7 @@ def adamax(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
   """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.adamax",
     *torch_front(maximize, weight_decay),
@@ -534,8 +535,8 @@ def nadam(
   References:
     Dozat, ICLR 2016 workshop.
   """
-  _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_flag("decoupled_weight_decay", decoupled_weight_decay)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.nadam",
     *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
@@ -591,8 +592,8 @@ def radam(
   References:
     Liu et al., ICLR 2020.
   """
-  _common.check_flag("decoupled_weight_decay", decoupled_weight_decay)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_flag("decoupled_weight_decay", decoupled_weight_decay)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.radam",
     *torch_front(maximize, None if decoupled_weight_decay else weight_decay),
@@ -633,7 +634,7 @@ def adadelta(
   References:
     Zeiler, 2012.
   """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.adadelta",
     *torch_front(maximize, weight_decay),
@@ -671,7 +672,7 @@ def rprop(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _common.check_flag("maximize", maximize)
+  _hparams.check_flag("maximize", maximize)
   return _registry.optimizer_chain(
     "jadam.rprop", *torch_front(maximize, None), scale_by_rprop(learning_rate, etas, step_sizes), scale_by_lr(1.0)
   )
@@ -710,7 +711,7 @@ def asgd(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   return _registry.optimizer_chain(
     "jadam.asgd",
     *torch_front(maximize, weight_decay),
@@ -787,8 +788,8 @@ def sparse_adam(
     `torch.optim.SparseAdam
     <https://pytorch.org/docs/stable/generated/torch.optim.SparseAdam.html>`_.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _hparams.check_learning_rate(learning_rate)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   return _registry.optimizer_chain(
     "jadam.sparse_adam",
     *torch_front(maximize, None),
@@ -966,7 +967,7 @@ def adafactor(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  _common.check_hyperparameter("clipping_threshold", clipping_threshold, low=1.0)
+  _hparams.check_hyperparameter("clipping_threshold", clipping_threshold, low=1.0)
   return _registry.optimizer_chain(
     "jadam.adafactor",
     *torch_front(maximize, None),

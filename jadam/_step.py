@@ -39,15 +39,16 @@ row-sparse path (:func:`jadam.apply_updates`'s scatter) runs.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
 
-from jadam._core import common as _common
-from jadam._stages import sparse as _sparse
+from jadam._core import hparams as _hparams
 from jadam._kernels import base as _base
 from jadam._kernels import plan as _plan
+from jadam._stages import sparse as _sparse
 
 
 def _check_tx(tx: Any) -> None:
@@ -80,8 +81,8 @@ def update_and_apply(
   Where `tx` is Adam by structure (see the README's "The fast path": jadam's
   stages, also inside `optax.chain`, `clip_by_global_norm`, `apply_if_finite`,
   `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
-  or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one compiled kernel that
-  reads and writes each buffer once, with the same new parameters and state as
+  or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one
+  compiled kernel that reads and writes each buffer once, with the same new parameters and state as
   ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
   other backends, or where the kernel cannot be built, the generic path runs.
   Row-sparse (`BCOO`) gradients are added by a scatter into the touched rows
@@ -166,7 +167,7 @@ class _Step:
 
 def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
   _check_fused(fused)
-  _common.check_flag("donate", donate)
+  _hparams.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
   if fused is False:
     return jax.jit(make(False), donate_argnums=donate_argnums)
@@ -243,7 +244,7 @@ def make_train_step(
     The jitted step function.
   """
   _check_tx(tx)
-  _common.check_flag("has_aux", has_aux)
+  _hparams.check_flag("has_aux", has_aux)
   grad_fn = _sparse.value_and_grad_of(loss_fn, has_aux)  # jax.value_and_grad, or jadam.value_and_sparse_grad's
 
   def make(use_kernel):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages.moments import Moments, expect_moments, expect_updates, max_nu
 from jadam._stages.penalty import decoupled_decay
 
@@ -24,7 +25,7 @@ from jadam._stages.penalty import decoupled_decay
 class KerasMomentsState(NamedTuple):
   """State for :func:`scale_by_keras_moments`."""
 
-  count: jax.Array  # shape=(), int32
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32
   mu: optax.Updates
   nu: optax.Updates
 
@@ -49,9 +50,9 @@ def scale_by_keras_moments(
   Returns:
     An :class:`optax.GradientTransformation` whose updates are :class:`jadam.Moments`.
   """
-  _common.check_hyperparameter("beta_1", beta_1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_hyperparameter("beta_2", beta_2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  b1_fn, b2_fn = _common.as_schedule(beta_1, "beta_1"), _common.as_schedule(beta_2, "beta_2")
+  _hparams.check_hyperparameter("beta_1", beta_1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("beta_2", beta_2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  b1_fn, b2_fn = _hparams.as_schedule(beta_1, "beta_1"), _hparams.as_schedule(beta_2, "beta_2")
 
   def init_fn(params):
     zeros = _common.state_zeros(params, None, widen=True)
@@ -69,7 +70,7 @@ def scale_by_keras_moments(
         dtype = m.dtype
         g = g.astype(dtype)
         x = g * g if square else g
-        return m + (x - m) * (1 - _common.cast_hyperparameter(decay, dtype))
+        return m + (x - m) * (1 - _hparams.cast_hyperparameter(decay, dtype))
 
       return one
 
@@ -85,7 +86,7 @@ def scale_by_keras_moments(
 class KerasStepState(NamedTuple):
   """State for :func:`keras_step`."""
 
-  count: jax.Array  # shape=(), int32: for a scheduled learning rate
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: for a scheduled learning rate
 
 
 def keras_step(
@@ -113,9 +114,9 @@ def keras_step(
     An :class:`optax.GradientTransformation` from uncorrected
     :class:`jadam.Moments` to parameter-shaped updates.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  _common.check_hyperparameter("epsilon", epsilon, low=0.0, wide_dtype=True)
-  lr_fn, eps_fn = _common.as_schedule(learning_rate, "learning_rate"), _common.as_schedule(epsilon, "epsilon")
+  _hparams.check_learning_rate(learning_rate)
+  _hparams.check_hyperparameter("epsilon", epsilon, low=0.0, wide_dtype=True)
+  lr_fn, eps_fn = _hparams.as_schedule(learning_rate, "learning_rate"), _hparams.as_schedule(epsilon, "epsilon")
 
   def init_fn(params):
     del params
@@ -132,10 +133,10 @@ def keras_step(
     def step(m, v, g):
       dtype = m.dtype
       t = moments.count.astype(dtype)
-      b1_power = jnp.power(_common.cast_hyperparameter(moments.b1, dtype) + jnp.zeros([], dtype), t)
-      b2_power = jnp.power(_common.cast_hyperparameter(moments.b2, dtype) + jnp.zeros([], dtype), t)
-      alpha = _common.cast_hyperparameter(lr, dtype) * jnp.sqrt(1 - b2_power) / (1 - b1_power)
-      return (-((m * alpha) / (jnp.sqrt(v.astype(dtype)) + _common.cast_hyperparameter(e, dtype)))).astype(g.dtype)
+      b1_power = jnp.power(_hparams.cast_hyperparameter(moments.b1, dtype) + jnp.zeros([], dtype), t)
+      b2_power = jnp.power(_hparams.cast_hyperparameter(moments.b2, dtype) + jnp.zeros([], dtype), t)
+      alpha = _hparams.cast_hyperparameter(lr, dtype) * jnp.sqrt(1 - b2_power) / (1 - b1_power)
+      return (-((m * alpha) / (jnp.sqrt(v.astype(dtype)) + _hparams.cast_hyperparameter(e, dtype)))).astype(g.dtype)
 
     out = _common.tree_map_float(step, moments.mu, moments.nu, moments.grad)
     return out, KerasStepState(count=optax.safe_increment(state.count))
@@ -186,12 +187,12 @@ def Adam(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _common.check_flag("amsgrad", amsgrad)
+  _hparams.check_flag("amsgrad", amsgrad)
   if weight_decay is not None:
-    _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+    _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
   decay = (
     []
-    if weight_decay is None or _common.is_zero(weight_decay)
+    if weight_decay is None or _hparams.is_zero(weight_decay)
     else [decoupled_decay(weight_decay, learning_rate, convention="keras")]
   )
   return optax.chain(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from flax import linen as nn
 from flax import nnx
+from jax import lax
 
 
 def avg_pool(x: jax.Array) -> jax.Array:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import jadam
-
 from examples.mnist import input_pipeline
 from examples.tune import __main__ as cli
 from examples.tune import train

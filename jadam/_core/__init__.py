@@ -1,1 +1,1 @@
-"""What every stage leans on: hyperparameter checks and schedules, dtypes, tree helpers. Imports nothing else of jadam."""
+"""What every stage leans on: hyperparameters (`hparams`), dtypes and tree helpers (`common`). Imports no jadam."""

@@ -1,99 +1,17 @@
-"""Helpers shared by jadam's stages: hyperparameters, validation, dtypes."""
+"""Helpers shared by jadam's stages: state and tree checks, dtypes, tree maps, paths (hyperparameters: `hparams`)."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import sparse
-
-Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
-
-
-def concrete_value(value: Any) -> float | None:
-  """`value` as a Python float if it is known now (not traced), else None."""
-  if isinstance(value, bool):
-    return None
-  if isinstance(value, numbers.Real):
-    return float(value)
-  if isinstance(value, jax.core.Tracer):
-    return None
-  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-    try:
-      return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-      return None
-  return None
-
-
-def check_hyperparameter(
-  name: str,
-  value: Any,
-  *,
-  low: float = -math.inf,
-  high: float = math.inf,
-  low_open: bool = False,
-  high_open: bool = False,
-  allow_none: bool = False,
-  wide_dtype: bool = False,
-) -> None:
-  """Raises a clear error for a hyperparameter that cannot be right.
-
-  Only what is known at construction is checked: a Python number or a concrete
-  scalar array. Tracers (under `optax.inject_hyperparams` inside `jit`) and
-  schedules are accepted as they are; branching on them would fail to trace.
-
-  Args:
-    name: the argument's name, as the user wrote it.
-    value: its value.
-    low, high: the allowed interval; `low_open`/`high_open` exclude the ends.
-    allow_none: whether `None` is a valid value.
-    wide_dtype: if set, an array of a float dtype narrower than float32 is
-      refused: bfloat16 rounds 0.999 to 1.0 and float16 rounds 1e-8 to 0.
-  """
-  if value is None and allow_none:
-    return
-  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-    return  # a schedule: checked by what it returns, not here
-  if isinstance(value, bool) or not isinstance(value, (numbers.Real, jax.Array, np.ndarray, np.generic)):
-    raise TypeError(
-      f"{name} must be a float, a scalar array or a schedule (a callable of"
-      f" the step count); got {type(value).__name__} {value!r}."
-    )
-  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-    if np.ndim(value) != 0:
-      raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
-    dtype = jnp.dtype(value.dtype)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-      raise TypeError(f"{name} must be a real number; got dtype {dtype}.")
-    if wide_dtype and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-      raise TypeError(
-        f"{name} arrived as {dtype}, which cannot hold it (bfloat16 rounds"
-        " 0.999 to 1.0, float16 rounds 1e-8 to 0). Keep hyperparameters in"
-        " float32 or wider: with optax.inject_hyperparams pass"
-        " hyperparam_dtype=jnp.float32."
-      )
-  x = concrete_value(value)
-  if x is None:
-    return
-  too_low = x <= low if low_open else x < low
-  too_high = x >= high if high_open else x > high
-  # No hyperparameter means anything at infinity: an infinite rate or eps is a NaN update later.
-  if not math.isfinite(x) or too_low or too_high:
-    lo = "(" if low_open or low == -math.inf else "["
-    hi = ")" if high_open or high == math.inf else "]"
-    raise ValueError(f"Invalid {name}: {x!r}; it must lie in {lo}{low}, {high}{hi}.")
-
-
-def check_flag(name: str, value: Any) -> None:
-  """Raises a `TypeError` unless `value` is a bool (flags choose the chain in Python: 1 or "yes" would pass silently)."""
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}.")
 
 
 def check_state(stage: str, state: Any, cls: type) -> None:
@@ -142,8 +60,8 @@ def check_tree(stage: str, updates: Any, name: str, other: Any, hint: str) -> No
   """
   mine, mine_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_update_leaf)
   theirs, theirs_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_update_leaf)
-  if mine_def == theirs_def:
-    for (path, u), (_, o) in zip(mine, theirs):
+  if mine_def == theirs_def:  # type: ignore[operator]  # jaxlib's PyTreeDef has no stub here
+    for (path, u), (_, o) in zip(mine, theirs, strict=True):
       if u is not None and (o is None or np.shape(u) != np.shape(o)):
         raise ValueError(
           f"{stage}: the updates and {name} differ at {jax.tree_util.keystr(path)}: the updates have"
@@ -166,28 +84,6 @@ STATE_HINT = "Was the state made by this optimizer's init for these parameters?"
 PARAMS_HINT = "Pass update(grads, state, params) the parameters that the gradients are for."
 
 
-def as_schedule(value: optax.ScalarOrSchedule, name: str = "a hyperparameter") -> Schedule:
-  """A hyperparameter as a function of the step count (jax's `make_schedule`).
-
-  A Python float stays a Python float, so that `1 - b` is formed in double
-  precision on the host, as PyTorch does, before it meets the parameters. A
-  schedule is checked, at trace time, to return a scalar: an array would
-  broadcast into the parameters and change their shape.
-  """
-  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-
-    def checked(count):
-      out = value(count)
-      if np.ndim(out) != 0:
-        raise ValueError(
-          f"The schedule given as {name} returned an array of shape {np.shape(out)}; a schedule must return a scalar."
-        )
-      return out
-
-    return checked
-  return lambda count: value
-
-
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   """The dtype an update is computed in: the leaf's, but never below float32."""
   # Not jnp.promote_types(dtype, float32): under strict promotion it raises for
@@ -196,20 +92,6 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
     return jnp.dtype(jnp.float32)
   return dtype
-
-
-def cast_hyperparameter(value: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.typing.ArrayLike:
-  """`value` ready to meet an array of `dtype` under strict dtype promotion.
-
-  Python numbers stay weakly typed (and exact in double until they meet the
-  array); arrays are cast, since float32 * float64 is an error under strict
-  promotion.
-  """
-  # NumPy scalars register as numbers.Number but are strongly typed:
-  # np.float32 meeting a float64 array is refused, so they are cast too.
-  if isinstance(value, numbers.Number) and not isinstance(value, np.generic):
-    return value
-  return jnp.asarray(value).astype(dtype)
 
 
 def real_dtype(dtype: Any) -> jnp.dtype:
@@ -336,15 +218,6 @@ def check_dtype(name: str, dtype: Any) -> None:
     )
 
 
-def is_zero(value: Any) -> bool:
-  """True only for a Python number equal to 0: a stage that would add nothing may be left out.
-
-  Arrays and schedules are never zero here (they may change under
-  `optax.inject_hyperparams`), so no Python branch ever reads a traced value.
-  """
-  return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
-
-
 def check_grads_present(name: str, updates: Any, params: Any) -> None:
   """Raises a `ValueError` where a gradient is `None` but the parameter is an array.
 
@@ -352,12 +225,15 @@ def check_grads_present(name: str, updates: Any, params: Any) -> None:
   there, far from its cause. A leaf to freeze takes a zero gradient, or is
   left out with `optax.masked` / `optax.set_to_zero` under `optax.partition`.
   """
-  is_none = lambda x: x is None
+
+  def is_none(x):
+    return x is None
+
   grads, grads_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   values, values_def = jax.tree_util.tree_flatten(params, is_leaf=is_none)
-  if grads_def != values_def:
+  if grads_def != values_def:  # type: ignore[operator]  # jaxlib's PyTreeDef has no stub here
     return  # the stages' check_tree says how the trees differ
-  for (path, g), p in zip(grads, values):
+  for (path, g), p in zip(grads, values, strict=True):
     if g is None and p is not None:
       raise ValueError(
         f"{name}: the gradient at {jax.tree_util.keystr(path)} is None, but the params hold {_aval(p)} there, and"

@@ -2,7 +2,7 @@
 
 `fused.py` and `sparse_step.py` build their calls from these names; the C++
 (`csrc/adam_cpu.cc`, `csrc/sparse_adam_cpu.cc`) declares the same layout in its
-enums, and `tests/test_abi.py` parses the C++ and checks it against this table
+enums, and `tests/kernels/test_abi.py` parses the C++ and checks it against this table
 (order, values and the hash's constants), so the two cannot drift apart.
 """
 

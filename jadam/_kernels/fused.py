@@ -49,14 +49,15 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from jadam._core import common as _common
-from jadam._storage import bf16 as _lowp
-from jadam._stages import moments as _moments
-from jadam._storage import quantize as _quantize
+from jadam._core import hparams as _hparams
 from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
 from jadam._kernels.base import Ctx, Unserved, for_export, select, tracing_ok
+from jadam._stages import moments as _moments
+from jadam._storage import bf16 as _lowp
+from jadam._storage import quantize as _quantize
 
-# The kernel's scalar layout and mode bits, from the one ABI table (checked against adam_cpu.cc by tests/test_abi.py).
+# The kernel's scalar layout and mode bits, from the one ABI table (checked against adam_cpu.cc by tests/kernels/test_abi.py).
 _N_SCALARS = _abi.N_SCALARS
 _OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = (
   _abi.S[k] for k in ("OMB1", "B1", "OMB2", "B2", "C1", "C2", "EPS_ROOT", "EPS", "NEG_LR", "WD")
@@ -510,7 +511,7 @@ def _scalars(core: Core, counts: dict, dtype, ctx: Ctx, g_norm, mode: int):
   e, e_root = hp["eps"](step), hp["eps_root"](step)
   lr = hp["learning_rate"](counts["lr"])  # scale_by_lr
   wd = hp["weight_decay"](counts["l2"]) if "l2" in hp else 0.0  # add_l2
-  cast = lambda x: _common.cast_hyperparameter(x, dtype)
+  cast = lambda x: _hparams.cast_hyperparameter(x, dtype)
   d1, d2 = cast(beta1), cast(beta2)
   norm, max_norm, clip_on = 1.0, 1.0, 0.0
   if mode & CLIP:  # optax.clip_by_global_norm: select(norm < max_norm, g, (g / norm) * max_norm)
@@ -524,7 +525,7 @@ def _scalars(core: Core, counts: dict, dtype, ctx: Ctx, g_norm, mode: int):
       factor = 1.0 - dlr * dwd  # in double, as PyTorch
     else:
       fd = _common.float_dtype()
-      factor = 1.0 - _common.cast_hyperparameter(dlr, fd) * _common.cast_hyperparameter(dwd, fd)
+      factor = 1.0 - _hparams.cast_hyperparameter(dlr, fd) * _hparams.cast_hyperparameter(dwd, fd)
     factor = jnp.asarray(factor).astype(dtype)
   values = dict(OMB1=1 - d1, B1=d1, OMB2=1 - d2, B2=d2, C1=c1, C2=c2, EPS_ROOT=cast(e_root), EPS=cast(e))
   values.update(NEG_LR=-cast(lr), WD=cast(wd), CLIP_NORM=norm, CLIP_MAX=max_norm, CLIP_ON=clip_on, APPLY=apply)

@@ -16,7 +16,7 @@ kernel to run inside them, their own bookkeeping (the finite check and its
 counters, the injected hyperparameters, the groups' masks) is done here, as
 optax does it, around the planner's step of the inner transformation.
 
-Checked against optax 0.2.8 (tests/test_optax_compat.py) and written to the
+Checked against optax 0.2.8 (tests/kernels/test_optax_compat.py) and written to the
 names optax has used since 0.2.5.
 """
 

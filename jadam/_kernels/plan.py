@@ -28,6 +28,7 @@ import jax
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._kernels import build as _build
 from jadam._kernels import fused as _fused
@@ -80,7 +81,7 @@ def known(r: _registry.Record, table: dict[str, set[str]]) -> dict[str, Any]:
 
 def sched(value: Any, name: str) -> Any:
   """A hyperparameter as the stage makes it a function of the step count."""
-  return _common.as_schedule(value, name)
+  return _hparams.as_schedule(value, name)
 
 
 # --- walking the transformation ---------------------------------------------------

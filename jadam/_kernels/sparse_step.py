@@ -41,12 +41,13 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from jadam._core import common as _common
-from jadam._stages import sparse as _sparse
+from jadam._core import hparams as _hparams
 from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
 from jadam._kernels.base import Unserved, for_export, select, tracing_ok
+from jadam._stages import sparse as _sparse
 
-# The kernel's scalar layout, from the one ABI table (checked against sparse_adam_cpu.cc by tests/test_abi.py).
+# The kernel's scalar layout, from the one ABI table (checked against sparse_adam_cpu.cc by tests/kernels/test_abi.py).
 _OMB1, _OMB2, _SCALE, _EPS_ROOT, _EPS, _NEG_LR, _SIGN, _APPLY = (
   _abi.SPARSE[k] for k in ("OMB1", "OMB2", "SCALE", "EPS_ROOT", "EPS", "NEG_LR", "SIGN", "APPLY")
 )
@@ -174,7 +175,7 @@ def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
 def _scalars(core: dict, count, lr, dtype, ctx):
   """The kernel's scalars for one table in `dtype`, formed as the generic stages form them."""
   beta1, beta2 = core["b1"](count), core["b2"](count)  # scale_by_sparse_moments, at the table's own count
-  cast = functools.partial(_common.cast_hyperparameter, dtype=dtype)
+  cast = functools.partial(_hparams.cast_hyperparameter, dtype=dtype)
   new_count = optax.safe_increment(count)
   c1 = _common.one_minus_power(beta1, new_count)  # bias_correct(into_step=True)
   c2 = _common.one_minus_power(beta2, new_count)

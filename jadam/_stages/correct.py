@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.moments import expect_moments
 
@@ -48,7 +49,7 @@ def bias_correct(*, into_step: bool = False) -> optax.GradientTransformation:
     :class:`Moments`; stateless.
   """
 
-  _common.check_flag("into_step", into_step)
+  _hparams.check_flag("into_step", into_step)
 
   def init_fn(params):
     del params
@@ -125,8 +126,8 @@ def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.Gra
     Dozat, `Incorporating Nesterov Momentum into Adam
     <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR 2016 workshop.
   """
-  _common.check_hyperparameter("momentum_decay", momentum_decay, low=0.0)
-  psi_fn = _common.as_schedule(momentum_decay, "momentum_decay")
+  _hparams.check_hyperparameter("momentum_decay", momentum_decay, low=0.0)
+  psi_fn = _hparams.as_schedule(momentum_decay, "momentum_decay")
 
   def init_fn(params):
     del params
@@ -141,7 +142,7 @@ def nesterov_correct(momentum_decay: optax.ScalarOrSchedule = 4e-3) -> optax.Gra
     dtype = _common.float_dtype()
     t = moments.count.astype(dtype)
     psi = psi_fn(moments.count - 1)
-    b1 = _common.cast_hyperparameter(moments.b1, dtype)
+    b1 = _hparams.cast_hyperparameter(moments.b1, dtype)
     mu = b1 * (1.0 - 0.5 * _power(0.96, t * psi))
     mu_next = b1 * (1.0 - 0.5 * _power(0.96, (t + 1) * psi))
     mu_product = state.mu_product * mu
@@ -194,8 +195,8 @@ def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
     Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
     <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
   """
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  eps_fn = _common.as_schedule(eps, "eps")
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  eps_fn = _hparams.as_schedule(eps, "eps")
 
   def update_fn(updates, state, params=None):
     del params
@@ -204,7 +205,7 @@ def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
       raise TypeError("jadam.rectify corrects the moments itself; do not put jadam.bias_correct before it.")
     dtype = _common.float_dtype()
     t = moments.count.astype(dtype)
-    b2 = _common.cast_hyperparameter(moments.b2, dtype)
+    b2 = _hparams.cast_hyperparameter(moments.b2, dtype)
     c1 = _common.one_minus_power(moments.b1, moments.count)
     c2 = _common.one_minus_power(moments.b2, moments.count)
     rho_inf = 2.0 / (1.0 - b2) - 1.0
@@ -217,7 +218,7 @@ def rectify(eps: optax.ScalarOrSchedule = 1e-8) -> optax.GradientTransformation:
     def direction(m, v, g):
       dt = _common.compute_dtype(m.dtype)
       real = _common.real_dtype(dt)
-      e_ = _common.cast_hyperparameter(e, real)
+      e_ = _hparams.cast_hyperparameter(e, real)
 
       def one(m, v):  # on real numbers: each part of a complex leaf alone
         m_hat = m / c1.astype(real)

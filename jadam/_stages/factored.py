@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.moments import Moments, expect_updates
 from jadam._stages.scale import ScaleByLrState, scale_by_lr
@@ -95,10 +96,10 @@ def scale_by_factored_moments(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  _common.check_hyperparameter("beta2_decay", beta2_decay, high=0.0, wide_dtype=True)
-  _common.check_hyperparameter("eps", eps, low=0.0, allow_none=True, wide_dtype=True)
-  decay_fn = _common.as_schedule(beta2_decay, "beta2_decay")
-  eps_fn = None if eps is None else _common.as_schedule(eps, "eps")
+  _hparams.check_hyperparameter("beta2_decay", beta2_decay, high=0.0, wide_dtype=True)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, allow_none=True, wide_dtype=True)
+  decay_fn = _hparams.as_schedule(beta2_decay, "beta2_decay")
+  eps_fn = None if eps is None else _hparams.as_schedule(eps, "eps")
   stage = "jadam.scale_by_factored_moments"
 
   def init_fn(params):
@@ -130,7 +131,7 @@ def scale_by_factored_moments(
     wide = _common.float_dtype()
     t = optax.safe_increment(state.count).astype(wide)
     tau = decay_fn(state.count)
-    w = jnp.power(t, _common.cast_hyperparameter(tau, wide))
+    w = jnp.power(t, _hparams.cast_hyperparameter(tau, wide))
     e = None if eps_fn is None else eps_fn(state.count)
 
     def one(g, r, c, v):
@@ -138,7 +139,7 @@ def scale_by_factored_moments(
         return g, r, c, v
       dtype = _common.compute_dtype(g.dtype)
       e1 = float(jnp.finfo(g.dtype).eps) if e is None else e  # torch: finfo(param.dtype).eps
-      e1 = _common.cast_hyperparameter(e1, dtype)
+      e1 = _hparams.cast_hyperparameter(e1, dtype)
       g = g.astype(dtype)
       square = g * g
       if r is not None:
@@ -187,8 +188,8 @@ def clip_by_rms(threshold: optax.ScalarOrSchedule = 1.0) -> optax.GradientTransf
     An :class:`optax.GradientTransformation` on parameter-shaped updates; it
     keeps a step count for the schedule.
   """
-  _common.check_hyperparameter("threshold", threshold, low=0.0, low_open=True)
-  d_fn = _common.as_schedule(threshold, "threshold")
+  _hparams.check_hyperparameter("threshold", threshold, low=0.0, low_open=True)
+  d_fn = _hparams.as_schedule(threshold, "threshold")
   stage = "jadam.clip_by_rms"
 
   def update_fn(updates, state, params=None):
@@ -199,7 +200,7 @@ def clip_by_rms(threshold: optax.ScalarOrSchedule = 1.0) -> optax.GradientTransf
     def clip(u):
       dtype = _common.compute_dtype(u.dtype)
       x = u.astype(dtype)
-      denom = jnp.maximum(1.0, jnp.sqrt(jnp.mean(x * x)) / _common.cast_hyperparameter(d, dtype))
+      denom = jnp.maximum(1.0, jnp.sqrt(jnp.mean(x * x)) / _hparams.cast_hyperparameter(d, dtype))
       return (x / denom).astype(u.dtype)
 
     return _common.tree_map_float(clip, updates), optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
@@ -228,8 +229,8 @@ def scale_by_param_rms(min_scale: optax.ScalarOrSchedule = 1e-3) -> optax.Gradie
     An :class:`optax.GradientTransformation` on parameter-shaped updates; it
     needs `params`.
   """
-  _common.check_hyperparameter("min_scale", min_scale, low=0.0)
-  scale_fn = _common.as_schedule(min_scale, "min_scale")
+  _hparams.check_hyperparameter("min_scale", min_scale, low=0.0)
+  scale_fn = _hparams.as_schedule(min_scale, "min_scale")
   stage = "jadam.scale_by_param_rms"
 
   def update_fn(updates, state, params=None):
@@ -242,7 +243,7 @@ def scale_by_param_rms(min_scale: optax.ScalarOrSchedule = 1e-3) -> optax.Gradie
     def scale(u, p):
       dtype = _common.compute_dtype(u.dtype)
       x = p.astype(dtype)
-      factor = jnp.maximum(_common.cast_hyperparameter(floor, dtype), jnp.sqrt(jnp.mean(x * x)))
+      factor = jnp.maximum(_hparams.cast_hyperparameter(floor, dtype), jnp.sqrt(jnp.mean(x * x)))
       return (u.astype(dtype) * factor).astype(u.dtype)
 
     new_state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
@@ -253,7 +254,7 @@ def scale_by_param_rms(min_scale: optax.ScalarOrSchedule = 1e-3) -> optax.Gradie
   )
 
 
-def relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> _common.Schedule:
+def relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> _hparams.Schedule:
   r"""Adafactor's step size as PyTorch computes it: :math:`\rho_t = \min(\alpha_t, 1/\sqrt{t})`.
 
   A schedule of the step count (:math:`t` is the count plus one, as
@@ -268,8 +269,8 @@ def relative_step(learning_rate: optax.ScalarOrSchedule = 1e-2) -> _common.Sched
   Returns:
     A function of the step count.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+  _hparams.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
 
   def schedule(count):
     dtype = _common.float_dtype()

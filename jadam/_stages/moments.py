@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._storage import bf16 as _lowp
 from jadam._storage import quantize as _quantize
@@ -50,7 +51,7 @@ class Moments:
   bias_corrected: bool = False  # static: set by bias_correct
   step_scale: jax.typing.ArrayLike | None = None  # bias_correct(into_step=True)
 
-  def _replace(self, **changes: Any) -> "Moments":
+  def _replace(self, **changes: Any) -> Moments:
     """A copy with `changes`, as `NamedTuple._replace`."""
     return dataclasses.replace(self, **changes)
 
@@ -80,7 +81,7 @@ def expect_updates(updates: Any, stage: str) -> None:
 class ScaleByMomentsState(NamedTuple):
   """State for :func:`scale_by_moments`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   mu: optax.Updates  # None when b1 is None
   nu: optax.Updates
 
@@ -140,12 +141,12 @@ def scale_by_moments(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 1.
   """
-  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
-  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
   _quantize.check_dtype("mu_dtype", mu_dtype)
   _quantize.check_dtype("nu_dtype", nu_dtype)
-  b1_fn = None if b1 is None else _common.as_schedule(b1, "b1")
-  b2_fn = _common.as_schedule(b2, "b2")
+  b1_fn = None if b1 is None else _hparams.as_schedule(b1, "b1")
+  b2_fn = _hparams.as_schedule(b2, "b2")
 
   def zeros(params, dtype, widen):
     if isinstance(dtype, _quantize.Quantized):
@@ -172,15 +173,22 @@ def scale_by_moments(
       )
     else:
       nu = _ema(updates, nu_old, beta2, square=True)
+    beta1: jax.typing.ArrayLike
     if b1_fn is None:
       beta1, mu, mu_state = 0.0, updates, None
     else:
       beta1 = b1_fn(state.count)
       mu = _ema(updates, _quantize.load(state.mu, mu_dtype, signed=True), beta1, square=False)
-      again = lambda g, m: _ema_leaf(g, m, beta1, square=False)
-      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again)
-    again = lambda g, v: _ema_leaf(g, v, beta2, square=True, scaled=True)  # called for 8-bit leaves only
-    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again)
+
+      def again_mu(g, m):
+        return _ema_leaf(g, m, beta1, square=False)
+
+      mu_state, mu = _store(updates, mu, state.mu, state.count, 0, mu_dtype, again_mu)
+
+    def again_nu(g, v):  # called for 8-bit leaves only
+      return _ema_leaf(g, v, beta2, square=True, scaled=True)
+
+    nu_state, nu = _store(updates, nu, state.nu, state.count, 1, nu_dtype, again_nu)
     count = optax.safe_increment(state.count)
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=beta2, grad=updates)
     return moments, ScaleByMomentsState(count=count, mu=mu_state, nu=nu_state)
@@ -222,7 +230,7 @@ def _ema_leaf(
 ) -> jax.Array:
   dtype = _common.compute_dtype(g.dtype)
   g = g.astype(dtype)
-  d = _common.cast_hyperparameter(decay, dtype)
+  d = _hparams.cast_hyperparameter(decay, dtype)
   if square and scaled:
     # An 8-bit v (a real leaf): (1 - d) g^2 as ((1 - d) g) g, PyTorch's addcmul order, which stays finite wherever
     # v can hold it (|g| up to about 5.8e20 for d = 0.999; g * g overflows from 1.8e19), so that one huge but
@@ -298,7 +306,7 @@ def max_nu(*, nu_dtype: Dtype | None = None) -> optax.GradientTransformation:
 class ScaleByInfMomentsState(NamedTuple):
   """State for :func:`scale_by_inf_moments`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   mu: optax.Updates
   nu: optax.Updates  # u_t, the weighted infinity norm
 
@@ -335,12 +343,12 @@ def scale_by_inf_moments(
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014, Algorithm 2.
   """
-  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _hparams.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   _common.check_dtype("mu_dtype", mu_dtype)
-  b1_fn, b2_fn = _common.as_schedule(b1, "b1"), _common.as_schedule(b2, "b2")
-  eps_fn = _common.as_schedule(eps, "eps")
+  b1_fn, b2_fn = _hparams.as_schedule(b1, "b1"), _hparams.as_schedule(b2, "b2")
+  eps_fn = _hparams.as_schedule(eps, "eps")
 
   def init_fn(params):
     return ScaleByInfMomentsState(
@@ -360,12 +368,15 @@ def scale_by_inf_moments(
     def norm(g, u):
       dtype = _common.compute_dtype(g.dtype)
       real = _common.real_dtype(dtype)
-      b, eps_ = _common.cast_hyperparameter(beta2, real), _common.cast_hyperparameter(e, real)
+      b, eps_ = _hparams.cast_hyperparameter(beta2, real), _hparams.cast_hyperparameter(e, real)
       return _common.componentwise(lambda x, y: jnp.maximum(b * y, jnp.abs(x) + eps_), g.astype(dtype), u.astype(dtype))
 
     nu = _common.tree_map_float(norm, updates, state.nu)
     count = optax.safe_increment(state.count)
-    keep = lambda new, old: _common.tree_map_float(lambda g, x, s: x.astype(s.dtype), updates, new, old, keep=2)
+
+    def keep(new, old):
+      return _common.tree_map_float(lambda g, x, s: x.astype(s.dtype), updates, new, old, keep=2)
+
     moments = Moments(mu=mu, nu=nu, count=count, b1=beta1, b2=0.0, grad=updates)
     return moments, ScaleByInfMomentsState(count=count, mu=keep(mu, state.mu), nu=keep(nu, state.nu))
 
@@ -410,7 +421,7 @@ def center() -> optax.GradientTransformation:
 class AccumulateSquaresState(NamedTuple):
   """State for :func:`accumulate_squares`."""
 
-  count: jax.Array  # shape=(), int32
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32
   sum_of_squares: optax.Updates
 
 
@@ -438,8 +449,8 @@ def accumulate_squares(
     Duchi, Hazan & Singer, `Adaptive Subgradient Methods
     <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
   """
-  _common.check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
-  if callable(initial_accumulator_value):
+  _hparams.check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
+  if _hparams.is_schedule(initial_accumulator_value):
     raise TypeError("initial_accumulator_value must be a number, not a schedule.")
   _common.check_dtype("nu_dtype", nu_dtype)
 
@@ -448,7 +459,7 @@ def accumulate_squares(
       if not _common.is_float_leaf(p):
         return p
       dtype = _common.state_dtype(p, nu_dtype, widen=True)
-      v0 = _common.cast_hyperparameter(initial_accumulator_value, _common.real_dtype(dtype))
+      v0 = _hparams.cast_hyperparameter(initial_accumulator_value, _common.real_dtype(dtype))
       if jnp.issubdtype(dtype, jnp.complexfloating):
         v0 = jax.lax.complex(jnp.asarray(v0, _common.real_dtype(dtype)), jnp.asarray(v0, _common.real_dtype(dtype)))
       return jnp.full_like(p, v0, dtype)  # a complex parameter starts both parts' sums at v0, as torch

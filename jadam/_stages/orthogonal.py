@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.moments import expect_updates
 
@@ -60,7 +61,7 @@ def newton_schulz(
   if tall:
     x = x.T
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(wide)))).astype(dtype)
-  x = (x.astype(wide) / jnp.maximum(norm, _common.cast_hyperparameter(eps, dtype)).astype(wide)).astype(dtype)
+  x = (x.astype(wide) / jnp.maximum(norm, _hparams.cast_hyperparameter(eps, dtype)).astype(wide)).astype(dtype)
   dot = lambda p, q: jnp.matmul(p, q, precision=jax.lax.Precision.HIGHEST, preferred_element_type=wide)
   for _ in range(steps):
     gram = dot(x, x.T).astype(dtype)
@@ -118,11 +119,11 @@ def orthogonalize(
   coefficients = tuple(float(x) for x in ns_coefficients)
   if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
     raise ValueError(f"ns_steps must be an integer in [0, 100) (PyTorch's bound); got {ns_steps!r}.")
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
   if shape_scaling is not None and shape_scaling not in _SHAPE_SCALES:
     raise ValueError(f"shape_scaling must be None or one of {_SHAPE_SCALES}; got {shape_scaling!r}.")
   _common.check_dtype("ns_dtype", ns_dtype)
-  eps_fn = _common.as_schedule(eps, "eps")
+  eps_fn = _hparams.as_schedule(eps, "eps")
   stage = "jadam.orthogonalize"
 
   def check_2d(tree, what):

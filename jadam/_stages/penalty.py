@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import optax
 from jax.experimental import sparse
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.moments import expect_updates
 
@@ -18,7 +20,7 @@ from jadam._stages.moments import expect_updates
 class AddL2State(NamedTuple):
   """State for :func:`add_l2`."""
 
-  count: jax.Array  # shape=(), int32: for a scheduled weight_decay
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: for a scheduled weight_decay
 
 
 @_registry.stage("add_l2", state=AddL2State)
@@ -47,8 +49,8 @@ def add_l2(
   Returns:
     An :class:`optax.GradientTransformation`; it needs `params`.
   """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  wd_fn = _common.as_schedule(weight_decay, "weight_decay")
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  wd_fn = _hparams.as_schedule(weight_decay, "weight_decay")
 
   def init_fn(params):
     del params
@@ -57,7 +59,7 @@ def add_l2(
   # A weight_decay known to be zero now adds nothing: the stage keeps its place and
   # its state (so the chain's structure does not depend on the value, as
   # optax.inject_hyperparams needs) but neither computes nor needs the params.
-  static_zero = _common.is_zero(weight_decay)
+  static_zero = _hparams.is_zero(weight_decay)
 
   def update_fn(updates, state, params=None):
     expect_updates(updates, "jadam.add_l2")
@@ -73,7 +75,7 @@ def add_l2(
 
     def add(g, p):
       dtype = _common.compute_dtype(g.dtype)
-      lam = _common.cast_hyperparameter(wd, dtype)
+      lam = _hparams.cast_hyperparameter(wd, dtype)
       return (g.astype(dtype) + lam * p.astype(dtype)).astype(g.dtype)
 
     updates = _common.tree_map_float(add, updates, params)
@@ -99,7 +101,7 @@ def _refuse_rows(updates: Any) -> None:
 class DecoupledDecayState(NamedTuple):
   """State for :func:`decoupled_decay`."""
 
-  count: jax.Array  # shape=(), int32: for scheduled rates
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: for scheduled rates
 
 
 _CONVENTIONS = ("torch", "keras")
@@ -143,12 +145,12 @@ def decoupled_decay(
     An :class:`optax.GradientTransformation` on parameter-shaped updates; it
     needs `params`. Put it after :func:`jadam.scale_by_lr`.
   """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  _hparams.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _hparams.check_learning_rate(learning_rate)
   if convention not in _CONVENTIONS:
     raise ValueError(f"convention must be one of {_CONVENTIONS}; got {convention!r}.")
-  wd_fn = _common.as_schedule(weight_decay, "weight_decay")
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+  wd_fn = _hparams.as_schedule(weight_decay, "weight_decay")
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
   stage = "jadam.decoupled_decay"
 
   def init_fn(params):
@@ -163,14 +165,18 @@ def decoupled_decay(
     _common.check_tree(stage, updates, "the params", params, _common.PARAMS_HINT)
     lr, wd = lr_fn(state.count), wd_fn(state.count)
     if convention == "keras":
-      shrink = lambda p: p - p * _common.cast_hyperparameter(wd, p.dtype) * _common.cast_hyperparameter(lr, p.dtype)
+
+      def shrink(p):
+        return p - p * _hparams.cast_hyperparameter(wd, p.dtype) * _hparams.cast_hyperparameter(lr, p.dtype)
     else:
       if isinstance(lr, numbers.Number) and isinstance(wd, numbers.Number):
         factor = 1.0 - lr * wd  # in double, as PyTorch
       else:
         dtype = _common.float_dtype()
-        factor = 1.0 - _common.cast_hyperparameter(lr, dtype) * _common.cast_hyperparameter(wd, dtype)
-      shrink = lambda p: p * jnp.asarray(factor).astype(p.dtype)
+        factor = 1.0 - _hparams.cast_hyperparameter(lr, dtype) * _hparams.cast_hyperparameter(wd, dtype)
+
+      def shrink(p):
+        return p * jnp.asarray(factor).astype(p.dtype)
 
     def decay(u, p):
       return ((shrink(p) + u.astype(p.dtype)) - p).astype(u.dtype)

@@ -1,4 +1,4 @@
-"""The stages that turn moments into a step: divide (`normalize`, `normalize_inf`), add momentum, flip, scale by the learning rate."""
+"""The stages that turn moments into a step: divide (`normalize`, `normalize_inf`), add momentum, flip, scale by lr."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import optax
 from jax.experimental import sparse
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.moments import expect_moments, expect_updates
 
@@ -37,9 +38,9 @@ def normalize(
     An :class:`optax.GradientTransformation` from :class:`Moments` to
     parameter-shaped updates. It uses `count` from the moments for schedules.
   """
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  _common.check_hyperparameter("eps_root", eps_root, low=0.0, wide_dtype=True)
-  eps_fn, eps_root_fn = _common.as_schedule(eps, "eps"), _common.as_schedule(eps_root, "eps_root")
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  _hparams.check_hyperparameter("eps_root", eps_root, low=0.0, wide_dtype=True)
+  eps_fn, eps_root_fn = _hparams.as_schedule(eps, "eps"), _hparams.as_schedule(eps_root, "eps_root")
 
   def init_fn(params):
     del params
@@ -54,7 +55,7 @@ def normalize(
     def divide(m, v, g):
       dtype = _common.compute_dtype(m.dtype)
       real = _common.real_dtype(dtype)
-      root, eps_ = _common.cast_hyperparameter(e_root, real), _common.cast_hyperparameter(e, real)
+      root, eps_ = _hparams.cast_hyperparameter(e_root, real), _hparams.cast_hyperparameter(e, real)
 
       def one(m, v):  # on real numbers: each part of a complex leaf alone (PyTorch's view_as_real)
         u = m / (jnp.sqrt(v + root) + eps_)
@@ -72,7 +73,7 @@ def normalize(
 class ScaleByLrState(NamedTuple):
   """State for :func:`scale_by_lr`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
 
 
 @_registry.stage("scale_by_lr", state=ScaleByLrState)
@@ -92,8 +93,8 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
     Integer and boolean leaves get a zero update of their dtype (they do not
     move); `None` and float0 leaves go through as they came.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+  _hparams.check_learning_rate(learning_rate)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
 
   def init_fn(params):
     del params
@@ -107,7 +108,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
     def scale(u):
       dtype = _common.compute_dtype(u.dtype)
-      return (-_common.cast_hyperparameter(lr, dtype) * u.astype(dtype)).astype(u.dtype)
+      return (-_hparams.cast_hyperparameter(lr, dtype) * u.astype(dtype)).astype(u.dtype)
 
     def scale_or_zero(u):
       if isinstance(u, sparse.BCOO):  # a row-sparse update (jadam.sparse_adam): scale its values, keep its rows
@@ -130,7 +131,7 @@ def scale_by_lr(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransfor
 class MomentumState(NamedTuple):
   """State for :func:`momentum`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   trace: optax.Updates
 
 
@@ -172,16 +173,16 @@ def momentum(
     Sutskever et al., `On the importance of initialization and momentum
     <https://proceedings.mlr.press/v28/sutskever13.html>`_, ICML 2013.
   """
-  _common.check_hyperparameter("momentum", decay, low=0.0, high=1.0)
-  _common.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
-  _common.check_flag("nesterov", nesterov)
+  _hparams.check_hyperparameter("momentum", decay, low=0.0, high=1.0)
+  _hparams.check_hyperparameter("dampening", dampening, low=0.0, high=1.0)
+  _hparams.check_flag("nesterov", nesterov)
   _common.check_dtype("accumulator_dtype", accumulator_dtype)
-  if nesterov and _common.concrete_value(dampening) not in (None, 0.0):
+  if nesterov and _hparams.concrete_value(dampening) not in (None, 0.0):
     raise ValueError("Nesterov momentum requires zero dampening.")
-  _common.check_flag("ema", ema)
+  _hparams.check_flag("ema", ema)
   if ema:
     return _ema_momentum(decay, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
-  decay_fn, damp_fn = _common.as_schedule(decay, "momentum"), _common.as_schedule(dampening, "dampening")
+  decay_fn, damp_fn = _hparams.as_schedule(decay, "momentum"), _hparams.as_schedule(dampening, "dampening")
 
   def init_fn(params):
     zeros = jax.tree.map(
@@ -203,8 +204,8 @@ def momentum(
     def accumulate(g, b):
       dtype = _common.compute_dtype(g.dtype)
       g = g.astype(dtype)
-      m = _common.cast_hyperparameter(mu, dtype)
-      new = m * b.astype(dtype) + (1 - _common.cast_hyperparameter(tau, dtype)) * g
+      m = _hparams.cast_hyperparameter(mu, dtype)
+      new = m * b.astype(dtype) + (1 - _hparams.cast_hyperparameter(tau, dtype)) * g
       # mu = 0 is no momentum at all in PyTorch: dampening does not apply
       # (a traced mu, under optax.inject_hyperparams, cannot be tested in Python).
       return jnp.where(first | (m == 0), g, new)
@@ -213,7 +214,7 @@ def momentum(
     out = trace
     if nesterov:
       out = _common.tree_map_float(
-        lambda g, b: g.astype(b.dtype) + _common.cast_hyperparameter(mu, b.dtype) * b, updates, trace
+        lambda g, b: g.astype(b.dtype) + _hparams.cast_hyperparameter(mu, b.dtype) * b, updates, trace
       )
     out = _common.tree_map_float(lambda g, u: u.astype(g.dtype), updates, out)
     stored = _common.tree_map_float(lambda g, b, s: b.astype(s.dtype), updates, trace, state.trace, keep=2)
@@ -311,9 +312,9 @@ def scale_by_delta(
   References:
     Zeiler, `ADADELTA: An Adaptive Learning Rate Method <https://arxiv.org/abs/1212.5701>`_, 2012.
   """
-  _common.check_hyperparameter("rho", rho, low=0.0, high=1.0, wide_dtype=True)
-  _common.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
-  rho_fn, eps_fn = _common.as_schedule(rho, "rho"), _common.as_schedule(eps, "eps")
+  _hparams.check_hyperparameter("rho", rho, low=0.0, high=1.0, wide_dtype=True)
+  _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)
+  rho_fn, eps_fn = _hparams.as_schedule(rho, "rho"), _hparams.as_schedule(eps, "eps")
 
   def init_fn(params):
     return ScaleByDeltaState(acc_delta=_common.state_zeros(params, None, widen=True))
@@ -331,7 +332,7 @@ def scale_by_delta(
     def both(g, v, a):
       dtype = _common.compute_dtype(g.dtype)
       real = _common.real_dtype(dtype)
-      rr, ee = _common.cast_hyperparameter(r, real), _common.cast_hyperparameter(e, real)
+      rr, ee = _hparams.cast_hyperparameter(r, real), _hparams.cast_hyperparameter(e, real)
 
       def one(g, v, a):
         delta = jnp.sqrt(a + ee) / jnp.sqrt(v + ee) * g
@@ -342,14 +343,19 @@ def scale_by_delta(
         return jax.lax.complex(dr, di), jax.lax.complex(ar, ai)
       return one(g, v, a)
 
-    cast = lambda x: x.astype(_common.compute_dtype(x.dtype))
+    def cast(x):
+      return x.astype(_common.compute_dtype(x.dtype))
+
     pairs = _common.tree_map_float(
       lambda g, v, a: both(cast(g), v.astype(cast(g).dtype), a.astype(cast(g).dtype)),
       moments.grad,
       moments.nu,
       state.acc_delta,
     )
-    is_pair = lambda x: type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+
+    def is_pair(x):
+      return type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+
     deltas = jax.tree.map(lambda g, x: x[0].astype(g.dtype) if is_pair(x) else x, moments.grad, pairs, is_leaf=is_pair)
     acc = jax.tree.map(lambda s, x: x[1].astype(s.dtype) if is_pair(x) else s, state.acc_delta, pairs, is_leaf=is_pair)
     return deltas, ScaleByDeltaState(acc_delta=acc)
@@ -405,8 +411,8 @@ def scale_by_rprop(
     Riedmiller & Braun, `A direct adaptive method for faster backpropagation learning: the RPROP
     algorithm <https://doi.org/10.1109/ICNN.1993.298623>`_, 1993.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  if callable(learning_rate):
+  _hparams.check_learning_rate(learning_rate)
+  if _hparams.is_schedule(learning_rate):
     raise TypeError("learning_rate must be a number for Rprop (it only sets the initial step sizes), not a schedule.")
   minus, plus = etas
   lo, hi = step_sizes
@@ -441,15 +447,18 @@ def scale_by_rprop(
       ]
       if len(parts) == 1:
         return parts[0]
-      return tuple(jax.lax.complex(a, b) for a, b in zip(*parts))
+      return tuple(jax.lax.complex(a, b) for a, b in zip(*parts, strict=True))
 
     out = _common.tree_map_float(
       lambda g, p, s: leaf(g, p.astype(g.dtype), s.astype(g.dtype)), updates, state.prev, state.step_size
     )
-    is_triple = lambda x: type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
-    pick = lambda i, old: jax.tree.map(
-      lambda o, x: x[i].astype(o.dtype) if is_triple(x) else o, old, out, is_leaf=is_triple
-    )
+
+    def is_triple(x):
+      return type(x) is tuple  # not a NamedTuple such as optax.MaskedNode
+
+    def pick(i, old):
+      return jax.tree.map(lambda o, x: x[i].astype(o.dtype) if is_triple(x) else o, old, out, is_leaf=is_triple)
+
     return pick(0, updates), ScaleByRpropState(prev=pick(1, state.prev), step_size=pick(2, state.step_size))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -458,7 +467,7 @@ def scale_by_rprop(
 class ScaleByAsgdState(NamedTuple):
   """State for :func:`scale_by_asgd`."""
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   ax: optax.Updates  # the averaged parameters (PyTorch's state["ax"]): evaluate with these
 
 
@@ -501,10 +510,10 @@ def scale_by_asgd(
     Polyak & Juditsky, `Acceleration of Stochastic Approximation by Averaging
     <https://doi.org/10.1137/0330046>`_, 1992.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  _hparams.check_learning_rate(learning_rate)
   for name, x in (("lambd", lambd), ("alpha", alpha), ("t0", t0)):
-    _common.check_hyperparameter(name, x)
-  lr_fn = _common.as_schedule(learning_rate, "learning_rate")
+    _hparams.check_hyperparameter(name, x)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
   stage = "jadam.scale_by_asgd"
 
   def init_fn(params):
@@ -518,11 +527,11 @@ def scale_by_asgd(
     _common.check_tree(stage, updates, "the params", params, _common.PARAMS_HINT)
     dtype = _common.float_dtype()
     c = state.count
-    prev_lr = _common.cast_hyperparameter(lr_fn(jnp.maximum(c - 1, 0)), dtype)
-    lam, a = _common.cast_hyperparameter(lambd, dtype), _common.cast_hyperparameter(alpha, dtype)
+    prev_lr = _hparams.cast_hyperparameter(lr_fn(jnp.maximum(c - 1, 0)), dtype)
+    lam, a = _hparams.cast_hyperparameter(lambd, dtype), _hparams.cast_hyperparameter(alpha, dtype)
     tc = c.astype(dtype)
-    eta = jnp.where(c == 0, _common.cast_hyperparameter(lr_fn(c), dtype), prev_lr / (1 + lam * prev_lr * tc) ** a)
-    mu = 1 / jnp.maximum(tc - _common.cast_hyperparameter(t0, dtype), 1.0)  # t - 1 - t0 at step t = c + 1
+    eta = jnp.where(c == 0, _hparams.cast_hyperparameter(lr_fn(c), dtype), prev_lr / (1 + lam * prev_lr * tc) ** a)
+    mu = 1 / jnp.maximum(tc - _hparams.cast_hyperparameter(t0, dtype), 1.0)  # t - 1 - t0 at step t = c + 1
     shrink = 1 - lam * eta
 
     # Real scalars cast to a complex leaf's dtype multiply each part exactly (their imaginary part is 0).
@@ -558,9 +567,9 @@ def _ema_momentum(
 
   The same :class:`MomentumState` as :func:`momentum` (PyTorch's `momentum_buffer`).
   """
-  if _common.concrete_value(dampening) not in (None, 0.0) or callable(dampening):
+  if _hparams.concrete_value(dampening) not in (None, 0.0) or callable(dampening):
     raise ValueError("momentum(..., ema=True) takes no dampening: the average damps by 1 - momentum itself.")
-  decay_fn = _common.as_schedule(decay, "momentum")
+  decay_fn = _hparams.as_schedule(decay, "momentum")
   stage = "jadam.momentum"
 
   def init_fn(params):
@@ -577,7 +586,7 @@ def _ema_momentum(
 
     def accumulate(g, b):
       dtype = _common.compute_dtype(g.dtype)
-      m = _common.cast_hyperparameter(mu, dtype)
+      m = _hparams.cast_hyperparameter(mu, dtype)
       # 1 - mu in double for a Python float, as torch's `buf.lerp_(grad, 1 - momentum)`.
       return _common.torch_lerp(b.astype(dtype), g.astype(dtype), 1 - m)
 
@@ -585,7 +594,7 @@ def _ema_momentum(
     out = trace
     if nesterov:
       out = _common.tree_map_float(
-        lambda g, b: _common.torch_lerp(g.astype(b.dtype), b, _common.cast_hyperparameter(mu, b.dtype)), updates, trace
+        lambda g, b: _common.torch_lerp(g.astype(b.dtype), b, _hparams.cast_hyperparameter(mu, b.dtype)), updates, trace
       )
     out = _common.tree_map_float(lambda g, u: u.astype(g.dtype), updates, out)
     stored = _common.tree_map_float(lambda g, b, s: b.astype(s.dtype), updates, trace, state.trace, keep=2)

@@ -43,6 +43,7 @@ import optax
 from jax.experimental import sparse as jsparse
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.moments import AccumulateSquaresState, Moments, expect_updates
 
@@ -251,9 +252,9 @@ def scale_by_sparse_moments(
     docstring) and passing on a tree of :class:`RowMoments`; follow it with
     :func:`rowwise` stages. Dense gradients are refused.
   """
-  _common.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  _common.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
-  b1_fn, b2_fn = _common.as_schedule(b1), _common.as_schedule(b2)
+  _hparams.check_hyperparameter("b1", b1, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  _hparams.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_open=True, wide_dtype=True)
+  b1_fn, b2_fn = _hparams.as_schedule(b1), _hparams.as_schedule(b2)
   stage = "jadam.scale_by_sparse_moments"
 
   def init_fn(params):
@@ -287,8 +288,8 @@ def scale_by_sparse_moments(
       gd = data.astype(dtype)
       m_old = _rows_of(m, rows, is_sorted=is_sorted).astype(dtype)
       v_old = _rows_of(v, rows, is_sorted=is_sorted).astype(dtype)
-      one_m_b1 = 1 - _common.cast_hyperparameter(beta1, dtype)
-      one_m_b2 = 1 - _common.cast_hyperparameter(beta2, dtype)
+      one_m_b1 = 1 - _hparams.cast_hyperparameter(beta1, dtype)
+      one_m_b2 = 1 - _hparams.cast_hyperparameter(beta2, dtype)
       m_new = m_old + (gd - m_old) * one_m_b1
       v_new = v_old + (gd * gd - v_old) * one_m_b2
       t = optax.safe_increment(t)
@@ -540,7 +541,7 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
     >>> grads["table"].indices[:, 0]
     Array([   3,    7, 1000], dtype=int32)
   """
-  _common.check_flag("has_aux", has_aux)
+  _hparams.check_flag("has_aux", has_aux)
 
   def wrapped(params, ids, *args):
     if not isinstance(ids, dict):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numbers
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._tuning import plateau as _plateau
 
 
@@ -76,8 +78,8 @@ def early_stopping(
   """
   if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
     raise ValueError(f"patience must be an integer >= 0; got {patience!r}.")
-  _common.check_hyperparameter("min_delta", min_delta, low=0.0)
-  if callable(min_delta):
+  _hparams.check_hyperparameter("min_delta", min_delta, low=0.0)
+  if _hparams.is_schedule(min_delta):
     raise TypeError("min_delta must be a number, not a schedule.")
   _plateau.check_mode(mode, threshold_mode)
   patience = int(patience)

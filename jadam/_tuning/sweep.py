@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 from jadam._core import common as _common
+from jadam._tuning import plateau as _plateau
 from jadam._tuning.early_stopping import EarlyStopping, EarlyStoppingState
-from jadam.torch._schedulers import ReduceLROnPlateau, ReduceLROnPlateauState
 
 Config = dict[str, Any]
 
@@ -34,7 +34,7 @@ class SweepState(NamedTuple):
 
   inner: optax.OptState  # optax.inject_hyperparams' state: .hyperparams holds each configuration's values
   stopping: EarlyStoppingState | optax.EmptyState  # EmptyState without early_stopping
-  plateau: ReduceLROnPlateauState | optax.EmptyState  # EmptyState without a plateau
+  plateau: _plateau.ReduceLROnPlateauState | optax.EmptyState  # EmptyState without a plateau
 
 
 class Sweep(NamedTuple):
@@ -103,7 +103,7 @@ def sweep(
   *,
   configs: Sequence[Mapping[str, Any]] | None = None,
   schedules: Mapping[str, Callable[[jax.Array], optax.Schedule]] | None = None,
-  plateau: ReduceLROnPlateau | None = None,
+  plateau: Any = None,
   early_stopping: EarlyStopping | None = None,
   hyperparam_dtype: Any = jnp.float32,
 ) -> Sweep:
@@ -218,7 +218,7 @@ def sweep(
 
   lr_name = next((n for n in ("learning_rate", "lr") if n in signature.parameters), None)
   if plateau is not None:
-    if not isinstance(plateau, ReduceLROnPlateau):
+    if not isinstance(_plateau.rule_of(plateau), _plateau.PlateauRule):
       raise TypeError(f"plateau must be a jadam.torch.ReduceLROnPlateau; got {type(plateau).__name__}.")
     if lr_name is None:
       raise ValueError("plateau lowers the learning rate, but the factory takes no learning_rate or lr.")
@@ -266,17 +266,7 @@ def sweep(
   stacked = {k: jnp.asarray(np.array([f[k] for f in flat], np.float64), value_dtype) for k in flat_names}
   rule = None
   if plateau is not None:  # the same rule with steps_per_epoch=1: observe is called once an epoch
-    rule = ReduceLROnPlateau(
-      lr=1.0,
-      mode=plateau.mode,
-      factor=plateau.factor,
-      patience=plateau.patience,
-      threshold=plateau.threshold,
-      threshold_mode=plateau.threshold_mode,
-      cooldown=plateau.cooldown,
-      min_lr=plateau.min_lr,
-      eps=plateau.eps,
-    ).transform()
+    rule = _plateau.rule_of(plateau).transform(1.0, name="jadam.sweep's plateau")
 
   def check_axis(params):
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

@@ -24,19 +24,23 @@ from jadam.torch._clip import clip_grad_norm as clip_grad_norm
 from jadam.torch._clip import clip_grad_value as clip_grad_value
 from jadam.torch._groups import path_string as path_string
 from jadam.torch._optim import ASGD as ASGD
+from jadam.torch._optim import LBFGS as LBFGS
+from jadam.torch._optim import SGD as SGD
 from jadam.torch._optim import Adadelta as Adadelta
+
+# Adafactor and Muon (issue 23)
+from jadam.torch._optim import Adafactor as Adafactor
 from jadam.torch._optim import Adagrad as Adagrad
 from jadam.torch._optim import Adam as Adam
 from jadam.torch._optim import Adam8bit as Adam8bit
+from jadam.torch._optim import Adamax as Adamax
 from jadam.torch._optim import AdamW as AdamW
 from jadam.torch._optim import AdamW8bit as AdamW8bit
-from jadam.torch._optim import Adamax as Adamax
-from jadam.torch._optim import LBFGS as LBFGS
+from jadam.torch._optim import Muon as Muon
 from jadam.torch._optim import NAdam as NAdam
 from jadam.torch._optim import RAdam as RAdam
 from jadam.torch._optim import RMSprop as RMSprop
 from jadam.torch._optim import Rprop as Rprop
-from jadam.torch._optim import SGD as SGD
 from jadam.torch._optim import SparseAdam as SparseAdam
 from jadam.torch._schedulers import ChainedScheduler as ChainedScheduler
 from jadam.torch._schedulers import ConstantLR as ConstantLR
@@ -44,11 +48,11 @@ from jadam.torch._schedulers import CosineAnnealingLR as CosineAnnealingLR
 from jadam.torch._schedulers import CosineAnnealingWarmRestarts as CosineAnnealingWarmRestarts
 from jadam.torch._schedulers import CyclicLR as CyclicLR
 from jadam.torch._schedulers import ExponentialLR as ExponentialLR
-from jadam.torch._schedulers import LRScheduler as LRScheduler
 from jadam.torch._schedulers import LambdaLR as LambdaLR
 from jadam.torch._schedulers import LinearLR as LinearLR
-from jadam.torch._schedulers import MultiStepLR as MultiStepLR
+from jadam.torch._schedulers import LRScheduler as LRScheduler
 from jadam.torch._schedulers import MultiplicativeLR as MultiplicativeLR
+from jadam.torch._schedulers import MultiStepLR as MultiStepLR
 from jadam.torch._schedulers import OneCycleLR as OneCycleLR
 from jadam.torch._schedulers import PolynomialLR as PolynomialLR
 from jadam.torch._schedulers import ReduceLROnPlateau as ReduceLROnPlateau
@@ -61,10 +65,6 @@ from jadam.torch._state_dict import load_checkpoint as load_checkpoint
 from jadam.torch._state_dict import load_state_dict as load_state_dict
 from jadam.torch._state_dict import scheduler_state_dict as scheduler_state_dict
 from jadam.torch._state_dict import state_dict as state_dict
-
-# Adafactor and Muon (issue 23)
-from jadam.torch._optim import Adafactor as Adafactor
-from jadam.torch._optim import Muon as Muon
 
 __all__ = (
   "ASGD",

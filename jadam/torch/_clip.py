@@ -12,6 +12,7 @@ import optax
 from jax.experimental import checkify
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages.moments import expect_updates
 
 _NONFINITE = (
@@ -25,7 +26,7 @@ def _norm_type(norm_type: Any) -> float:
     return math.inf
   if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
     raise TypeError(f"norm_type must be a positive number or 'inf'; got {norm_type!r}.")
-  if not (norm_type > 0):
+  if not (float(norm_type) > 0):
     raise ValueError(f"norm_type must be positive (or inf); got {norm_type!r}.")
   return float(norm_type)
 
@@ -86,10 +87,10 @@ def clip_grad_norm(
     An :class:`optax.GradientTransformation` (stateless but for a step count
     for a scheduled `max_norm`).
   """
-  _common.check_hyperparameter("max_norm", max_norm, low=0.0)
+  _hparams.check_hyperparameter("max_norm", max_norm, low=0.0)
   p = _norm_type(norm_type)
-  _common.check_flag("error_if_nonfinite", error_if_nonfinite)
-  max_fn = _common.as_schedule(max_norm, "max_norm")
+  _hparams.check_flag("error_if_nonfinite", error_if_nonfinite)
+  max_fn = _hparams.as_schedule(max_norm, "max_norm")
 
   def init_fn(params):
     del params
@@ -106,7 +107,7 @@ def clip_grad_norm(
         checkify.check(finite, _NONFINITE.format(p))
       elif not bool(finite):
         raise RuntimeError(_NONFINITE.format(p))
-    coef = jnp.minimum(_common.cast_hyperparameter(max_fn(state.count), norm.dtype) / (norm + 1e-6), 1.0)
+    coef = jnp.minimum(_hparams.cast_hyperparameter(max_fn(state.count), norm.dtype) / (norm + 1e-6), 1.0)
     clipped = _common.tree_map_float(lambda g: g * coef.astype(g.dtype), updates)
     return clipped, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
@@ -129,8 +130,8 @@ def clip_grad_value(clip_value: Any) -> optax.GradientTransformation:
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  _common.check_hyperparameter("clip_value", clip_value, low=0.0)
-  clip_fn = _common.as_schedule(clip_value, "clip_value")
+  _hparams.check_hyperparameter("clip_value", clip_value, low=0.0)
+  clip_fn = _hparams.as_schedule(clip_value, "clip_value")
 
   def init_fn(params):
     del params
@@ -143,7 +144,7 @@ def clip_grad_value(clip_value: Any) -> optax.GradientTransformation:
     c = clip_fn(state.count)
 
     def clamp(g):
-      cc = _common.cast_hyperparameter(c, _common.real_dtype(g.dtype))
+      cc = _hparams.cast_hyperparameter(c, _common.real_dtype(g.dtype))
       return _common.componentwise(lambda x: jnp.clip(x, -cc, cc), g)
 
     clipped = _common.tree_map_float(clamp, updates)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numbers
-import types
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -98,7 +99,10 @@ def grouped(
       where it gives none); the leaves no group selects are group `n_groups`
       (with no groups at all, group 0 of 0).
   """
-  with_lr = lambda hp, own, i, n: {**hp, "lr": rebase(defaults["lr"], own, i, n)} if "lr" in defaults else hp
+
+  def with_lr(hp, own, i, n):
+    return {**hp, "lr": rebase(defaults["lr"], own, i, n)} if "lr" in defaults else hp
+
   if params is None or (not _is_group_list(params) and not _looks_like_hyperparameter(params)):
     hp = with_lr(dict(defaults), UNSET, 0, 0)
     return _front(name, build(hp), (hp,), None)

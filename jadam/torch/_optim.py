@@ -16,6 +16,7 @@ import optax
 from jadam import _lbfgs
 from jadam import _optimizers as _alias
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._stages import correct as _correct
 from jadam._stages import orthogonal as _orthogonal
 from jadam._stages import penalty as _penalty
@@ -31,9 +32,9 @@ Params = Any
 
 def _value(x: Any) -> float | None:
   """A hyperparameter's value if it is a concrete number now (not a schedule or tracer)."""
-  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or (callable(x) and not isinstance(x, (jax.Array, np.ndarray))):
+  if _hparams.is_schedule(x):  # jadam.torch's schedulers are callables too
     return None
-  return _common.concrete_value(x)
+  return _hparams.concrete_value(x)
 
 
 def _at_least_zero(what: str, x: Any) -> None:
@@ -120,7 +121,7 @@ def _rebase(default_lr: Any, group_lr: Any, index: int, n_groups: int) -> Any:
   _check_lr(group_lr)
   if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)):
     return default_lr.rebase(_value(group_lr))
-  if callable(default_lr) and not isinstance(default_lr, (jax.Array, np.ndarray)):
+  if _hparams.is_schedule(default_lr):
     return _scaled_schedule(default_lr, _value(group_lr))
   return group_lr
 

@@ -19,11 +19,11 @@ import copy
 import dataclasses
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jadam._core import common as _common
@@ -73,6 +73,10 @@ class LRScheduler:
   # `StepLR(1e-3, 2)` from `StepLR(1e-3, 2).per_epoch(100)`, as a static-argument jit cache needs.
   steps_per_epoch: int = dataclasses.field(default=1, kw_only=True)
 
+  if TYPE_CHECKING:  # what every subclass defines, declared for the type checker only
+
+    def _factor(self, epoch: jax.Array) -> jax.Array: ...
+
   def __post_init__(self):
     _check_steps(self.steps_per_epoch)
 
@@ -83,7 +87,7 @@ class LRScheduler:
     epoch = count // self.steps_per_epoch
     return jnp.asarray(self._at(epoch.astype(_common.float_dtype())), _common.float_dtype())
 
-  def per_epoch(self, steps_per_epoch: int) -> "LRScheduler":
+  def per_epoch(self, steps_per_epoch: int) -> LRScheduler:
     """The same scheduler, stepped once every `steps_per_epoch` optimizer steps.
 
     PyTorch code that calls `scheduler.step()` once per epoch of N batches maps
@@ -95,7 +99,7 @@ class LRScheduler:
     object.__setattr__(out, "steps_per_epoch", steps_per_epoch)
     return out
 
-  def rebase(self, lr: float) -> "LRScheduler":
+  def rebase(self, lr: float) -> LRScheduler:
     """The same scheduler for a param group whose initial learning rate is `lr`."""
     out = copy.copy(self)
     _check_lr("lr", lr)
@@ -342,11 +346,11 @@ class OneCycleLR(LRScheduler):
     object.__setattr__(self, "steps_per_epoch", 1)
     super().__post_init__()
 
-  def rebase(self, lr: float) -> "OneCycleLR":
+  def rebase(self, lr: float) -> OneCycleLR:
     del lr  # PyTorch's OneCycleLR sets every group's rate from max_lr
     return self
 
-  def for_group(self, index: int, n_groups: int) -> "OneCycleLR":
+  def for_group(self, index: int, n_groups: int) -> OneCycleLR:
     """The scheduler of param group `index` (of `n_groups`): entry `index` of a list `max_lr`, as PyTorch."""
     out = copy.copy(self)
     object.__setattr__(out, "max_lr", _per_group("max_lr", self.max_lr, index, n_groups))
@@ -354,7 +358,7 @@ class OneCycleLR(LRScheduler):
 
   def _phases(self, start_value, peak_value, end_value):
     """PyTorch's phases: (end_step, start, end) for each."""
-    n, pct = self.total_steps, self.pct_start
+    n, pct = cast(int, self.total_steps), self.pct_start  # set by __post_init__
     if self.three_phase:
       return [
         (float(pct * n) - 1, start_value, peak_value),
@@ -369,8 +373,10 @@ class OneCycleLR(LRScheduler):
     return (end - start) * pct + start
 
   def _follow(self, step, phases):
-    step = jnp.minimum(step, self.total_steps)
-    out, start_step, chosen = None, 0.0, None
+    step = jnp.minimum(step, cast(int, self.total_steps))
+    out: Any = None
+    chosen: Any = None
+    start_step = 0.0
     for i, (end_step, a, b) in enumerate(phases):
       value = self._anneal(a, b, (step - start_step) / (end_step - start_step))
       if out is None:
@@ -582,10 +588,14 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
   def _at(self, epoch):
     t0, m = float(self.T_0), float(self.T_mult)
+    t_i: float | jax.Array
     if self.T_mult == 1:
       t_cur, t_i = jnp.mod(epoch, t0), t0
     else:
-      start = lambda k: t0 * (m**k - 1.0) / (m - 1.0)  # the step at which period k begins
+
+      def start(k):
+        return t0 * (m**k - 1.0) / (m - 1.0)  # the step at which period k begins
+
       n = jnp.floor(jnp.log(epoch / t0 * (m - 1.0) + 1.0) / math.log(m))
       n = jnp.where(start(n + 1.0) <= epoch, n + 1.0, n)  # the logarithm may round across a restart
       n = jnp.where(start(n) > epoch, n - 1.0, n)
@@ -660,11 +670,11 @@ class CyclicLR(LRScheduler):
     """The initial learning rate, `base_lr`."""
     return self.base_lr
 
-  def rebase(self, lr: float) -> "CyclicLR":
+  def rebase(self, lr: float) -> CyclicLR:
     del lr  # PyTorch's CyclicLR sets every group's rate from base_lr
     return self
 
-  def for_group(self, index: int, n_groups: int) -> "CyclicLR":
+  def for_group(self, index: int, n_groups: int) -> CyclicLR:
     """The scheduler of param group `index`: entry `index` of list `base_lr` / `max_lr` (and momenta), as PyTorch."""
     out = copy.copy(self)
     for name in ("base_lr", "max_lr", "base_momentum", "max_momentum"):
@@ -730,9 +740,9 @@ class _Composite(LRScheduler):
 
   @property
   def lr(self) -> float:
-    return self.schedulers[0].lr
+    return self.schedulers[0].lr  # type: ignore[attr-defined]  # every scheduler has an lr (a field or a property)
 
-  def rebase(self, lr: float) -> "_Composite":
+  def rebase(self, lr: float) -> _Composite:
     out = copy.copy(self)
     object.__setattr__(out, "schedulers", tuple(s.rebase(lr) for s in self.schedulers))
     return out
@@ -779,7 +789,7 @@ class SequentialLR(_Composite):
 
   def _at(self, epoch):
     out = self.schedulers[0]._at(epoch)
-    for m, s in zip(self.milestones, self.schedulers[1:]):
+    for m, s in zip(self.milestones, self.schedulers[1:], strict=True):
       out = jnp.where(epoch >= m, s._at(epoch - m), out)
     return out
 
@@ -822,14 +832,7 @@ class ChainedScheduler(_Composite):
     return out
 
 
-class ReduceLROnPlateauState(NamedTuple):
-  """State of :meth:`ReduceLROnPlateau.transform`."""
-
-  count: jax.Array  # shape=(), int32: optimizer steps taken
-  lr: jax.Array  # the current learning rate
-  best: jax.Array
-  num_bad_epochs: jax.Array  # int32
-  cooldown_counter: jax.Array  # int32
+ReduceLROnPlateauState = _plateau.ReduceLROnPlateauState  # the core's, re-exported by jadam.torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -878,19 +881,28 @@ class ReduceLROnPlateau:
 
   def __post_init__(self):
     _check_lr("lr", self.lr)
-    if self.factor >= 1.0:
-      raise ValueError("Factor should be < 1.0.")
-    if self.mode not in ("min", "max"):
-      raise ValueError("mode " + str(self.mode) + " is unknown!")
-    if self.threshold_mode not in ("rel", "abs"):
-      raise ValueError("threshold mode " + str(self.threshold_mode) + " is unknown!")
+    _ = self.rule  # PyTorch's checks of factor, mode and threshold_mode, in its order
     _check_steps(self.steps_per_epoch)
 
-  def per_epoch(self, steps_per_epoch: int) -> "ReduceLROnPlateau":
+  @property
+  def rule(self) -> _plateau.PlateauRule:
+    """The rule itself, without the learning rate: what :func:`jadam.sweep` runs per configuration."""
+    return _plateau.PlateauRule(
+      mode=self.mode,
+      factor=self.factor,
+      patience=self.patience,
+      threshold=self.threshold,
+      threshold_mode=self.threshold_mode,
+      cooldown=self.cooldown,
+      min_lr=self.min_lr,
+      eps=self.eps,
+    )
+
+  def per_epoch(self, steps_per_epoch: int) -> ReduceLROnPlateau:
     """Read the metric once every `steps_per_epoch` updates (at the end of each epoch)."""
     return dataclasses.replace(self, steps_per_epoch=steps_per_epoch)
 
-  def rebase(self, lr: float) -> "ReduceLROnPlateau":
+  def rebase(self, lr: float) -> ReduceLROnPlateau:
     """The same rule for a param group whose initial learning rate is `lr`."""
     return dataclasses.replace(self, lr=lr)
 
@@ -902,57 +914,8 @@ class ReduceLROnPlateau:
     )
 
   def _is_better(self, a, best):
-    return _plateau.is_better(a, best, mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
+    return self.rule.is_better(a, best)
 
   def transform(self) -> optax.GradientTransformationExtraArgs:
-    """Scale updates by the current learning rate, then update it from `value`."""
-
-    def init_fn(params):
-      del params
-      dtype = _common.float_dtype()
-      worse = math.inf if self.mode == "min" else -math.inf
-      zero = jnp.zeros([], jnp.int32)
-      return ReduceLROnPlateauState(
-        count=zero,
-        lr=jnp.asarray(self.lr, dtype),
-        best=jnp.asarray(worse, dtype),
-        num_bad_epochs=zero,
-        cooldown_counter=zero,
-      )
-
-    def update_fn(updates, state, params=None, *, value=None, **extra_args):
-      del params, extra_args
-      _common.check_state("jadam.torch.ReduceLROnPlateau", state, ReduceLROnPlateauState)
-      if value is None:
-        raise TypeError("ReduceLROnPlateau needs the metric: call update(grads, state, params, value=metric).")
-
-      def scale(u):
-        dtype = _common.compute_dtype(u.dtype)
-        return (state.lr.astype(dtype) * u.astype(dtype)).astype(u.dtype)
-
-      if np.ndim(value) != 0:  # it would broadcast into the learning rate, then into the parameters
-        raise ValueError(
-          f"ReduceLROnPlateau's value (the metric) must be a scalar; got an array of shape {np.shape(value)}."
-          " Pass the loss itself, e.g. value=loss.mean()."
-        )
-      updates = _common.tree_map_float(scale, updates)
-      current = jnp.asarray(value).astype(state.best.dtype)
-      better = self._is_better(current, state.best)
-      best = jnp.where(better, current, state.best)
-      bad = jnp.where(better, 0, state.num_bad_epochs + 1)
-      in_cooldown = state.cooldown_counter > 0
-      cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
-      bad = jnp.where(in_cooldown, 0, bad)
-      reduce = bad > self.patience
-      new_lr = jnp.maximum(state.lr * self.factor, jnp.asarray(self.min_lr, state.lr.dtype))
-      lr = jnp.where(jnp.logical_and(reduce, state.lr - new_lr > self.eps), new_lr, state.lr)
-      cooldown_counter = jnp.where(reduce, self.cooldown, cooldown_counter)
-      bad = jnp.where(reduce, 0, bad)
-      count = optax.safe_increment(state.count)
-      fed = ReduceLROnPlateauState(count, lr, best, bad.astype(jnp.int32), cooldown_counter.astype(jnp.int32))
-      held = state._replace(count=count)
-      epoch_end = count % self.steps_per_epoch == 0
-      new_state = jax.tree.map(lambda a, b: jnp.where(epoch_end, a, b), fed, held)
-      return updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    """Scale updates by the current learning rate, then update it from `value` (:meth:`PlateauRule.transform`)."""
+    return self.rule.transform(self.lr, steps_per_epoch=self.steps_per_epoch, name="jadam.torch.ReduceLROnPlateau")

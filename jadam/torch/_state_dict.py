@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from jadam._core import common as _common
+from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._stages.correct import NesterovCorrectState
 from jadam._stages.factored import ScaleByFactoredMomentsState
@@ -180,9 +181,9 @@ _RTOL = 1e-9  # hyperparameters: PyTorch's recursive schedules and jadam's close
 
 def _number(x: Any) -> float | None:
   """A hyperparameter's value if it is a concrete number (not a schedule)."""
-  if isinstance(x, (LRScheduler, ReduceLROnPlateau)) or (callable(x) and not isinstance(x, (jax.Array, np.ndarray))):
+  if _hparams.is_schedule(x):  # jadam.torch's schedulers are callables too
     return None
-  return _common.concrete_value(x)
+  return _hparams.concrete_value(x)
 
 
 def _at(x: Any, count: int) -> Any:
@@ -193,7 +194,7 @@ def _at(x: Any, count: int) -> Any:
     return tuple(_at(v, count) for v in x)
   if isinstance(x, ReduceLROnPlateau):
     raise AssertionError("handled by the caller")
-  if callable(x) and not isinstance(x, (jax.Array, np.ndarray)):
+  if _hparams.is_schedule(x):
     return float(x(jnp.asarray(count, jnp.int32)))
   return float(x)
 

@@ -2,7 +2,6 @@
 
 import functools
 
-from tests.helpers import reference_adafactor_muon as R
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 from absl.testing import parameterized
 
 import jadam
+from tests.helpers import reference_adafactor_muon as R
 
 SHAPES = {"matrix": (5, 3), "tall": (2, 7), "batched": (2, 3, 4), "vector": (4,), "scalar": ()}
 STEPS = 120

@@ -11,7 +11,6 @@ compared call by call.
 import contextlib
 import functools
 
-from tests.helpers import reference_adafactor_muon as R
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import pytest
 from absl.testing import parameterized
 
 import jadam
+from tests.helpers import reference_adafactor_muon as R
 
 SHAPES = {"square": (4, 4), "tall": (6, 3), "wide": (3, 7)}
 STEPS = 100

@@ -8,7 +8,6 @@ this (pytest's) process.
 
 import os
 
-from tests.helpers import processes as _processes
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jadam
+from tests.helpers import processes as _processes
 
 V, D, BATCH, STEPS = 64, 16, 16, 3
 

@@ -5,7 +5,6 @@ from that step's lr); Rprop reads the rate once, to start its step sizes, so a s
 the first rate (LinearLR's start factor) and nothing after it.
 """
 
-from tests.helpers import torch_front as H
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 from absl.testing import parameterized
 
 import jadam
+from tests.helpers import torch_front as H
 
 torch = pytest.importorskip("torch")
 S = torch.optim.lr_scheduler

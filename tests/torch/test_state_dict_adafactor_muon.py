@@ -3,12 +3,12 @@
 import contextlib
 import copy
 
-from tests.helpers import reference_adafactor_muon as R
 import jax
 import numpy as np
 import pytest
 
 import jadam
+from tests.helpers import reference_adafactor_muon as R
 
 torch = pytest.importorskip("torch")
 

@@ -2,7 +2,6 @@
 
 import functools
 
-from tests.helpers import rounding as _rounding
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import optax
 import pytest
 
 import jadam
+from tests.helpers import rounding as _rounding
 
 F32 = functools.partial(jnp.asarray, dtype=jnp.float32)
 

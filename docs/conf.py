@@ -61,6 +61,8 @@ nitpick_ignore_regex = [
     r"(int|float|bool|str|bytes|tuple|tuple\[.*|list|dict|object|None|type|callable|optional|os\.PathLike|pathlib\..*)",
   ),
   (r"py:.*", r"(ValueError|TypeError|RuntimeError|KeyError|FileNotFoundError|FileExistsError)"),
+  # annotations that name a private module's class (jadam._tuning.plateau.PlateauRule): rendered, not linked
+  (r"py:class", r"(jadam\._[a-z_.]+|_[a-z_]+)\.[A-Za-z_]+"),
 ]
 
 html_theme = "furo"

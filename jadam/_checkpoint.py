@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jadam._core import registry as _registry
 
@@ -75,7 +76,10 @@ def _show(entry: dict[str, Any] | None) -> str:
 
 def _digest(value: Any) -> str:
   """SHA-256 of an array's values: its global array brought to the host, in C order, native byte order."""
-  host = np.ascontiguousarray(np.asarray(jax.device_get(value)))
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:  # spans processes: every process gathers it
+    host = np.ascontiguousarray(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
+  else:
+    host = np.ascontiguousarray(np.asarray(jax.device_get(value)))
   return hashlib.sha256(host.view(np.uint8).reshape(-1).data).hexdigest()
 
 

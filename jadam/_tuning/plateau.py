@@ -66,7 +66,7 @@ def rule_of(plateau: object) -> PlateauRule | None:
 
 
 class ReduceLROnPlateauState(NamedTuple):
-  """State of :meth:`PlateauRule.transform` (and of :meth:`jadam.torch.ReduceLROnPlateau.transform`)."""
+  """State of ``PlateauRule.transform`` (and of :meth:`jadam.torch.ReduceLROnPlateau.transform`)."""
 
   count: jax.Array  # type: ignore[assignment]  # shape=(), int32: optimizer steps taken
   lr: jax.Array  # the current learning rate

@@ -886,7 +886,7 @@ class ReduceLROnPlateau:
 
   @property
   def rule(self) -> _plateau.PlateauRule:
-    """The rule itself, without the learning rate: what :func:`jadam.sweep` runs per configuration."""
+    """This scheduler's rule without its learning rate, which :func:`jadam.sweep` runs per configuration."""
     return _plateau.PlateauRule(
       mode=self.mode,
       factor=self.factor,
@@ -917,5 +917,5 @@ class ReduceLROnPlateau:
     return self.rule.is_better(a, best)
 
   def transform(self) -> optax.GradientTransformationExtraArgs:
-    """Scale updates by the current learning rate, then update it from `value` (:meth:`PlateauRule.transform`)."""
+    """Scale updates by the current learning rate, then update it from `value` (the core rule's ``transform``)."""
     return self.rule.transform(self.lr, steps_per_epoch=self.steps_per_epoch, name="jadam.torch.ReduceLROnPlateau")

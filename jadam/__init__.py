@@ -19,7 +19,7 @@ from jadam._lbfgs import LbfgsState as LbfgsState
 from jadam._lbfgs import lbfgs as lbfgs
 from jadam._optimizers import adadelta as adadelta
 
-# Adafactor and Muon (issue 23)
+# Adafactor and Muon
 from jadam._optimizers import adafactor as adafactor
 from jadam._optimizers import adagrad as adagrad
 from jadam._optimizers import adam as adam

@@ -903,7 +903,7 @@ def adamw8bit(
   )
 
 
-# --- Adafactor and Muon (issue 23) --------------------------------------------------------------------------
+# --- Adafactor and Muon --------------------------------------------------------------------------
 def adafactor(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   beta2_decay: optax.ScalarOrSchedule = -0.8,

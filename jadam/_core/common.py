@@ -266,7 +266,7 @@ def path_string(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-# --- Adafactor and Muon (issue 23) ------------------------------------------------
+# --- Adafactor and Muon ------------------------------------------------
 def torch_lerp(start: jax.Array, end: jax.Array, weight: jax.typing.ArrayLike) -> jax.Array:
   r"""`torch.lerp(start, end, weight)` as PyTorch rounds it: :math:`s + w(e - s)` for :math:`|w| < 1/2`,
   :math:`e - (e - s)(1 - w)` otherwise.

@@ -196,7 +196,7 @@ def scale_by_moments(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-# --- Low-precision storage (issue 5) -------------------------------------------
+# --- Low-precision storage -------------------------------------------
 def _store(updates, values, state, count, stream, dtype, again=None):
   """`(stored, passed_on)`: `values` cast to the state's dtypes, and what the next stages read.
 

@@ -555,7 +555,7 @@ def scale_by_asgd(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-# --- Muon's momentum (issue 23) --------------------------------------------------
+# --- Muon's momentum --------------------------------------------------
 def _ema_momentum(
   decay: optax.ScalarOrSchedule, dampening: optax.ScalarOrSchedule, *, nesterov: bool, accumulator_dtype=None
 ) -> optax.GradientTransformation:

@@ -28,7 +28,7 @@ from jadam.torch._optim import LBFGS as LBFGS
 from jadam.torch._optim import SGD as SGD
 from jadam.torch._optim import Adadelta as Adadelta
 
-# Adafactor and Muon (issue 23)
+# Adafactor and Muon
 from jadam.torch._optim import Adafactor as Adafactor
 from jadam.torch._optim import Adagrad as Adagrad
 from jadam.torch._optim import Adam as Adam

@@ -222,7 +222,7 @@ def _etas(x: Any) -> tuple:
 _any = lambda x: x
 
 
-# --- LBFGS (issue 23) --------------------------------------------------------------------------------
+# --- LBFGS --------------------------------------------------------------------------------
 
 
 def _positive_int(name: str) -> Callable[[Any], int]:
@@ -332,7 +332,7 @@ def _make_nadam_radam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransform
   return _with_lr(lambda a: spec.alias(a, **kw), hp["lr"])
 
 
-# --- Rprop with a scheduler, ASGD with ReduceLROnPlateau (issue 23) ----------------------------------
+# --- Rprop with a scheduler, ASGD with ReduceLROnPlateau ----------------------------------
 
 
 def _make_rprop(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
@@ -893,7 +893,7 @@ def AdamW8bit(
   return _front("AdamW8bit", SPECS["AdamW8bit"], params, defaults)
 
 
-# --- Adafactor and Muon (issue 23) --------------------------------------------------------------------------
+# --- Adafactor and Muon --------------------------------------------------------------------------
 def _at_most(what: str, bound: float) -> Callable[[Any], Any]:
   """PyTorch's `if not bound >= x: raise ValueError(f"{what} should be <= bound but is: {x}")`."""
 

@@ -384,7 +384,7 @@ _KNOWN = frozenset(
 )
 
 
-# --- Adafactor and Muon (issue 23) ---------------------------------------------------------------------------
+# --- Adafactor and Muon ---------------------------------------------------------------------------
 _LAYOUT["Adafactor"] = (
   ("step", ScaleByFactoredMomentsState, "count", _always),
   ("row_var", ScaleByFactoredMomentsState, "row_var", _always),

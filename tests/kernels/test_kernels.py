@@ -309,7 +309,9 @@ class FusedStepTest(parameterized.TestCase):
         tx = make_tx()
         grads = jax.random.normal(jax.random.key(0), (50, 1001), jnp.float64)
         params = jnp.linspace(-1.0, 1.0, 1001, dtype=jnp.float64)
-        step = jadam.make_update_step(tx)
+        # fused=True: the kernel's own arithmetic is under test, also on an ISA path where the step helpers would
+        # choose XLA for a configuration (AMSGrad on AVX2)
+        step = jadam.make_update_step(tx, fused=True)
         assert "jadam_adam_f64" in step.lower(params, tx.init(params), params).as_text()
         p, state = jnp.array(params), tx.init(params)
         g64 = np.asarray(grads)

@@ -34,6 +34,18 @@ def parser(prog: str, doc: str, description: str | None = None) -> argparse.Argu
   return argparse.ArgumentParser(prog=prog, description=first, formatter_class=HelpFormatter, epilog=epilog)
 
 
+def add_mnist_data_arguments(p: argparse.ArgumentParser, data_dir: str | None) -> None:
+  """`--data-dir` and `--no-download`: where the examples that train on MNIST find it."""
+  p.add_argument(
+    "--data-dir",
+    default=data_dir,
+    help="folder with the four IDX files (default: cache, download, or the shipped sample)",
+  )
+  p.add_argument(
+    "--no-download", dest="download", action="store_false", help="never try the mirrors (default: download if missing)"
+  )
+
+
 # What a user can cause and fix: a missing file or package, a workdir in the way, a bad value.
 EXPECTED = (ValueError, OSError, ImportError)
 

@@ -81,14 +81,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
   p.add_argument("--batch-size", type=int, default=base.batch_size, help="training batch size")
   p.add_argument("--eval-batch-size", type=int, default=base.eval_batch_size, help="evaluation batch size")
   p.add_argument("--seed", type=int, default=base.seed, help="initialisation and shuffling seed")
-  p.add_argument(
-    "--data-dir",
-    default=base.data_dir,
-    help="folder with the four IDX files (default: cache, download, or the shipped sample)",
-  )
-  p.add_argument(
-    "--no-download", dest="download", action="store_false", help="never try the mirrors (default: download if missing)"
-  )
+  _cli.add_mnist_data_arguments(p, base.data_dir)
   p.add_argument("--workdir", default="workdir", help="metrics, plot and checkpoints; refused if it holds a run")
   p.add_argument(
     "--resume", action="store_true", help="continue from the last checkpoint in --workdir (default: a new run)"

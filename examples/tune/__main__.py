@@ -71,14 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
   p.add_argument("--batch-size", type=int, default=base.batch_size, help="training batch size")
   p.add_argument("--val-fraction", type=float, default=base.val_fraction, help="the training set's last part, held out")
   p.add_argument("--seed", type=int, default=base.seed, help="initialisation and shuffling seed")
-  p.add_argument(
-    "--data-dir",
-    default=base.data_dir,
-    help="folder with the four IDX files (default: cache, download, or the shipped sample)",
-  )
-  p.add_argument(
-    "--no-download", dest="download", action="store_false", help="never try the mirrors (default: download if missing)"
-  )
+  _cli.add_mnist_data_arguments(p, base.data_dir)
   p.add_argument("--workdir", default=None, help="sweep.json, sweep.png, checkpoints (default: workdir/tune-<time>)")
   p.add_argument(
     "--sequential", action="store_true", help="train the configurations one after another (default: all at once)"

@@ -887,16 +887,7 @@ class ReduceLROnPlateau:
   @property
   def rule(self) -> _plateau.PlateauRule:
     """This scheduler's rule without its learning rate, which :func:`jadam.sweep` runs per configuration."""
-    return _plateau.PlateauRule(
-      mode=self.mode,
-      factor=self.factor,
-      patience=self.patience,
-      threshold=self.threshold,
-      threshold_mode=self.threshold_mode,
-      cooldown=self.cooldown,
-      min_lr=self.min_lr,
-      eps=self.eps,
-    )
+    return _plateau.PlateauRule(**{f.name: getattr(self, f.name) for f in dataclasses.fields(_plateau.PlateauRule)})
 
   def per_epoch(self, steps_per_epoch: int) -> ReduceLROnPlateau:
     """Read the metric once every `steps_per_epoch` updates (at the end of each epoch)."""

@@ -7,13 +7,14 @@ two IEEE operations on both sides.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from tests.helpers.torch_front import torch_default_dtype
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -73,18 +74,6 @@ def problem(shapes, steps, seed=0):
   # Drawn for 256 steps whatever `steps` is, so that a run cut in two sees the noise of the whole run.
   noise = {k: rng.normal(size=(max(steps, 256), *s))[:steps] * 10.0 ** rng.uniform(-2, 1) for k, s in shapes.items()}
   return params, curv, noise
-
-
-@contextlib.contextmanager
-def torch_default_dtype(dtype):
-  import torch
-
-  old = torch.get_default_dtype()
-  torch.set_default_dtype(dtype)
-  try:
-    yield
-  finally:
-    torch.set_default_dtype(old)
 
 
 def run_torch(make_opts, shapes, steps, dtype=np.float64, *, seed=0, scheduler=None, state=None, start=0):

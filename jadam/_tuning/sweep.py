@@ -55,14 +55,18 @@ def sweep_grid(values: Mapping[str, Sequence[Any]]) -> list[Config]:
 
   Examples:
     >>> import jadam
-    >>> jadam.sweep_grid({"learning_rate": [1e-3, 3e-3], "b1": [0.8, 0.9]})
-    [{'learning_rate': 0.001, 'b1': 0.8}, {'learning_rate': 0.001, 'b1': 0.9}, {'learning_rate': 0.003, 'b1': 0.8}, {'learning_rate': 0.003, 'b1': 0.9}]
+    >>> for config in jadam.sweep_grid({"learning_rate": [1e-3, 3e-3], "b1": [0.8, 0.9]}):
+    ...   print(config)
+    {'learning_rate': 0.001, 'b1': 0.8}
+    {'learning_rate': 0.001, 'b1': 0.9}
+    {'learning_rate': 0.003, 'b1': 0.8}
+    {'learning_rate': 0.003, 'b1': 0.9}
   """
   names = list(values)
   for name in names:
     if isinstance(values[name], (str, bytes)) or not isinstance(values[name], Sequence) or not values[name]:
       raise ValueError(f"grid[{name!r}] must be a non-empty list of values; got {values[name]!r}.")
-  return [dict(zip(names, combo)) for combo in itertools.product(*(values[n] for n in names))]
+  return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(values[n] for n in names))]
 
 
 def _flatten(name: str, value: Any) -> dict[str, Any]:
@@ -87,7 +91,8 @@ def _check_representable(i: int, values: Mapping[str, Any], dtype: Any) -> None:
   """Refuses a value that the cast to `dtype` (where it is injected) turns into inf, zero or a subnormal."""
   tiny = float(jnp.finfo(dtype).tiny)
   for key, v in values.items():
-    cast = float(np.asarray(v, np.float64).astype(dtype))
+    with np.errstate(over="ignore", under="ignore"):  # what the cast makes of it is the question here
+      cast = float(np.asarray(v, np.float64).astype(dtype))
     if (np.isfinite(v) and not np.isfinite(cast)) or (v != 0 and abs(cast) < tiny):
       name = key if "__" not in key else f"{key.rsplit('__', 1)[0]}[{_index(key)}]"
       raise ValueError(
@@ -185,22 +190,45 @@ def sweep(
     >>> params["w"][:, 0]  # one step of each learning rate
     Array([0.999, 0.999, 0.99 , 0.99 ], dtype=float32)
   """
-  if (grid is None) == (configs is None):
+  program = _SweepProgram(
+    factory,
+    _configurations(grid, configs),
+    schedules=dict(schedules or {}),
+    plateau=plateau,
+    early_stopping=early_stopping,
+    hyperparam_dtype=hyperparam_dtype,
+  )
+  return Sweep(optax.GradientTransformation(program.init, program.update), program.configs, jax.jit(program.observe))
+
+
+def _configurations(
+  grid: Mapping[str, Sequence[Any]] | None, configs: Sequence[Mapping[str, Any]] | None
+) -> list[Config]:
+  """The configurations of exactly one of `grid` and `configs`, checked: at least one, each with the same names."""
+  if grid is not None and configs is None:
+    chosen = sweep_grid(grid)
+  elif configs is not None and grid is None:
+    chosen = [dict(c) for c in configs]
+  else:
     raise ValueError("pass either grid (values per hyperparameter) or configs (a list of configurations), not both.")
-  configs = sweep_grid(grid) if grid is not None else [dict(c) for c in configs]
-  if not configs:
+  if not chosen:
     raise ValueError("a sweep needs at least one configuration.")
-  names = list(configs[0])
+  names = list(chosen[0])
   if not names:
     raise ValueError(
-      f"nothing to sweep: the configurations name no hyperparameter ({configs[:2]}...). Give grid values per"
+      f"nothing to sweep: the configurations name no hyperparameter ({chosen[:2]}...). Give grid values per"
       " hyperparameter, e.g. {'learning_rate': [1e-3, 3e-3]}."
     )
-  for i, config in enumerate(configs):
+  for i, config in enumerate(chosen):
     if set(config) != set(names):
       raise ValueError(f"configs[{i}] has the names {sorted(config)}, configs[0] {sorted(names)}: they must agree.")
     for name, value in config.items():
       _check_value(name, value)
+  return chosen
+
+
+def _signature(factory: Callable[..., optax.GradientTransformation], names: Sequence[str]) -> inspect.Signature:
+  """`factory`'s signature, after checking that it takes every swept name."""
   try:
     signature = inspect.signature(factory)
   except (TypeError, ValueError) as e:
@@ -211,119 +239,185 @@ def sweep(
       raise ValueError(
         f"{getattr(factory, '__name__', factory)} takes no {name!r}; it takes {list(signature.parameters)}."
       )
-  schedules = dict(schedules or {})
-  for name in schedules:
-    if name not in names:
-      raise ValueError(f"schedules[{name!r}]: {name!r} is not swept (the swept names are {names}).")
+  return signature
 
-  lr_name = next((n for n in ("learning_rate", "lr") if n in signature.parameters), None)
-  if plateau is not None:
-    if not isinstance(_plateau.rule_of(plateau), _plateau.PlateauRule):
-      raise TypeError(f"plateau must be a jadam.torch.ReduceLROnPlateau; got {type(plateau).__name__}.")
-    if lr_name is None:
-      raise ValueError("plateau lowers the learning rate, but the factory takes no learning_rate or lr.")
-    if lr_name not in names:  # inject the factory's own rate, so that it can change per configuration
-      default = signature.parameters[lr_name].default
-      if not isinstance(default, numbers.Real):
-        raise ValueError(f"plateau needs {lr_name!r} in the sweep: the factory has no numeric default for it.")
-      names.append(lr_name)
-      configs = [{**c, lr_name: float(default)} for c in configs]
-  if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
-    raise TypeError(f"early_stopping must be made by jadam.early_stopping; got {type(early_stopping).__name__}.")
 
-  def build(values: Mapping[str, Any]) -> optax.GradientTransformation:
+def _plateau_rule(plateau: Any, lr_name: str | None) -> _plateau.PlateauRule:
+  """`plateau`'s rule, after checking that there is a learning rate for it to lower."""
+  rule = _plateau.rule_of(plateau)
+  if rule is None:
+    raise TypeError(f"plateau must be a jadam.torch.ReduceLROnPlateau; got {type(plateau).__name__}.")
+  if lr_name is None:
+    raise ValueError("plateau lowers the learning rate, but the factory takes no learning_rate or lr.")
+  return rule
+
+
+class _Injectable:
+  """The factory as `optax.inject_hyperparams` reads it: one keyword-only scalar per flattened swept value.
+
+  `inject_hyperparams` injects what the signature names, so a swept tuple such
+  as torch's ``betas`` is offered as ``betas__0``, ``betas__1`` and regrouped
+  by `build` before the factory sees it.
+  """
+
+  def __init__(
+    self, build: Callable[[Mapping[str, Any]], optax.GradientTransformation], flat_names: list[str], name: str
+  ):
+    self._build = build
+    self.__signature__ = inspect.Signature([inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in flat_names])
+    self.__name__ = name
+
+  def __call__(self, **values: Any) -> optax.GradientTransformation:
+    return self._build(values)
+
+
+class _SweepProgram:
+  """One sweep: its checked configurations and the vmapped `init`, `update` and `observe` over them.
+
+  The hyperparameters of configuration :math:`c` are row :math:`c` of the
+  injected state; `update` vmaps one injected transformation over that axis,
+  `observe` vmaps the plateau rule and early stopping over it.
+  """
+
+  def __init__(
+    self,
+    factory: Callable[..., optax.GradientTransformation],
+    configs: list[Config],
+    *,
+    schedules: dict[str, Callable[[jax.Array], optax.Schedule]],
+    plateau: Any,
+    early_stopping: EarlyStopping | None,
+    hyperparam_dtype: Any,
+  ):
+    self.factory = factory
+    self.names = list(configs[0])
+    signature = _signature(factory, self.names)
+    for name in schedules:
+      if name not in self.names:
+        raise ValueError(f"schedules[{name!r}]: {name!r} is not swept (the swept names are {self.names}).")
+    self.schedules = schedules
+    self.lr_name = next((n for n in ("learning_rate", "lr") if n in signature.parameters), None)
+    self.rule: optax.GradientTransformationExtraArgs | None = None
+    if plateau is not None:
+      rule = _plateau_rule(plateau, self.lr_name)
+      configs = self._with_learning_rate(configs, signature)
+      # The same rule with steps_per_epoch=1: observe is called once an epoch.
+      self.rule = rule.transform(1.0, name="jadam.sweep's plateau")
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+      raise TypeError(f"early_stopping must be made by jadam.early_stopping; got {type(early_stopping).__name__}.")
+    self.early_stopping = early_stopping
+    self.configs = configs
+    self.n = len(configs)
+    for i, config in enumerate(configs):  # concrete values: the factory's own checks name the argument
+      try:
+        self.build(config)
+      except (ValueError, TypeError) as e:
+        raise type(e)(f"configs[{i}] = {config}: {e}") from e
+
+    flat = [{k: v for name, value in c.items() for k, v in _flatten(name, value).items()} for c in configs]
+    self.value_dtype = hyperparam_dtype or _common.float_dtype()
+    for i, values in enumerate(flat):
+      _check_representable(i, values, self.value_dtype)
+    injectable = _Injectable(self.build, list(flat[0]), getattr(factory, "__name__", "factory"))
+    self.inject = optax.inject_hyperparams(injectable, hyperparam_dtype=hyperparam_dtype)
+    self.template = self.inject(**flat[0])  # its update reads every hyperparameter from the state
+    self.stacked = {k: jnp.asarray(np.array([f[k] for f in flat], np.float64), self.value_dtype) for k in flat[0]}
+
+  def _with_learning_rate(self, configs: list[Config], signature: inspect.Signature) -> list[Config]:
+    """`configs`, each with the factory's default learning rate if it is not swept, so that plateau can lower it."""
+    assert self.lr_name is not None  # _plateau_rule refused a factory without one
+    if self.lr_name in self.names:
+      return configs
+    default = signature.parameters[self.lr_name].default
+    if not isinstance(default, numbers.Real):
+      raise ValueError(f"plateau needs {self.lr_name!r} in the sweep: the factory has no numeric default for it.")
+    self.names.append(self.lr_name)
+    return [{**c, self.lr_name: float(default)} for c in configs]
+
+  def build(self, values: Mapping[str, Any]) -> optax.GradientTransformation:
+    """The factory at one configuration's values (a swept tuple either whole or flattened as ``name__i``)."""
     kwargs = {}
-    for name in names:
+    for name in self.names:
       if name in values:
         value = values[name]
-      else:  # a tuple, flattened
+      else:
         value = tuple(values[k] for k in sorted((k for k in values if k.startswith(name + "__")), key=_index))
-      kwargs[name] = schedules[name](value) if name in schedules else value
-    return factory(**kwargs)
+      kwargs[name] = self.schedules[name](value) if name in self.schedules else value
+    return self.factory(**kwargs)
 
-  for i, config in enumerate(configs):  # concrete values: the factory's own checks name the argument
-    try:
-      build(config)
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"configs[{i}] = {config}: {e}") from e
-
-  flat = [{k: v for name, value in c.items() for k, v in _flatten(name, value).items()} for c in configs]
-  flat_names = list(flat[0])
-  value_dtype = hyperparam_dtype or _common.float_dtype()
-  for i, values in enumerate(flat):
-    _check_representable(i, values, value_dtype)
-
-  def injectable(**values):
-    return build(values)
-
-  injectable.__signature__ = inspect.Signature(
-    [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in flat_names]
-  )
-  injectable.__name__ = getattr(factory, "__name__", "factory")
-  inject = optax.inject_hyperparams(injectable, hyperparam_dtype=hyperparam_dtype)
-  template = inject(**flat[0])  # its update reads every hyperparameter from the state
-  n = len(configs)
-  stacked = {k: jnp.asarray(np.array([f[k] for f in flat], np.float64), value_dtype) for k in flat_names}
-  rule = None
-  if plateau is not None:  # the same rule with steps_per_epoch=1: observe is called once an epoch
-    rule = _plateau.rule_of(plateau).transform(1.0, name="jadam.sweep's plateau")
-
-  def check_axis(params):
+  def check_axis(self, params: optax.Params) -> None:
+    """Raises a `ValueError` unless every leaf of `params` has the leading configuration axis."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-      if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+      if np.ndim(leaf) == 0 or np.shape(leaf)[0] != self.n:
         raise ValueError(
-          f"sweep of {n} configurations: every parameter needs a leading axis of {n}, but"
+          f"sweep of {self.n} configurations: every parameter needs a leading axis of {self.n}, but"
           f" {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}. Use sweep.broadcast(params)."
         )
 
-  def init_fn(params):
-    check_axis(params)
-    hyper = {k: jnp.array(v, value_dtype, copy=True) for k, v in stacked.items()}  # own buffers: steps donate
-    inner = jax.vmap(lambda h, p: inject(**h).init(p))(hyper, params)
-    stopping, plateau_state = optax.EmptyState(), optax.EmptyState()
+  def init(self, params: optax.Params) -> SweepState:
+    """The state of every configuration, stacked along the leading axis."""
+    self.check_axis(params)
+    hyper = {k: jnp.array(v, self.value_dtype, copy=True) for k, v in self.stacked.items()}  # own buffers: steps donate
+    inner = jax.vmap(lambda h, p: self.inject(**h).init(p))(hyper, params)
+    stopping: EarlyStoppingState | optax.EmptyState = optax.EmptyState()
+    plateau: _plateau.ReduceLROnPlateauState | optax.EmptyState = optax.EmptyState()
+    early_stopping, rule, configurations = self.early_stopping, self.rule, jnp.arange(self.n)
     if early_stopping is not None:
-      stopping = jax.vmap(lambda _: early_stopping.init())(jnp.arange(n))
+      stopping = jax.vmap(lambda _: early_stopping.init())(configurations)
     if rule is not None:
-      plateau_state = jax.vmap(lambda _: rule.init({}))(jnp.arange(n))
-    return SweepState(inner=inner, stopping=stopping, plateau=plateau_state)
+      plateau = jax.vmap(lambda _: rule.init({}))(configurations)
+    return SweepState(inner=inner, stopping=stopping, plateau=plateau)
 
-  def running(state):
+  def running(self, state: SweepState) -> jax.Array:
+    """Which configurations still take steps: a boolean vector, all true without early stopping."""
     if isinstance(state.stopping, EarlyStoppingState):
       return state.stopping.stopped_epoch == 0
-    return jnp.ones([n], bool)
+    return jnp.ones([self.n], bool)
 
-  def where(mask, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((n,) + (1,) * (jnp.ndim(a) - 1)), a, b), new, old)
+  def where(self, mask: jax.Array, new: Any, old: Any) -> Any:
+    """`new` for the configurations where `mask` holds, `old` elsewhere, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((self.n,) + (1,) * (jnp.ndim(a) - 1)), a, b), new, old)
 
-  def update_fn(updates, state, params=None):
+  def update(
+    self, updates: optax.Updates, state: SweepState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, SweepState]:
+    """One step of every configuration; a stopped configuration gets a zero update and keeps its state."""
     _common.check_state("jadam.sweep", state, SweepState)
-    check_axis(updates)
-    new_updates, inner = jax.vmap(template.update)(updates, state.inner, params)
-    go = running(state)
-    if isinstance(state.stopping, EarlyStoppingState):  # a stopped configuration: zero update, frozen state
-      new_updates = where(go, new_updates, jax.tree.map(jnp.zeros_like, new_updates))
-      inner = where(go, inner, state.inner)
+    self.check_axis(updates)
+    new_updates, inner = jax.vmap(self.template.update)(updates, state.inner, params)
+    if isinstance(state.stopping, EarlyStoppingState):
+      go = self.running(state)
+      new_updates = self.where(go, new_updates, jax.tree.map(jnp.zeros_like, new_updates))
+      inner = self.where(go, inner, state.inner)
     return new_updates, state._replace(inner=inner)
 
-  def observe_fn(state, metrics):
+  def observe(self, state: SweepState, metrics: jax.typing.ArrayLike) -> SweepState:
+    """Feeds one metric per configuration to the plateau rule (a lower learning rate) and to early stopping."""
     _common.check_state("jadam.sweep observe", state, SweepState)
-    if np.shape(metrics) != (n,):
-      raise ValueError(f"observe takes one metric per configuration, shape ({n},); got shape {np.shape(metrics)}.")
+    if np.shape(metrics) != (self.n,):
+      raise ValueError(f"observe takes one metric per configuration, shape ({self.n},); got shape {np.shape(metrics)}.")
     metrics = jnp.asarray(metrics)
-    go = running(state)
-    stopping, plateau_state, inner = state.stopping, state.plateau, state.inner
-    if rule is not None:
-      hyper = dict(inner.hyperparams)
-      current = state.plateau._replace(lr=hyper[lr_name].astype(state.plateau.lr.dtype))
-      _, fed = jax.vmap(lambda s, v: rule.update({}, s, None, value=v))(current, metrics)
-      plateau_state = where(go, fed, state.plateau)
-      hyper[lr_name] = plateau_state.lr.astype(hyper[lr_name].dtype)
-      inner = inner._replace(hyperparams=hyper)
-    if early_stopping is not None:
-      stopping = jax.vmap(early_stopping.update)(state.stopping, metrics)
-    return SweepState(inner=inner, stopping=stopping, plateau=plateau_state)
+    stopping, plateau, inner = state.stopping, state.plateau, state.inner
+    if self.rule is not None:
+      plateau, inner = self._lower_learning_rates(state, metrics)
+    if self.early_stopping is not None:
+      stopping = jax.vmap(self.early_stopping.update)(state.stopping, metrics)
+    return SweepState(inner=inner, stopping=stopping, plateau=plateau)
 
-  return Sweep(optax.GradientTransformation(init_fn, update_fn), configs, jax.jit(observe_fn))
+  def _lower_learning_rates(
+    self, state: SweepState, metrics: jax.Array
+  ) -> tuple[_plateau.ReduceLROnPlateauState, optax.OptState]:
+    """The plateau rule fed `metrics` (running configurations only), and the injected state with its rates."""
+    assert (
+      self.rule is not None and self.lr_name is not None and isinstance(state.plateau, _plateau.ReduceLROnPlateauState)
+    )
+    rule, lr_name = self.rule, self.lr_name
+    hyper = dict(state.inner.hyperparams)
+    current = state.plateau._replace(lr=hyper[lr_name].astype(state.plateau.lr.dtype))
+    _, fed = jax.vmap(lambda s, v: rule.update({}, s, None, value=v))(current, metrics)
+    plateau = self.where(self.running(state), fed, state.plateau)
+    hyper[lr_name] = plateau.lr.astype(hyper[lr_name].dtype)
+    return plateau, state.inner._replace(hyperparams=hyper)
 
 
 def _index(key: str) -> int:

@@ -11,7 +11,9 @@ buffers, so the whole step compiles under `jax.jit`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 
 _CURVATURE = 1e-10  # PyTorch keeps a pair (y, s) only if y.s exceeds this
+_STAGE = "jadam.lbfgs"  # what error messages call it
 
 
 class LbfgsState(NamedTuple):
@@ -33,7 +36,7 @@ class LbfgsState(NamedTuple):
   oldest first; the rows past `num_old` are not read.
   """
 
-  count: jax.Array  # int32: update calls so far (a scheduled learning rate reads it)
+  count: jax.Array  # type: ignore[assignment]  # int32: update calls so far (a scheduled learning rate reads it)
   func_evals: jax.Array  # int32: PyTorch's state["func_evals"]
   n_iter: jax.Array  # int32: PyTorch's state["n_iter"], inner iterations over all steps
   d: jax.Array  # (n,): the last direction
@@ -98,7 +101,7 @@ def _strong_wolfe(obj, x, t, d, f, g, gtd, max_ls, *, tolerance_change, c1=1e-4,
   zero = jnp.zeros([], dtype)
 
   def pair(a, b):
-    return _Bracket(*(jnp.stack([u, v]) for u, v in zip(a, b)))
+    return _Bracket(*(jnp.stack([u, v]) for u, v in zip(a, b, strict=True)))
 
   # Phase 1: bracket an interval containing a point that satisfies the Wolfe conditions.
   class Bracketing(NamedTuple):
@@ -196,7 +199,7 @@ def _strong_wolfe(obj, x, t, d, f, g, gtd, max_ls, *, tolerance_change, c1=1e-4,
     point = (t_new, f_next, g_next, gtd_next)
 
     def put(br, i, values):
-      return _Bracket(*(a.at[i].set(v) for a, v in zip(br, values)))
+      return _Bracket(*(a.at[i].set(v) for a, v in zip(br, values, strict=True)))
 
     worse = (f_next > (f + c1 * t_new * gtd)) | (f_next >= b.f[low])
     # Armijo fails or no lower than the lowest point: the new point replaces the high end.
@@ -249,7 +252,10 @@ def _direction(s: LbfgsState, flat_grad: jax.Array, history_size: int) -> LbfgsS
   ys = jnp.dot(y, stp)
   keep = ~first & (ys > _CURVATURE)
   full = s.num_old == history_size
-  shift = lambda a: jnp.where(keep & full, jnp.roll(a, -1, axis=0), a)
+
+  def shift(a):  # a full history drops its oldest row to make room
+    return jnp.where(keep & full, jnp.roll(a, -1, axis=0), a)
+
   at = jnp.where(full, history_size - 1, s.num_old)
   dirs = shift(s.old_dirs).at[at].set(jnp.where(keep, y, shift(s.old_dirs)[at]))
   stps = shift(s.old_stps).at[at].set(jnp.where(keep, stp, shift(s.old_stps)[at]))
@@ -360,6 +366,46 @@ def lbfgs(
     Nocedal & Wright, Numerical Optimization, Algorithms 7.4 and 3.5-3.6;
     M. Schmidt, `minFunc <https://www.cs.ubc.ca/~schmidtm/Software/minFunc.html>`_.
   """
+  options = _options(max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn)
+  _hparams.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
+
+  def init_fn(params):
+    return _init(params, history_size)
+
+  def update_fn(updates, state, params=None, *, value=None, value_fn=None, grad=None, **extra_args):
+    del grad, extra_args  # the gradient is `updates`; the rest belongs to other stages of a chain
+    if params is None or value is None or value_fn is None:
+      raise ValueError(
+        f"{_STAGE} needs the parameters, the objective there and the objective itself: call"
+        " update(grads, state, params, value=f(params), value_fn=f), as for optax.lbfgs."
+      )
+    return _update(updates, state, params, value, value_fn, lr_fn, options)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """PyTorch's stopping rules and line search of one :func:`lbfgs`, checked (`max_eval` resolved)."""
+
+  max_iter: int
+  max_eval: int
+  tolerance_grad: float
+  tolerance_change: float
+  history_size: int
+  line_search_fn: str | None
+
+
+def _options(
+  max_iter: int,
+  max_eval: int | None,
+  tolerance_grad: float,
+  tolerance_change: float,
+  history_size: int,
+  line_search_fn: str | None,
+) -> _Options:
+  """Checks :func:`lbfgs`'s options; `max_eval` defaults to PyTorch's ``max_iter * 5 // 4``."""
   if line_search_fn not in (None, "strong_wolfe"):
     raise ValueError(f"only 'strong_wolfe' is supported as line_search_fn (or None); got {line_search_fn!r}.")
   for name, value in (("max_iter", max_iter), ("history_size", history_size)):
@@ -369,119 +415,137 @@ def lbfgs(
     max_eval = max_iter * 5 // 4
   if isinstance(max_eval, bool) or not isinstance(max_eval, int):
     raise TypeError(f"max_eval must be an int or None; got {max_eval!r}.")
-  _hparams.check_hyperparameter("learning_rate", learning_rate, low=0.0)
-  lr_fn = _hparams.as_schedule(learning_rate, "learning_rate")
-  stage = "jadam.lbfgs"
+  return _Options(max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn)
 
-  def init_fn(params):
-    flat, _ = ravel_pytree(params)
-    if not jnp.issubdtype(flat.dtype, jnp.floating):
-      raise TypeError(f"{stage} takes real floating parameters; they flatten to {flat.dtype}.")
-    n, dtype = flat.shape[0], flat.dtype
-    zeros, scalar = jnp.zeros(n, dtype), jnp.zeros([], dtype)
-    history = jnp.zeros((history_size, n), dtype)
-    count = jnp.zeros([], jnp.int32)
-    return LbfgsState(
-      count=count,
-      func_evals=count,
-      n_iter=count,
-      d=zeros,
-      t=scalar,
-      old_dirs=history,
-      old_stps=history,
-      ro=jnp.zeros(history_size, dtype),
-      num_old=count,
-      H_diag=jnp.ones([], dtype),
-      prev_flat_grad=zeros,
-      prev_loss=scalar,
-      al=jnp.full(history_size, jnp.nan, dtype),
-      value=jnp.full([], jnp.inf, dtype),
-      grad=optax.tree.zeros_like(params),
+
+def _init(params: optax.Params, history_size: int) -> LbfgsState:
+  """PyTorch's empty LBFGS state for `params` flattened: no history, no direction, no evaluation yet."""
+  flat, _ = ravel_pytree(params)
+  if not jnp.issubdtype(flat.dtype, jnp.floating):
+    raise TypeError(f"{_STAGE} takes real floating parameters; they flatten to {flat.dtype}.")
+  n, dtype = flat.shape[0], flat.dtype
+  zeros, scalar = jnp.zeros(n, dtype), jnp.zeros([], dtype)
+  history = jnp.zeros((history_size, n), dtype)
+  count = jnp.zeros([], jnp.int32)
+  return LbfgsState(
+    count=count,
+    func_evals=count,
+    n_iter=count,
+    d=zeros,
+    t=scalar,
+    old_dirs=history,
+    old_stps=history,
+    ro=jnp.zeros(history_size, dtype),
+    num_old=count,
+    H_diag=jnp.ones([], dtype),
+    prev_flat_grad=zeros,
+    prev_loss=scalar,
+    al=jnp.full(history_size, jnp.nan, dtype),
+    value=jnp.full([], jnp.inf, dtype),
+    grad=optax.tree.zeros_like(params),
+  )
+
+
+class _Objective:
+  """`value_fn` and its gradient on the flat parameter vector, in the parameters' dtype (PyTorch's closure)."""
+
+  def __init__(self, value_fn: Callable[[optax.Params], jax.typing.ArrayLike], unravel: Callable, dtype: Any):
+    self._value_and_grad = jax.value_and_grad(lambda v: value_fn(unravel(v)))
+    self._dtype = dtype
+
+  def at(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The objective and its flat gradient at `x`."""
+    f, g = self._value_and_grad(x)
+    return jnp.asarray(f).astype(self._dtype), g.astype(self._dtype)
+
+  def along(self, x: jax.Array, t: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The objective and its flat gradient at ``x + t d`` (the line search's `obj_func`)."""
+    return self.at(x + t * d)
+
+
+def _update(
+  updates: optax.Updates,
+  state: LbfgsState,
+  params: optax.Params,
+  value: jax.typing.ArrayLike,
+  value_fn: Callable[[optax.Params], jax.typing.ArrayLike],
+  lr_fn: Callable[[jax.Array], jax.typing.ArrayLike],
+  options: _Options,
+) -> tuple[optax.Updates, LbfgsState]:
+  """One PyTorch ``step(closure)``: the inner iterations from `params`, whose gradient is `updates`."""
+  _common.check_state(_STAGE, state, LbfgsState)
+  x0, unravel = ravel_pytree(params)
+  flat_grad = ravel_pytree(updates)[0].astype(x0.dtype)
+  if flat_grad.shape != x0.shape or state.d.shape != x0.shape:
+    raise ValueError(f"{_STAGE}: the gradients, the parameters and the state hold different numbers of values.")
+  dtype = x0.dtype
+  lr = _hparams.cast_hyperparameter(lr_fn(state.count), dtype)
+  objective = _Objective(value_fn, unravel, dtype)
+  opt_cond = jnp.max(jnp.abs(flat_grad)) <= options.tolerance_grad
+  start = _Loop(
+    n_iter=jnp.zeros([], jnp.int32),
+    state=state._replace(func_evals=state.func_evals + 1),
+    x=x0,
+    loss=jnp.asarray(value).astype(dtype),
+    flat_grad=flat_grad,
+    opt_cond=opt_cond,
+    current_evals=jnp.ones([], jnp.int32),
+    evaluated=jnp.ones([], bool),
+    stop=opt_cond,
+  )
+  end = jax.lax.while_loop(lambda c: ~c.stop, lambda c: _iteration(c, lr, objective, options), start)
+  value_now = jnp.where(end.evaluated, end.loss, jnp.inf).astype(dtype)
+  grad_tree = unravel(jnp.where(end.evaluated, end.flat_grad, jnp.zeros_like(end.flat_grad)))
+  new_state = end.state._replace(count=optax.safe_increment(state.count), value=value_now, grad=grad_tree)
+  step = unravel(end.x - x0)
+  step = jax.tree.map(lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype), step, params)
+  return step, new_state
+
+
+def _iteration(c: _Loop, lr: jax.typing.ArrayLike, objective: _Objective, options: _Options) -> _Loop:
+  """One of PyTorch's inner iterations: the direction, the step length, then the move (unless it is no descent)."""
+  n_iter = c.n_iter + 1
+  s = _direction(c.state._replace(n_iter=c.state.n_iter + 1), c.flat_grad, options.history_size)
+  first_ever = s.n_iter == 1
+  t = jnp.where(first_ever, _pymin(jnp.ones([], c.x.dtype), 1.0 / jnp.sum(jnp.abs(c.flat_grad))) * lr, lr)
+  s = s._replace(prev_flat_grad=c.flat_grad, prev_loss=c.loss, t=t)
+  gtd = jnp.dot(c.flat_grad, s.d)
+
+  def no_descent(c):  # the directional derivative is below tolerance: stop before moving
+    return c._replace(n_iter=n_iter, state=s, stop=jnp.ones([], bool))
+
+  def move(c):
+    return _move(c, s, n_iter, gtd, objective, options)
+
+  return jax.lax.cond(gtd > -options.tolerance_change, no_descent, move, c)
+
+
+def _move(
+  c: _Loop, s: LbfgsState, n_iter: jax.Array, gtd: jax.Array, objective: _Objective, options: _Options
+) -> _Loop:
+  """The move along `s.d` (a strong-Wolfe line search, or the fixed step `s.t`), then PyTorch's stopping tests."""
+  if options.line_search_fn == "strong_wolfe":
+    max_ls = options.max_eval - c.current_evals
+    loss, grad, t, evals = _strong_wolfe(
+      objective.along, c.x, s.t, s.d, c.loss, c.flat_grad, gtd, max_ls, tolerance_change=options.tolerance_change
     )
-
-  def update_fn(updates, state, params=None, *, value=None, value_fn=None, grad=None, **extra_args):
-    del grad, extra_args  # the gradient is `updates`; the rest belongs to other stages of a chain
-    if params is None or value is None or value_fn is None:
-      raise ValueError(
-        f"{stage} needs the parameters, the objective there and the objective itself: call"
-        " update(grads, state, params, value=f(params), value_fn=f), as for optax.lbfgs."
-      )
-    _common.check_state(stage, state, LbfgsState)
-    x0, unravel = ravel_pytree(params)
-    flat_grad = ravel_pytree(updates)[0].astype(x0.dtype)
-    if flat_grad.shape != x0.shape or state.d.shape != x0.shape:
-      raise ValueError(f"{stage}: the gradients, the parameters and the state hold different numbers of values.")
-    dtype = x0.dtype
-    lr = _hparams.cast_hyperparameter(lr_fn(state.count), dtype)
-    value_and_grad = jax.value_and_grad(lambda v: value_fn(unravel(v)))
-
-    def evaluate(x):
-      f, g = value_and_grad(x)
-      return jnp.asarray(f).astype(dtype), g.astype(dtype)
-
-    def obj(x, t, d):
-      return evaluate(x + t * d)
-
-    loss = jnp.asarray(value).astype(dtype)
-    opt_cond = jnp.max(jnp.abs(flat_grad)) <= tolerance_grad
-    start = _Loop(
-      n_iter=jnp.zeros([], jnp.int32),
-      state=state._replace(func_evals=state.func_evals + 1),
-      x=x0,
-      loss=loss,
-      flat_grad=flat_grad,
-      opt_cond=opt_cond,
-      current_evals=jnp.ones([], jnp.int32),
-      evaluated=jnp.ones([], bool),
-      stop=opt_cond,
-    )
-
-    def iteration(c: _Loop) -> _Loop:
-      s = c.state._replace(n_iter=c.state.n_iter + 1)
-      n_iter = c.n_iter + 1
-      s = _direction(s, c.flat_grad, history_size)
-      first_ever = s.n_iter == 1
-      t = jnp.where(first_ever, _pymin(jnp.ones([], dtype), 1.0 / jnp.sum(jnp.abs(c.flat_grad))) * lr, lr)
-      s = s._replace(prev_flat_grad=c.flat_grad, prev_loss=c.loss, t=t)
-      gtd = jnp.dot(c.flat_grad, s.d)
-
-      def no_descent(c):  # the directional derivative is below tolerance: stop before moving
-        return c._replace(n_iter=n_iter, state=s, stop=jnp.ones([], bool))
-
-      def move(c):
-        if line_search_fn == "strong_wolfe":
-          loss, grad, t, evals = _strong_wolfe(
-            obj, c.x, s.t, s.d, c.loss, c.flat_grad, gtd, max_eval - c.current_evals, tolerance_change=tolerance_change
-          )
-          x = c.x + t * s.d
-          evaluated = jnp.ones([], bool)
-        else:
-          t = s.t
-          x = c.x + t * s.d
-          last = n_iter == max_iter
-          loss, grad = jax.lax.cond(last, lambda x: (c.loss, c.flat_grad), evaluate, x)
-          evals = jnp.where(last, 0, 1).astype(jnp.int32)
-          evaluated = ~last
-        opt_cond = jnp.where(evaluated, jnp.max(jnp.abs(grad)) <= tolerance_grad, c.opt_cond)
-        current_evals = c.current_evals + evals
-        new = s._replace(t=t, func_evals=s.func_evals + evals)
-        stop = (
-          (n_iter == max_iter)
-          | (current_evals >= max_eval)
-          | opt_cond
-          | (jnp.max(jnp.abs(s.d * t)) <= tolerance_change)
-          | (jnp.abs(loss - s.prev_loss) < tolerance_change)
-        )
-        return _Loop(n_iter, new, x, loss, grad, opt_cond, current_evals, evaluated, stop)
-
-      return jax.lax.cond(gtd > -tolerance_change, no_descent, move, c)
-
-    end = jax.lax.while_loop(lambda c: ~c.stop, iteration, start)
-    value_now = jnp.where(end.evaluated, end.loss, jnp.inf).astype(dtype)
-    grad_tree = unravel(jnp.where(end.evaluated, end.flat_grad, jnp.zeros_like(end.flat_grad)))
-    new_state = end.state._replace(count=optax.safe_increment(state.count), value=value_now, grad=grad_tree)
-    step = unravel(end.x - x0)
-    step = jax.tree.map(lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype), step, params)
-    return step, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    x = c.x + t * s.d
+    evaluated = jnp.ones([], bool)
+  else:
+    t = s.t
+    x = c.x + t * s.d
+    last = n_iter == options.max_iter  # PyTorch does not evaluate after the last iteration
+    loss, grad = jax.lax.cond(last, lambda x: (c.loss, c.flat_grad), objective.at, x)
+    evals = jnp.where(last, 0, 1).astype(jnp.int32)
+    evaluated = ~last
+  opt_cond = jnp.where(evaluated, jnp.max(jnp.abs(grad)) <= options.tolerance_grad, c.opt_cond)
+  current_evals = c.current_evals + evals
+  new = s._replace(t=t, func_evals=s.func_evals + evals)
+  stop = (
+    (n_iter == options.max_iter)
+    | (current_evals >= options.max_eval)
+    | opt_cond
+    | (jnp.max(jnp.abs(s.d * t)) <= options.tolerance_change)
+    | (jnp.abs(loss - s.prev_loss) < options.tolerance_change)
+  )
+  return _Loop(n_iter, new, x, loss, grad, opt_cond, current_evals, evaluated, stop)

@@ -1,4 +1,4 @@
-r"""Train a neural language model with SparseAdam for its embedding table and Adam for the rest; compare with dense Adam.
+r"""Train a neural language model with SparseAdam for its embedding table, Adam for the rest; compare with dense Adam.
 
 The model (Bengio et al., 2003): the embeddings of the previous `context`
 words, concatenated, through a hidden layer, to a softmax over a shortlist of

@@ -1,4 +1,4 @@
-"""``python -m examples.from_pytorch``: a PyTorch run continued in jadam + Flax NNX from its checkpoint, and handed back.
+"""``python -m examples.from_pytorch``: a PyTorch run continued in jadam + Flax NNX from its checkpoint and handed back.
 
 PyTorch trains a small CNN (AdamW, CosineAnnealingLR) for N steps and saves a checkpoint; jadam reads it
 (`jadam.torch.load_checkpoint`, `load_state_dict`) and trains N steps; PyTorch takes the state back

@@ -201,6 +201,6 @@ def _run(cfg: Config) -> dict[str, list[float]]:
   for t in range(0, 3 * n, cfg.print_every):
     leg = ("torch", "jadam", "torch")[t // n]
     print(f"{t:5d} {leg:>6} {reference[t]:20.15f} {curve[t]:20.15f} {abs(curve[t] - reference[t]):13.3g}")
-  worst = max(abs(a - b) / abs(b) for a, b in zip(curve, reference))
+  worst = max(abs(a - b) / abs(b) for a, b in zip(curve, reference, strict=True))
   print(f"largest relative difference over {3 * n} steps: {worst:.3g}")
   return {"reference": reference, "moved": curve}

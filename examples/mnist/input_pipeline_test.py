@@ -258,7 +258,7 @@ def test_eval_batches_cover_every_example_once():
   data = ip.Dataset(np.zeros((10, 28, 28), np.uint8), np.arange(10, dtype=np.uint8))
   batches = list(ip.eval_batches(data, 4))
   assert [b[0].shape[0] for b in batches] == [4, 4, 4]
-  labels = np.concatenate([l[m > 0] for _, l, m in batches])
+  labels = np.concatenate([y[m > 0] for _, y, m in batches])
   np.testing.assert_array_equal(labels, np.arange(10))
 
 
@@ -266,5 +266,5 @@ def test_train_batches_drop_only_the_remainder():
   data = ip.Dataset(np.zeros((10, 28, 28), np.uint8), np.arange(10, dtype=np.uint8))
   batches = list(ip.train_batches(data, 4, seed=0, epoch=1))
   assert len(batches) == 2
-  seen = np.concatenate([l for _, l in batches])
+  seen = np.concatenate([y for _, y in batches])
   assert len(set(seen.tolist())) == 8

@@ -44,7 +44,9 @@ def muon(
     return adamw_lr_ratio * (learning_rate(count) if callable(learning_rate) else learning_rate)
 
   def labels(params):
-    hidden = lambda p: jax.numpy.ndim(p) == 2 and jax.numpy.shape(p)[-1] != NUM_CLASSES
+    def hidden(p):  # a 2-D weight, not the classifier's
+      return jax.numpy.ndim(p) == 2 and jax.numpy.shape(p)[-1] != NUM_CLASSES
+
     return jax.tree.map(lambda p: "muon" if hidden(p) else "adamw", params)
 
   return optax.partition(

@@ -184,7 +184,8 @@ def run(config: Config) -> dict:
   torch_losses, torch_params = train_torch(config, build_torch)
   loss_diff = np.abs(jadam_losses - torch_losses)
   param_diff = max(
-    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(jadam_params), jax.tree.leaves(torch_params))
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(jadam_params), jax.tree.leaves(torch_params), strict=True)
   )
   param_scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(torch_params))
   print(f"recipe {config.recipe}, {config.dtype}, {config.steps} steps")

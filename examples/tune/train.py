@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import pathlib
@@ -231,7 +232,10 @@ def table(results: dict[str, Any], best: int) -> str:
     ]
     lines.append(cells)
   widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(head)]
-  fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+  def fmt(cells):
+    return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
   return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
 
 
@@ -253,7 +257,10 @@ def plot(results: dict[str, Any], path: pathlib.Path, title: str, best: int | No
   xs = sorted({c[axes[0]] for c in configs}, key=lambda v: str(v) if isinstance(v, tuple) else v)
   ys = sorted({c[axes[1]] for c in configs}, key=lambda v: str(v) if isinstance(v, tuple) else v) if axes[1] else [None]
   grid = np.full((len(ys), len(xs)), np.nan)
-  cell = lambda c: (ys.index(c[axes[1]]) if axes[1] else 0, xs.index(c[axes[0]]))
+
+  def cell(c):  # (row, column) of configuration c in the map
+    return (ys.index(c[axes[1]]) if axes[1] else 0, xs.index(c[axes[0]]))
+
   for i, c in enumerate(configs):
     final = _final(results["val_loss"][i])
     grid[cell(c)] = np.nanmin([grid[cell(c)], final if math.isfinite(final) else np.nan])
@@ -359,7 +366,9 @@ def sweep_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     results = {k: [x for p in parts for x in p[k]] for k in ("configs", "val_loss", "val_accuracy", "stopped_epoch")}
     results["test_accuracy"] = [x for p in parts for x in p["test_accuracy"]]
     results["final_lr"] = [x for p in parts for x in (p["final_lr"] or [None])]
-    results["seconds_per_epoch"] = [float(np.sum(s)) for s in zip(*(p["seconds_per_epoch"] for p in parts))]
+    # one epoch of every configuration; one that stopped early takes no time in the epochs after
+    per_epoch = itertools.zip_longest(*(p["seconds_per_epoch"] for p in parts), fillvalue=0.0)
+    results["seconds_per_epoch"] = [float(np.sum(s)) for s in per_epoch]
     results["params"] = [p["params"] for p in parts]
   else:
     results = train_configs(config, configs, data, workdir if config.checkpoint else None)

@@ -27,6 +27,11 @@ SMALL = default.Config(
 )
 
 
+def _configuration(params, i):
+  """Configuration `i`'s parameters, out of a tree whose leaves have the leading configuration axis."""
+  return jax.tree.map(lambda p: np.asarray(p[i]), params)
+
+
 def test_vmapped_equals_sequential(tmp_path, capsys):
   together = train.sweep_and_evaluate(SMALL, tmp_path / "vmapped")
   alone = train.sweep_and_evaluate(dataclasses.replace(SMALL, sequential=True), tmp_path / "sequential")
@@ -36,8 +41,8 @@ def test_vmapped_equals_sequential(tmp_path, capsys):
   for i, (a, b) in enumerate(zip(together["configs"], alone["configs"], strict=True)):
     assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.003, i
     np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-5)
-    stacked = jax.tree.map(lambda p: np.asarray(p[i]), together["results"]["params"])
-    single = jax.tree.map(lambda p: np.asarray(p[0]), alone["results"]["params"][i])
+    stacked = _configuration(together["results"]["params"], i)
+    single = _configuration(alone["results"]["params"][i], 0)
     for x, y in zip(jax.tree.leaves(stacked), jax.tree.leaves(single), strict=True):
       # float32 rounding: a few ulps of the largest weight of the layer
       np.testing.assert_allclose(x, y, rtol=0, atol=16 * np.finfo(np.float32).eps * np.abs(y).max())

@@ -66,7 +66,7 @@ def test_each_combinator_is_served_and_equals_its_stages(name):
     p_k, s_k = jadam.update_and_apply(tx, G, state, P, fused=True)
     p_s, s_s = jadam.update_and_apply(tx, G, state, P, fused=False)
     assert jax.tree.structure(s_k) == jax.tree.structure(s_s)
-    for a, b in zip(jax.tree.leaves((p_k, s_k)), jax.tree.leaves((p_s, s_s))):
+    for a, b in zip(jax.tree.leaves((p_k, s_k)), jax.tree.leaves((p_s, s_s)), strict=True):
       # the same operations on the same float32 inputs: a few ulps of the value (FMA contractions may differ)
       tol = 8 * np.spacing(np.abs(np.asarray(b, np.float32))) if jnp.issubdtype(b.dtype, jnp.floating) else 0
       assert np.all(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) <= tol)

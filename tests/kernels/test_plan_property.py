@@ -209,7 +209,7 @@ def _assert_same(kernel, stages):
       ulp_p = np.spacing(np.abs(np.asarray(ps[key], np.float32))).astype(np.float64)
       scale = t * (ULPS * EPS32 * np.max(update, initial=0.0) + 2 * ulp_p)
       _close(pk[key], ps[key], scale, f"step {t}, params[{key!r}]")
-    for i, (a, b) in enumerate(zip(jax.tree.leaves(sk), jax.tree.leaves(ss))):
+    for i, (a, b) in enumerate(zip(jax.tree.leaves(sk), jax.tree.leaves(ss), strict=True)):
       big = np.max(np.abs(np.asarray(b, np.float64)), initial=0.0) if jnp.issubdtype(b.dtype, jnp.floating) else 0
       _close(a, b, t * ULPS * EPS32 * big + np.finfo(np.float32).tiny, f"step {t}, state leaf {i}")
 

@@ -233,8 +233,11 @@ def test_stationary_start_returns_at_once_as_torch():
     return loss
 
   opt.step(closure)
+
+  def f(x):
+    return jnp.sum(x**2)
+
   with jax.enable_x64(True):
-    f = lambda x: jnp.sum(x**2)
     tx = jadam.torch.LBFGS()
     x = jnp.zeros(3)
     state = tx.init(x)
@@ -265,7 +268,7 @@ def test_state_dict_round_trips_and_continues_torch(line_search_fn):
       got = mine[key]
       if isinstance(want, list):
         assert len(got) == len(want), key
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
           assert (a is None) == (b is None), key
           if b is not None:
             assert a.shape == b.shape and a.dtype == b.dtype, key
@@ -324,7 +327,9 @@ def test_errors_as_torch():
 
 
 def test_compiles_once():
-  f = lambda x: jnp.sum((x - 1.0) ** 2 * jnp.arange(1.0, 4.0))
+  def f(x):
+    return jnp.sum((x - 1.0) ** 2 * jnp.arange(1.0, 4.0))
+
   tx = jadam.lbfgs(line_search_fn="strong_wolfe", history_size=3)
 
   @jax.jit

@@ -166,7 +166,9 @@ def test_muon_for_hidden_weights_adamw_for_the_rest_matches_two_torch_optimizers
       torch.optim.AdamW([tensors["bias"], tensors["head"]], lr=3e-3, weight_decay=0.01),
     ]
 
-  labels = lambda params: {k: "muon" if k.startswith("hidden") else "adamw" for k in params}
+  def labels(params):
+    return {k: "muon" if k.startswith("hidden") else "adamw" for k in params}
+
   with _torch_newton_schulz_in_float64():
     want, _ = R.run_torch(make, shapes, 60)
   with jax.enable_x64(True):

@@ -176,12 +176,15 @@ def test_nonfinite_gradients_reach_the_parameters_torch_reaches(name):
   sparse = cls == "SparseAdam"
   size = 300 if cls.endswith("8bit") else 6  # 8-bit: a whole block of 256 and a partial one
   torch_kw = {k: v for k, v in kw.items() if k != "min_8bit_size"}
-  make_opt = lambda ps: getattr(torch.optim, _TORCH_OF.get(cls, cls))(ps, **torch_kw)
+
+  def make_opt(ps):
+    return getattr(torch.optim, _TORCH_OF.get(cls, cls))(ps, **torch_kw)
+
   tx = getattr(jadam.torch, cls)(**kw)
   step = jax.jit(lambda g, s, p: jadam.update_and_apply(tx, g, s, p))
   params0, cases = harness.nonfinite_gradients(size)
   for case, grads in cases.items():
     want = harness.torch_patterns(make_opt, params0, grads, sparse=sparse)
     got = harness.jax_patterns(step, tx.init, params0, grads, sparse=sparse)
-    for t, (g, w) in enumerate(zip(got, want)):
+    for t, (g, w) in enumerate(zip(got, want, strict=True)):
       assert np.array_equal(g, w), f"{name}, {case}, after step {t}: jadam {g.tolist()[:8]}, torch {w.tolist()[:8]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import tempfile
 
@@ -299,7 +300,7 @@ class BadInputTest(chex.TestCase):
       with pytest.raises(ValueError, match="out of range"):
         jadam.update_and_apply(self.tx, grad, state, params)
       for fused in (False, True):
-        p, s = jax.jit(lambda g, s, p: jadam.update_and_apply(self.tx, g, s, p, fused=fused))(grad, state, params)
+        p, s = jax.jit(functools.partial(jadam.update_and_apply, self.tx, fused=fused))(grad, state, params)
         assert np.flatnonzero(np.asarray(p["t"]).any(axis=1)).tolist() == [1], fused
         assert np.flatnonzero(np.asarray(s[0].nu["t"]).any(axis=1)).tolist() == [1], fused
       p = jax.jit(jadam.apply_updates)(params, grad)  # the scatter alone
@@ -371,17 +372,16 @@ class ValueAndSparseGradTest(chex.TestCase):
     def loss(params, ids):
       return jnp.sum(jnp.tanh(params["t"][ids["t"]] @ params["w"]) ** 2)
 
+    def reference(params, ids):  # the rows read as zeros where the id is out of range
+      valid = (ids >= 0) & (ids < 6)
+      rows = jnp.where(valid[:, None], params["t"][np.where(valid, ids, 0)], 0.0)
+      return jnp.sum(jnp.tanh(rows @ params["w"]) ** 2)
+
     f = jadam.value_and_sparse_grad(loss)
     with jax.enable_x64(True):
       for ids in ([0, -1, 2, 2], [5, 8, 1, -6], [2**32 + 3, 3, 6]):
         ids = np.asarray(ids, np.int64)
-        valid = (ids >= 0) & (ids < 6)
-
-        def reference(params):  # the rows read as zeros where the id is out of range
-          rows = jnp.where(valid[:, None], params["t"][np.where(valid, ids, 0)], 0.0)
-          return jnp.sum(jnp.tanh(rows @ params["w"]) ** 2)
-
-        want, want_g = jax.value_and_grad(reference)({"t": table, "w": w})
+        want, want_g = jax.value_and_grad(reference)({"t": table, "w": w}, ids)
         value, grads = jax.jit(f)({"t": table, "w": w}, {"t": jnp.asarray(ids)})
         np.testing.assert_allclose(value, want, rtol=1e-6)
         np.testing.assert_allclose(grads["t"].todense(), want_g["t"], rtol=1e-5, atol=1e-7)

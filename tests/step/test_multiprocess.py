@@ -176,7 +176,7 @@ def _of(run, prefix):
 
 
 def test_checkpoint_saved_and_resumed_across_two_processes(two_processes, tmp_path):
-  """FSDP over both processes: save after 2 steps, restore into an eager `like`, resume = never stopped = one process."""
+  """FSDP over both processes: save at step 2, restore into an eager `like`, resume = never stopped = one process."""
   first, second = (_of(r, "resume") for r in two_processes)
   assert first and first.keys() == second.keys()
   for key in first:

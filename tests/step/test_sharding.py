@@ -253,7 +253,10 @@ def test_zero1_state_sharded_params_replicated():
   mesh = _mesh()
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(_params(), replicated)
-  zero1 = lambda x: NamedSharding(mesh, P("data") if x.ndim and x.shape[0] % mesh.size == 0 else P())
+
+  def zero1(x):  # a leaf whose first axis splits over the devices is sharded along it; the rest is replicated
+    return NamedSharding(mesh, P("data") if x.ndim and x.shape[0] % mesh.size == 0 else P())
+
   state = jax.jit(tx.init, out_shardings=jax.tree.map(zero1, jax.eval_shape(tx.init, params)))(params)
   mu = moments_of(state).mu
   assert mu["w2"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
@@ -325,7 +328,7 @@ def test_checkpoint_resumes_on_a_mesh_and_onto_another(name, init, tmp_path):
   like = like_on(other_shardings)
   moved = jadam.restore_state(tmp_path / "step_2", like=like)
   chex.assert_trees_all_equal(moved, state)
-  for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(like)):
+  for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(like), strict=True):
     assert got.sharding == want.sharding or not want.committed
   got_params, got_state = step(
     jax.device_put(params, other_shardings), moved, jax.device_put(grads[2], other_shardings)
@@ -333,7 +336,8 @@ def test_checkpoint_resumes_on_a_mesh_and_onto_another(name, init, tmp_path):
   # Another layout is another program: XLA:CPU may round a leaf's step otherwise (contract (1 - b2) g g + b2 v
   # into an FMA, vectorize the division): a few roundings of the update u = lr m^ / (sqrt(v^) + eps), so the
   # bound is in ulps of the leaf's largest update, not of each parameter (one near 0 moves by the same update).
-  for got, want, before in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), jax.tree.leaves(params)):
+  leaves = (jax.tree.leaves(got_params), jax.tree.leaves(want_params), jax.tree.leaves(params))
+  for got, want, before in zip(*leaves, strict=True):
     step_size = float(jnp.max(jnp.abs(want - before)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2.0**-23, atol=8 * 2.0**-23 * step_size)
 
@@ -354,7 +358,7 @@ def test_explicit_sharding_fsdp_equals_one_device(name):
     state = tx.init(params)
     for g in grads:
       params, state = step(params, state, jax.device_put(g, shardings))
-  for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+  for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
     assert got.sharding.is_equivalent_to(sharding, got.ndim)
   if name != "adam":
     # clip: the global norm is summed over the shards in another order, a few ulps of it. 8-bit: w2's flat blocks

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import numpy as np
@@ -26,6 +26,13 @@ from jadam._core import registry as _registry
 
 _FORMAT = "jadam.checkpoint/1"
 _CHECKSUMS = "jadam.checksums/1"  # the digests' own record, beside the arrays and the description
+
+
+class _Entry(TypedDict):
+  """One leaf in the checkpoint's description (as JSON): its key path, and its shape and dtype (None for None)."""
+
+  path: str
+  leaf: dict[str, Any] | None
 
 
 def _orbax():
@@ -83,7 +90,7 @@ def _digest(value: Any) -> str:
   return hashlib.sha256(host.view(np.uint8).reshape(-1).data).hexdigest()
 
 
-def _verify(path: str, description: list[dict[str, Any]], record: Any, arrays: dict[str, Any]) -> None:
+def _verify(path: str, description: list[_Entry], record: Any, arrays: dict[str, Any]) -> None:
   """Raises unless every restored array has the digest that :func:`save_state` recorded for it."""
   sums = record.get("sha256") if isinstance(record, dict) and record.get("format") == _CHECKSUMS else None
   if not isinstance(sums, dict):
@@ -102,7 +109,10 @@ def _verify(path: str, description: list[dict[str, Any]], record: Any, arrays: d
 # --- which optimizer wrote a state -------------------------------------------------------
 def _identities(tree: Any) -> dict[str, dict[str, Any]]:
   """The identity of every optimizer state in `tree` (`jadam._core.registry.OptimizerState`), by key path."""
-  is_state = lambda x: isinstance(x, _registry.OptimizerState)
+
+  def is_state(x: Any) -> bool:
+    return isinstance(x, _registry.OptimizerState)
+
   found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_state)[0]
   return {
     jax.tree_util.keystr(path): {"optimizer": x.identity.optimizer, "stages": list(x.identity.stages)}
@@ -165,7 +175,7 @@ def save_state(directory: str | os.PathLike, tree: Any) -> None:
   """
   ocp = _orbax()
   leaves, _ = _leaves(tree)
-  description = [{"path": path, "leaf": _describe(leaf)} for path, leaf in leaves]
+  description: list[_Entry] = [{"path": path, "leaf": _describe(leaf)} for path, leaf in leaves]
   # Only non-empty arrays go to orbax, which refuses zero-size ones; the rest is rebuilt from the description.
   arrays = {str(i): _as_array(leaf) for i, (_, leaf) in enumerate(leaves) if _stored(description[i]["leaf"])}
   header = {"format": _FORMAT, "leaves": description, "optimizers": _identities(tree)}
@@ -179,8 +189,8 @@ def save_state(directory: str | os.PathLike, tree: Any) -> None:
   checkpointer.save(os.path.abspath(os.fspath(directory)), args=ocp.args.Composite(**items))
 
 
-def _first_mismatch(stored: list[dict[str, Any]], expected: list[dict[str, Any]]) -> str | None:
-  for i, (s, e) in enumerate(zip(stored, expected)):
+def _first_mismatch(stored: list[_Entry], expected: list[_Entry]) -> str | None:
+  for i, (s, e) in enumerate(zip(stored, expected, strict=False)):  # a longer list is reported below
     if s["path"] != e["path"]:
       return f"leaf {i} is {e['path']} in the tree to restore into, {s['path']} in the checkpoint"
     if s["leaf"] != e["leaf"]:
@@ -240,7 +250,7 @@ def restore_state(directory: str | os.PathLike, like: Any) -> Any:
   stored_ids, expected_ids = header.get("optimizers", {}), _identities(like)
   _check_identities(path, stored_ids, expected_ids, names_only=True)
   leaves, treedef = _leaves(like)
-  expected = [{"path": p, "leaf": _describe(leaf)} for p, leaf in leaves]
+  expected: list[_Entry] = [{"path": p, "leaf": _describe(leaf)} for p, leaf in leaves]
   mismatch = _first_mismatch(header["leaves"], expected)
   if mismatch:
     raise ValueError(

@@ -33,7 +33,7 @@ class ScaleByFactoredMomentsState(NamedTuple):
   vector or scalar has `variance` (its own shape) and `None` for the others.
   """
 
-  count: jax.Array  # shape=(), int32: steps taken so far
+  count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken so far
   row_var: optax.Updates  # R_t, shape (..., m, 1), per >= 2-D parameter
   col_var: optax.Updates  # C_t, shape (..., 1, n)
   variance: optax.Updates  # V_t, per vector or scalar parameter
@@ -153,9 +153,10 @@ def scale_by_factored_moments(
 
     out = jax.tree.map(one, updates, state.row_var, state.col_var, state.variance, is_leaf=_is_none)
     nu, row, col, var = _unzip(out, 4)
-    keep = lambda new, old: jax.tree.map(
-      lambda n, o: None if o is None else n.astype(o.dtype), new, old, is_leaf=_is_none
-    )
+
+    def keep(new, old):  # the new statistics in the state's dtypes, None where the leaf has none of that kind
+      return jax.tree.map(lambda n, o: None if o is None else n.astype(o.dtype), new, old, is_leaf=_is_none)
+
     count = optax.safe_increment(state.count)
     moments = Moments(mu=updates, nu=nu, count=count, b1=0.0, b2=0.0, grad=updates)
     new_state = ScaleByFactoredMomentsState(

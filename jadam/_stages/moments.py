@@ -250,7 +250,7 @@ def first_moment(g: jax.Array, m: jax.Array, w: jax.typing.ArrayLike, d: jax.typ
   where the sum keeps it infinite: an infinite gradient makes its parameter infinite, then NaN, as in PyTorch
   (`torch.optim.RAdam` shows it). Elsewhere the sum, bit for bit; the fused kernel computes the same.
   """
-  lerp = jnp.where(w < 0.5, m + w * (g - m), g - (g - m) * (1 - w))
+  lerp = jnp.where(jnp.less(w, 0.5), m + w * (g - m), g - (g - m) * (1 - w))
   return jnp.where(jnp.isfinite(m), w * g + d * m, lerp)
 
 

@@ -62,7 +62,10 @@ def newton_schulz(
     x = x.T
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(wide)))).astype(dtype)
   x = (x.astype(wide) / jnp.maximum(norm, _hparams.cast_hyperparameter(eps, dtype)).astype(wide)).astype(dtype)
-  dot = lambda p, q: jnp.matmul(p, q, precision=jax.lax.Precision.HIGHEST, preferred_element_type=wide)
+
+  def dot(p, q):  # products accumulated in `wide`, at full precision on every backend
+    return jnp.matmul(p, q, precision=jax.lax.Precision.HIGHEST, preferred_element_type=wide)
+
   for _ in range(steps):
     gram = dot(x, x.T).astype(dtype)
     update = (b * gram.astype(wide) + c * dot(gram, gram)).astype(dtype)
@@ -116,7 +119,8 @@ def orthogonalize(
   """
   if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
     raise ValueError(f"ns_coefficients must be a tuple of exactly 3 values (a, b, c); got {ns_coefficients!r}.")
-  coefficients = tuple(float(x) for x in ns_coefficients)
+  a, b, c = (float(x) for x in ns_coefficients)
+  coefficients = (a, b, c)
   if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
     raise ValueError(f"ns_steps must be an integer in [0, 100) (PyTorch's bound); got {ns_steps!r}.")
   _hparams.check_hyperparameter("eps", eps, low=0.0, wide_dtype=True)

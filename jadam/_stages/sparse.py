@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +141,10 @@ def coalesce(g: BCOO) -> tuple[jax.Array, jax.Array]:
   idx = row_ids(g.indices[:, 0], rows)
   k = idx.shape[0]
   valid = idx < rows
-  expand = lambda mask: mask.reshape((k,) + (1,) * (g.data.ndim - 1))
+
+  def expand(mask):  # one flag per row, broadcast over the row's values
+    return mask.reshape((k,) + (1,) * (g.data.ndim - 1))
+
   if g.unique_indices:
     return idx, jnp.where(expand(valid), g.data, jnp.zeros_like(g.data))
   if k == 0:
@@ -175,9 +179,12 @@ def accumulate_rows(g: BCOO, total: jax.Array) -> tuple[BCOO, BCOO, jax.Array]:
   dtype = _common.compute_dtype(total.dtype)
   gd = data.astype(dtype)
   nu = _rows_of(total, rows, is_sorted=is_sorted).astype(dtype) + _common.componentwise(lambda a: a * a, gd)
-  flags = dict(shape=g.shape, indices_sorted=g.indices_sorted, unique_indices=g.unique_indices)
   idx = rows.astype(g.indices.dtype)[:, None]
-  return BCOO((data, idx), **flags), BCOO((nu, idx), **flags), _put_rows(total, rows, nu, is_sorted=is_sorted)
+
+  def like_g(values: jax.Array) -> BCOO:
+    return BCOO((values, idx), shape=g.shape, indices_sorted=g.indices_sorted, unique_indices=g.unique_indices)
+
+  return like_g(data), like_g(nu), _put_rows(total, rows, nu, is_sorted=is_sorted)
 
 
 def _rows_of(x: jax.Array, idx: jax.Array, *, is_sorted: bool = False) -> jax.Array:
@@ -271,14 +278,17 @@ def scale_by_sparse_moments(
     _common.check_state(stage, state, ScaleBySparseMomentsState)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_common.is_update_leaf)
     try:
-      counts, mus, nus = (treedef.flatten_up_to(x) for x in (state.count, state.mu, state.nu))
+      # jaxlib ships no stub for PyTreeDef: mypy cannot see its methods
+      counts, mus, nus = (treedef.flatten_up_to(x) for x in (state.count, state.mu, state.nu))  # type: ignore[attr-defined]
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{stage}: the gradients and the state are different trees ({e}). {_common.STATE_HINT}")
+      raise ValueError(f"{stage}: the gradients and the state are different trees ({e}). {_common.STATE_HINT}") from e
     out, new_counts, new_mus, new_nus = [], [], [], []
-    for (path, g), t, m, v in zip(leaves, counts, mus, nus):
+    for (path, g), t, m, v in zip(leaves, counts, mus, nus, strict=True):
       if g is None or not _common.is_float_leaf(m):
         out.append(g)  # as jadam's dense stages do: a None or integer gradient goes through as it came
-        new_counts.append(t), new_mus.append(m), new_nus.append(v)
+        new_counts.append(t)
+        new_mus.append(m)
+        new_nus.append(v)
         continue
       check_gradient(stage, where=jax.tree_util.keystr(path) or "the root", g=g, table=m)
       rows, data = coalesce(g)
@@ -350,7 +360,7 @@ def dense_rows(inner: optax.GradientTransformation, *, pass_through: bool) -> op
     out, state = inner.update(dense, state, params)
     if pass_through:
       leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=_common.is_update_leaf)
-      out = jax.tree_util.tree_unflatten(treedef, [g if r is None else r for g, r in zip(leaves, rows)])
+      out = jax.tree_util.tree_unflatten(treedef, [g if r is None else r for g, r in zip(leaves, rows, strict=True)])
     return out, state
 
   return optax.GradientTransformation(inner.init, update_fn)
@@ -386,17 +396,20 @@ def accumulate_rows_of(inner: optax.GradientTransformation) -> optax.GradientTra
     _common.check_tree(stage, updates, "the state's sum_of_squares", state.sum_of_squares, _common.STATE_HINT)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_common.is_update_leaf)
     mus, nus, kept = [], [], []
-    for (path, g), s in zip(leaves, treedef.flatten_up_to(state.sum_of_squares)):
+    sums = treedef.flatten_up_to(state.sum_of_squares)  # type: ignore[attr-defined]  # jaxlib: no PyTreeDef stub
+    for (path, g), s in zip(leaves, sums, strict=True):
       if is_sparse(g):
         check_gradient(stage, jax.tree_util.keystr(path) or "the root", g, s)
         grad, nu, s = accumulate_rows(g, s)
-        mus.append(grad), nus.append(nu), kept.append(s)
       elif _common.is_float_leaf(g):
         gc = g.astype(_common.compute_dtype(g.dtype))
-        nu = s.astype(gc.dtype) + _common.componentwise(lambda a: a * a, gc)
-        mus.append(g), nus.append(nu), kept.append(nu.astype(s.dtype))
+        grad, nu = g, s.astype(gc.dtype) + _common.componentwise(lambda a: a * a, gc)
+        s = nu.astype(s.dtype)
       else:
-        mus.append(g), nus.append(g), kept.append(s)
+        grad, nu = g, g
+      mus.append(grad)
+      nus.append(nu)
+      kept.append(s)
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
     count = optax.safe_increment(state.count)
     mu = unflat(mus)
@@ -552,7 +565,7 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
     if unknown:
       raise ValueError(f"ids names tables {unknown} that are not in params; its paths are {names[:8]}.")
     tables, local_ids, rows_of = {}, {}, {}
-    for name, (path, table) in zip(names, leaves):
+    for name, (_, table) in zip(names, leaves, strict=True):
       if name not in ids:
         continue
       i = jnp.asarray(ids[name])
@@ -569,10 +582,10 @@ def value_and_sparse_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> 
     def on_rows(leaf_values):
       return fun(jax.tree_util.tree_unflatten(treedef, leaf_values), {**ids, **local_ids}, *args)
 
-    values = [tables.get(name, leaf) for name, (_, leaf) in zip(names, leaves)]
+    values = [tables.get(name, leaf) for name, (_, leaf) in zip(names, leaves, strict=True)]
     value, grads = jax.value_and_grad(on_rows, has_aux=has_aux)(values)
     out = []
-    for name, (_, table), g in zip(names, leaves, grads):
+    for name, (_, table), g in zip(names, leaves, grads, strict=True):
       if name in rows_of:
         g = BCOO((g, rows_of[name][:, None]), shape=table.shape, indices_sorted=True, unique_indices=True)
       out.append(g)

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -244,11 +245,11 @@ def _search_table(signed: bool) -> np.ndarray:
   b = np.zeros(16, np.float32)
   cap = np.zeros(16, np.int32)
   b[0], cap[0] = zero + 0.5, zero
-  separators = [bounds[zero]]  # between 0 and the first positive code
+  found = [bounds[zero]]  # the separators: between 0 and the first positive code
   for i in range(7):
     members = positive[decade == i]
     first, n = int(members[0]), len(members)
-    separators.append(bounds[first + n - 1])  # above the decade's last code
+    found.append(bounds[first + n - 1])  # above the decade's last code
     inner = bounds[first : first + n - 1].astype(np.float64)  # inner[j - 1] lies between codes first+j-1, first+j
     target = np.arange(first + 1, first + n, dtype=np.float64)
     slope = n / (0.9 * 10.0 ** (i - 6)) if n > 1 else 0.0
@@ -259,7 +260,7 @@ def _search_table(signed: bool) -> np.ndarray:
     assert n == 1 or fit.max() < 2e-5, "the affine fit of a decade's boundaries"
     assert np.float64(s[i + 1]) * bounds[first - 1] + b[i + 1] >= first + 0.1, "the decade's lower separator"
   s[8], b[8], cap[8] = 0.0, top + 0.5, top
-  separators = np.asarray(separators, np.float32)
+  separators = np.asarray(found, np.float32)
   d0 = np.zeros(32, np.int32)
   thr = np.full(32, np.inf, np.float32)
   for k in range(-31, 1):
@@ -493,7 +494,10 @@ def store(
     return _Pair(v.astype(c.dtype), a), v
 
   out = jax.tree.map(one, updates, values, state.codes, state.absmax, is_leaf=lambda x: x is None)
-  is_out = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], _Pair)
+
+  def is_out(x):  # what `one` returns for a leaf: stop there, not inside the pair
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], _Pair)
+
   return (
     QuantizedMoment(
       codes=jax.tree.map(lambda o: o[0].codes, out, is_leaf=is_out),

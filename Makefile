@@ -10,11 +10,14 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 .PHONY: test lint test-min mnist bench docs test-isa wheel-smoke
+# The formatter's check, the linter and the type checker first: they take seconds, the tests many minutes.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
-# The linter and the type checker (configured in pyproject.toml); not yet part of `make test`.
+# The linter and the type checker alone (configured in pyproject.toml), as `make test` runs them before the tests.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

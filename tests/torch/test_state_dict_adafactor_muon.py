@@ -72,7 +72,7 @@ def _same_state_dict(got, want):
       assert got["state"][i][key].shape == value.shape and got["state"][i][key].dtype == value.dtype, (i, key)
       np.testing.assert_allclose(got["state"][i][key].numpy(), value.numpy(), rtol=1e-12, atol=1e-300)
   assert len(got["param_groups"]) == len(want["param_groups"])
-  for g, w in zip(got["param_groups"], want["param_groups"]):
+  for g, w in zip(got["param_groups"], want["param_groups"], strict=True):
     assert g.keys() == w.keys() and g["params"] == w["params"]
     assert all(g[k] == w[k] for k in w if k != "params"), (g, w)
 

@@ -3,6 +3,17 @@ r"""Lazy Adam on an embedding table: jadam's sparse step vs the dense jadam.adam
     python -m benchmarks.sparse             # 1,000,000 x 64 float32 table, 4,096 Zipf ids a step
     python -m benchmarks.sparse --quick     # 100,000 rows, fewer steps
     python -m benchmarks.sparse --torch-threads 1   # torch on one thread (a loaded machine)
+    python -m benchmarks.sparse --sgd-adagrad       # jadam.torch.SGD / Adagrad on row-sparse gradients instead
+
+With ``--sgd-adagrad`` it times `jadam.torch.SGD` (no momentum: with momentum
+jadam's buffer is dense and torch's a sparse tensor of every row touched) and
+`jadam.torch.Adagrad` on the same Zipf gradients, through
+``jadam.make_update_step`` (parameters and state donated; their row-sparse
+path is XLA's: coalesce, gather, scatter), at two table sizes, against
+torch's sparse SGD and Adagrad, the fused SparseAdam kernel on the same ids
+(which reads and writes two moments where Adagrad has one sum and SGD none)
+and the bytes each step must move at the machine's streaming bandwidth:
+whether a fused in-place kernel would serve.
 
 Each step gets 4,096 ids drawn from a Zipf law over the rows (exponent 1.1,
 so a few rows recur often and most appear rarely), with their duplicates, and
@@ -43,6 +54,7 @@ import numpy as np
 from jax.experimental.sparse import BCOO
 
 import jadam
+import jadam.torch
 
 
 def zipf_ids(rng: np.random.Generator, rows: int, k: int, a: float = 1.1) -> np.ndarray:
@@ -91,6 +103,81 @@ def _structs(tx, rows, dim, k, sparse):
   return params, jax.eval_shape(tx.init, params), grads
 
 
+def _bandwidth_gbs(n: int = 1 << 24) -> float:
+  """NumPy's a = 2 c, then a = a + b, over float32 arrays of `n` entries: bytes moved over the best of 5, GB/s."""
+  b, c = np.ones(n, np.float32), np.ones(n, np.float32)
+  a = np.empty_like(b)
+  best = np.inf
+  for _ in range(5):
+    t0 = time.perf_counter()
+    np.multiply(c, np.float32(2.0), out=a)
+    np.add(a, b, out=a)
+    best = min(best, time.perf_counter() - t0)
+  return 5 * n * 4 / best / 1e9  # c read and a written, then a and b read and a written
+
+
+def sgd_adagrad(args, rng) -> None:
+  """Row-sparse SGD and Adagrad: jadam's XLA path against torch, the fused SparseAdam kernel and the bytes moved."""
+  dim, k = args.dim, args.ids
+  sizes = (args.rows // 10, args.rows)
+  batches = {
+    r: [(zipf_ids(rng, r, k), rng.standard_normal((k, dim)).astype(np.float32)) for _ in range(8)] for r in sizes
+  }
+  unique = float(np.mean([len(np.unique(ids)) for ids, _ in batches[args.rows]]))
+  gbs = _bandwidth_gbs()
+  print(f"streaming bandwidth (NumPy, one thread): {gbs:.1f} GB/s\n")
+  # bytes a step must move: the gradient's values and ids once, then per distinct row the parameter row read and
+  # written (SGD), plus Adagrad's sum row read and written; SparseAdam's m and v rows twice more.
+  grad_bytes = k * (dim + 1) * 4
+  moved = {"SGD": grad_bytes + 2 * unique * dim * 4, "Adagrad": grad_bytes + 4 * unique * dim * 4}
+  moved["SparseAdam"] = grad_bytes + 6 * unique * dim * 4
+  txs = {
+    "SGD": jadam.torch.SGD(lr=0.1),
+    "Adagrad": jadam.torch.Adagrad(lr=0.1),
+    "SparseAdam": jadam.torch.SparseAdam(lr=1e-3),
+  }
+  results: dict[tuple[str, int], float] = {}
+  for rows in sizes:
+    grads = [{"table": BCOO((jnp.asarray(v), jnp.asarray(i)[:, None]), shape=(rows, dim))} for i, v in batches[rows]]
+    for name, tx in txs.items():
+      results[(f"jadam.torch.{name}", rows)] = _time_jadam(
+        jadam.make_update_step(tx), tx, rng, rows, dim, grads, args.steps
+      )
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None:
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    for rows in sizes:
+      tgrads = [
+        torch.sparse_coo_tensor(torch.from_numpy(i.astype(np.int64))[None], torch.from_numpy(v), (rows, dim))
+        for i, v in batches[rows]
+      ]
+      for name, kw in (("SGD", dict(lr=0.1)), ("Adagrad", dict(lr=0.1)), ("SparseAdam", dict(lr=1e-3))):
+        p = torch.nn.Parameter(torch.randn(rows, dim))
+        opt = getattr(torch.optim, name)([p], **kw)
+
+        def torch_step(i, p=p, opt=opt, tgrads=tgrads):
+          p.grad = tgrads[i % len(tgrads)]
+          opt.step()
+
+        torch_step(0)
+        results[(f"torch.optim.{name} ({torch.get_num_threads()} threads)", rows)] = _median_time(
+          torch_step, args.steps
+        )
+  print(f"{k:,} ids a step ({unique:,.0f} distinct at V={args.rows:,}), rows of {dim} float32; median step, ms")
+  width = max(len(name) for name, _ in results)
+  print(f"{'step':<{width}}  " + "  ".join(f"{'V=' + format(r, ','):>13}" for r in sizes) + "  bytes / bandwidth")
+  for name in dict.fromkeys(n for n, _ in results):
+    kind = name.split(".")[-1].split(" ")[0]
+    bound = moved[kind] / (gbs * 1e9) * 1e3
+    cells = "  ".join(f"{results[(name, r)] * 1e3:13.3f}" for r in sizes)
+    print(f"{name:<{width}}  {cells}  {bound:8.3f}")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rows", type=int, default=1_000_000)
@@ -98,6 +185,7 @@ def main(argv=None) -> None:
   parser.add_argument("--ids", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--sgd-adagrad", action="store_true", help="time row-sparse SGD and Adagrad instead")
   parser.add_argument(
     "--torch-threads", type=int, default=None, help="torch's intra-op threads (default: torch's own choice)"
   )
@@ -110,6 +198,9 @@ def main(argv=None) -> None:
   unique = np.mean([len(np.unique(ids)) for ids, _ in batches])
   print(f"table {rows:,} x {dim} float32, {k:,} Zipf ids a step ({unique:,.0f} distinct on average)")
   print(f"device: {jax.devices()[0].device_kind}, {args.steps} steps each, median step time\n")
+  if args.sgd_adagrad:
+    sgd_adagrad(args, rng)
+    return
 
   results = {}
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import typing
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,17 +114,18 @@ def _rebase(default_lr: Any, group_lr: Any, index: int, n_groups: int) -> Any:
   A group that gives its own schedule or scheduler keeps it.
   """
   own = group_lr is not _groups.UNSET
-  if own and _value(group_lr) is None:
+  value = _value(group_lr) if own else None
+  if own and value is None:
     return group_lr  # the group's own schedule or scheduler
   if isinstance(default_lr, (OneCycleLR, CyclicLR)):
     return default_lr.for_group(index, n_groups)
-  if not own:
+  if value is None:  # the group gives no lr
     return default_lr
   _check_lr(group_lr)
   if isinstance(default_lr, (LRScheduler, ReduceLROnPlateau)):
-    return default_lr.rebase(_value(group_lr))
+    return default_lr.rebase(value)
   if _hparams.is_schedule(default_lr):
-    return _scaled_schedule(default_lr, _value(group_lr))
+    return _scaled_schedule(default_lr, value)
   return group_lr
 
 
@@ -131,7 +134,9 @@ def _scaled_schedule(schedule: Callable[[Any], Any], group_lr: float) -> Callabl
   try:
     first = float(schedule(jnp.zeros([], jnp.int32)))
   except Exception as e:  # noqa: BLE001 - a schedule that cannot be read at step 0 outside a trace
-    raise ValueError(f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), but s(0) failed: {e}")
+    raise ValueError(
+      f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), but s(0) failed: {e}"
+    ) from e
   if first == 0.0 or not np.isfinite(first):
     raise ValueError(
       f"a group's lr of {group_lr} scales the default lr schedule by s(t) / s(0), and s(0) is {first}; give the group"
@@ -219,7 +224,8 @@ def _etas(x: Any) -> tuple:
   return x
 
 
-_any = lambda x: x
+def _any(x: Any) -> Any:
+  return x
 
 
 # --- LBFGS --------------------------------------------------------------------------------
@@ -276,7 +282,7 @@ class Spec:
   alias: Callable[..., optax.GradientTransformation]
   args: tuple
   momentum: str | None = None
-  make: Callable[["Spec", dict, dict], optax.GradientTransformation] | None = None
+  make: Callable[[Spec, dict, dict], optax.GradientTransformation] | None = None
   lr_check: Callable[[Any], Any] = _lr
 
 
@@ -285,11 +291,11 @@ def _front(name: str, spec: Spec, params: Params, defaults: dict) -> optax.Gradi
 
   def build(hp):
     spec.lr_check(hp["lr"])
-    kw = {}
+    kw: dict[str, Any] = {}
     for arg, check, key in spec.args:
       value = check(hp[arg])
       if isinstance(key, tuple):
-        kw.update(zip(key, value))
+        kw.update(zip(key, value, strict=True))
       elif key is not None:
         kw[key] = value
     cycled = _cycled_momentum(hp["lr"], kw.get(spec.momentum) if spec.momentum else None, name)
@@ -324,6 +330,7 @@ def _make_sgd(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
 def _make_nadam_radam(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
   """NAdam and RAdam, one builder: under ReduceLROnPlateau their decoupled decay takes the additive form."""
   if kw["decoupled_weight_decay"] and isinstance(hp["lr"], ReduceLROnPlateau):
+    direction: tuple[optax.GradientTransformation, ...]
     if spec.alias is _alias.nadam:
       direction = (_correct.nesterov_correct(kw["momentum_decay"]), normalize(kw["eps"]))
     else:
@@ -957,7 +964,7 @@ def _make_muon(spec: Spec, hp: dict, kw: dict) -> optax.GradientTransformation:
   """Muon; under ReduceLROnPlateau its decoupled decay takes the additive form (the rate lives in the plateau)."""
   if not isinstance(hp["lr"], ReduceLROnPlateau):
     return spec.alias(hp["lr"], **kw)
-  ns_dtype = spec.alias.keywords["ns_dtype"]  # Muon() binds it
+  ns_dtype = typing.cast(functools.partial, spec.alias).keywords["ns_dtype"]  # Muon() binds it
   return optax.chain(
     _scale.momentum(kw["momentum"], nesterov=kw["nesterov"], ema=True),
     _orthogonal.orthogonalize(
@@ -1007,7 +1014,9 @@ def Adafactor(
   foreach: bool | None = None,
   maximize: bool = False,
 ) -> optax.GradientTransformation:
-  r"""`torch.optim.Adafactor`: :func:`jadam.adafactor` (factored second moments, relative step :math:`\min(\alpha, 1/\sqrt t)`).
+  r"""`torch.optim.Adafactor`: :func:`jadam.adafactor`, factored second moments and a relative step.
+
+  The step size is :math:`\min(\alpha, 1/\sqrt t)` times the parameter's RMS (at least epsilon2).
 
   Arguments, defaults and argument checks are PyTorch's: ``eps = (epsilon1, epsilon2)``
   (epsilon1 None: each parameter dtype's machine epsilon), `d` the clipping

@@ -75,6 +75,9 @@ class LRScheduler:
 
   if TYPE_CHECKING:  # what every subclass defines, declared for the type checker only
 
+    @property
+    def lr(self) -> float: ...  # the initial learning rate (a field or a property of each subclass)
+
     def _factor(self, epoch: jax.Array) -> jax.Array: ...
 
   def __post_init__(self):
@@ -740,7 +743,7 @@ class _Composite(LRScheduler):
 
   @property
   def lr(self) -> float:
-    return self.schedulers[0].lr  # type: ignore[attr-defined]  # every scheduler has an lr (a field or a property)
+    return self.schedulers[0].lr
 
   def rebase(self, lr: float) -> _Composite:
     out = copy.copy(self)

@@ -24,7 +24,8 @@ command on your machine.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +35,16 @@ import optax
 from jadam._core import common as _common
 from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
+from jadam._lbfgs import LbfgsState
 from jadam._stages.correct import NesterovCorrectState
 from jadam._stages.factored import ScaleByFactoredMomentsState
 from jadam._stages.moments import AccumulateSquaresState, MaxNuState, ScaleByInfMomentsState, ScaleByMomentsState
 from jadam._stages.scale import MomentumState, ScaleByAsgdState, ScaleByDeltaState, ScaleByRpropState
 from jadam._stages.sparse import ScaleBySparseMomentsState
+from jadam._tuning.plateau import ReduceLROnPlateauState
 from jadam.torch import _groups
-from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau, ReduceLROnPlateauState
+from jadam.torch._optim import AsgdOnPlateauState
+from jadam.torch._schedulers import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 __all__ = ("TorchName", "flax_names", "load_checkpoint", "load_state_dict", "scheduler_state_dict", "state_dict")
 
@@ -143,8 +147,13 @@ _PER_TABLE = frozenset({"SparseAdam"})  # optimizers whose tables count their ow
 
 
 def _asgd_eta(hp: Mapping[str, Any], step: int) -> float:
-  """ASGD's `eta` after `step` steps: PyTorch's `lr / (1 + lambd * lr * step) ** alpha`, lr that of the last step."""
-  lr, lambd, alpha = _at(hp["lr"], step - 1), float(hp["lambd"]), float(hp["alpha"])
+  """ASGD's `eta` after `step` steps, lr that of the last step (a number or a schedule's value)."""
+  return _asgd_eta_of(_at(hp["lr"], step - 1), hp, step)
+
+
+def _asgd_eta_of(lr: float, hp: Mapping[str, Any], step: int) -> float:
+  """PyTorch's ASGD `eta` after `step` steps whose last ran at rate `lr`: `lr / (1 + lambd * lr * step) ** alpha`."""
+  lambd, alpha = float(hp["lambd"]), float(hp["alpha"])
   return lr / ((1 + lambd * lr * float(step)) ** alpha)
 
 
@@ -292,7 +301,7 @@ def flax_names(params: Any, module: Any) -> dict[str, TorchName]:
     parts = owner.split(".") if owner else []
     candidates = ["/".join([*parts, flax_leaf])]
     if any(s.isdigit() for s in parts):  # Linen names a list's items layers_0
-      merged = []
+      merged: list[str] = []
       for s in parts:
         if s.isdigit() and merged:
           merged[-1] = f"{merged[-1]}_{s}"
@@ -486,8 +495,10 @@ def load_state_dict(
   into the stage that holds it, transposed as `names` says; PyTorch's ``step``
   becomes every stage's step count, which is also the position of a scheduler
   given as `lr` (SparseAdam's per-table ``step`` becomes each table's count).
-  ASGD's ``eta`` and ``mu``, which jadam derives from the step, are checked.
-  Updates of `tx` from the returned state then equal PyTorch's next steps.
+  ASGD's ``eta`` and ``mu``, which jadam derives from the step, are checked
+  (under ReduceLROnPlateau, ``eta`` gives the rate of the step before, which
+  ASGD's next step reads). Updates of `tx` from the returned state then equal
+  PyTorch's next steps.
   For Adam8bit/AdamW8bit the state dict is bitsandbytes' (each parameter's
   ``state1``/``state2`` uint8 codes, ``absmax1``/``absmax2`` block scales and
   ``qmap1``/``qmap2`` under ``"__bnb_optimizer_quant_state__"``, or float32
@@ -525,6 +536,31 @@ def load_state_dict(
   """
   what = "jadam.torch.load_state_dict"
   spec = _spec(tx, what)
+  sd = _read_state_dict(what, state_dict)
+  if spec.name in _EIGHT_BIT:
+    return _load_8bit(what, tx, spec, params, sd, names, scheduler, steps)
+  if spec.name == "LBFGS":
+    return _load_lbfgs(what, tx, spec, params, sd, names)
+  run = _match(what, spec, params, sd, names)
+  ndims = _ndims(params)
+  taken, odd = _steps_taken(what, spec, run, ndims)
+  step = _common_step(what, spec, taken, run.names, scheduler, steps)
+  plateau = _check_hyperparameters(what, run, step, scheduler)
+  if odd:
+    p, have, expect = odd[0]
+    raise ValueError(
+      f"{what}: parameter {run.names[p].name!r} ({p}) has state {have}, but torch.optim.{spec.name}"
+      f" with these hyperparameters keeps {expect}: is this another optimizer's state dict?"
+    )
+  _check_plateau_scheduler(what, plateau, scheduler, step)
+  template = tx.init(params)  # every tensor is converted before the state is built: nothing partial on an error
+  values = _collect(what, spec, run, _stages(template), ndims, taken, step)
+  last_lrs = _asgd_last_lrs(what, spec, run, step) if plateau and spec.name == "ASGD" else {}
+  return _walk(template, _filler(step, values, plateau, last_lrs, dict(scheduler or {})))
+
+
+def _read_state_dict(what: str, state_dict: Any) -> Mapping[str, Any]:
+  """An optimizer's state dict, read from its file if given a path; refused unless it has PyTorch's two keys."""
   if isinstance(state_dict, (str, os.PathLike)):
     state_dict = load_checkpoint(state_dict)
   if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "param_groups"}:
@@ -533,178 +569,255 @@ def load_state_dict(
       f"{what}: state_dict must be a torch.optim optimizer's state_dict() (keys 'state' and 'param_groups');"
       f" got {keys}. A checkpoint dict holds it under its own key, e.g. checkpoint['optim']."
     )
-  if spec.name in _EIGHT_BIT:
-    return _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps)
-  if spec.name == "LBFGS":
-    return _load_lbfgs(what, tx, spec, params, state_dict, names)
-  _refuse_asgd_plateau(what, spec)
+  return state_dict
+
+
+class _Run(NamedTuple):
+  """A PyTorch state dict matched to a jadam.torch optimizer's groups."""
+
+  groups: list[tuple[str, dict, list[str]]]  # (jadam label, tx's hyperparameters, leaf paths in PyTorch's order)
+  saved: list[Mapping[str, Any]]  # the state dict's param groups, in the same order
+  ids: dict[str, Any]  # jadam path -> PyTorch's parameter id
+  per_param: Mapping[Any, Mapping[str, Any]]  # the state dict's "state"
+  names: dict[str, TorchName]
+
+
+def _match(what: str, spec: _groups.Groups, params: Any, sd: Mapping[str, Any], names: Any) -> _Run:
+  """Step 1: match the state dict's param groups and parameters to `tx`'s (keys, names, counts)."""
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
-  saved = list(state_dict["param_groups"])
+  saved = list(sd["param_groups"])
   if len(saved) != len(groups):
     raise ValueError(
       f"{what}: the state dict has {len(saved)} param groups, tx has {len(groups)}"
       f" ({', '.join(label for label, _, _ in groups)})."
     )
-  layout = _LAYOUT[spec.name]
   wanted = set(spec.groups[0]) | set(_FLAGS_OF[spec.name])
-  index: dict[str, int] = {}  # jadam path -> PyTorch's parameter id
-  for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
-    keys = set(sg) - {"params", "param_names"} - _SCHEDULER_KEYS
-    if keys != wanted:
-      raise ValueError(
-        f"{what}: this is not a state dict of torch.optim.{spec.name}: its param group {g} has"
-        f" {sorted(keys)}, {spec.name}'s has {sorted(wanted)}"
-        + (f" (missing {sorted(wanted - keys)})" if wanted - keys else "")
-        + (f" (extra {sorted(keys - wanted)})" if keys - wanted else "")
-        + "."
-      )
-    ids = list(sg["params"])
-    if "param_names" in sg:
-      by_name = {names[p].name: p for p in paths}
-      unknown = [n for n in sg["param_names"] if n not in by_name]
-      absent = [names[p].name for p in paths if names[p].name not in set(sg["param_names"])]
-      if unknown or absent:
-        raise ValueError(
-          f"{what}: param group {g} of the state dict and tx's {label} hold different parameters:"
-          + (f" extra in the state dict: {unknown};" if unknown else "")
-          + (f" missing from the state dict: {absent};" if absent else "")
-          + " (names gives tx's PyTorch names)."
-        )
-      paths = [by_name[n] for n in sg["param_names"]]
-    if len(ids) != len(paths):
-      raise ValueError(
-        f"{what}: param group {g} of the state dict holds {len(ids)} parameters, tx's {label} holds"
-        f" {len(paths)} ({paths[:6]}{'...' if len(paths) > 6 else ''}): a parameter is missing or extra."
-      )
-    index.update(zip(paths, ids))
-  # Which PyTorch keys each parameter must have, and the step.
-  per_param = state_dict["state"]
+  index: dict[str, Any] = {}
+  for g, ((label, _, paths), sg) in enumerate(zip(groups, saved, strict=True)):
+    _check_group_keys(what, spec.name, g, sg, wanted)
+    index.update(_group_index(what, g, label, paths, sg, names))
+  per_param = sd["state"]
   unknown_ids = sorted(set(per_param) - set(index.values()), key=str)
   if unknown_ids:
     raise ValueError(f"{what}: the state dict has state for parameter ids {unknown_ids} of no param group.")
+  return _Run(groups, saved, index, per_param, names)
+
+
+def _check_group_keys(what: str, name: str, g: int, sg: Mapping[str, Any], wanted: set[str]) -> None:
+  keys = set(sg) - {"params", "param_names"} - _SCHEDULER_KEYS
+  if keys != wanted:
+    raise ValueError(
+      f"{what}: this is not a state dict of torch.optim.{name}: its param group {g} has"
+      f" {sorted(keys)}, {name}'s has {sorted(wanted)}"
+      + (f" (missing {sorted(wanted - keys)})" if wanted - keys else "")
+      + (f" (extra {sorted(keys - wanted)})" if keys - wanted else "")
+      + "."
+    )
+
+
+def _group_index(
+  what: str, g: int, label: str, paths: list[str], sg: Mapping[str, Any], names: dict[str, TorchName]
+) -> dict[str, Any]:
+  """{jadam path: PyTorch parameter id} of one group, by position (or by `param_names` where saved)."""
+  ids = list(sg["params"])
+  if "param_names" in sg:
+    by_name = {names[p].name: p for p in paths}
+    saved_names = set(sg["param_names"])
+    unknown = [n for n in sg["param_names"] if n not in by_name]
+    absent = [names[p].name for p in paths if names[p].name not in saved_names]
+    if unknown or absent:
+      raise ValueError(
+        f"{what}: param group {g} of the state dict and tx's {label} hold different parameters:"
+        + (f" extra in the state dict: {unknown};" if unknown else "")
+        + (f" missing from the state dict: {absent};" if absent else "")
+        + " (names gives tx's PyTorch names)."
+      )
+    paths = [by_name[n] for n in sg["param_names"]]
+  if len(ids) != len(paths):
+    raise ValueError(
+      f"{what}: param group {g} of the state dict holds {len(ids)} parameters, tx's {label} holds"
+      f" {len(paths)} ({paths[:6]}{'...' if len(paths) > 6 else ''}): a parameter is missing or extra."
+    )
+  return dict(zip(paths, ids, strict=True))
+
+
+def _steps_taken(
+  what: str, spec: _groups.Groups, run: _Run, ndims: dict[str, int]
+) -> tuple[dict[str, int], list[tuple[str, list[str], list[str]]]]:
+  """Step 2: each parameter's step count (0: no state; -1: stepped, not counted, as SGD), and the parameters
+  whose state keys are not `tx`'s (reported after the hyperparameters, which name the likelier mistake)."""
+  layout = _LAYOUT[spec.name]
   taken: dict[str, int] = {}
-  odd = []  # parameters whose state keys are not tx's: reported after the hyperparameters
-  ndims = _ndims(params)
-  for label, hp, paths in groups:
+  odd = []
+  for _, hp, paths in run.groups:
     expect = {key for key, _, _, kept in layout if kept(hp)}
     for p in paths:
-      entry = per_param.get(index[p], {})
+      entry = run.per_param.get(run.ids[p], {})
       if not entry:
         taken[p] = 0
         continue
       if set(entry) != {key for key in expect if _has(key, ndims[p])}:
         odd.append((p, sorted(entry), sorted(expect)))
-      if "step" in entry:
-        taken[p] = _step_count(what, names[p].name, entry["step"])
-      else:
-        taken[p] = -1  # stepped, count unknown (SGD)
+      taken[p] = _step_count(what, run.names[p].name, entry["step"]) if "step" in entry else -1
+  return taken, odd
+
+
+def _common_step(
+  what: str,
+  spec: _groups.Groups,
+  taken: dict[str, int],
+  names: dict[str, TorchName],
+  scheduler: Mapping[str, Any] | None,
+  steps: int | None,
+) -> int:
+  """Step 3: the one step count of the run, from the parameters' counts, the scheduler or `steps`."""
   counts = {v for v in taken.values() if v >= 0}
   stepped = any(v != 0 for v in taken.values())
   if spec.name in _PER_TABLE and len(counts) > 1:  # tables that missed steps: the step count is the calls'
-    step = _per_table_step(what, spec, max(counts), scheduler, steps)
-  elif stepped and 0 in counts:
+    return _per_table_step(what, spec, max(counts), scheduler, steps)
+  if stepped and 0 in counts:
     zero = [names[p].name for p, v in taken.items() if v == 0][:4]
     raise ValueError(
       f"{what}: parameters {zero} have no state while others have been stepped: in PyTorch they got no"
       " gradient, and jadam steps every parameter; this run cannot be continued exactly."
     )
-  else:
-    if stepped:
-      counts.discard(0)
-    if len(counts) > 1:
-      raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
-    step = counts.pop() if counts else None
-    step = _resolve_step(what, spec, step, stepped, scheduler, steps)
-  # Hyperparameters and the schedule's position.
+  if stepped:
+    counts.discard(0)
+  if len(counts) > 1:
+    raise ValueError(f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam needs one.")
+  return _resolve_step(what, spec, counts.pop() if counts else None, stepped, scheduler, steps)
+
+
+def _check_hyperparameters(what: str, run: _Run, step: int, scheduler: Mapping[str, Any] | None) -> dict[str, float]:
+  """Step 4: each group's hyperparameters are `tx`'s at `step`; returns {label: the plateau's lr} for the groups
+  whose lr is a ReduceLROnPlateau (its rate is state, read from the state dict)."""
   plateau = {}
-  for g, ((label, hp, paths), sg) in enumerate(zip(groups, saved)):
+  for g, ((label, hp, _), sg) in enumerate(zip(run.groups, run.saved, strict=True)):
     for key, mine in hp.items():
-      theirs = sg[key]
       if key == "lr" and isinstance(mine, (LRScheduler, ReduceLROnPlateau)) and scheduler is not None:
         _check_epoch(what, mine, scheduler, step)
       if key == "lr" and isinstance(mine, ReduceLROnPlateau):
-        plateau[label] = float(theirs)
+        plateau[label] = float(sg[key])
         continue
-      value = _at(mine, step)
-      cycled = hp["lr"] if isinstance(hp["lr"], OneCycleLR) and hp["lr"].cycle_momentum else None
-      if cycled is not None and key in ("betas", "momentum"):  # PyTorch's OneCycleLR writes these
-        m = float(cycled.momentum(step))
-        value = (m, value[1]) if key == "betas" else m
-      if not _close(value, _at(theirs, 0)):
+      value = _value_at(key, mine, hp, step)
+      if not _close(value, _at(sg[key], 0)):
         raise ValueError(
-          f"{what}: param group {g} has {key}={theirs!r} but tx's {label} has {key}={value!r}"
+          f"{what}: param group {g} has {key}={sg[key]!r} but tx's {label} has {key}={value!r}"
           f"{' at step ' + str(step) if callable(mine) else ''}: build tx with the run's hyperparameters."
         )
-  if odd:
-    p, have, expect = odd[0]
-    raise ValueError(
-      f"{what}: parameter {names[p].name!r} ({p}) has state {have}, but torch.optim.{spec.name}"
-      f" with these hyperparameters keeps {expect}: is this another optimizer's state dict?"
-    )
+  return plateau
+
+
+def _value_at(key: str, mine: Any, hp: Mapping[str, Any], step: int) -> Any:
+  """Hyperparameter `key` of a group at `step`, as PyTorch's param group holds it (OneCycleLR writes the
+  momentum, or beta1, of each step into the group)."""
+  value = _at(mine, step)
+  cycled = hp["lr"] if isinstance(hp["lr"], OneCycleLR) and hp["lr"].cycle_momentum else None
+  if cycled is not None and key in ("betas", "momentum"):
+    m = float(cycled.momentum(step))
+    return (m, value[1]) if key == "betas" else m
+  return value
+
+
+def _check_plateau_scheduler(
+  what: str, plateau: dict[str, float], scheduler: Mapping[str, Any] | None, step: int
+) -> None:
   if plateau and scheduler is None and step:
     raise ValueError(f"{what}: tx's lr is a ReduceLROnPlateau: pass the PyTorch scheduler's state_dict() too.")
   if plateau and scheduler is not None and "best" not in scheduler:
     raise ValueError(f"{what}: tx's lr is a ReduceLROnPlateau but the scheduler state dict is not one.")
 
-  # Convert every tensor first: nothing partial on an error.
-  template = tx.init(params)
-  stages = _stages(template)
-  values: dict[tuple[str, type, str], Any] = {}
-  for label, hp, paths in groups:
+
+def _collect(
+  what: str,
+  spec: _groups.Groups,
+  run: _Run,
+  stages: dict[str, dict[type, Any]],
+  ndims: dict[str, int],
+  taken: dict[str, int],
+  step: int,
+) -> dict[tuple, Any]:
+  """Step 5: every PyTorch tensor as the jadam array that replaces a leaf of the template, keyed
+  (label, stage state type, field) for a group's scalar and (label, type, field, path) for a leaf."""
+  values: dict[tuple, Any] = {}
+  for label, hp, paths in run.groups:
     here = stages.get(label, {})
-    for key, typ, field, kept in layout:
+    for key, typ, field, kept in _LAYOUT[spec.name]:
       if (field == "count" and spec.name not in _PER_TABLE) or not kept(hp):
         continue
       if typ not in here:
         raise ValueError(f"{what}: tx's state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
-      if field == "count":  # SparseAdam's own count per table
-        leaves = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(here[typ].count)}
-        for p in paths:
-          values[(label, typ, field, p)] = jnp.asarray(taken[p], leaves[p].dtype)
-        continue
       if key in _DERIVED:
-        want = _DERIVED[key](hp, step)
+        _check_derived(what, spec.name, run, key, hp, paths, step)
+        continue
+      if field == "count":  # SparseAdam's own count per table
+        counts = _leaves(here[typ].count)
+        values.update({(label, typ, field, p): jnp.asarray(taken[p], counts[p].dtype) for p in paths})
+      elif key in _SCALARS:
+        values.update(_collect_scalar(what, run, key, (label, typ, field), getattr(here[typ], field), paths))
+      else:
+        leaves = _leaves(getattr(here[typ], field))
         for p in paths:
-          entry = per_param.get(index[p])
-          if entry and not _close(float(_as_numpy(entry[key], key)), want, _DERIVED_RTOL):
-            raise ValueError(
-              f"{what}: parameter {names[p].name!r} has {key}={float(_as_numpy(entry[key], key))!r}, but"
-              f" torch.optim.{spec.name} with tx's hyperparameters has {key}={want!r} after {step} steps:"
-              " build tx with the run's hyperparameters (and schedule)."
-            )
-        continue
-      if key in _SCALARS:
-        vals = {float(_as_numpy(per_param[index[p]][key], key)) for p in paths if per_param.get(index[p])}
-        if len(vals) > 1:
-          raise ValueError(f"{what}: parameters of one group disagree on {key} ({sorted(vals)}).")
-        if vals:
-          values[(label, typ, field)] = jnp.asarray(vals.pop(), getattr(here[typ], field).dtype)
-        continue
-      tree = getattr(here[typ], field)
-      leaves = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-      for p in paths:
-        entry = per_param.get(index[p])
-        if not entry or not _has(key, ndims[p]):
-          continue
-        a = _as_numpy(entry[key], f"{names[p].name}'s {key}")
-        perm = names[p].perm
-        if perm is not None:
-          if len(perm) != a.ndim:
-            raise ValueError(f"{what}: {names[p].name!r}: perm {perm} for {key} of shape {a.shape}.")
-          a = np.transpose(a, perm)
-        want = leaves[p]
-        if a.shape != want.shape:
-          raise ValueError(
-            f"{what}: parameter {names[p].name!r} ({p}): PyTorch's {key} has shape"
-            f" {tuple(_as_numpy(entry[key], key).shape)}{' (transposed by ' + str(perm) + ': ' + str(a.shape) + ')' if perm else ''},"
-            f" the jadam leaf {want.shape}; a transposed kernel needs names with TorchName(name, perm)."
-          )
-        values[(label, typ, field, p)] = jnp.asarray(a, want.dtype)
+          entry = run.per_param.get(run.ids[p])
+          if entry and _has(key, ndims[p]):
+            values[(label, typ, field, p)] = _tensor_for(what, key, entry[key], run.names[p], p, leaves[p])
+  return values
 
-  sched = dict(scheduler) if scheduler is not None else {}
 
-  def fill(node, label):
+def _leaves(tree: Any) -> dict[str, Any]:
+  return {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_derived(
+  what: str, name: str, run: _Run, key: str, hp: Mapping[str, Any], paths: list[str], step: int
+) -> None:
+  """ASGD's eta and mu, which jadam computes from the step: PyTorch's must be what its formula gives."""
+  if key == "eta" and isinstance(hp["lr"], ReduceLROnPlateau):
+    return  # the rate it reads is the step before's: `_asgd_last_lrs` recovers it from eta
+  want = _DERIVED[key](hp, step)
+  for p in paths:
+    entry = run.per_param.get(run.ids[p])
+    if entry and not _close(float(_as_numpy(entry[key], key)), want, _DERIVED_RTOL):
+      raise ValueError(
+        f"{what}: parameter {run.names[p].name!r} has {key}={float(_as_numpy(entry[key], key))!r}, but"
+        f" torch.optim.{name} with tx's hyperparameters has {key}={want!r} after {step} steps:"
+        " build tx with the run's hyperparameters (and schedule)."
+      )
+
+
+def _collect_scalar(what: str, run: _Run, key: str, where: tuple, template: Any, paths: list[str]) -> dict:
+  """A number PyTorch copies into every parameter's state (NAdam's mu_product), held once per group by jadam."""
+  vals = {float(_as_numpy(run.per_param[run.ids[p]][key], key)) for p in paths if run.per_param.get(run.ids[p])}
+  if len(vals) > 1:
+    raise ValueError(f"{what}: parameters of one group disagree on {key} ({sorted(vals)}).")
+  return {where: jnp.asarray(vals.pop(), template.dtype)} if vals else {}
+
+
+def _tensor_for(what: str, key: str, tensor: Any, name: TorchName, path: str, want: Any) -> jax.Array:
+  """PyTorch's `key` of one parameter as the jadam leaf `want` holds it (transposed by the name's perm)."""
+  a = _as_numpy(tensor, f"{name.name}'s {key}")
+  perm = name.perm
+  if perm is not None:
+    if len(perm) != a.ndim:
+      raise ValueError(f"{what}: {name.name!r}: perm {perm} for {key} of shape {a.shape}.")
+    a = np.transpose(a, perm)
+  if a.shape != want.shape:
+    transposed = f" (transposed by {perm}: {a.shape})" if perm else ""
+    raise ValueError(
+      f"{what}: parameter {name.name!r} ({path}): PyTorch's {key} has shape"
+      f" {tuple(_as_numpy(tensor, key).shape)}{transposed},"
+      f" the jadam leaf {want.shape}; a transposed kernel needs names with TorchName(name, perm)."
+    )
+  return jnp.asarray(a, want.dtype)
+
+
+def _filler(
+  step: int, values: dict[tuple, Any], plateau: dict[str, float], last_lrs: dict[str, float], sched: dict
+) -> Callable[[Any, str], Any]:
+  """Step 6: the function that `_walk` calls on each stage state of the template to put the collected values in."""
+
+  def fill(node: Any, label: str) -> Any:
     replace = {}
     for f in getattr(node, "_fields", ()):
       v = getattr(node, f)
@@ -719,14 +832,62 @@ def load_state_dict(
 
         replace[f] = jax.tree_util.tree_map_with_path(put, v)
     if isinstance(node, ReduceLROnPlateauState) and label in plateau:
-      replace["lr"] = jnp.asarray(plateau[label], node.lr.dtype)
-      if "best" in sched:
-        replace["best"] = jnp.asarray(float(sched["best"]), node.best.dtype)
-        replace["num_bad_epochs"] = jnp.asarray(int(sched["num_bad_epochs"]), node.num_bad_epochs.dtype)
-        replace["cooldown_counter"] = jnp.asarray(int(sched["cooldown_counter"]), node.cooldown_counter.dtype)
+      replace.update(_plateau_fields(node, plateau[label], sched))
+    if isinstance(node, AsgdOnPlateauState) and label in last_lrs:
+      replace["last_lr"] = jnp.asarray(last_lrs[label], node.last_lr.dtype)
     return node._replace(**replace) if replace else node
 
-  return _walk(template, fill)
+  return fill
+
+
+def _plateau_fields(node: ReduceLROnPlateauState, lr: float, sched: Mapping[str, Any]) -> dict[str, jax.Array]:
+  out = {"lr": jnp.asarray(lr, node.lr.dtype)}
+  if "best" in sched:
+    out["best"] = jnp.asarray(float(sched["best"]), node.best.dtype)
+    out["num_bad_epochs"] = jnp.asarray(int(sched["num_bad_epochs"]), node.num_bad_epochs.dtype)
+    out["cooldown_counter"] = jnp.asarray(int(sched["cooldown_counter"]), node.cooldown_counter.dtype)
+  return out
+
+
+def _asgd_last_lrs(what: str, spec: _groups.Groups, run: _Run, step: int) -> dict[str, float]:
+  r"""ASGD under ReduceLROnPlateau: each group's rate of the last step, which ASGD's next step size reads.
+
+  PyTorch keeps that rate only inside the stored :math:`\eta = \alpha_{t} / (1 + \lambda\alpha_{t} t)^{a}`
+  (the scheduler may have lowered the group's lr since): it is the group's current lr if that gives
+  :math:`\eta`, else the rate between the current lr and the current lr over the plateau's factor (the
+  reduction, or one clamped at `min_lr`) that gives :math:`\eta`, found by bisection to the last bits.
+  Before any step it is the group's lr, which PyTorch's first step reads.
+  """
+  out = {}
+  for g, ((label, hp, paths), sg) in enumerate(zip(run.groups, run.saved, strict=True)):
+    current = float(sg["lr"])
+    entries = [run.per_param[run.ids[p]] for p in paths if run.per_param.get(run.ids[p])]
+    if step == 0 or not entries:
+      out[label] = current
+      continue
+    eta = float(_as_numpy(entries[0]["eta"], "eta"))
+    last = _solve_asgd_rate(eta, current, current / hp["lr"].factor, hp, step)
+    if last is None:
+      raise ValueError(
+        f"{what}: param group {g} has eta={eta!r} after {step} steps, which no rate between its lr {current!r}"
+        f" and lr / factor gives with tx's lambd and alpha: build tx with the run's hyperparameters."
+      )
+    out[label] = last
+  return out
+
+
+def _solve_asgd_rate(eta: float, low: float, high: float, hp: Mapping[str, Any], step: int) -> float | None:
+  """The rate in [low, high] whose ASGD step size after `step` steps is `eta` (`low` itself if it serves)."""
+  if _close(_asgd_eta_of(low, hp, step), eta, _DERIVED_RTOL):
+    return low
+  lo, hi = low, high
+  for _ in range(200):  # eta grows with the rate here (d eta / d lr > 0 while lambd lr step (alpha - 1) < 1)
+    mid = 0.5 * (lo + hi)
+    if mid in (lo, hi):
+      break
+    lo, hi = (mid, hi) if _asgd_eta_of(mid, hp, step) < eta else (lo, mid)
+  best = min((lo, hi), key=lambda lr: abs(_asgd_eta_of(lr, hp, step) - eta))
+  return best if _close(_asgd_eta_of(best, hp, step), eta, _DERIVED_RTOL) else None
 
 
 def _check_epoch(what: str, sched: Any, scheduler: Mapping[str, Any], step: int) -> None:
@@ -819,104 +980,121 @@ def state_dict(
   Returns:
     ``{"state": {id: {key: tensor}}, "param_groups": [...]}`` with CPU tensors.
   """
-  torch = _require_torch()
-
   what = "jadam.torch.state_dict"
   spec = _spec(tx, what)
   if spec.name in _EIGHT_BIT:
     return _state_dict_8bit(what, spec, state, params, names)
   if spec.name == "LBFGS":
     return _state_dict_lbfgs(what, spec, state, params, names)
-  _refuse_asgd_plateau(what, spec)
   names = _normalise_names(params, names, what)
-  groups = _torch_groups(spec, params, names)
   stages = _stages(state)
-  layout = _LAYOUT[spec.name]
   step = _step_of(state)
-  sdtype = _scalar_dtype()
   ndims = _ndims(params)
   out_state: dict[int, dict[str, Any]] = {}
   out_groups = []
   pid = 0
-  for label, hp, paths in groups:
+  for label, hp, paths in _torch_groups(spec, params, names):
     here = stages.get(label, {})
-    group = {}
-    for key, mine in hp.items():
-      if key == "lr" and isinstance(mine, ReduceLROnPlateau):
-        node = here.get(ReduceLROnPlateauState)
-        group["lr"] = float(node.lr)
-        group["initial_lr"] = float(mine.lr)
-      elif key == "lr" and isinstance(mine, OneCycleLR):
-        group["lr"] = _at(mine, step)
-        group["initial_lr"] = mine.max_lr / mine.div_factor
-        group["max_lr"] = float(mine.max_lr)
-        group["min_lr"] = group["initial_lr"] / mine.final_div_factor
-        if mine.cycle_momentum:
-          group["base_momentum"], group["max_momentum"] = mine.base_momentum, mine.max_momentum
-      elif key == "lr" and isinstance(mine, LRScheduler):
-        group["lr"] = _at(mine, step)
-        group["initial_lr"] = float(mine.lr)
-      else:
-        group[key] = _at(mine, step)
-    lr = hp["lr"]
-    if isinstance(lr, OneCycleLR) and lr.cycle_momentum:  # PyTorch's OneCycleLR writes the momentum or beta1
-      m = float(lr.momentum(step))
-      if "betas" in group:
-        group["betas"] = (m, group["betas"][1])
-      elif "momentum" in group:
-        group["momentum"] = m
-    for flag in _FLAGS_OF[spec.name]:
-      group[flag] = _KERNEL_FLAGS[flag]
     ids = list(range(pid, pid + len(paths)))
     pid += len(paths)
-    group["params"] = ids
-    out_groups.append(group)
+    out_groups.append({**_param_group(spec.name, hp, here, step), "params": ids})
     if step == 0:
       continue
-    fields = {}
-    for key, typ, field, kept in layout:
-      if not kept(hp):
-        continue
-      if field == "count" and spec.name in _PER_TABLE:  # PyTorch's SparseAdam counts in a Python int, per table
-        fields[key] = {_groups.path_string(q): int(c) for q, c in jax.tree_util.tree_leaves_with_path(here[typ].count)}
-        continue
-      if field == "count":
-        fields[key] = torch.tensor(float(step), dtype=sdtype)
-        continue
-      if typ not in here:
-        raise ValueError(f"{what}: the state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
-      if key in _DERIVED:
-        fields[key] = _DERIVED[key](hp, step)
-        continue
-      v = getattr(here[typ], field)
-      if key in _SCALARS:
-        fields[key] = float(np.asarray(v, np.float64))
-        continue
-      fields[key] = {_groups.path_string(q): leaf for q, leaf in jax.tree_util.tree_leaves_with_path(v)}
-    for p, i in zip(paths, ids):
-      entry = {}
+    fields = _fields_out(what, spec.name, label, hp, here, step)
+    for p, i in zip(paths, ids, strict=True):
       if spec.name in _PER_TABLE and fields["step"].get(p, 0) == 0:
         continue  # a table that never had a gradient has no state in PyTorch
-      for key, v in fields.items():
-        if not _has(key, ndims[p]):
-          continue
-        if spec.name in _PER_TABLE and key == "step":
-          entry[key] = v[p]
-        elif isinstance(v, torch.Tensor):
-          entry[key] = v.clone()
-        elif isinstance(v, float):
-          entry[key] = torch.tensor(v, dtype=sdtype)
-        elif p not in v:
-          raise ValueError(f"{what}: the state's {key} has no leaf {p!r}: state and params do not match.")
-        else:
-          a = np.asarray(v[p])
-          perm = names[p].perm
-          if perm is not None:
-            a = np.transpose(a, np.argsort(perm))
-          entry[key] = _to_torch(a)
+      entry = _entry_out(what, spec.name, p, fields, names[p], ndims[p])
       if entry:
         out_state[i] = entry
   return {"state": out_state, "param_groups": out_groups}
+
+
+def _param_group(name: str, hp: Mapping[str, Any], here: dict[type, Any], step: int) -> dict[str, Any]:
+  """A group's hyperparameters at `step` as PyTorch's param group holds them (its schedulers' keys included)."""
+  group: dict[str, Any] = {}
+  for key, mine in hp.items():
+    if key == "lr":
+      group.update(_lr_entries(mine, here, step))
+    else:
+      group[key] = _at(mine, step)
+  lr = hp["lr"]
+  if isinstance(lr, OneCycleLR) and lr.cycle_momentum:  # PyTorch's OneCycleLR writes the momentum or beta1
+    m = float(lr.momentum(step))
+    if "betas" in group:
+      group["betas"] = (m, group["betas"][1])
+    elif "momentum" in group:
+      group["momentum"] = m
+  for flag in _FLAGS_OF[name]:
+    group[flag] = _KERNEL_FLAGS[flag]
+  return group
+
+
+def _lr_entries(lr: Any, here: dict[type, Any], step: int) -> dict[str, Any]:
+  """A group's `lr` at `step` and the keys PyTorch's scheduler adds to the group."""
+  if isinstance(lr, ReduceLROnPlateau):
+    return {"lr": float(here[ReduceLROnPlateauState].lr), "initial_lr": float(lr.lr)}
+  if isinstance(lr, OneCycleLR):
+    initial = lr.max_lr / lr.div_factor
+    out = {"lr": _at(lr, step), "initial_lr": initial, "max_lr": float(lr.max_lr)}
+    out["min_lr"] = initial / lr.final_div_factor
+    if lr.cycle_momentum:
+      out["base_momentum"], out["max_momentum"] = lr.base_momentum, lr.max_momentum
+    return out
+  if isinstance(lr, LRScheduler):
+    return {"lr": _at(lr, step), "initial_lr": float(lr.lr)}
+  return {"lr": _at(lr, step)}
+
+
+def _fields_out(
+  what: str, name: str, label: str, hp: Mapping[str, Any], here: dict[type, Any], step: int
+) -> dict[str, Any]:
+  """{PyTorch key: a tensor for every parameter, a number for the group, or {leaf path: array}} of one group."""
+  torch = _require_torch()
+
+  fields: dict[str, Any] = {}
+  for key, typ, field, kept in _LAYOUT[name]:
+    if not kept(hp):
+      continue
+    if field == "count" and name in _PER_TABLE:  # PyTorch's SparseAdam counts in a Python int, per table
+      fields[key] = {p: int(c) for p, c in _leaves(here[typ].count).items()}
+    elif field == "count":
+      fields[key] = torch.tensor(float(step), dtype=_scalar_dtype())
+    elif typ not in here:
+      raise ValueError(f"{what}: the state has no {typ.__name__} in its {label} for PyTorch's {key!r}.")
+    elif key == "eta" and isinstance(hp["lr"], ReduceLROnPlateau):  # the rate of the last step, kept by jadam
+      fields[key] = _asgd_eta_of(float(here[AsgdOnPlateauState].last_lr), hp, step)
+    elif key in _DERIVED:
+      fields[key] = _DERIVED[key](hp, step)
+    elif key in _SCALARS:
+      fields[key] = float(np.asarray(getattr(here[typ], field), np.float64))
+    else:
+      fields[key] = _leaves(getattr(here[typ], field))
+  return fields
+
+
+def _entry_out(what: str, name: str, p: str, fields: dict[str, Any], torch_name: TorchName, ndim: int) -> dict:
+  """One parameter's PyTorch state from its group's fields."""
+  torch = _require_torch()
+
+  entry = {}
+  for key, v in fields.items():
+    if not _has(key, ndim):
+      continue
+    if name in _PER_TABLE and key == "step":
+      entry[key] = v[p]
+    elif isinstance(v, torch.Tensor):
+      entry[key] = v.clone()
+    elif isinstance(v, float):
+      entry[key] = torch.tensor(v, dtype=_scalar_dtype())
+    elif p not in v:
+      raise ValueError(f"{what}: the state's {key} has no leaf {p!r}: state and params do not match.")
+    else:
+      a = np.asarray(v[p])
+      if torch_name.perm is not None:
+        a = np.transpose(a, np.argsort(torch_name.perm))
+      entry[key] = _to_torch(a)
+  return entry
 
 
 def _to_torch(a: np.ndarray):
@@ -999,21 +1177,11 @@ def _bnb_qmap(signed: bool):
   return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def _index(what, groups, saved, names) -> dict[str, int]:
+def _index(what, groups, saved, names) -> dict[str, Any]:
   """{jadam path: PyTorch parameter id}, by position in each group (or by `param_names` if saved)."""
-  index = {}
-  for g, ((label, _, paths), sg) in enumerate(zip(groups, saved)):
-    if "param_names" in sg:
-      by_name = {names[p].name: p for p in paths}
-      if set(sg["param_names"]) != set(by_name):
-        raise ValueError(f"{what}: param group {g} of the state dict and tx's {label} hold different parameters.")
-      paths = [by_name[n] for n in sg["param_names"]]
-    if len(sg["params"]) != len(paths):
-      raise ValueError(
-        f"{what}: param group {g} of the state dict holds {len(sg['params'])} parameters, tx's {label} holds"
-        f" {len(paths)}: a parameter is missing or extra."
-      )
-    index.update(zip(paths, sg["params"]))
+  index: dict[str, Any] = {}
+  for g, ((label, _, paths), sg) in enumerate(zip(groups, saved, strict=True)):
+    index.update(_group_index(what, g, label, paths, sg, names))
   return index
 
 
@@ -1033,23 +1201,34 @@ def _step_count(what: str, name: str, value: Any) -> int:
 
 def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
   """bitsandbytes' Adam8bit/AdamW8bit `state_dict()` as the state of jadam.torch's: codes and scales copied."""
-  from jadam._storage import quantize as _quantize
-
   names = _normalise_names(params, names, what)
   groups = _torch_groups(spec, params, names)
   saved = list(state_dict["param_groups"])
-  if len(saved) != len(groups):
-    raise ValueError(f"{what}: the state dict has {len(saved)} param groups, tx has {len(groups)}.")
+  _check_bnb_groups(what, spec.name, saved, len(groups))
+  index = _index(what, groups, saved, names)
+  per_param = state_dict["state"]
+  step = _bnb_step(what, spec, index, per_param, names, scheduler, steps)
+  _check_bnb_hyperparameters(what, groups, saved, step, scheduler)
+  template = tx.init(params)
+  new = _collect_8bit(what, groups, _stages(template), per_param, index, names)
+  return _walk(template, _filler_8bit(step, new))
+
+
+def _check_bnb_groups(what: str, name: str, saved: list, n_groups: int) -> None:
+  if len(saved) != n_groups:
+    raise ValueError(f"{what}: the state dict has {len(saved)} param groups, tx has {n_groups}.")
   wanted = set(_BNB_GROUP) | set(_BNB_FIXED)
   for g, sg in enumerate(saved):
     keys = set(sg) - {"params", "param_names"} - _SCHEDULER_KEYS
     if keys != wanted or any(sg[k] != v for k, v in _BNB_FIXED.items()):
       raise ValueError(
-        f"{what}: this is not a state dict of bitsandbytes' {spec.name}: its param group {g} has {sorted(keys)}"
+        f"{what}: this is not a state dict of bitsandbytes' {name}: its param group {g} has {sorted(keys)}"
         f" ({ {k: sg.get(k) for k in _BNB_FIXED} }), bitsandbytes' has {sorted(wanted)} with {_BNB_FIXED}."
       )
-  index = _index(what, groups, saved, names)
-  per_param = state_dict["state"]
+
+
+def _bnb_step(what, spec, index, per_param, names, scheduler, steps) -> int:
+  """The run's step count: every parameter's `step` (bitsandbytes keeps `step` and the quantised state)."""
   taken = {}
   for p, i in index.items():
     entry = per_param.get(i, {})
@@ -1065,8 +1244,11 @@ def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
       f"{what}: parameters took different numbers of steps ({sorted(counts)}); jadam steps every parameter."
     )
   count = counts.pop() if counts else 0
-  step = _resolve_step(what, spec, count if count else None, False, scheduler, steps)
-  for g, ((label, hp, _), sg) in enumerate(zip(groups, saved)):
+  return _resolve_step(what, spec, count if count else None, False, scheduler, steps)
+
+
+def _check_bnb_hyperparameters(what, groups, saved, step, scheduler) -> None:
+  for g, ((label, hp, _), sg) in enumerate(zip(groups, saved, strict=True)):
     if isinstance(hp["lr"], ReduceLROnPlateau):
       raise NotImplementedError(f"{what}: ReduceLROnPlateau with an 8-bit state is not carried.")
     if isinstance(hp["lr"], LRScheduler) and scheduler is not None:
@@ -1079,10 +1261,13 @@ def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
           " the run's hyperparameters."
         )
 
-  template = tx.init(params)
-  stages = _stages(template)
+
+def _collect_8bit(what, groups, stages, per_param, index, names) -> dict[str, dict[str, tuple[dict, dict]]]:
+  """{label: {"mu"/"nu": ({path: codes}, {path: absmax})}} from each parameter's quantised state."""
+  from jadam._storage import quantize as _quantize
+
   qmaps = {"1": _quantize.dynamic_map(True), "2": _quantize.dynamic_map(False)}  # jadam's codes' values
-  new: dict[str, dict[str, Any]] = {}  # label -> {"mu"/"nu": QuantizedMoment}
+  new: dict[str, dict[str, tuple[dict, dict]]] = {}
   for label, _, paths in groups:
     moments = stages[label][ScaleByMomentsState]
     for n, field in (("1", "mu"), ("2", "nu")):
@@ -1091,70 +1276,71 @@ def _load_8bit(what, tx, spec, params, state_dict, names, scheduler, steps):
         entry = per_param.get(index[p])
         if not entry:
           continue
-        quant = entry[_BNB]
-        c, a = codes[p], absmax[p]
-        s = _as_numpy(quant[f"state{n}"], f"{names[p].name}'s state{n}")
-        if c.dtype == jnp.uint8:
-          if s.dtype != np.uint8 or f"absmax{n}" not in quant:
-            raise ValueError(
-              f"{what}: {names[p].name!r}: bitsandbytes kept a 32-bit state{n}, tx an 8-bit one: build tx with"
-              " the run's min_8bit_size."
-            )
-          if names[p].perm is not None:
-            raise ValueError(
-              f"{what}: {names[p].name!r}: an 8-bit moment cannot be transposed (its blocks are runs of"
-              " PyTorch's row-major layout); give the leaf PyTorch's layout."
-            )
-          q = _as_numpy(quant[f"qmap{n}"], f"qmap{n}")
-          if q.shape != qmaps[n].shape or not np.allclose(q, qmaps[n], rtol=2e-7, atol=0):
-            raise ValueError(
-              f"{what}: {names[p].name!r}: qmap{n} is not bitsandbytes' dynamic map, the values of jadam's codes."
-            )
-          s_abs = _as_numpy(quant[f"absmax{n}"], f"absmax{n}")
-          if s.shape != c.shape or s_abs.size != a.size:
-            raise ValueError(
-              f"{what}: {names[p].name!r}: state{n} {s.shape} / absmax{n} {s_abs.shape}, tx's {c.shape} /"
-              f" {a.shape}: a block size other than tx's?"
-            )
-          new.setdefault(label, {}).setdefault(field, ({}, {}))
-          new[label][field][0][p] = jnp.asarray(s)
-          new[label][field][1][p] = jnp.asarray(s_abs.reshape(a.shape), a.dtype)
-        else:
-          if s.dtype == np.uint8:
-            raise ValueError(
-              f"{what}: {names[p].name!r}: bitsandbytes kept an 8-bit state{n}, tx a 32-bit one: build tx with"
-              " the run's min_8bit_size."
-            )
-          if names[p].perm is not None:
-            s = np.transpose(s, names[p].perm)
-          if s.shape != c.shape:
-            raise ValueError(f"{what}: {names[p].name!r}: state{n} has shape {s.shape}, tx's leaf {c.shape}.")
-          new.setdefault(label, {}).setdefault(field, ({}, {}))
-          new[label][field][0][p] = jnp.asarray(s, c.dtype)
+        c, a = _bnb_moment(what, names[p], entry[_BNB], n, codes[p], absmax[p], qmaps[n])
+        got = new.setdefault(label, {}).setdefault(field, ({}, {}))
+        got[0][p] = c
+        if a is not None:
+          got[1][p] = a
+  return new
 
-  def fill(node, label):
-    if type(node) is not ScaleByMomentsState and not (_is_count(getattr(node, "count", None))):
-      return node
+
+def _bnb_moment(what, name, quant, n, c, a, qmap) -> tuple[jax.Array, jax.Array | None]:
+  """One moment of one parameter: bitsandbytes' codes and block scales where tx keeps 8 bits (copied as they
+  are, after checking the map and the blocks), its 32-bit state (transposed by the name's perm) otherwise."""
+  s = _as_numpy(quant[f"state{n}"], f"{name.name}'s state{n}")
+  if c.dtype != jnp.uint8:
+    if s.dtype == np.uint8:
+      raise ValueError(
+        f"{what}: {name.name!r}: bitsandbytes kept an 8-bit state{n}, tx a 32-bit one: build tx with"
+        " the run's min_8bit_size."
+      )
+    if name.perm is not None:
+      s = np.transpose(s, name.perm)
+    if s.shape != c.shape:
+      raise ValueError(f"{what}: {name.name!r}: state{n} has shape {s.shape}, tx's leaf {c.shape}.")
+    return jnp.asarray(s, c.dtype), None
+  if s.dtype != np.uint8 or f"absmax{n}" not in quant:
+    raise ValueError(
+      f"{what}: {name.name!r}: bitsandbytes kept a 32-bit state{n}, tx an 8-bit one: build tx with"
+      " the run's min_8bit_size."
+    )
+  if name.perm is not None:
+    raise ValueError(
+      f"{what}: {name.name!r}: an 8-bit moment cannot be transposed (its blocks are runs of"
+      " PyTorch's row-major layout); give the leaf PyTorch's layout."
+    )
+  q = _as_numpy(quant[f"qmap{n}"], f"qmap{n}")
+  if q.shape != qmap.shape or not np.allclose(q, qmap, rtol=2e-7, atol=0):
+    raise ValueError(f"{what}: {name.name!r}: qmap{n} is not bitsandbytes' dynamic map, the values of jadam's codes.")
+  s_abs = _as_numpy(quant[f"absmax{n}"], f"absmax{n}")
+  if s.shape != c.shape or s_abs.size != a.size:
+    raise ValueError(
+      f"{what}: {name.name!r}: state{n} {s.shape} / absmax{n} {s_abs.shape}, tx's {c.shape} /"
+      f" {a.shape}: a block size other than tx's?"
+    )
+  return jnp.asarray(s), jnp.asarray(s_abs.reshape(a.shape), a.dtype)
+
+
+def _filler_8bit(step: int, new: dict[str, dict[str, tuple[dict, dict]]]) -> Callable[[Any, str], Any]:
+  """The function that `_walk` calls on each stage state: the step count, and the 8-bit moments put in."""
+
+  def put(table: dict) -> Callable[[Any, Any], Any]:
+    return lambda q, leaf: table.get(_groups.path_string(q), leaf)
+
+  def fill(node: Any, label: str) -> Any:
     replace = {}
     if _is_count(getattr(node, "count", None)):
       replace["count"] = jnp.asarray(step, node.count.dtype)
     if type(node) is ScaleByMomentsState:
-      for field in ("mu", "nu"):
-        got = new.get(label, {}).get(field)
-        if got is None:
-          continue
+      for field, (codes, absmax) in new.get(label, {}).items():
         m = getattr(node, field)
-
-        def put(q, leaf, table):
-          return table.get(_groups.path_string(q), leaf)
-
         replace[field] = m._replace(
-          codes=jax.tree_util.tree_map_with_path(lambda q, x: put(q, x, got[0]), m.codes),
-          absmax=jax.tree_util.tree_map_with_path(lambda q, x: put(q, x, got[1]), m.absmax),
+          codes=jax.tree_util.tree_map_with_path(put(codes), m.codes),
+          absmax=jax.tree_util.tree_map_with_path(put(absmax), m.absmax),
         )
-    return node._replace(**replace)
+    return node._replace(**replace) if replace else node
 
-  return _walk(template, fill)
+  return fill
 
 
 def _state_dict_8bit(what, spec, state, params, names):
@@ -1183,7 +1369,7 @@ def _state_dict_8bit(what, spec, state, params, names):
       continue
     moments = stages[label][ScaleByMomentsState]
     leaves = {n: _moment_leaves(getattr(moments, f)) for n, f in (("1", "mu"), ("2", "nu"))}
-    for p, i in zip(paths, ids):
+    for p, i in zip(paths, ids, strict=True):
       quant = {}
       for n, (codes, absmax) in leaves.items():
         c = np.asarray(codes[p])
@@ -1199,15 +1385,6 @@ def _state_dict_8bit(what, spec, state, params, names):
           quant[f"state{n}"] = _to_torch(c)
       out_state[i] = {"step": step, _BNB: quant}
   return {"state": out_state, "param_groups": out_groups}
-
-
-def _refuse_asgd_plateau(what: str, spec: _groups.Groups) -> None:
-  """ASGD's eta under ReduceLROnPlateau reads the previous step's rate, which PyTorch's state dicts do not keep."""
-  if spec.name == "ASGD" and any(isinstance(hp["lr"], ReduceLROnPlateau) for hp in spec.groups):
-    raise NotImplementedError(
-      f"{what}: jadam.torch.ASGD with a ReduceLROnPlateau has no state dict mapping yet (its eta reads the rate"
-      " of the step before, which the plateau's state dict does not hold)."
-    )
 
 
 # ----------------------------------------------------------------------------------------------------- LBFGS
@@ -1240,16 +1417,19 @@ def _lbfgs_group(what: str, spec: _groups.Groups, saved: list, n_params: int, na
 
 def _load_lbfgs(what, tx, spec, params, state_dict, names):
   """`torch.optim.LBFGS(...).state_dict()` as the :class:`jadam.LbfgsState` that continues it."""
-  from jadam._lbfgs import LbfgsState
-
   _lbfgs_group(what, spec, list(state_dict["param_groups"]), len(jax.tree.leaves(params)), names)
   state = tx.init(params)
   if not isinstance(state, LbfgsState):
     raise TypeError(f"{what}: tx's state is not an LbfgsState; pass jadam.torch.LBFGS(...) itself.")
   saved = dict(state_dict["state"].get(state_dict["param_groups"][0]["params"][0], {}))
   n, m, dtype = state.d.shape[0], state.ro.shape[0], state.d.dtype
-  vec = lambda key: _lbfgs_vector(what, key, saved[key], n, dtype)
-  scalar = lambda x: jnp.asarray(float(_as_numpy(x, what)), dtype)
+
+  def vec(key: str) -> jax.Array:
+    return _lbfgs_vector(what, key, saved[key], n, dtype)
+
+  def scalar(x: Any) -> jax.Array:
+    return jnp.asarray(float(_as_numpy(x, what)), dtype)
+
   history = {key: list(saved.get(key, [])) for key in ("old_dirs", "old_stps", "ro")}
   k = len(history["ro"])
   if k > m or any(len(v) != k for v in history.values()):
@@ -1264,7 +1444,10 @@ def _load_lbfgs(what, tx, spec, params, state_dict, names):
   )
   if "d" not in saved:  # no iteration yet (or the first step found a stationary point)
     return out
-  pad = lambda rows, width: jnp.stack(rows + [jnp.zeros(width, dtype)] * (m - k)) if m else jnp.zeros((0,) + width)
+
+  def pad(rows: list[jax.Array], width: tuple[int, ...]) -> jax.Array:
+    return jnp.stack(rows + [jnp.zeros(width, dtype)] * (m - k)) if m else jnp.zeros((0, *width))
+
   al = [jnp.nan if a is None else float(_as_numpy(a, what)) for a in saved.get("al", [None] * m)]
   if len(al) != m:
     raise ValueError(f"{what}: the state dict's al has {len(al)} entries; tx's history_size is {m}.")
@@ -1290,9 +1473,7 @@ def _lbfgs_vector(what: str, key: str, t: Any, n: int, dtype: Any) -> jax.Array:
 
 def _state_dict_lbfgs(what, spec, state, params, names):
   """A :class:`jadam.LbfgsState` as `torch.optim.LBFGS`'s state dict."""
-  import torch
-
-  from jadam._lbfgs import LbfgsState
+  torch = _require_torch()
 
   if not isinstance(state, LbfgsState):
     raise TypeError(f"{what}: state is not an LbfgsState; pass the state of jadam.torch.LBFGS(...).")
@@ -1301,7 +1482,10 @@ def _state_dict_lbfgs(what, spec, state, params, names):
   group = {key: hp[key] for key in _LBFGS_GROUP}
   group["lr"] = _at(hp["lr"], int(state.count))
   _lbfgs_group(what, spec, [{**group, "params": list(range(n_params))}], n_params, names)
-  tensor = lambda a: _to_torch(np.asarray(a)).reshape(np.shape(a))  # 0-d stays 0-d: torch's alpha= needs a number
+
+  def tensor(a: Any) -> Any:
+    return _to_torch(np.asarray(a)).reshape(np.shape(a))  # 0-d stays 0-d: torch's alpha= needs a number
+
   n_iter, k = int(state.n_iter), int(state.num_old)
   saved: dict[str, Any] = {"func_evals": int(state.func_evals), "n_iter": n_iter}
   if n_iter > 0:

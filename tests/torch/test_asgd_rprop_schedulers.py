@@ -216,10 +216,3 @@ class JitVariantsTest(chex.TestCase):
           np.testing.assert_allclose(
             np.asarray(params[a][b]), want[k][t], rtol=0, atol=TOL * np.max(np.abs(want[k][t]))
           )
-
-
-def test_asgd_on_plateau_state_dict_is_refused_clearly():
-  tx = jadam.torch.ASGD(lr=jadam.torch.ReduceLROnPlateau(0.05))
-  params = {"w": jnp.ones(3)}
-  with pytest.raises(NotImplementedError, match="ReduceLROnPlateau has no state dict mapping"):
-    jadam.torch.state_dict(tx, tx.init(params), params)

@@ -281,6 +281,70 @@ def test_reduce_on_plateau_mid_patience():
   assert_close(last.run(curv, noise, 95, steps, metrics), want)
 
 
+ASGD_PLATEAU = dict(factor=0.5, patience=1, min_lr=0.02)  # a flat metric: the rate falls at scheduler steps 3, 5, 7
+
+
+@pytest.mark.parametrize(
+  "handover, last_lr",
+  [(5, 0.05), (6, 0.025), (7, 0.025)],
+  ids=["right_after_a_reduction", "between_reductions", "right_after_the_min_lr_clamp"],
+)
+def test_asgd_on_plateau_both_ways(handover, last_lr):
+  """ASGD's step size reads the rate of the step before, which only its saved eta holds: torch -> jadam at the
+  hand-over, jadam -> torch 20 steps later, against the uninterrupted torch run (the lr of each step checked)."""
+  steps = 40
+  params0, curv, noise = problem(SHAPES, steps)
+  metrics = [1.0] * steps
+  kw = dict(lr=0.1, lambd=0.3, alpha=0.75, t0=5, weight_decay=0.01)
+
+  def make(pg):
+    return torch.optim.ASGD(pg, **kw)
+
+  def sched(opt):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **ASGD_PLATEAU)
+
+  want = TorchRun(make, params0, None, sched).run(curv, noise, 0, steps, metrics)
+  first = TorchRun(make, params0, None, sched)
+  lrs = [first.opt.param_groups[0]["lr"]]
+  for t in range(handover):
+    first.run(curv, noise, t, t + 1, metrics)
+    lrs.append(first.opt.param_groups[0]["lr"])
+  assert lrs[handover - 1] == last_lr  # the rate of the last step before the hand-over
+  assert lrs == [0.1, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.02][: handover + 1]
+  sd, ssd = first.opt.state_dict(), first.sched.state_dict()
+  tx = jt.ASGD(lr=jt.ReduceLROnPlateau(lr=0.1, **ASGD_PLATEAU), lambd=0.3, alpha=0.75, t0=5, weight_decay=0.01)
+  params = to_jax({k: p.detach().numpy() for k, p in first.tensors.items()}, NAMES)
+  state = jt.load_state_dict(tx, params, sd, names=NAMES, scheduler=ssd)
+  assert float(state.last_lr) == pytest.approx(last_lr, rel=1e-15)
+  back = jt.state_dict(tx, state, params, names=NAMES)  # torch -> jadam -> torch: the same numbers
+  for i, entry in sd["state"].items():
+    for key, value in entry.items():
+      np.testing.assert_allclose(back["state"][i][key].numpy(), value.numpy(), rtol=1e-15, atol=0)
+  assert back["param_groups"][0]["lr"] == sd["param_groups"][0]["lr"]
+  params, state = run_jax(tx, params, state, curv, noise, handover, handover + 20, NAMES, metrics)
+  last = TorchRun(make, to_torch(params, NAMES), None, sched)
+  last.opt.load_state_dict(jt.state_dict(tx, state, params, names=NAMES))
+  last.sched.load_state_dict(jt.scheduler_state_dict(tx, state, params, last.sched.state_dict()))
+  assert_close(last.run(curv, noise, handover + 20, steps, metrics), want)
+
+
+def test_asgd_on_plateau_refuses_an_eta_no_rate_gives():
+  params0, curv, noise = problem(SHAPES, 5)
+  run = TorchRun(
+    lambda pg: torch.optim.ASGD(pg, lr=0.1, lambd=0.3),
+    params0,
+    None,
+    lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, **ASGD_PLATEAU),
+  )
+  run.run(curv, noise, 0, 5, [1.0] * 5)
+  sd = run.opt.state_dict()
+  for entry in sd["state"].values():
+    entry["eta"] = entry["eta"] * 3  # above the eta of any rate between the current lr and lr / factor
+  tx = jt.ASGD(lr=jt.ReduceLROnPlateau(lr=0.1, **ASGD_PLATEAU), lambd=0.3)
+  with pytest.raises(ValueError, match="eta=.* which no rate"):
+    jt.load_state_dict(tx, to_jax(params0, NAMES), sd, names=NAMES, scheduler=run.sched.state_dict())
+
+
 def test_cnn_flax_names_transposes_kernels():
   """A Conv2d + Linear torch module and its Flax NNX twin: OIHW <-> HWIO and (out, in) <-> (in, out)."""
   nnx = pytest.importorskip("flax.nnx")

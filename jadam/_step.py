@@ -25,8 +25,9 @@ a transformation's structure is Adam's (jadam's stages, possibly inside
 `optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`
 or `partition`: see `jadam._kernels.plan`) the helpers here therefore call a
 compiled single-pass kernel instead, with the same results and the same state;
-everything else takes the generic path. `jax.export` and lowerings for other
-platforms get the kernel's arithmetic in plain XLA.
+everything else takes the generic path. `jax.export`, lowerings for other
+platforms, and `vmap` or `jax.grad` of a jitted step run the stages themselves
+(`jadam._kernels.dispatch`).
 
 Row-sparse gradients (`jadam.sparse_adam` on `BCOO` gradients, see
 `jadam._stages.sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):

@@ -130,10 +130,7 @@ def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: boo
     except _base.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
-  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
-    return _sparse.update_and_apply(tx, grads, state, params)
-  updates, state = tx.update(grads, state, params)
-  return optax.apply_updates(params, updates), state
+  return _plan.stages_step(tx, grads, state, params)  # row-sparse (BCOO) gradients: a scatter, O(k d)
 
 
 class _Step:

@@ -25,8 +25,9 @@ a transformation's structure is Adam's (jadam's stages, possibly inside
 `optax.chain`, `clip_by_global_norm`, `apply_if_finite`, `inject_hyperparams`
 or `partition`: see `jadam._kernels.plan`) the helpers here therefore call a
 compiled single-pass kernel instead, with the same results and the same state;
-everything else takes the generic path. `jax.export` and lowerings for other
-platforms get the kernel's arithmetic in plain XLA.
+everything else takes the generic path. `jax.export`, lowerings for other
+platforms, and `vmap` or `jax.grad` of a jitted step run the stages themselves
+(`jadam._kernels.dispatch`).
 
 Row-sparse gradients (`jadam.sparse_adam` on `BCOO` gradients, see
 `jadam._stages.sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):
@@ -129,10 +130,7 @@ def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: boo
     except _base.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
-  if _sparse.has_sparse(grads):  # row-sparse (BCOO) gradients: scatter into the touched rows, O(k d)
-    return _sparse.update_and_apply(tx, grads, state, params)
-  updates, state = tx.update(grads, state, params)
-  return optax.apply_updates(params, updates), state
+  return _plan.stages_step(tx, grads, state, params)  # row-sparse (BCOO) gradients: a scatter, O(k d)
 
 
 class _Step:

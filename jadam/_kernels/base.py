@@ -42,6 +42,23 @@ def for_export(ctx) -> bool:
   return params is None or bool(getattr(params, "for_export", True))
 
 
+def check_lowering(ctx: Any, primitive: Any) -> None:
+  """A kernel's primitive lowers to its custom call only: never for `jax.export` (the planner binds it inside
+  `jadam._kernels.dispatch`'s primitive, which lowers the stages there)."""
+  if for_export(ctx):
+    raise NotImplementedError(
+      f"{primitive.name} lowers only to the CPU kernel, not for jax.export; bind it through jadam._kernels.dispatch"
+    )
+
+
+def flatten_up_to(treedef: Any, tree: Any) -> list[Any]:
+  """The subtrees of `tree` at the leaves of `treedef` (``PyTreeDef.flatten_up_to``, which jaxlib ships untyped).
+
+  Raises `ValueError` or `TypeError` where `treedef` is not a prefix of `tree`'s structure.
+  """
+  return list(treedef.flatten_up_to(tree))
+
+
 def single_device(x: Any) -> bool:
   sharding = getattr(x, "sharding", None)
   if sharding is None:

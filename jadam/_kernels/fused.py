@@ -29,10 +29,11 @@ what the kernel computes exactly; anything else runs as its stages. Served:
 The scalars' layout and the mode bits come from `jadam._kernels.abi`, the one
 table shared with the C++.
 
-**Exportable.** The primitive lowers to the C++ custom call only when lowering
-for the CPU outside `jax.export`; for `jax.export` and every other platform it
-lowers to the same arithmetic in plain XLA (`_xla_leaf`, `_xla_leaf_8bit`), so an exported
-module holds no jadam custom call and a GPU or TPU lowering is pure XLA.
+**Exportable.** `adam_step_p` lowers only to the C++ custom call, for this
+CPU. The planner binds it inside `jadam._kernels.dispatch`'s primitive, whose
+other lowerings (`jax.export`, other platforms), batching rule and derivative
+run the stages themselves, so an exported module holds no jadam custom call and
+a GPU or TPU lowering is the stages' XLA.
 """
 
 from __future__ import annotations
@@ -46,18 +47,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 from jadam._core import common as _common
 from jadam._core import hparams as _hparams
 from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
-from jadam._kernels.base import Ctx, Unserved, for_export, select, tracing_ok
+from jadam._kernels.base import Ctx, Unserved, check_lowering, flatten_up_to, for_export, select, tracing_ok
 from jadam._stages import moments as _moments
 from jadam._storage import bf16 as _lowp
 from jadam._storage import quantize as _quantize
 
-# The kernel's scalar layout and mode bits, from the one ABI table (checked against adam_cpu.cc by tests/kernels/test_abi.py).
+# The kernel's scalar layout and mode bits, from the one ABI table (checked against adam_cpu.cc by
+# tests/kernels/test_abi.py).
 _N_SCALARS = _abi.N_SCALARS
 _OMB1, _B1, _OMB2, _B2, _C1, _C2, _EPS_ROOT, _EPS, _NEG_LR, _WD = (
   _abi.S[k] for k in ("OMB1", "B1", "OMB2", "B2", "C1", "C2", "EPS_ROOT", "EPS", "NEG_LR", "WD")
@@ -85,84 +87,10 @@ _MANY_LEAVES, _SMALL_LEAF = 256, 1 << 15
 # maximum) per leaf; `count` (uint32) is the step count for the stochastic rounding of bfloat16 moments, whose
 # leaves' positions `streams` lists (empty where the moments have the parameters' dtype). With `block_size` > 0
 # the moments are 8-bit (jadam.Quantized): the leaves are g, p, m codes, m absmax, v codes, v absmax.
-def _xla_grad(s, g, p, *, mode: int):
-  """The gradient as the moments see it: clipped, negated (maximize), plus coupled L2, in XLA."""
-  if mode & CLIP:
-    g = jnp.where(s[_CLIP_ON] != 0, (g / s[_CLIP_NORM]) * s[_CLIP_MAX], g)
-  if mode & NEGATE:
-    g = -g
-  if mode & COUPLED:
-    g = g + s[_WD] * p
-  return g
-
-
-def _xla_params(s, u, p, *, mode: int):
-  """The new parameters from the direction `u`: decoupled L2, the learning rate, torch's decay, a rejected step."""
-  if mode & DECOUPLED:
-    u = u + s[_WD] * p
-  delta = s[_NEG_LR] * u
-  if mode & TORCH_DECAY:
-    delta = (p * s[_FACTOR] + delta) - p
-  return jnp.where(s[_APPLY] != 0, p + delta, p + 0)
-
-
-def _xla_leaf(s, count, g, p, m, v, vmax, *, mode: int, stream: int | None):
-  """The kernel's arithmetic for one leaf, in XLA: the export and non-CPU lowering."""
-  gi = _xla_grad(s, g, p, mode=mode)
-  mi = _moments.first_moment(gi, m.astype(gi.dtype), s[_OMB1], s[_B1])  # PyTorch's lerp where m is not finite
-  vi = s[_OMB2] * (gi * gi) + s[_B2] * v.astype(gi.dtype)
-  if stream is not None:  # bfloat16 moments: stored rounded stochastically, read back as stored (jadam._storage.bf16)
-    mi = _lowp.round_to_bfloat16(mi, count, 2 * stream)
-    vi = _lowp.round_to_bfloat16(vi, count, 2 * stream + 1)
-  vx = jnp.maximum(vi, vmax) if mode & AMSGRAD else vi
-  # divisions as the stages write them: XLA makes them reciprocal products as it does there
-  u = (mi.astype(gi.dtype) / s[_C1]) / (jnp.sqrt(vx.astype(gi.dtype) / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
-  ok = s[_APPLY] != 0
-  out = [_xla_params(s, u, p, mode=mode), jnp.where(ok, mi, m), jnp.where(ok, vi, v)]
-  if mode & AMSGRAD:
-    out.append(jnp.where(ok, vx, vmax))
-  return out
-
-
-def _xla_leaf_8bit(s, g, p, mc, ma, vc, va, *, mode: int, block_size: int):
-  """The 8-bit kernel's arithmetic for one leaf, in XLA: jadam._storage.quantize's dequantize, update, requantize."""
-  gi = _xla_grad(s, g, p, mode=mode)
-  m = _quantize.dequantize(_quantize.QuantizedArray(mc, ma), block_size, signed=True)
-  v = _quantize.dequantize(_quantize.QuantizedArray(vc, va), block_size, signed=False)
-  mi = s[_OMB1] * gi + s[_B1] * m
-  vi = (s[_OMB2] * gi) * gi + s[_B2] * v  # 8-bit v: ((1 - b2) g) g, finite where it fits (moments._ema_leaf)
-  # the step reads the float32 moments, not the requantized ones (as scale_by_moments passes them on)
-  u = (mi / s[_C1]) / (jnp.sqrt(vi / s[_C2] + s[_EPS_ROOT]) + s[_EPS])
-  ok = s[_APPLY] != 0
-  qm = _quantize.quantize(mi, block_size, signed=True)
-  qv = _quantize.quantize(vi, block_size, signed=False)
-  keep = lambda new, old: jnp.where(ok, new, old)
-  return [
-    _xla_params(s, u, p, mode=mode),
-    keep(qm.codes, mc),
-    keep(qm.absmax, ma),
-    keep(qv.codes, vc),
-    keep(qv.absmax, va),
-  ]
-
-
 def _per_leaf(mode: int, block_size: int = 0) -> int:
   if block_size:
     return 6
   return 5 if mode & AMSGRAD else 4
-
-
-def _xla_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...], block_size: int):
-  k = _per_leaf(mode, block_size)
-  out = []
-  for j in range(0, len(leaves), k):
-    if block_size:
-      out += _xla_leaf_8bit(scalars, *leaves[j : j + k], mode=mode, block_size=block_size)
-      continue
-    g, p, m, v, *rest = leaves[j : j + k]
-    stream = streams[j // k] if streams else None
-    out += _xla_leaf(scalars, count, g, p, m, v, rest[0] if rest else None, mode=mode, stream=stream)
-  return out
 
 
 def _kernel_impl(scalars, count, *leaves, mode: int, streams: tuple[int, ...], block_size: int):
@@ -208,22 +136,12 @@ def _impl(*args, mode, streams, block_size):
 
 
 def _cpu_lowering(ctx, *args, mode, streams, block_size):
-  impl = _xla_impl if for_export(ctx) or not _build.loaded() else _kernel_impl
-  fun = functools.partial(impl, mode=mode, streams=streams, block_size=block_size)
+  check_lowering(ctx, adam_step_p)
+  fun = functools.partial(_kernel_impl, mode=mode, streams=streams, block_size=block_size)
   return mlir.lower_fun(fun, multiple_results=True)(ctx, *args)
 
 
-mlir.register_lowering(adam_step_p, mlir.lower_fun(_xla_impl, multiple_results=True))
 mlir.register_lowering(adam_step_p, _cpu_lowering, platform="cpu")
-
-
-def _batch(args, dims, *, mode, streams, block_size):
-  axes = list(dims)  # None where not mapped
-  out = jax.vmap(functools.partial(_xla_impl, mode=mode, streams=streams, block_size=block_size), in_axes=axes)(*args)
-  return out, [0] * len(out)
-
-
-batching.primitive_batchers[adam_step_p] = _batch
 
 
 # --- optax.apply_if_finite's check ----------------------------------------------
@@ -315,7 +233,7 @@ def _gather(core: Core, states, grads, params, block_size: int) -> tuple[_Leaves
   ps, treedef = jax.tree.flatten(params)
   none = [None] * len(ps)
   try:
-    flat = treedef.flatten_up_to
+    flat = functools.partial(flatten_up_to, treedef)
     if block_size:  # 8-bit moments: codes and scales; leaves below min_size keep float moments in the codes' tree
       ms, vs, mas, vas = (flat(x) for x in (mstate.mu.codes, mstate.nu.codes, mstate.mu.absmax, mstate.nu.absmax))
     else:
@@ -333,7 +251,7 @@ def _check_leaf(leaves: list, bf16: bool) -> None:
   if dtype not in _DTYPES or (bf16 and dtype != jnp.float32):
     raise Unserved(f"a {dtype} parameter: the kernel serves float32 and float64 leaves (float32 with bfloat16 moments)")
   want = [dtype, dtype, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)] if bf16 else [dtype] * len(leaves)
-  if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want)):
+  if any(jnp.shape(x) != shape or jnp.result_type(x) != w for x, w in zip(leaves, want, strict=True)):
     raise Unserved(
       f"a leaf whose gradient or moments differ from the parameter's {dtype}{list(shape)} (moment dtypes"
       " other than the parameters' or bfloat16 for both)"
@@ -343,16 +261,16 @@ def _check_leaf(leaves: list, bf16: bool) -> None:
 def _check_leaves(lv: _Leaves, block_size: int, bf16: bool) -> list[bool]:
   """Which leaves have 8-bit moments; Unserved where a leaf is not one the kernel serves."""
   eight = [False] * len(lv.p)
-  for i, leaves in enumerate(zip(*lv)):
-    leaves = [x for x in leaves if x is not None]
-    if not all(tracing_ok(x) for x in leaves):
+  for i, leaves in enumerate(zip(*lv, strict=True)):
+    present = [x for x in leaves if x is not None]
+    if not all(tracing_ok(x) for x in present):
       raise Unserved("under a transformation other than jit (grad, vmap, ...) or with a non-array leaf")
     if block_size:
       eight[i] = _check_8bit_leaf(lv.g[i], lv.p[i], lv.m[i], lv.v[i], lv.ma[i], lv.va[i], block_size)
       if eight[i]:
         continue
-      leaves = leaves[:4]
-    _check_leaf(leaves, bf16)
+      present = present[:4]
+    _check_leaf(present, bf16)
   return eight
 
 
@@ -362,7 +280,7 @@ def _decayed(core: Core, grads, params, n: int) -> list[bool]:
     return [True] * n
   mask_tree = _mask_tree(core.hp["mask"], grads)
   flat = []
-  for m, sub in zip(jax.tree.leaves(mask_tree), jax.tree.structure(mask_tree).flatten_up_to(params)):
+  for m, sub in zip(jax.tree.leaves(mask_tree), flatten_up_to(jax.tree.structure(mask_tree), params), strict=True):
     flat += [bool(m)] * len(jax.tree.leaves(sub))
   if len(flat) != n:
     raise Unserved("the decay mask does not match the parameters")
@@ -378,10 +296,6 @@ def _run_core(items, core: Core, grads, params, ctx):
   if bf16 and core.mode & AMSGRAD:
     raise Unserved("bfloat16 moments with amsgrad")
   eight = _check_leaves(lv, block_size, bf16)
-  if not ctx.require and not _build.kernel_prefers(
-    amsgrad=bool(core.mode & AMSGRAD), moments=_moments_kind(bf16, block_size)
-  ):
-    raise Unserved(f"on this CPU's {_build.isa()} path the kernel is slower than XLA for this configuration")
   n = len(lv.p)
   if not ctx.require and n > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in lv.p) < _SMALL_LEAF * n:
     raise Unserved(f"{n} small leaves: the generic path is faster there")
@@ -417,7 +331,7 @@ def _call(lv: _Leaves, new: _Leaves, idx: list[int], scalars, counts: dict, mode
     args += [getattr(lv, r)[i] for i in chunk for r in roles]
     out = adam_step_p.bind(*args, mode=mode, streams=tuple(chunk) if bf16 else (), block_size=bs)
     for j, i in enumerate(chunk):
-      for r, value in zip(outs, out[(k - 1) * j : (k - 1) * (j + 1)]):
+      for r, value in zip(outs, out[(k - 1) * j : (k - 1) * (j + 1)], strict=True):
         getattr(new, r)[i] = value
 
 
@@ -448,10 +362,6 @@ def _new_states(core: Core, states, new: _Leaves, treedef, counts: dict, block_s
   if "decay" in core.hp:
     out[core.hp["decay"]] = _counted(states[core.hp["decay"]], ctx)
   return out[core.start :]
-
-
-def _moments_kind(bf16: bool, block_size: int) -> str:
-  return "8bit" if block_size else "bfloat16" if bf16 else "float"
 
 
 def _quantized_block_size(core: Core, mstate) -> int:
@@ -511,18 +421,23 @@ def _scalars(core: Core, counts: dict, dtype, ctx: Ctx, g_norm, mode: int):
   e, e_root = hp["eps"](step), hp["eps_root"](step)
   lr = hp["learning_rate"](counts["lr"])  # scale_by_lr
   wd = hp["weight_decay"](counts["l2"]) if "l2" in hp else 0.0  # add_l2
-  cast = lambda x: _hparams.cast_hyperparameter(x, dtype)
+
+  def cast(x: Any) -> Any:
+    return _hparams.cast_hyperparameter(x, dtype)
+
   d1, d2 = cast(beta1), cast(beta2)
-  norm, max_norm, clip_on = 1.0, 1.0, 0.0
+  norm: Any = 1.0
+  max_norm: Any = 1.0
+  clip_on: Any = 0.0
   if mode & CLIP:  # optax.clip_by_global_norm: select(norm < max_norm, g, (g / norm) * max_norm)
     norm, max_norm = g_norm.astype(dtype), core.clip
     clip_on = jnp.logical_not(jnp.squeeze(g_norm < core.clip))
   apply = 1.0 if ctx.apply is None else ctx.apply
-  factor = 1.0
+  factor: Any = 1.0
   if mode & TORCH_DECAY:  # decoupled_decay(convention="torch"), as it forms its factor
     dlr, dwd = hp["decay_lr"](counts["decay"]), hp["decay_wd"](counts["decay"])
-    if isinstance(dlr, numbers.Number) and isinstance(dwd, numbers.Number):
-      factor = 1.0 - dlr * dwd  # in double, as PyTorch
+    if isinstance(dlr, numbers.Real) and isinstance(dwd, numbers.Real):
+      factor = 1.0 - float(dlr) * float(dwd)  # in double, as PyTorch
     else:
       fd = _common.float_dtype()
       factor = 1.0 - _hparams.cast_hyperparameter(dlr, fd) * _hparams.cast_hyperparameter(dwd, fd)

@@ -22,8 +22,8 @@ names optax has used since 0.2.5.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ def closure(fn: Any) -> dict[str, Any]:
   if code is None:
     return {}
   out = {}
-  for name, cell in zip(code.co_freevars, cells):
+  for name, cell in zip(code.co_freevars, cells, strict=False):  # an object's own __code__ and __closure__
     try:
       out[name] = cell.cell_contents
     except ValueError:  # an empty cell
@@ -81,7 +81,7 @@ def named_chain_rebuild(fn: Any, state: Any) -> Callable[[list[Any]], Any] | Non
   if not _is(fn, "named_chain.<locals>.update_fn"):
     return None
   names = [name for name, _ in closure(fn)["transforms"]]
-  return lambda new: type(state)(zip(names, new))
+  return lambda new: type(state)(zip(names, new, strict=True))
 
 
 def chain_states(fn: Any, state: Any) -> list[Any]:

@@ -18,23 +18,35 @@ non-default value, any unknown stage, any state of another type, makes it
 refuse** (`Unserved`, naming the stage and the argument), and the caller then
 runs the transformation's own update. A kernel can be slower or absent; it can
 never compute another formula than the stages.
+
+A served step is bound as one primitive (`jadam._kernels.dispatch`) that holds
+both the kernel's step and the stages' (:func:`stages_step`): the kernel where
+the program is lowered for this CPU, the stages for `jax.export`, for other
+platforms, under `vmap` and for derivatives. The planner also decides where a
+kernel that would serve is slower than XLA on this CPU (:func:`check_speed`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from jadam._core import common as _common
 from jadam._core import hparams as _hparams
 from jadam._core import registry as _registry
 from jadam._kernels import build as _build
+from jadam._kernels import dispatch as _dispatch
 from jadam._kernels import fused as _fused
 from jadam._kernels import optax_compat as _compat
 from jadam._kernels import sparse_step as _sparse_step
 from jadam._kernels.base import Ctx, Unserved, single_device
+from jadam._stages import sparse as _sparse
+from jadam._storage import bf16 as _bf16
+from jadam._storage import quantize as _quantize
 
 Items = list[tuple[Any, Any]]  # (update function, state) of a flattened chain
 
@@ -102,7 +114,28 @@ def step(
     raise Unserved("several devices: a custom call is not partitioned (pass fused=True if the inputs live on one)")
   if not _build.load():
     raise Unserved(f"the kernel is unavailable: {_build.error()}")
-  return run(tx.update, state, grads, params, Ctx(apply=None, require=require))
+  ctx = Ctx(apply=None, require=require)
+
+  def kernel(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    return run(tx.update, state, grads, params, ctx)
+
+  def stages(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    return stages_step(tx, grads, state, params)
+
+  # one primitive: the kernel where the program runs on this CPU, the stages for export, elsewhere, under vmap
+  return _dispatch.planned_step(kernel, stages, grads, state, params)
+
+
+def stages_step(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+  """``(new_params, new_state)`` through the stages as written: ``tx.update``, then the parameters updated.
+
+  What the kernel's step equals, and what runs where it does not (row-sparse
+  gradients are added by :func:`jadam._stages.sparse.apply_updates`'s scatter).
+  """
+  if _sparse.has_sparse(grads):
+    return _sparse.update_and_apply(tx, grads, state, params)
+  updates, new_state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), new_state
 
 
 def _in_mesh_context() -> bool:
@@ -140,7 +173,26 @@ def run(fn: Any, state: Any, grads: Any, params: Any, ctx: Ctx) -> tuple[Any, An
     raise Unserved("the kernel needs the parameters (update(grads, state, params))")
   if "scale_by_sparse_moments" in [name_of(f) for f, _ in items]:  # jadam.sparse_adam's: the row-sparse kernel
     return _sparse_step.run_chain(items, rebuild, parse_sparse(items), grads, params, ctx)
-  return _fused.run_chain(items, rebuild, parse_dense(items), grads, params, ctx)
+  core = parse_dense(items)
+  if not ctx.require:
+    check_speed(core)
+  return _fused.run_chain(items, rebuild, core, grads, params, ctx)
+
+
+def moments_kind(hp: dict[str, Any]) -> str:
+  """How the dense kernel stores the moments: "8bit" (`jadam.Quantized`), "bfloat16" (stochastic rounding), "float"."""
+  dtypes = (hp["mu_dtype"], hp["nu_dtype"])
+  if any(isinstance(d, _quantize.Quantized) for d in dtypes):
+    return "8bit"
+  if not all(d is None or isinstance(d, (str, type, np.dtype)) for d in dtypes):
+    return "other"  # a storage the dense kernel refuses (fused._quantized_block_size says which)
+  return "bfloat16" if all(_bf16.stochastic_store(d) for d in dtypes) else "float"
+
+
+def check_speed(core: _fused.Core) -> None:
+  """`Unserved` where this CPU's kernel variant is slower than XLA for the configuration (`build.kernel_prefers`)."""
+  if not _build.kernel_prefers(amsgrad=bool(core.mode & _fused.AMSGRAD), moments=moments_kind(core.hp)):
+    raise Unserved(f"on this CPU's {_build.isa()} path the kernel is slower than XLA for this configuration")
 
 
 def flatten(fn: Any, state: Any, grads: Any, params: Any) -> tuple[Items, Callable[[list[Any]], Any]]:
@@ -161,17 +213,17 @@ def flatten(fn: Any, state: Any, grads: Any, params: Any) -> tuple[Items, Callab
   states = _compat.chain_states(fn, state)
   if len(states) != len(parts):
     raise Unserved("a chain's state does not match its stages (call init first)")
-  subs = [flatten(f, s, grads, params) for f, s in zip(parts, states)]
+  subs = [flatten(f, s, grads, params) for f, s in zip(parts, states, strict=True)]
   back = _compat.named_chain_rebuild(fn, state) or tuple
 
-  def rebuild(new):
+  def rebuild_chain(new: list[Any]) -> Any:
     out, k = [], 0
     for items, sub in subs:
       out.append(sub(new[k : k + len(items)]))
       k += len(items)
     return back(out)
 
-  return [x for items, _ in subs for x in items], rebuild
+  return [x for items, _ in subs for x in items], rebuild_chain
 
 
 # --- the dense kernel's stages --------------------------------------------------------
@@ -192,7 +244,9 @@ def _add_l2_at(items: Items, i: int) -> tuple[dict, Any] | None:
     hp = known(r, DENSE_ARGS)
     return hp, hp["mask"]
   opened = _compat.masked(*items[i])
-  inner = None if opened is None else record(opened[0].update)
+  if opened is None:
+    return None
+  inner = record(opened[0].update)
   if inner is None or inner.name != "add_l2":
     return None
   hp = known(inner, DENSE_ARGS)
@@ -236,8 +290,9 @@ def _middle(items: Items, core: dict, i: int) -> int:
     raise Unserved("no jadam.bias_correct() (into_step=False) before normalize")
   known(r, DENSE_ARGS)
   i -= 2
-  if _stage_at(items, i, "max_nu") is not None:
-    known(_stage_at(items, i, "max_nu"), DENSE_ARGS)
+  r = _stage_at(items, i, "max_nu")
+  if r is not None:
+    known(r, DENSE_ARGS)
     core["mode"] |= _fused.AMSGRAD
     core["hp"]["max_nu"] = i
     i -= 1
@@ -275,7 +330,7 @@ def _front(items: Items, core: dict, i: int) -> int:
 
 def parse_dense(items: Items) -> _fused.Core:
   """The dense kernel's plan of a flattened chain, or `Unserved`."""
-  core = {"hp": {}, "mode": 0, "clip": None}
+  core: dict[str, Any] = {"hp": {}, "mode": 0, "clip": None}
   i = _middle(items, core, _tail(items, core))
   start = _front(items, core, i)
   plan = _fused.Core(moments=core["moments"], hp=core["hp"], mode=core["mode"], clip=core["clip"], start=start)
@@ -289,11 +344,19 @@ def _check_states(items: Items, core: _fused.Core) -> None:
   for i in at:
     f, s = items[i]
     r = record(f)
-    if r is None:  # a jadam.add_l2 inside optax.masked
-      r, s = record(_compat.masked(f, s)[0].update), s.inner_state
+    opened = _compat.masked(f, s) if r is None else None
+    if opened is not None:  # a jadam.add_l2 inside optax.masked
+      r, s = record(opened[0].update), s.inner_state
     s = s.inner_state if isinstance(s, optax.MaskedState) else s
-    if not isinstance(s, r.state):
-      raise Unserved(f"the state of jadam.{r.name} is {type(s).__name__}, not {r.state.__name__}")
+    _check_state(r, s)
+
+
+def _check_state(r: _registry.Record | None, state: Any) -> None:
+  """`Unserved` unless `state` is of the type `r` (a stage's record) says its init returns."""
+  if r is None or r.state is None:
+    raise Unserved("a stage of the kernel without a registry record of its state")
+  if not isinstance(state, r.state):
+    raise Unserved(f"the state of jadam.{r.name} is {type(state).__name__}, not {r.state.__name__}")
 
 
 # --- the row-sparse kernel's stages ------------------------------------------------------
@@ -337,6 +400,5 @@ def parse_sparse(items: Items) -> dict:
   )
   core["start"] = n - 5 if core["negate"] else n - 4
   for i, r in ((n - 4, moments), (n - 1, lr)):
-    if not isinstance(items[i][1], r.state):
-      raise Unserved(f"jadam.{r.name}'s state is {type(items[i][1]).__name__}")
+    _check_state(r, items[i][1])
   return core

@@ -21,10 +21,11 @@ rowwise(bias_correct(into_step=True)) rowwise(normalize) scale_by_lr``
 (`jadam.sparse_adam`), with every argument one the kernel implements; any
 stages in front run as they are. Anything else runs as its stages.
 
-**Exportable.** As for the dense kernel, the primitive lowers to the custom
-call only on the CPU outside `jax.export`; elsewhere to the generic path's
-gathers and scatters (`_xla_impl`), so an exported module holds no jadam
-custom call.
+**Exportable.** As for the dense kernel, the primitive lowers only to the
+custom call, for this CPU; the planner binds it inside
+`jadam._kernels.dispatch`'s primitive, which lowers the stages (the generic
+path's gathers and scatters) for `jax.export` and other platforms, so an
+exported module holds no jadam custom call.
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.sparse import BCOO
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 from jadam._core import common as _common
 from jadam._core import hparams as _hparams
 from jadam._kernels import abi as _abi
 from jadam._kernels import build as _build
-from jadam._kernels.base import Unserved, for_export, select, tracing_ok
+from jadam._kernels.base import Unserved, check_lowering, flatten_up_to, select, tracing_ok
 from jadam._stages import sparse as _sparse
 
 # The kernel's scalar layout, from the one ABI table (checked against sparse_adam_cpu.cc by tests/kernels/test_abi.py).
@@ -58,28 +58,6 @@ _STAGE = "jadam.scale_by_sparse_moments"
 # --- the primitive -------------------------------------------------------------
 # sparse_adam_step_p.bind(scalars, ids, data, p, m, v, unique) -> (p, m, v): one table's step; `ids` are the
 # gradient's row ids as int32 (outside [0, V): padding), `data` its (k, ...) values, `unique` its flag.
-def _xla_impl(scalars, ids, data, p, m, v, *, unique: bool):
-  """The kernel's arithmetic in XLA, as the generic path does it: the export and non-CPU lowering."""
-  s = scalars
-  rows = p.shape[0]
-  g = BCOO((data * s[_SIGN], ids[:, None]), shape=p.shape, unique_indices=unique)  # flip_sign's negation: exact
-  r, gd = _sparse.coalesce(g)
-  is_sorted = not unique
-  m_old = m.at[r].get(mode="fill", fill_value=0, indices_are_sorted=is_sorted)
-  v_old = v.at[r].get(mode="fill", fill_value=0, indices_are_sorted=is_sorted)
-  m_new = m_old + (gd - m_old) * s[_OMB1]
-  v_new = v_old + (gd * gd - v_old) * s[_OMB2]
-  u = (m_new / (jnp.sqrt(v_new + s[_EPS_ROOT]) + s[_EPS])) * s[_SCALE]
-  delta = s[_NEG_LR] * u
-  ok = s[_APPLY] != 0
-  kept = jnp.where(ok, r, rows)  # a rejected step writes no moments...
-  m = m.at[kept].set(m_new, mode="drop", indices_are_sorted=is_sorted)
-  v = v.at[kept].set(v_new, mode="drop", indices_are_sorted=is_sorted)
-  # ... and adds the zeroed update (ids all 0) that optax.apply_if_finite's rejection gives
-  p = p.at[jnp.where(ok, r, 0)].add(jnp.where(ok, delta, jnp.zeros_like(delta)), mode="drop")
-  return [p, m, v]
-
-
 def _kernel_impl(scalars, ids, data, p, m, v, *, unique: bool):
   target = _build.SPARSE_TARGETS[jnp.dtype(p.dtype).name]
   out_types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (p, m, v)]
@@ -103,20 +81,11 @@ def _impl(*args, unique):
 
 
 def _cpu_lowering(ctx, *args, unique):
-  impl = _xla_impl if for_export(ctx) or not _build.loaded() else _kernel_impl
-  return mlir.lower_fun(functools.partial(impl, unique=unique), multiple_results=True)(ctx, *args)
+  check_lowering(ctx, sparse_adam_step_p)
+  return mlir.lower_fun(functools.partial(_kernel_impl, unique=unique), multiple_results=True)(ctx, *args)
 
 
-mlir.register_lowering(sparse_adam_step_p, mlir.lower_fun(_xla_impl, multiple_results=True))
 mlir.register_lowering(sparse_adam_step_p, _cpu_lowering, platform="cpu")
-
-
-def _batch(args, dims, *, unique):
-  out = jax.vmap(functools.partial(_xla_impl, unique=unique), in_axes=list(dims))(*args)
-  return out, [0] * len(out)
-
-
-batching.primitive_batchers[sparse_adam_step_p] = _batch
 
 
 def run_chain(items, rebuild, core: dict, grads, params, ctx) -> tuple[Any, Any]:
@@ -137,14 +106,14 @@ def run_chain(items, rebuild, core: dict, grads, params, ctx) -> tuple[Any, Any]
 def _run_core(core: dict, grads, mstate, lr_state, params, ctx):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_common.is_update_leaf)
   try:
-    ps = treedef.flatten_up_to(params)
-    counts, mus, nus = (treedef.flatten_up_to(x) for x in (mstate.count, mstate.mu, mstate.nu))
+    ps = flatten_up_to(treedef, params)
+    counts, mus, nus = (flatten_up_to(treedef, x) for x in (mstate.count, mstate.mu, mstate.nu))
   except (ValueError, TypeError) as e:
     raise Unserved(f"the gradients, the state and the parameters are different trees ({e})") from None
   sel = functools.partial(select, ctx)
   lr = core["learning_rate"](lr_state.count)
   new_p, new_counts, new_m, new_v = list(ps), list(counts), list(mus), list(nus)
-  for j, ((path, g), p, t, m, v) in enumerate(zip(leaves, ps, counts, mus, nus)):
+  for j, ((path, g), p, t, m, v) in enumerate(zip(leaves, ps, counts, mus, nus, strict=True)):
     if g is None or not _common.is_float_leaf(m):
       continue  # left as it is, as scale_by_sparse_moments leaves it
     _sparse.check_gradient(_STAGE, jax.tree_util.keystr(path) or "the root", g, m)  # the generic path's errors

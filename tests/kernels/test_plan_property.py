@@ -29,8 +29,13 @@ the difference carries into the next step's moments, so it grows linearly
 with the step count. State leaves (moments, maxima) follow the same bound
 relative to their own largest value. Integer leaves (counts) must be equal.
 
+Where the planner serves a chain, the jitted step is also transformed and
+exported: `vmap` of it, `jax.export` of it and `jax.grad` through it run the
+stages (`jadam._kernels.dispatch`), and equal the stages' step.
+
 Size: 60 chain examples and 20 door examples (`derandomize=True`: the same
-cases on every run), 2 steps each, about a minute on one core.
+cases on every run), 2 steps each, about a minute on one core; 10 chain
+examples jitted, vmapped, exported and differentiated.
 """
 
 import functools
@@ -200,18 +205,23 @@ def _close(a, b, scale, what):
   assert np.all(np.abs(a - b) <= tol), f"{what}: max |error| {np.max(np.abs(a - b)):.3g}, tolerance {np.max(tol):.3g}"
 
 
+def _assert_step(t, kernel, stages, p_prev, what=""):
+  """Step `t`'s ``(params, state)`` through the kernel within the bound above of the stages' (from `p_prev`)."""
+  (pk, sk), (ps, ss) = kernel, stages
+  assert jax.tree.structure(sk) == jax.tree.structure(ss), "the kernel's state is another tree"
+  for key in pk:
+    update = np.abs(np.asarray(ps[key], np.float64) - np.asarray(p_prev[key], np.float64))
+    ulp_p = np.spacing(np.abs(np.asarray(ps[key], np.float32))).astype(np.float64)
+    scale = t * (ULPS * EPS32 * np.max(update, initial=0.0) + 2 * ulp_p)
+    _close(pk[key], ps[key], scale, f"{what}step {t}, params[{key!r}]")
+  for i, (a, b) in enumerate(zip(jax.tree.leaves(sk), jax.tree.leaves(ss), strict=True)):
+    big = np.max(np.abs(np.asarray(b, np.float64)), initial=0.0) if jnp.issubdtype(b.dtype, jnp.floating) else 0
+    _close(a, b, t * ULPS * EPS32 * big + np.finfo(np.float32).tiny, f"{what}step {t}, state leaf {i}")
+
+
 def _assert_same(kernel, stages):
   for t in range(1, STEPS + 1):
-    (pk, sk), (ps, ss), (p_prev, _) = kernel[t], stages[t], stages[t - 1]
-    assert jax.tree.structure(sk) == jax.tree.structure(ss), "the kernel's state is another tree"
-    for key in pk:
-      update = np.abs(np.asarray(ps[key], np.float64) - np.asarray(p_prev[key], np.float64))
-      ulp_p = np.spacing(np.abs(np.asarray(ps[key], np.float32))).astype(np.float64)
-      scale = t * (ULPS * EPS32 * np.max(update, initial=0.0) + 2 * ulp_p)
-      _close(pk[key], ps[key], scale, f"step {t}, params[{key!r}]")
-    for i, (a, b) in enumerate(zip(jax.tree.leaves(sk), jax.tree.leaves(ss), strict=True)):
-      big = np.max(np.abs(np.asarray(b, np.float64)), initial=0.0) if jnp.issubdtype(b.dtype, jnp.floating) else 0
-      _close(a, b, t * ULPS * EPS32 * big + np.finfo(np.float32).tiny, f"step {t}, state leaf {i}")
+    _assert_step(t, kernel[t], stages[t], stages[t - 1][0])
 
 
 def _served(tx):
@@ -268,7 +278,7 @@ def _check(tx, data):
   return True
 
 
-SERVED = {"chains": [], "doors": []}
+SERVED: dict[str, list[bool]] = {"chains": [], "doors": [], "transformed": []}
 REASONS = []  # why the planner refused, for the report below
 
 
@@ -286,16 +296,63 @@ def test_torch_doors_through_the_kernel_equal_the_stages(case, data):
   SERVED["doors"].append(_check(_wrap(_door(name, kw, groups), wrappers), data))
 
 
+@settings(max_examples=10, **SETTINGS)
+@given(case=chains())
+def test_a_served_jitted_step_transformed_or_exported_equals_the_stages(case):
+  """Where the planner serves a chain, the jitted step binds one primitive whose lowering on this CPU is the
+  kernel, and whose batching rule (`vmap` of the jitted step), export lowering (`jax.export`, no custom call) and
+  derivative (`jax.grad` through the jitted step) run the stages: each equals the stages' step (vmap and export
+  within the bound above; the derivative is the stages' own, so it agrees to float32 rounding of the gradient)."""
+  tx = _build(*case)
+  served, _ = _served(tx)
+  SERVED["transformed"].append(served)
+  if not served:
+    return
+  state = tx.init(P0)
+  kernel = jax.jit(functools.partial(jadam.update_and_apply, tx, fused=True))
+  stages = jax.jit(functools.partial(jadam.update_and_apply, tx, fused=False))
+  grads = [_grads(0), _grads(1)]
+  assert "jadam_planned_step" in str(jax.make_jaxpr(kernel)(grads[0], state, P0))
+  assert "custom_call @jadam" in kernel.lower(grads[0], state, P0).as_text()
+  want = [stages(g, state, P0) for g in grads]
+
+  batched = jax.vmap(kernel, in_axes=(0, None, None))(jax.tree.map(lambda *x: jnp.stack(x), *grads), state, P0)
+  for j, w in enumerate(want):
+    _assert_step(1, jax.tree.map(lambda x, j=j: x[j], batched), w, P0, f"vmap, gradient {j}: ")
+
+  exported = jax.export.export(kernel, platforms=("cpu",))(grads[0], state, P0)
+  assert "custom_call @jadam" not in exported.mlir_module()
+  _assert_step(1, exported.call(grads[0], state, P0), want[0], P0, "jax.export: ")
+
+  def loss(step, g):
+    new_params, _ = step(g, state, P0)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(new_params))
+
+  got, expected = (
+    jax.grad(functools.partial(loss, kernel))(grads[0]),
+    jax.grad(functools.partial(loss, stages))(grads[0]),
+  )
+  for key in expected:
+    a, b = np.asarray(got[key], np.float64), np.asarray(expected[key], np.float64)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"grad, [{key!r}]: NaN in one only")
+    big = np.max(np.abs(np.nan_to_num(b)), initial=0.0)
+    _close(np.nan_to_num(a), np.nan_to_num(b), ULPS * EPS32 * big + np.finfo(np.float32).tiny, f"grad, [{key!r}]")
+
+
 def test_the_property_tests_reached_both_outcomes():
-  """The chains drew both served and refused cases (else they say little); every door drawn is served."""
-  chains, doors = SERVED["chains"], SERVED["doors"]
+  """The chains drew both served and refused cases (else they say little); every door drawn is served; some
+  of the jitted, vmapped, exported and differentiated chains were served."""
+  chains, doors, transformed = SERVED["chains"], SERVED["doors"], SERVED["transformed"]
   print(f"chains: {sum(chains)} of {len(chains)} served; doors: {sum(doors)} of {len(doors)} served")
+  print(f"transformed: {sum(transformed)} of {len(transformed)} served")
   for reason in sorted(set(REASONS)):
     print(f"  refused {REASONS.count(reason)}x: {reason}")
   if chains:  # run in the same session, after the properties
     assert any(chains) and not all(chains), (sum(chains), len(chains))
   if doors:
     assert all(doors), (sum(doors), len(doors))
+  if transformed:
+    assert any(transformed), len(transformed)
 
 
 def test_a_known_refusal_names_its_argument():

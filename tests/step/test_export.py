@@ -114,3 +114,36 @@ def test_mnist_train_step_lowers_as_pure_xla_for_accelerators(platforms):
   totals = jnp.zeros(3)
   exp = jax.export.export(jax.jit(task.train_step), platforms=platforms)(task.state, totals, images, labels)
   assert _custom_calls(exp) == []
+
+
+def test_a_step_built_inside_jit_from_traced_hyperparameters_exports_as_pure_xla():
+  """A transformation built inside `jit` from a traced learning rate: the kernel's trace closes over it, so it
+  becomes an operand of the planned step, and the stages' lowering (export) and batching rule (vmap over the
+  learning rate) read it there."""
+  if jax.default_backend() == "cpu" and not _kernels.load():
+    pytest.skip("the kernel is unavailable")
+  params = _params()
+  grads = jax.tree.map(jnp.cos, params)
+  state = jadam.adamw(1e-2).init(params)
+
+  @jax.jit
+  def step(lr, grads, state, params):
+    return jadam.update_and_apply(jadam.adamw(lr, weight_decay=0.1), grads, state, params, fused=FUSED)
+
+  @jax.jit
+  def stages(lr, grads, state, params):
+    return jadam.update_and_apply(jadam.adamw(lr, weight_decay=0.1), grads, state, params, fused=False)
+
+  lr = jnp.float32(1e-2)
+  if jax.default_backend() == "cpu":
+    assert "@jadam_adam_f32" in step.lower(lr, grads, state, params).as_text()
+  want = stages(lr, grads, state, params)
+  _assert_close(step(lr, grads, state, params), want, ulps=4)
+  exp = jax.export.export(step, platforms=("cpu", "cuda"))(lr, grads, state, params)
+  assert _custom_calls(exp) == []
+  _assert_close(exp.call(lr, grads, state, params), want, ulps=4)
+  rates = jnp.asarray([1e-2, 3e-2], jnp.float32)
+  batched = jax.vmap(step, in_axes=(0, None, None, None))(rates, grads, state, params)
+  for j in range(2):
+    got = jax.tree.map(lambda x, j=j: x[j], batched)
+    _assert_close(got, stages(rates[j], grads, state, params), ulps=4)

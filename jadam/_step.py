@@ -44,10 +44,12 @@ from typing import Any
 
 import jax
 import optax
+from jax.sharding import PartitionSpec
 
 from jadam._core import hparams as _hparams
 from jadam._kernels import base as _base
 from jadam._kernels import plan as _plan
+from jadam._kernels import sharded as _sharded
 from jadam._stages import sparse as _sparse
 
 
@@ -121,11 +123,14 @@ def update_and_apply(
   return _apply(tx, grads, state, params, fused=fused, multi_device_ok=bool(fused))
 
 
-def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
-  """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
+def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool, layout=None):
+  """update_and_apply, with the one-device check left to the caller where `multi_device_ok`.
+
+  `layout` (a step helper's): where the inputs live on a mesh, for the kernel per shard.
+  """
   if fused is not False:
     try:
-      return _plan.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
+      return _plan.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused), layout=layout)
     except _base.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
@@ -136,21 +141,39 @@ def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: boo
 
 
 class _Step:
-  """A jitted step that takes the fused kernel when its inputs live on one device, else the generic path.
+  """A jitted step that takes the fused kernel on one device or on each shard of a mesh, else the generic path.
 
-  Both are `jax.jit` functions; `lower` and the other attributes follow the
-  same choice, so ``step.lower(...).compile()`` shows what a call would run.
+  Each is a `jax.jit` function of ``make(use_kernel, layout)`` (`layout`: None on one device, a
+  `jadam._kernels.sharded.Layout`, or False on several devices in an unknown layout): one for inputs on
+  one device, one per layout on a mesh (the layout,
+  read from the concrete arguments, is what lets the kernel run per shard: inside the trace XLA has
+  not decided it yet), and the generic one. `lower` and the other attributes follow the same choice,
+  so ``step.lower(...).compile()`` shows what a call would run.
   """
 
-  def __init__(self, fused_fn: Callable[..., Any], generic_fn: Callable[..., Any], donate: tuple[int, ...]):
-    self._fused = jax.jit(fused_fn, donate_argnums=donate)
-    self._generic = jax.jit(generic_fn, donate_argnums=donate)
-    functools.update_wrapper(self, fused_fn)
+  def __init__(self, make: Callable[..., Callable[..., Any]], donate: tuple[int, ...], grads_at: int | None):
+    self._make, self._donate, self._grads_at = make, donate, grads_at
+    self._fused = jax.jit(make(True, None), donate_argnums=donate)
+    self._generic = jax.jit(make(False, None), donate_argnums=donate)
+    self._sharded: dict[Any, Callable[..., Any]] = {}
+    functools.update_wrapper(self, make(True, None))
 
   def _pick(self, args):
     if jax.device_count() == 1 or all(_base.single_device(x) for x in jax.tree.leaves(args)):
       return self._fused
-    return self._generic
+    grads = args[self._grads_at] if self._grads_at is not None else None
+    found = _sharded.of_arrays((args[0], args[1], grads))
+    if found is None:  # not NamedShardings on one mesh: the kernel cannot be placed (fused=True says why)
+      return self._sharded_fn(False)
+    mesh, (params, state, grads) = found
+    return self._sharded_fn(_sharded.Layout(mesh=mesh, grads=grads, state=state, params=params))
+
+  def _sharded_fn(self, layout):
+    leaves, treedef = jax.tree.flatten(layout, is_leaf=_is_spec)
+    key = (tuple(leaves), treedef)
+    if key not in self._sharded:
+      self._sharded[key] = jax.jit(self._make(True, layout), donate_argnums=self._donate)
+    return self._sharded[key]
 
   def __call__(self, *args):
     return self._pick(args)(*args)
@@ -165,13 +188,17 @@ class _Step:
     return getattr(self._fused, name)
 
 
-def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def _jit_step(tx, make: Callable[..., Callable[..., Any]], donate: bool, fused: bool | None, grads_at: int | None):
   _check_fused(fused)
   _hparams.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
   if fused is False:
-    return jax.jit(make(False), donate_argnums=donate_argnums)
-  return _Step(make(True), make(False), donate_argnums)
+    return jax.jit(make(False, None), donate_argnums=donate_argnums)
+  return _Step(make, donate_argnums, grads_at)
 
 
 def make_update_step(
@@ -206,13 +233,14 @@ def make_update_step(
   """
   _check_tx(tx)
 
-  def make(use_kernel):
+  def make(use_kernel, layout):
     def step(params, state, grads):
-      return _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
+      kernel, one_device = fused if use_kernel else False, use_kernel and layout is None
+      return _apply(tx, grads, state, params, fused=kernel, multi_device_ok=one_device, layout=layout or None)
 
     return step
 
-  return _jit_step(tx, make, donate, fused)
+  return _jit_step(tx, make, donate, fused, grads_at=2)
 
 
 def make_train_step(
@@ -247,10 +275,11 @@ def make_train_step(
   _hparams.check_flag("has_aux", has_aux)
   grad_fn = _sparse.value_and_grad_of(loss_fn, has_aux)  # jax.value_and_grad, or jadam.value_and_sparse_grad's
 
-  def make(use_kernel):
+  def make(use_kernel, layout):
     def step(params, state, *batch):
       value, grads = grad_fn(params, *batch)
-      params, state = _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
+      kernel, one_device = fused if use_kernel else False, use_kernel and layout is None
+      params, state = _apply(tx, grads, state, params, fused=kernel, multi_device_ok=one_device, layout=layout or None)
       if has_aux:
         loss, aux = value
         return params, state, loss, aux
@@ -258,4 +287,4 @@ def make_train_step(
 
     return step
 
-  return _jit_step(tx, make, donate, fused)
+  return _jit_step(tx, make, donate, fused, grads_at=None)

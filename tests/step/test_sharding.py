@@ -1,4 +1,8 @@
-"""Scale-out on jax.sharding: data parallel equals one device; FSDP state follows its params, no collectives."""
+"""Scale-out on jax.sharding: data parallel equals one device; FSDP state follows its params, no collectives.
+
+The step helpers run the fused kernel on each device's shard (`jadam._kernels.sharded`): the compiled
+programs below hold its custom call and no gather.
+"""
 
 import functools
 import re
@@ -17,6 +21,15 @@ import jadam
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see conftest.py")
 
 _COLLECTIVES = re.compile(r"all-gather|all-reduce|collective-permute|reduce-scatter|all-to-all|collective-broadcast")
+
+
+_KERNEL = re.compile(r'custom_call_target="jadam_adam')
+
+
+def _collectives(hlo):
+  """The collective operations of a compiled module (their defining lines)."""
+  op = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + _COLLECTIVES.pattern + r")(-start)?\(")
+  return [line for line in hlo.splitlines() if op.search(line)]
 
 
 def _mesh():
@@ -71,7 +84,11 @@ def test_data_parallel_matches_one_device(name):
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = jax.device_put(_params(), replicated)
   state = jax.jit(tx.init, out_shardings=replicated)(params)
-  got, got_state = train(jadam.make_train_step(_loss, tx), params, state, lambda b: jax.device_put(b, batch))
+  step = jadam.make_train_step(_loss, tx)
+  hlo = step.lower(params, state, jax.device_put(xs[0], batch), jax.device_put(ys[0], batch)).compile().as_text()
+  # the kernel on each device's (whole, replicated) copy; bfloat16 moments on replicated leaves too
+  assert _KERNEL.search(hlo)
+  got, got_state = train(step, params, state, lambda b: jax.device_put(b, batch))
 
   for leaf in jax.tree.leaves(got):
     assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
@@ -122,11 +139,14 @@ def test_fsdp_state_follows_params_and_update_has_no_collectives(name):
   hlo = step.lower(params, state, grads).compile().as_text()
   if name == "adamw_clip":
     # the global norm is a sum over every shard: one all-reduce of a scalar, no more
-    found = [line for line in hlo.splitlines() if _COLLECTIVES.search(line) and "=" in line]
+    found = _collectives(hlo)
     result_types = [re.match(r"\s*(\(.*?\)|\S+)\s", line.split("=", 1)[1]).group(1) for line in found]
     assert found and all(re.fullmatch(r"\(?(f32\[\](, )?)+\)?", t) for t in result_types), found
   else:
-    assert not _COLLECTIVES.search(hlo), [line for line in hlo.splitlines() if _COLLECTIVES.search(line)]
+    assert not _collectives(hlo), _collectives(hlo)
+  # the kernel on each shard; bfloat16 moments of sharded leaves take the XLA arithmetic (their rounding
+  # hashes each value's index in the whole leaf)
+  assert bool(_KERNEL.search(hlo)) == (name != "adam_bf16_moments")
 
   new_params, new_state = step(params, state, grads)
   for new, sharding in zip(jax.tree.leaves(new_params), jax.tree.leaves(shardings), strict=True):
@@ -253,15 +273,28 @@ def test_zero1_state_sharded_params_replicated():
   mesh = _mesh()
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(_params(), replicated)
-  zero1 = lambda x: NamedSharding(mesh, P("data") if x.ndim and x.shape[0] % mesh.size == 0 else P())
+
+  def zero1(x):
+    return NamedSharding(mesh, P("data") if x.ndim and x.shape[0] % mesh.size == 0 else P())
+
   state = jax.jit(tx.init, out_shardings=jax.tree.map(zero1, jax.eval_shape(tx.init, params)))(params)
   mu = moments_of(state).mu
   assert mu["w2"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
   assert mu["w2"].addressable_shards[0].data.shape == (64 // 8, 8)  # 1/8 of the moment on each device
 
-  # fused=False: the fused kernel on each shard is issue 20's item 1; this is the XLA step.
-  step = jadam.make_train_step(_loss, tx, fused=False, donate=False)
+  step = jadam.make_train_step(_loss, tx, donate=False)  # the kernel on each shard of the moments
   xs, ys = _batches(3)
+  split = NamedSharding(mesh, P("data"))
+  args = (params, state, jax.device_put(xs[0], split), jax.device_put(ys[0], split))
+  hlo = step.lower(*args).compile().as_text()
+  xla = jadam.make_train_step(_loss, tx, fused=False, donate=False).lower(*args).compile().as_text()
+  # The gradient's all-reduces, as XLA's step; then each new parameter gathered back to replicated, the one
+  # all-gather ZeRO-1 is made of (XLA's own step leaves the parameters sharded like the moments instead), and
+  # no moment gathered.
+  found = _collectives(hlo)
+  gathers = [line for line in found if "all-gather" in line]
+  assert _KERNEL.search(hlo) and len(found) - len(gathers) <= len(_collectives(xla)), found
+  assert len(gathers) <= len(params), gathers
   want_params, want_state = params, jax.device_put(tx.init(_params()), replicated)
   for t in range(3):
     x, y = jax.device_put(xs[t], NamedSharding(mesh, P("data"))), jax.device_put(ys[t], NamedSharding(mesh, P("data")))
@@ -273,6 +306,8 @@ def test_zero1_state_sharded_params_replicated():
   chex.assert_trees_all_close(params, want_params, rtol=3 * 2.0**-23, atol=3 * 1e-2 * 2.0**-20)
   chex.assert_trees_all_close(state, want_state, rtol=1e-5, atol=1e-8)
   assert moments_of(state).mu["w2"].addressable_shards[0].data.shape == (64 // 8, 8)
+  for leaf in jax.tree.leaves(params):
+    assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
 
 
 _RESUMED = {
@@ -294,7 +329,7 @@ def test_checkpoint_resumes_on_a_mesh_and_onto_another(name, init, tmp_path):
   shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _params())
   params = jax.device_put(_params(), shardings)
   grads = [jax.device_put(jax.tree.map(lambda p, k=k: jnp.cos(p + k), _params()), shardings) for k in range(3)]
-  step = jadam.make_update_step(tx, fused=False, donate=False)  # the kernel per shard is issue 20's item 1
+  step = jadam.make_update_step(tx, donate=False)  # the kernel on each shard
   state = tx.init(params)
   for g in grads[:2]:
     params, state = step(params, state, g)
@@ -325,7 +360,7 @@ def test_checkpoint_resumes_on_a_mesh_and_onto_another(name, init, tmp_path):
   like = like_on(other_shardings)
   moved = jadam.restore_state(tmp_path / "step_2", like=like)
   chex.assert_trees_all_equal(moved, state)
-  for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(like)):
+  for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(like), strict=True):
     assert got.sharding == want.sharding or not want.committed
   got_params, got_state = step(
     jax.device_put(params, other_shardings), moved, jax.device_put(grads[2], other_shardings)
@@ -333,7 +368,9 @@ def test_checkpoint_resumes_on_a_mesh_and_onto_another(name, init, tmp_path):
   # Another layout is another program: XLA:CPU may round a leaf's step otherwise (contract (1 - b2) g g + b2 v
   # into an FMA, vectorize the division): a few roundings of the update u = lr m^ / (sqrt(v^) + eps), so the
   # bound is in ulps of the leaf's largest update, not of each parameter (one near 0 moves by the same update).
-  for got, want, before in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), jax.tree.leaves(params)):
+  for got, want, before in zip(
+    jax.tree.leaves(got_params), jax.tree.leaves(want_params), jax.tree.leaves(params), strict=True
+  ):
     step_size = float(jnp.max(jnp.abs(want - before)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2.0**-23, atol=8 * 2.0**-23 * step_size)
 
@@ -344,7 +381,7 @@ def test_explicit_sharding_fsdp_equals_one_device(name):
   tx = {**_OPTIMIZERS, **_RESUMED}[name]()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   grads = [jax.tree.map(lambda p, k=k: jnp.cos(p + k), _params()) for k in range(3)]
-  step = jadam.make_update_step(tx, fused=False, donate=False)  # the kernel per shard is issue 20's item 1
+  step = jadam.make_update_step(tx, donate=False)  # the kernel on each shard, and on one device
   want, want_state = _params(), tx.init(_params())
   for g in grads:
     want, want_state = step(want, want_state, g)
@@ -354,7 +391,7 @@ def test_explicit_sharding_fsdp_equals_one_device(name):
     state = tx.init(params)
     for g in grads:
       params, state = step(params, state, jax.device_put(g, shardings))
-  for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+  for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
     assert got.sharding.is_equivalent_to(sharding, got.ndim)
   if name != "adam":
     # clip: the global norm is summed over the shards in another order, a few ulps of it. 8-bit: w2's flat blocks
@@ -364,3 +401,94 @@ def test_explicit_sharding_fsdp_equals_one_device(name):
   else:  # elementwise: the same bits on every shard
     chex.assert_trees_all_equal(params, want)
     chex.assert_trees_all_equal(state, want_state)
+
+
+def _shard_on(axis):
+  """Each parameter sharded on its `axis` where that axis divides among the 8 devices (FSDP on any axis)."""
+
+  def sharding(mesh, leaf):
+    if leaf.ndim > axis and leaf.shape[axis] % mesh.size == 0:
+      return NamedSharding(mesh, P(*[None] * axis, "data"))
+    return NamedSharding(mesh, P())
+
+  return sharding
+
+
+_LAYOUTS = {
+  "fsdp_rows": _shard_on(0),
+  "fsdp_columns": _shard_on(1),
+  "replicated": lambda mesh, leaf: NamedSharding(mesh, P()),
+}
+_PER_SHARD = {
+  "adam": lambda: jadam.adam(1e-2),
+  "adamw_clip": _OPTIMIZERS["adamw_clip"],
+  "adam8bit": lambda: jadam.adam8bit(1e-2, block_size=8, min_8bit_size=256),  # w1's rows of 64 split into 8s
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("name", sorted(_PER_SHARD))
+def test_kernel_per_shard_equals_one_device_kernel(name, layout):
+  """make_update_step on sharded inputs: the kernel on every shard, no gather, the one-device kernel's results."""
+  tx = _PER_SHARD[name]()
+  mesh = _mesh()
+  shardings = jax.tree.map(lambda p: _LAYOUTS[layout](mesh, p), _params())
+  grads = [jax.tree.map(lambda p, k=k: jnp.cos(p + k), _params()) for k in range(3)]
+  step = jadam.make_update_step(tx, donate=False)
+  one = jax.devices()[0]
+  want, want_state = jax.device_put(_params(), one), tx.init(jax.device_put(_params(), one))
+  params = jax.device_put(_params(), shardings)
+  state = tx.init(params)
+  hlo = step.lower(params, state, jax.device_put(grads[0], shardings)).compile().as_text()
+  assert _KERNEL.search(hlo)
+  assert not [line for line in _collectives(hlo) if "all-gather" in line or "all-to-all" in line]
+  for g in grads:
+    want, want_state = step(want, want_state, jax.device_put(g, one))
+    params, state = step(params, state, jax.device_put(g, shardings))
+  for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
+    assert got.sharding.is_equivalent_to(sharding, got.ndim)
+  if (name, layout) in (("adamw_clip", "fsdp_rows"), ("adamw_clip", "fsdp_columns"), ("adam8bit", "fsdp_columns")):
+    # clip: the global norm summed over the shards in another order, a few ulps of the clip factor, which
+    # Adam's scale-free step m / sqrt(v) cancels but for eps. 8-bit on columns: w2's rows of 8 split into
+    # 1-column shards would cut its blocks of 8, so that leaf takes the kernel's arithmetic in XLA, which may
+    # round the step otherwise. Either way: at most one rounding of the parameter a step.
+    chex.assert_trees_all_close(params, want, rtol=3 * 2.0**-23, atol=3 * 1e-2 * 2.0**-20)
+  else:  # elementwise: the same bits on every shard
+    chex.assert_trees_all_equal(params, want)
+    chex.assert_trees_all_equal(state, want_state)
+
+
+def test_fused_true_names_why_the_kernel_cannot_serve_a_sharded_step():
+  mesh = _mesh()
+  shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _params())
+  params = jax.device_put(_params(), shardings)
+  tx = _OPTIMIZERS["adam_bf16_moments"]()
+  with pytest.raises(ValueError, match="bfloat16 moments: their stochastic rounding"):
+    jadam.make_update_step(tx, fused=True)(params, tx.init(params), params)
+  tx = jadam.adam(1e-2)
+  inside = jax.jit(functools.partial(jadam.update_and_apply, tx, fused=True))
+  with pytest.raises(ValueError, match="inside a jit on a mesh of Auto axes"):
+    inside(params, tx.init(params), params)
+  # fused=None in a user's jit: the XLA step, partitioned without a gather
+  hlo = jax.jit(functools.partial(jadam.update_and_apply, tx)).lower(params, tx.init(params), params).compile()
+  assert not _KERNEL.search(hlo.as_text()) and not _collectives(hlo.as_text())
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw_clip"])
+def test_kernel_per_shard_inside_a_users_jit_under_explicit_sharding(name):
+  """Under AxisType.Explicit the layout is in the tracers' types: update_and_apply in the user's jit runs per shard."""
+  tx = _OPTIMIZERS[name]()
+  grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, _params())
+  want, _ = jadam.make_update_step(tx, donate=False)(_params(), tx.init(_params()), grads)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _params())
+    params, g = jax.device_put(_params(), shardings), jax.device_put(grads, shardings)
+    step = jax.jit(lambda p, s, g: jadam.update_and_apply(tx, g, s, p, fused=True))
+    hlo = step.lower(params, tx.init(params), g).compile().as_text()
+    assert _KERNEL.search(hlo) and not [line for line in _collectives(hlo) if "all-gather" in line]
+    got, _ = step(params, tx.init(params), g)
+  if name == "adam":
+    chex.assert_trees_all_equal(got, want)
+  else:  # the clip norm's sum in another order (see test_kernel_per_shard_equals_one_device_kernel)
+    chex.assert_trees_all_close(got, want, rtol=2.0**-23, atol=1e-2 * 2.0**-20)

@@ -492,3 +492,19 @@ def test_kernel_per_shard_inside_a_users_jit_under_explicit_sharding(name):
     chex.assert_trees_all_equal(got, want)
   else:  # the clip norm's sum in another order (see test_kernel_per_shard_equals_one_device_kernel)
     chex.assert_trees_all_close(got, want, rtol=2.0**-23, atol=1e-2 * 2.0**-20)
+
+
+@pytest.mark.parametrize("name", sorted(_GROUPED) + ["adam"])
+def test_eager_init_replicates_step_counts_over_the_params_mesh(name):
+  """Every leaf of an eager init on FSDP params is on their mesh: the counts replicated, not on one device."""
+  tx = {**_GROUPED, "adam": lambda: jadam.adam(1e-2)}[name]()
+  mesh = _mesh()
+  params = jax.device_put(_table_params(), jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _table_params()))
+  state = tx.init(params)
+  counts = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh, jax.tree_util.keystr(path)
+    if not leaf.ndim:
+      counts += 1
+      assert leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+  assert counts

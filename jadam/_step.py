@@ -26,7 +26,10 @@ a transformation's structure is Adam's (jadam's stages, possibly inside
 or `partition`: see `jadam._kernels.plan`) the helpers here therefore call a
 compiled single-pass kernel instead, with the same results and the same state;
 everything else takes the generic path. `jax.export` and lowerings for other
-platforms get the kernel's arithmetic in plain XLA.
+platforms get the kernel's arithmetic in plain XLA. On several devices the
+kernel runs on each device's shard (`jadam._kernels.sharded`: FSDP, data
+parallel, ZeRO-1), with no gather; the helpers read the layout from their
+concrete arguments.
 
 Row-sparse gradients (`jadam.sparse_adam` on `BCOO` gradients, see
 `jadam._stages.sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):
@@ -85,8 +88,10 @@ def update_and_apply(
   `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
   or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one
   compiled kernel that reads and writes each buffer once, with the same new parameters and state as
-  ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
-  other backends, or where the kernel cannot be built, the generic path runs.
+  ``tx.update`` + ``optax.apply_updates``; on inputs sharded over a mesh it runs
+  on each device's shard, with no gather (see ``fused``); under `vmap`, `grad`,
+  `shard_map`, on other backends, or where the kernel cannot be built, the
+  generic path runs.
   Row-sparse (`BCOO`) gradients are added by a scatter into the touched rows
   (:func:`jadam.apply_updates`), :math:`O(k d)`; where `tx` is
   :func:`jadam.sparse_adam` by structure (also inside the combinators above),
@@ -97,12 +102,16 @@ def update_and_apply(
     grads: the gradient, shaped like `params`.
     state: `tx`'s state.
     params: the parameters.
-    fused: None (default) uses the fused kernels where they apply and, inside a
-      `jit`, only when there is a single device (a custom call is not
-      partitioned: sharded inputs would be gathered); True requires it (also
-      inside a `jit` on a multi-device host, for callers that know the inputs
-      live on one device) and raises a `ValueError` saying why where it cannot
-      serve; False never.
+    fused: None (default) uses the fused kernels where they apply: on one
+      device, or on each shard where the inputs' layout is known (concrete
+      arrays with `NamedSharding`\ s, or tracers under `AxisType.Explicit`
+      sharding; inside a `jit` on a mesh of `Auto` axes it is only decided
+      when XLA partitions the program, so the generic path runs there, and
+      the step helpers, which see their concrete arguments, are the way to the
+      kernel). True requires it (inside a `jit` with no mesh on a multi-device
+      host, for callers that know the inputs live on one device) and raises a
+      `ValueError` saying why where it cannot serve (a sharded leaf it cannot
+      split, an unknown layout); False never.
 
   Returns:
     ``(new_params, new_state)``; each new parameter keeps its dtype.
@@ -143,18 +152,17 @@ def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: boo
 class _Step:
   """A jitted step that takes the fused kernel on one device or on each shard of a mesh, else the generic path.
 
-  Each is a `jax.jit` function of ``make(use_kernel, layout)`` (`layout`: None on one device, a
-  `jadam._kernels.sharded.Layout`, or False on several devices in an unknown layout): one for inputs on
-  one device, one per layout on a mesh (the layout,
-  read from the concrete arguments, is what lets the kernel run per shard: inside the trace XLA has
-  not decided it yet), and the generic one. `lower` and the other attributes follow the same choice,
-  so ``step.lower(...).compile()`` shows what a call would run.
+  Each is a `jax.jit` function of ``make(use_kernel, layout)``: one for inputs on one device
+  (`layout` None), one per layout on a mesh (a `jadam._kernels.sharded.Layout`, read from the
+  concrete arguments: inside the trace XLA has not decided it yet, and the kernel needs it to run per
+  shard), and one for several devices in a layout it cannot read (False: the generic path, or
+  fused=True's error). `lower` and the other attributes follow the same choice, so
+  ``step.lower(...).compile()`` shows what a call would run.
   """
 
   def __init__(self, make: Callable[..., Callable[..., Any]], donate: tuple[int, ...], grads_at: int | None):
     self._make, self._donate, self._grads_at = make, donate, grads_at
     self._fused = jax.jit(make(True, None), donate_argnums=donate)
-    self._generic = jax.jit(make(False, None), donate_argnums=donate)
     self._sharded: dict[Any, Callable[..., Any]] = {}
     functools.update_wrapper(self, make(True, None))
 
@@ -215,9 +223,10 @@ def make_update_step(
     tx: an :class:`optax.GradientTransformation`.
     donate: donate `params` and `state` (the fast path); set False to keep them.
     fused: None (default) takes :func:`update_and_apply`'s fused kernel where
-      it applies and every input lives on one device (chosen at each call);
-      True requires it (a `ValueError` at the first call where it cannot
-      serve); False always the generic path.
+      it applies, on one device or on each shard of the inputs' mesh (the
+      layout read from the arguments at each call; leaves it cannot split take
+      its arithmetic in XLA); True requires it (a `ValueError` at the first
+      call where it cannot serve); False always the generic path.
 
   Returns:
     The jitted step function.

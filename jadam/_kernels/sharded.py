@@ -301,6 +301,9 @@ def _adam_step(mesh: _Mesh, invals: list, specs: list, *, mode: int, streams: tu
     def body(s, c, *xs):
       return tuple(_fused.adam_step_p.bind(s, c, *xs, mode=mode, streams=sub, block_size=block_size))
 
+    if mesh.explicit:  # the operands' types must say the layout shard_map takes (a local slice where replicated)
+      args = [x if _full(jax.typeof(x).sharding.spec, x.ndim) == _full(s, x.ndim) else mesh.to(x, s)
+              for x, s in zip(args, in_specs[2:], strict=True)]  # fmt: skip
     res = jax.shard_map(body, mesh=mesh.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
       scalars, count, *args
     )

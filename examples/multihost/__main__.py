@@ -42,8 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--processes", type=int, default=2, help="JAX processes (one per host)")
   p.add_argument("--devices-per-process", type=int, default=1, help="CPU devices each process simulates")
   p.add_argument("--fsdp", action="store_true", help="split parameters and moments over the devices (default: DP)")
-  p.add_argument("--process-id", type=int, default=None, help="run as this one process of --processes (a host)")
-  p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (default: a free local port)")
+  p.add_argument(
+    "--process-id",
+    type=int,
+    default=None,
+    help="run as this one process of --processes, on a host (default: start them all here)",
+  )
+  p.add_argument(
+    "--coordinator", default=None, help="HOST:PORT of process 0's coordinator (default: a free local port)"
+  )
   p.add_argument("--epochs", type=int, default=1, help="passes over the training set")
   p.add_argument("--batch-size", type=int, default=base.batch_size, help="global training batch size")
   p.add_argument("--eval-batch-size", type=int, default=base.eval_batch_size, help="global evaluation batch size")
@@ -52,9 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   _cli.add_mnist_data_arguments(p, base.data_dir)
   p.add_argument("--workdir", default="workdir_multihost", help="metrics, plot and checkpoints")
   p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
-  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=base.progress, help="process 0's bar")
+  p.add_argument(
+    "--progress",
+    action=argparse.BooleanOptionalAction,
+    default=base.progress,
+    help="process 0's progress (default: a bar on a terminal, else a line every few seconds)",
+  )
   p.add_argument("--no-plot", dest="plot", action="store_false", help="write no metrics.png (default: write it)")
-  p.add_argument("--timeout", type=float, default=None, help="seconds before the launcher stops every process")
+  p.add_argument(
+    "--timeout", type=float, default=None, help="seconds before the launcher stops every process (default: none)"
+  )
   p.add_argument("--train-limit", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -121,8 +135,12 @@ def launch(a: argparse.Namespace, argv: list[str]) -> None:
   Process 0 writes to this terminal; the others to ``<workdir>/logs/process_<i>.txt``.
   """
   from examples.mnist import input_pipeline
+  from examples.mnist import train as mnist
 
   workdir = pathlib.Path(a.workdir)
+  latest = mnist._latest_checkpoint(workdir)
+  if latest is not None and not a.resume:  # before starting anything
+    raise FileExistsError(f"{workdir / 'checkpoints'} holds checkpoints (epoch {latest}): pass --resume")
   (workdir / "logs").mkdir(parents=True, exist_ok=True)
   data_dir = a.data_dir or str(input_pipeline.load(None, allow_download=a.download).path)  # fetched once, here
   coordinator = a.coordinator or f"127.0.0.1:{free_port()}"

@@ -40,3 +40,9 @@ def test_a_failing_process_stops_the_run(tmp_path):
   with pytest.raises(ChildProcessError, match="failed"):
     cli.main([*SMALL, "--batch-size", "33", "--workdir", str(tmp_path), "--processes", "2"])
   assert (tmp_path / "logs" / "process_1.txt").read_text()
+
+
+def test_refuses_a_previous_runs_workdir_before_starting(tmp_path):
+  (tmp_path / "checkpoints" / "1" / "state").mkdir(parents=True)
+  with pytest.raises(FileExistsError, match="pass --resume"):
+    cli.main([*SMALL, "--workdir", str(tmp_path)])

@@ -423,6 +423,8 @@ _PER_SHARD = {
   "adam": lambda: jadam.adam(1e-2),
   "adamw_clip": _OPTIMIZERS["adamw_clip"],
   "adam8bit": lambda: jadam.adam8bit(1e-2, block_size=8, min_8bit_size=256),  # w1's rows of 64 split into 8s
+  "apply_if_finite": lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),  # the check: XLA's all-reduce of a bool
+  "inject_hyperparams": lambda: optax.inject_hyperparams(jadam.adamw)(learning_rate=1e-2, weight_decay=1e-2),
 }
 
 

@@ -233,7 +233,7 @@ def _eval(jaxpr: Any, consts: list, args: list, known: dict, mesh: _Mesh, requir
     invals = [read(v) for v in eqn.invars]
     if eqn.primitive is _fused.adam_step_p:
       specs = [known.get(v) if not isinstance(v, jax.extend.core.Literal) else None for v in eqn.invars]
-      outs = _adam_step(mesh, invals, specs, require=require, **eqn.params)
+      outs = _adam_step(mesh, invals, specs, dict(eqn.params), require=require)
     elif eqn.primitive is _fused.all_finite_p:
       outs = [jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in invals]))]  # local sums, one all-reduce
     else:
@@ -276,8 +276,13 @@ def _leaf_spec(mesh: _Mesh, shape: tuple[int, ...], specs: list, block_size: int
   return P(*spec), ""
 
 
-def _adam_step(mesh: _Mesh, invals: list, specs: list, *, mode: int, streams: tuple, block_size: int, require: bool):
-  """One `adam_step_p` call: its leaves on their shards where they can be, the others in XLA's arithmetic."""
+def _adam_step(mesh: _Mesh, invals: list, specs: list, params: dict, *, require: bool):
+  """One `adam_step_p` call: its leaves on their shards where they can be, the others in XLA's arithmetic.
+
+  `params` are the call's (mode, streams, block_size, ...), passed on as they are but for `streams`,
+  which lists a bfloat16 stream per leaf and so is cut to the leaves of each part.
+  """
+  mode, streams, block_size = params["mode"], params.get("streams", ()), params.get("block_size", 0)
   k = _fused._per_leaf(mode, block_size)
   scalars, count, leaves, leaf_specs = invals[0], invals[1], invals[2:], specs[2:]
   n = len(leaves) // k
@@ -299,7 +304,7 @@ def _adam_step(mesh: _Mesh, invals: list, specs: list, *, mode: int, streams: tu
     sub = tuple(streams[j] for j in local) if streams else ()
 
     def body(s, c, *xs):
-      return tuple(_fused.adam_step_p.bind(s, c, *xs, mode=mode, streams=sub, block_size=block_size))
+      return tuple(_fused.adam_step_p.bind(s, c, *xs, **{**params, "streams": sub}))
 
     if mesh.explicit:  # the operands' types must say the layout shard_map takes (a local slice where replicated)
       args = [x if _full(jax.typeof(x).sharding.spec, x.ndim) == _full(s, x.ndim) else mesh.to(x, s)
@@ -319,7 +324,7 @@ def _adam_step(mesh: _Mesh, invals: list, specs: list, *, mode: int, streams: tu
   if rest:
     args = [x for j in rest for x in leaves[k * j : k * (j + 1)]]
     sub = tuple(streams[j] for j in rest) if streams else ()
-    res = _fused._xla_impl(scalars, count, *args, mode=mode, streams=sub, block_size=block_size)
+    res = _fused._xla_impl(scalars, count, *args, **{**params, "streams": sub})
     for i, j in enumerate(rest):
       outs[(k - 1) * j : (k - 1) * (j + 1)] = res[(k - 1) * i : (k - 1) * (i + 1)]
   return outs

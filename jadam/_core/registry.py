@@ -42,7 +42,8 @@ import functools
 import inspect
 import types
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import optax

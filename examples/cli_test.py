@@ -9,7 +9,7 @@ import pytest
 
 from examples import _cli, _progress
 
-MODULES = ["mnist", "tune", "embeddings", "from_pytorch", "pytorch_parity"]
+MODULES = ["mnist", "tune", "embeddings", "from_pytorch", "pytorch_parity", "multihost"]
 
 
 @pytest.fixture

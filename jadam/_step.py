@@ -27,7 +27,9 @@ or `partition`: see `jadam._kernels.plan`) the helpers here therefore call a
 compiled single-pass kernel instead, with the same results and the same state;
 everything else takes the generic path. `jax.export`, lowerings for other
 platforms, and `vmap` or `jax.grad` of a jitted step run the stages themselves
-(`jadam._kernels.dispatch`).
+(`jadam._kernels.dispatch`). On several devices the kernel runs on each device's
+shard (`jadam._kernels.sharded`: FSDP, data parallel, ZeRO-1), with no gather;
+the helpers read the layout from their concrete arguments.
 
 Row-sparse gradients (`jadam.sparse_adam` on `BCOO` gradients, see
 `jadam._stages.sparse`) have a kernel of their own on CPU (`jadam._kernels.sparse_step`):
@@ -45,10 +47,12 @@ from typing import Any
 
 import jax
 import optax
+from jax.sharding import PartitionSpec
 
 from jadam._core import hparams as _hparams
 from jadam._kernels import base as _base
 from jadam._kernels import plan as _plan
+from jadam._kernels import sharded as _sharded
 from jadam._stages import sparse as _sparse
 
 
@@ -84,8 +88,10 @@ def update_and_apply(
   `inject_hyperparams`, `partition`; float32 or float64 leaves, bfloat16
   or 8-bit (:class:`jadam.Quantized`, without AMSGrad) moments) and the backend is the CPU, the step is one
   compiled kernel that reads and writes each buffer once, with the same new parameters and state as
-  ``tx.update`` + ``optax.apply_updates``; under `vmap`, `grad`, `shard_map`, on
-  other backends, or where the kernel cannot be built, the generic path runs.
+  ``tx.update`` + ``optax.apply_updates``; on inputs sharded over a mesh it runs
+  on each device's shard, with no gather (see ``fused``); under `vmap`, `grad`,
+  `shard_map`, on other backends, or where the kernel cannot be built, the
+  generic path runs.
   Row-sparse (`BCOO`) gradients are added by a scatter into the touched rows
   (:func:`jadam.apply_updates`), :math:`O(k d)`; where `tx` is
   :func:`jadam.sparse_adam` by structure (also inside the combinators above),
@@ -96,12 +102,16 @@ def update_and_apply(
     grads: the gradient, shaped like `params`.
     state: `tx`'s state.
     params: the parameters.
-    fused: None (default) uses the fused kernels where they apply and, inside a
-      `jit`, only when there is a single device (a custom call is not
-      partitioned: sharded inputs would be gathered); True requires it (also
-      inside a `jit` on a multi-device host, for callers that know the inputs
-      live on one device) and raises a `ValueError` saying why where it cannot
-      serve; False never.
+    fused: None (default) uses the fused kernels where they apply: on one
+      device, or on each shard where the inputs' layout is known (concrete
+      arrays with `NamedSharding`\ s, or tracers under `AxisType.Explicit`
+      sharding; inside a `jit` on a mesh of `Auto` axes it is only decided
+      when XLA partitions the program, so the generic path runs there, and
+      the step helpers, which see their concrete arguments, are the way to the
+      kernel). True requires it (inside a `jit` with no mesh on a multi-device
+      host, for callers that know the inputs live on one device) and raises a
+      `ValueError` saying why where it cannot serve (a sharded leaf it cannot
+      split, an unknown layout); False never.
 
   Returns:
     ``(new_params, new_state)``; each new parameter keeps its dtype.
@@ -122,11 +132,14 @@ def update_and_apply(
   return _apply(tx, grads, state, params, fused=fused, multi_device_ok=bool(fused))
 
 
-def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool):
-  """update_and_apply, with the one-device check left to the caller where `multi_device_ok`."""
+def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: bool, layout=None):
+  """update_and_apply, with the one-device check left to the caller where `multi_device_ok`.
+
+  `layout` (a step helper's): where the inputs live on a mesh, for the kernel per shard.
+  """
   if fused is not False:
     try:
-      return _plan.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused))
+      return _plan.step(tx, grads, state, params, multi_device_ok=multi_device_ok, require=bool(fused), layout=layout)
     except _base.Unserved as e:
       if fused:
         raise ValueError(f"fused=True, but the fused Adam kernel cannot serve this step: {e}.") from None
@@ -134,21 +147,38 @@ def _apply(tx, grads, state, params, *, fused: bool | None, multi_device_ok: boo
 
 
 class _Step:
-  """A jitted step that takes the fused kernel when its inputs live on one device, else the generic path.
+  """A jitted step that takes the fused kernel on one device or on each shard of a mesh, else the generic path.
 
-  Both are `jax.jit` functions; `lower` and the other attributes follow the
-  same choice, so ``step.lower(...).compile()`` shows what a call would run.
+  Each is a `jax.jit` function of ``make(use_kernel, layout)``: one for inputs on one device
+  (`layout` None), one per layout on a mesh (a `jadam._kernels.sharded.Layout`, read from the
+  concrete arguments: inside the trace XLA has not decided it yet, and the kernel needs it to run per
+  shard), and one for several devices in a layout it cannot read (False: the generic path, or
+  fused=True's error). `lower` and the other attributes follow the same choice, so
+  ``step.lower(...).compile()`` shows what a call would run.
   """
 
-  def __init__(self, fused_fn: Callable[..., Any], generic_fn: Callable[..., Any], donate: tuple[int, ...]):
-    self._fused = jax.jit(fused_fn, donate_argnums=donate)
-    self._generic = jax.jit(generic_fn, donate_argnums=donate)
-    functools.update_wrapper(self, fused_fn)
+  def __init__(self, make: Callable[..., Callable[..., Any]], donate: tuple[int, ...], grads_at: int | None):
+    self._make, self._donate, self._grads_at = make, donate, grads_at
+    self._fused = jax.jit(make(True, None), donate_argnums=donate)
+    self._sharded: dict[Any, Callable[..., Any]] = {}
+    functools.update_wrapper(self, make(True, None))
 
   def _pick(self, args):
     if jax.device_count() == 1 or all(_base.single_device(x) for x in jax.tree.leaves(args)):
       return self._fused
-    return self._generic
+    grads = args[self._grads_at] if self._grads_at is not None else None
+    found = _sharded.of_arrays((args[0], args[1], grads))
+    if found is None:  # not NamedShardings on one mesh: the kernel cannot be placed (fused=True says why)
+      return self._sharded_fn(False)
+    mesh, (params, state, grads) = found
+    return self._sharded_fn(_sharded.Layout(mesh=mesh, grads=grads, state=state, params=params))
+
+  def _sharded_fn(self, layout):
+    leaves, treedef = jax.tree.flatten(layout, is_leaf=_is_spec)
+    key = (tuple(leaves), treedef)
+    if key not in self._sharded:
+      self._sharded[key] = jax.jit(self._make(True, layout), donate_argnums=self._donate)
+    return self._sharded[key]
 
   def __call__(self, *args):
     return self._pick(args)(*args)
@@ -163,13 +193,17 @@ class _Step:
     return getattr(self._fused, name)
 
 
-def _jit_step(tx, make: Callable[[bool | None], Callable[..., Any]], donate: bool, fused: bool | None):
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def _jit_step(tx, make: Callable[..., Callable[..., Any]], donate: bool, fused: bool | None, grads_at: int | None):
   _check_fused(fused)
   _hparams.check_flag("donate", donate)
   donate_argnums = (0, 1) if donate else ()
   if fused is False:
-    return jax.jit(make(False), donate_argnums=donate_argnums)
-  return _Step(make(True), make(False), donate_argnums)
+    return jax.jit(make(False, None), donate_argnums=donate_argnums)
+  return _Step(make, donate_argnums, grads_at)
 
 
 def make_update_step(
@@ -186,9 +220,10 @@ def make_update_step(
     tx: an :class:`optax.GradientTransformation`.
     donate: donate `params` and `state` (the fast path); set False to keep them.
     fused: None (default) takes :func:`update_and_apply`'s fused kernel where
-      it applies and every input lives on one device (chosen at each call);
-      True requires it (a `ValueError` at the first call where it cannot
-      serve); False always the generic path.
+      it applies, on one device or on each shard of the inputs' mesh (the
+      layout read from the arguments at each call; a step with a leaf it
+      cannot split runs as its stages); True requires it (a `ValueError` at the first
+      call where it cannot serve); False always the generic path.
 
   Returns:
     The jitted step function.
@@ -204,13 +239,14 @@ def make_update_step(
   """
   _check_tx(tx)
 
-  def make(use_kernel):
+  def make(use_kernel, layout):
     def step(params, state, grads):
-      return _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
+      kernel, one_device = fused if use_kernel else False, use_kernel and layout is None
+      return _apply(tx, grads, state, params, fused=kernel, multi_device_ok=one_device, layout=layout or None)
 
     return step
 
-  return _jit_step(tx, make, donate, fused)
+  return _jit_step(tx, make, donate, fused, grads_at=2)
 
 
 def make_train_step(
@@ -245,10 +281,11 @@ def make_train_step(
   _hparams.check_flag("has_aux", has_aux)
   grad_fn = _sparse.value_and_grad_of(loss_fn, has_aux)  # jax.value_and_grad, or jadam.value_and_sparse_grad's
 
-  def make(use_kernel):
+  def make(use_kernel, layout):
     def step(params, state, *batch):
       value, grads = grad_fn(params, *batch)
-      params, state = _apply(tx, grads, state, params, fused=fused if use_kernel else False, multi_device_ok=use_kernel)
+      kernel, one_device = fused if use_kernel else False, use_kernel and layout is None
+      params, state = _apply(tx, grads, state, params, fused=kernel, multi_device_ok=one_device, layout=layout or None)
       if has_aux:
         loss, aux = value
         return params, state, loss, aux
@@ -256,4 +293,4 @@ def make_train_step(
 
     return step
 
-  return _jit_step(tx, make, donate, fused)
+  return _jit_step(tx, make, donate, fused, grads_at=None)

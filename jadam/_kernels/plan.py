@@ -42,8 +42,9 @@ from jadam._kernels import build as _build
 from jadam._kernels import dispatch as _dispatch
 from jadam._kernels import fused as _fused
 from jadam._kernels import optax_compat as _compat
+from jadam._kernels import sharded as _sharded
 from jadam._kernels import sparse_step as _sparse_step
-from jadam._kernels.base import Ctx, Unserved, single_device
+from jadam._kernels.base import Ctx, Unserved
 from jadam._stages import sparse as _sparse
 from jadam._storage import bf16 as _bf16
 from jadam._storage import quantize as _quantize
@@ -98,26 +99,36 @@ def sched(value: Any, name: str) -> Any:
 
 # --- walking the transformation ---------------------------------------------------
 def step(
-  tx: optax.GradientTransformation, grads: Any, state: Any, params: Any, *, multi_device_ok: bool, require: bool
+  tx: optax.GradientTransformation,
+  grads: Any,
+  state: Any,
+  params: Any,
+  *,
+  multi_device_ok: bool,
+  require: bool,
+  layout: _sharded.Layout | None = None,
 ) -> tuple[Any, Any]:
   """The fused step ``(new_params, new_state)``; raises :class:`Unserved` where the stages must run.
 
-  `multi_device_ok` is set by callers that have checked the inputs live on one
-  device (a custom call is not partitioned by GSPMD: it would gather them).
+  On several devices the kernel runs on each device's shard (`jadam._kernels.sharded`), where the
+  inputs' layout is known: from concrete arrays, explicit sharding, or the step helper's `layout`.
+  `multi_device_ok` is set by callers that vouch that inputs with no mesh live on one device.
   `require` (``fused=True``) also serves trees of many small leaves.
   """
   if jax.default_backend() != "cpu":
     raise Unserved(f"the default backend is {jax.default_backend()}; the kernel runs on the CPU")
-  if _in_mesh_context():
-    raise Unserved("inside shard_map or a mesh context")
-  if not multi_device_ok and not _one_device(jax.tree.leaves((grads, state, params))):
-    raise Unserved("several devices: a custom call is not partitioned (pass fused=True if the inputs live on one)")
+  mesh, specs = _sharded.where(grads, state, params, layout=layout, one_device_ok=multi_device_ok)
   if not _build.load():
     raise Unserved(f"the kernel is unavailable: {_build.error()}")
   ctx = Ctx(apply=None, require=require)
 
-  def kernel(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+  def local(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
     return run(tx.update, state, grads, params, ctx)
+
+  def kernel(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    if mesh is None:
+      return local(grads, state, params)
+    return _sharded.run(mesh, specs, local, grads, state, params)  # the kernel on each shard
 
   def stages(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
     return stages_step(tx, grads, state, params)
@@ -136,21 +147,6 @@ def stages_step(tx: optax.GradientTransformation, grads: Any, state: Any, params
     return _sparse.update_and_apply(tx, grads, state, params)
   updates, new_state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), new_state
-
-
-def _in_mesh_context() -> bool:
-  """Inside `shard_map` or a mesh context, the per-device program is not ours to replace."""
-  try:
-    return not jax.sharding.get_abstract_mesh().empty
-  except Exception:  # noqa: BLE001 - an unknown jax: be safe
-    return True
-
-
-def _one_device(leaves: list[Any]) -> bool:
-  """Whether the computation runs on one device: one device in all, or concrete arrays on one."""
-  if jax.device_count() == 1:
-    return True
-  return all(not isinstance(x, jax.core.Tracer) and single_device(x) for x in leaves)
 
 
 def run(fn: Any, state: Any, grads: Any, params: Any, ctx: Ctx) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from jadam._core import common as _common
+from jadam._core import placement as _placement
 from jadam._core import registry as _registry
 from jadam._core.common import path_string
 
@@ -51,7 +52,10 @@ def _front(name: str, inner: optax.GradientTransformation, groups: tuple[dict, .
       _common.check_tree(f"jadam.torch.{name}", updates, "the params", params, _common.PARAMS_HINT)
     return inner.update(updates, state, params, **extra_args)
 
-  out = optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  def init_fn(params):  # the counts on the params' mesh, as jadam's optimizers place theirs
+    return _placement.on_params_mesh(inner.init(params), params)
+
+  out = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   hparams = {"optimizer": name, "groups": groups, "labels": labels, "inner": inner}
   return _registry.register(
     out, _registry.Record("torch_groups", types.MappingProxyType(hparams), types.MappingProxyType({}), None)

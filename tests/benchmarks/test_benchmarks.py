@@ -38,3 +38,14 @@ def test_sparse_small(capsys):
   sparse.main(["--rows", "5000", "--ids", "64", "--steps", "1"])
   out = capsys.readouterr().out
   assert "jadam sparse_adam" in out and "jadam adam, dense" in out and "sparse / dense" in out
+
+
+def test_sharded_small(capsys):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices; see conftest.py")
+  from benchmarks import sharded
+
+  rows = sharded.main(["--sizes", "1e5", "--steps", "1"])
+  assert [r["layout"] for r in rows] == ["FSDP", "ZeRO-1", "data parallel"] and all(r["served"] for r in rows)
+  assert [r["per_device"] / r["whole"] for r in rows[:2]] == pytest.approx([1 / 8, 1 / 8], abs=1e-3)  # the counts
+  assert "kernel ISA path" in capsys.readouterr().out

@@ -80,12 +80,13 @@ def _train(name, devices):
   params = jax.tree.map(lambda p: _put(p, replicated), _params())
   state = jax.jit(tx.init, out_shardings=replicated)(params)
   loss = jadam.value_and_sparse_grad(_loss) if name == "sparse_adam" else _loss
-  # fused=False: the fused kernel on each shard is not built yet (issue 20, item 1); this tests the XLA step.
-  step = jadam.make_train_step(loss, tx, fused=False)
+  step = jadam.make_train_step(loss, tx)  # the fused kernel on each device's copy (sparse_adam: XLA's step)
   ids, ys = _batches()
+  hlo = step.lower(params, state, {"table": _put(ids[0], split)}, _put(ys[0], split)).compile().as_text()
+  flat = {"kernel": np.asarray('custom_call_target="jadam_adam' in hlo)}
   for t in range(STEPS):
     params, state, _ = step(params, state, {"table": _put(ids[t], split)}, _put(ys[t], split))
-  flat = {f"params{jax.tree_util.keystr(p)}": _local(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  flat |= {f"params{jax.tree_util.keystr(p)}": _local(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
   flat |= {f"state{jax.tree_util.keystr(p)}": _local(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
   return flat
 
@@ -112,7 +113,7 @@ def _resume(devices, directory):
   tx = jadam.adam(1e-2)
   params = jax.tree.map(_put, _params(), shardings)
   state = tx.init(params)  # eager: the step counts on the default device, uncommitted
-  step = jadam.make_train_step(_loss, tx, fused=False, donate=False)  # fused=False: as in _train
+  step = jadam.make_train_step(_loss, tx, donate=False)  # the fused kernel on each shard
   ids, ys = _batches()
   split = NamedSharding(mesh, P("data"))
   batch = [({"table": _put(ids[t], split)}, _put(ys[t], split)) for t in range(STEPS)]
@@ -161,8 +162,10 @@ def test_data_parallel_two_processes_equal_one(name, two_processes):
   assert first and first.keys() == second.keys()
   for key in first:  # the same program on the same global values: the same bits in both processes
     np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+  assert first["kernel"] == (name != "sparse_adam")  # the row-sparse kernel takes whole tables: XLA's step
   want = _train(name, jax.devices()[:1])
-  assert want.keys() == first.keys()
+  del want["kernel"]  # one device: the row-sparse kernel serves sparse_adam
+  assert want.keys() == first.keys() - {"kernel"}
   # The batch mean is reduced over 4 devices in another order than over 1: a few ulps in the
   # gradient; Adam's step is m / sqrt(v), scale-free, so they stay a few ulps of the parameters.
   params = {k: v for k, v in want.items() if k.startswith("params")}

@@ -1,4 +1,8 @@
-"""Scale-out on jax.sharding: data parallel equals one device; FSDP state follows its params, no collectives."""
+"""Scale-out on jax.sharding: data parallel equals one device; FSDP state follows its params, no collectives.
+
+The step helpers run the fused kernel on each device's shard (`jadam._kernels.sharded`): the compiled
+programs below hold its custom call and no gather.
+"""
 
 import functools
 import re
@@ -17,6 +21,15 @@ import jadam
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see conftest.py")
 
 _COLLECTIVES = re.compile(r"all-gather|all-reduce|collective-permute|reduce-scatter|all-to-all|collective-broadcast")
+
+
+_KERNEL = re.compile(r'custom_call_target="jadam_adam')
+
+
+def _collectives(hlo):
+  """The collective operations of a compiled module (their defining lines)."""
+  op = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + _COLLECTIVES.pattern + r")(-start)?\(")
+  return [line for line in hlo.splitlines() if op.search(line)]
 
 
 def _mesh():
@@ -71,7 +84,11 @@ def test_data_parallel_matches_one_device(name):
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = jax.device_put(_params(), replicated)
   state = jax.jit(tx.init, out_shardings=replicated)(params)
-  got, got_state = train(jadam.make_train_step(_loss, tx), params, state, lambda b: jax.device_put(b, batch))
+  step = jadam.make_train_step(_loss, tx)
+  hlo = step.lower(params, state, jax.device_put(xs[0], batch), jax.device_put(ys[0], batch)).compile().as_text()
+  # the kernel on each device's (whole, replicated) copy; bfloat16 moments on replicated leaves too
+  assert _KERNEL.search(hlo)
+  got, got_state = train(step, params, state, lambda b: jax.device_put(b, batch))
 
   for leaf in jax.tree.leaves(got):
     assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
@@ -122,11 +139,14 @@ def test_fsdp_state_follows_params_and_update_has_no_collectives(name):
   hlo = step.lower(params, state, grads).compile().as_text()
   if name == "adamw_clip":
     # the global norm is a sum over every shard: one all-reduce of a scalar, no more
-    found = [line for line in hlo.splitlines() if _COLLECTIVES.search(line) and "=" in line]
+    found = _collectives(hlo)
     result_types = [re.match(r"\s*(\(.*?\)|\S+)\s", line.split("=", 1)[1]).group(1) for line in found]
     assert found and all(re.fullmatch(r"\(?(f32\[\](, )?)+\)?", t) for t in result_types), found
   else:
-    assert not _COLLECTIVES.search(hlo), [line for line in hlo.splitlines() if _COLLECTIVES.search(line)]
+    assert not _collectives(hlo), _collectives(hlo)
+  # the kernel on each shard; bfloat16 moments of sharded leaves take the XLA arithmetic (their rounding
+  # hashes each value's index in the whole leaf)
+  assert bool(_KERNEL.search(hlo)) == (name != "adam_bf16_moments")
 
   new_params, new_state = step(params, state, grads)
   for new, sharding in zip(jax.tree.leaves(new_params), jax.tree.leaves(shardings), strict=True):
@@ -262,9 +282,19 @@ def test_zero1_state_sharded_params_replicated():
   assert mu["w2"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
   assert mu["w2"].addressable_shards[0].data.shape == (64 // 8, 8)  # 1/8 of the moment on each device
 
-  # fused=False: the fused kernel on each shard is issue 20's item 1; this is the XLA step.
-  step = jadam.make_train_step(_loss, tx, fused=False, donate=False)
+  step = jadam.make_train_step(_loss, tx, donate=False)  # the kernel on each shard of the moments
   xs, ys = _batches(3)
+  split = NamedSharding(mesh, P("data"))
+  args = (params, state, jax.device_put(xs[0], split), jax.device_put(ys[0], split))
+  hlo = step.lower(*args).compile().as_text()
+  xla = jadam.make_train_step(_loss, tx, fused=False, donate=False).lower(*args).compile().as_text()
+  # The gradient's all-reduces, as XLA's step; then each new parameter gathered back to replicated, the one
+  # all-gather ZeRO-1 is made of (XLA's own step leaves the parameters sharded like the moments instead), and
+  # no moment gathered.
+  found = _collectives(hlo)
+  gathers = [line for line in found if "all-gather" in line]
+  assert _KERNEL.search(hlo) and len(found) - len(gathers) <= len(_collectives(xla)), found
+  assert len(gathers) <= len(params), gathers
   want_params, want_state = params, jax.device_put(tx.init(_params()), replicated)
   for t in range(3):
     x, y = jax.device_put(xs[t], NamedSharding(mesh, P("data"))), jax.device_put(ys[t], NamedSharding(mesh, P("data")))
@@ -276,6 +306,8 @@ def test_zero1_state_sharded_params_replicated():
   chex.assert_trees_all_close(params, want_params, rtol=3 * 2.0**-23, atol=3 * 1e-2 * 2.0**-20)
   chex.assert_trees_all_close(state, want_state, rtol=1e-5, atol=1e-8)
   assert moments_of(state).mu["w2"].addressable_shards[0].data.shape == (64 // 8, 8)
+  for leaf in jax.tree.leaves(params):
+    assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
 
 
 _RESUMED = {
@@ -297,7 +329,7 @@ def test_checkpoint_resumes_on_a_mesh_and_onto_another(name, init, tmp_path):
   shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _params())
   params = jax.device_put(_params(), shardings)
   grads = [jax.device_put(jax.tree.map(lambda p, k=k: jnp.cos(p + k), _params()), shardings) for k in range(3)]
-  step = jadam.make_update_step(tx, fused=False, donate=False)  # the kernel per shard is issue 20's item 1
+  step = jadam.make_update_step(tx, donate=False)  # the kernel on each shard
   state = tx.init(params)
   for g in grads[:2]:
     params, state = step(params, state, g)
@@ -348,7 +380,7 @@ def test_explicit_sharding_fsdp_equals_one_device(name):
   tx = {**_OPTIMIZERS, **_RESUMED}[name]()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   grads = [jax.tree.map(lambda p, k=k: jnp.cos(p + k), _params()) for k in range(3)]
-  step = jadam.make_update_step(tx, fused=False, donate=False)  # the kernel per shard is issue 20's item 1
+  step = jadam.make_update_step(tx, donate=False)  # the kernel on each shard, and on one device
   want, want_state = _params(), tx.init(_params())
   for g in grads:
     want, want_state = step(want, want_state, g)
@@ -368,3 +400,123 @@ def test_explicit_sharding_fsdp_equals_one_device(name):
   else:  # elementwise: the same bits on every shard
     chex.assert_trees_all_equal(params, want)
     chex.assert_trees_all_equal(state, want_state)
+
+
+def _shard_on(axis):
+  """Each parameter sharded on its `axis` where that axis divides among the 8 devices (FSDP on any axis)."""
+
+  def sharding(mesh, leaf):
+    if leaf.ndim > axis and leaf.shape[axis] % mesh.size == 0:
+      return NamedSharding(mesh, P(*[None] * axis, "data"))
+    return NamedSharding(mesh, P())
+
+  return sharding
+
+
+_LAYOUTS = {
+  "fsdp_rows": _shard_on(0),
+  "fsdp_columns": _shard_on(1),
+  "replicated": lambda mesh, leaf: NamedSharding(mesh, P()),
+}
+_PER_SHARD = {
+  "adam": lambda: jadam.adam(1e-2),
+  "adamw_clip": _OPTIMIZERS["adamw_clip"],
+  "adam8bit": lambda: jadam.adam8bit(1e-2, block_size=8, min_8bit_size=256),  # w1's rows of 64 split into 8s
+  "apply_if_finite": lambda: optax.apply_if_finite(jadam.adam(1e-2), 3),  # the check: XLA's all-reduce of a bool
+  "inject_hyperparams": lambda: optax.inject_hyperparams(jadam.adamw)(learning_rate=1e-2, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("name", sorted(_PER_SHARD))
+def test_kernel_per_shard_equals_one_device_kernel(name, layout):
+  """make_update_step on sharded inputs: the kernel on every shard, no gather, the one-device kernel's results."""
+  tx = _PER_SHARD[name]()
+  mesh = _mesh()
+  shardings = jax.tree.map(lambda p: _LAYOUTS[layout](mesh, p), _params())
+  grads = [jax.tree.map(lambda p, k=k: jnp.cos(p + k), _params()) for k in range(3)]
+  step = jadam.make_update_step(tx, donate=False)
+  one = jax.devices()[0]
+  want, want_state = jax.device_put(_params(), one), tx.init(jax.device_put(_params(), one))
+  params = jax.device_put(_params(), shardings)
+  state = tx.init(params)
+  hlo = step.lower(params, state, jax.device_put(grads[0], shardings)).compile().as_text()
+  # 8-bit on columns: w2's rows of 8 split into 1-column shards would cut its blocks of 8, so the kernel does
+  # not serve that step, which runs as its stages, partitioned by XLA
+  assert bool(_KERNEL.search(hlo)) == ((name, layout) != ("adam8bit", "fsdp_columns"))
+  assert not [line for line in _collectives(hlo) if "all-gather" in line or "all-to-all" in line]
+  for g in grads:
+    want, want_state = step(want, want_state, jax.device_put(g, one))
+    params, state = step(params, state, jax.device_put(g, shardings))
+  for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
+    assert got.sharding.is_equivalent_to(sharding, got.ndim)
+  if (name, layout) in (("adamw_clip", "fsdp_rows"), ("adamw_clip", "fsdp_columns"), ("adam8bit", "fsdp_columns")):
+    # clip: the global norm summed over the shards in another order, a few ulps of the clip factor, which
+    # Adam's scale-free step m / sqrt(v) cancels but for eps. 8-bit on columns: the stages (above), which may
+    # round the step otherwise than the kernel. Either way: at most one rounding of the parameter a step.
+    chex.assert_trees_all_close(params, want, rtol=3 * 2.0**-23, atol=3 * 1e-2 * 2.0**-20)
+  else:  # elementwise: the same bits on every shard
+    chex.assert_trees_all_equal(params, want)
+    chex.assert_trees_all_equal(state, want_state)
+
+
+def test_fused_true_names_why_the_kernel_cannot_serve_a_sharded_step():
+  mesh = _mesh()
+  shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _params())
+  params = jax.device_put(_params(), shardings)
+  tx = _OPTIMIZERS["adam_bf16_moments"]()
+  with pytest.raises(ValueError, match="bfloat16 moments: their stochastic rounding"):
+    jadam.make_update_step(tx, fused=True)(params, tx.init(params), params)
+  tx = jadam.adam(1e-2)
+  inside = jax.jit(functools.partial(jadam.update_and_apply, tx, fused=True))
+  with pytest.raises(ValueError, match="inside a jit on a mesh of Auto axes"):
+    inside(params, tx.init(params), params)
+  # fused=None in a user's jit: the XLA step, partitioned without a gather
+  hlo = jax.jit(functools.partial(jadam.update_and_apply, tx)).lower(params, tx.init(params), params).compile()
+  assert not _KERNEL.search(hlo.as_text()) and not _collectives(hlo.as_text())
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "zero1"])
+@pytest.mark.parametrize("name", ["adam", "adamw_clip"])
+def test_kernel_per_shard_inside_a_users_jit_under_explicit_sharding(name, layout):
+  """Under AxisType.Explicit the layout is in the tracers' types: update_and_apply in the user's jit runs per shard."""
+  tx = _OPTIMIZERS[name]()
+  grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, _params())
+  want, _ = jadam.make_update_step(tx, donate=False)(_params(), tx.init(_params()), grads)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    if layout == "fsdp":
+      shardings = jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _params())
+      params, g = jax.device_put(_params(), shardings), jax.device_put(grads, shardings)
+      state = tx.init(params)
+    else:  # ZeRO-1: the moments split, the parameters (and so the new ones) replicated
+      params, g = jax.device_put(_params(), NamedSharding(mesh, P())), jax.device_put(grads, NamedSharding(mesh, P()))
+      shapes = jax.eval_shape(tx.init, params)
+      state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: _fsdp_sharding(mesh, x), shapes))(params)
+    step = jax.jit(lambda p, s, g: jadam.update_and_apply(tx, g, s, p, fused=True))
+    hlo = step.lower(params, state, g).compile().as_text()
+    gathers = [line for line in _collectives(hlo) if "all-gather" in line]
+    assert _KERNEL.search(hlo) and (not gathers if layout == "fsdp" else len(gathers) <= len(params)), gathers
+    got, _ = step(params, state, g)
+  for leaf, before in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+    assert leaf.sharding.is_equivalent_to(before.sharding, leaf.ndim)
+  if name == "adam":
+    chex.assert_trees_all_equal(got, want)
+  else:  # the clip norm's sum in another order (see test_kernel_per_shard_equals_one_device_kernel)
+    chex.assert_trees_all_close(got, want, rtol=2.0**-23, atol=1e-2 * 2.0**-20)
+
+
+@pytest.mark.parametrize("name", sorted(_GROUPED) + ["adam"])
+def test_eager_init_replicates_step_counts_over_the_params_mesh(name):
+  """Every leaf of an eager init on FSDP params is on their mesh: the counts replicated, not on one device."""
+  tx = {**_GROUPED, "adam": lambda: jadam.adam(1e-2)}[name]()
+  mesh = _mesh()
+  params = jax.device_put(_table_params(), jax.tree.map(lambda p: _fsdp_sharding(mesh, p), _table_params()))
+  state = tx.init(params)
+  counts = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh, jax.tree_util.keystr(path)
+    if not leaf.ndim:
+      counts += 1
+      assert leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+  assert counts

@@ -226,12 +226,21 @@ def given(x: float) -> Gap:
   return Gap(x, abs(float(np.float32(x)) - x))
 
 
-def correction(b, t: int) -> Gap:
-  """The bias correction :math:`1 - b^t`, which each program forms within `_C` of its exact value (as
-  ``-expm1(t log b)``), plus the decay's own gap times :math:`t b^{t-1}`."""
+def correction(b, t: int, *, power: bool = False) -> Gap:
+  r"""The bias correction :math:`1 - b^t`, which each program forms within `_C` of its exact value (as
+  ``-expm1(t log b)``), plus the decay's own gap times :math:`t b^{t-1}`.
+
+  `power`: one of the programs forms it as ``1 - b**t`` in float32 (optax): ``b**t``, as ``exp(t log b)``, within
+  :math:`(2 + t |\log b|)` roundings of :math:`b^t` (the rounding of log b grows t-fold), and the subtraction is
+  exact (Sterbenz) or rounds once, relative to :math:`c`. For b = 0.999 at t = 1 that is 2000 ulps of c: why
+  optax's float32 trajectories drift from torch's.
+  """
   b = lift(b)
   c = 1 - b.value**t
-  return Gap(c, t * b.value ** (t - 1) * b.gap + 2 * _C * np.abs(c))
+  gap = t * b.value ** (t - 1) * b.gap + 2 * _C * np.abs(c)
+  if power:
+    gap = gap + (2 + t * abs(np.log(b.value))) * _R * b.value**t + _R * np.abs(c)
+  return Gap(c, gap)
 
 
 def _at(x, t):
@@ -264,6 +273,8 @@ def adam(
   steps=None,
   start=None,
   t0=0,
+  teacher=None,
+  power=False,
 ) -> list[dict[str, Gap]]:
   r"""PyTorch's Adam (tests/helpers/reference.adam's formulas, `amsgrad` PyTorch's), operation by operation on
   :class:`Gap`: what two float32 programs running it may differ by after each step.
@@ -278,9 +289,11 @@ def adam(
   Gaps, where the programs form them differently, e.g. a clipping factor), or a function of the parameters (a
   Gap) run for `steps` steps, for a gradient that the parameters' gaps reach; they reach the update through
   the weight decay too. `start` (``{"mu", "nu", "nu_max"}``, common inputs) and `t0` continue a run from a state
-  that both programs share, after `t0` steps. Every hyperparameter is a float (the same float32 value in both
-  programs: pass ``float(np.float32(x))``), a :class:`Gap` (:func:`given`) or a schedule of the count returning
-  either.
+  that both programs share, after `t0` steps. `teacher`, the parameters each step starts from (common inputs):
+  every step is then measured alone, as tests/helpers/parity.run_jax's `teacher` runs it. `power`: one program
+  forms the corrections as optax does (:func:`correction`). Every hyperparameter is a float (the same float32
+  value in both programs: pass ``float(np.float32(x))``), a :class:`Gap` (:func:`given`) or a schedule of the
+  count returning either.
 
   Returns:
     For each step, ``{"update", "params", "mu", "nu", "nu_max"}`` as Gaps.
@@ -291,15 +304,17 @@ def adam(
   m, v, vmax = (lift(np.asarray(start.get(k, zeros), np.float64)) for k in ("mu", "nu", "nu_max"))
   out = []
   for t in range(t0 + 1, t0 + (len(grads) if steps is None else steps) + 1):
-    g = _penalise(grads(theta) if callable(grads) else grads[t - t0 - 1], theta, weight_decay, maximize, t)
+    if teacher is not None:
+      theta = lift(teacher[t - t0 - 1])
+    g = _penalise(grads(theta, t) if callable(grads) else grads[t - t0 - 1], theta, weight_decay, maximize, t)
     beta1, beta2 = _at(b1, t), _at(b2, t)
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * (g * g)
     vmax = maximum(vmax, v) if amsgrad else v
-    vhat = vmax / correction(beta2, t)
+    vhat = vmax / correction(beta2, t, power=power)
     if not _given_zero(eps_root):
       vhat = vhat + _at(eps_root, t)
-    u = (m / correction(beta1, t)) / (sqrt(vhat) + _at(eps, t))
+    u = (m / correction(beta1, t, power=power)) / (sqrt(vhat) + _at(eps, t))
     if not _given_zero(decoupled_weight_decay):
       u = u + _at(decoupled_weight_decay, t) * theta
     update = -(_at(lr, t) * u)
@@ -416,3 +431,17 @@ def summed(value, magnitude, n: int) -> Gap:
   """A sum of `n` terms (a norm, a mean, a loss) that each program may add in any order: within `n` roundings of
   the sum of the terms' magnitudes (Higham's gamma_n), whatever the order or the vector width."""
   return Gap(value, n * _P * np.asarray(magnitude, np.float64))
+
+
+def clipped_by_global_norm(grads: dict, max_norm: float) -> dict:
+  r"""`optax.clip_by_global_norm`'s :math:`g / \|g\| \cdot m` (or `g` itself below `max_norm`), leaf by leaf as
+  Gaps: each program sums the squares of all the leaves in its own order (:func:`summed`, over every element).
+
+  The bound asserts that the norm is not within its gap of `max_norm`, where the programs might disagree on
+  clipping at all.
+  """
+  gs = {k: lift(np.asarray(g, np.float64)) for k, g in grads.items()}
+  squares = sum(float(np.sum(g.value**2)) for g in gs.values())
+  norm = sqrt(summed(squares, squares, sum(g.value.size for g in gs.values())))
+  assert abs(norm.value - max_norm) > norm.gap, "the programs may disagree on whether to clip"
+  return gs if norm.value < max_norm else {k: g / norm * max_norm for k, g in gs.items()}

@@ -131,17 +131,10 @@ MODELS = {
 
 
 def _model_grads(grads, clip=None, scale=None):
-  """The gradients Adam receives, as Gaps: optax.clip_by_global_norm's g / ||g|| * max_norm, whose norm each program
-  sums in its own order (within n roundings of the sum of the n squares, Higham's gamma_n), or a scale."""
-  if scale is not None:
-    return {k: _rounding.lift(np.asarray(g, np.float64)) * scale for k, g in grads.items()}
-  gs = {k: _rounding.lift(np.asarray(g, np.float64)) for k, g in grads.items()}
-  if clip is None:
-    return gs
-  squares = sum(float(np.sum(g.value**2)) for g in gs.values())
-  norm = _rounding.sqrt(_rounding.summed(squares, squares, sum(g.value.size for g in gs.values())))
-  assert abs(norm.value - clip) > norm.gap, "the programs may disagree on whether to clip"
-  return gs if norm.value < clip else {k: g / norm * clip for k, g in gs.items()}
+  """The gradients Adam receives, as Gaps: clipped by their global norm (tests/helpers/rounding), or scaled."""
+  if clip is not None:
+    return _rounding.clipped_by_global_norm(grads, clip)
+  return {k: _rounding.lift(np.asarray(g, np.float64)) * (1.0 if scale is None else scale) for k, g in grads.items()}
 
 
 def _paths(tree):
@@ -274,7 +267,7 @@ class FusedStepTest(parameterized.TestCase):
       assert a.dtype == b.dtype and a.shape == b.shape
     # the rounding model's bound over the 5 steps, the gradient 2 (p - x) carrying the parameters' gaps
     hp = _hp(lr=1e-2, decoupled_weight_decay=1e-3)
-    runs = {k: _rounding.adam(lambda p: (p - 0.5) * 2.0, np.asarray(v), steps=5, **hp) for k, v in params.items()}
+    runs = {k: _rounding.adam(lambda p, t: (p - 0.5) * 2.0, np.asarray(v), steps=5, **hp) for k, v in params.items()}
     _assert_within_model((got_p, got_s), (want_p, want_s), {k: {**r[-1], "lr": hp["lr"]} for k, r in runs.items()}, "")
     # the loss of the parameters before the last step: a sum of 1205 squares (p - x)^2
     before = [r[-2]["params"] for r in runs.values()]

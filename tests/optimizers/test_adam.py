@@ -68,27 +68,54 @@ class AdamReferenceTest(chex.TestCase):
 
 
 @pytest.mark.parametrize(
-  "make_jadam, make_optax",
+  "make_jadam, make_optax, hp",
   [
-    (lambda: jadam.adam(1e-2), lambda: optax.adam(1e-2)),
-    (lambda: jadam.adam(1e-2, 0.8, 0.99, 1e-6), lambda: optax.adam(1e-2, 0.8, 0.99, 1e-6)),
-    (lambda: jadam.adam(1e-2, eps_root=1e-8), lambda: optax.adam(1e-2, eps_root=1e-8)),
-    (lambda: jadam.adamw(1e-2, weight_decay=0.1), lambda: optax.adamw(1e-2, weight_decay=0.1)),
-    (lambda: jadam.adamw(1e-2, weight_decay=1e-4), lambda: optax.adamw(1e-2)),
+    (lambda: jadam.adam(1e-2), lambda: optax.adam(1e-2), dict(learning_rate=1e-2)),
+    (
+      lambda: jadam.adam(1e-2, 0.8, 0.99, 1e-6),
+      lambda: optax.adam(1e-2, 0.8, 0.99, 1e-6),
+      dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-6),
+    ),
+    (
+      lambda: jadam.adam(1e-2, eps_root=1e-8),
+      lambda: optax.adam(1e-2, eps_root=1e-8),
+      dict(learning_rate=1e-2, eps_root=1e-8),
+    ),
+    (
+      lambda: jadam.adamw(1e-2, weight_decay=0.1),
+      lambda: optax.adamw(1e-2, weight_decay=0.1),
+      dict(learning_rate=1e-2, weight_decay=0.1),
+    ),
+    (
+      lambda: jadam.adamw(1e-2, weight_decay=1e-4),
+      lambda: optax.adamw(1e-2),
+      dict(learning_rate=1e-2, weight_decay=1e-4),
+    ),
   ],
   ids=["adam", "adam_betas_eps", "adam_eps_root", "adamw", "adamw_optax_default"],
 )
-def test_matches_optax(make_jadam, make_optax):
+def test_matches_optax(make_jadam, make_optax, hp):
   prob = _parity.problem(STEPS)
   with jax.enable_x64(True):
     got = _parity.run_jax(make_jadam(), prob, np.float64)
     want = _parity.run_optax(make_optax(), prob, np.float64)
   assert _parity.max_rel(got, want) <= 1e-12
-  # float32: optax forms 1 - b**t in float32, jadam does not; per step they agree within an ulp or two.
+  # float32: optax forms 1 - b**t in float32 (`power`), jadam does not. Step by step (optax starts each step from
+  # jadam's parameters and gradient): within the rounding model's bound, a few ulps of the parameters.
+  factory = jadam.adamw if "weight_decay" in hp else jadam.adam
+  model = _rounding.of_alias(factory, hp)
   got32, grads32 = _parity.run_jax(make_jadam(), prob, np.float32, with_grads=True)
   per_step = _parity.run_optax(make_optax(), prob, np.float32, teacher=(got32, grads32))
-  assert _parity.max_ulps(got32, per_step) <= 2
-  assert _parity.max_ulps(got32, _parity.run_optax(make_optax(), prob, np.float32)) <= 64
+  previous = np.concatenate([np.asarray(prob.params, np.float32)[None], got32[:-1]])
+  bound = model(grads32, previous[0], teacher=previous, power=True)
+  _rounding.assert_within(got32, per_step, _rounding.Gap(0.0, np.stack([s["params"].gap for s in bound])), "step")
+  # Free, each on its own trajectory: the gradient a theta - b + noise carries the gaps into the next steps. The
+  # bound sums magnitudes where the problem contracts, so it is loose (a few percent after 500 steps): the steps
+  # above are the sharp comparison; this one says the trajectories do not part.
+  a, b, noise = (np.asarray(x, np.float32) for x in (prob.a, prob.b, prob.noise))
+  free = model(lambda theta, t: theta * a - b + noise[t - 1], previous[0], steps=STEPS, power=True)
+  free = _rounding.Gap(0.0, np.stack([s["params"].gap for s in free]))
+  _rounding.assert_within(got32, _parity.run_optax(make_optax(), prob, np.float32), free, "free")
 
 
 ALIASES = {

@@ -252,6 +252,16 @@ def _given_zero(x) -> bool:
   return not callable(x) and not isinstance(x, Gap) and x == 0
 
 
+def _steps(grads, steps, t0=0):
+  """The steps t of a run: all the given gradients, or `steps` of a gradient function."""
+  return range(t0 + 1, t0 + (len(grads) if steps is None else steps) + 1)
+
+
+def _gradient(grads, theta, t, t0=0):
+  """Step t's gradient: the given one (a common input or a Gap), or the function's, of the parameters and t."""
+  return grads(theta, t) if callable(grads) else grads[t - t0 - 1]
+
+
 def _penalise(g, theta, weight_decay, maximize, t):
   g = -lift(g) if maximize else lift(g)
   return g if _given_zero(weight_decay) else g + _at(weight_decay, t) * theta
@@ -303,10 +313,9 @@ def adam(
   start = start or {}
   m, v, vmax = (lift(np.asarray(start.get(k, zeros), np.float64)) for k in ("mu", "nu", "nu_max"))
   out = []
-  for t in range(t0 + 1, t0 + (len(grads) if steps is None else steps) + 1):
-    if teacher is not None:
-      theta = lift(teacher[t - t0 - 1])
-    g = _penalise(grads(theta, t) if callable(grads) else grads[t - t0 - 1], theta, weight_decay, maximize, t)
+  for t in _steps(grads, steps, t0):
+    theta = theta if teacher is None else lift(teacher[t - t0 - 1])
+    g = _penalise(_gradient(grads, theta, t, t0), theta, weight_decay, maximize, t)
     beta1, beta2 = _at(b1, t), _at(b2, t)
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * (g * g)
@@ -324,13 +333,25 @@ def adam(
 
 
 def sgd(
-  grads, params, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
+  grads,
+  params,
+  *,
+  lr,
+  momentum=0.0,
+  dampening=0.0,
+  weight_decay=0.0,
+  nesterov=False,
+  maximize=False,
+  steps=None,
+  teacher=None,
 ) -> list[dict[str, Gap]]:
   r"""PyTorch's SGD as :func:`adam` does Adam: :math:`b_1 = g_1`, :math:`b_t = \mu b + (1 - \tau) g`, the update
-  :math:`-\alpha (g + \mu b)` (nesterov) or :math:`-\alpha b`. Returns ``{"update", "params"}`` per step."""
+  :math:`-\alpha (g + \mu b)` (nesterov) or :math:`-\alpha b`; `steps` and `teacher` as in :func:`adam`. Returns
+  ``{"update", "params"}`` per step."""
   theta, buf, out = lift(params), None, []
-  for t, g in enumerate(grads, start=1):
-    g = _penalise(g, theta, weight_decay, maximize, t)
+  for t in _steps(grads, steps):
+    theta = theta if teacher is None else lift(teacher[t - 1])
+    g = _penalise(_gradient(grads, theta, t), theta, weight_decay, maximize, t)
     if not _given_zero(momentum):
       mu = _at(momentum, t)
       buf = g if buf is None else mu * buf + (1 - _at(dampening, t)) * g
@@ -342,7 +363,18 @@ def sgd(
 
 
 def rmsprop(
-  grads, params, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False
+  grads,
+  params,
+  *,
+  lr,
+  alpha=0.99,
+  eps=1e-8,
+  weight_decay=0.0,
+  momentum=0.0,
+  centered=False,
+  maximize=False,
+  steps=None,
+  teacher=None,
 ) -> list[dict[str, Gap]]:
   r"""PyTorch's RMSprop: :math:`v \leftarrow \alpha v + (1 - \alpha) g^2`, :math:`u = g / (\sqrt{v - \bar g^2}
   + \epsilon)` (:math:`\bar g` the mean of g if centered), then momentum :math:`b \leftarrow \mu b + u`.
@@ -350,8 +382,9 @@ def rmsprop(
   theta = lift(params)
   v = gbar = buf = Gap(np.zeros_like(theta.value))
   out = []
-  for t, g in enumerate(grads, start=1):
-    g = _penalise(g, theta, weight_decay, maximize, t)
+  for t in _steps(grads, steps):
+    theta = theta if teacher is None else lift(teacher[t - 1])
+    g = _penalise(_gradient(grads, theta, t), theta, weight_decay, maximize, t)
     a = _at(alpha, t)
     v = a * v + (1 - a) * (g * g)
     if centered:
@@ -369,15 +402,26 @@ def rmsprop(
 
 
 def adagrad(
-  grads, params, *, lr, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False
+  grads,
+  params,
+  *,
+  lr,
+  lr_decay=0.0,
+  weight_decay=0.0,
+  initial_accumulator_value=0.0,
+  eps=1e-10,
+  maximize=False,
+  steps=None,
+  teacher=None,
 ) -> list[dict[str, Gap]]:
   r"""PyTorch's Adagrad: :math:`s \leftarrow s + g^2`, update :math:`-\alpha / (1 + (t - 1)\eta) \cdot g /
   (\sqrt s + \epsilon)`. Returns ``{"update", "params"}`` per step."""
   theta = lift(params)
   s = lift(initial_accumulator_value) + Gap(np.zeros_like(theta.value))
   out = []
-  for t, g in enumerate(grads, start=1):
-    g = _penalise(g, theta, weight_decay, maximize, t)
+  for t in _steps(grads, steps):
+    theta = theta if teacher is None else lift(teacher[t - 1])
+    g = _penalise(_gradient(grads, theta, t), theta, weight_decay, maximize, t)
     s = s + g * g
     rate = _at(lr, t) / (1 + (t - 1) * _at(lr_decay, t))
     update = -(rate * (g / (sqrt(s) + _at(eps, t))))

@@ -311,7 +311,7 @@ def adam(
   theta = lift(params)
   zeros = np.zeros_like(theta.value)
   start = start or {}
-  m, v, vmax = (lift(np.asarray(start.get(k, zeros), np.float64)) for k in ("mu", "nu", "nu_max"))
+  m, v, vmax = (lift(start.get(k, zeros)) for k in ("mu", "nu", "nu_max"))
   out = []
   for t in _steps(grads, steps, t0):
     theta = theta if teacher is None else lift(teacher[t - t0 - 1])

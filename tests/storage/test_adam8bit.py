@@ -389,19 +389,6 @@ def test_benchmark_rows_run(capsys):
 # --- the fused CPU kernel (jadam/_kernels: jadam_adam_f32_q8) ------------------------
 
 
-def _assert_nearly_equal(got, want, *, rtol, atol=0.0, max_code_step=None):
-  """Two steps' trees that may differ by rounding: 8-bit codes on under 0.1% of the entries (and by at most
-  `max_code_step` where given), every other leaf within `rtol` and `atol`."""
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype == np.uint8:
-      assert np.mean(a != b) < 1e-3
-      if max_code_step is not None:
-        assert np.max(np.abs(a.astype(int) - b.astype(int))) <= max_code_step
-    else:
-      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
-
-
 def _paths(tree):
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -478,6 +465,70 @@ def _assert_q8_step_within_model(got, want, start, grads, hp, *, t, block_size, 
       _rounding.assert_within(a, want_s[path], lr, f"{what} {path}")
     elif path not in checked:
       np.testing.assert_array_equal(a, want_s[path], err_msg=f"{what} {path}")
+
+
+class _Cos(_rounding.Gap):
+  """A Gap with cos: |cos(a + d) - cos(a)| <= d, and the function's own rounding, a few ulps of 1 at most."""
+
+  def cos(self):
+    return _rounding.Gap(np.cos(self.value), self.gap + 4 * 2.0**-23)
+
+
+def _decoded(m, block_size, signed):
+  """The 8-bit moment that two programs store for `m` (a Gap) and read back, as a Gap, with the codes each may
+  choose: the block scale max |m| within the block's largest gap; the code of m / scale any code whose interval
+  meets m / scale give or take its gap. Returns (decoded, lowest code, highest code, scales as a Gap)."""
+  blocks, scale = _block_max(np.abs(m.value), block_size)
+  block_gaps, scale_gap = _block_max(m.gap, block_size)
+  # m / scale as the rule for a division says, any code at all where the scale is within its gap of 0
+  margin = scale - scale_gap
+  x = m.value / np.where(scale > 0, scale, 1.0)
+  x_gap = np.where(margin > 0, (m.gap + np.abs(x) * scale_gap) / np.where(margin > 0, margin, 1.0), np.inf)
+  x_gap = x_gap + 4 * 2.0**-24 * 2 * np.abs(x)  # the reciprocal and the product, two programs
+  bounds, values = _quantize._BOUNDS[signed].astype(np.float64), _quantize._MAPS[signed].astype(np.float64)
+  low, high = (np.searchsorted(bounds, np.clip(x + d, -1, 1)) for d in (-x_gap, x_gap))
+  code = np.searchsorted(bounds, np.clip(x, -1, 1))
+  if not signed:  # a positive v never takes code 0
+    low, high, code = (np.where(x > 0, np.maximum(c, 1), c) for c in (low, high, code))
+  decoded = _rounding.Gap(values[code] * scale, (values[high] - values[low]) * scale)
+  decoded = decoded + _rounding.Gap(0.0, np.abs(values[code]) * scale_gap)  # the scale's own gap, and a rounding
+  return decoded, low, high, _rounding.Gap(blocks, block_gaps)
+
+
+def _assert_q8_run_within_model(got, want, params, gradient, steps, block_size, **hp):
+  """Two programs' (params, state) after `steps` steps of 8-bit Adam (`hp`: tests/helpers/rounding.adam's keywords)
+  from `params` and zero moments, the gradient `gradient(params)` (of a :class:`_Cos`), within the rounding model's
+  bound: each step from the moments as :func:`_decoded` says two programs may read them back, every code where
+  a boundary lies within the gap, the scales within theirs."""
+  got_s, want_s = _paths(got[1]), _paths(want[1])
+  checked = set()
+  for name, p in params.items():
+    theta = _rounding.lift(np.asarray(p, np.float64))
+    quantized = np.size(p) >= 64
+    moments, codes = {"mu": 0.0, "nu": 0.0}, {}
+    for t in range(1, steps + 1):
+      g = gradient(_Cos(theta.value, theta.gap))
+      (step,) = _rounding.adam([g], theta, start=moments, t0=t - 1, **hp)
+      theta = step["params"]
+      for k in ("mu", "nu"):
+        if quantized:
+          moments[k], *codes[k] = _decoded(step[k], block_size, signed=k == "mu")
+        else:
+          moments[k] = step[k]
+    _rounding.assert_within(got[0][name], want[0][name], theta, f"params {name}")
+    for k in ("mu", "nu"):
+      paths = {part: next(q for q in got_s if q.endswith(f".{k}.{part}[{name!r}]")) for part in ("codes", "absmax")}
+      checked.update(paths.values())
+      if not quantized:
+        _rounding.assert_within(got_s[paths["codes"]], want_s[paths["codes"]], step[k], paths["codes"])
+        continue
+      low, high, scales = codes[k]
+      _rounding.assert_within(got_s[paths["absmax"]], want_s[paths["absmax"]], scales, paths["absmax"])
+      a, b = got_s[paths["codes"]].astype(int), want_s[paths["codes"]].astype(int)
+      assert np.all(np.abs(a - b) <= high - low), (paths["codes"], int(np.sum(np.abs(a - b) > high - low)))
+  for path, a in got_s.items():  # the counts
+    if path not in checked:
+      np.testing.assert_array_equal(a, want_s[path], err_msg=path)
 
 
 def _kernel():
@@ -720,7 +771,7 @@ def test_kernel_update_step_donates_in_place_without_retracing():
     grads = jax.grad(loss)(want_p, x)
     updates, want_s = tx.update(grads, want_s, want_p)
     want_p = optax.apply_updates(want_p, updates)
-  _assert_nearly_equal((got_p, got_s), (want_p, want_s), rtol=1e-5, atol=1e-7)
+  _assert_q8_run_within_model((got_p, got_s), (want_p, want_s), params, lambda p: p.cos() * 0.5, 3, 256, lr=_f32(1e-3))
 
 
 def test_kernel_refusals_fall_back_to_the_generic_step():

@@ -323,13 +323,35 @@ def adam(
     vhat = vmax / correction(beta2, t, power=power)
     if not _given_zero(eps_root):
       vhat = vhat + _at(eps_root, t)
-    u = (m / correction(beta1, t, power=power)) / (sqrt(vhat) + _at(eps, t))
+    u = _normalised(m / correction(beta1, t, power=power), sqrt(vhat) + _at(eps, t), _largest(b1, b2, t, start))
     if not _given_zero(decoupled_weight_decay):
       u = u + _at(decoupled_weight_decay, t) * theta
     update = -(_at(lr, t) * u)
     theta = theta + update
     out.append({"update": update, "params": theta, "mu": m, "nu": v, "nu_max": vmax})
   return out
+
+
+def _largest(b1, b2, t, start) -> float:
+  r"""How large Adam's normalised step :math:`|\hat m / (\sqrt{\hat v} + \epsilon)|` can be at step t, from zero
+  moments with constant decays: :math:`\hat m = \sum_s a_s g_s` and :math:`\hat v = \sum_s b_s g_s^2`, so by
+  Cauchy-Schwarz at most :math:`\sqrt{\sum_s a_s^2 / b_s}` whatever the gradients (inf where that does not apply)."""
+  if start or any(callable(b) or isinstance(b, Gap) for b in (b1, b2)):
+    return np.inf
+  s = np.arange(1, t + 1)
+  a = (1 - b1) * b1 ** (t - s) / (1 - b1**t)
+  b = (1 - b2) * b2 ** (t - s) / (1 - b2**t)
+  return float(np.sqrt(np.sum(a * a / b))) * (1 + 1e-3)  # and room for each program's roundings of it
+
+
+def _normalised(num: Gap, den: Gap, largest: float) -> Gap:
+  """num / den by the division's rule where the divisor is clear of its gap; where it is not (a gradient lost in
+  its own gap), or where the rule gives more, two values of magnitude `largest` at most: 2 `largest` apart."""
+  clear = np.abs(den.value) > den.gap
+  divisor = Gap(np.where(clear, den.value, 1.0), np.where(clear, den.gap, 0.0))
+  safe = Gap(num.value, np.where(clear, num.gap, 0.0)) / divisor
+  value = np.where(clear, safe.value, num.value / np.where(den.value != 0, den.value, 1.0))
+  return Gap(value, np.minimum(np.where(clear, safe.gap, np.inf), 2 * largest))
 
 
 def sgd(

@@ -74,3 +74,17 @@ def test_gap_arithmetic():
   assert _rounding.given(0.5).gap == 0.0 and _rounding.given(0.1).gap == abs(float(F32(0.1)) - 0.1)
   with pytest.raises(AssertionError, match="divisor"):
     a / _rounding.Gap(1e-7, 1e-6)
+
+
+def test_adam_step_bound_holds_whatever_the_gradients():
+  """The Cauchy-Schwarz bound on |m^ / sqrt(v^)| that caps a gap where a gradient is lost in its own: 1 at the
+  first step (the update is sign(g)), and never exceeded, even by gradients that change scale by decades."""
+  assert _rounding._largest(0.9, 0.999, 1, None) == pytest.approx(1.0, rel=2e-3)
+  rng = np.random.default_rng(0)
+  for b1, b2 in ((0.9, 0.999), (0.8, 0.99), (0.0, 0.9)):
+    g = rng.normal(size=(60, 1000)) * 10.0 ** rng.uniform(-6, 3, (60, 1000))
+    m = v = 0.0
+    for t in range(1, 61):
+      m, v = b1 * m + (1 - b1) * g[t - 1], b2 * v + (1 - b2) * g[t - 1] ** 2
+      q = (m / (1 - b1**t)) / np.sqrt(v / (1 - b2**t))
+      assert np.max(np.abs(q)) <= _rounding._largest(b1, b2, t, None), (b1, b2, t)

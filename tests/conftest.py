@@ -4,7 +4,9 @@ import os
 
 # Before jax is imported anywhere: simulated CPU devices for shard_map, pmap and
 # NamedSharding tests (equinox's conftest does the same).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Added to any XLA_FLAGS already set (e.g. `--xla_cpu_max_isa=AVX2` in `make test-isa`), not replaced by them.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 

@@ -12,6 +12,7 @@ import pytest
 import jadam
 from tests.helpers import parity as _parity
 from tests.helpers import reference
+from tests.helpers import rounding as _rounding
 
 # Schedules as plain math of a float step, so NumPy (the reference) and jax read the same numbers.
 SCHEDULES = {
@@ -65,7 +66,11 @@ def _first_at_zero(first, later):
 
 @pytest.mark.parametrize("name", ["learning_rate", "b1", "b2", "eps", "weight_decay"])
 def test_schedule_is_read_at_step_zero_on_first_update(name):
-  """A schedule that is 0 (1e3 for eps) at count 0 and otherwise the default shows which count was read."""
+  """A schedule that is 0 (1e3 for eps) at count 0 and otherwise the default shows which count was read.
+
+  The formulas beside are float32 programs of the same first step (m = (1 - b1) g, sqrt(v) = |g|, with the exact
+  0.1 for 1 - b1): within the rounding model's bound of jadam's step, with b1 = 0.9 possibly held in double.
+  """
   first, later = {"eps": (1e3, 1e-8), "weight_decay": (1.0, 0.0)}.get(name, (0.0, 0.5))
   params = jnp.asarray([1.0, 2.0, 3.0], jnp.float32)
   g = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
@@ -74,14 +79,17 @@ def test_schedule_is_read_at_step_zero_on_first_update(name):
   mu, nu = state[-4].mu, state[-4].nu  # ScaleByMomentsState
   if name == "learning_rate":
     chex.assert_trees_all_equal(updates, jnp.zeros(3))
-  elif name == "b1":
-    chex.assert_trees_all_close(mu, g)  # (1 - 0) g
-  elif name == "b2":
-    chex.assert_trees_all_close(nu, g * g)
-  elif name == "eps":
-    chex.assert_trees_all_close(updates, -1e-2 * g / (jnp.abs(g) + 1e3), rtol=1e-5)
+  elif name == "b1":  # 0 m + (1 - 0) g: exact in any order, with or without a fused multiply-add
+    chex.assert_trees_all_equal(mu, g)
+  elif name == "b2":  # 0 v + (1 - 0) g^2: the one rounding of g^2, whatever the order
+    chex.assert_trees_all_equal(nu, g * g)
   else:
-    chex.assert_trees_all_close(mu, 0.1 * (g + params), rtol=1e-6)  # wd = 1 at step 0: g + theta
+    hp = {"eps": 1e3} if name == "eps" else {"weight_decay": 1.0}  # wd = 1 at step 0: g + theta
+    (model,) = _rounding.of_alias(jadam.adam, dict(learning_rate=1e-2, **hp), given_names=("b1",))([g], params)
+    if name == "eps":
+      _rounding.assert_within(updates, -1e-2 * g / (jnp.abs(g) + 1e3), model["update"], "eps")
+    else:
+      _rounding.assert_within(mu, 0.1 * (g + params), model["mu"], "weight_decay")
 
 
 def test_optax_schedule_and_jax_scalars_are_accepted():
@@ -92,7 +100,9 @@ def test_optax_schedule_and_jax_scalars_are_accepted():
   b = jadam.adam(1e-2)
   ua, _ = jax.jit(a.update)(g, a.init(params), params)
   ub, _ = jax.jit(b.update)(g, b.init(params), params)
-  chex.assert_trees_all_close(ua, ub, rtol=1e-6)
+  # float32 arrays against Python floats (which the correction takes in double): the rounding model's bound
+  (model,) = _rounding.of_alias(jadam.adam, dict(learning_rate=1e-2), given_names=True)([g], params)
+  _rounding.assert_within(ua, ub, model["update"])
 
 
 INJECTABLE = {
@@ -124,13 +134,16 @@ def test_inject_hyperparams(name, x64):
       p_plain = optax.apply_updates(p_plain, u)
       v, s_inj = step_inj(g, s_inj, p_inj)
       p_inj = optax.apply_updates(p_inj, v)
-    chex.assert_trees_all_close(p_inj, p_plain, rtol=1e-6)
-    # Changing the injected learning rate mid-run changes the step by that factor.
+    # injected float32 (float64 under x64) arrays against Python floats: the rounding model's bound
+    model = _rounding.of_alias(factory, kwargs, given_names=True)(grads, params)
+    _rounding.assert_within(p_inj, p_plain, model[-1]["params"], name)
+    # Changing the injected learning rate mid-run changes the step by that factor: a power of two scales every
+    # rounding that the learning rate enters exactly, so the same compiled step gives exactly a quarter.
     g = grads[0]
     u1, _ = step_inj(g, s_inj, p_inj)
     s_inj.hyperparams["learning_rate"] = jnp.asarray(s_inj.hyperparams["learning_rate"] * 0.25)
     u2, _ = step_inj(g, s_inj, p_inj)
-    chex.assert_trees_all_close(u2, 0.25 * u1, rtol=1e-5)
+    chex.assert_trees_all_equal(u2, 0.25 * u1)
     assert np.max(np.abs(np.asarray(u2 - u1))) > 0
 
 
@@ -156,7 +169,10 @@ def test_inject_hyperparams_with_a_schedule():
   for _ in range(5):
     _, state = jax.jit(tx.update)(jnp.ones(3, jnp.float32), state, params)
     lrs.append(float(state.hyperparams["learning_rate"]))
-  np.testing.assert_allclose(lrs, [1e-2, 7.5e-3, 5e-3, 2.5e-3, 0.0], atol=1e-9)
+  # optax's float32 (init - end) (1 - count / 4) + end against the exact values: the rounding model's bound
+  for count, lr in enumerate(lrs):
+    want = _rounding.given(1e-2) * (1 - _rounding.Gap(count) / 4)
+    _rounding.assert_within(lr, want.value, want, f"count {count}")
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -271,7 +287,10 @@ def test_every_hyperparameter_takes_a_float_a_jax_scalar_or_a_schedule(alias, ki
   want = run(factory(**kwargs))
   for name, value in kwargs.items():
     got = run(factory(**{**kwargs, name: KINDS[kind](value)}))
-    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0, custom_message=f"{alias}({name}={kind})")
+    # a float32 value against a Python float (the correction takes it in double): the rounding model's bound
+    model = _rounding.of_alias(factory, kwargs, given_names=(name,))(grads, params)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+      _rounding.assert_within(a, b, model[t]["update"], f"{alias}({name}={kind}) step {t + 1}")
 
 
 @pytest.mark.parametrize("kind", ["numpy_float32", "jax_float32"])

@@ -194,9 +194,12 @@ def test_a_stopped_configuration_is_frozen():
     p = optax.apply_updates(p, updates)
   chex.assert_trees_all_equal(jax.tree.map(lambda a: np.asarray(a[1]), (p, state.inner)), (frozen_p, frozen_state))
   assert int(state.inner.count[1]) == 3 and int(state.inner.count[0]) == 6
-  # The others went on as if alone.
+  # The others went on as if alone: within the rounding model's bound, as in the tests above.
   want, _ = _alone(jadam.adam(F32(3e-2)), params, xs, ys)
-  chex.assert_trees_all_close(jax.tree.map(lambda a: a[2], p), want, rtol=2e-6, atol=1e-7)
+  bound = _gap_bound(_adam_hyperparameters(jadam.adam, {"learning_rate": 3e-2}), params, xs, ys)
+  for k in ("w", "b"):
+    gap = np.abs(np.asarray(p[k][2], np.float64) - np.asarray(want[k], np.float64))
+    assert np.all(gap <= bound[k]), (k, np.max(gap), np.max(bound[k]))
 
 
 def test_composes_with_make_train_step_in_one_compile():
@@ -217,7 +220,11 @@ def test_composes_with_make_train_step_in_one_compile():
   assert losses.shape == (4,) and np.isclose(total, losses.sum())
   assert len(traces) <= 2  # one trace (a second only if the step keeps a fused and a generic variant)
   want, _ = _together(sweep, params, xs, ys)
-  chex.assert_trees_all_close(p, want, rtol=1e-6, atol=1e-7)
+  for i, config in enumerate(sweep.configs):  # two vmapped programs: within the rounding model's bound
+    bound = _gap_bound(_adam_hyperparameters(jadam.adam, config), params, xs, ys)
+    for k in ("w", "b"):
+      gap = np.abs(np.asarray(p[k][i], np.float64) - np.asarray(want[k][i], np.float64))
+      assert np.all(gap <= bound[k]), (config, k, np.max(gap), np.max(bound[k]))
 
 
 def test_save_and_restore_the_sweep_state(tmp_path):
@@ -297,4 +304,5 @@ def test_plateau_without_a_swept_rate_injects_the_default():
   state = sweep.tx.init(sweep.broadcast({"w": jnp.ones(3)}))
   for loss in [1.0, 1.0]:
     state = sweep.observe(state, jnp.array([loss, 0.5 * loss]))
-  np.testing.assert_allclose(state.inner.hyperparams["learning_rate"], [1e-4, 1e-4], rtol=1e-6)
+  want = _rounding.given(1e-3) * _rounding.given(0.1) * _rounding.given(0.1)  # float32 products against 1e-4
+  _rounding.assert_within(state.inner.hyperparams["learning_rate"], [1e-4, 1e-4], want)

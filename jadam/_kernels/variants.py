@@ -42,7 +42,7 @@ OTHER = {"portable": ()}
 
 PROBE_SOURCE = "cpu_features.cc"
 KERNEL_SOURCES = ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")
-HEADERS = ("pool.h",)
+HEADERS = ("pool.h", "simd.h")
 
 
 def for_machine(machine: str | None = None) -> dict[str, tuple[str, ...]]:

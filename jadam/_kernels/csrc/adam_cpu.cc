@@ -130,8 +130,10 @@ struct Adam {
   X First(X g, X m, bool finite) const {
     const X sum = h.omb1 * g + h.b1 * m;
     if (finite) return sum;
+    const auto ok = IsFinite(m);
+    if (!jadam::Any(ok == 0)) return sum;  // all finite, nearly always: the select below would keep the sum
     const X lerp = h.omb1 < T(0.5) ? m + h.omb1 * (g - m) : g - (g - m) * (T(1) - h.omb1);
-    return Select(IsFinite(m), sum, lerp);
+    return Select(ok, sum, lerp);
   }
 
   // _ema's second moment: (1 - b2) g^2 + b2 v; `scaled` ((1 - b2) g) g, as the 8-bit stage forms it (finite
@@ -181,7 +183,8 @@ inline void Element(const A& a, St& st, int64_t i, X mo, X vo) {
 // The step on elements [lo, hi) of a storage: groups of St::kGroup vectors where its loads come in groups, then
 // vectors, then one element at a time.
 template <typename A, typename St>
-inline void Steps(const A& a, St& st, int64_t lo, int64_t hi) {
+inline void Steps(const A& a, St& storage, int64_t lo, int64_t hi) {
+  St st = storage;  // a local copy, whose running values (the 8-bit block's maxima) can stay in registers
   using T = typename A::T;
   using V = typename VecOf<T>::type;
   constexpr int64_t kN = Lane<V>::kN;
@@ -203,6 +206,7 @@ inline void Steps(const A& a, St& st, int64_t lo, int64_t hi) {
     st.Read(i, mo, vo);
     Element<T>(a, st, i, mo, vo);
   }
+  storage = st;
 }
 
 // A rejected step (optax.apply_if_finite): the state stays, the parameters get + 0 as apply_updates adds.
@@ -286,6 +290,7 @@ inline typename Lane<X>::UInt RoundToBf16(X x, typename Lane<X>::UInt r) {
   const U bits = BitCast<U>(x);
   const I mag = BitCast<I>(bits & 0x7FFFFFFFu);
   const U rounded = ((bits + r) & 0xFFFF0000u) >> 16;
+  if (!jadam::Any(mag >= 0x7F800000)) return rounded;  // all finite, nearly always
   const U special = Select(mag > 0x7F800000, ((bits >> 16) & 0x8000u) | 0x7FC0u, bits >> 16);  // NaN, inf
   return Select(mag < 0x7F800000, rounded, special);
 }
@@ -867,15 +872,10 @@ struct Q8Block {
     for (int r = 0; r < 4; ++r) mo[r] = (VecF)mq[r] * am, vo[r] = (VecF)vq[r] * av;
   }
 #endif
-  static void Keep(float x, float* out, float& mx) {
-    *out = x;
-    const float a = std::fabs(x);
-    mx = a > mx ? a : mx;
-  }
-  static void Keep(VecF x, float* out, VecF& mx) {
+  template <typename X>
+  static void Keep(X x, float* out, X& mx) {
     jadam::Store(out, x);
-    const VecF a = Abs(x);
-    mx = Select(a > mx, a, mx);
+    mx = jadam::Max(Abs(x), mx);
   }
   template <typename X>
   X WriteM(int64_t i, X x) {

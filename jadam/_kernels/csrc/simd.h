@@ -129,6 +129,23 @@ inline X Abs(X x) {
   return BitCast<X>(BitCast<typename L::Int>(x) & std::numeric_limits<E>::max());  // the sign bit cleared
 }
 
+// Whether any lane of a comparison's mask is set (a scalar: the condition itself).
+inline bool Any(bool c) { return c; }
+inline bool Any(VecI32 m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif defined(__AVX__)
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#elif defined(__SSE2__)
+  return _mm_movemask_epi8((__m128i)m) != 0;
+#else
+  int32_t any = 0;
+  for (int k = 0; k < Lane<VecF>::kN; ++k) any |= m[k];
+  return any != 0;
+#endif
+}
+inline bool Any(VecI64 m) { return Any((VecI32)m); }
+
 // The lanes' indices 0, 1, ..., N - 1 as uint32.
 inline VecU32 Iota() {
   VecU32 r;
@@ -162,6 +179,20 @@ inline VecD Sqrt(VecD x) {
 #else
   for (int k = 0; k < Lane<VecD>::kN; ++k) x[k] = std::sqrt(x[k]);
   return x;
+#endif
+}
+
+// a > b ? a : b, lane by lane (the x86 max instruction's own rule: b where either is NaN).
+inline float Max(float a, float b) { return a > b ? a : b; }
+inline VecF Max(VecF a, VecF b) {
+#if defined(__AVX512F__)
+  return (VecF)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (VecF)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE2__)
+  return (VecF)_mm_max_ps((__m128)a, (__m128)b);
+#else
+  return Select(a > b, a, b);
 #endif
 }
 

@@ -3,8 +3,9 @@
 One library per variant, so that one wheel runs on any CPU of its architecture and still uses AVX2 or AVX-512
 where the CPU has them: ``build.isa()`` asks ``csrc/cpu_features.cc`` (compiled for the architecture's baseline)
 which variants this CPU and its operating system can run and loads the first of them. The sources guard every
-intrinsic with ``#if defined(__AVX512F__)`` (and ``__AVX512VBMI__``), so the variants differ only by what the
-compiler may emit, never by formula; ``-ffp-contract=off`` keeps them all bitwise equal to the XLA path.
+intrinsic with ``#if defined(__AVX512F__)`` (``__AVX512VBMI__``, ``__AVX2__``), and ``csrc/simd.h`` sizes its
+vectors by the same macros, so the variants differ only by what the compiler may emit, never by formula;
+``-ffp-contract=off`` keeps them all bitwise equal to the XLA path.
 
 Read by ``setup.py`` at build time (loaded by path, without importing jadam or jax) and by ``build.py`` at run
 time, so it imports the standard library only.
@@ -42,7 +43,7 @@ OTHER = {"portable": ()}
 
 PROBE_SOURCE = "cpu_features.cc"
 KERNEL_SOURCES = ("adam_cpu.cc", "sparse_adam_cpu.cc", "finite_cpu.cc")
-HEADERS = ("pool.h",)
+HEADERS = ("pool.h", "simd.h")
 
 
 def for_machine(machine: str | None = None) -> dict[str, tuple[str, ...]]:

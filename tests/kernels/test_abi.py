@@ -49,7 +49,7 @@ def test_sparse_scalar_layout():
 def test_hash_constants():
   """HashBits and the step term of the bfloat16 kernel are jadam._storage.bf16.hash_bits's."""
   source = (CSRC / "adam_cpu.cc").read_text()
-  body = re.search(r"inline uint32_t HashBits\([^)]*\)\s*\{(.*?)\n\}", source, re.S).group(1)
+  body = re.search(r"inline (?:uint32_t|U) HashBits\([^)]*\)\s*\{(.*?)\n\}", source, re.S).group(1)
   constants = [int(x, 16) for x in re.findall(r"0x([0-9A-Fa-f]+)u", body)]
   assert constants == [abi.HASH["index"], abi.HASH["fmix1"], abi.HASH["fmix2"]]
   assert re.findall(r"\bh \^= h >> (\d+);", body) == ["16", "13"]  # murmur3's fmix32 shifts, as hash_bits

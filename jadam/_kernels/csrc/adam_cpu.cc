@@ -6,14 +6,21 @@
 // same order, so that it matches it bitwise; build it without fast-math and
 // without floating-point contraction (-ffp-contract=off).
 //
+// The step is written once (struct Adam: the gradient's stages, the moments, bias correction, the denominator,
+// decay, apply), as a template over the lane type (a scalar or a vector of simd.h, so one formula serves the
+// vector loops and their tails) and run by one loop (Steps) over a storage policy, which says how the moments
+// are read and written and what the stages after scale_by_moments read back:
+//   PlainLeaf<T>  float32 / float64 moments, AMSGrad's running maximum (JadamAdamF32, JadamAdamF64);
+//   Bf16Leaf      bfloat16 moments with stochastic rounding (JadamAdamF32Bf16);
+//   Q8Block       8-bit block-quantized moments with a per-block absmax (JadamAdamF32Q8).
+// Each policy's SIMD loads and stores (bfloat16 widening and rounding, the 256-entry map lookup, the code search)
+// are its own code, per instruction set where one helps.
+//
 // Call frame: arg 0 is a 1-d buffer of scalars (kNumScalars, the leaves'
 // dtype); then 4 buffers per leaf (g, p, m, v), 5 with amsgrad (+ v_max);
 // results are 3 per leaf (p, m, v), 4 with amsgrad, aliased by the caller to
 // the donated inputs. The attribute `mode` says which stages are present.
-//
-// Variants below: float32 parameters with bfloat16 moments (JadamAdamF32Bf16)
-// and with 8-bit block-quantized moments (JadamAdamF32Q8, 16 bytes a value:
-// g, p and two codes read, p and two codes written, plus the blocks' scales).
+// The bfloat16 and 8-bit variants' frames are described above their handlers.
 
 #include <algorithm>
 #include <atomic>
@@ -22,19 +29,29 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "pool.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using jadam::Abs;
+using jadam::BitCast;
+using jadam::IsFinite;
+using jadam::IsNan;
+using jadam::Lane;
+using jadam::Select;
+using jadam::Sqrt;
+using jadam::VecF;
+using jadam::VecOf;
+using jadam::VecU16;
+using jadam::VecU32;
 
 enum Scalar {
   kOneMinusB1, kB1, kOneMinusB2, kB2, kC1, kC2, kEpsRoot, kEps, kNegLr, kWeightDecay,
@@ -50,106 +67,152 @@ enum Mode : int32_t {
   kTorchDecay = 32,  // decoupled_decay after scale_by_lr: p' = p + ((p * factor + step) - p)
 };
 
+// --- Adam's arithmetic, once -----------------------------------------------------------------------------------
+
+// The hyperparameters of a step, from the scalar buffer. XLA rewrites x / broadcast(c) as x * (1 / c): so must
+// we (r1, r2, rn), to give its bits, except on a one-element leaf (see Stages::kExact).
 template <typename T>
-struct Leaf {
-  const T* g;
-  T* p;  // in place: the results are aliased to the inputs
-  T* m;
-  T* v;
-  T* vmax;  // amsgrad only
-  int64_t size;
+struct Hyper {
+  T omb1, b1, omb2, b2, c1, c2, r1, r2, eps_root, eps, neg_lr, wd, norm, rn, max_norm, factor, sign;
+  explicit Hyper(const T* s)
+      : omb1(s[kOneMinusB1]), b1(s[kB1]), omb2(s[kOneMinusB2]), b2(s[kB2]), c1(s[kC1]), c2(s[kC2]),
+        r1(T(1) / s[kC1]), r2(T(1) / s[kC2]), eps_root(s[kEpsRoot]), eps(s[kEps]), neg_lr(s[kNegLr]),
+        wd(s[kWeightDecay]), norm(s[kClipNorm]), rn(T(1) / s[kClipNorm]), max_norm(s[kClipMax]),
+        factor(s[kDecayFactor]), sign(s[kSign]) {}
 };
 
-// _ema's first moment, jadam._stages.moments.first_moment: (1 - d) g + d m; where m is not finite, PyTorch's lerp
-// (m + w (g - m) for w < 1/2, else g - (g - m)(1 - w)), NaN for an infinite m. Both computed, one kept (it vectorizes).
-template <typename T>
-inline T FirstMoment(T g, T m, T omb1, T b1) {
-  const T sum = omb1 * g + b1 * m;
-  const T lerp = omb1 < T(0.5) ? m + omb1 * (g - m) : g - (g - m) * (T(1) - omb1);
-  return std::isfinite(m) ? sum : lerp;
-}
+// The stages present, known at compile time: the vector loops' instantiations. kNegate is never a template flag:
+// the sign is a scalar (x * -1 is -x exactly), which halves the instantiations.
+template <int kBits>
+struct StaticStages {
+  static constexpr bool kExact = false;
+  static constexpr bool Has(int bit) { return (kBits & bit) != 0; }
+};
 
-template <typename T, bool kCoupledL2, bool kDecoupledL2, bool kClipped, bool kAms, bool kShrink>
-void AdamRange(const T* __restrict g, T* __restrict p, T* __restrict m, T* __restrict v, T* __restrict vmax,
-               int64_t n, const T* s) {
-  const T omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
-  const T c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps];
-  const T neg_lr = s[kNegLr], wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax];
-  const T factor = s[kDecayFactor], sign = s[kSign];
-  // XLA rewrites x / broadcast(c) as x * (1 / c): so must we, to give its bits.
-  const T r1 = T(1) / c1, r2 = T(1) / c2, rn = T(1) / norm;
-  for (int64_t i = 0; i < n; ++i) {
-    T gi = g[i];
-    const T pi = p[i];
-    if (kClipped) gi = (gi * rn) * max_norm;            // optax.clip_by_global_norm, t / norm as XLA has it
-    gi = gi * sign;                                     // flip_sign: -1 (exact), else 1
-    if (kCoupledL2) gi = gi + wd * pi;                  // add_l2 before the moments
-    const T mi = FirstMoment(gi, m[i], omb1, b1);       // _ema: (1 - d) g + d m
-    const T vi = omb2 * (gi * gi) + b2 * v[i];          // _ema: (1 - d) g^2 + d v
-    T vx = vi;
-    if (kAms) {                                         // max_nu: jnp.maximum, NaN-propagating
-      const T vm = vmax[i];
-      vx = (std::isnan(vi) || std::isnan(vm)) ? vi + vm : (vi > vm ? vi : vm);
-      vmax[i] = vx;
-    }
-    const T mh = mi * r1;                               // bias_correct
-    const T vh = vx * r2;
-    T u = mh / (std::sqrt(vh + eps_root) + eps);        // normalize
-    if (kDecoupledL2) u = u + wd * pi;                  // add_l2 after normalize (AdamW)
-    m[i] = mi;
-    v[i] = vi;
-    if (kShrink) {
-      p[i] = pi + ((pi * factor + neg_lr * u) - pi);    // scale_by_lr, decoupled_decay, apply_updates
+// The stages present, read at run time: a one-element leaf, where XLA turns broadcast(c) into a reshape and keeps
+// x / c a true division, so the divisions by the norm and the corrections stay divisions (kExact: no reciprocal).
+struct RuntimeStages {
+  static constexpr bool kExact = true;
+  int bits;
+  bool Has(int bit) const { return (bits & bit) != 0; }
+};
+
+// One Adam step of one lane (X: T or a vector of T), the chain's stages in order:
+//   g <- clip_by_global_norm(g); g <- sign g (flip_sign); g <- g + wd p (add_l2 before the moments)
+//   m <- (1 - b1) g + b1 m;  v <- (1 - b2) g^2 + b2 v                  (scale_by_moments' _ema)
+//   [v_max <- max(v_max, v)]                                             (max_nu before bias_correct)
+//   u <- (m / c1) / (sqrt(v / c2 + eps_root) + eps)                     (bias_correct, normalize)
+//   u <- u + wd p (add_l2 after normalize);  p <- p - lr u, or p + ((p factor - lr u) - p) with decoupled_decay
+template <typename Tp, typename S>
+struct Adam {
+  using T = Tp;
+  static constexpr bool kExact = S::kExact;
+  Hyper<T> h;  // by value: the loops keep it in registers, as no store through a T* can alias it
+  S stages;
+
+  // `negate_exactly`: flip_sign as -g on a one-element leaf (the float kernel's rule), else g * sign.
+  template <typename X>
+  X Gradient(X g, X p, bool negate_exactly) const {
+    if (stages.Has(kClip)) g = kExact ? (g / h.norm) * h.max_norm : (g * h.rn) * h.max_norm;  // t / norm as XLA
+    if (kExact && negate_exactly) {
+      if (stages.Has(kNegate)) g = -g;
     } else {
-      p[i] = pi + neg_lr * u;                           // scale_by_lr, optax.apply_updates
+      g = g * h.sign;  // -1 (exact), else 1
+    }
+    if (stages.Has(kCoupled)) g = g + h.wd * p;
+    return g;
+  }
+
+  // _ema's first moment, jadam._stages.moments.first_moment: (1 - d) g + d m; where m is not finite, PyTorch's
+  // lerp (m + w (g - m) for w < 1/2, else g - (g - m)(1 - w)), NaN for an infinite m; both computed, one kept.
+  // `finite`: the storage never holds a non-finite m (8-bit: map value times a capped scale), the sum alone.
+  template <typename X>
+  X First(X g, X m, bool finite) const {
+    const X sum = h.omb1 * g + h.b1 * m;
+    if (finite) return sum;
+    const auto ok = IsFinite(m);
+    if (!jadam::Any(ok == 0)) return sum;  // all finite, nearly always: the select below would keep the sum
+    const X lerp = h.omb1 < T(0.5) ? m + h.omb1 * (g - m) : g - (g - m) * (T(1) - h.omb1);
+    return Select(ok, sum, lerp);
+  }
+
+  // _ema's second moment: (1 - b2) g^2 + b2 v; `scaled` ((1 - b2) g) g, as the 8-bit stage forms it (finite
+  // wherever v can hold it).
+  template <typename X>
+  X Second(X g, X v, bool scaled) const {
+    return scaled ? (h.omb2 * g) * g + h.b2 * v : h.omb2 * (g * g) + h.b2 * v;
+  }
+
+  // max_nu: jnp.maximum, NaN-propagating.
+  template <typename X>
+  X Max(X v, X vm) const {
+    return Select(IsNan(v) | IsNan(vm), v + vm, Select(v > vm, v, vm));
+  }
+
+  // bias_correct and normalize.
+  template <typename X>
+  X Direction(X m, X v) const {
+    if (kExact) return (m / h.c1) / (Sqrt(v / h.c2 + h.eps_root) + h.eps);
+    return (m * h.r1) / (Sqrt(v * h.r2 + h.eps_root) + h.eps);
+  }
+
+  // add_l2 after normalize (AdamW), scale_by_lr, decoupled_decay, apply_updates.
+  template <typename X>
+  X Apply(X p, X u) const {
+    if (stages.Has(kDecoupled)) u = u + h.wd * p;
+    return stages.Has(kTorchDecay) ? p + ((p * h.factor + h.neg_lr * u) - p) : p + h.neg_lr * u;
+  }
+};
+
+// One lane of the step on element i of a storage `st` (its g, p, moments), from the old moments mo, vo.
+template <typename X, typename A, typename St>
+inline void Element(const A& a, St& st, int64_t i, X mo, X vo) {
+  const X p = jadam::Load<X>(st.p + i);
+  const X g = a.Gradient(jadam::Load<X>(st.g + i), p, St::kExactNegates);
+  const X m = st.WriteM(i, a.First(g, mo, St::kFiniteMoments));  // what the stages after the moments read
+  X v = st.WriteV(i, a.Second(g, vo, St::kScaledSquare));
+  if constexpr (St::kMax) {
+    if (a.stages.Has(kAmsgrad)) {
+      v = a.Max(v, jadam::Load<X>(st.vmax + i));
+      jadam::Store(st.vmax + i, v);
     }
   }
+  jadam::Store(st.p + i, a.Apply(p, a.Direction(m, v)));
 }
 
-// A one-element leaf: XLA turns broadcast(c) into a reshape there and keeps x / c a true division,
-// so the divisions by the norm and the corrections stay divisions (no reciprocal). Flags at run time.
-template <typename T>
-void AdamOne(const T* g, T* p, T* m, T* v, T* vmax, int bits, const T* s) {
-  T gi = g[0];
-  const T pi = p[0];
-  if (bits & kClip) gi = (gi / s[kClipNorm]) * s[kClipMax];
-  if (bits & kNegate) gi = -gi;
-  if (bits & kCoupled) gi = gi + s[kWeightDecay] * pi;
-  const T mi = FirstMoment(gi, m[0], s[kOneMinusB1], s[kB1]);
-  const T vi = s[kOneMinusB2] * (gi * gi) + s[kB2] * v[0];
-  T vx = vi;
-  if (bits & kAmsgrad) {
-    const T vm = vmax[0];
-    vx = (std::isnan(vi) || std::isnan(vm)) ? vi + vm : (vi > vm ? vi : vm);
-    vmax[0] = vx;
+// The step on elements [lo, hi) of a storage: groups of St::kGroup vectors where its loads come in groups, then
+// vectors, then one element at a time.
+template <typename A, typename St>
+inline void Steps(const A& a, St& storage, int64_t lo, int64_t hi) {
+  St st = storage;  // a local copy, whose running values (the 8-bit block's maxima) can stay in registers
+  using T = typename A::T;
+  using V = typename VecOf<T>::type;
+  constexpr int64_t kN = Lane<V>::kN;
+  int64_t i = lo;
+  if constexpr (St::kGroup > 1) {
+    for (; i + St::kGroup * kN <= hi; i += St::kGroup * kN) {
+      V mo[St::kGroup], vo[St::kGroup];
+      st.ReadGroup(i, mo, vo);
+      for (int r = 0; r < St::kGroup; ++r) Element<V>(a, st, i + r * kN, mo[r], vo[r]);
+    }
   }
-  T u = (mi / s[kC1]) / (std::sqrt(vx / s[kC2] + s[kEpsRoot]) + s[kEps]);
-  if (bits & kDecoupled) u = u + s[kWeightDecay] * pi;
-  m[0] = mi;
-  v[0] = vi;
-  p[0] = (bits & kTorchDecay) ? pi + ((pi * s[kDecayFactor] + s[kNegLr] * u) - pi) : pi + s[kNegLr] * u;
+  for (; i + kN <= hi; i += kN) {
+    V mo, vo;
+    st.Read(i, mo, vo);
+    Element<V>(a, st, i, mo, vo);
+  }
+  for (; i < hi; ++i) {
+    T mo, vo;
+    st.Read(i, mo, vo);
+    Element<T>(a, st, i, mo, vo);
+  }
+  storage = st;
 }
 
 // A rejected step (optax.apply_if_finite): the state stays, the parameters get + 0 as apply_updates adds.
 template <typename T>
 void SkipRange(T* __restrict p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = p[i] + T(0);
-}
-
-template <typename T>
-using RangeFn = void (*)(const T*, T*, T*, T*, T*, int64_t, const T*);
-
-template <typename T, int kBits>
-constexpr RangeFn<T> Pick() {
-  // kNegate is not a template flag: the sign is a scalar (x * -1 is -x exactly), which halves the instantiations.
-  return &AdamRange<T, (kBits & kCoupled) != 0, (kBits & kDecoupled) != 0, (kBits & kClip) != 0,
-                    (kBits & kAmsgrad) != 0, (kBits & kTorchDecay) != 0>;
-}
-
-template <typename T, size_t... I>
-RangeFn<T> PickRuntime(int bits, std::index_sequence<I...>) {
-  static constexpr RangeFn<T> table[] = {Pick<T, static_cast<int>(I)>()...};
-  return table[bits & 63];
 }
 
 // Leaves laid end to end (starts[i]: leaf i's first element): calls f(leaf, off, n) for each piece of [lo, hi).
@@ -173,36 +236,166 @@ void ForEachPiece(const std::vector<LeafT>& leaves, const std::vector<int64_t>& 
 constexpr int64_t kParallelThreshold = 1 << 18;
 constexpr int64_t kChunk = 1 << 16;
 
-// Runs a job over its `total` elements in tasks of `chunk` elements (kChunk; all of them in one task on the
-// calling thread below kParallelThreshold): the float and bfloat16 kernels' jobs.
-template <typename Job>
-void RunChunked(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job) {
-  const bool parallel = job->total >= kParallelThreshold;
-  job->chunk = parallel ? kChunk : job->total;
-  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
-  jadam::RunOnPool(pool, job, parallel);
+// --- plain moments (float32, float64) --------------------------------------------------------------------------
+
+template <typename Tp>
+struct PlainLeaf {
+  using T = Tp;
+  static constexpr bool kExactNegates = true, kFiniteMoments = false, kScaledSquare = false, kMax = true;
+  static constexpr int kGroup = 1;
+  static constexpr int kStages = 63;
+  const T* g;
+  T* p;  // in place: the results are aliased to the inputs
+  T* m;
+  T* v;
+  T* vmax;  // amsgrad only
+  int64_t size;
+
+  template <typename X>
+  void Read(int64_t i, X& mo, X& vo) const {
+    mo = jadam::Load<X>(m + i);
+    vo = jadam::Load<X>(v + i);
+  }
+  template <typename X>
+  X WriteM(int64_t i, X x) const {
+    jadam::Store(m + i, x);
+    return x;
+  }
+  template <typename X>
+  X WriteV(int64_t i, X x) const {
+    jadam::Store(v + i, x);
+    return x;
+  }
+};
+
+// --- bfloat16 moments with jadam/_storage/bf16.py's stochastic rounding ------------------------------------------
+
+// _storage.bf16.hash_bits: murmur3's fmix32 of the flat index and the step (U: uint32 or a vector of them).
+template <typename U>
+inline U HashBits(U i, uint32_t t_term, uint32_t offset) {
+  U h = i * 0x9E3779B1u + (t_term + offset);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
 }
 
-template <typename T>
-struct Job {
-  std::vector<Leaf<T>> leaves;
+// _storage.bf16.round_to_bfloat16's 16 bits (in the low half of each 32-bit lane), branch-free: x + r truncated,
+// NaN quieted, an infinity kept.
+template <typename X>
+inline typename Lane<X>::UInt RoundToBf16(X x, typename Lane<X>::UInt r) {
+  using U = typename Lane<X>::UInt;
+  using I = typename Lane<X>::Int;
+  const U bits = BitCast<U>(x);
+  const I mag = BitCast<I>(bits & 0x7FFFFFFFu);
+  const U rounded = ((bits + r) & 0xFFFF0000u) >> 16;
+  if (!jadam::Any(mag >= 0x7F800000)) return rounded;  // all finite, nearly always
+  const U special = Select(mag > 0x7F800000, ((bits >> 16) & 0x8000u) | 0x7FC0u, bits >> 16);  // NaN, inf
+  return Select(mag < 0x7F800000, rounded, special);
+}
+
+struct Bf16Leaf {
+  using T = float;
+  static constexpr bool kExactNegates = false, kFiniteMoments = false, kScaledSquare = false, kMax = false;
+  static constexpr int kGroup = 1;
+  static constexpr int kStages = 63 & ~kAmsgrad;
+  const float* g;
+  float* p;
+  uint16_t* m;
+  uint16_t* v;
+  int64_t size;
+  uint32_t off_m, off_v;  // the hash offsets of the two streams
+  uint32_t t_term;  // the step's term of the hash
+
+  template <typename X>
+  static X Widen(const uint16_t* b) {
+    if constexpr (std::is_same_v<X, float>) {
+      return BitCast<float>(static_cast<uint32_t>(*b) << 16);
+    } else {
+      return BitCast<X>(__builtin_convertvector(jadam::Load<VecU16>(b), VecU32) << 16);
+    }
+  }
+  template <typename X>
+  void Read(int64_t i, X& mo, X& vo) const {
+    mo = Widen<X>(m + i);
+    vo = Widen<X>(v + i);
+  }
+  // Stores x rounded stochastically with the bits of hash_bits(i, t, stream); returns the stored value, which the
+  // corrections read, as jadam's stages do.
+  template <typename X>
+  X Round(uint16_t* out, int64_t i, X x, uint32_t off) const {
+    using U = typename Lane<X>::UInt;
+    U idx;
+    if constexpr (std::is_same_v<X, float>) {
+      idx = static_cast<uint32_t>(i);
+    } else {
+      idx = static_cast<uint32_t>(i) + jadam::Iota();
+    }
+    const U b = RoundToBf16(x, HashBits(idx, t_term, off) >> 16);
+    if constexpr (std::is_same_v<X, float>) {
+      out[i] = static_cast<uint16_t>(b);
+    } else {
+      jadam::Store(out + i, __builtin_convertvector(b, VecU16));
+    }
+    return BitCast<X>(b << 16);
+  }
+  template <typename X>
+  X WriteM(int64_t i, X x) const {
+    return Round(m, i, x, off_m);
+  }
+  template <typename X>
+  X WriteV(int64_t i, X x) const {
+    return Round(v, i, x, off_v);
+  }
+};
+
+// --- the jobs of the float and bfloat16 kernels: leaves end to end, cut into chunks ---------------------------
+
+template <typename LeafT>
+using RangeFn = void (*)(const Hyper<typename LeafT::T>&, const LeafT&, int64_t, int64_t);
+
+template <typename LeafT, int kBits>
+void RangeOf(const Hyper<typename LeafT::T>& h, const LeafT& l, int64_t lo, int64_t n) {
+  const Adam<typename LeafT::T, StaticStages<kBits>> a{h, {}};
+  LeafT st = l;
+  Steps(a, st, lo, lo + n);
+}
+
+template <typename LeafT, size_t... I>
+RangeFn<LeafT> PickRange(int bits, std::index_sequence<I...>) {
+  static constexpr RangeFn<LeafT> table[] = {
+      &RangeOf<LeafT, static_cast<int>(I) & LeafT::kStages & ~kNegate>...};
+  return table[bits & 63];
+}
+
+template <typename LeafT>
+struct ChunkJob {
+  using T = typename LeafT::T;
+  std::vector<LeafT> leaves;
   std::vector<int64_t> starts;  // starts[i]: global index of leaf i's first element
   int64_t total = 0;
   int64_t chunk = 0;  // elements a task
   jadam::Tasks tasks;
-  RangeFn<T> range = nullptr;
+  RangeFn<LeafT> range = nullptr;
   int bits = 0;
   bool skip = false;
-  T scalars[kNumScalars];
+  Hyper<T> h;
+
+  ChunkJob(const T* s, int bits_) : bits(bits_), skip(s[kApply] == T(0)), h(s) {
+    range = PickRange<LeafT>(bits, std::make_index_sequence<64>{});
+  }
 
   void Run(int64_t lo, int64_t hi) {
-    ForEachPiece(leaves, starts, lo, hi, [this](const Leaf<T>& l, int64_t off, int64_t n) {
+    ForEachPiece(leaves, starts, lo, hi, [this](const LeafT& l, int64_t off, int64_t n) {
       if (skip) {
         SkipRange<T>(l.p + off, n);
       } else if (l.size == 1) {
-        AdamOne<T>(l.g, l.p, l.m, l.v, l.vmax, bits, scalars);
+        const Adam<T, RuntimeStages> a{h, {bits}};
+        LeafT st = l;
+        Steps(a, st, 0, 1);
       } else {
-        range(l.g + off, l.p + off, l.m + off, l.v + off, l.vmax ? l.vmax + off : nullptr, n, scalars);
+        range(h, l, off, n);
       }
     });
   }
@@ -211,6 +404,24 @@ struct Job {
     tasks.Drain([this](int64_t c) { Run(c * chunk, std::min(total, (c + 1) * chunk)); });
   }
 };
+
+// Runs a job over its `total` elements in tasks of kChunk elements (all of them in one task on the calling thread
+// below kParallelThreshold).
+template <typename Job>
+void RunChunked(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job) {
+  const bool parallel = job->total >= kParallelThreshold;
+  job->chunk = parallel ? kChunk : job->total;
+  job->tasks.n = (job->total + job->chunk - 1) / job->chunk;
+  jadam::RunOnPool(pool, job, parallel);
+}
+
+// The stages the step runs: `mode`, with the clip only where the norm is above max_norm.
+template <typename T>
+int StagesOf(int32_t mode, const T* s) {
+  int bits = mode & ~kClip;
+  if ((mode & kClip) && s[kClipOn] != T(0)) bits |= kClip;
+  return bits;
+}
 
 template <ffi::DataType kDtype>
 ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode) {
@@ -225,14 +436,8 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
       scalars->element_count() != kNumScalars) {
     return ffi::Error::InvalidArgument("jadam_adam: bad scalar buffer");
   }
-  auto job = std::make_shared<Job<T>>();
   const T* s = reinterpret_cast<const T*>(scalars->untyped_data());
-  std::copy(s, s + kNumScalars, job->scalars);
-  int bits = mode & ~kClip;
-  if ((mode & kClip) && s[kClipOn] != T(0)) bits |= kClip;  // the norm is above max_norm: clip
-  job->range = PickRuntime<T>(bits, std::make_index_sequence<64>{});
-  job->bits = bits;
-  job->skip = s[kApply] == T(0);
+  auto job = std::make_shared<ChunkJob<PlainLeaf<T>>>(s, StagesOf(mode, s));
   const size_t n_leaves = (args.size() - 1) / n_in;
   job->leaves.reserve(n_leaves);
   job->starts.reserve(n_leaves);
@@ -264,7 +469,7 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
       if (out[k] != in[k + 1]) std::copy(in[k + 1], in[k + 1] + size, out[k]);
     }
     job->starts.push_back(job->total);
-    job->leaves.push_back(Leaf<T>{in[0], out[0], out[1], out[2], ams ? out[3] : nullptr, size});
+    job->leaves.push_back(PlainLeaf<T>{in[0], out[0], out[1], out[2], ams ? out[3] : nullptr, size});
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
@@ -272,131 +477,11 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
   return ffi::Error::Success();
 }
 
-// --- float32 parameters, bfloat16 moments with jadam/_lowp.py's stochastic rounding ---------------
-//
 // Call frame: scalars (float32), then uint32[1 + 2n]: the step count t and, per leaf, the hash offsets of its
 // two streams ((2k + moment) * 0xC2B2AE3D, k the leaf's position); then g, p (float32), m, v (bfloat16) per
 // leaf; results p, m, v per leaf, aliased. Each moment is formed in float32 from the stored one, rounded
-// stochastically with the bits of _lowp.hash_bits(flat index, t, stream), and the corrections read the
+// stochastically with the bits of hash_bits(flat index, t, stream), and the corrections read the
 // stored (rounded) value, as jadam's stages do.
-
-inline uint32_t HashBits(uint32_t i, uint32_t t_term, uint32_t offset) {
-  uint32_t h = i * 0x9E3779B1u + (t_term + offset);
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  return h ^ (h >> 16);
-}
-
-inline float Bf16ToF32(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
-
-inline uint16_t RoundToBf16(float x, uint32_t r) {  // _lowp.round_to_bfloat16, branch-free (it vectorizes)
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  const uint32_t mag = bits & 0x7FFFFFFFu;
-  const uint32_t rounded = ((bits + r) & 0xFFFF0000u) >> 16;
-  const uint32_t special = mag > 0x7F800000u ? (((bits >> 16) & 0x8000u) | 0x7FC0u) : (bits >> 16);  // NaN, inf
-  return static_cast<uint16_t>(mag < 0x7F800000u ? rounded : special);
-}
-
-struct LeafB {
-  const float* g;
-  float* p;
-  uint16_t* m;
-  uint16_t* v;
-  int64_t size;
-  uint32_t off_m, off_v;
-};
-
-struct JobB {
-  std::vector<LeafB> leaves;
-  std::vector<int64_t> starts;
-  int64_t total = 0, chunk = 0;  // chunk: elements a task
-  jadam::Tasks tasks;
-  int bits = 0;
-  bool skip = false;
-  uint32_t t_term = 0;
-  float s[kNumScalars];
-
-  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  void RangeT(const LeafB& l, int64_t lo, int64_t n) const {
-    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
-    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
-    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
-    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
-    const uint32_t t_term_ = t_term, off_m = l.off_m, off_v = l.off_v;
-    const float* __restrict g = l.g;
-    float* __restrict p = l.p;
-    uint16_t* __restrict m = l.m;
-    uint16_t* __restrict v = l.v;
-    for (int64_t i = lo; i < lo + n; ++i) {
-      float gi = g[i];
-      const float pi = p[i];
-      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
-      gi = gi * sign;
-      if (kCoupledL2) gi = gi + wd * pi;
-      const float mi = FirstMoment(gi, Bf16ToF32(m[i]), omb1, b1);
-      const float vi = omb2 * (gi * gi) + b2 * Bf16ToF32(v[i]);
-      const uint32_t idx = static_cast<uint32_t>(i);
-      const uint16_t ms = RoundToBf16(mi, HashBits(idx, t_term_, off_m) >> 16);
-      const uint16_t vs = RoundToBf16(vi, HashBits(idx, t_term_, off_v) >> 16);
-      const float mr = Bf16ToF32(ms), vr = Bf16ToF32(vs);
-      float u = kExact ? (mr / c1) / (std::sqrt(vr / c2 + eps_root) + eps)
-                       : (mr * r1) / (std::sqrt(vr * r2 + eps_root) + eps);
-      if (kDecoupledL2) u = u + wd * pi;
-      m[i] = ms;
-      v[i] = vs;
-      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
-    }
-  }
-
-  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  void RangeE(const LeafB& l, int64_t lo, int64_t n) const {
-    if (l.size == 1) {  // as AdamOne: true divisions on a one-element leaf
-      RangeT<true, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, n);
-    } else {
-      RangeT<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, n);
-    }
-  }
-
-  template <bool kClipped, bool kCoupledL2>
-  void RangeD(const LeafB& l, int64_t lo, int64_t n) const {
-    const bool dec = bits & kDecoupled, shrink = bits & kTorchDecay;
-    if (dec && shrink) return RangeE<kClipped, kCoupledL2, true, true>(l, lo, n);
-    if (dec) return RangeE<kClipped, kCoupledL2, true, false>(l, lo, n);
-    if (shrink) return RangeE<kClipped, kCoupledL2, false, true>(l, lo, n);
-    return RangeE<kClipped, kCoupledL2, false, false>(l, lo, n);
-  }
-
-  void Range(const LeafB& l, int64_t lo, int64_t n) const {
-    const bool clip = bits & kClip, coupled = bits & kCoupled;
-    if (clip && coupled) return RangeD<true, true>(l, lo, n);
-    if (clip) return RangeD<true, false>(l, lo, n);
-    if (coupled) return RangeD<false, true>(l, lo, n);
-    return RangeD<false, false>(l, lo, n);
-  }
-
-  void Run(int64_t lo, int64_t hi) {
-    ForEachPiece(leaves, starts, lo, hi, [this](const LeafB& l, int64_t off, int64_t n) {
-      if (skip) {
-        SkipRange<float>(l.p + off, n);
-      } else {
-        Range(l, off, n);
-      }
-    });
-  }
-
-  void Work() {
-    tasks.Drain([this](int64_t c) { Run(c * chunk, std::min(total, (c + 1) * chunk)); });
-  }
-};
-
 ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode) {
   if (args.size() < 2 || (args.size() - 2) % 4 != 0 || rets.size() != 3 * ((args.size() - 2) / 4)) {
     return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: expected 2 + 4n arguments and 3n results");
@@ -410,14 +495,10 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
     return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: bad scalar buffers");
   }
   if (mode & kAmsgrad) return ffi::Error::InvalidArgument("jadam_adam_f32_bf16: no amsgrad");
-  auto job = std::make_shared<JobB>();
   const float* s = reinterpret_cast<const float*>(scalars->untyped_data());
-  std::copy(s, s + kNumScalars, job->s);
+  auto job = std::make_shared<ChunkJob<Bf16Leaf>>(s, StagesOf(mode, s));
   const uint32_t* iv = reinterpret_cast<const uint32_t*>(ints->untyped_data());
-  job->t_term = iv[0] * 0x85EBCA77u;
-  job->bits = mode & ~kClip;
-  if ((mode & kClip) && s[kClipOn] != 0.0f) job->bits |= kClip;
-  job->skip = s[kApply] == 0.0f;
+  const uint32_t t_term = iv[0] * 0x85EBCA77u;
   const ffi::DataType want[4] = {ffi::DataType::F32, ffi::DataType::F32, ffi::DataType::BF16, ffi::DataType::BF16};
   for (size_t i = 0; i < n_leaves; ++i) {
     void* in[4];
@@ -443,16 +524,15 @@ ffi::Error AdamBf16Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
     }
     if (size == 0) continue;
     job->starts.push_back(job->total);
-    job->leaves.push_back(LeafB{static_cast<const float*>(in[0]), static_cast<float*>(out[0]),
-                                static_cast<uint16_t*>(out[1]), static_cast<uint16_t*>(out[2]), size,
-                                iv[1 + 2 * i], iv[2 + 2 * i]});
+    job->leaves.push_back(Bf16Leaf{static_cast<const float*>(in[0]), static_cast<float*>(out[0]),
+                                   static_cast<uint16_t*>(out[1]), static_cast<uint16_t*>(out[2]), size,
+                                   iv[1 + 2 * i], iv[2 + 2 * i], t_term});
     job->total += size;
   }
   if (job->total == 0) return ffi::Error::Success();
   RunChunked(pool, job);
   return ffi::Error::Success();
 }
-
 
 // --- float32 parameters, 8-bit block-quantized moments (jadam/_quantize.py) ----------------------------------
 //
@@ -606,6 +686,139 @@ inline void Lookup256x64(const uint8_t (*planes)[256], const uint8_t* codes, __m
 
 inline float Clip1(float x) { return std::isnan(x) ? x : std::min(std::max(x, -1.0f), 1.0f); }  // jnp.clip
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// The AVX2 forms of the lookups above, 8 lanes at a time; the same values, bit for bit.
+
+// map[idx] for 8 indices in [0, 256): one gather (a 256-entry table is 32 registers: gathering beats permuting).
+inline __m256 Lookup256(const float* map, __m256i idx) { return _mm256_i32gather_ps(map, idx, 4); }
+
+// t[idx mod 32] and t[idx mod 16] for 8 indices: in-register permutes, then blends on bits 3 and 4 (moved into the
+// sign bit, which blendv reads). `t` is 32-byte aligned.
+inline __m256 Table32(const float* t, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(_mm256_load_ps(t), idx);
+  const __m256 b = _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), idx);
+  const __m256 c = _mm256_permutevar8x32_ps(_mm256_load_ps(t + 16), idx);
+  const __m256 d = _mm256_permutevar8x32_ps(_mm256_load_ps(t + 24), idx);
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+  const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27));
+  return _mm256_blendv_ps(_mm256_blendv_ps(a, b, bit3), _mm256_blendv_ps(c, d, bit3), bit4);
+}
+inline __m256 Table16(const float* t, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(_mm256_load_ps(t), idx);
+  const __m256 b = _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// Code(y, table) for 8 values: two lookups in the 65536-entry table, by a gather.
+inline __m256i Code8(__m256 y, const uint32_t* table) {
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), _mm256_srli_epi32(bits, 16), 4);
+  const __m256i low = _mm256_and_si256(_mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31)), low16);
+  const __m256i base = _mm256_and_si256(e, low16);
+  // both below 2^16: the signed comparison is the unsigned one; true lanes are -1, so base - up adds 1
+  return _mm256_sub_epi32(base, _mm256_cmpgt_epi32(low, _mm256_srli_epi32(e, 16)));
+}
+
+// Search16 on 8 lanes: the same arithmetic (the same fused multiply-add), the same lanes sent to Code8.
+template <bool kSigned>
+inline __m256i Search8(__m256 y, const SearchTable& t, __m256& near) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 a = kSigned ? _mm256_and_ps(y, abs_mask) : y;
+  const __m256i e = _mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 23), _mm256_set1_epi32(96));
+  const __m256i d0 = _mm256_castps_si256(Table32(reinterpret_cast<const float*>(t.d0), e));
+  const __m256 thr = Table32(t.thr, e);
+  const __m256i d = _mm256_sub_epi32(d0, _mm256_castps_si256(_mm256_cmp_ps(a, thr, _CMP_GT_OQ)));
+  const __m256 x = _mm256_fmadd_ps(a, Table16(t.s, d), Table16(t.b, d));
+  __m256i k = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_floor_ps(x)),
+                               _mm256_castps_si256(Table16(reinterpret_cast<const float*>(t.cap), d)));
+  const __m256 r = _mm256_sub_ps(x, _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  near = _mm256_or_ps(near, _mm256_cmp_ps(_mm256_and_ps(r, abs_mask), _mm256_set1_ps(t.window), _CMP_NGE_UQ));
+  const __m256i neg = _mm256_cmpgt_epi32(_mm256_setzero_si256(), _mm256_castps_si256(y));
+  if (kSigned) {
+    near = _mm256_or_ps(near, _mm256_cmp_ps(a, thr, _CMP_EQ_OQ));
+    const __m256i last = _mm256_set1_epi32(254);
+    k = _mm256_blendv_epi8(k, _mm256_sub_epi32(last, _mm256_min_epi32(k, last)), neg);
+  } else {
+    near = _mm256_or_ps(near, _mm256_castsi256_ps(neg));
+  }
+  return k;
+}
+
+// 8 codes (int32 lanes in [0, 256)) as 8 bytes.
+inline void Store8(uint8_t* out, __m256i q) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
+}
+#endif
+
+// --- what the 8-bit storage does per vector, on each instruction set --------------------------------------------
+
+// map[codes[k]] for the kN codes of a vector.
+inline VecF LookupMap(const float* map, const uint8_t* codes) {
+#if defined(__AVX512F__)
+  return (VecF)Lookup256(map, _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+#elif defined(__AVX2__) && defined(__FMA__)
+  return (VecF)Lookup256(map, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes))));
+#else
+  VecF r;
+  for (int k = 0; k < Lane<VecF>::kN; ++k) r[k] = map[codes[k]];
+  return r;
+#endif
+}
+
+// One value's codes, as the scalar path finds them: y clipped to [-1, 1], a positive v never below code 1.
+inline void CodesOne(float ym, float yv, uint8_t* cm, uint8_t* cv) {
+  ym = Clip1(ym), yv = Clip1(yv);
+  *cm = static_cast<uint8_t>(Code(ym, g_quant.code_s));
+  const uint32_t qv = Code(yv, g_quant.code_u);
+  *cv = static_cast<uint8_t>(yv > 0.0f ? std::max(qv, 1u) : qv);
+}
+
+#if defined(__AVX512F__)
+// The codes of 16 scaled values ym, yv (as CodesOne), as int32 lanes. y = x * inv is not clipped to [-1, 1] here:
+// |x| <= absmax, so |y| exceeds 1 by rounding only, and Search16 codes (1, 2) as it codes 1; the exact lookup
+// gets the clipped values.
+inline void Codes16(__m512 ym, __m512 yv, __m512i& qm, __m512i& qv) {
+  __mmask16 near = 0;
+  qm = Search16<true>(ym, g_quant.search_s, near);
+  qv = Search16<false>(yv, g_quant.search_u, near);
+  if (near) {  // within rounding of a boundary (or NaN, or a negative v): the exact lookup, for all 16
+    const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
+    qm = Code16(_mm512_min_ps(one, _mm512_max_ps(neg_one, ym)), g_quant.code_s);
+    qv = Code16(_mm512_min_ps(one, _mm512_max_ps(neg_one, yv)), g_quant.code_u);
+  }
+  const __mmask16 pos = _mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ);
+  qv = _mm512_mask_max_epu32(qv, pos, qv, _mm512_set1_epi32(1));
+}
+#endif
+
+// The codes of a vector of scaled values, stored.
+inline void CodesV(VecF ym, VecF yv, uint8_t* cm, uint8_t* cv) {
+#if defined(__AVX512F__)
+  __m512i qm, qv;
+  Codes16((__m512)ym, (__m512)yv, qm, qv);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(cm), _mm512_cvtepi32_epi8(qm));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(cv), _mm512_cvtepi32_epi8(qv));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 y_m = (__m256)ym, y_v = (__m256)yv;
+  __m256 near = _mm256_setzero_ps();
+  __m256i qm = Search8<true>(y_m, g_quant.search_s, near);
+  __m256i qv = Search8<false>(y_v, g_quant.search_u, near);
+  if (_mm256_movemask_ps(near)) {  // as Codes16
+    const __m256 one = _mm256_set1_ps(1.0f), neg_one = _mm256_set1_ps(-1.0f);
+    qm = Code8(_mm256_min_ps(one, _mm256_max_ps(neg_one, y_m)), g_quant.code_s);
+    qv = Code8(_mm256_min_ps(one, _mm256_max_ps(neg_one, y_v)), g_quant.code_u);
+  }
+  const __m256i pos = _mm256_castps_si256(_mm256_cmp_ps(y_v, _mm256_setzero_ps(), _CMP_GT_OQ));
+  qv = _mm256_blendv_epi8(qv, _mm256_max_epu32(qv, _mm256_set1_epi32(1)), pos);
+  Store8(cm, qm);
+  Store8(cv, qv);
+#else
+  for (int k = 0; k < Lane<VecF>::kN; ++k) CodesOne(ym[k], yv[k], cm + k, cv + k);
+#endif
+}
+
 struct LeafQ {
   const float* g;
   float* p;
@@ -616,9 +829,131 @@ struct LeafQ {
   int64_t size;
 };
 
+// The storage of one block of 8-bit moments, for the step: the old moments dequantized (map[code] * absmax), the
+// new ones kept in float32 (tm, tv: what the stages after the moments read) with their blocks' absolute maxima,
+// then requantized by Requant once the block is done.
+struct Q8Block {
+  using T = float;
+  static constexpr bool kExactNegates = false, kFiniteMoments = true, kScaledSquare = true, kMax = false;
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  static constexpr int kGroup = 4;  // Lookup256x64: 64 codes at once
+#else
+  static constexpr int kGroup = 1;
+#endif
+  static constexpr int kStages = 63 & ~kAmsgrad;
+  const float* g;
+  float* p;
+  const uint8_t* cm;
+  const uint8_t* cv;
+  float am, av;
+  float* tm;
+  float* tv;
+  // the blocks' maxima from 0, NaNs ignored (_quantize.quantize: a NaN stays in its own value)
+  VecF vmx_m = {}, vmx_v = {};
+  float mx_m = 0.0f, mx_v = 0.0f;
+
+  Q8Block(const LeafQ& l, int64_t b, int64_t bs, float* tm_, float* tv_)
+      : g(l.g + b * bs), p(l.p + b * bs), cm(l.cm + b * bs), cv(l.cv + b * bs), am(l.am[b]), av(l.av[b]),
+        tm(tm_), tv(tv_) {}
+
+  void Read(int64_t i, float& mo, float& vo) const {
+    mo = g_quant.map_s[cm[i]] * am;  // _quantize.dequantize
+    vo = g_quant.map_u[cv[i]] * av;
+  }
+  void Read(int64_t i, VecF& mo, VecF& vo) const {
+    mo = LookupMap(g_quant.map_s, cm + i) * am;
+    vo = LookupMap(g_quant.map_u, cv + i) * av;
+  }
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  void ReadGroup(int64_t i, VecF* mo, VecF* vo) const {
+    __m512 mq[4], vq[4];
+    Lookup256x64(g_quant.planes_s, cm + i, mq);
+    Lookup256x64(g_quant.planes_u, cv + i, vq);
+    for (int r = 0; r < 4; ++r) mo[r] = (VecF)mq[r] * am, vo[r] = (VecF)vq[r] * av;
+  }
+#endif
+  template <typename X>
+  static void Keep(X x, float* out, X& mx) {
+    jadam::Store(out, x);
+    mx = jadam::Max(Abs(x), mx);
+  }
+  template <typename X>
+  X WriteM(int64_t i, X x) {
+    if constexpr (std::is_same_v<X, float>) {
+      Keep(x, tm + i, mx_m);
+    } else {
+      Keep(x, tm + i, vmx_m);
+    }
+    return x;
+  }
+  template <typename X>
+  X WriteV(int64_t i, X x) {
+    if constexpr (std::is_same_v<X, float>) {
+      Keep(x, tv + i, mx_v);
+    } else {
+      Keep(x, tv + i, vmx_v);
+    }
+    return x;
+  }
+  float MaxM() const { return std::max(jadam::MaxLane(vmx_m), mx_m); }
+  float MaxV() const { return std::max(jadam::MaxLane(vmx_v), mx_v); }
+};
+
+// Requantizes a block from its new moments tm, tv and their maxima: _quantize.quantize's absmax capped at
+// kScaleMax (an inf stays in its own value), x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
+struct Requant {
+  float inv_m, inv_v;
+  const float* tm;
+  const float* tv;
+  uint8_t* cm;
+  uint8_t* cv;
+  Requant(const LeafQ& l, int64_t b, int64_t bs, float m, float v, const float* tm_, const float* tv_) {
+    m = std::min(m, kScaleMax), v = std::min(v, kScaleMax);
+    l.am[b] = m;
+    l.av[b] = v;
+    inv_m = 1.0f / std::max(m, 1e-38f);
+    inv_v = 1.0f / std::max(v, 1e-38f);
+    tm = tm_, tv = tv_, cm = l.cm + b * bs, cv = l.cv + b * bs;
+  }
+  inline void Step(int64_t j) const {
+    CodesV(jadam::Load<VecF>(tm + j) * inv_m, jadam::Load<VecF>(tv + j) * inv_v, cm + j, cv + j);
+  }
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  inline void Step64(int64_t j) const {
+    __m512i qm[4], qv[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512 ym = _mm512_mul_ps(_mm512_loadu_ps(tm + j + 16 * r), _mm512_set1_ps(inv_m));
+      const __m512 yv = _mm512_mul_ps(_mm512_loadu_ps(tv + j + 16 * r), _mm512_set1_ps(inv_v));
+      Codes16(ym, yv, qm[r], qv[r]);
+    }
+    Store64(cm + j, qm);
+    Store64(cv + j, qv);
+  }
+  // 64 codes (four vectors of int32 in [0, 256)) as 64 bytes, by two saturating packs, which work within 128-bit
+  // lanes (lane L of the packed bytes holds q[k][4L..4L+3] at dword 4L + k) and one dword permute.
+  static inline void Store64(uint8_t* out, const __m512i q[4]) {
+    const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]), _mm512_packus_epi32(q[2], q[3]));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi32(order, bytes));
+  }
+#endif
+  void Run(int64_t n) const {
+    constexpr int64_t kN = Lane<VecF>::kN;
+    int64_t j = 0;
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+    for (; j + 64 <= n; j += 64) Step64(j);
+#endif
+    for (; j + kN <= n; j += kN) Step(j);
+    for (; j < n; ++j) CodesOne(tm[j] * inv_m, tv[j] * inv_v, cm + j, cv + j);
+  }
+};
+
 struct TaskQ {
   int64_t leaf, lo, hi;  // blocks [lo, hi) of a leaf
 };
+
+struct JobQ;
+using TaskFn = void (*)(const JobQ&, const TaskQ&, float*, float*);
 
 struct JobQ {
   std::vector<LeafQ> leaves;
@@ -627,201 +962,18 @@ struct JobQ {
   int64_t bs = 0;
   int bits = 0;
   bool skip = false;
-  float s[kNumScalars];
+  Hyper<float> h;
+  TaskFn run = nullptr;
 
-#if defined(__AVX512F__)
-  // 16 values at a time: the update (from the map values of the old codes) and the requantization of a block.
-  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  struct Update {
-    __m512 omb1, b1, omb2, b2, r1, r2, eps_root, eps, neg_lr, wd, rn, max_norm, factor, sign, am, av, mx_m, mx_v;
-    const float* g;
-    float* p;
-    const uint8_t* cm;
-    const uint8_t* cv;
-    float* tm;
-    float* tv;
-    Update(const float* s, const LeafQ& l, int64_t b, int64_t bs, float* tm_, float* tv_) {
-      omb1 = _mm512_set1_ps(s[kOneMinusB1]), b1 = _mm512_set1_ps(s[kB1]);
-      omb2 = _mm512_set1_ps(s[kOneMinusB2]), b2 = _mm512_set1_ps(s[kB2]);
-      r1 = _mm512_set1_ps(1.0f / s[kC1]), r2 = _mm512_set1_ps(1.0f / s[kC2]);
-      eps_root = _mm512_set1_ps(s[kEpsRoot]), eps = _mm512_set1_ps(s[kEps]), neg_lr = _mm512_set1_ps(s[kNegLr]);
-      wd = _mm512_set1_ps(s[kWeightDecay]), rn = _mm512_set1_ps(1.0f / s[kClipNorm]);
-      max_norm = _mm512_set1_ps(s[kClipMax]), factor = _mm512_set1_ps(s[kDecayFactor]), sign = _mm512_set1_ps(s[kSign]);
-      am = _mm512_set1_ps(l.am[b]), av = _mm512_set1_ps(l.av[b]);
-      mx_m = _mm512_setzero_ps(), mx_v = _mm512_setzero_ps();  // NaNs ignored: max_ps returns its second operand
-      const int64_t off = b * bs;
-      g = l.g + off, p = l.p + off, cm = l.cm + off, cv = l.cv + off, tm = tm_, tv = tv_;
-    }
-    inline void Step16(int64_t i, __m512 m_map, __m512 v_map) {
-      __m512 gi = _mm512_loadu_ps(g + i);
-      const __m512 pi = _mm512_loadu_ps(p + i);
-      if (kClipped) gi = _mm512_mul_ps(_mm512_mul_ps(gi, rn), max_norm);
-      gi = _mm512_mul_ps(gi, sign);
-      if (kCoupledL2) gi = _mm512_add_ps(gi, _mm512_mul_ps(wd, pi));
-      const __m512 mo = _mm512_mul_ps(m_map, am);
-      const __m512 vo = _mm512_mul_ps(v_map, av);
-      const __m512 mi = _mm512_add_ps(_mm512_mul_ps(omb1, gi), _mm512_mul_ps(b1, mo));
-      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi), _mm512_mul_ps(b2, vo));
-      const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vi, r2), eps_root)), eps);
-      __m512 u = _mm512_div_ps(_mm512_mul_ps(mi, r1), den);
-      if (kDecoupledL2) u = _mm512_add_ps(u, _mm512_mul_ps(wd, pi));
-      __m512 po;
-      if (kShrink) {
-        po = _mm512_add_ps(pi, _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(pi, factor), _mm512_mul_ps(neg_lr, u)), pi));
-      } else {
-        po = _mm512_add_ps(pi, _mm512_mul_ps(neg_lr, u));
-      }
-      _mm512_storeu_ps(p + i, po);
-      _mm512_storeu_ps(tm + i, mi);
-      _mm512_storeu_ps(tv + i, vi);
-      mx_m = _mm512_max_ps(_mm512_abs_ps(mi), mx_m);
-      mx_v = _mm512_max_ps(_mm512_abs_ps(vi), mx_v);
-    }
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-    inline void Step64(int64_t i) {
-      __m512 mq[4], vq[4];
-      Lookup256x64(g_quant.planes_s, cm + i, mq);
-      Lookup256x64(g_quant.planes_u, cv + i, vq);
-      for (int r = 0; r < 4; ++r) Step16(i + 16 * r, mq[r], vq[r]);
-    }
-#endif
-  };
+  JobQ(const float* s, int bits_, int64_t bs_);
 
-  struct Requantize {
-    __m512 inv_m, inv_v;
-    const float* tm;
-    const float* tv;
-    uint8_t* cm;
-    uint8_t* cv;
-    // Finishes the block's maxima, stores the scales, and gets ready to code the block.
-    Requantize(const LeafQ& l, int64_t b, int64_t bs, __m512 mx_m, __m512 mx_v, const float* tm_, const float* tv_)
-        : Requantize(l, b, bs, _mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v), tm_, tv_) {}
-    Requantize(const LeafQ& l, int64_t b, int64_t bs, float m, float v, const float* tm_, const float* tv_) {
-      m = std::min(m, kScaleMax), v = std::min(v, kScaleMax);
-      l.am[b] = m;
-      l.av[b] = v;
-      inv_m = _mm512_set1_ps(1.0f / std::max(m, 1e-38f));
-      inv_v = _mm512_set1_ps(1.0f / std::max(v, 1e-38f));
-      tm = tm_, tv = tv_, cm = l.cm + b * bs, cv = l.cv + b * bs;
-    }
-    // The codes of values j..j+15, as int32 lanes.
-    inline void Codes16(int64_t j, __m512i& qm, __m512i& qv) const {
-      // y = x * inv is not clipped to [-1, 1] here: |x| <= absmax, so |y| exceeds 1 by rounding only, and Search16
-      // codes (1, 2) as it codes 1; the exact lookup below gets the clipped values.
-      const __m512 ym = _mm512_mul_ps(_mm512_loadu_ps(tm + j), inv_m);
-      const __m512 yv = _mm512_mul_ps(_mm512_loadu_ps(tv + j), inv_v);
-      __mmask16 near = 0;
-      qm = Search16<true>(ym, g_quant.search_s, near);
-      qv = Search16<false>(yv, g_quant.search_u, near);
-      if (near) {  // within rounding of a boundary (or NaN, or a negative v): the exact lookup, for all 16
-        const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
-        qm = Code16(_mm512_min_ps(one, _mm512_max_ps(neg_one, ym)), g_quant.code_s);
-        qv = Code16(_mm512_min_ps(one, _mm512_max_ps(neg_one, yv)), g_quant.code_u);
-      }
-      const __mmask16 pos = _mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ);
-      qv = _mm512_mask_max_epu32(qv, pos, qv, _mm512_set1_epi32(1));
-    }
-    inline void Step16(int64_t j) {
-      __m512i qm, qv;
-      Codes16(j, qm, qv);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(cm + j), _mm512_cvtepi32_epi8(qm));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(cv + j), _mm512_cvtepi32_epi8(qv));
-    }
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-    inline void Step64(int64_t j) {
-      __m512i qm[4], qv[4];
-      for (int r = 0; r < 4; ++r) Codes16(j + 16 * r, qm[r], qv[r]);
-      Store64(cm + j, qm);
-      Store64(cv + j, qv);
-    }
-    // 64 codes (four vectors of int32 in [0, 256)) as 64 bytes, by two saturating packs, which work within 128-bit
-    // lanes (lane L of the packed bytes holds q[k][4L..4L+3] at dword 4L + k) and one dword permute.
-    static inline void Store64(uint8_t* out, const __m512i q[4]) {
-      const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]), _mm512_packus_epi32(q[2], q[3]));
-      const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-      _mm512_storeu_si512(out, _mm512_permutexvar_epi32(order, bytes));
-    }
-#endif
-  };
-
-#endif
-
-  // One block: pass 1 puts the new moments into tm, tv and updates the parameters in place; pass 2 requantizes.
-  template <bool kExact, bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  void Block(const LeafQ& l, int64_t b, float* __restrict tm, float* __restrict tv) const {
-    const float omb1 = s[kOneMinusB1], b1 = s[kB1], omb2 = s[kOneMinusB2], b2 = s[kB2];
-    const float c1 = s[kC1], c2 = s[kC2], eps_root = s[kEpsRoot], eps = s[kEps], neg_lr = s[kNegLr];
-    const float wd = s[kWeightDecay], norm = s[kClipNorm], max_norm = s[kClipMax], factor = s[kDecayFactor];
-    const float sign = s[kSign], r1 = 1.0f / c1, r2 = 1.0f / c2, rn = 1.0f / norm;
-    const int64_t off = b * bs, n = std::min(bs, l.size - off);
-    const float* __restrict g = l.g + off;
-    float* __restrict p = l.p + off;
-    uint8_t* __restrict cm = l.cm + off;
-    uint8_t* __restrict cv = l.cv + off;
-    const float am = l.am[b], av = l.av[b];
-    const float* map_s = g_quant.map_s;
-    const float* map_u = g_quant.map_u;
-    // the blocks' maxima from 0, NaNs ignored (_quantize.quantize: a NaN stays in its own value)
-    float mx_m = 0.0f, mx_v = 0.0f;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    if (!kExact) {
-      Update<kClipped, kCoupledL2, kDecoupledL2, kShrink> up(s, l, b, bs, tm, tv);
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-      for (; i + 64 <= n; i += 64) up.Step64(i);
-#endif
-      for (; i + 16 <= n; i += 16) {
-        const __m512i km = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + i)));
-        const __m512i kv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cv + i)));
-        up.Step16(i, Lookup256(map_s, km), Lookup256(map_u, kv));
-      }
-      mx_m = _mm512_reduce_max_ps(up.mx_m);
-      mx_v = _mm512_reduce_max_ps(up.mx_v);
-    }
-#endif
-    for (; i < n; ++i) {
-      float gi = g[i];
-      const float pi = p[i];
-      if (kClipped) gi = kExact ? (gi / norm) * max_norm : (gi * rn) * max_norm;
-      gi = gi * sign;
-      if (kCoupledL2) gi = gi + wd * pi;
-      const float mo = map_s[cm[i]] * am;  // _quantize.dequantize
-      const float vo = map_u[cv[i]] * av;
-      const float mi = omb1 * gi + b1 * mo;
-      const float vi = (omb2 * gi) * gi + b2 * vo;  // ((1 - b2) g) g: finite wherever v can hold it
-      float u = kExact ? (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps)
-                       : (mi * r1) / (std::sqrt(vi * r2 + eps_root) + eps);
-      if (kDecoupledL2) u = u + wd * pi;
-      p[i] = kShrink ? pi + ((pi * factor + neg_lr * u) - pi) : pi + neg_lr * u;
-      tm[i] = mi;
-      tv[i] = vi;
-      const float am_i = std::fabs(mi), av_i = std::fabs(vi);
-      mx_m = am_i > mx_m ? am_i : mx_m;
-      mx_v = av_i > mx_v ? av_i : mx_v;
-    }
-    // Pass 2: requantize. _quantize.quantize: absmax capped at kScaleMax (an inf stays in its own value),
-    // x * (1 / max(absmax, 1e-38)), clipped to [-1, 1], coded.
-    mx_m = std::min(mx_m, kScaleMax), mx_v = std::min(mx_v, kScaleMax);
-    const float inv_m = 1.0f / std::max(mx_m, 1e-38f);
-    const float inv_v = 1.0f / std::max(mx_v, 1e-38f);
-    l.am[b] = mx_m;
-    l.av[b] = mx_v;
-    const uint32_t* code_s = g_quant.code_s;
-    const uint32_t* code_u = g_quant.code_u;
-    int64_t j = 0;
-#if defined(__AVX512F__)
-    {
-      Requantize rq(l, b, bs, mx_m, mx_v, tm, tv);
-      for (; j + 16 <= n; j += 16) rq.Step16(j);
-    }
-#endif
-    for (; j < n; ++j) {
-      const float ym = Clip1(tm[j] * inv_m);
-      const float yv = Clip1(tv[j] * inv_v);
-      cm[j] = static_cast<uint8_t>(Code(ym, code_s));
-      const uint32_t qv = Code(yv, code_u);
-      cv[j] = static_cast<uint8_t>(yv > 0.0f ? std::max(qv, 1u) : qv);
-    }
+  // One block: the step puts the new moments into tm, tv and updates the parameters in place; then requantized.
+  template <typename A>
+  void Block(const A& a, const LeafQ& l, int64_t b, float* tm, float* tv) const {
+    Q8Block st(l, b, bs, tm, tv);
+    const int64_t n = std::min(bs, l.size - b * bs);
+    Steps(a, st, 0, n);
+    Requant(l, b, bs, st.MaxM(), st.MaxV(), tm, tv).Run(n);
   }
 
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__)
@@ -829,18 +981,17 @@ struct JobQ {
   // interleaved with the update of block b + 1 (map permutes, sqrt, division), so that the two kinds of
   // work overlap; the same operations on the same values as Block. Blocks [lo, hi), all whole and a multiple of 64
   // long; tm, tv hold two blocks each.
-  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  void Pipelined(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
-    using U = Update<kClipped, kCoupledL2, kDecoupledL2, kShrink>;
-    U up(s, l, lo, bs, tm, tv);
-    for (int64_t i = 0; i < bs; i += 64) up.Step64(i);
+  template <typename A>
+  void Pipelined(const A& a, const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
+    Q8Block st(l, lo, bs, tm, tv);
+    Steps(a, st, 0, bs);
     for (int64_t b = lo; b < hi; ++b) {
       const int64_t cur = (b - lo) & 1;
-      Requantize rq(l, b, bs, up.mx_m, up.mx_v, tm + cur * bs, tv + cur * bs);
+      const Requant rq(l, b, bs, st.MaxM(), st.MaxV(), tm + cur * bs, tv + cur * bs);
       if (b + 1 < hi) {
-        up = U(s, l, b + 1, bs, tm + (1 - cur) * bs, tv + (1 - cur) * bs);
+        st = Q8Block(l, b + 1, bs, tm + (1 - cur) * bs, tv + (1 - cur) * bs);
         for (int64_t i = 0; i < bs; i += 64) {
-          up.Step64(i);
+          Steps(a, st, i, i + 64);
           rq.Step64(i);
         }
       } else {
@@ -850,32 +1001,20 @@ struct JobQ {
   }
 #endif
 
-  template <bool kClipped, bool kCoupledL2, bool kDecoupledL2, bool kShrink>
-  void RangeT(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
-    if (l.size == 1) {  // as AdamOne: true divisions on a one-element leaf
-      Block<true, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, 0, tm, tv);
-      return;
-    }
+  template <int kBits>
+  static void Task(const JobQ& job, const TaskQ& t, float* tm, float* tv) {
+    const Adam<float, StaticStages<kBits>> a{job.h, {}};
+    const LeafQ& l = job.leaves[t.leaf];
+    const int64_t bs = job.bs;
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__)
     if (bs % 64 == 0) {
-      const int64_t whole = std::min(hi, l.size / bs);  // blocks before a partial last one
-      if (whole > lo) Pipelined<kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, lo, whole, tm, tv);
-      for (int64_t b = std::max(lo, whole); b < hi; ++b) {
-        Block<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, b, tm, tv);
-      }
+      const int64_t whole = std::min(t.hi, l.size / bs);  // blocks before a partial last one
+      if (whole > t.lo) job.Pipelined(a, l, t.lo, whole, tm, tv);
+      for (int64_t b = std::max(t.lo, whole); b < t.hi; ++b) job.Block(a, l, b, tm, tv);
       return;
     }
 #endif
-    for (int64_t b = lo; b < hi; ++b) Block<false, kClipped, kCoupledL2, kDecoupledL2, kShrink>(l, b, tm, tv);
-  }
-
-  template <bool kClipped, bool kCoupledL2>
-  void RangeD(const LeafQ& l, int64_t lo, int64_t hi, float* tm, float* tv) const {
-    const bool dec = bits & kDecoupled, shrink = bits & kTorchDecay;
-    if (dec && shrink) return RangeT<kClipped, kCoupledL2, true, true>(l, lo, hi, tm, tv);
-    if (dec) return RangeT<kClipped, kCoupledL2, true, false>(l, lo, hi, tm, tv);
-    if (shrink) return RangeT<kClipped, kCoupledL2, false, true>(l, lo, hi, tm, tv);
-    return RangeT<kClipped, kCoupledL2, false, false>(l, lo, hi, tm, tv);
+    for (int64_t b = t.lo; b < t.hi; ++b) job.Block(a, l, b, tm, tv);
   }
 
   void Run(const TaskQ& t, float* tm, float* tv) const {
@@ -883,13 +1022,11 @@ struct JobQ {
     if (skip) {  // a rejected step: codes and scales stay, the parameters get + 0
       const int64_t lo = t.lo * bs, hi = std::min(l.size, t.hi * bs);
       SkipRange<float>(l.p + lo, hi - lo);
-      return;
+    } else if (l.size == 1) {  // true divisions on a one-element leaf
+      Block(Adam<float, RuntimeStages>{h, {bits}}, l, 0, tm, tv);
+    } else {
+      run(*this, t, tm, tv);
     }
-    const bool clip = bits & kClip, coupled = bits & kCoupled;
-    if (clip && coupled) return RangeD<true, true>(l, t.lo, t.hi, tm, tv);
-    if (clip) return RangeD<true, false>(l, t.lo, t.hi, tm, tv);
-    if (coupled) return RangeD<false, true>(l, t.lo, t.hi, tm, tv);
-    return RangeD<false, false>(l, t.lo, t.hi, tm, tv);
   }
 
   void Work() {
@@ -898,6 +1035,21 @@ struct JobQ {
   }
 };
 
+template <size_t... I>
+TaskFn PickTask(int bits, std::index_sequence<I...>) {
+  static constexpr TaskFn table[] = {&JobQ::Task<static_cast<int>(I) & Q8Block::kStages & ~kNegate>...};
+  return table[bits & 63];
+}
+
+JobQ::JobQ(const float* s, int bits_, int64_t bs_)
+    : bs(bs_), bits(bits_), skip(s[kApply] == 0.0f), h(s) {
+  run = PickTask(bits, std::make_index_sequence<64>{});
+}
+
+// Call frame: scalars (float32), then per leaf g, p (float32), m codes (uint8), m absmax (float32), v codes
+// (uint8), v absmax (float32); results p, m codes, m absmax, v codes, v absmax per leaf, aliased. Attribute
+// `block_size`: block b of a leaf covers its flat elements [b * block_size, (b + 1) * block_size) (the last one
+// possibly partial) and has the absmax of flat index b, whatever the absmax array's shape.
 ffi::Error AdamQ8Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t mode,
                       int64_t block_size) {
   if (!g_quant_ready.load(std::memory_order_acquire)) {
@@ -916,13 +1068,8 @@ ffi::Error AdamQ8Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remain
       scalars->element_count() != kNumScalars) {
     return ffi::Error::InvalidArgument("jadam_adam_f32_q8: bad scalar buffer");
   }
-  auto job = std::make_shared<JobQ>();
   const float* s = reinterpret_cast<const float*>(scalars->untyped_data());
-  std::copy(s, s + kNumScalars, job->s);
-  job->bs = block_size;
-  job->bits = mode & ~kClip;
-  if ((mode & kClip) && s[kClipOn] != 0.0f) job->bits |= kClip;
-  job->skip = s[kApply] == 0.0f;
+  auto job = std::make_shared<JobQ>(s, StagesOf(mode, s), block_size);
   using DT = ffi::DataType;
   const DT want[6] = {DT::F32, DT::F32, DT::U8, DT::F32, DT::U8, DT::F32};
   const size_t width[6] = {4, 4, 1, 4, 1, 4};
@@ -1028,8 +1175,8 @@ extern "C" __attribute__((visibility("default"))) void JadamSetQuantTables(const
 }
 
 // For the tests: the codes the 8-bit step gives the values y (already scaled and clipped to [-1, 1]), with the map
-// `is_signed` picks, by the same search as the step (16 at a time where it can, then one by one), without the
-// positive-v rule.
+// `is_signed` picks, by the same search as the step (a vector at a time where it can, then one by one), without
+// the positive-v rule.
 extern "C" __attribute__((visibility("default"))) void JadamQuantCodes(const float* y, int64_t n, int is_signed,
                                                                       uint8_t* out) {
   const uint32_t* table = is_signed ? g_quant.code_s : g_quant.code_u;
@@ -1041,6 +1188,14 @@ extern "C" __attribute__((visibility("default"))) void JadamQuantCodes(const flo
     __m512i q = is_signed ? Search16<true>(v, g_quant.search_s, near) : Search16<false>(v, g_quant.search_u, near);
     if (near) q = Code16(v, table);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    __m256 near = _mm256_setzero_ps();
+    __m256i q = is_signed ? Search8<true>(v, g_quant.search_s, near) : Search8<false>(v, g_quant.search_u, near);
+    if (_mm256_movemask_ps(near)) q = Code8(v, table);
+    Store8(out + i, q);
   }
 #endif
   for (; i < n; ++i) out[i] = static_cast<uint8_t>(Code(y[i], table));

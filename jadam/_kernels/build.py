@@ -41,6 +41,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import jaxlib
@@ -84,7 +85,7 @@ _SLOWER_THAN_XLA: dict[str, frozenset[tuple[bool, str]]] = {
 }
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool once tried; "lib", "isa", "origin"; "error": why not
+_state: dict[str, Any] = {}  # "ok": bool once tried; "lib", "isa", "origin"; "error": why not
 
 
 class _Refused(Exception):
@@ -311,8 +312,9 @@ def cpu_model() -> str:
 
 def _compiler() -> list[str] | None:
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(shlex.split(name)[0]):
-      return [shutil.which(shlex.split(name)[0]), *shlex.split(name)[1:]]
+    found = shutil.which(shlex.split(name)[0]) if name else None
+    if name and found:
+      return [found, *shlex.split(name)[1:]]
   return None
 
 
@@ -377,7 +379,8 @@ class _BuildLock:
   """An exclusive `fcntl` lock, waited for at most `timeout` seconds (then _Refused)."""
 
   def __init__(self, path: Path, timeout: float):
-    self.path, self.timeout, self.fd = path, timeout, None
+    self.path, self.timeout = path, timeout
+    self.fd = -1  # the lock file's descriptor, once open
 
   def __enter__(self):
     import fcntl  # pylint: disable=g-import-not-at-top

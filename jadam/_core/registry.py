@@ -42,12 +42,14 @@ import functools
 import inspect
 import types
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import optax
 
 from jadam._core import common as _common
+from jadam._core import host_init as _host_init
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -246,7 +248,7 @@ def optimizer_chain(
   check = ChainCheck(name, none_grads)
 
   def init_fn(params):
-    state = optimizer_state(name, tx.init(params))
+    state = optimizer_state(name, _host_init.init(tx.init, params))
     check.identity = state.identity  # the stage types do not depend on the params: the first init says them
     return state
 

@@ -92,7 +92,7 @@ def step(
 
   `multi_device_ok` is set by callers that have checked the inputs live on one
   device (a custom call is not partitioned by GSPMD: it would gather them).
-  `require` (``fused=True``) also serves trees of many small leaves.
+  `require` (``fused=True``) also serves what this CPU's ISA path runs faster in XLA.
   """
   if jax.default_backend() != "cpu":
     raise Unserved(f"the default backend is {jax.default_backend()}; the kernel runs on the CPU")

@@ -11,8 +11,8 @@ are, as ``zeros_like`` commits; constant outputs such as counts uncommitted),
 and binds every other operation eagerly, as eager `init` does. The state is
 the same pytree, with the same values, dtypes and placement.
 
-Only where every parameter is a concrete array on one and the same device,
-outside any transformation; elsewhere (sharded parameters, under `jit`,
+Only where every parameter is a concrete array on one and the same device
+(a `SingleDeviceSharding`), outside any transformation; elsewhere (sharded parameters, under `jit`,
 `eval_shape`, `vmap`), `init` runs as it is.
 """
 
@@ -59,6 +59,8 @@ def _placement(params: Any) -> tuple[jax.Device, bool] | None:
     return None
   if isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer):  # inside a transformation (closed-over parameters)
     return None
+  if not all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) for x in leaves):
+    return None  # a mesh's sharding, even of one device: eager init places each leaf as its parameter
   devices = {d for x in leaves for d in x.devices()}
   committed = {x.committed for x in leaves}
   if len(devices) != 1 or len(committed) != 1:

@@ -97,3 +97,11 @@ def test_other_operations_are_evaluated_eagerly():
   _same_leaves(host_init.init(init, params), init(params))
   tx = optax.chain(optax.ema(0.9, debias=False))
   _same_leaves(host_init.init(tx.init, params), tx.init(params))
+
+
+def test_a_mesh_sharding_is_kept():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put({"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, sharding)
+  state = jadam.adam(1e-3).init(params)
+  assert all(m.sharding == sharding for m in jax.tree.leaves((_moments(state).mu, _moments(state).nu)))

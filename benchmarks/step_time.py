@@ -3,6 +3,8 @@ r"""Optimizer step time: jadam vs optax vs torch.optim.Adam, against the memory 
     python -m benchmarks.step_time            # 1M, 10M, 50M vectors, 2,000-leaf tree, MNIST CNN
     python -m benchmarks.step_time --quick    # tiny sizes, a smoke run
     python -m benchmarks.step_time --only configs   # fused kernel vs XLA for the covered configurations
+    python -m benchmarks.step_time --only leaves    # 500 small leaves: set-up and step, a fresh process each
+    python -m benchmarks.step_time --only models    # ResNet-50's and BERT-base's parameter shapes
 
 A step is update + apply, float32, with the parameters and the state donated
 (the fast path: `jadam.update_and_apply` in one `jax.jit`). jadam runs twice:
@@ -20,6 +22,13 @@ The flat-vector workload also times jadam.adam8bit through the kernel's 8-bit
 variant (its GB/s column still counts 28 bytes a parameter, for comparison; it
 moves 16).
 
+The `leaves` workload is a tree of 500 leaves of 2K-18K float32 values (every
+shape distinct, as a model's are): each library runs in a fresh process of its
+own, which times the eager `init`, the first (compiling) step and then the
+steady step; the ratios are jadam's over optax's. The `models` workload times
+the step on the parameter shapes of ResNet-50 (161 leaves, 25.6M) and
+BERT-base (199 leaves, 110M), interleaved as the other workloads.
+
 The `configs` workload times, at 10M and 50M parameters, each configuration
 the kernel finds by structure (clip + adam, apply_if_finite(adam),
 jadam.torch.AdamW with two groups, inject_hyperparams(adam), amsgrad, bf16
@@ -34,8 +43,12 @@ read, p and two codes written, 16, plus 8/256 for the scales).
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -184,6 +197,83 @@ def _optimizer_workload(shapes, with_torch=True, bf16=True, eight=False):
   if with_torch:
     contenders += _torch_opt_contenders(shapes)
   return contenders
+
+
+def leaves_shapes(n: int = 500, seed: int = 0) -> list[tuple[int, ...]]:
+  """`n` leaves of 2K-18K values, every other one a matrix of 64 columns: the `leaves` workload's tree."""
+  sizes = np.random.default_rng(seed).integers(2048, 18433, n)
+  return [(int(s),) if i % 2 else (int(s) // 64, 64) for i, s in enumerate(sizes)]
+
+
+def resnet50_shapes(base: int = 64) -> list[tuple[int, ...]]:
+  """ResNet-50's parameters (convolutions HWIO, batch-norm scale and bias, the classifier): 161 leaves, 25.6M.
+
+  `base` is the first stage's width (64; smaller for a smoke run, same leaves).
+  """
+  shapes = [(7, 7, 3, base), (base,), (base,)]
+  cin = base
+  for width, blocks in ((base, 3), (2 * base, 4), (4 * base, 6), (8 * base, 3)):
+    for b in range(blocks):
+      for k, i, o in ((1, cin, width), (3, width, width), (1, width, 4 * width)):
+        shapes += [(k, k, i, o), (o,), (o,)]
+      if b == 0:  # the projection shortcut
+        shapes += [(1, 1, cin, 4 * width), (4 * width,), (4 * width,)]
+      cin = 4 * width
+  return shapes + [(cin, 1000), (1000,)]
+
+
+def bert_base_shapes() -> list[tuple[int, ...]]:
+  """BERT-base's parameters (embeddings, 12 layers, pooler): 199 leaves, 110M."""
+  d, ff = 768, 3072
+  shapes = [(30522, d), (512, d), (2, d), (d,), (d,)]
+  for _ in range(12):
+    shapes += [(d, d), (d,)] * 4 + [(d,), (d,), (d, ff), (ff,), (ff, d), (d,), (d,), (d,)]
+  return shapes + [(d, d), (d,)]
+
+
+def _setup_child(lib: str, n_leaves: int, steps: int) -> None:
+  """In a fresh process: `lib`'s eager init, first step and steady step on the `leaves` tree, as one JSON line."""
+  shapes = leaves_shapes(n_leaves)
+  rng = np.random.default_rng(1)
+  params = {f"leaf{i:04d}": jnp.asarray(rng.standard_normal(s, np.float32)) for i, s in enumerate(shapes)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32)), params)
+  jax.block_until_ready((params, grads))
+  tx = jadam.adam(1e-3) if lib == "jadam" else optax.adam(1e-3)
+  step = jadam.make_update_step(tx)
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(tx.init(params))
+  t1 = time.perf_counter()
+  params, state = jax.block_until_ready(step(params, state, grads))
+  t2 = time.perf_counter()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    params, state = jax.block_until_ready(step(params, state, grads))
+    times.append(time.perf_counter() - t)
+  kernel = "@jadam_" in step.lower(params, state, grads).as_text()
+  out = {"init": t1 - t0, "first": t2 - t1, "step": float(np.median(times)), "kernel": kernel}
+  print(json.dumps(out))
+
+
+def _leaves(n_leaves: int, steps: int) -> str:
+  """The `leaves` workload: each library's set-up and step in its own fresh process."""
+  got = {}
+  for lib in ("optax", "jadam"):
+    cmd = [sys.executable, "-m", "benchmarks.step_time", "--setup-child", lib, "--leaves", str(n_leaves)]
+    run = subprocess.run(cmd + ["--steps", str(steps)], capture_output=True, text=True, check=True)
+    got[lib] = json.loads(run.stdout.strip().splitlines()[-1])
+  n = sum(int(np.prod(s)) for s in leaves_shapes(n_leaves))
+  lines = [f"\n### {n_leaves} leaves of 2K-18K, {n:,} float32 parameters, each library in a fresh process\n"]
+  lines += ["| library | init s | first step s | init + first s | step ms | fused kernel? |", "|" + "---|" * 6]
+  for lib, r in got.items():
+    row = f"| {lib}.adam | {r['init']:.2f} | {r['first']:.2f} | {r['init'] + r['first']:.2f} | {r['step'] * 1e3:.2f} |"
+    lines.append(row + f" {'yes' if r['kernel'] else 'no'} |")
+  j, o = got["jadam"], got["optax"]
+  ratio = (j["init"] + j["first"]) / (o["init"] + o["first"])
+  lines.append(
+    f"\njadam/optax: init + first step {ratio:.2f} (target <= 0.5), step {j['step'] / o['step']:.2f} (target <= 0.4)"
+  )
+  return "\n".join(lines)
 
 
 # ------------------------------------------------------------ configurations
@@ -376,13 +466,19 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=24, help="timed steps per contender")
   parser.add_argument("--cnn-batch", type=int, default=128)
   parser.add_argument("--triad-size", type=float, default=1e8)
-  parser.add_argument("--only", default="vector,tree,cnn,configs", help="workloads to run")
+  parser.add_argument("--only", default="vector,tree,leaves,models,cnn,configs", help="workloads to run")
   parser.add_argument("--config-sizes", default="1e7,5e7", help="sizes of the configs workload")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--leaves", type=int, default=500, help="leaves of the `leaves` workload's tree")
+  parser.add_argument("--models", default="resnet50,bert_base", help="the `models` workload's trees")
+  parser.add_argument("--setup-child", choices=("jadam", "optax"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.setup_child:
+    _setup_child(args.setup_child, args.leaves, args.steps)
+    return
   if args.quick:
     args.sizes, args.tree_blocks, args.steps, args.cnn_batch, args.triad_size = "1e4,1e5", 3, 4, 8, 1e6
-    args.config_sizes = "1e4"
+    args.config_sizes, args.leaves, args.models = "1e4", 12, "resnet50"
   with_torch = torch is not None and not args.no_torch
   if with_torch:
     torch.set_num_threads(os.cpu_count() or 1)
@@ -418,6 +514,24 @@ def main(argv=None):
     bw = TRIAD_BYTES * triad.n_params / np.median(triad.times) / 1e9
     print(table(f"{len(shapes):,}-leaf tree, {cs[0].n_params:,} float32 parameters (triad {bw:.1f} GB/s)", cs, bw))
     del cs
+  if "leaves" in workloads:
+    print(_leaves(args.leaves, args.steps))
+  if "models" in workloads:
+    resnet = functools.partial(resnet50_shapes, 4 if args.quick else 64)
+    makers = {"resnet50": ("ResNet-50", resnet), "bert_base": ("BERT-base", bert_base_shapes)}
+    for name in args.models.split(","):
+      title, make = makers[name]
+      cs = _optimizer_workload(make(), with_torch, bf16=False)
+      triad.times = []
+      measure(cs + [triad], args.steps)
+      bw = TRIAD_BYTES * triad.n_params / np.median(triad.times) / 1e9
+      shapes = make()
+      print(
+        table(
+          f"{title} parameter shapes, {len(shapes)} leaves, {cs[0].n_params:,} float32 (triad {bw:.1f} GB/s)", cs, bw
+        )
+      )
+      del cs
   if "configs" in workloads:
     for size in args.config_sizes.split(","):
       # --quick: two configurations, enough to keep the code from rotting

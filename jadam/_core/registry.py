@@ -49,6 +49,7 @@ import jax
 import optax
 
 from jadam._core import common as _common
+from jadam._core import host_init as _host_init
 from jadam._core import placement as _placement
 
 
@@ -248,7 +249,7 @@ def optimizer_chain(
   check = ChainCheck(name, none_grads)
 
   def init_fn(params):
-    state = optimizer_state(name, _placement.on_params_mesh(tx.init(params), params))
+    state = optimizer_state(name, _placement.on_params_mesh(_host_init.init(tx.init, params), params))
     check.identity = state.identity  # the stage types do not depend on the params: the first init says them
     return state
 

@@ -70,16 +70,12 @@ _CLIP_NORM, _CLIP_MAX, _CLIP_ON, _APPLY, _FACTOR, _SIGN = (
 COUPLED, DECOUPLED, NEGATE, CLIP, AMSGRAD, TORCH_DECAY = (
   _abi.MODE[k] for k in ("COUPLED", "DECOUPLED", "NEGATE", "CLIP", "AMSGRAD", "TORCH_DECAY")
 )
-# Leaves per custom call: XLA's fusion passes are quadratic in a call's
-# operands (2,000 leaves in one call take minutes to compile).
+# Leaves per custom call, so that any tree takes the kernel with a program that grows by one call per chunk:
+# XLA's passes are quadratic in one call's operands (500 leaves in one call: 23 s to compile, in calls of 32:
+# 1.8 s; the generic path's program, one fusion per leaf and stage, takes a minute). 32 leaves of 10K elements
+# still fill a call past the kernel's threshold for running on every thread.
 _LEAVES_PER_CALL = 32
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-# Many small leaves: JAX's dispatch costs some microseconds a buffer, and XLA's
-# own fusions run while it goes on, where the custom call runs after it. On the
-# 2,000-leaf benchmark tree (10K parameters a leaf) that lost overlap outweighs
-# the saved pass (fused 81 ms, XLA 71 ms, measured interleaved), so such trees
-# take the generic path unless the kernel is required.
-_MANY_LEAVES, _SMALL_LEAF = 256, 1 << 15
 
 
 # --- the primitive -------------------------------------------------------------
@@ -297,8 +293,6 @@ def _run_core(items, core: Core, grads, params, ctx):
     raise Unserved("bfloat16 moments with amsgrad")
   eight = _check_leaves(lv, block_size, bf16)
   n = len(lv.p)
-  if not ctx.require and n > _MANY_LEAVES and sum(int(np.prod(jnp.shape(p))) for p in lv.p) < _SMALL_LEAF * n:
-    raise Unserved(f"{n} small leaves: the generic path is faster there")
   decayed = _decayed(core, grads, params, n)
   counts = _counts(core, states)
   new = _Leaves(*(list(x) for x in lv))

@@ -113,7 +113,7 @@ def step(
   On several devices the kernel runs on each device's shard (`jadam._kernels.sharded`), where the
   inputs' layout is known: from concrete arrays, explicit sharding, or the step helper's `layout`.
   `multi_device_ok` is set by callers that vouch that inputs with no mesh live on one device.
-  `require` (``fused=True``) also serves trees of many small leaves.
+  `require` (``fused=True``) also serves what this CPU's ISA path runs faster in XLA.
   """
   if jax.default_backend() != "cpu":
     raise Unserved(f"the default backend is {jax.default_backend()}; the kernel runs on the CPU")

@@ -10,9 +10,16 @@ def test_step_time_quick(capsys):
   with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it; the benchmark runs without conftest
     step_time.main(["--quick", "--no-torch", "--steps", "2"])
   out = capsys.readouterr().out
-  for title in ("flat vector, 10,000", "30-leaf tree", "MNIST CNN"):
+  for title in (
+    "flat vector, 10,000",
+    "30-leaf tree",
+    "MNIST CNN",
+    "12 leaves of 2K-18K",
+    "ResNet-50 parameter shapes",
+  ):
     assert title in out
   assert "| jadam.adam |" in out and "| optax.adam |" in out
+  assert "| yes |" in out.split("12 leaves")[1].split("###")[0]  # the small leaves take the kernel
   assert "configurations, 10,000" in out and "| torch.AdamW two groups |" in out and "| yes |" in out
   assert "| jadam.adam8bit (fused kernel) |" in out and "| adam8bit |" in out
 

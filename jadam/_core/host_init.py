@@ -115,4 +115,16 @@ def _place(x: Any, where: tuple[jax.Device, bool], aval: Any = None) -> Any:
     return x
   device, committed = where
   host = x.array() if isinstance(x, _Fill) else np.asarray(x, None if aval is None else aval.dtype)
-  return jax.device_put(host, device if committed else None)
+  return jax.device_put(_unaligned(host), device if committed else None)
+
+
+def _unaligned(host: np.ndarray) -> np.ndarray:
+  """`host`'s values one element off their allocation's alignment, so that `device_put` copies them.
+
+  On the CPU, `device_put` of an aligned NumPy array may wrap its memory
+  (zero-copy); a buffer the device does not own cannot be donated, so the first
+  donated step would copy the state instead of updating it in place.
+  """
+  out = np.empty(host.size + 1, host.dtype)[1:].reshape(host.shape)
+  out[...] = host
+  return out

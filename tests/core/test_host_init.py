@@ -105,3 +105,20 @@ def test_a_mesh_sharding_is_kept():
   params = jax.device_put({"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, sharding)
   state = jadam.adam(1e-3).init(params)
   assert all(m.sharding == sharding for m in jax.tree.leaves((_moments(state).mu, _moments(state).nu)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_first_donated_step_updates_the_new_state_in_place(fused):
+  """The moments made on the host live in buffers the device owns (not NumPy's memory wrapped zero-copy, which a
+  donated step cannot reuse and would copy): the first donated step writes into them."""
+  tx = jadam.adam(1e-3)
+  params = {"w": jnp.zeros((1000, 64)), "b": jnp.zeros((64,))}
+  state = tx.init(params)
+  step = jadam.make_update_step(tx, fused=fused)
+
+  def pointers(p, s):
+    return sorted(x.unsafe_buffer_pointer() for x in jax.tree.leaves((p, s)) if x.size > 1)
+
+  before = pointers(params, state)
+  params, state = step(params, state, jax.tree.map(jnp.ones_like, params))
+  assert pointers(params, state) == before

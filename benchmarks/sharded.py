@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -43,18 +42,6 @@ import jadam  # noqa: E402
 from jadam._kernels import build as _kernel_build  # noqa: E402
 
 _COLUMNS = 1024
-
-
-def cpu_model() -> str:
-  """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def shapes(n: int, devices: int) -> list[tuple[int, int]]:
@@ -161,7 +148,7 @@ def main(argv=None) -> list[dict]:
     raise SystemExit(f"needs {_DEVICES} devices, found {len(devices)} (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
   mesh = Mesh(np.array(devices[:_DEVICES]), ("data",))
   print(f"# jadam sharded step: {_DEVICES} virtual {devices[0].platform} devices, jax {jax.__version__}")
-  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; kernel: {_kernel_build.describe()}")
+  print(f"CPU and kernel: {_kernel_build.describe()}; {os.cpu_count()} cores")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()!r}; {args.steps} timed steps each, interleaved\n")
   print(
     "| parameters | layout | kernel per shard (ms) | XLA (ms) | kernel / XLA | kernel compiled in |"

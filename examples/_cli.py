@@ -50,6 +50,27 @@ def add_mnist_data_arguments(p: argparse.ArgumentParser, data_dir: str | None) -
 EXPECTED = (ValueError, OSError, ImportError)
 
 
+# The MNIST examples' arguments that go into their Config as they are (`--epochs` ... `--test-limit`).
+MNIST_RUN_FIELDS = (
+  "epochs",
+  "batch_size",
+  "eval_batch_size",
+  "seed",
+  "data_dir",
+  "download",
+  "resume",
+  "progress",
+  "plot",
+  "train_limit",
+  "test_limit",
+)
+
+
+def mnist_run_fields(a: argparse.Namespace) -> dict[str, object]:
+  """The parsed values of :data:`MNIST_RUN_FIELDS`, by name, for ``dataclasses.replace(config, **...)``."""
+  return {name: getattr(a, name) for name in MNIST_RUN_FIELDS}
+
+
 def run(prog: str, main: Callable[[], object]) -> None:
   """Calls `main`; an expected error ends the process with one line (JADAM_TRACEBACK=1 shows the traceback)."""
   try:

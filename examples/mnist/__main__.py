@@ -113,17 +113,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[default.Config, str]:
     learning_rate=learning_rate,
     lr_schedule=a.lr_schedule,
     hyperparameters=hyper,
-    epochs=a.epochs,
-    batch_size=a.batch_size,
-    eval_batch_size=a.eval_batch_size,
-    seed=a.seed,
-    data_dir=a.data_dir,
-    download=a.download,
-    resume=a.resume,
-    progress=a.progress,
-    plot=a.plot,
-    train_limit=a.train_limit,
-    test_limit=a.test_limit,
+    **_cli.mnist_run_fields(a),
   )
   return config, a.workdir
 

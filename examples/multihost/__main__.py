@@ -81,17 +81,7 @@ def config_of(a: argparse.Namespace) -> default.Config:
   return dataclasses.replace(
     default.get_config(),
     learning_rate=a.lr,
-    epochs=a.epochs,
-    batch_size=a.batch_size,
-    eval_batch_size=a.eval_batch_size,
-    seed=a.seed,
-    data_dir=a.data_dir,
-    download=a.download,
-    resume=a.resume,
-    progress=a.progress,
-    plot=a.plot,
-    train_limit=a.train_limit,
-    test_limit=a.test_limit,
+    **_cli.mnist_run_fields(a),
   )
 
 

@@ -40,9 +40,9 @@ bench: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(PY) -m sphinx -b html -n -W --keep-going docs docs/_build/html
 
-# The kernel tests, the sweep's program-versus-program tests and the float32 tolerances of the rounding model as
-# on a CPU without AVX-512: the kernel's AVX2
-# path and XLA limited to AVX2 (tests/kernels/test_isa.py, in `make test`, checks every path this CPU can run bitwise).
+# The kernel tests, the sweep's program-versus-program tests and the rounding model's float32 tolerances as on a
+# CPU without AVX-512: the kernel's AVX2 path and XLA limited to AVX2 (tests/kernels/test_isa.py, in `make test`,
+# checks every path this CPU can run bitwise).
 test-isa: $(VENV)/.installed
 	JADAM_KERNEL_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(PY) -m pytest -q tests/kernels/test_kernels.py tests/tuning/test_sweep.py \
 	  tests/core/test_hyperparams.py tests/tuning/test_early_stopping.py tests/parity/test_rounding_model.py

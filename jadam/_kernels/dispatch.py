@@ -65,6 +65,15 @@ def _split(args: Sequence[Any], n_kernel: int, n_stages: int) -> tuple[list[Any]
   return list(args[:n_kernel]) + shared, list(args[n_kernel : n_kernel + n_stages]) + shared
 
 
+def _on_stages(stages: Stages, n_kernel: int, n_stages: int) -> Callable[..., list[Any]]:
+  """The stages' step on the primitive's operands (those hoisted for the kernel's trace left out)."""
+
+  def run(*args: Any) -> list[Any]:
+    return stages(*_split(args, n_kernel, n_stages)[1])
+
+  return run
+
+
 planned_step_p = jex_core.Primitive("jadam_planned_step")
 planned_step_p.multiple_results = True
 
@@ -91,7 +100,7 @@ def _lowering(ctx, *args, kernel, stages, n_kernel, n_stages):
   if _runs_kernel(ctx):
     fn = lambda *a: jex_core.jaxpr_as_fun(kernel)(*_split(a, n_kernel, n_stages)[0])  # noqa: E731
   else:
-    fn = lambda *a: stages(*_split(a, n_kernel, n_stages)[1])  # noqa: E731
+    fn = _on_stages(stages, n_kernel, n_stages)
   return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 
@@ -100,7 +109,7 @@ mlir.register_lowering(planned_step_p, _lowering)
 
 def _batch(args, dims, *, kernel, stages, n_kernel, n_stages):
   del kernel
-  out = jax.vmap(lambda *a: stages(*_split(a, n_kernel, n_stages)[1]), in_axes=list(dims))(*args)
+  out = jax.vmap(_on_stages(stages, n_kernel, n_stages), in_axes=list(dims))(*args)
   return out, [0] * len(out)
 
 
@@ -110,7 +119,7 @@ batching.primitive_batchers[planned_step_p] = _batch
 def _jvp(primals, tangents, *, kernel, stages, n_kernel, n_stages):
   del kernel
   tangents = [ad.instantiate_zeros(t) for t in tangents]
-  return jax.jvp(lambda *a: stages(*_split(a, n_kernel, n_stages)[1]), list(primals), tangents)
+  return jax.jvp(_on_stages(stages, n_kernel, n_stages), list(primals), tangents)
 
 
 ad.primitive_jvps[planned_step_p] = _jvp

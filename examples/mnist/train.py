@@ -264,6 +264,16 @@ def _describe(config: Config) -> str:
   return f"{config.api}, jadam.{config.optimizer}({lr}{hyper}), batch {config.batch_size}, seed {config.seed}"
 
 
+def epoch_line(epoch: int, epochs: int, record: dict[str, Any]) -> str:
+  """The progress line of one epoch's history record (losses, accuracies, seconds, images/s)."""
+  return (
+    f"epoch {epoch:>2}/{epochs}: train loss {record['train_loss']:.4f}"
+    f" accuracy {100 * record['train_accuracy']:.2f}% | test loss {record['test_loss']:.4f}"
+    f" accuracy {100 * record['test_accuracy']:.2f}% | {record['seconds']:.1f} s,"
+    f" {record['images_per_second']:,.0f} images/s"
+  )
+
+
 def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Train, evaluating on the whole test set after every epoch.
 
@@ -329,13 +339,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
       "images_per_second": train["images"] / train_seconds,
     }
     history.append(record)
-    print(
-      f"epoch {epoch:>2}/{config.epochs}: train loss {train['loss']:.4f}"
-      f" accuracy {100 * train['accuracy']:.2f}% | test loss {test['loss']:.4f}"
-      f" accuracy {100 * test['accuracy']:.2f}% | {seconds:.1f} s,"
-      f" {record['images_per_second']:,.0f} images/s",
-      flush=True,
-    )
+    print(epoch_line(epoch, config.epochs, record), flush=True)
     _save(workdir, epoch, state, history)
 
   metrics = {

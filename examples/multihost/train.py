@@ -166,12 +166,7 @@ def train_and_evaluate(config: Config, run: Run, workdir: str | pathlib.Path) ->
     }
     history.append(record)
     if lead:
-      print(
-        f"epoch {epoch:>2}/{config.epochs}: train loss {train['loss']:.4f} accuracy {100 * train['accuracy']:.2f}%"
-        f" | test loss {test['loss']:.4f} accuracy {100 * test['accuracy']:.2f}% | {record['seconds']:.1f} s,"
-        f" {record['images_per_second']:,.0f} images/s",
-        flush=True,
-      )
+      print(mnist.epoch_line(epoch, config.epochs, record), flush=True)
     _save(workdir, epoch, state, history)
   metrics = {
     "config": dataclasses.asdict(config),
